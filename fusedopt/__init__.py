@@ -1,0 +1,12 @@
+"""fusedopt: Triton kernels for PyTorch training, as drop-in torch.optim replacements.
+
+``torch.optim.AdamW(...)`` becomes ``fusedopt.FusedAdamW(...)``; nothing else changes.
+Importing fusedopt changes nothing in the process: to run the kernels on CPU through the
+Triton interpreter, set ``TRITON_INTERPRET=1`` yourself before importing it.
+"""
+
+from fusedopt.optim import FusedAdam, FusedAdamW, FusedSGD
+
+__version__ = "0.1.0"
+
+__all__ = ["FusedAdam", "FusedAdamW", "FusedSGD", "__version__"]

@@ -1,0 +1,145 @@
+"""Launch plans shared by every fused optimizer.
+
+One kernel launch walks all tensors of one device and dtype. The launcher builds, once per
+set of tensors, device tables of data pointers and of blocks (see
+``fusedopt.kernels.common``) and reuses them while the pointers stay the same; only the
+grads' table is refreshed when autograd hands out new grad buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import os
+from collections.abc import Sequence
+
+import torch
+import triton.language as tl
+
+# Read once: set TRITON_INTERPRET=1 before importing fusedopt to run the kernels on CPU.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+TL_DTYPE = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+
+
+def runs_triton(device: torch.device) -> bool:
+    """Whether tensors on ``device`` go through the Triton kernels (else the torch reference)."""
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype of a kernel over ``dtype`` storage: fp64 stays fp64, all else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def launch_config(total_numel: int) -> tuple[int, int]:
+    """Block size and warps, by a size rule (in-place steps cannot be autotuned at run time)."""
+    return (4096, 8) if total_numel >= 1 << 22 else (1024, 4)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dense(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """True if a tensor of this size and stride covers its memory exactly once, in some order."""
+    expected = 1
+    for n, s in sorted((n, s) for n, s in zip(size, stride, strict=True) if n != 1):
+        if s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def shares_dense_layout(tensors: Sequence[torch.Tensor]) -> bool:
+    """True if all tensors have one dense layout, so they can be walked in memory order."""
+    first = tensors[0]
+    stride = first.stride()
+    return _dense(tuple(first.shape), stride) and all(t.stride() == stride for t in tensors[1:])
+
+
+def dense_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in ``like``'s layout if that is dense, else contiguous."""
+    if _dense(tuple(like.shape), like.stride()):
+        return torch.empty_like(like).copy_(t)
+    return t.contiguous()
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a small host tensor to ``device`` without blocking the host on the GPU stream."""
+    if x.device == device:
+        return x
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def float64_vector(values: Sequence[float | torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Hyper-parameters (numbers or 1-element tensors) as one float64 vector on ``device``.
+
+    Tensors are read on their own device: no host sync, so a tensor lr is honoured under
+    CUDA graphs and changing it never recompiles a kernel.
+    """
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return to_device(torch.tensor(values, dtype=torch.float64), device)
+    return torch.stack(
+        [torch.as_tensor(v).to(device=device, dtype=torch.float64).reshape(()) for v in values]
+    )
+
+
+class TensorTable:
+    """Device tables for one multi-tensor launch over tensors of one device and dtype.
+
+    Args:
+        columns: ``K`` lists of ``T`` tensors whose addresses the kernel reads from ``ptrs``
+            (int64 [T, K]); column 0 sets each tensor's element count.
+        device: where the tables live (the tensors' device).
+    """
+
+    def __init__(self, columns: Sequence[Sequence[torch.Tensor]], device: torch.device):
+        numels = [t.numel() for t in columns[0]]
+        self.block, self.num_warps = launch_config(sum(numels))
+        blocks = [-(-n // self.block) for n in numels]
+        firsts = [0, *itertools.accumulate(blocks)][:-1]
+        self.num_blocks = sum(blocks)
+        self.device = device
+        rows = [[t.data_ptr() for t in row] for row in zip(*columns, strict=True)]
+        self.ptrs = to_device(torch.tensor(rows, dtype=torch.int64), device)
+        self.meta = to_device(torch.tensor(list(zip(numels, firsts)), dtype=torch.int64), device)
+        owner = torch.repeat_interleave(
+            torch.arange(len(numels), dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64)
+        )
+        self.owner = to_device(owner, device)
+        self._dynamic_key: tuple | None = None
+        self._dynamic: torch.Tensor | None = None
+
+    def dynamic(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
+        """Per-step table (grad addresses and flags), int64 [T, len(row)]; cached by value."""
+        key = tuple(rows)
+        if key != self._dynamic_key:
+            self._dynamic = to_device(torch.tensor(rows, dtype=torch.int64), self.device)
+            self._dynamic_key = key
+        return self._dynamic
+
+    def launch(self, kernel, dynamic: torch.Tensor, *args, **constexprs) -> None:
+        """Run ``kernel(ptrs, dynamic, meta, owner, *args)`` over every block of every tensor.
+
+        One launch; none when every tensor is empty.
+        """
+        if self.num_blocks == 0:
+            return
+        guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            kernel[(self.num_blocks,)](
+                self.ptrs,
+                dynamic,
+                self.meta,
+                self.owner,
+                *args,
+                BLOCK=self.block,
+                num_warps=self.num_warps,
+                **constexprs,
+            )

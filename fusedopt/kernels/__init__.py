@@ -1,0 +1,1 @@
+"""Triton kernels (``@triton.jit`` code only). Launchers live in ``fusedopt._multi_tensor``."""

@@ -1,0 +1,91 @@
+"""Multi-tensor Adam / AdamW step: one pass over memory, one launch per device and dtype.
+
+For each element (fp32 math, fp64 for fp64 params; ``t`` is the tensor's own step count):
+
+    g  = -grad if maximize else grad;  g = g / grad_scale (AMP)
+    p  = p * (1 - lr * wd)                 (decoupled, AdamW)   |  g = g + wd * p   (L2)
+    m  = lerp(m, g, 1 - beta1)
+    v  = beta2 * v + (1 - beta2) * g * g
+    vm = max(vm, v)                        (amsgrad; the denominator then uses vm)
+    p  = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+Bytes per element (fp32, no amsgrad): read p, g, m, v and write p, m, v = 28 B.
+When ``found_inf`` is non-zero nothing is read or written.
+"""
+
+import triton
+import triton.language as tl
+
+from fusedopt.kernels.common import address, locate_block, to_storage
+
+# Scalars vector layout, float64: HEAD group values, then two per tensor.
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY, HEAD = 0, 1, 2, 3, 4, 5
+
+
+@triton.jit
+def adam_kernel(
+    ptrs,  # int64 [T, 4]: param, exp_avg, exp_avg_sq, max_exp_avg_sq (= exp_avg_sq unless AMSGRAD)
+    grad_ptrs,  # int64 [T, 1]: grad
+    meta,  # int64 [T, 2]: numel, first block
+    owner,  # int32 [B]: tensor of each block
+    scalars,  # float64 [5 + 2T]: lr, beta1, beta2, eps, wd; then 1 - beta1**t, sqrt(1 - beta2**t)
+    grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
+    found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
+    DTYPE: tl.constexpr,  # storage dtype of params and state
+    COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
+    BLOCK: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+):
+    t, offs, mask = locate_block(meta, owner, BLOCK)
+    if HAS_FOUND_INF:
+        mask = tl.where(tl.load(found_inf) == 0, mask, False)
+    p_ptr = address(ptrs, t, 0, 4, DTYPE) + offs
+    m_ptr = address(ptrs, t, 1, 4, DTYPE) + offs
+    v_ptr = address(ptrs, t, 2, 4, DTYPE) + offs
+    g_ptr = address(grad_ptrs, t, 0, 1, DTYPE) + offs
+
+    lr = tl.load(scalars + LR)
+    beta1 = tl.load(scalars + BETA1)
+    beta2 = tl.load(scalars + BETA2)
+    eps = tl.load(scalars + EPS).to(COMPUTE)
+    wd = tl.load(scalars + WEIGHT_DECAY)
+    bias_correction1 = tl.load(scalars + HEAD + 2 * t)
+    bias_correction2_sqrt = tl.load(scalars + HEAD + 2 * t + 1).to(COMPUTE)
+    step_size = (lr / bias_correction1).to(COMPUTE)
+    w1 = (1.0 - beta1).to(COMPUTE)
+    b2 = beta2.to(COMPUTE)
+    w2 = (1.0 - beta2).to(COMPUTE)
+
+    # Upcast right after loading (the interpreter computes low precision on raw bits).
+    p = tl.load(p_ptr, mask=mask).to(COMPUTE)
+    g = tl.load(g_ptr, mask=mask).to(COMPUTE)
+    m = tl.load(m_ptr, mask=mask).to(COMPUTE)
+    v = tl.load(v_ptr, mask=mask).to(COMPUTE)
+    if MAXIMIZE:
+        g = -g
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale).to(COMPUTE)
+    if HAS_WD:
+        if DECOUPLED:
+            p = p * (1.0 - lr * wd).to(COMPUTE)
+        else:
+            g = g + wd.to(COMPUTE) * p
+    # torch.lerp: the form that is exact at its end point.
+    m = tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1))
+    v = v * b2 + w2 * g * g
+    if AMSGRAD:
+        vm_ptr = address(ptrs, t, 3, 4, DTYPE) + offs
+        vm = tl.maximum(tl.load(vm_ptr, mask=mask).to(COMPUTE), v)
+        tl.store(vm_ptr, to_storage(vm, DTYPE), mask=mask)
+        denom = tl.sqrt(vm) / bias_correction2_sqrt + eps
+    else:
+        denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    p = p - step_size * m / denom
+    tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
+    tl.store(m_ptr, to_storage(m, DTYPE), mask=mask)
+    tl.store(v_ptr, to_storage(v, DTYPE), mask=mask)

@@ -1,0 +1,58 @@
+"""Triton helpers shared by every multi-tensor kernel.
+
+A multi-tensor launch walks many tensors of one dtype with a single grid. The launcher
+(`fusedopt._multi_tensor.TensorTable`) splits every tensor into blocks of ``BLOCK``
+elements and hands the kernel two small tables:
+
+* ``meta``  int64 [T, 2]: element count and first block of each tensor;
+* ``owner`` int32 [B]:    the tensor each block belongs to.
+
+Program ``pid`` handles block ``pid``: it looks up its tensor and its element offsets,
+then loads that tensor's addresses from the kernel's own pointer table.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def locate_block(
+    meta,  # int64 [T, 2]: numel, first block of each tensor
+    owner,  # int32 [B]: tensor index of each block
+    BLOCK: tl.constexpr,
+):
+    """Return ``(t, offs, mask)``: the tensor of this program, its int64 offsets and mask."""
+    pid = tl.program_id(0)
+    t = tl.load(owner + pid).to(tl.int64)
+    numel = tl.load(meta + 2 * t)
+    first = tl.load(meta + 2 * t + 1)
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return t, offs, offs < numel
+
+
+@triton.jit
+def address(
+    table,  # int64 [T, K]: data pointers
+    t,
+    k,
+    K: tl.constexpr,
+    DTYPE: tl.constexpr,
+):
+    """Pointer to the first element of operand ``k`` of tensor ``t``."""
+    return tl.load(table + t * K + k).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def to_storage(x, DTYPE: tl.constexpr):
+    """Round fp32/fp64 ``x`` to the storage dtype, to nearest even.
+
+    bf16 is rounded with integer arithmetic: the Triton interpreter truncates fp32 -> bf16,
+    the GPU rounds to nearest even; this gives the GPU's answer on both.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)

@@ -1,0 +1,71 @@
+"""Multi-tensor SGD step (momentum, dampening, nesterov, L2 decay, maximize).
+
+For each element (fp32 math, fp64 for fp64 params):
+
+    g = -grad if maximize else grad;  g = g / grad_scale (AMP);  g = g + wd * p
+    b = g                                  on the tensor's first momentum step
+    b = momentum * b + (1 - dampening) * g afterwards
+    g = g + momentum * b (nesterov)  or  g = b
+    p = p - lr * g
+
+Bytes per element (fp32, momentum): read p, g, b and write p, b = 20 B (12 B without momentum).
+When ``found_inf`` is non-zero nothing is read or written.
+"""
+
+import triton
+import triton.language as tl
+
+from fusedopt.kernels.common import address, locate_block, to_storage
+
+# Scalars vector layout, float64.
+LR, MOMENTUM, DAMPENING, WEIGHT_DECAY = 0, 1, 2, 3
+
+
+@triton.jit
+def sgd_kernel(
+    ptrs,  # int64 [T, 2]: param, momentum_buffer (= param unless HAS_MOMENTUM)
+    grad_ptrs,  # int64 [T, 2]: grad, 1 if the momentum buffer is new this step else 0
+    meta,  # int64 [T, 2]: numel, first block
+    owner,  # int32 [B]: tensor of each block
+    scalars,  # float64 [4]: lr, momentum, dampening, weight_decay
+    grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
+    found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
+    DTYPE: tl.constexpr,  # storage dtype of params and state
+    COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
+    BLOCK: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+):
+    t, offs, mask = locate_block(meta, owner, BLOCK)
+    if HAS_FOUND_INF:
+        mask = tl.where(tl.load(found_inf) == 0, mask, False)
+    p_ptr = address(ptrs, t, 0, 2, DTYPE) + offs
+    g_ptr = address(grad_ptrs, t, 0, 2, DTYPE) + offs
+    lr = tl.load(scalars + LR).to(COMPUTE)
+
+    p = tl.load(p_ptr, mask=mask).to(COMPUTE)
+    g = tl.load(g_ptr, mask=mask).to(COMPUTE)
+    if MAXIMIZE:
+        g = -g
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale).to(COMPUTE)
+    if HAS_WD:
+        g = g + tl.load(scalars + WEIGHT_DECAY).to(COMPUTE) * p
+    if HAS_MOMENTUM:
+        momentum = tl.load(scalars + MOMENTUM)
+        keep = (1.0 - tl.load(scalars + DAMPENING)).to(COMPUTE)
+        fresh = tl.load(grad_ptrs + 2 * t + 1)
+        b_ptr = address(ptrs, t, 1, 2, DTYPE) + offs
+        b = tl.load(b_ptr, mask=tl.where(fresh == 0, mask, False)).to(COMPUTE)
+        b = tl.where(fresh != 0, g, momentum.to(COMPUTE) * b + keep * g)
+        tl.store(b_ptr, to_storage(b, DTYPE), mask=mask)
+        if NESTEROV:
+            g = g + momentum.to(COMPUTE) * b
+        else:
+            g = b
+    p = p - lr * g
+    tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)

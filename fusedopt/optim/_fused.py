@@ -1,0 +1,250 @@
+"""The step every fused optimizer shares: scan -> (re)plan -> launch, or torch's own step.
+
+A fused optimizer is ``class FusedX(FusedStep, torch.optim.X)``: torch's class keeps the
+constructor, validation, ``param_groups``, lazy state layout, ``state_dict`` and hooks; this
+mixin replaces ``step``. Per step and param group:
+
+1. *scan* the params (the only per-tensor Python loop on the hot path): grad present, param
+   address, grad strides. If that key matches the cached plan, go to 4.
+2. *collect*: validate every param with a grad (sparse, dtype, ...) before anything changes.
+3. *plan*: create missing state as torch would, split the tensors into buckets of one device,
+   dtype and occurrence (a param listed twice is stepped twice, as torch does), and build each
+   bucket's device pointer tables.
+4. *launch*: one kernel per bucket; the grads' pointer table is refreshed only when autograd
+   hands out new grad buffers.
+
+Groups whose flags ask for torch's own implementation (``differentiable=True``,
+``fused=False`` or ``foreach=True``) run torch's step unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from fusedopt._multi_tensor import TL_DTYPE, TensorTable, dense_copy, runs_triton, shares_dense_layout
+
+
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """Complex tensors are stepped as their real view (as torch.optim does)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class Bucket:
+    """Tensors of one device, storage dtype and occurrence layer, stepped by one launch.
+
+    ``columns[0]`` are the params, ``columns[1:]`` the state operands of the kernel (real views);
+    ``positions`` index the step's list of grads.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, sparse: bool):
+        self.device = device
+        self.dtype = dtype
+        # "triton": our kernel; "reference": the same algorithm in plain torch (CPU without the
+        # interpreter, other devices); "torch": torch.optim's own functional (sparse grads or
+        # integer params, where an optimizer supports them).
+        if sparse or dtype not in TL_DTYPE:
+            self.kind = "torch"
+        else:
+            self.kind = "triton" if runs_triton(device) else "reference"
+        self.positions: list[int] = []
+        self.columns: list[list[torch.Tensor]] = []
+        self.extra: list[Any] = []  # per-tensor optimizer data (Adam: step tensor, SGD: fresh flag)
+        self.complex = False
+        self.irregular: list[int] = []  # tensors whose operands do not share one dense layout
+        self.table: TensorTable | None = None
+
+    def add(self, position: int, operands: list[torch.Tensor], extra: Any) -> None:
+        if not self.columns:
+            self.columns = [[] for _ in operands]
+        self.positions.append(position)
+        for column, t in zip(self.columns, operands, strict=True):
+            column.append(real_view(t))
+        self.extra.append(extra)
+        self.complex |= operands[0].is_complex()
+
+    def grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.complex:
+            return [real_view(grads[i]) for i in self.positions]
+        return [grads[i] for i in self.positions]
+
+    def finish(self, grads: list[torch.Tensor]) -> None:
+        """Find tensors that need staging and build the device tables of the others."""
+        if self.kind != "triton":
+            return
+        mine = self.grads(grads)
+        self.irregular = [
+            i
+            for i, g in enumerate(mine)
+            if not shares_dense_layout([self.columns[0][i], g, *(c[i] for c in self.columns[1:])])
+        ]
+        if not self.irregular:
+            self.table = TensorTable(self.columns, self.device)
+
+    def launch(self, grads: list[torch.Tensor], flags: list[int] | None, run) -> None:
+        """Call ``run(table, dynamic)``; tensors with mismatched layouts go through dense copies."""
+        mine = self.grads(grads)
+        if self.table is not None:
+            run(self.table, self.table.dynamic(_dynamic_rows(mine, flags)))
+            return
+        # Stage each distinct tensor once (a column may repeat another: SGD without momentum).
+        columns = [list(c) for c in self.columns]
+        copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i in self.irregular:
+            like = columns[0][i]
+            mine[i] = _staged(mine[i], like)
+            for c in columns:
+                original = c[i]
+                if id(original) not in copies:
+                    copies[id(original)] = (original, _staged(original, like))
+                c[i] = copies[id(original)][1]
+        table = TensorTable(columns, self.device)
+        run(table, table.dynamic(_dynamic_rows(mine, flags)))
+        for original, staged in copies.values():
+            if staged is not original:
+                original.copy_(staged)
+
+
+def _staged(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if shares_dense_layout([like, t]) and t.stride() == like.stride() else dense_copy(t, like)
+
+
+def _dynamic_rows(grads: list[torch.Tensor], flags: list[int] | None) -> list[tuple[int, ...]]:
+    if flags is None:
+        return [(g.data_ptr(),) for g in grads]
+    return [(g.data_ptr(), f) for g, f in zip(grads, flags, strict=True)]
+
+
+class GroupPlan:
+    def __init__(self, key: tuple | None, buckets: list[Bucket]):
+        self.key = key
+        self.buckets = buckets
+        self.cacheable = key is not None and all(not b.irregular for b in buckets)
+
+
+def _scan(params: list[torch.Tensor]) -> tuple[tuple | None, list[torch.Tensor]]:
+    """The hot-path loop: grads of a group and the key its cached plan must match."""
+    key: list = []
+    grads: list[torch.Tensor] = []
+    try:
+        for p in params:
+            g = p.grad
+            if g is None:
+                key.append(None)
+                continue
+            key.append((p.data_ptr(), g.stride()))
+            grads.append(g)
+    except RuntimeError:  # sparse grads have no strides: the full checks will explain
+        return None, [p.grad for p in params if p.grad is not None]
+    return tuple(key), grads
+
+
+class FusedStep:
+    """Mixin that gives a ``torch.optim`` class a multi-tensor Triton step."""
+
+    # Subclass hooks -------------------------------------------------------------------------
+
+    def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
+        """Raise if this param cannot be stepped; must not change anything."""
+        raise NotImplementedError
+
+    def _operands(self, p: torch.Tensor, group: dict, first: bool) -> tuple[list[torch.Tensor], Any]:
+        """Create missing state like torch; return the kernel's state operands and per-tensor data."""
+        raise NotImplementedError
+
+    def _run(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], amp: dict) -> None:
+        raise NotImplementedError
+
+    # Shared machinery -----------------------------------------------------------------------
+
+    def _uses_torch_impl(self, group: dict) -> bool:
+        return bool(group["differentiable"] or group["foreach"] or group["fused"] is False)
+
+    def _plans(self) -> dict[int, GroupPlan]:
+        return self.__dict__.setdefault("_fused_plans", {})
+
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        ours = [(i, g) for i, g in enumerate(self.param_groups) if not self._uses_torch_impl(g)]
+        theirs = [g for g in self.param_groups if self._uses_torch_impl(g)]
+        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        with torch.no_grad():
+            for group, plan, grads in self._plan_groups(ours):
+                for bucket in plan.buckets:
+                    self._run(group, bucket, grads, amp)
+        if theirs:
+            self._torch_step(theirs)
+        return loss
+
+    def _plan_groups(self, groups: list[tuple[int, dict]]) -> list[tuple[dict, GroupPlan, list]]:
+        plans = self._plans()
+        scans = []
+        for i, group in groups:
+            key, grads = _scan(group["params"])
+            plan = plans.get(i)
+            scans.append((i, group, key, grads, plan if plan is not None and plan.key == key else None))
+        # Validate every group that needs a new plan before any state is created or changed.
+        entries = {i: self._collect(group) for i, group, _, _, plan in scans if plan is None}
+        out = []
+        for i, group, key, grads, plan in scans:
+            if plan is None:
+                plan = self._build(group, entries[i], key, grads)
+                if plan.cacheable:
+                    plans[i] = plan
+                else:
+                    plans.pop(i, None)
+            out.append((group, plan, grads))
+        return out
+
+    def _collect(self, group: dict) -> list[torch.Tensor]:
+        params = []
+        for p in group["params"]:
+            if p.grad is not None:
+                self._check(p, p.grad, group)
+                params.append(p)
+        return params
+
+    def _build(self, group: dict, params: list[torch.Tensor], key: tuple | None, grads: list) -> GroupPlan:
+        seen: dict[int, int] = defaultdict(int)
+        buckets: dict[tuple, Bucket] = {}
+        for position, p in enumerate(params):
+            layer = seen[id(p)]
+            seen[id(p)] += 1
+            operands, extra = self._operands(p, group, first=layer == 0)
+            where = (layer, p.device, real_view(p).dtype, grads[position].is_sparse)
+            bucket = buckets.get(where)
+            if bucket is None:
+                bucket = buckets[where] = Bucket(*where[1:])
+            bucket.add(position, [p, *operands], extra)
+        ordered = [buckets[k] for k in sorted(buckets, key=lambda k: k[0])]
+        for bucket in ordered:
+            bucket.finish(grads)
+        return GroupPlan(key, ordered)
+
+    def _torch_step(self, groups: list[dict]) -> None:
+        """Torch's own step, over the groups whose flags ask for it."""
+        everything = self.param_groups
+        self.param_groups = groups
+        try:
+            super().step()
+        finally:
+            self.param_groups = everything
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._plans().clear()
+        super().load_state_dict(state_dict)
+        self._plans().clear()
+
+    def add_param_group(self, param_group: dict) -> None:
+        self._plans().clear()
+        super().add_param_group(param_group)

@@ -1,0 +1,108 @@
+"""The algorithms in plain torch: the CPU fallback and the test oracle of the kernels.
+
+Each function steps a list of tensors of one dtype in place, computing in fp32 (fp64 for
+fp64 tensors) with torch's own ops in torch's order, and storing the results in the tensors'
+dtype. For fp32 it is torch.optim's for-loop implementation; for bf16/fp16 it is "torch's
+algorithm in fp32, rounded to the dtype after each step".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedopt._multi_tensor import compute_dtype
+
+
+def _skip(found_inf: torch.Tensor | None) -> bool:
+    # Host read: the reference runs on the host's own device only.
+    return found_inf is not None and bool(found_inf.item())
+
+
+def _grad(g: torch.Tensor, ct: torch.dtype, maximize: bool, grad_scale: torch.Tensor | None) -> torch.Tensor:
+    d = g.to(ct)
+    if maximize:
+        d = -d
+    if grad_scale is not None:
+        d = d / grad_scale.to(ct)
+    return d
+
+
+def sgd_reference(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    fresh: list[int],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """SGD step. ``fresh[i]`` marks a momentum buffer created this step (it takes the grad)."""
+    if _skip(found_inf):
+        return
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        ct = compute_dtype(p.dtype)
+        x = p.to(ct, copy=True)
+        d = _grad(g, ct, maximize, grad_scale)
+        if weight_decay != 0:
+            d = d.add(x, alpha=weight_decay)
+        if momentum != 0:
+            if fresh[i]:
+                b = d.clone()
+            else:
+                b = momentum_buffers[i].to(ct, copy=True).mul_(momentum).add_(d, alpha=1 - dampening)
+            momentum_buffers[i].copy_(b)
+            d = d.add(b, alpha=momentum) if nesterov else b
+        p.copy_(x.add_(d, alpha=-lr))
+
+
+def adam_reference(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor] | None,
+    bias_corrections: list[tuple[float, float]],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """Adam/AdamW step; ``bias_corrections[i] = (1 - beta1**t, sqrt(1 - beta2**t))`` for tensor i."""
+    if _skip(found_inf):
+        return
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        ct = compute_dtype(p.dtype)
+        bias_correction1, bias_correction2_sqrt = bias_corrections[i]
+        x = p.to(ct, copy=True)
+        d = _grad(g, ct, maximize, grad_scale)
+        m = exp_avgs[i].to(ct, copy=True)
+        v = exp_avg_sqs[i].to(ct, copy=True)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                x.mul_(1 - lr * weight_decay)
+            else:
+                d = d.add(x, alpha=weight_decay)
+        m.lerp_(d, 1 - beta1)
+        v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        if max_exp_avg_sqs is not None:
+            vm = torch.maximum(max_exp_avg_sqs[i].to(ct), v)
+            max_exp_avg_sqs[i].copy_(vm)
+            denom = (vm.sqrt() / bias_correction2_sqrt).add_(eps)
+        else:
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        x.addcdiv_(m, denom, value=-(lr / bias_correction1))
+        p.copy_(x)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)

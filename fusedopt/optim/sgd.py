@@ -1,0 +1,115 @@
+"""FusedSGD: torch.optim.SGD with a multi-tensor Triton step."""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.optimizer import _device_dtype_check_for_fused
+
+from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, float64_vector
+from fusedopt.kernels import sgd as kernels
+from fusedopt.optim._fused import Bucket, FusedStep
+from fusedopt.optim.reference import sgd_reference
+
+
+class FusedSGD(FusedStep, torch.optim.SGD):
+    r"""torch.optim.SGD with a fused multi-tensor Triton step.
+
+    Same constructor, defaults, validation, ``param_groups``, state (``momentum_buffer``, only
+    when ``momentum != 0``) and ``state_dict`` as :class:`torch.optim.SGD`. Per param:
+
+    .. math::
+        g &\leftarrow \pm\nabla f(\theta) + \lambda\theta,\qquad
+        b \leftarrow g \text{ (first step)},\;\; b \leftarrow \mu b + (1-\tau) g \text{ (later)}\\
+        g &\leftarrow g + \mu b \text{ (nesterov) or } b,\qquad \theta \leftarrow \theta - \gamma g
+
+    One Triton kernel per device and dtype reads p, g, b and writes p, b: 20 bytes per fp32
+    element with momentum (12 without). Sparse gradients and integer params run torch's own SGD
+    (its behaviour for them). ``fused=False``, ``foreach=True`` or ``differentiable=True`` run
+    torch's own implementation; ``fused=True`` also accepts GradScaler's ``grad_scale`` and
+    ``found_inf``, as torch's fused SGD does.
+    """
+
+    def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
+        if group["fused"] and not self.state.get(p):
+            _device_dtype_check_for_fused(p)
+
+    def _operands(self, p: torch.Tensor, group: dict, first: bool):
+        if group["momentum"] == 0:
+            return [p], 0  # no state, as torch; the buffer column is never read
+        state = self.state[p]
+        fresh = first and "momentum_buffer" not in state
+        if fresh and not p.grad.is_sparse and p.is_floating_point():
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [state.get("momentum_buffer", p)], int(fresh)
+
+    def _run(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], amp: dict) -> None:
+        grad_scale, found_inf = amp["grad_scale"], amp["found_inf"]
+        hyper = [group["lr"], group["momentum"], group["dampening"], group["weight_decay"]]
+        params, buffers = bucket.columns
+        if bucket.kind == "torch":
+            self._torch_functional(group, bucket, grads, amp)
+        elif bucket.kind == "triton":
+            scalars = float64_vector(hyper, bucket.device)
+            bucket.launch(
+                grads,
+                bucket.extra,
+                lambda table, dynamic: table.launch(
+                    kernels.sgd_kernel,
+                    dynamic,
+                    scalars,
+                    scalars if grad_scale is None else grad_scale,
+                    scalars if found_inf is None else found_inf,
+                    DTYPE=TL_DTYPE[bucket.dtype],
+                    COMPUTE=TL_DTYPE[compute_dtype(bucket.dtype)],
+                    HAS_MOMENTUM=group["momentum"] != 0,
+                    NESTEROV=group["nesterov"],
+                    MAXIMIZE=group["maximize"],
+                    HAS_WD=_nonzero(group["weight_decay"]),
+                    HAS_GRAD_SCALE=grad_scale is not None,
+                    HAS_FOUND_INF=found_inf is not None,
+                ),
+            )
+        else:
+            lr, momentum, dampening, weight_decay = float64_vector(hyper, bucket.device).tolist()
+            sgd_reference(
+                params,
+                bucket.grads(grads),
+                buffers,
+                bucket.extra,
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=weight_decay,
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+        # After the first step a new buffer holds a value: later steps read it.
+        bucket.extra = [0] * len(bucket.extra)
+
+    def _torch_functional(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], amp: dict) -> None:
+        """torch.optim.SGD's own for-loop step, for sparse grads and integer params."""
+        params = bucket.columns[0]
+        has_momentum = group["momentum"] != 0
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if has_momentum else []
+        torch.optim.sgd.sgd(
+            params,
+            bucket.grads(grads),
+            buffers,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            has_sparse_grad=any(g.is_sparse for g in bucket.grads(grads)),
+            foreach=False,
+            fused=False,
+        )
+        for p, b in zip(params, buffers, strict=False):
+            self.state[p]["momentum_buffer"] = b
+
+
+def _nonzero(x: float | torch.Tensor) -> bool:
+    return isinstance(x, torch.Tensor) or x != 0
