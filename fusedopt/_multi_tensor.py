@@ -108,7 +108,7 @@ class TensorTable:
         self.device = device
         rows = [[t.data_ptr() for t in row] for row in zip(*columns, strict=True)]
         self.ptrs = to_device(torch.tensor(rows, dtype=torch.int64), device)
-        self.meta = to_device(torch.tensor(list(zip(numels, firsts)), dtype=torch.int64), device)
+        self.meta = to_device(torch.tensor(list(zip(numels, firsts, strict=True)), dtype=torch.int64), device)
         owner = torch.repeat_interleave(
             torch.arange(len(numels), dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64)
         )

@@ -16,7 +16,7 @@ When ``found_inf`` is non-zero nothing is read or written.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import address, locate_block, to_storage
+from fusedopt.kernels.common import address, div_ieee, locate_block, sqrt_ieee, to_storage
 
 # Scalars vector layout, float64: HEAD group values, then two per tensor.
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, HEAD = 0, 1, 2, 3, 4, 5
@@ -74,18 +74,19 @@ def adam_kernel(
         if DECOUPLED:
             p = p * (1.0 - lr * wd).to(COMPUTE)
         else:
-            g = g + wd.to(COMPUTE) * p
-    # torch.lerp: the form that is exact at its end point.
-    m = tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1))
-    v = v * b2 + w2 * g * g
+            g = tl.fma(p, wd.to(COMPUTE), g)
+    # fma exactly where torch's lerp / add(alpha=) / addcmul round once (CPU and CUDA), so fp32
+    # results match torch's for-loop step bit for bit on CPU.
+    m = tl.where(w1 < 0.5, tl.fma(w1, g - m, m), tl.fma(w1 - 1.0, g - m, g))
+    v = tl.fma(w2 * g, g, v * b2)
     if AMSGRAD:
         vm_ptr = address(ptrs, t, 3, 4, DTYPE) + offs
         vm = tl.maximum(tl.load(vm_ptr, mask=mask).to(COMPUTE), v)
         tl.store(vm_ptr, to_storage(vm, DTYPE), mask=mask)
-        denom = tl.sqrt(vm) / bias_correction2_sqrt + eps
+        denom = div_ieee(sqrt_ieee(vm, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
     else:
-        denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    p = p - step_size * m / denom
+        denom = div_ieee(sqrt_ieee(v, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
+    p = p + div_ieee(-step_size * m, denom, COMPUTE)
     tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
     tl.store(m_ptr, to_storage(m, DTYPE), mask=mask)
     tl.store(v_ptr, to_storage(v, DTYPE), mask=mask)

@@ -56,3 +56,21 @@ def to_storage(x, DTYPE: tl.constexpr):
         return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def sqrt_ieee(x, COMPUTE: tl.constexpr):
+    """Correctly rounded square root, as torch's (Triton's ``tl.sqrt`` is approximate on GPU)."""
+    if COMPUTE == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)  # fp64 sqrt is correctly rounded
+
+
+@triton.jit
+def div_ieee(x, y, COMPUTE: tl.constexpr):
+    """Correctly rounded division, as torch's (Triton's fp32 ``/`` is approximate on GPU)."""
+    if COMPUTE == tl.float32:
+        return tl.div_rn(x, y)
+    else:
+        return x / y  # fp64 division is correctly rounded

@@ -53,19 +53,20 @@ def sgd_kernel(
         g = -g
     if HAS_GRAD_SCALE:
         g = g / tl.load(grad_scale).to(COMPUTE)
+    # fma where torch's add(..., alpha=) rounds once, so fp32 results match torch bit for bit.
     if HAS_WD:
-        g = g + tl.load(scalars + WEIGHT_DECAY).to(COMPUTE) * p
+        g = tl.fma(p, tl.load(scalars + WEIGHT_DECAY).to(COMPUTE), g)
     if HAS_MOMENTUM:
-        momentum = tl.load(scalars + MOMENTUM)
+        momentum = tl.load(scalars + MOMENTUM).to(COMPUTE)
         keep = (1.0 - tl.load(scalars + DAMPENING)).to(COMPUTE)
         fresh = tl.load(grad_ptrs + 2 * t + 1)
         b_ptr = address(ptrs, t, 1, 2, DTYPE) + offs
         b = tl.load(b_ptr, mask=tl.where(fresh == 0, mask, False)).to(COMPUTE)
-        b = tl.where(fresh != 0, g, momentum.to(COMPUTE) * b + keep * g)
+        b = tl.where(fresh != 0, g, tl.fma(g, keep, b * momentum))
         tl.store(b_ptr, to_storage(b, DTYPE), mask=mask)
         if NESTEROV:
-            g = g + momentum.to(COMPUTE) * b
+            g = tl.fma(b, momentum, g)
         else:
             g = b
-    p = p - lr * g
+    p = tl.fma(g, -lr, p)
     tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)

@@ -1,0 +1,175 @@
+"""Declarative optimizer test cases, the tolerance table and the parity runner.
+
+Oracles: fp32/fp64 params are compared with torch.optim's for-loop implementation run on the
+same tensors; bf16/fp16 params with "torch's algorithm in fp32, rounded to the dtype after each
+step" (torch.optim on fp32 copies, params and every state tensor rounded after each step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import fusedopt
+
+
+@dataclass(frozen=True)
+class Case:
+    torch_cls: type
+    fused_cls: type
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.kwargs.items())
+        return f"{self.fused_cls.__name__}({opts})"
+
+
+SGD_CASES = [
+    Case(torch.optim.SGD, fusedopt.FusedSGD, dict(lr=0.1)),
+    Case(torch.optim.SGD, fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9)),
+    Case(torch.optim.SGD, fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.1)),
+    Case(torch.optim.SGD, fusedopt.FusedSGD, dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01)),
+    Case(torch.optim.SGD, fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, maximize=True)),
+    Case(torch.optim.SGD, fusedopt.FusedSGD, dict(lr=0.1, weight_decay=0.2, maximize=True)),
+]
+ADAM_CASES = [
+    Case(torch.optim.Adam, fusedopt.FusedAdam, dict(lr=0.01)),
+    Case(torch.optim.Adam, fusedopt.FusedAdam, dict(lr=0.01, weight_decay=0.1)),
+    Case(torch.optim.Adam, fusedopt.FusedAdam, dict(lr=0.01, amsgrad=True, betas=(0.8, 0.9))),
+    Case(torch.optim.Adam, fusedopt.FusedAdam, dict(lr=0.01, maximize=True, eps=1e-3)),
+    Case(torch.optim.Adam, fusedopt.FusedAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    Case(torch.optim.Adam, fusedopt.FusedAdam, dict(lr=0.01, capturable=True, amsgrad=True)),
+    Case(torch.optim.AdamW, fusedopt.FusedAdamW, dict(lr=0.01)),
+    Case(
+        torch.optim.AdamW, fusedopt.FusedAdamW, dict(lr=0.01, weight_decay=0.5, amsgrad=True, maximize=True)
+    ),
+]
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+# One table. fp32/fp64: relative error against torch's for-loop path. bf16/fp16: distance in
+# units in the last place from the fp32-rounded-each-step oracle.
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-12, atol=1e-14),
+    torch.bfloat16: dict(ulps=1),
+    torch.float16: dict(ulps=1),
+}
+
+STEPS = 7
+
+
+def make_params(device: str, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """Odd shapes: 0-d, empty, 1, 7, 4097, 3-d, a strided slice, a transposed matrix."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+    return [
+        rnd(),
+        rnd(0),
+        rnd(1),
+        rnd(7),
+        rnd(4097),
+        rnd(3, 5, 7),
+        rnd(6, 10)[:, ::3],  # not dense: a strided view
+        rnd(9, 4).t(),  # dense, not contiguous
+    ]
+
+
+def make_grads(params: list[torch.Tensor], step: int, seed: int = 1) -> list[torch.Tensor]:
+    """Fresh grads for a step. Odd steps give the transposed param a contiguous grad
+    (strides that differ from the param's)."""
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    grads = []
+    for p in params:
+        g = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
+        grads.append(g if step % 2 or p.is_contiguous() else torch.empty_like(p).copy_(g))
+    return grads
+
+
+def leaves(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Independent leaf copies with the same layout (strided views stay strided views)."""
+    out = []
+    for t in tensors:
+        base = t.detach()
+        if dtype is not None:
+            base = base.to(dtype)
+        copy = torch.empty_strided(base.size(), base.stride(), dtype=base.dtype, device=base.device)
+        if not _dense(t):
+            holder = torch.zeros(base.shape[0], base.shape[1] * 3, dtype=base.dtype, device=base.device)
+            copy = holder[:, ::3]
+        copy.copy_(base)
+        out.append(copy.requires_grad_())
+    return out
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.numel() <= 1 or torch.empty_like(t).stride() == t.stride()
+
+
+def spacing(x: torch.Tensor) -> torch.Tensor:
+    """Distance from |x| to the next representable value of x's dtype, as float64."""
+    mag = x.abs().contiguous()
+    up = (mag.view(torch.int16) + 1).view(x.dtype)
+    return up.double() - mag.double()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    tol = TOLERANCE[actual.dtype]
+    actual, expected = actual.cpu(), expected.to(actual.dtype).cpu()
+    if "ulps" not in tol:
+        torch.testing.assert_close(actual, expected, msg=what, rtol=tol["rtol"], atol=tol["atol"])
+        return
+    if actual.numel() == 0:
+        return
+    # One rounding step of the dtype at the expected value, plus fp32 rounding noise of the
+    # operands (visible only where a result cancels to near zero).
+    err = (actual.double() - expected.double()).abs()
+    floor = 8 * 2.0**-24 * expected.double().abs().max()
+    allowed = tol["ulps"] * spacing(expected) + floor
+    worst = int((err - allowed).argmax())
+    assert bool((err <= allowed).all()), (
+        f"{what}: {actual.flatten()[worst].item()} vs {expected.flatten()[worst].item()} "
+        f"is more than {tol['ulps']} rounding step(s) apart"
+    )
+
+
+def run_parity(case: Case, device: str, dtype: torch.dtype, steps: int = STEPS) -> None:
+    """Step both optimizers on identical params and grads; compare every param and state tensor."""
+    params = make_params(device, dtype)
+    ours = leaves(params)
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    theirs = leaves(params, torch.float32 if low_precision else None)
+    opt = case.fused_cls(ours, **case.kwargs)
+    oracle_kwargs = dict(case.kwargs)
+    if device == "cpu":  # torch refuses capturable on CPU; the algorithm is the same
+        oracle_kwargs.pop("capturable", None)
+    ref = case.torch_cls(theirs, foreach=False, **oracle_kwargs)
+    for step in range(steps):
+        for p, q, g in zip(ours, theirs, make_grads(params, step), strict=True):
+            p.grad = g
+            q.grad = g.to(q.dtype)
+        opt.step()
+        ref.step()
+        if low_precision:  # round the oracle's params and state to the dtype after each step
+            with torch.no_grad():
+                for q in theirs:
+                    q.copy_(q.to(dtype))
+                    for key, v in ref.state[q].items():
+                        if key != "step":
+                            v.copy_(v.to(dtype))
+    for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
+        assert_close(p.detach(), q.detach(), f"param {i} {tuple(p.shape)}")
+        mine, expected = opt.state[p], ref.state[q]
+        assert mine.keys() == expected.keys(), f"state keys of param {i}"
+        for key in expected:
+            if key == "step":
+                assert float(mine[key]) == float(expected[key]) == steps
+                assert mine[key].dtype == expected[key].dtype and mine[key].device == expected[key].device
+            else:
+                assert mine[key].dtype == p.dtype
+                assert_close(mine[key], expected[key], f"state[{key}] of param {i}")
