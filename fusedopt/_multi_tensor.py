@@ -46,8 +46,10 @@ def launch_config(total_numel: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=4096)
 def _dense(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """True if a tensor of this size and stride covers its memory exactly once, in some order."""
+    if 0 in size:
+        return True
     expected = 1
-    for n, s in sorted((n, s) for n, s in zip(size, stride, strict=True) if n != 1):
+    for s, n in sorted((s, n) for n, s in zip(size, stride, strict=True) if n != 1):
         if s != expected:
             return False
         expected *= n

@@ -1,0 +1,184 @@
+"""The multi-tensor machinery: launch counts, cached plans, runtime hyper-parameters, offsets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedopt
+from fusedopt import _multi_tensor
+from fusedopt.kernels import adam as adam_kernels
+from fusedopt.kernels import sgd as sgd_kernels
+from fusedopt.kernels.common import locate_block
+
+OPTIMIZERS = [
+    (fusedopt.FusedAdam, dict(lr=1e-3, weight_decay=0.1), adam_kernels.adam_kernel),
+    (fusedopt.FusedAdamW, dict(lr=1e-3, amsgrad=True), adam_kernels.adam_kernel),
+    (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, nesterov=True), sgd_kernels.sgd_kernel),
+]
+
+
+class CountOps(TorchDispatchMode):
+    """Counts every aten op (each one a kernel launch on a device) run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records (args, kwargs) of every launch of the optimizer kernels."""
+    calls: list[tuple[tuple, dict]] = []
+    for kernel in (adam_kernels.adam_kernel, sgd_kernels.sgd_kernel):
+        original = kernel.run
+
+        def run(*args, _original=original, **kwargs):
+            calls.append((args, kwargs))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return calls
+
+
+def _params(n: int, device: str) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(n)
+    return [torch.randn(17 + i % 5, generator=gen).to(device).requires_grad_() for i in range(n)]
+
+
+def _set_grads(params: list[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = torch.randn_like(p)  # new buffers every step, as after zero_grad()
+
+
+def _count_step(cls, kwargs, n: int, device: str, launches) -> tuple[int, int]:
+    params = _params(n, device)
+    opt = cls(params, **kwargs)
+    for _ in range(2):  # first steps create state and plans
+        _set_grads(params)
+        opt.step()
+    _set_grads(params)
+    launches.clear()
+    with CountOps() as ops:
+        opt.step()
+    return len(launches), len(ops.ops)
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "kernel"), OPTIMIZERS, ids=lambda x: getattr(x, "__name__", ""))
+def test_launches_do_not_grow_with_tensor_count(cls, kwargs, kernel, device, launches):
+    few = _count_step(cls, kwargs, 4, device, launches)
+    many = _count_step(cls, kwargs, 64, device, launches)
+    assert few[0] == many[0] == 1, "one Triton launch per device and dtype"
+    assert few[1] == many[1], f"torch ops per step: {few[1]} for 4 tensors, {many[1]} for 64"
+
+
+def test_one_launch_per_dtype(device, launches):
+    params = [
+        torch.randn(5, device=device, dtype=dtype, requires_grad=True)
+        for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.float16)
+    ]
+    opt = fusedopt.FusedAdam(params)
+    _set_grads(params)
+    opt.step()
+    assert len(launches) == 3
+
+
+def test_hyper_parameters_are_runtime_values(device, launches):
+    """A changed lr (or betas, eps, momentum...) changes tensor contents, never the kernel's
+    specialisation: every positional argument is a tensor and the constexprs stay the same."""
+    params = _params(3, device)
+    opt = fusedopt.FusedAdam(params, lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        _set_grads(params)
+        opt.step()
+        sched.step()
+    assert len(launches) == 3
+    for args, kwargs in launches:
+        assert all(isinstance(a, torch.Tensor) for a in args)
+        assert kwargs == launches[0][1]
+    lrs = [args[4][adam_kernels.LR].item() for args, _ in launches]
+    assert lrs == [1e-3, 5e-4, 2.5e-4]
+
+
+def test_plan_is_cached_and_grad_table_follows_new_grads(device, monkeypatch):
+    params = _params(6, device)
+    opt = fusedopt.FusedSGD(params, lr=0.1, momentum=0.9)
+    built = []
+    original = _multi_tensor.TensorTable.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_multi_tensor.TensorTable, "__init__", counting_init)
+    for _ in range(4):
+        _set_grads(params)
+        opt.step()
+    assert len(built) == 1, "pointer tables are built once while params and state stay put"
+    expected = [p.detach().clone() for p in params]
+    for p in params:  # a grad written in place keeps its address
+        p.grad.fill_(1.0)
+    reference = torch.optim.SGD([e.requires_grad_() for e in expected], lr=0.1, momentum=0.9)
+    reference.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for e in expected:
+        e.grad = torch.ones_like(e)
+    opt.step()
+    reference.step()
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p, e)
+    with torch.no_grad():
+        params[0].data = params[0].detach().clone()  # a param moved: the plan is rebuilt
+    _set_grads(params)
+    opt.step()
+    assert len(built) == 2
+
+
+@triton.jit
+def _offsets_kernel(meta, owner, out, BLOCK: tl.constexpr):
+    t, offs, mask = locate_block(meta, owner, BLOCK)
+    tl.store(out + tl.arange(0, BLOCK), offs)
+    tl.store(out + BLOCK + tl.arange(0, BLOCK), mask.to(tl.int64))
+
+
+def test_block_offsets_are_int64(device):
+    """A block far past 2**31 elements gets exact offsets (tensors over 2**31 elements exist).
+
+    The tensor's first block is placed so that program 0 is its block number 2**22 + 3.
+    """
+    block = 1024
+    local = (1 << 22) + 3  # block * local > 2**32
+    numel = block * local + 100
+    meta = torch.tensor([[numel, -local]], dtype=torch.int64, device=device)
+    owner = torch.zeros(1, dtype=torch.int32, device=device)
+    out = torch.empty(2 * block, dtype=torch.int64, device=device)
+    _offsets_kernel[(1,)](meta, owner, out, BLOCK=block)
+    expected = torch.arange(block, dtype=torch.int64, device=device) + block * local
+    assert torch.equal(out[:block], expected)
+    assert out[:block].min() > 2**32
+    assert out[block:].tolist() == [1] * 100 + [0] * (block - 100)
+
+
+@pytest.mark.parametrize(
+    ("size", "stride", "dense"),
+    [
+        ((), (), True),
+        ((0,), (1,), True),
+        ((3, 4), (4, 1), True),
+        ((3, 4), (1, 3), True),
+        ((3, 4), (8, 2), False),
+        ((3, 1, 4), (4, 99, 1), True),
+        ((2, 2), (0, 1), False),
+    ],
+)
+def test_dense_layout_detection(size, stride, dense):
+    assert _multi_tensor._dense(size, stride) is dense
