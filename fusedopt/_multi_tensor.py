@@ -109,6 +109,7 @@ class TensorTable:
         self.num_blocks = sum(blocks)
         self.device = device
         rows = [[t.data_ptr() for t in row] for row in zip(*columns, strict=True)]
+        self.aligned = all(ptr % 16 == 0 for row in rows for ptr in row)
         self.ptrs = to_device(torch.tensor(rows, dtype=torch.int64), device)
         self.meta = to_device(torch.tensor(list(zip(numels, firsts, strict=True)), dtype=torch.int64), device)
         owner = torch.repeat_interleave(
@@ -117,19 +118,22 @@ class TensorTable:
         self.owner = to_device(owner, device)
         self._dynamic_key: tuple | None = None
         self._dynamic: torch.Tensor | None = None
+        self._dynamic_aligned = False
 
     def dynamic(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
-        """Per-step table (grad addresses and flags), int64 [T, len(row)]; cached by value."""
+        """Per-step table int64 [T, len(row)]: grad address first, then flags; cached by value."""
         key = tuple(rows)
         if key != self._dynamic_key:
             self._dynamic = to_device(torch.tensor(rows, dtype=torch.int64), self.device)
             self._dynamic_key = key
+            self._dynamic_aligned = all(row[0] % 16 == 0 for row in rows)
         return self._dynamic
 
     def launch(self, kernel, dynamic: torch.Tensor, *args, **constexprs) -> None:
         """Run ``kernel(ptrs, dynamic, meta, owner, *args)`` over every block of every tensor.
 
-        One launch; none when every tensor is empty.
+        One launch; none when every tensor is empty. ``ALIGNED`` tells the kernel that every
+        address is 16-byte aligned, so full blocks use vector loads and stores.
         """
         if self.num_blocks == 0:
             return
@@ -143,5 +147,6 @@ class TensorTable:
                 *args,
                 BLOCK=self.block,
                 num_warps=self.num_warps,
+                ALIGNED=self.aligned and self._dynamic_aligned,
                 **constexprs,
             )

@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         ((p - q).abs().max() / q.abs().max().clamp_min(1e-12)).item()
         for p, q in zip(model.parameters(), twin.parameters(), strict=True)
     )
-    print(f"largest relative difference: loss {loss_gap:.3e}, params {param_gap:.3e} (tolerance {TOLERANCE:g})")
+    print(
+        f"largest relative difference: loss {loss_gap:.3e}, params {param_gap:.3e} (tolerance {TOLERANCE:g})"
+    )
     ok = loss_gap <= TOLERANCE and param_gap <= TOLERANCE and theirs[-1] < theirs[0]
     print("OK: same training curve" if ok else "FAILED: the curves differ")
     return 0 if ok else 1

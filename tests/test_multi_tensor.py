@@ -106,7 +106,7 @@ def test_hyper_parameters_are_runtime_values(device, launches):
     for args, kwargs in launches:
         assert all(isinstance(a, torch.Tensor) for a in args)
         assert kwargs == launches[0][1]
-    lrs = [args[4][adam_kernels.LR].item() for args, _ in launches]
+    lrs = [args[4][adam_kernels.LR.value].item() for args, _ in launches]
     assert lrs == [1e-3, 5e-4, 2.5e-4]
 
 
@@ -145,9 +145,10 @@ def test_plan_is_cached_and_grad_table_follows_new_grads(device, monkeypatch):
 
 @triton.jit
 def _offsets_kernel(meta, owner, out, BLOCK: tl.constexpr):
-    t, offs, mask = locate_block(meta, owner, BLOCK)
+    _t, offs, mask, full = locate_block(meta, owner, BLOCK)
     tl.store(out + tl.arange(0, BLOCK), offs)
     tl.store(out + BLOCK + tl.arange(0, BLOCK), mask.to(tl.int64))
+    tl.store(out + 2 * BLOCK, full.to(tl.int64))
 
 
 def test_block_offsets_are_int64(device):
@@ -160,12 +161,13 @@ def test_block_offsets_are_int64(device):
     numel = block * local + 100
     meta = torch.tensor([[numel, -local]], dtype=torch.int64, device=device)
     owner = torch.zeros(1, dtype=torch.int32, device=device)
-    out = torch.empty(2 * block, dtype=torch.int64, device=device)
+    out = torch.empty(2 * block + 1, dtype=torch.int64, device=device)
     _offsets_kernel[(1,)](meta, owner, out, BLOCK=block)
     expected = torch.arange(block, dtype=torch.int64, device=device) + block * local
     assert torch.equal(out[:block], expected)
     assert out[:block].min() > 2**32
-    assert out[block:].tolist() == [1] * 100 + [0] * (block - 100)
+    assert out[block : 2 * block].tolist() == [1] * 100 + [0] * (block - 100)
+    assert out[2 * block].item() == 0, "a partly filled block is not full"
 
 
 @pytest.mark.parametrize(

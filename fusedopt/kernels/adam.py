@@ -19,35 +19,31 @@ import triton.language as tl
 from fusedopt.kernels.common import address, div_ieee, locate_block, sqrt_ieee, to_storage
 
 # Scalars vector layout, float64: HEAD group values, then two per tensor.
-LR, BETA1, BETA2, EPS, WEIGHT_DECAY, HEAD = 0, 1, 2, 3, 4, 5
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY, HEAD = (tl.constexpr(i) for i in range(6))
 
 
 @triton.jit
-def adam_kernel(
-    ptrs,  # int64 [T, 4]: param, exp_avg, exp_avg_sq, max_exp_avg_sq (= exp_avg_sq unless AMSGRAD)
-    grad_ptrs,  # int64 [T, 1]: grad
-    meta,  # int64 [T, 2]: numel, first block
-    owner,  # int32 [B]: tensor of each block
-    scalars,  # float64 [5 + 2T]: lr, beta1, beta2, eps, wd; then 1 - beta1**t, sqrt(1 - beta2**t)
-    grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
-    found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
-    DTYPE: tl.constexpr,  # storage dtype of params and state
-    COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
-    BLOCK: tl.constexpr,
+def _adam_block(
+    ptrs,
+    grad_ptrs,
+    scalars,
+    grad_scale,
+    t,
+    offs,
+    mask,  # None for a full block
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     DECOUPLED: tl.constexpr,
     HAS_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    t, offs, mask = locate_block(meta, owner, BLOCK)
-    if HAS_FOUND_INF:
-        mask = tl.where(tl.load(found_inf) == 0, mask, False)
-    p_ptr = address(ptrs, t, 0, 4, DTYPE) + offs
-    m_ptr = address(ptrs, t, 1, 4, DTYPE) + offs
-    v_ptr = address(ptrs, t, 2, 4, DTYPE) + offs
-    g_ptr = address(grad_ptrs, t, 0, 1, DTYPE) + offs
+    p_ptr = address(ptrs, t, 0, 4, DTYPE, ALIGNED) + offs
+    m_ptr = address(ptrs, t, 1, 4, DTYPE, ALIGNED) + offs
+    v_ptr = address(ptrs, t, 2, 4, DTYPE, ALIGNED) + offs
+    g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
 
     lr = tl.load(scalars + LR)
     beta1 = tl.load(scalars + BETA1)
@@ -80,7 +76,7 @@ def adam_kernel(
     m = tl.where(w1 < 0.5, tl.fma(w1, g - m, m), tl.fma(w1 - 1.0, g - m, g))
     v = tl.fma(w2 * g, g, v * b2)
     if AMSGRAD:
-        vm_ptr = address(ptrs, t, 3, 4, DTYPE) + offs
+        vm_ptr = address(ptrs, t, 3, 4, DTYPE, ALIGNED) + offs
         vm = tl.maximum(tl.load(vm_ptr, mask=mask).to(COMPUTE), v)
         tl.store(vm_ptr, to_storage(vm, DTYPE), mask=mask)
         denom = div_ieee(sqrt_ieee(vm, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
@@ -90,3 +86,36 @@ def adam_kernel(
     tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
     tl.store(m_ptr, to_storage(m, DTYPE), mask=mask)
     tl.store(v_ptr, to_storage(v, DTYPE), mask=mask)
+
+
+@triton.jit
+def adam_kernel(
+    ptrs,  # int64 [T, 4]: param, exp_avg, exp_avg_sq, max_exp_avg_sq (= exp_avg_sq unless AMSGRAD)
+    grad_ptrs,  # int64 [T, 1]: grad
+    meta,  # int64 [T, 2]: numel, first block
+    owner,  # int32 [B]: tensor of each block
+    scalars,  # float64 [5 + 2T]: lr, beta1, beta2, eps, wd; then 1 - beta1**t, sqrt(1 - beta2**t)
+    grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
+    found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
+    DTYPE: tl.constexpr,  # storage dtype of params and state
+    COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
+    BLOCK: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every address is 16-byte aligned
+):
+    t, offs, mask, full = locate_block(meta, owner, BLOCK)
+    go = True
+    if HAS_FOUND_INF:
+        go = tl.load(found_inf) == 0
+    if go:
+        if full:
+            _adam_block(ptrs, grad_ptrs, scalars, grad_scale, t, offs, None, DTYPE, COMPUTE, AMSGRAD,
+                        MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, ALIGNED)  # fmt: skip
+        else:
+            _adam_block(ptrs, grad_ptrs, scalars, grad_scale, t, offs, mask, DTYPE, COMPUTE, AMSGRAD,
+                        MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, ALIGNED)  # fmt: skip

@@ -7,8 +7,10 @@ elements and hands the kernel two small tables:
 * ``meta``  int64 [T, 2]: element count and first block of each tensor;
 * ``owner`` int32 [B]:    the tensor each block belongs to.
 
-Program ``pid`` handles block ``pid``: it looks up its tensor and its element offsets,
-then loads that tensor's addresses from the kernel's own pointer table.
+Program ``pid`` handles block ``pid``: it looks up its tensor and its element offsets, then
+loads that tensor's addresses from the kernel's own pointer table. Full blocks run without a
+mask, so loads and stores are vectorized when the launcher vouches that every address is
+16-byte aligned (``ALIGNED``); only the last block of each tensor is masked.
 """
 
 import triton
@@ -21,13 +23,14 @@ def locate_block(
     owner,  # int32 [B]: tensor index of each block
     BLOCK: tl.constexpr,
 ):
-    """Return ``(t, offs, mask)``: the tensor of this program, its int64 offsets and mask."""
+    """Return ``(t, offs, mask, full)``: this program's tensor, int64 element offsets, their
+    mask, and whether the whole block is in bounds."""
     pid = tl.program_id(0)
     t = tl.load(owner + pid).to(tl.int64)
     numel = tl.load(meta + 2 * t)
-    first = tl.load(meta + 2 * t + 1)
-    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    return t, offs, offs < numel
+    start = (pid - tl.load(meta + 2 * t + 1)) * BLOCK
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    return t, offs, offs < numel, start + BLOCK <= numel
 
 
 @triton.jit
@@ -37,9 +40,13 @@ def address(
     k,
     K: tl.constexpr,
     DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """Pointer to the first element of operand ``k`` of tensor ``t``."""
-    return tl.load(table + t * K + k).to(tl.pointer_type(DTYPE))
+    ptr = tl.load(table + t * K + k).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit

@@ -18,7 +18,55 @@ import triton.language as tl
 from fusedopt.kernels.common import address, locate_block, to_storage
 
 # Scalars vector layout, float64.
-LR, MOMENTUM, DAMPENING, WEIGHT_DECAY = 0, 1, 2, 3
+LR, MOMENTUM, DAMPENING, WEIGHT_DECAY = (tl.constexpr(i) for i in range(4))
+
+
+@triton.jit
+def _sgd_block(
+    ptrs,
+    grad_ptrs,
+    scalars,
+    grad_scale,
+    t,
+    offs,
+    mask,  # None for a full block
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    p_ptr = address(ptrs, t, 0, 2, DTYPE, ALIGNED) + offs
+    g_ptr = address(grad_ptrs, t, 0, 2, DTYPE, ALIGNED) + offs
+    lr = tl.load(scalars + LR).to(COMPUTE)
+
+    p = tl.load(p_ptr, mask=mask).to(COMPUTE)
+    g = tl.load(g_ptr, mask=mask).to(COMPUTE)
+    if MAXIMIZE:
+        g = -g
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale).to(COMPUTE)
+    # fma where torch's add(..., alpha=) rounds once, so fp32 results match torch bit for bit.
+    if HAS_WD:
+        g = tl.fma(p, tl.load(scalars + WEIGHT_DECAY).to(COMPUTE), g)
+    if HAS_MOMENTUM:
+        momentum = tl.load(scalars + MOMENTUM).to(COMPUTE)
+        keep = (1.0 - tl.load(scalars + DAMPENING)).to(COMPUTE)
+        b_ptr = address(ptrs, t, 1, 2, DTYPE, ALIGNED) + offs
+        if tl.load(grad_ptrs + 2 * t + 1) != 0:  # the buffer is new: it takes the grad
+            b = g
+        else:
+            b = tl.fma(g, keep, tl.load(b_ptr, mask=mask).to(COMPUTE) * momentum)
+        tl.store(b_ptr, to_storage(b, DTYPE), mask=mask)
+        if NESTEROV:
+            g = tl.fma(b, momentum, g)
+        else:
+            g = b
+    p = tl.fma(g, -lr, p)
+    tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
 
 
 @triton.jit
@@ -39,34 +87,16 @@ def sgd_kernel(
     HAS_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every address is 16-byte aligned
 ):
-    t, offs, mask = locate_block(meta, owner, BLOCK)
+    t, offs, mask, full = locate_block(meta, owner, BLOCK)
+    go = True
     if HAS_FOUND_INF:
-        mask = tl.where(tl.load(found_inf) == 0, mask, False)
-    p_ptr = address(ptrs, t, 0, 2, DTYPE) + offs
-    g_ptr = address(grad_ptrs, t, 0, 2, DTYPE) + offs
-    lr = tl.load(scalars + LR).to(COMPUTE)
-
-    p = tl.load(p_ptr, mask=mask).to(COMPUTE)
-    g = tl.load(g_ptr, mask=mask).to(COMPUTE)
-    if MAXIMIZE:
-        g = -g
-    if HAS_GRAD_SCALE:
-        g = g / tl.load(grad_scale).to(COMPUTE)
-    # fma where torch's add(..., alpha=) rounds once, so fp32 results match torch bit for bit.
-    if HAS_WD:
-        g = tl.fma(p, tl.load(scalars + WEIGHT_DECAY).to(COMPUTE), g)
-    if HAS_MOMENTUM:
-        momentum = tl.load(scalars + MOMENTUM).to(COMPUTE)
-        keep = (1.0 - tl.load(scalars + DAMPENING)).to(COMPUTE)
-        fresh = tl.load(grad_ptrs + 2 * t + 1)
-        b_ptr = address(ptrs, t, 1, 2, DTYPE) + offs
-        b = tl.load(b_ptr, mask=tl.where(fresh == 0, mask, False)).to(COMPUTE)
-        b = tl.where(fresh != 0, g, tl.fma(g, keep, b * momentum))
-        tl.store(b_ptr, to_storage(b, DTYPE), mask=mask)
-        if NESTEROV:
-            g = tl.fma(b, momentum, g)
+        go = tl.load(found_inf) == 0
+    if go:
+        if full:
+            _sgd_block(ptrs, grad_ptrs, scalars, grad_scale, t, offs, None, DTYPE, COMPUTE, HAS_MOMENTUM,
+                       NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, ALIGNED)  # fmt: skip
         else:
-            g = b
-    p = tl.fma(g, -lr, p)
-    tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
+            _sgd_block(ptrs, grad_ptrs, scalars, grad_scale, t, offs, mask, DTYPE, COMPUTE, HAS_MOMENTUM,
+                       NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, ALIGNED)  # fmt: skip
