@@ -18,3 +18,30 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+class Launches(list):
+    """Every launch of the optimizer kernels in a test, as ``(name, args, kwargs)``."""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, _, _ in self:
+            out[name] = out.get(name, 0) + 1
+        return out
+
+
+@pytest.fixture
+def launches(monkeypatch) -> Launches:
+    """Records the Triton launches of the optimizer kernels (``kernel[grid](...)`` calls ``run``)."""
+    from fusedopt.kernels import adam, sgd
+
+    record = Launches()
+    for name, kernel in (("adam", adam.adam_kernel), ("sgd", sgd.sgd_kernel)):
+
+        def run(*args, _run=kernel.run, _name=name, **kwargs):
+            record.append((_name, args, kwargs))
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return record

@@ -150,12 +150,18 @@ class FusedStep:
         """Raise if this param cannot be stepped; must not change anything."""
         raise NotImplementedError
 
-    def _operands(self, p: torch.Tensor, group: dict, first: bool) -> tuple[list[torch.Tensor], Any]:
-        """Create missing state like torch; return the kernel's state operands and per-tensor data."""
+    def _operands(self, p: torch.Tensor, group: dict, memo: dict) -> tuple[list[torch.Tensor], Any]:
+        """Create missing state like torch; return the kernel's state operands and per-tensor data.
+
+        ``memo`` lives for one plan build: what a param looked like before its first occurrence.
+        """
         raise NotImplementedError
 
     def _run(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], amp: dict) -> None:
         raise NotImplementedError
+
+    def _before_step(self) -> None:
+        """Checks the torch class makes at the top of its step."""
 
     # Shared machinery -----------------------------------------------------------------------
 
@@ -171,6 +177,7 @@ class FusedStep:
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
+        self._before_step()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -216,11 +223,12 @@ class FusedStep:
 
     def _build(self, group: dict, params: list[torch.Tensor], key: tuple | None, grads: list) -> GroupPlan:
         seen: dict[int, int] = defaultdict(int)
+        memo: dict = {}
         buckets: dict[tuple, Bucket] = {}
         for position, p in enumerate(params):
             layer = seen[id(p)]
             seen[id(p)] += 1
-            operands, extra = self._operands(p, group, first=layer == 0)
+            operands, extra = self._operands(p, group, memo)
             where = (layer, p.device, real_view(p).dtype, grads[position].is_sparse)
             bucket = buckets.get(where)
             if bucket is None:

@@ -59,6 +59,12 @@ class FusedAdam(FusedStep, torch.optim.Adam):
     tensor ``lr``, on the device: no host reads.
     """
 
+    def _before_step(self) -> None:
+        # As torch.optim.Adam: refuse CUDA-graph capture unless capturable (older torch names it
+        # _cuda_graph_capture_health_check).
+        check = getattr(self, "_accelerator_graph_capture_health_check", None)
+        (check or self._cuda_graph_capture_health_check)()
+
     def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
         name = type(self).__name__
         if g.is_sparse:
@@ -72,7 +78,7 @@ class FusedAdam(FusedStep, torch.optim.Adam):
         if group["fused"] and not self.state.get(p):
             _device_dtype_check_for_fused(p)
 
-    def _operands(self, p: torch.Tensor, group: dict, first: bool):
+    def _operands(self, p: torch.Tensor, group: dict, memo: dict):
         state = self.state[p]
         if len(state) == 0:  # lazy state initialization, exactly as torch.optim.Adam
             on_device = group["capturable"] or group["fused"]

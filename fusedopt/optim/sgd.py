@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, float64_vector
 from fusedopt.kernels import sgd as kernels
-from fusedopt.optim._fused import Bucket, FusedStep
+from fusedopt.optim._fused import Bucket, FusedStep, real_view
 from fusedopt.optim.reference import sgd_reference
+
+# torch.optim does not export the module name on every version.
+_torch_sgd = importlib.import_module("torch.optim.sgd")
 
 
 class FusedSGD(FusedStep, torch.optim.SGD):
@@ -33,14 +38,17 @@ class FusedSGD(FusedStep, torch.optim.SGD):
         if group["fused"] and not self.state.get(p):
             _device_dtype_check_for_fused(p)
 
-    def _operands(self, p: torch.Tensor, group: dict, first: bool):
+    def _operands(self, p: torch.Tensor, group: dict, memo: dict):
         if group["momentum"] == 0:
             return [p], 0  # no state, as torch; the buffer column is never read
         state = self.state[p]
-        fresh = first and "momentum_buffer" not in state
-        if fresh and not p.grad.is_sparse and p.is_floating_point():
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return [state.get("momentum_buffer", p)], int(fresh)
+        if id(p) not in memo:
+            # A buffer missing when the step starts is new for every occurrence of the param
+            # (torch takes the grad as the buffer each time a listed-twice param comes up).
+            memo[id(p)] = "momentum_buffer" not in state
+            if memo[id(p)] and not p.grad.is_sparse and real_view(p).dtype in TL_DTYPE:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [state.get("momentum_buffer", p)], int(memo[id(p)])
 
     def _run(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], amp: dict) -> None:
         grad_scale, found_inf = amp["grad_scale"], amp["found_inf"]
@@ -93,7 +101,7 @@ class FusedSGD(FusedStep, torch.optim.SGD):
         params = bucket.columns[0]
         has_momentum = group["momentum"] != 0
         buffers = [self.state[p].get("momentum_buffer") for p in params] if has_momentum else []
-        torch.optim.sgd.sgd(
+        _torch_sgd.sgd(
             params,
             bucket.grads(grads),
             buffers,

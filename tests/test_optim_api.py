@@ -1,0 +1,713 @@
+"""The torch.optim API around the fused step: constructor, validation, state_dict, schedulers,
+closures, param groups, tensor lr, torch-implementation flags, AMP, bad input, mixed dtypes.
+
+Every behavioural test runs the same thing through torch.optim and through fusedopt and
+compares; "no kernel ran" / "one kernel per step" is counted by wrapping the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import warnings
+
+import pytest
+import torch
+from optim_cases import TOLERANCE, Case, assert_close, leaves
+from torch import nn
+
+from fusedopt import FusedAdam, FusedAdamW, FusedSGD
+
+SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
+PAIRS = [(SGD, FusedSGD), (Adam, FusedAdam), (AdamW, FusedAdamW)]
+
+SGD_M = Case(SGD, FusedSGD, dict(lr=0.1, momentum=0.9))
+SGD_PLAIN = Case(SGD, FusedSGD, dict(lr=0.1))
+ADAM_AMS = Case(Adam, FusedAdam, dict(lr=0.01, amsgrad=True))
+ADAMW = Case(AdamW, FusedAdamW, dict(lr=0.01, weight_decay=0.1))
+CASES = [SGD_M, ADAM_AMS, ADAMW]
+F32 = torch.float32
+
+
+def case_id(c: Case) -> str:
+    return c.id
+
+
+# Helpers ---------------------------------------------------------------------------------------
+
+
+def make(device, specs=((3, 4), (5,), ()), seed=0, requires_grad=True) -> list[torch.Tensor]:
+    """Leaf params; ``specs`` are shapes or (shape, dtype) pairs (default dtype fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in specs:
+        shape, dtype = spec if len(spec) == 2 and isinstance(spec[1], torch.dtype) else (spec, F32)
+        if dtype.is_floating_point or dtype.is_complex:
+            t = torch.randn(shape, generator=gen, dtype=torch.complex64 if dtype.is_complex else F32)
+        else:
+            t = torch.randint(-5, 5, shape, generator=gen)
+        t = t.to(device=device, dtype=dtype)
+        out.append(t.requires_grad_(requires_grad and (t.is_floating_point() or t.is_complex())))
+    return out
+
+
+def grads_for(params, step: int, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * seed + step)
+    out = []
+    for p in params:
+        if p.is_floating_point() or p.is_complex():
+            g = torch.randn(p.shape, generator=gen, dtype=torch.complex64 if p.is_complex() else F32)
+        else:
+            g = torch.randint(-3, 4, p.shape, generator=gen)
+        out.append(g.to(device=p.device, dtype=p.dtype))
+    return out
+
+
+def give(params, grads) -> None:
+    for p, g in zip(params, grads, strict=True):
+        p.grad = None if g is None else g.clone().to(p.dtype)
+
+
+def step_both(opt, ref, ours, theirs, step: int, mask=None) -> None:
+    """Same fresh grads to both param lists (``mask[i]`` False: no grad), then step both."""
+    grads = grads_for(ours, step)
+    if mask is not None:
+        grads = [g if m else None for g, m in zip(grads, mask, strict=True)]
+    give(ours, grads)
+    give(theirs, grads)
+    opt.step()
+    ref.step()
+
+
+def close(actual, expected, what: str) -> None:
+    actual, expected = actual.detach(), expected.detach()
+    if actual.is_sparse:
+        actual = actual.to_dense()
+    if expected.is_sparse:
+        expected = expected.to_dense()
+    assert actual.dtype == expected.dtype, what
+    if actual.is_complex():
+        actual, expected = torch.view_as_real(actual), torch.view_as_real(expected)
+    if not actual.is_floating_point():
+        assert torch.equal(actual.cpu(), expected.cpu()), what
+    else:
+        assert_close(actual, expected, what)
+
+
+def check_same(opt, ref, ours, theirs) -> None:
+    """Params and every state entry of ``opt`` equal ``ref``'s (same keys, dtypes, values)."""
+    for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
+        close(p, q, f"param {i}")
+        if q not in ref.state:
+            assert p not in opt.state, f"param {i} got state torch does not create"
+            continue
+        mine, expected = opt.state[p], ref.state[q]
+        assert mine.keys() == expected.keys(), f"state keys of param {i}"
+        for key, v in expected.items():
+            if key == "step":
+                assert float(mine[key]) == float(v), f"step of param {i}"
+            else:
+                close(mine[key], v, f"state[{key}] of param {i}")
+
+
+def snapshot(opt, params):
+    return [
+        (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()} if p in opt.state else None)
+        for p in params
+    ]
+
+
+def assert_unchanged(snap, opt, params) -> None:
+    for i, ((p0, s0), p) in enumerate(zip(snap, params, strict=True)):
+        assert torch.equal(p.detach(), p0), f"param {i} changed"
+        if s0 is None:
+            assert p not in opt.state or not opt.state[p], f"param {i} got state"
+            continue
+        assert opt.state[p].keys() == s0.keys(), f"state keys of param {i} changed"
+        for k, v in s0.items():
+            assert torch.equal(opt.state[p][k], v), f"state[{k}] of param {i} changed"
+
+
+def outcome(fn):
+    """(exception type, message) raised by ``fn``, or None."""
+    try:
+        fn()
+    except Exception as e:
+        return type(e), str(e)
+    return None
+
+
+def roundtrip(state_dict):
+    """Save and load, as a checkpoint would (no tensor shared with the source optimizer)."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def kernel_name(case: Case) -> str:
+    return "sgd" if case.torch_cls is SGD else "adam"
+
+
+# 1. Signatures, defaults, param_groups ------------------------------------------------------------
+
+DEFAULT_KWARGS = {
+    SGD: [{}, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True), dict(fused=True)],
+    Adam: [{}, dict(lr=0.02, betas=(0.8, 0.9), eps=1e-6, amsgrad=True, capturable=True), dict(fused=True)],
+    AdamW: [{}, dict(lr=0.02, weight_decay=0.3, maximize=True, foreach=True), dict(fused=True)],
+}
+
+
+@pytest.mark.parametrize(("torch_cls", "fused_cls"), PAIRS, ids=lambda c: c.__name__)
+def test_signature_defaults_and_param_groups(torch_cls, fused_cls):
+    assert inspect.signature(fused_cls) == inspect.signature(torch_cls)
+    for kwargs in DEFAULT_KWARGS[torch_cls]:
+        p, q = make("cpu", [(2,)]), make("cpu", [(2,)])
+        ours = fused_cls([{"params": p}, {"params": q, "lr": 0.5}], **kwargs)
+        theirs = torch_cls([{"params": p}, {"params": q, "lr": 0.5}], **kwargs)
+        assert ours.defaults == theirs.defaults, kwargs
+        assert len(ours.param_groups) == len(theirs.param_groups) == 2
+        for mine, expected in zip(ours.param_groups, theirs.param_groups, strict=True):
+            assert mine.keys() == expected.keys(), kwargs
+            assert {k: v for k, v in mine.items() if k != "params"} == {
+                k: v for k, v in expected.items() if k != "params"
+            }
+            assert all(a is b for a, b in zip(mine["params"], expected["params"], strict=True))
+
+
+# 2. Validation errors -----------------------------------------------------------------------------
+
+INVALID = [
+    (SGD, dict(lr=-0.1)),
+    (SGD, dict(lr=0.1, momentum=-0.5)),
+    (SGD, dict(lr=0.1, weight_decay=-1.0)),
+    (SGD, dict(lr=0.1, nesterov=True)),
+    (SGD, dict(lr=0.1, momentum=0.9, dampening=0.5, nesterov=True)),
+    (SGD, dict(lr=torch.tensor([0.1, 0.2]))),
+    (SGD, dict(lr=0.1, fused=True, differentiable=True)),
+    (SGD, dict(lr=0.1, fused=True, foreach=True)),
+    (Adam, dict(lr=-1e-3)),
+    (Adam, dict(eps=-1e-8)),
+    (Adam, dict(betas=(1.0, 0.999))),
+    (Adam, dict(betas=(0.9, -0.1))),
+    (Adam, dict(betas=(0.9, 1.5))),
+    (Adam, dict(weight_decay=-0.1)),
+    (Adam, dict(lr=torch.tensor([1e-3, 2e-3]))),
+    (Adam, dict(betas=(torch.tensor(0.9), 0.999))),
+    (Adam, dict(lr=torch.tensor(0.01), foreach=True)),
+    (Adam, dict(fused=True, differentiable=True)),
+    (Adam, dict(fused=True, foreach=True)),
+    (AdamW, dict(lr=-1.0)),
+    (AdamW, dict(eps=-1.0)),
+    (AdamW, dict(betas=(-0.1, 0.999))),
+    (AdamW, dict(weight_decay=-0.01)),
+    (AdamW, dict(betas=(0.9, torch.tensor(0.999)))),
+    (AdamW, dict(fused=True, differentiable=True)),
+    (AdamW, dict(fused=True, foreach=True)),
+]
+
+
+@pytest.mark.parametrize(
+    ("torch_cls", "kwargs"), INVALID, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(INVALID)]
+)
+def test_invalid_arguments_raise_like_torch(torch_cls, kwargs):
+    fused_cls = dict(PAIRS)[torch_cls]
+    expected = outcome(lambda: torch_cls(make("cpu"), **kwargs))
+    assert expected is not None, f"torch accepts {kwargs}"
+    assert outcome(lambda: fused_cls(make("cpu"), **kwargs)) == expected
+
+
+@pytest.mark.parametrize(("torch_cls", "fused_cls"), PAIRS, ids=lambda c: c.__name__)
+def test_params_not_an_iterable_raises_like_torch(torch_cls, fused_cls):
+    expected = outcome(lambda: torch_cls(torch.zeros(3), lr=0.1))
+    assert expected is not None and expected[0] is TypeError
+    assert outcome(lambda: fused_cls(torch.zeros(3), lr=0.1)) == expected
+
+
+# 3. state_dict ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused_first", [False, True], ids=["torch->fused", "fused->torch"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_state_dict_interchange(case, fused_first, device, launches):
+    first_cls, second_cls = (
+        (case.fused_cls, case.torch_cls) if fused_first else (case.torch_cls, case.fused_cls)
+    )
+    a = make(device)
+    first = first_cls(a, **case.kwargs)
+    for step in range(3):
+        give(a, grads_for(a, step))
+        first.step()
+    b = leaves(a)
+    second = second_cls(b, **case.kwargs)
+    # The second optimizer has already stepped once (state, cached plans) when it loads.
+    give(b, grads_for(b, 99))
+    second.step()
+    with torch.no_grad():
+        for p, q in zip(b, a, strict=True):
+            p.copy_(q)
+    second.load_state_dict(roundtrip(first.state_dict()))
+    before = launches.counts.get(kernel_name(case), 0)
+    for step in range(3, 7):
+        step_both(first, second, a, b, step)
+    check_same(second, first, b, a)
+    assert launches.counts.get(kernel_name(case), 0) - before == 4, (
+        "the fused optimizer must keep using its kernel"
+    )
+
+
+LAYOUTS = [
+    SGD_M,
+    SGD_PLAIN,
+    Case(SGD, FusedSGD, dict(lr=0.1, momentum=0.9, fused=True)),
+    Case(Adam, FusedAdam, dict(lr=0.01)),
+    ADAM_AMS,
+    Case(Adam, FusedAdam, dict(lr=0.01, fused=True)),
+    Case(Adam, FusedAdam, dict(lr=0.01, capturable=True)),
+    ADAMW,
+    Case(AdamW, FusedAdamW, dict(lr=0.01, fused=True, amsgrad=True)),
+    Case(AdamW, FusedAdamW, dict(lr=0.01, capturable=True, amsgrad=True)),
+]
+
+
+@pytest.mark.parametrize("case", LAYOUTS, ids=case_id)
+def test_state_dict_layout(case, device):
+    torch_kwargs = dict(case.kwargs)
+    cpu_capturable = device == "cpu" and torch_kwargs.get("capturable", False)
+    if cpu_capturable:  # torch refuses capturable on CPU: compare with the documented layout
+        del torch_kwargs["capturable"]
+    ours, theirs = make(device), make(device)
+    opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **torch_kwargs)
+    for step in range(2):
+        step_both(opt, ref, ours, theirs, step)
+    mine, expected = opt.state_dict(), ref.state_dict()
+    if cpu_capturable:
+        expected["param_groups"] = [dict(g, capturable=True) for g in expected["param_groups"]]
+    assert mine.keys() == expected.keys()
+    assert mine["param_groups"] == expected["param_groups"]
+    assert mine["state"].keys() == expected["state"].keys()
+    for i, state in expected["state"].items():
+        assert mine["state"][i].keys() == state.keys(), f"state keys of param {i}"
+        for key, v in state.items():
+            w = mine["state"][i][key]
+            assert (w.dtype, w.device, w.shape) == (v.dtype, v.device, v.shape), f"state[{key}] of {i}"
+        if "step" in state:
+            step = mine["state"][i]["step"]
+            assert float(step) == 2
+            on_device = case.kwargs.get("fused") or case.kwargs.get("capturable")
+            assert step.dtype == F32 and step.shape == ()
+            assert step.device == (ours[i].device if on_device else torch.device("cpu"))
+
+
+# 4. LR schedulers ---------------------------------------------------------------------------------
+
+SCHEDULERS = {
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1 / (1 + e)),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10),
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULERS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_lr_schedulers(case, schedule, device):
+    ours, theirs = make(device), make(device)
+    opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **case.kwargs)
+    sched, ref_sched = SCHEDULERS[schedule](opt), SCHEDULERS[schedule](ref)
+    momentum_key = "momentum" if case.torch_cls is SGD else "betas"
+    history, ref_history = [], []
+    for step in range(8):
+        step_both(opt, ref, ours, theirs, step)
+        sched.step()
+        ref_sched.step()
+        history.append((sched.get_last_lr(), opt.param_groups[0][momentum_key]))
+        ref_history.append((ref_sched.get_last_lr(), ref.param_groups[0][momentum_key]))
+    assert history == ref_history
+    assert len({h[0][0] for h in history}) > 2, "the schedule must change the lr"
+    if schedule == "OneCycleLR":
+        assert len({str(h[1]) for h in history}) > 2, "OneCycleLR must cycle momentum/betas"
+    check_same(opt, ref, ours, theirs)
+
+
+# 5. closure, zero_grad, param groups, params without grads ----------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_step_closure_returns_loss(case, device):
+    ours, theirs = make(device), make(device)
+    opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **case.kwargs)
+    target = [torch.randn(p.shape, generator=torch.Generator().manual_seed(3)).to(device) for p in ours]
+
+    def closure_for(o, params):
+        def closure():
+            o.zero_grad()
+            loss = sum(((p - t) ** 2).sum() for p, t in zip(params, target, strict=True))
+            loss.backward()
+            return loss
+
+        return closure
+
+    for _ in range(3):
+        loss = opt.step(closure_for(opt, ours))
+        ref_loss = ref.step(closure_for(ref, theirs))
+        assert isinstance(loss, torch.Tensor) and loss.requires_grad
+        close(loss, ref_loss, "loss")
+    check_same(opt, ref, ours, theirs)
+    assert opt.step() is None
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_zero_grad(case, device):
+    ours, theirs = make(device), make(device)
+    opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **case.kwargs)
+    step_both(opt, ref, ours, theirs, 0)
+    opt.zero_grad()
+    assert all(p.grad is None for p in ours)
+    step_both(opt, ref, ours, theirs, 1)
+    buffers = [p.grad for p in ours]
+    opt.zero_grad(set_to_none=False)
+    ref.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.any() for p, g in zip(ours, buffers, strict=True))
+    opt.step()  # zero grads still step (momentum, weight decay, Adam's moments)
+    ref.step()
+    check_same(opt, ref, ours, theirs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_add_param_group_after_steps(case, device):
+    ours, theirs = make(device), make(device)
+    opt, ref = case.fused_cls(ours[:2], **case.kwargs), case.torch_cls(theirs[:2], **case.kwargs)
+    mask = [True, True, False]
+    for step in range(2):
+        step_both(opt, ref, ours, theirs, step, mask)
+    extra = dict(lr=0.03, weight_decay=0.2, maximize=True)
+    opt.add_param_group({"params": ours[2:], **extra})
+    ref.add_param_group({"params": theirs[2:], **extra})
+    assert opt.param_groups[1].keys() == ref.param_groups[1].keys()
+    assert opt.param_groups[1]["lr"] == 0.03
+    before = ours[2].detach().clone()
+    for step in range(2, 5):
+        step_both(opt, ref, ours, theirs, step)
+    assert not torch.equal(before, ours[2].detach()), "the new group was not stepped"
+    check_same(opt, ref, ours, theirs)
+
+
+@pytest.mark.parametrize("case", [SGD_PLAIN, *CASES], ids=case_id)
+def test_params_without_grads_get_no_state(case, device):
+    ours, theirs = make(device, [(3, 4), (5,), (), (2, 2)]), make(device, [(3, 4), (5,), (), (2, 2)])
+    opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **case.kwargs)
+    late = [True, False, True, False]
+    for step in range(3):
+        step_both(opt, ref, ours, theirs, step, late)
+    assert ours[1] not in opt.state and ours[3] not in opt.state
+    assert torch.equal(ours[1].detach(), theirs[1].detach()), "a param without grad moved"
+    if case.kwargs.get("momentum", 0) == 0 and case.torch_cls is SGD:
+        assert len(opt.state) == len(ref.state) == 0
+    assert opt.state_dict()["state"].keys() == ref.state_dict()["state"].keys()
+    check_same(opt, ref, ours, theirs)
+    # Param 1 gets a grad from now on; its own step count starts at 1 (Adam's bias correction).
+    for step in range(3, 6):
+        step_both(opt, ref, ours, theirs, step, [True, True, step % 2 == 1, False])
+    assert ours[3] not in opt.state
+    check_same(opt, ref, ours, theirs)
+
+
+MIXED_GROUPS = {
+    SGD: [dict(lr=0.1, momentum=0.9), dict(lr=0.02, weight_decay=0.1, momentum=0.5, nesterov=True), {}],
+    Adam: [
+        dict(lr=0.02, amsgrad=True),
+        dict(lr=0.005, betas=(0.5, 0.9), weight_decay=0.1, maximize=True),
+        {},
+    ],
+    AdamW: [dict(weight_decay=0.5, eps=1e-3), dict(lr=0.003, amsgrad=True), {}],
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_mixed_param_groups(case, device):
+    ours, theirs = make(device), make(device)
+    specs = MIXED_GROUPS[case.torch_cls]
+
+    def groups(params):
+        return [{"params": [p], **spec} for p, spec in zip(params, specs, strict=True)]
+
+    opt, ref = case.fused_cls(groups(ours), lr=0.01), case.torch_cls(groups(theirs), lr=0.01)
+    for step in range(4):
+        step_both(opt, ref, ours, theirs, step)
+    check_same(opt, ref, ours, theirs)
+
+
+# 6. Tensor lr -------------------------------------------------------------------------------------
+
+LR_VALUES = [0.01, 0.005, 0.02, 0.02, 0.001]
+
+
+@pytest.mark.parametrize("case", [SGD_M, Case(Adam, FusedAdam, {}), ADAMW], ids=case_id)
+def test_tensor_lr_changed_in_place(case, device):
+    ours, theirs = make(device), make(device)
+    kwargs = {k: v for k, v in case.kwargs.items() if k != "lr"}
+    lr = torch.tensor(LR_VALUES[0])
+    opt, ref = case.fused_cls(ours, lr=lr, **kwargs), case.torch_cls(theirs, lr=float(lr), **kwargs)
+    for step, value in enumerate(LR_VALUES):
+        lr.fill_(value)
+        ref.param_groups[0]["lr"] = float(lr)
+        step_both(opt, ref, ours, theirs, step)
+    assert opt.param_groups[0]["lr"] is lr
+    check_same(opt, ref, ours, theirs)
+
+
+@pytest.mark.parametrize("cls", [(Adam, FusedAdam), (AdamW, FusedAdamW)], ids=lambda c: c[1].__name__)
+def test_capturable_with_tensor_lr(cls, device):
+    torch_cls, fused_cls = cls
+    ours, theirs = make(device), make(device)
+    lr = torch.tensor(LR_VALUES[0], device=device)
+    opt = fused_cls(ours, lr=lr, capturable=True, amsgrad=True)
+    ref = torch_cls(theirs, lr=float(lr), amsgrad=True)
+    for step, value in enumerate(LR_VALUES):
+        lr.fill_(value)
+        ref.param_groups[0]["lr"] = float(lr)
+        step_both(opt, ref, ours, theirs, step)
+    for p in ours:
+        step_t = opt.state[p]["step"]
+        assert (step_t.dtype, step_t.shape, step_t.device) == (F32, (), p.device)
+    check_same(opt, ref, ours, theirs)
+
+
+# 7. Flags selecting torch's implementation; kernel launches ---------------------------------------
+
+TORCH_FLAGS = [dict(fused=False), dict(foreach=True), dict(differentiable=True)]
+
+
+@pytest.mark.parametrize("flags", TORCH_FLAGS, ids=lambda f: next(iter(f)))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_torch_implementation_flags(case, flags, device, launches):
+    # differentiable steps run with grad enabled: params must not be leaves requiring grad.
+    requires_grad = not flags.get("differentiable", False)
+    ours, theirs = make(device, requires_grad=requires_grad), make(device, requires_grad=requires_grad)
+    opt = case.fused_cls(ours, **case.kwargs, **flags)
+    ref = case.torch_cls(theirs, **case.kwargs, **flags)
+    for step in range(3):
+        step_both(opt, ref, ours, theirs, step)
+    check_same(opt, ref, ours, theirs)
+    assert len(launches) == 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_torch_flag_applies_per_group(case, device, launches):
+    ours, theirs = make(device), make(device)
+
+    def groups(params):
+        return [{"params": params[:2]}, {"params": params[2:], "foreach": True}]
+
+    opt, ref = case.fused_cls(groups(ours), **case.kwargs), case.torch_cls(groups(theirs), **case.kwargs)
+    for step in range(3):
+        step_both(opt, ref, ours, theirs, step)
+    check_same(opt, ref, ours, theirs)
+    assert launches.counts == {kernel_name(case): 3}
+
+
+@pytest.mark.parametrize("fused", [None, True], ids=["fused=None", "fused=True"])
+@pytest.mark.parametrize("case", [SGD_PLAIN, *CASES], ids=case_id)
+def test_default_path_launches_one_kernel_per_step(case, fused, device, launches):
+    ours, theirs = make(device, [(3, 4), (5,), (), (7, 3)]), make(device, [(3, 4), (5,), (), (7, 3)])
+    opt = case.fused_cls(ours, fused=fused, **case.kwargs)
+    ref = case.torch_cls(theirs, **case.kwargs)
+    for step in range(3):
+        step_both(opt, ref, ours, theirs, step)
+        assert launches.counts == {kernel_name(case): step + 1}
+    check_same(opt, ref, ours, theirs)
+
+
+# 8. AMP -------------------------------------------------------------------------------------------
+
+INF_STEP = 3
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_grad_scaler_with_fused_true(case, device, launches):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
+    twin = copy.deepcopy(model)
+    opt = case.fused_cls(model.parameters(), fused=True, **case.kwargs)
+    ref = case.torch_cls(twin.parameters(), **case.kwargs)
+    assert opt._step_supports_amp_scaling
+    assert not getattr(ref, "_step_supports_amp_scaling", False)
+    scaler, ref_scaler = (torch.amp.GradScaler(device, init_scale=2.0**4, growth_interval=2) for _ in "ab")
+    ours, theirs = list(model.parameters()), list(twin.parameters())
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        x = torch.randn(5, 4, generator=gen).to(device)
+        for m, o, s in ((model, opt, scaler), (twin, ref, ref_scaler)):
+            o.zero_grad()
+            s.scale(m(x).square().mean()).backward()
+            if step == INF_STEP:
+                m[0].weight.grad[1, 2] = float("inf")
+        before, scale = snapshot(opt, ours), scaler.get_scale()
+        for o, s in ((opt, scaler), (ref, ref_scaler)):
+            s.step(o)
+            s.update()
+        if step == INF_STEP:
+            assert_unchanged(before, opt, ours)
+            assert scaler.get_scale() == scale / 2
+        assert scaler.get_scale() == ref_scaler.get_scale()
+        check_same(opt, ref, ours, theirs)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert launches.counts.get(kernel_name(case), 0) == 6
+
+
+# 9. Bad input -------------------------------------------------------------------------------------
+
+
+def sparse_grad(p: torch.Tensor, seed: int) -> torch.Tensor:
+    """Uncoalesced COO grad for a 2-d param: some rows, one repeated."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.tensor([[0, 2, 2, p.shape[0] - 1]])
+    values = torch.randn(4, p.shape[1], generator=gen)
+    return torch.sparse_coo_tensor(rows, values, p.shape, check_invariants=True).to(
+        device=p.device, dtype=p.dtype
+    )
+
+
+@pytest.mark.parametrize("prior_steps", [0, 1])
+@pytest.mark.parametrize("cls", [(Adam, FusedAdam), (AdamW, FusedAdamW)], ids=lambda c: c[1].__name__)
+def test_adam_sparse_grad_raises_and_changes_nothing(cls, prior_steps, device):
+    torch_cls, fused_cls = cls
+    ours, theirs = make(device, [(4, 3), (5, 3), (2,)]), make(device, [(4, 3), (5, 3), (2,)])
+
+    def groups(params):  # a valid group first: it must not step either
+        return [{"params": params[2:], "lr": 0.05}, {"params": params[:2]}]
+
+    opt, ref = fused_cls(groups(ours), lr=0.01), torch_cls(groups(theirs), lr=0.01)
+    for step in range(prior_steps):
+        step_both(opt, ref, ours, theirs, step)
+    grads = grads_for(ours, 10)
+    give(ours, [grads[0], sparse_grad(ours[1], 0), grads[2]])
+    before = snapshot(opt, ours)
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert_unchanged(before, opt, ours)
+    # The failed step left nothing behind: a dense step afterwards matches torch.
+    step_both(opt, ref, ours, theirs, 11)
+    check_same(opt, ref, ours, theirs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.1), dict(lr=0.1, momentum=0.9, dampening=0.2)], ids=str)
+def test_sgd_sparse_grads_match_torch(kwargs, device):
+    ours, theirs = make(device, [(4, 3), (6, 3), (2,)]), make(device, [(4, 3), (6, 3), (2,)])
+    opt, ref = FusedSGD(ours, **kwargs), SGD(theirs, **kwargs)
+    for step in range(3):
+        grads = grads_for(ours, step)
+        grads[1] = sparse_grad(ours[1], step)
+        give(ours, grads)
+        give(theirs, grads)
+        opt.step()
+        ref.step()
+    check_same(opt, ref, ours, theirs)
+
+
+@pytest.mark.parametrize("case", [SGD_M, ADAM_AMS, Case(AdamW, FusedAdamW, dict(lr=0.01))], ids=case_id)
+def test_complex_params_match_torch(case, device):
+    specs = [((3,), torch.complex64), ((2, 4), torch.complex64), ((5,), F32)]
+    ours, theirs = make(device, specs), make(device, specs)
+    opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, foreach=False, **case.kwargs)
+    for step in range(7):
+        step_both(opt, ref, ours, theirs, step)
+    check_same(opt, ref, ours, theirs)
+
+
+@pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW])
+def test_fused_adam_integer_params_raise_and_change_nothing(cls, device):
+    params = make(device, [(3,), ((4,), torch.int64)])
+    opt = cls(params, lr=0.01)
+    give(params, [grads_for(params, 0)[0], None])
+    opt.step()  # the integer param has no grad yet: fine
+    give(params, grads_for(params, 1))
+    before = snapshot(opt, params)
+    with pytest.raises(NotImplementedError):
+        opt.step()
+    assert_unchanged(before, opt, params)
+    assert params[1] not in opt.state
+
+
+@pytest.mark.parametrize("momentum", [0, 1])
+def test_fused_sgd_integer_params_match_torch(momentum, device):
+    specs = [((4,), torch.int64), ((2, 3), torch.int64)]
+    ours, theirs = make(device, specs), make(device, specs)
+    opt, ref = FusedSGD(ours, lr=1, momentum=momentum), SGD(theirs, lr=1, momentum=momentum)
+    for step in range(3):
+        step_both(opt, ref, ours, theirs, step)
+    check_same(opt, ref, ours, theirs)
+
+
+def construct_with_warnings(cls, *args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = cls(*args, **kwargs)
+    return opt, [(w.category, str(w.message)) for w in caught]
+
+
+@pytest.mark.parametrize("case", [SGD_M, SGD_PLAIN, ADAM_AMS, ADAMW], ids=case_id)
+def test_duplicate_params(case, device):
+    ours, theirs = make(device), make(device)
+    opt, warned = construct_with_warnings(case.fused_cls, [ours[0], *ours, ours[2]], **case.kwargs)
+    ref, ref_warned = construct_with_warnings(case.torch_cls, [theirs[0], *theirs, theirs[2]], **case.kwargs)
+    assert ref_warned and warned == ref_warned
+    for step in range(3):
+        step_both(opt, ref, ours, theirs, step)
+    check_same(opt, ref, ours, theirs)
+
+
+@pytest.mark.parametrize(("torch_cls", "fused_cls"), PAIRS, ids=lambda c: c.__name__)
+def test_empty_param_list(torch_cls, fused_cls):
+    expected = outcome(lambda: torch_cls([], lr=0.1))
+    assert expected is not None and expected[0] is ValueError
+    assert outcome(lambda: fused_cls([], lr=0.1)) == expected
+
+
+# 10. Mixed dtypes in one group --------------------------------------------------------------------
+
+MIXED_DTYPES = [
+    ((5, 3), F32),
+    ((4,), torch.bfloat16),
+    ((3, 3), torch.float64),
+    ((7,), F32),
+    ((6,), torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(SGD, FusedSGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+        Case(Adam, FusedAdam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+        ADAMW,
+    ],
+    ids=case_id,
+)
+def test_mixed_dtypes_in_one_group(case, device, launches):
+    """Oracle: torch's for-loop step; bf16 params through fp32 copies rounded to bf16 each step."""
+    ours = make(device, MIXED_DTYPES)
+    theirs = [leaves([p], F32 if p.dtype == torch.bfloat16 else None)[0] for p in ours]
+    low = [p.dtype == torch.bfloat16 for p in ours]
+    opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, foreach=False, **case.kwargs)
+    for step in range(7):
+        step_both(opt, ref, ours, theirs, step)
+        with torch.no_grad():
+            for q, is_low in zip(theirs, low, strict=True):
+                if is_low:
+                    q.copy_(q.to(torch.bfloat16))
+                    for key, v in ref.state[q].items():
+                        if key != "step":
+                            v.copy_(v.to(torch.bfloat16))
+    assert launches.counts == {kernel_name(case): 3 * 7}, "one launch per dtype and step"
+    for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
+        assert p.dtype in TOLERANCE
+        assert_close(p.detach(), q.detach(), f"param {i} ({p.dtype})")
+        for key, v in ref.state[q].items():
+            w = opt.state[p][key]
+            if key == "step":
+                assert float(w) == float(v) == 7
+            else:
+                assert w.dtype == p.dtype, f"state[{key}] of param {i} must be stored as {p.dtype}"
+                assert_close(w, v, f"state[{key}] of param {i} ({p.dtype})")
