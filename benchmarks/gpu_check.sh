@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GPU check, about 7 minutes at most: the test suite on the GPU, the 2**31-element FusedAdam check,
+# step timings (all layouts, fp32 and bf16) and host overhead.
+#
+#     OUT=/some/folder bash benchmarks/gpu_check.sh    # from the repository root; OUT defaults to benchmarks/results
+#
+# Everything (one log per step, the CSVs, summary.txt) goes to $OUT/<card>/, <card> being the GPU's
+# name as a slug (e.g. nvidia-h100-80gb-hbm3). The benchmarks run even when the tests fail; the
+# script exits non-zero at the end if any step failed or timed out. Time limits per step (seconds)
+# can be changed with TEST_TIMEOUT, INT64_TIMEOUT, BENCH_TIMEOUT and HOST_TIMEOUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python}
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 # logs stay complete when a step is cut by its timeout
+if [[ "${TRITON_INTERPRET:-}" == 1 ]]; then
+    echo "TRITON_INTERPRET=1 was set: unset here, the GPU runs the compiled kernels."
+fi
+unset TRITON_INTERPRET
+
+card=$($PY -c 'import re, torch
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
+print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))') || card=unknown
+results="${OUT:-benchmarks/results}/$card"
+mkdir -p "$results"
+echo "results: $results"
+
+failed=()
+
+# step NAME LIMIT CMD...: run CMD under `timeout LIMIT`, output to the screen and to $results/NAME.log.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS rc=0
+    echo
+    echo "=== $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$results/$name.log" || rc=$?
+    echo
+    if ((rc == 124 || rc == 137)); then
+        echo "=== $name: TIMED OUT after $((SECONDS - start)) s" | tee -a "$results/$name.log"
+    else
+        echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$results/$name.log"
+    fi
+    if ((rc != 0)); then
+        failed+=("$name (exit $rc)")
+    fi
+    return 0
+}
+
+{
+    echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    git status --short 2>/dev/null || true
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi -L || true
+        nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm,clocks.max.memory,power.limit \
+            --format=csv || true
+    else
+        echo "nvidia-smi: not available"
+    fi
+    $PY --version
+    $PY -c 'import torch, triton
+print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| triton", triton.__version__)
+print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none (no CUDA)")' ||
+        echo "python: torch / triton import failed"
+} 2>&1 | tee "$results/environment.log"
+
+step tests "${TEST_TIMEOUT:-240}" $PY -m pytest -q -x tests
+step check_int64 "${INT64_TIMEOUT:-60}" $PY benchmarks/check_int64.py
+step bench_optim "${BENCH_TIMEOUT:-150}" $PY benchmarks/bench_optim.py \
+    --layouts single64m gpt2 many4k --dtypes fp32 bf16 --out "$results"
+step host_overhead "${HOST_TIMEOUT:-45}" $PY benchmarks/host_overhead.py --out "$results"
+
+{
+    echo
+    echo "=== summary ($card, ${SECONDS} s in all)"
+    if ((${#failed[@]} == 0)); then
+        echo "all steps passed"
+    else
+        printf 'FAILED: %s\n' "${failed[@]}"
+    fi
+} | tee "$results/summary.txt"
+((${#failed[@]} == 0))
