@@ -12,7 +12,7 @@ import contextlib
 import functools
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton.language as tl
@@ -120,13 +120,16 @@ class TensorTable:
         self._dynamic: torch.Tensor | None = None
         self._dynamic_aligned = False
 
-    def dynamic(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
-        """Per-step table int64 [T, len(row)]: grad address first, then flags; cached by value."""
-        key = tuple(rows)
-        if key != self._dynamic_key:
-            self._dynamic = to_device(torch.tensor(rows, dtype=torch.int64), self.device)
+    def dynamic(self, key: tuple | None, rows: Callable[[], list[tuple[int, ...]]]) -> torch.Tensor:
+        """Per-step table int64 [T, len(row)]: grad address first, then flags.
+
+        Rebuilt from ``rows()`` unless ``key`` (None: always rebuild) equals the last one.
+        """
+        if key is None or key != self._dynamic_key:
+            built = rows()
+            self._dynamic = to_device(torch.tensor(built, dtype=torch.int64), self.device)
             self._dynamic_key = key
-            self._dynamic_aligned = all(row[0] % 16 == 0 for row in rows)
+            self._dynamic_aligned = all(row[0] % 16 == 0 for row in built)
         return self._dynamic
 
     def launch(self, kernel, dynamic: torch.Tensor, *args, **constexprs) -> None:

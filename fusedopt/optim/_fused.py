@@ -51,7 +51,9 @@ class Bucket:
             self.kind = "triton" if runs_triton(device) else "reference"
         self.positions: list[int] = []
         self.columns: list[list[torch.Tensor]] = []
+        self.params: list[torch.Tensor] = []
         self.extra: list[Any] = []  # per-tensor optimizer data (Adam: step tensor, SGD: fresh flag)
+        self.unique = True  # no param of this bucket is listed twice in its group
         self.complex = False
         self.irregular: list[int] = []  # tensors whose operands do not share one dense layout
         self.table: TensorTable | None = None
@@ -60,17 +62,18 @@ class Bucket:
         if not self.columns:
             self.columns = [[] for _ in operands]
         self.positions.append(position)
+        self.params.append(operands[0])
         for column, t in zip(self.columns, operands, strict=True):
             column.append(real_view(t))
         self.extra.append(extra)
         self.complex |= operands[0].is_complex()
 
-    def grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def grads(self, grads: StepGrads) -> list[torch.Tensor]:
         if self.complex:
             return [real_view(grads[i]) for i in self.positions]
         return [grads[i] for i in self.positions]
 
-    def finish(self, grads: list[torch.Tensor]) -> None:
+    def finish(self, grads: StepGrads) -> None:
         """Find tensors that need staging and build the device tables of the others."""
         if self.kind != "triton":
             return
@@ -83,12 +86,14 @@ class Bucket:
         if not self.irregular:
             self.table = TensorTable(self.columns, self.device)
 
-    def launch(self, grads: list[torch.Tensor], flags: list[int] | None, run) -> None:
+    def launch(self, grads: StepGrads, flags: list[int] | None, run) -> None:
         """Call ``run(table, dynamic)``; tensors with mismatched layouts go through dense copies."""
-        mine = self.grads(grads)
         if self.table is not None:
-            run(self.table, self.table.dynamic(_dynamic_rows(mine, flags)))
+            # The grads' table changes only when the group's grad addresses (or flags) do.
+            key = (grads.ptrs, None if flags is None else tuple(flags))
+            run(self.table, self.table.dynamic(key, lambda: _dynamic_rows(self.grads(grads), flags)))
             return
+        mine = self.grads(grads)
         # Stage each distinct tensor once (a column may repeat another: SGD without momentum).
         columns = [list(c) for c in self.columns]
         copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -101,7 +106,7 @@ class Bucket:
                     copies[id(original)] = (original, _staged(original, like))
                 c[i] = copies[id(original)][1]
         table = TensorTable(columns, self.device)
-        run(table, table.dynamic(_dynamic_rows(mine, flags)))
+        run(table, table.dynamic(None, lambda: _dynamic_rows(mine, flags)))
         for original, staged in copies.values():
             if staged is not original:
                 original.copy_(staged)
@@ -124,10 +129,17 @@ class GroupPlan:
         self.cacheable = key is not None and all(not b.irregular for b in buckets)
 
 
-def _scan(params: list[torch.Tensor]) -> tuple[tuple | None, list[torch.Tensor]]:
+class StepGrads(list):
+    """The grads of a group's params that have one, in order, and their addresses."""
+
+    ptrs: tuple = ()
+
+
+def _scan(params: list[torch.Tensor]) -> tuple[tuple | None, StepGrads]:
     """The hot-path loop: grads of a group and the key its cached plan must match."""
     key: list = []
-    grads: list[torch.Tensor] = []
+    grads = StepGrads()
+    ptrs = []
     try:
         for p in params:
             g = p.grad
@@ -136,8 +148,10 @@ def _scan(params: list[torch.Tensor]) -> tuple[tuple | None, list[torch.Tensor]]
                 continue
             key.append((p.data_ptr(), g.stride()))
             grads.append(g)
+            ptrs.append(g.data_ptr())
     except RuntimeError:  # sparse grads have no strides: the full checks will explain
-        return None, [p.grad for p in params if p.grad is not None]
+        return None, StepGrads(p.grad for p in params if p.grad is not None)
+    grads.ptrs = tuple(ptrs)
     return tuple(key), grads
 
 
@@ -157,7 +171,7 @@ class FusedStep:
         """
         raise NotImplementedError
 
-    def _run(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], amp: dict) -> None:
+    def _run(self, group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
         raise NotImplementedError
 
     def _before_step(self) -> None:
@@ -236,6 +250,7 @@ class FusedStep:
             bucket.add(position, [p, *operands], extra)
         ordered = [buckets[k] for k in sorted(buckets, key=lambda k: k[0])]
         for bucket in ordered:
+            bucket.unique = all(seen[id(p)] == 1 for p in bucket.params)
             bucket.finish(grads)
         return GroupPlan(key, ordered)
 

@@ -7,7 +7,7 @@ from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dty
 
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, float64_vector, to_device
 from fusedopt.kernels import adam as kernels
-from fusedopt.optim._fused import Bucket, FusedStep, real_view
+from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, real_view
 from fusedopt.optim.reference import adam_reference
 
 
@@ -94,10 +94,33 @@ class FusedAdam(FusedStep, torch.optim.Adam):
         vmax = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
         return [state["exp_avg"], state["exp_avg_sq"], vmax], state["step"]
 
-    def _run(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], amp: dict) -> None:
-        steps = bucket.extra
-        torch._foreach_add_(steps, 1)
-        scalars = adam_scalars(group, torch.stack(steps), bucket.device)
+    def _step_counters(self, bucket: Bucket) -> torch.Tensor | None:
+        """One tensor whose elements are the bucket's ``state["step"]`` tensors, or None.
+
+        On a bucket's first run its step counters become 0-d views of one tensor (same values,
+        dtype and device; state_dict() and checkpoints are unchanged), so a single op advances
+        them all instead of one op per param. A plan is rebuilt after load_state_dict() and
+        add_param_group(); a step tensor replaced by hand in ``optimizer.state`` (not changed in
+        place) is seen only then. Params listed twice keep separate counters.
+        """
+        counters = getattr(bucket, "step_counters", None)
+        if counters is None and bucket.unique:
+            steps = bucket.extra
+            if len({(s.dtype, s.device) for s in steps}) == 1 and all(s.dim() == 0 for s in steps):
+                counters = torch.stack(steps)
+                for i, p in enumerate(bucket.params):
+                    self.state[p]["step"] = bucket.extra[i] = counters[i]
+            bucket.step_counters = counters
+        return counters
+
+    def _run(self, group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
+        counters = self._step_counters(bucket)
+        if counters is None:
+            torch._foreach_add_(bucket.extra, 1)
+            steps = torch.stack(bucket.extra)
+        else:
+            steps = counters.add_(1)
+        scalars = adam_scalars(group, steps, bucket.device)
         grad_scale, found_inf = amp["grad_scale"], amp["found_inf"]
         if bucket.kind == "triton":
             dummy = scalars
@@ -141,8 +164,11 @@ class FusedAdam(FusedStep, torch.optim.Adam):
                 grad_scale=grad_scale,
                 found_inf=found_inf,
             )
-        if found_inf is not None:
-            torch._foreach_sub_(steps, [found_inf] * len(steps))
+        if found_inf is not None:  # a skipped step does not count
+            if counters is None:
+                torch._foreach_sub_(bucket.extra, [found_inf] * len(bucket.extra))
+            else:
+                counters.sub_(found_inf.to(counters.device))
 
 
 class FusedAdamW(FusedAdam, torch.optim.AdamW):

@@ -9,7 +9,7 @@ from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, float64_vector
 from fusedopt.kernels import sgd as kernels
-from fusedopt.optim._fused import Bucket, FusedStep, real_view
+from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, real_view
 from fusedopt.optim.reference import sgd_reference
 
 # torch.optim does not export the module name on every version.
@@ -50,7 +50,7 @@ class FusedSGD(FusedStep, torch.optim.SGD):
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return [state.get("momentum_buffer", p)], int(memo[id(p)])
 
-    def _run(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], amp: dict) -> None:
+    def _run(self, group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
         grad_scale, found_inf = amp["grad_scale"], amp["found_inf"]
         hyper = [group["lr"], group["momentum"], group["dampening"], group["weight_decay"]]
         params, buffers = bucket.columns
@@ -96,7 +96,7 @@ class FusedSGD(FusedStep, torch.optim.SGD):
         # After the first step a new buffer holds a value: later steps read it.
         bucket.extra = [0] * len(bucket.extra)
 
-    def _torch_functional(self, group: dict, bucket: Bucket, grads: list[torch.Tensor], amp: dict) -> None:
+    def _torch_functional(self, group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
         """torch.optim.SGD's own for-loop step, for sparse grads and integer params."""
         params = bucket.columns[0]
         has_momentum = group["momentum"] != 0
