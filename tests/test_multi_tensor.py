@@ -169,3 +169,50 @@ def test_block_offsets_are_int64(device):
 )
 def test_dense_layout_detection(size, stride, dense):
     assert _multi_tensor._dense(size, stride) is dense
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (fusedopt.FusedAdam, {}),
+        (fusedopt.FusedAdam, dict(capturable=True, lr=torch.tensor(1e-3))),
+        (fusedopt.FusedAdamW, dict(fused=True, amsgrad=True)),
+        (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9)),
+    ],
+    ids=["adam", "adam-capturable-tensor-lr", "adamw-fused", "sgd"],
+)
+def test_cuda_step_has_no_host_sync(cls, kwargs):
+    params = _params(8, "cuda")
+    if isinstance(kwargs.get("lr"), torch.Tensor):
+        kwargs = dict(kwargs, lr=kwargs["lr"].cuda())
+    opt = cls(params, **kwargs)
+    _set_grads(params)
+    opt.step()  # plans and state are built on the first step
+    torch.cuda.synchronize()
+    _set_grads(params)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_params_on_two_devices_in_one_group(launches):
+    cpu, gpu = _params(3, "cpu"), _params(3, "cuda")
+    ref = [p.detach().clone().requires_grad_() for p in cpu + gpu]
+    opt = fusedopt.FusedAdam(cpu + gpu, lr=1e-2)
+    torch_opt = torch.optim.Adam(ref, lr=1e-2, foreach=False)
+    for _ in range(3):
+        for p, q in zip(cpu + gpu, ref, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        torch_opt.step()
+    for p, q in zip(cpu + gpu, ref, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert len(launches) >= 3, "the CUDA bucket runs the kernel"

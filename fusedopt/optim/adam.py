@@ -23,7 +23,8 @@ def adam_scalars(group: dict, steps: torch.Tensor, device: torch.device) -> torc
         steps.device,
     )
     t = steps.to(where, torch.float64)
-    b1, b2 = (torch.as_tensor(b, dtype=torch.float64, device=where) for b in (beta1, beta2))
+    # Python floats stay Python scalars: no host-to-device copy that would wait on the stream.
+    b1, b2 = (b.to(where, torch.float64) if isinstance(b, torch.Tensor) else b for b in (beta1, beta2))
     per_tensor = torch.stack([1 - b1**t, (1 - b2**t).sqrt()], dim=1).flatten()
     head = float64_vector([lr, beta1, beta2, group["eps"], group["weight_decay"]], where)
     return to_device(torch.cat([head, per_tensor]), device)
