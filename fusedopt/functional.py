@@ -1,0 +1,154 @@
+"""torch.nn.functional-shaped fused ops: same names, signatures, results and errors.
+
+Each op computes its value and, when autograd will need it, the gradient of its input in the
+same pass (see ``fusedopt.losses`` for the bytes moved). Tensors the kernels cannot take — a
+device Triton does not run on (CPU without ``TRITON_INTERPRET=1``), integer or complex
+dtypes, a ``weight`` that requires grad, tensor subclasses — go to torch's own op, the
+reference these ops are tested against.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn import _reduction
+from torch.overrides import has_torch_function_variadic
+
+from fusedopt._multi_tensor import TL_DTYPE, runs_triton
+from fusedopt.kernels import losses as kernels
+from fusedopt.losses import MeanFunction, PointwiseLossFunction
+
+__all__ = ["cross_entropy", "huber_loss", "l1_loss", "mean", "mse_loss", "smooth_l1_loss"]
+
+
+def _fusable(*tensors: torch.Tensor | None) -> bool:
+    present = [t for t in tensors if t is not None]
+    return (
+        not has_torch_function_variadic(*present)
+        and all(runs_triton(t.device) and t.dtype in TL_DTYPE for t in present)
+        and len({t.device for t in present}) == 1
+    )
+
+
+def mean(
+    input: torch.Tensor, dim=None, keepdim: bool = False, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``torch.mean`` in one deterministic pass; its backward writes no memory."""
+    out_dtype = dtype if dtype is not None else input.dtype
+    if not _fusable(input) or out_dtype not in TL_DTYPE:
+        return torch.mean(input, dim=dim, keepdim=keepdim, dtype=dtype)
+    nd = input.dim()
+    if dim is None:
+        dims = list(range(nd))
+    else:
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        dims = [d % max(nd, 1) if -max(nd, 1) <= d < max(nd, 1) else d for d in dims]
+        if any(not 0 <= d < max(nd, 1) for d in dims) or len(set(dims)) != len(dims):
+            return torch.mean(input, dim=dim, keepdim=keepdim, dtype=dtype)  # torch's error
+        dims = [d for d in dims if d < nd]
+    kept = [d for d in range(nd) if d not in dims]
+    x = input.permute(kept + dims) if nd else input
+    m = 1
+    for d in kept:
+        m *= input.shape[d]
+    k = input.numel() // m if m else 0
+    if keepdim:
+        shape = torch.Size(1 if d in dims else input.shape[d] for d in range(nd))
+    else:
+        shape = torch.Size(input.shape[d] for d in kept)
+    return MeanFunction.apply(x.reshape(m, k), shape, out_dtype)
+
+
+def _pointwise(name, input, target, weight, reduction, loss, param, torch_op, **torch_kwargs):
+    if target.size() != input.size():
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+            "This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            stacklevel=3,
+        )
+    _reduction.get_enum(reduction)  # torch's error for a bad reduction
+    if weight is not None and weight.size() != input.size():
+        raise ValueError("Weights and input must have the same size.")
+    if not _fusable(input, target, weight) or (weight is not None and weight.requires_grad):
+        return torch_op(input, target, reduction=reduction, **torch_kwargs)
+    dtype = torch.result_type(input, target)
+    x, y = torch.broadcast_tensors(input.to(dtype), target.to(dtype))  # autograd sums back
+    x, y = x.contiguous(), y.contiguous()
+    w = None if weight is None else torch.broadcast_to(weight.to(dtype), x.shape).contiguous()
+    want_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    return PointwiseLossFunction.apply(x, y, w, loss, param, reduction, want_grad)
+
+
+def _legacy(size_average, reduce, reduction: str) -> str:
+    if size_average is not None or reduce is not None:
+        return _reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
+def mse_loss(
+    input, target, size_average=None, reduce=None, reduction: str = "mean", weight=None
+) -> torch.Tensor:
+    """``torch.nn.functional.mse_loss``; the gradient is written while the loss is reduced."""
+    reduction = _legacy(size_average, reduce, reduction)
+    kwargs = {} if weight is None else {"weight": weight}
+    return _pointwise("mse_loss", input, target, weight, reduction, kernels.MSE, 0.0, F.mse_loss, **kwargs)
+
+
+def l1_loss(
+    input, target, size_average=None, reduce=None, reduction: str = "mean", weight=None
+) -> torch.Tensor:
+    """``torch.nn.functional.l1_loss``; the gradient is written while the loss is reduced."""
+    reduction = _legacy(size_average, reduce, reduction)
+    kwargs = {} if weight is None else {"weight": weight}
+    return _pointwise("l1_loss", input, target, weight, reduction, kernels.L1, 0.0, F.l1_loss, **kwargs)
+
+
+def smooth_l1_loss(
+    input, target, size_average=None, reduce=None, reduction: str = "mean", beta: float = 1.0
+) -> torch.Tensor:
+    """``torch.nn.functional.smooth_l1_loss``; the gradient is written while the loss is reduced."""
+    reduction = _legacy(size_average, reduce, reduction)
+    if beta < 0:
+        return F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)  # torch's error
+    if beta == 0:  # torch: smooth L1 with beta 0 is L1
+        return _pointwise("smooth_l1_loss", input, target, None, reduction, kernels.L1, 0.0, F.l1_loss)
+    return _pointwise(
+        "smooth_l1_loss", input, target, None, reduction, kernels.SMOOTH_L1, beta, F.smooth_l1_loss, beta=beta
+    )
+
+
+def huber_loss(input, target, reduction: str = "mean", delta: float = 1.0, weight=None) -> torch.Tensor:
+    """``torch.nn.functional.huber_loss``; the gradient is written while the loss is reduced."""
+    if delta <= 0:
+        return F.huber_loss(input, target, reduction=reduction, delta=delta)  # torch's error
+    kwargs = {"delta": delta} if weight is None else {"delta": delta, "weight": weight}
+    return _pointwise(
+        "huber_loss", input, target, weight, reduction, kernels.HUBER, delta, F.huber_loss, **kwargs
+    )
+
+
+def cross_entropy(
+    input,
+    target,
+    weight=None,
+    size_average=None,
+    ignore_index: int = -100,
+    reduce=None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``torch.nn.functional.cross_entropy`` with the logits' gradient written in the forward pass."""
+    from fusedopt.cross_entropy import cross_entropy as fused
+
+    reduction = _legacy(size_average, reduce, reduction)
+    return fused(
+        input,
+        target,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )

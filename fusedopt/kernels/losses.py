@@ -1,0 +1,150 @@
+"""Mean and pointwise regression losses with their gradient in the same pass.
+
+Input viewed as ``[M, K]`` (M = 1 for a full reduction): program ``(b, r)`` handles block ``b``
+of row ``r``. For each element, with ``d = x - y``:
+
+    MEAN      l = x
+    MSE       l = d*d                                     dl/dx = 2 d
+    L1        l = |d|                                     dl/dx = sign(d)
+    SMOOTH_L1 l = 0.5 d*d / beta if |d| < beta else |d| - 0.5 beta    dl/dx = clamp(d / beta, -1, 1)
+    HUBER     l = 0.5 d*d if |d| < delta else delta (|d| - 0.5 delta)  dl/dx = clamp(d, -delta, delta)
+
+times ``w`` when weighted. A reducing launch stores each program's fp32 (fp64) partial sum;
+``sum_rows_kernel`` adds the partials of each row in a fixed order (deterministic, no atomics)
+and ``WRITE_GRAD`` stores ``scale * dl/dx`` (scale = 1/N for a mean) in the input's dtype,
+so that backward has nothing left to compute.
+"""
+
+import triton
+import triton.language as tl
+
+from fusedopt.kernels.common import to_storage
+
+MEAN, MSE, L1, SMOOTH_L1, HUBER = (tl.constexpr(i) for i in range(5))
+# Scalars vector layout, float64.
+PARAM, SCALE = tl.constexpr(0), tl.constexpr(1)
+
+
+@triton.jit
+def _loss_and_slope(d, param, LOSS: tl.constexpr):
+    """Elementwise loss of the difference ``d`` and its derivative."""
+    if LOSS == MSE:
+        return d * d, 2.0 * d
+    elif LOSS == L1:
+        return tl.abs(d), tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(d.dtype)
+    elif LOSS == SMOOTH_L1:
+        ad = tl.abs(d)
+        small = ad < param
+        loss = tl.where(small, 0.5 * d * d / param, ad - 0.5 * param)
+        return loss, tl.where(d < -param, -1.0, tl.where(d > param, 1.0, d / param)).to(d.dtype)
+    else:  # HUBER
+        ad = tl.abs(d)
+        loss = tl.where(ad < param, 0.5 * d * d, param * (ad - 0.5 * param))
+        return loss, tl.minimum(tl.maximum(d, -param), param)
+
+
+@triton.jit
+def pointwise_loss_kernel(
+    x_ptr,  # [M, K] input, contiguous
+    y_ptr,  # [M, K] target (read unless LOSS == MEAN)
+    w_ptr,  # [M, K] weight (read if HAS_WEIGHT)
+    out_ptr,  # [M, K] elementwise loss (written unless REDUCE)
+    partial_ptr,  # COMPUTE [M, P]: each program's sum of losses (written if REDUCE)
+    grad_ptr,  # [M, K] scale * dl/dx in the input's dtype (written if WRITE_GRAD)
+    scalars,  # float64 [2]: loss parameter (beta, delta), gradient scale
+    K,  # elements per row
+    P,  # programs per row
+    LOSS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    REDUCE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    block = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    cols = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < K
+    offs = row * K + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0).to(COMPUTE)
+    param = tl.load(scalars + PARAM).to(COMPUTE)
+    if LOSS == MEAN:
+        loss = x
+        slope = tl.full(x.shape, 1.0, COMPUTE)
+    else:
+        d = x - tl.load(y_ptr + offs, mask=mask, other=0).to(COMPUTE)
+        loss, slope = _loss_and_slope(d, param, LOSS)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + offs, mask=mask, other=0).to(COMPUTE)
+        loss = loss * w
+        slope = slope * w
+    if REDUCE:
+        tl.store(partial_ptr + row * P + block, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+    else:
+        tl.store(out_ptr + offs, to_storage(loss, out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GRAD:
+        grad = slope * tl.load(scalars + SCALE).to(COMPUTE)
+        tl.store(grad_ptr + offs, to_storage(grad, grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sum_rows_kernel(
+    partial_ptr,  # COMPUTE [M, P]: partial sums
+    out_ptr,  # [M] result, in the output dtype
+    scalars,  # float64 [2]: SCALE multiplies each row's sum (1/N for a mean)
+    P,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out[r] = scale * sum(partial[r, :]), summed in a fixed order."""
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK], COMPUTE)
+    for start in range(0, P, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + row * P + idx, mask=idx < P, other=0).to(COMPUTE)
+    total = tl.sum(acc, axis=0) * tl.load(scalars + SCALE).to(COMPUTE)
+    tl.store(out_ptr + row, to_storage(total, out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def pointwise_loss_backward_kernel(
+    x_ptr,  # [N] input
+    y_ptr,  # [N] target
+    w_ptr,  # [N] weight (read if HAS_WEIGHT)
+    grad_output_ptr,  # [N] upstream gradient (reduction "none")
+    grad_ptr,  # [N] written: dl/dx * w * grad_output, in the input's dtype
+    scalars,  # float64 [2]: loss parameter
+    N,
+    LOSS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    d = tl.load(x_ptr + offs, mask=mask, other=0).to(COMPUTE) - tl.load(y_ptr + offs, mask=mask, other=0).to(
+        COMPUTE
+    )
+    _, slope = _loss_and_slope(d, tl.load(scalars + PARAM).to(COMPUTE), LOSS)
+    slope = slope * tl.load(grad_output_ptr + offs, mask=mask, other=0).to(COMPUTE)
+    if HAS_WEIGHT:
+        slope = slope * tl.load(w_ptr + offs, mask=mask, other=0).to(COMPUTE)
+    tl.store(grad_ptr + offs, to_storage(slope, grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def scale_grad_kernel(
+    grad_ptr,  # [N] stored gradient, scaled in place
+    grad_output_ptr,  # [1] upstream gradient of the reduced loss
+    applied_ptr,  # COMPUTE [1]: the factor already applied to grad (1 after forward)
+    N,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """grad *= grad_output / applied; programs return at once when that factor is 1."""
+    factor = tl.load(grad_output_ptr).to(COMPUTE) / tl.load(applied_ptr).to(COMPUTE)
+    if factor != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        g = tl.load(grad_ptr + offs, mask=mask, other=0).to(COMPUTE)
+        tl.store(grad_ptr + offs, to_storage(g * factor, grad_ptr.dtype.element_ty), mask=mask)
