@@ -127,11 +127,10 @@ class MeanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, shape: torch.Size, out_dtype: torch.dtype) -> torch.Tensor:
-        m, k = x.shape
-        ctx.k, ctx.shape, ctx.in_shape, ctx.dtype = k, shape, x.shape, x.dtype
-        return reduce_rows(
-            x, None, None, kernels.MEAN, 0.0, 1.0 / k if k else float("nan"), out_dtype, None
-        ).reshape(shape)
+        k = x.shape[1]
+        ctx.in_shape, ctx.dtype = x.shape, x.dtype
+        out = reduce_rows(x, None, None, kernels.MEAN, 0.0, 1.0 / k if k else float("nan"), out_dtype, None)
+        return out.reshape(shape)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
