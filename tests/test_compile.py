@@ -25,19 +25,18 @@ CHILD = r"""
 import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from fusedopt.kernels import adam, sgd
+from fusedopt.kernels import adam, losses, sgd
 
-POINTERS = {"ptrs": "*i64", "grad_ptrs": "*i64", "meta": "*i64", "owner": "*i32",
-            "scalars": "*fp64", "grad_scale": "*fp32", "found_inf": "*fp32"}
+KERNELS = {"adam": adam.adam_kernel, "sgd": sgd.sgd_kernel, "pointwise_loss": losses.pointwise_loss_kernel,
+           "sum_rows": losses.sum_rows_kernel, "pointwise_loss_backward": losses.pointwise_loss_backward_kernel,
+           "scale_grad": losses.scale_grad_kernel}
 out = []
-for name, dtype, flags, aligned in json.loads(sys.argv[1]):
-    kernel = {"adam": adam.adam_kernel, "sgd": sgd.sgd_kernel}[name]
-    dt = getattr(tl, dtype)
-    constexprs = dict(DTYPE=dt, COMPUTE=tl.float64 if dtype == "float64" else tl.float32,
-                      BLOCK=4096, ALIGNED=aligned, **flags)
-    signature = dict(POINTERS, **dict.fromkeys(constexprs, "constexpr"))
+for name, signature, constexprs in json.loads(sys.argv[1]):
+    constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
+                  for k, v in constexprs.items()}
+    signature = dict(signature, **dict.fromkeys(constexprs, "constexpr"))
     try:
-        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        source = triton.compiler.ASTSource(fn=KERNELS[name], signature=signature, constexprs=constexprs)
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
         out.append({"ok": ".visible .entry" in ptx, "vector_loads": ptx.count("ld.global.v"), "error": ""})
     except Exception as e:
@@ -45,17 +44,79 @@ for name, dtype, flags, aligned in json.loads(sys.argv[1]):
 print(json.dumps(out))
 """
 
+OPTIMIZER_SIGNATURE = {
+    "ptrs": "*i64",
+    "grad_ptrs": "*i64",
+    "meta": "*i64",
+    "owner": "*i32",
+    "scalars": "*fp64",
+    "grad_scale": "*fp32",
+    "found_inf": "*fp32",
+}
 
-def _variants(name: str, flags: list[str]) -> list:
+
+def _optimizer_variants(name: str, flags: list[str]) -> list:
     """All flags off, all on, and each one alone, for every dtype; plus an unaligned launch."""
     sets = [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
     sets += [dict(dict.fromkeys(flags, False), **{f: True}) for f in flags]
-    out = [[name, dtype, chosen, True] for dtype in DTYPES for chosen in sets]
-    out.append([name, "float32", dict.fromkeys(flags, False), False])
+
+    def constexprs(dtype, chosen, aligned):
+        compute = "tl.float64" if dtype == "float64" else "tl.float32"
+        return dict(DTYPE=f"tl.{dtype}", COMPUTE=compute, BLOCK=4096, ALIGNED=aligned, **chosen)
+
+    out = [
+        [name, OPTIMIZER_SIGNATURE, constexprs(dtype, chosen, True)] for dtype in DTYPES for chosen in sets
+    ]
+    out.append([name, OPTIMIZER_SIGNATURE, constexprs("float32", dict.fromkeys(flags, False), False)])
     return out
 
 
-VARIANTS = _variants("adam", ADAM_FLAGS) + _variants("sgd", SGD_FLAGS)
+def _loss_variants() -> list:
+    out = []
+    for dtype in DTYPES:
+        ptr = "*" + {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}[dtype]
+        compute = "tl.float64" if dtype == "float64" else "tl.float32"
+        cptr = "*fp64" if dtype == "float64" else "*fp32"
+        for loss in range(5):
+            for reduce, grad, weight in [(True, True, False), (True, False, True), (False, False, True)]:
+                signature = dict(
+                    x_ptr=ptr, y_ptr=ptr, w_ptr=ptr, out_ptr=ptr, partial_ptr=cptr, grad_ptr=ptr,
+                    scalars="*fp64", K="i64", P="i32",
+                )  # fmt: skip
+                constexprs = dict(
+                    LOSS=loss, COMPUTE=compute, BLOCK=1024, HAS_WEIGHT=weight, REDUCE=reduce, WRITE_GRAD=grad
+                )
+                out.append(["pointwise_loss", signature, constexprs])
+            if loss:
+                signature = dict(
+                    x_ptr=ptr,
+                    y_ptr=ptr,
+                    w_ptr=ptr,
+                    grad_output_ptr=ptr,
+                    grad_ptr=ptr,
+                    scalars="*fp64",
+                    N="i64",
+                )
+                constexprs = dict(LOSS=loss, COMPUTE=compute, BLOCK=1024, HAS_WEIGHT=True)
+                out.append(["pointwise_loss_backward", signature, constexprs])
+        out.append(
+            [
+                "sum_rows",
+                dict(partial_ptr=cptr, out_ptr=ptr, scalars="*fp64", P="i32"),
+                dict(COMPUTE=compute, BLOCK=1024),
+            ]
+        )
+        out.append(
+            [
+                "scale_grad",
+                dict(grad_ptr=ptr, grad_output_ptr=ptr, applied_ptr=cptr, N="i64"),
+                dict(COMPUTE=compute, BLOCK=1024),
+            ]
+        )
+    return out
+
+
+VARIANTS = _optimizer_variants("adam", ADAM_FLAGS) + _optimizer_variants("sgd", SGD_FLAGS) + _loss_variants()
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +134,7 @@ def compiled() -> list[dict]:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(
-    "index", range(len(VARIANTS)), ids=lambda i: "-".join(map(str, VARIANTS[i][:2])) + f"-{i}"
-)
+@pytest.mark.parametrize("index", range(len(VARIANTS)), ids=lambda i: f"{VARIANTS[i][0]}-{i}")
 def test_kernel_compiles_for_sm90(compiled, index):
     result = compiled[index]
     assert result["ok"], f"{VARIANTS[index]}: {result['error']}"
@@ -83,5 +142,5 @@ def test_kernel_compiles_for_sm90(compiled, index):
 
 def test_full_blocks_use_vector_accesses_only_when_aligned(compiled):
     for variant, result in zip(VARIANTS, compiled, strict=True):
-        aligned = variant[3]
-        assert (result["vector_loads"] > 0) is aligned, variant
+        if variant[0] in ("adam", "sgd"):
+            assert (result["vector_loads"] > 0) is variant[2]["ALIGNED"], variant
