@@ -1,12 +1,14 @@
-"""fusedopt: Triton kernels for PyTorch training, as drop-in torch.optim replacements.
+"""fusedopt: Triton kernels for PyTorch training, as drop-in torch replacements.
 
-``torch.optim.AdamW(...)`` becomes ``fusedopt.FusedAdamW(...)``; nothing else changes.
-Importing fusedopt changes nothing in the process: to run the kernels on CPU through the
-Triton interpreter, set ``TRITON_INTERPRET=1`` yourself before importing it.
+``torch.optim.AdamW(...)`` becomes ``fusedopt.FusedAdamW(...)`` and ``nn.CrossEntropyLoss()``
+becomes ``fusedopt.nn.FusedCrossEntropyLoss()``; nothing else changes. Importing fusedopt
+changes nothing in the process: to run the kernels on CPU through the Triton interpreter, set
+``TRITON_INTERPRET=1`` yourself before importing it.
 """
 
+from fusedopt import functional, nn
 from fusedopt.optim import FusedAdam, FusedAdamW, FusedSGD
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedAdam", "FusedAdamW", "FusedSGD", "__version__"]
+__all__ = ["FusedAdam", "FusedAdamW", "FusedSGD", "__version__", "functional", "nn"]
