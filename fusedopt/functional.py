@@ -40,7 +40,7 @@ def mean(
     if not _fusable(input) or out_dtype not in TL_DTYPE:
         return torch.mean(input, dim=dim, keepdim=keepdim, dtype=dtype)
     nd = input.dim()
-    if dim is None:
+    if dim is None or (isinstance(dim, tuple | list) and len(dim) == 0):  # torch: () reduces all
         dims = list(range(nd))
     else:
         dims = [dim] if isinstance(dim, int) else list(dim)
@@ -58,10 +58,25 @@ def mean(
         shape = torch.Size(1 if d in dims else input.shape[d] for d in range(nd))
     else:
         shape = torch.Size(input.shape[d] for d in kept)
-    return MeanFunction.apply(x.reshape(m, k), shape, out_dtype)
+    return MeanFunction.apply(x.reshape(m, k).contiguous(), shape, out_dtype)
 
 
-def _pointwise(name, input, target, weight, reduction, loss, param, torch_op, **torch_kwargs):
+def _pointwise(
+    input, target, weight, reduction, loss, param, torch_op, *, same_dtype_as_input=False, **kwargs
+):
+    """Run a pointwise loss through the kernels when they can take it, else through torch.
+
+    ``kwargs`` are the torch op's own extra arguments; weighted MSE/L1 means divide by the sum of
+    the weights (torch's definition), the weighted Huber mean by N.
+    """
+    if weight is not None:
+        kwargs["weight"] = weight
+    if (
+        reduction not in ("none", "mean", "sum")  # torch's deprecation path or its error
+        or not _fusable(input, target, weight)
+        or (weight is not None and weight.requires_grad)
+    ):
+        return torch_op(input, target, reduction=reduction, **kwargs)
     if target.size() != input.size():
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
@@ -69,17 +84,17 @@ def _pointwise(name, input, target, weight, reduction, loss, param, torch_op, **
             "Please ensure they have the same size.",
             stacklevel=3,
         )
-    _reduction.get_enum(reduction)  # torch's error for a bad reduction
     if weight is not None and weight.size() != input.size():
         raise ValueError("Weights and input must have the same size.")
-    if not _fusable(input, target, weight) or (weight is not None and weight.requires_grad):
-        return torch_op(input, target, reduction=reduction, **torch_kwargs)
-    dtype = torch.result_type(input, target)
+    dtype = input.dtype if same_dtype_as_input else torch.result_type(input, target)
+    if weight is not None:
+        dtype = torch.promote_types(dtype, weight.dtype)
     x, y = torch.broadcast_tensors(input.to(dtype), target.to(dtype))  # autograd sums back
     x, y = x.contiguous(), y.contiguous()
     w = None if weight is None else torch.broadcast_to(weight.to(dtype), x.shape).contiguous()
     want_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    return PointwiseLossFunction.apply(x, y, w, loss, param, reduction, want_grad)
+    mean_by_weight = w is not None and torch_op in (F.mse_loss, F.l1_loss)
+    return PointwiseLossFunction.apply(x, y, w, loss, param, reduction, want_grad, mean_by_weight)
 
 
 def _legacy(size_average, reduce, reduction: str) -> str:
@@ -93,8 +108,7 @@ def mse_loss(
 ) -> torch.Tensor:
     """``torch.nn.functional.mse_loss``; the gradient is written while the loss is reduced."""
     reduction = _legacy(size_average, reduce, reduction)
-    kwargs = {} if weight is None else {"weight": weight}
-    return _pointwise("mse_loss", input, target, weight, reduction, kernels.MSE, 0.0, F.mse_loss, **kwargs)
+    return _pointwise(input, target, weight, reduction, kernels.MSE, 0.0, F.mse_loss)
 
 
 def l1_loss(
@@ -102,8 +116,7 @@ def l1_loss(
 ) -> torch.Tensor:
     """``torch.nn.functional.l1_loss``; the gradient is written while the loss is reduced."""
     reduction = _legacy(size_average, reduce, reduction)
-    kwargs = {} if weight is None else {"weight": weight}
-    return _pointwise("l1_loss", input, target, weight, reduction, kernels.L1, 0.0, F.l1_loss, **kwargs)
+    return _pointwise(input, target, weight, reduction, kernels.L1, 0.0, F.l1_loss)
 
 
 def smooth_l1_loss(
@@ -114,19 +127,24 @@ def smooth_l1_loss(
     if beta < 0:
         return F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)  # torch's error
     if beta == 0:  # torch: smooth L1 with beta 0 is L1
-        return _pointwise("smooth_l1_loss", input, target, None, reduction, kernels.L1, 0.0, F.l1_loss)
-    return _pointwise(
-        "smooth_l1_loss", input, target, None, reduction, kernels.SMOOTH_L1, beta, F.smooth_l1_loss, beta=beta
-    )
+        return _pointwise(input, target, None, reduction, kernels.L1, 0.0, F.smooth_l1_loss, beta=beta)
+    return _pointwise(input, target, None, reduction, kernels.SMOOTH_L1, beta, F.smooth_l1_loss, beta=beta)
 
 
 def huber_loss(input, target, reduction: str = "mean", delta: float = 1.0, weight=None) -> torch.Tensor:
     """``torch.nn.functional.huber_loss``; the gradient is written while the loss is reduced."""
     if delta <= 0:
         return F.huber_loss(input, target, reduction=reduction, delta=delta)  # torch's error
-    kwargs = {"delta": delta} if weight is None else {"delta": delta, "weight": weight}
     return _pointwise(
-        "huber_loss", input, target, weight, reduction, kernels.HUBER, delta, F.huber_loss, **kwargs
+        input,
+        target,
+        weight,
+        reduction,
+        kernels.HUBER,
+        delta,
+        F.huber_loss,
+        same_dtype_as_input=True,
+        delta=delta,
     )
 
 

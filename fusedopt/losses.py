@@ -16,21 +16,22 @@ writes g (16 B), as torch.compile does.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from fusedopt._multi_tensor import compute_dtype, float64_vector
 from fusedopt.kernels import losses as kernels
 
-_TL = {torch.float32: "float32", torch.float64: "float64"}
-
 
 def _config(k: int) -> tuple[int, int]:
-    """Block size and warps, by a size rule."""
-    return (4096, 8) if k >= 1 << 20 else (1024, 4)
+    """Block size and warps, by a size rule (a short row gets a short block)."""
+    if k >= 1 << 20:
+        return 4096, 8
+    return max(16, min(1024, triton.next_power_of_2(max(k, 1)))), 4
 
 
 def _tl_compute(dtype: torch.dtype):
-    import triton.language as tl
-
     return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
@@ -40,12 +41,13 @@ def reduce_rows(
     w: torch.Tensor | None,
     loss: int,
     param: float,
-    scale: float,
+    scale: float | torch.Tensor,
     out_dtype: torch.dtype,
     grad: torch.Tensor | None,
 ) -> torch.Tensor:
     """Per row of contiguous ``x`` [M, K]: ``scale * sum(loss)`` as [M] in ``out_dtype``; when
-    ``grad`` is given, also ``grad = scale * dloss/dx`` in the same pass."""
+    ``grad`` is given, also ``grad = scale * dloss/dx`` in the same pass. ``scale`` may be a
+    1-element device tensor (read on the device)."""
     m, k = x.shape
     block, warps = _config(k)
     p = -(-k // block)
@@ -106,18 +108,41 @@ def elementwise(
     return out
 
 
-def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, applied: torch.Tensor) -> torch.Tensor:
+def pointwise_grad(x, y, w, grad_output: torch.Tensor, loss: int, param: float, scale) -> torch.Tensor:
+    """``scale * dloss/dx * w * grad_output`` from the inputs (grad_output elementwise or 1-element)."""
+    n = x.numel()
+    grad = torch.empty_like(x)
+    block, warps = _config(n)
+    go = grad_output.contiguous()
+    if n:
+        kernels.pointwise_loss_backward_kernel[(-(-n // block),)](
+            x,
+            y,
+            x if w is None else w,
+            go,
+            grad,
+            float64_vector([param, scale], x.device),
+            n,
+            1 if go.numel() == n else 0,
+            LOSS=loss,
+            COMPUTE=_tl_compute(x.dtype),
+            BLOCK=block,
+            HAS_WEIGHT=w is not None,
+            num_warps=warps,
+        )
+    return grad
+
+
+def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """Multiply the gradient stored by forward by ``grad_output``, in place and without a host
-    sync: the kernel reads ``grad_output`` on the device and does nothing when the factor still
-    to apply (``grad_output / applied``) is 1. ``applied`` (1 after forward) then records
-    ``grad_output``, so a second backward (``retain_graph=True``) rescales correctly."""
+    sync: the kernel reads ``grad_output`` on the device and every program returns at once
+    when it is 1."""
     n = grad.numel()
     block, warps = _config(n)
     if n:
         kernels.scale_grad_kernel[(-(-n // block),)](
-            grad, grad_output, applied, n, COMPUTE=_tl_compute(applied.dtype), BLOCK=block, num_warps=warps
+            grad, grad_output, n, COMPUTE=_tl_compute(grad.dtype), BLOCK=block, num_warps=warps
         )
-    applied.copy_(grad_output.reshape(1))
     return grad
 
 
@@ -140,50 +165,48 @@ class MeanFunction(torch.autograd.Function):
 
 
 class PointwiseLossFunction(torch.autograd.Function):
-    """MSE / L1 / SmoothL1 / Huber of same-shape contiguous ``input`` and ``target`` (and
-    optional ``weight``, not requiring grad). For "mean"/"sum" the forward writes the gradient
-    w.r.t. ``input`` while it reduces (only if ``want_grad``); backward scales it in place."""
+    """MSE / L1 / SmoothL1 / Huber of same-shape contiguous ``input`` and ``target`` (and an
+    optional ``weight`` that does not require grad).
+
+    For "mean"/"sum", forward writes the gradient w.r.t. ``input`` while it reduces (only if
+    ``want_grad``), and the first backward scales that buffer in place (no work when
+    grad_output is 1). A later backward of the same graph (``retain_graph=True``) recomputes
+    the gradient from the saved inputs, as torch's own backward does every time. The mean
+    divides by N, or by ``sum(weight)`` when ``mean_by_weight`` (torch's weighted MSE / L1).
+    """
 
     @staticmethod
-    def forward(ctx, input, target, weight, loss: int, param: float, reduction: str, want_grad: bool):
+    def forward(
+        ctx, input, target, weight, loss: int, param: float, reduction: str, want_grad: bool, mean_by_weight
+    ):
         ctx.loss, ctx.param, ctx.reduction = loss, param, reduction
+        ctx.save_for_backward(input, target, weight)
         if reduction == "none":
-            ctx.save_for_backward(input, target, weight)
+            ctx.scale = 1.0
             return elementwise(input, target, weight, loss, param)
         n = input.numel()
-        scale = (1.0 / n if n else float("nan")) if reduction == "mean" else 1.0
-        grad = torch.empty_like(input) if want_grad else None
-        out = reduce_rows(
-            input.reshape(1, -1), target.reshape(1, -1), weight, loss, param, scale, input.dtype, grad
-        )
-        if grad is not None:
-            ctx.grad = grad
-            ctx.applied = torch.ones(1, dtype=compute_dtype(input.dtype), device=input.device)
-        return out.reshape(())
+        if reduction == "sum":
+            scale = 1.0
+        elif mean_by_weight:
+            total = reduce_rows(
+                weight.reshape(1, -1), None, None, kernels.MEAN, 0.0, 1.0, torch.float64, None
+            )
+            scale = 1.0 / total
+        else:
+            scale = 1.0 / n if n else float("nan")
+        ctx.scale = scale
+        ctx.grad = torch.empty_like(input) if want_grad else None
+        return reduce_rows(
+            input.reshape(1, -1), target.reshape(1, -1), weight, loss, param, scale, input.dtype, ctx.grad
+        ).reshape(())
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        if ctx.reduction == "none":
-            x, y, w = ctx.saved_tensors
-            grad = torch.empty_like(x)
-            n = x.numel()
-            block, warps = _config(n)
-            if n:
-                kernels.pointwise_loss_backward_kernel[(-(-n // block),)](
-                    x,
-                    y,
-                    x if w is None else w,
-                    grad_output.contiguous(),
-                    grad,
-                    float64_vector([ctx.param, 1.0], x.device),
-                    n,
-                    LOSS=ctx.loss,
-                    COMPUTE=_tl_compute(x.dtype),
-                    BLOCK=block,
-                    HAS_WEIGHT=w is not None,
-                    num_warps=warps,
-                )
+        x, y, w = ctx.saved_tensors
+        if ctx.reduction != "none" and ctx.grad is not None:
+            grad, ctx.grad = scale_saved_grad(ctx.grad, grad_output), None
         else:
-            grad = scale_saved_grad(ctx.grad, grad_output, ctx.applied)
+            grad = pointwise_grad(x, y, w, grad_output, ctx.loss, ctx.param, ctx.scale)
         grad_target = -grad if ctx.needs_input_grad[1] else None
-        return (grad if ctx.needs_input_grad[0] else None), grad_target, None, None, None, None, None
+        return (grad if ctx.needs_input_grad[0] else None), grad_target, None, None, None, None, None, None

@@ -111,10 +111,11 @@ def pointwise_loss_backward_kernel(
     x_ptr,  # [N] input
     y_ptr,  # [N] target
     w_ptr,  # [N] weight (read if HAS_WEIGHT)
-    grad_output_ptr,  # [N] upstream gradient (reduction "none")
-    grad_ptr,  # [N] written: dl/dx * w * grad_output, in the input's dtype
-    scalars,  # float64 [2]: loss parameter
+    grad_output_ptr,  # [N] upstream gradient, or [1] with go_stride 0 (a reduced loss)
+    grad_ptr,  # [N] written: scale * dl/dx * w * grad_output, in the input's dtype
+    scalars,  # float64 [2]: loss parameter, scale (1/N or 1/sum(w) for a mean, else 1)
     N,
+    go_stride,  # 1: elementwise grad_output; 0: one value for all
     LOSS: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -122,11 +123,11 @@ def pointwise_loss_backward_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    d = tl.load(x_ptr + offs, mask=mask, other=0).to(COMPUTE) - tl.load(y_ptr + offs, mask=mask, other=0).to(
-        COMPUTE
-    )
+    x = tl.load(x_ptr + offs, mask=mask, other=0).to(COMPUTE)
+    d = x - tl.load(y_ptr + offs, mask=mask, other=0).to(COMPUTE)
     _, slope = _loss_and_slope(d, tl.load(scalars + PARAM).to(COMPUTE), LOSS)
-    slope = slope * tl.load(grad_output_ptr + offs, mask=mask, other=0).to(COMPUTE)
+    go = tl.load(grad_output_ptr + offs * go_stride, mask=mask, other=0).to(COMPUTE)
+    slope = slope * go * tl.load(scalars + SCALE).to(COMPUTE)
     if HAS_WEIGHT:
         slope = slope * tl.load(w_ptr + offs, mask=mask, other=0).to(COMPUTE)
     tl.store(grad_ptr + offs, to_storage(slope, grad_ptr.dtype.element_ty), mask=mask)
@@ -134,17 +135,16 @@ def pointwise_loss_backward_kernel(
 
 @triton.jit
 def scale_grad_kernel(
-    grad_ptr,  # [N] stored gradient, scaled in place
+    grad_ptr,  # [N] gradient stored by forward, scaled in place
     grad_output_ptr,  # [1] upstream gradient of the reduced loss
-    applied_ptr,  # COMPUTE [1]: the factor already applied to grad (1 after forward)
     N,
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """grad *= grad_output / applied; programs return at once when that factor is 1."""
-    factor = tl.load(grad_output_ptr).to(COMPUTE) / tl.load(applied_ptr).to(COMPUTE)
-    if factor != 1.0:
+    """grad *= grad_output; every program returns at once when grad_output is 1."""
+    go = tl.load(grad_output_ptr).to(COMPUTE)
+    if go != 1.0:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         g = tl.load(grad_ptr + offs, mask=mask, other=0).to(COMPUTE)
-        tl.store(grad_ptr + offs, to_storage(g * factor, grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + offs, to_storage(g * go, grad_ptr.dtype.element_ty), mask=mask)
