@@ -96,6 +96,7 @@ def _loss_variants() -> list:
                     grad_ptr=ptr,
                     scalars="*fp64",
                     N="i64",
+                    go_stride="i32",
                 )
                 constexprs = dict(LOSS=loss, COMPUTE=compute, BLOCK=1024, HAS_WEIGHT=True)
                 out.append(["pointwise_loss_backward", signature, constexprs])
@@ -109,7 +110,7 @@ def _loss_variants() -> list:
         out.append(
             [
                 "scale_grad",
-                dict(grad_ptr=ptr, grad_output_ptr=ptr, applied_ptr=cptr, N="i64"),
+                dict(grad_ptr=ptr, grad_output_ptr=ptr, N="i64"),
                 dict(COMPUTE=compute, BLOCK=1024),
             ]
         )
