@@ -1,0 +1,670 @@
+"""Fused cross-entropy against ``torch.nn.functional.cross_entropy``.
+
+On CPU the kernels run through the Triton interpreter (slow: shapes stay small, and most cases
+shrink the column block so that rows span several blocks); on CUDA they run compiled. The
+reference is torch in fp32 (fp64 for fp64) from the same, possibly low-precision, logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedopt.cross_entropy as ce
+from fusedopt._multi_tensor import runs_triton
+from fusedopt.cross_entropy import CrossEntropyFunction, cross_entropy
+from fusedopt.kernels import cross_entropy as kernels
+
+# The interpreter computes with numpy, which warns about the intended inf - inf and 1 / 0.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+# rtol per dtype: a couple of rounding steps of the dtype (its ulp relative to the value is at
+# most 2**-7 for bf16, 2**-10 for fp16); fp32/fp64 only differ from torch in summation order.
+# atol is this fraction of the largest expected magnitude.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2 * 2**-7, torch.float16: 2 * 2**-10}
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    weight: bool = False
+    ignore_index: int = -100
+    ignore_hits: bool = False  # some targets equal ignore_index
+    label_smoothing: float = 0.0
+
+
+OPTIONS = {
+    "plain": Options(),
+    "ignore": Options(ignore_hits=True),
+    "weight": Options(weight=True, ignore_hits=True),
+    "smooth": Options(label_smoothing=0.1, ignore_hits=True),
+    # a real class as ignore_index, with weight and smoothing together
+    "all": Options(weight=True, ignore_index=3, ignore_hits=True, label_smoothing=0.25),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    shape: tuple[int, ...]  # (C,), (N, C) or (N, C, d1, ...)
+    dtype: torch.dtype
+    reduction: str
+    options: str
+    block: int | None = 64  # MAX_BLOCK during the case (None: the default, 4096)
+    tile: int | None = None  # MAX_TILE during the case (None: the default, 4096)
+
+    @property
+    def id(self) -> str:
+        shape = "x".join(map(str, self.shape))
+        dtype = str(self.dtype).removeprefix("torch.")
+        tile = f"-t{self.tile}" if self.tile else ""
+        return f"{shape}-{dtype}-{self.reduction}-{self.options}-b{self.block or 'default'}{tile}"
+
+
+SMALL = [(7, 33), (33, 65), (4, 3, 129), (33,)]
+REDUCTIONS = ["mean", "sum", "none"]
+CASES = (
+    [Case(s, torch.float32, r, o) for s in SMALL for r in REDUCTIONS for o in OPTIONS]
+    + [
+        Case(s, dt, r, o)
+        for dt in (torch.float64, torch.bfloat16, torch.float16)
+        for s in SMALL
+        for r in REDUCTIONS
+        for o in ("plain", "all")
+    ]
+    + [
+        Case((16, 1000), dt, r, o, 256)
+        for dt in (torch.float32, torch.bfloat16)
+        for r in ("mean", "none")
+        for o in ("plain", "all")
+    ]
+    + [Case((2, 33000), dt, "mean", "all", None) for dt in (torch.float32, torch.bfloat16)]
+    + [
+        Case((2, 33000), torch.float32, "none", "smooth", None),
+        Case((2, 33000), torch.bfloat16, "sum", "ignore", None),
+    ]
+    # several programs of several rows each, the last one partly masked
+    + [Case((33, 65), torch.float32, r, o, 64, 128) for r in REDUCTIONS for o in ("plain", "all")]
+    + [Case((4, 3, 129), dt, "mean", "all", 64, 64) for dt in (torch.float32, torch.bfloat16)]
+)
+
+
+@pytest.fixture
+def triton_device(device) -> str:
+    """``device`` where cross_entropy runs the kernels (CPU only under the interpreter)."""
+    if not runs_triton(torch.device(device)):
+        pytest.skip("cross_entropy runs torch's op on this device")
+    return device
+
+
+@pytest.fixture
+def sizes(monkeypatch):
+    """Set the row kernel's largest column block (small: rows span several blocks) and tile
+    (small: more programs); None keeps the default."""
+
+    def set_sizes(block: int | None, tile: int | None = None) -> None:
+        if block is not None:
+            monkeypatch.setattr(ce, "MAX_BLOCK", block)
+        if tile is not None:
+            monkeypatch.setattr(ce, "MAX_TILE", tile)
+
+    return set_sizes
+
+
+def make_inputs(shape, dtype, options: Options, device, seed=0, scale=4.0):
+    """Logits, targets (some hitting ignore_index if asked) and keyword arguments."""
+    gen = torch.Generator().manual_seed(seed)
+    num_classes = shape[0] if len(shape) == 1 else shape[1]
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    target_shape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    target = torch.randint(0, num_classes, target_shape, generator=gen)
+    if options.ignore_hits and target.dim():
+        target.view(-1)[::4] = options.ignore_index
+    kwargs = {"ignore_index": options.ignore_index, "label_smoothing": options.label_smoothing}
+    if options.weight:
+        kwargs["weight"] = (
+            (torch.rand(num_classes, generator=gen, dtype=torch.float64) + 0.1).to(dtype).to(device)
+        )
+    return x.to(device), target.to(device), kwargs
+
+
+def reference(x, target, grad_output=None, reduction="mean", **kwargs):
+    """torch's loss and gradient of the logits, computed in fp32 (fp64 for fp64)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xr = x.detach().to(dtype).requires_grad_()
+    if kwargs.get("weight") is not None:
+        kwargs = dict(kwargs, weight=kwargs["weight"].to(dtype))
+    loss = F.cross_entropy(xr, target, reduction=reduction, **kwargs)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, dtype)
+    (grad,) = torch.autograd.grad(loss, xr, go)
+    return loss.detach(), grad
+
+
+def ours(x, target, grad_output=None, reduction="mean", **kwargs):
+    """Our loss and gradient; ``x`` requires grad (a leaf or a view of one)."""
+    loss = cross_entropy(x, target, reduction=reduction, **kwargs)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, loss.dtype)
+    (grad,) = torch.autograd.grad(loss, x, go)
+    return loss.detach(), grad
+
+
+def assert_close(actual, expected, dtype):
+    finite = expected[torch.isfinite(expected)]
+    scale = finite.abs().max().item() if finite.numel() else 1.0
+    subnormal_step = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # fp16 gradients underflow
+    atol = ATOL[dtype] * scale + 2 * subnormal_step
+    torch.testing.assert_close(
+        actual.to(expected.dtype), expected, rtol=RTOL[dtype], atol=atol, equal_nan=True
+    )
+
+
+def check_against_torch(x, target, grad_output=None, reduction="mean", **kwargs):
+    """Loss (value, dtype, shape) and gradient (value, dtype, shape) against torch."""
+    loss, grad = ours(x, target, grad_output, reduction, **kwargs)
+    ref_loss, ref_grad = reference(x, target, grad_output, reduction, **kwargs)
+    assert loss.dtype == x.dtype and loss.shape == ref_loss.shape
+    assert grad.dtype == x.dtype and grad.shape == x.shape
+    assert_close(loss, ref_loss, x.dtype)
+    assert_close(grad, ref_grad, x.dtype)
+    return loss, grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_torch(case: Case, triton_device, sizes):
+    sizes(case.block, case.tile)
+    x, target, kwargs = make_inputs(case.shape, case.dtype, OPTIONS[case.options], triton_device)
+    grad_output = None
+    if case.reduction == "none":  # elementwise upstream grads of the target's shape
+        grad_output = torch.randn(target.shape, generator=torch.Generator().manual_seed(1)).to(triton_device)
+    check_against_torch(x.requires_grad_(), target, grad_output, case.reduction, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_output_not_one(dtype, reduction, triton_device, sizes):
+    """The loss inside a larger expression: backward scales the stored gradient in place."""
+    sizes(64)
+    x, target, kwargs = make_inputs((9, 70), dtype, OPTIONS["all"], triton_device)
+    x.requires_grad_()
+    loss = cross_entropy(x, target, reduction=reduction, **kwargs)
+    stored = loss.grad_fn.grad  # the forward's gradient buffer, for grad_output 1
+    (grad,) = torch.autograd.grad(2.5 * loss - 1.0, x)
+    assert grad.data_ptr() == stored.data_ptr()  # scaled in place, no new buffer
+    _, ref_grad = reference(x, target, torch.tensor(2.5), reduction, **kwargs)
+    assert_close(grad, ref_grad, dtype)
+
+
+def test_grad_output_one_returns_the_forward_gradient(triton_device):
+    x, target, kwargs = make_inputs((5, 40), torch.float32, OPTIONS["smooth"], triton_device)
+    x.requires_grad_()
+    loss = cross_entropy(x, target, **kwargs)
+    before = loss.grad_fn.grad.clone()
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.data_ptr() == loss.grad_fn.grad.data_ptr()
+    assert torch.equal(grad, before)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_backward_twice_with_retain_graph(reduction, triton_device, sizes):
+    sizes(64)
+    x, target, kwargs = make_inputs((6, 100), torch.float32, OPTIONS["all"], triton_device)
+    x.requires_grad_()
+    go = (
+        torch.full((6,), 1.0, device=triton_device)
+        if reduction == "none"
+        else torch.tensor(1.0, device=triton_device)
+    )
+    loss = cross_entropy(x, target, reduction=reduction, **kwargs)
+    _, ref_grad = reference(x, target, go, reduction, **kwargs)
+
+    (first,) = torch.autograd.grad(loss, x, 2.0 * go, retain_graph=True)
+    first_copy = first.clone()
+    (second,) = torch.autograd.grad(loss, x, 5.0 * go, retain_graph=True)
+    (third,) = torch.autograd.grad(loss, x, 0.0 * go, retain_graph=True)
+    assert_close(first, 2.0 * ref_grad, torch.float32)
+    assert torch.equal(first, first_copy)  # a gradient already handed out does not change
+    assert_close(second, 5.0 * ref_grad, torch.float32)
+    assert torch.equal(third, torch.zeros_like(third))
+
+    # accumulation into .grad over two backward calls of one graph
+    x.grad = None
+    loss.backward(go, retain_graph=True)
+    loss.backward(3.0 * go)
+    assert_close(x.grad, 4.0 * ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", ["ignore", "all"])
+def test_all_rows_ignored(reduction, options, triton_device):
+    x, target, kwargs = make_inputs((4, 2, 10), torch.float32, OPTIONS[options], triton_device)
+    target.fill_(kwargs["ignore_index"])
+    loss, grad = check_against_torch(x.requires_grad_(), target, None, reduction, **kwargs)
+    if reduction == "mean":
+        assert loss.isnan()
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_extreme_logits(dtype, options, triton_device, sizes):
+    """Logits of ±3e4 overflow a naive exp; -inf logits (masked classes) are allowed."""
+    sizes(64)
+    x, target, kwargs = make_inputs((8, 150), dtype, OPTIONS[options], triton_device, scale=1.0)
+    x = torch.where(x > 0, 3e4, -3e4).to(dtype) + x  # huge and nearly tied logits
+    loss, grad = check_against_torch(x.clone().requires_grad_(), target, None, "sum", **kwargs)
+    assert loss.isfinite() and grad.isfinite().all()
+    if options == "plain":  # -inf logits away from the target (with smoothing torch gives inf)
+        masked = x.clone()
+        masked[:, 140:] = -float("inf")
+        check_against_torch(masked.requires_grad_(), target.clamp(0, 139), None, "mean", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "layout", ["strided_columns", "transposed", "spatial_channels_last", "spatial_copy", "strided_target"]
+)
+def test_non_contiguous(layout, triton_device, sizes):
+    sizes(64)
+    gen = torch.Generator().manual_seed(3)
+    options = OPTIONS["all"]
+    if layout in ("strided_columns", "strided_target"):
+        base = torch.randn(10, 2 * 77, generator=gen).to(triton_device).requires_grad_()
+        x = base[:, ::2]  # column stride 2
+        target = torch.randint(0, 77, (10, 2), generator=gen).to(triton_device)
+        target = target[:, 1] if layout == "strided_target" else target[:, 1].contiguous()
+    elif layout == "transposed":
+        base = torch.randn(77, 10, generator=gen).to(triton_device).requires_grad_()
+        x = base.t()  # row stride 1, column stride 10
+        target = torch.randint(0, 77, (10,), generator=gen).to(triton_device)
+    elif layout == "spatial_channels_last":
+        base = torch.randn(3, 5, 6, 70, generator=gen).to(triton_device).requires_grad_()
+        x = base.permute(0, 3, 1, 2)  # (N, C, d1, d2), classes innermost in memory
+        target = torch.randint(0, 70, (3, 5, 6), generator=gen).to(triton_device)
+    else:  # spatial dims that cannot be merged into one: the rows are copied
+        base = torch.randn(2, 70, 5, 6, generator=gen).to(triton_device).requires_grad_()
+        x = base.transpose(2, 3)
+        target = torch.randint(0, 70, (2, 6, 5), generator=gen).to(triton_device)
+        assert ce._rows_view(x, 2, 30, 70) is None
+    target[..., 0] = options.ignore_index
+    weight = torch.rand(x.shape[1], generator=gen).to(triton_device)
+    for reduction in ("mean", "none"):
+        go = torch.randn(target.shape, generator=gen).to(triton_device) if reduction == "none" else None
+        check_against_torch(
+            x, target, go, reduction, weight=weight, ignore_index=options.ignore_index, label_smoothing=0.2
+        )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_gradcheck_fp64(reduction, options, triton_device, sizes):
+    sizes(8)  # fp64 halves it: 4 columns per block, 2 blocks per row
+    x, target, kwargs = make_inputs((2, 5, 3), torch.float64, OPTIONS[options], triton_device, scale=2.0)
+    torch.autograd.gradcheck(
+        lambda logits: cross_entropy(logits, target, reduction=reduction, **kwargs), (x.requires_grad_(),)
+    )
+
+
+def test_empty_batch(triton_device):
+    x = torch.randn(0, 7, device=triton_device, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=triton_device)
+    for reduction in ("mean", "sum", "none"):
+        check_against_torch(x, target, None if reduction != "none" else torch.zeros(0), reduction)
+
+
+def test_1d_input_with_1d_target_of_one_element(triton_device):
+    """torch takes a (1,) target for (C,) logits (and then fails in its backward: the gradient is
+    compared with torch's for a 0-d target)."""
+    x = torch.randn(40, device=triton_device, requires_grad=True)
+    target = torch.tensor([7], device=triton_device)
+    for reduction in ("mean", "none"):
+        grad_output = torch.tensor(0.5) if reduction == "none" else None
+        loss, grad = ours(x, target, grad_output, reduction)
+        ref_loss, ref_grad = reference(x, target.reshape(()), grad_output, reduction)
+        assert loss.shape == F.cross_entropy(x, target, reduction=reduction).shape == ()
+        assert_close(loss, ref_loss, torch.float32)
+        assert_close(grad, ref_grad, torch.float32)
+
+
+def test_uint8_targets(triton_device):
+    x, target, kwargs = make_inputs((6, 40), torch.float32, OPTIONS["weight"], triton_device)
+    target[target < 0] = 255
+    kwargs["ignore_index"] = 255
+    check_against_torch(x.requires_grad_(), target.to(torch.uint8), None, "mean", **kwargs)
+
+
+def test_negative_or_nan_label_smoothing_is_no_smoothing(triton_device):
+    x, target, _ = make_inputs((6, 40), torch.float32, OPTIONS["plain"], triton_device)
+    for eps in (-0.3, float("nan")):
+        check_against_torch(x.clone().requires_grad_(), target, None, "mean", label_smoothing=eps)
+
+
+class Allocations(TorchDispatchMode):
+    """Element counts of the tensors that factory ops create."""
+
+    FACTORIES = ("empty", "zeros", "ones", "full", "clone", "_to_copy", "new_")
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(name in func.__name__ for name in self.FACTORIES) and isinstance(out, torch.Tensor):
+            self.sizes.append(out.numel())
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradient_buffer_only_when_autograd_records(reduction, triton_device):
+    x, target, _ = make_inputs((6, 50), torch.float32, OPTIONS["plain"], triton_device)
+    numel = x.numel()
+
+    def largest_allocation(fn) -> int:
+        with Allocations() as allocations:
+            fn()
+        return max(allocations.sizes)
+
+    with torch.no_grad():
+        assert (
+            largest_allocation(lambda: cross_entropy(x.requires_grad_(), target, reduction=reduction)) < numel
+        )
+    assert largest_allocation(lambda: cross_entropy(x.detach(), target, reduction=reduction)) < numel
+    with torch.no_grad():
+        assert (
+            largest_allocation(lambda: CrossEntropyFunction.apply(x, target, None, -100, reduction, 0.0))
+            < numel
+        )
+    recorded = largest_allocation(lambda: cross_entropy(x.requires_grad_(), target, reduction=reduction))
+    if reduction == "mean":
+        assert recorded == numel  # control: the forward writes the gradient
+    else:
+        assert recorded < numel  # none recomputes in backward: nothing (N, C) in the forward
+
+
+def test_target_out_of_range_raises(triton_device):
+    x, target, _ = make_inputs((5, 33), torch.float32, OPTIONS["plain"], triton_device)
+    if triton_device == "cuda":
+        pytest.skip("a triton_device-side assert poisons the CUDA context")
+    for bad in (33, -1, 1000):
+        wrong = target.clone()
+        wrong[2] = bad
+        with pytest.raises(RuntimeError, match=r"target out of range.*\[0, 33\)"):
+            cross_entropy(x.clone().requires_grad_(), wrong)
+    wrong = target.clone()
+    wrong[1] = -100  # ignore_index is not out of range
+    cross_entropy(x, wrong)
+
+
+@pytest.mark.parametrize(
+    "make_args, error",
+    [
+        (lambda x, t: dict(reduction="avg"), ValueError),
+        (lambda x, t: dict(label_smoothing=1.5), RuntimeError),
+        (lambda x, t: dict(weight=torch.ones(4, device=x.device)), RuntimeError),
+        (lambda x, t: dict(weight=torch.ones(5, dtype=torch.float64, device=x.device)), RuntimeError),
+        (lambda x, t: dict(target=t[:2]), ValueError),
+        (lambda x, t: dict(target=t.int()), RuntimeError),
+        (lambda x, t: dict(target=t[:, None]), RuntimeError),
+        (lambda x, t: dict(input=x[:, :, None], target=t[:, None].expand(3, 2)), RuntimeError),
+        (lambda x, t: dict(input=x[0], target=t), ValueError),
+        (lambda x, t: dict(input=x[0], target=t[:, None]), RuntimeError),
+    ],
+)
+def test_invalid_arguments_raise_as_torch(make_args, error, device):
+    x = torch.randn(3, 5, device=device)
+    t = torch.tensor([0, 4, 2], device=device)
+    args = dict(input=x, target=t) | make_args(x, t)
+    with pytest.raises(error) as ours_info:
+        cross_entropy(**args)
+    with pytest.raises(error) as torch_info:
+        F.cross_entropy(**args)
+    assert str(ours_info.value) == str(torch_info.value)
+
+
+def test_probability_targets_are_refused(triton_device):
+    x = torch.randn(3, 5, device=triton_device)
+    with pytest.raises(NotImplementedError, match="probability targets"):
+        cross_entropy(x, torch.rand(3, 5, device=triton_device).softmax(1))
+
+
+def test_weight_cannot_require_grad(device):
+    x = torch.randn(3, 5, device=device, requires_grad=True)
+    weight = torch.rand(5, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        cross_entropy(x, torch.tensor([0, 1, 2], device=device), weight=weight)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_function_apply_directly(reduction, triton_device):
+    """The autograd.Function itself, positional arguments as torch's functional passes them."""
+    x, target, kwargs = make_inputs((6, 50), torch.float32, OPTIONS["all"], triton_device)
+    x.requires_grad_()
+    args = (kwargs["weight"], kwargs["ignore_index"], reduction, kwargs["label_smoothing"])
+    loss = CrossEntropyFunction.apply(x, target, *args)
+    ref = F.cross_entropy(x, target, reduction=reduction, **kwargs)
+    assert_close(loss.detach(), ref.detach(), torch.float32)
+    grad_output = torch.rand_like(ref)
+    (grad,) = torch.autograd.grad(loss, x, grad_output)
+    (ref_grad,) = torch.autograd.grad(ref, x, grad_output)
+    assert_close(grad, ref_grad, torch.float32)
+
+
+def test_deterministic(triton_device, sizes):
+    sizes(64)
+    x, target, kwargs = make_inputs((20, 300), torch.float32, OPTIONS["all"], triton_device)
+    runs = [ours(x.clone().requires_grad_(), target, None, "mean", **kwargs) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.fixture
+def ce_launches(monkeypatch) -> list[tuple[str, dict]]:
+    """Every launch of the cross-entropy kernels as ``(name, constexpr switches)``."""
+    record = []
+    for name in ("targets", "rows", "sum", "scale"):
+        kernel = getattr(
+            kernels, "cross_entropy_kernel" if name == "rows" else f"cross_entropy_{name}_kernel"
+        )
+
+        def run(*args, _run=kernel.run, _name=name, **kw):
+            record.append((_name, kw))
+            return _run(*args, **kw)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return record
+
+
+def test_kernels_ran(ce_launches, triton_device):
+    x, target, _ = make_inputs((6, 50), torch.float32, OPTIONS["plain"], triton_device)
+    x.requires_grad_()
+    cross_entropy(x, target).backward()
+    assert [name for name, _ in ce_launches] == ["targets", "rows", "sum", "scale"]
+    rows = ce_launches[1][1]
+    assert rows["LOSS"] and rows["GRAD"] and rows["DIVIDE_BY_TOTAL"]
+
+    ce_launches.clear()
+    cross_entropy(x, target, reduction="none").sum().backward()
+    assert [name for name, _ in ce_launches] == ["targets", "rows", "rows"]
+    forward, backward = ce_launches[1][1], ce_launches[2][1]
+    assert forward["LOSS"] and forward["SAVE_LSE"] and not forward["GRAD"]
+    assert backward["GRAD"] and backward["ROW_GRAD_OUTPUT"] and not backward["LOSS"]
+
+    ce_launches.clear()
+    with torch.no_grad():
+        cross_entropy(x, target, reduction="sum")
+    assert [name for name, _ in ce_launches] == ["targets", "rows", "sum"]
+    assert not ce_launches[1][1]["GRAD"]
+
+
+def test_other_devices_use_torch(ce_launches, monkeypatch, device):
+    monkeypatch.setattr(ce, "runs_triton", lambda device: False)
+    x, target, kwargs = make_inputs((6, 50), torch.float32, OPTIONS["all"], device)
+    check_against_torch(x.requires_grad_(), target, None, "mean", **kwargs)
+    assert not ce_launches
+
+
+# -- compilation for an H100 (sm_90) without a GPU, in a child process without TRITON_INTERPRET ---------
+
+CHILD = r"""
+import json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from fusedopt.kernels import cross_entropy as k
+
+T = {"fp32": tl.float32, "fp64": tl.float64, "bf16": tl.bfloat16, "fp16": tl.float16}
+out = []
+for name, signature, constexprs, aligned in json.loads(sys.argv[1]):
+    kernel = getattr(k, name)
+    constexprs = {key: T.get(value, value) if isinstance(value, str) else value for key, value in constexprs.items()}
+    # the launcher's 16-divisibility specialization of pointers, sizes and strides
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    try:
+        source = triton.compiler.ASTSource(fn=kernel, signature=dict(signature, **dict.fromkeys(constexprs, "constexpr")),
+                                           constexprs=constexprs, attrs=attrs)
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+        out.append({"ok": ".visible .entry" in ptx, "vector_loads": ptx.count("ld.global.v"), "error": ""})
+    except Exception as e:
+        out.append({"ok": False, "vector_loads": 0, "error": f"{type(e).__name__}: {e}"[:2000]})
+print(json.dumps(out))
+"""
+
+COMPUTE = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp32", "fp64": "fp64"}
+# row-kernel modes: forward with gradient (mean / sum), forward only, none's forward and backward
+ROW_MODES = {
+    "mean_grad": dict(LOSS=True, SAVE_LSE=False, GRAD=True, DIVIDE_BY_TOTAL=True, ROW_GRAD_OUTPUT=False),
+    "sum_grad": dict(LOSS=True, SAVE_LSE=False, GRAD=True, DIVIDE_BY_TOTAL=False, ROW_GRAD_OUTPUT=False),
+    "loss_only": dict(LOSS=True, SAVE_LSE=False, GRAD=False, DIVIDE_BY_TOTAL=False, ROW_GRAD_OUTPUT=False),
+    "none_forward": dict(LOSS=True, SAVE_LSE=True, GRAD=False, DIVIDE_BY_TOTAL=False, ROW_GRAD_OUTPUT=False),
+    "none_backward": dict(LOSS=False, SAVE_LSE=False, GRAD=True, DIVIDE_BY_TOTAL=False, ROW_GRAD_OUTPUT=True),
+}
+
+
+def _compile_variants() -> list:
+    out = []
+    for dt, ct in COMPUTE.items():
+        for i, (mode, switches) in enumerate(ROW_MODES.items()):
+            loss_dtype = dt if mode == "none_forward" else ct
+            signature = {
+                "logits": f"*{dt}", "target": "*i64", "weight": f"*{dt}", "stats": f"*{ct}", "lse": f"*{ct}",
+                "loss": f"*{loss_dtype}", "grad": f"*{dt}", "grad_output": f"*{dt}", "R": "i32", "C": "i32",
+                "stride_xn": "i32", "stride_gn": "i32", "stride_t": "i32", "stride_go": "i32",
+                "ignore_index": "i64", "label_smoothing": "fp64",
+            }  # fmt: skip
+            spatial = mode == "none_backward"  # S and the spatial strides are runtime values
+            if spatial:
+                signature |= {"S": "i32", "stride_xs": "i32", "stride_gs": "i32"}
+            block = 4096 if ct == "fp32" else 2048
+            rows = 4 if mode == "sum_grad" else 1  # a tile of several rows of 1024 (512) columns
+            constexprs = dict(
+                switches, DTYPE=dt, COMPUTE=ct, LOSS_DTYPE=loss_dtype, ROWS=rows, BLOCK=block // rows,
+                HAS_WEIGHT=i % 2 == 0, SMOOTHING=i < 3, stride_xc=1, stride_gc=1,
+            )  # fmt: skip
+            if not spatial:
+                constexprs |= {"S": 1, "stride_xs": 0, "stride_gs": 0}
+            aligned = ["logits", "grad", "weight", "C", "stride_xn", "stride_gn", "stride_xs", "stride_gs"]
+            aligned = [a for a in aligned if a in signature]
+            out.append(["cross_entropy_kernel", signature, constexprs, aligned if dt != "fp16" else []])
+        out.append([
+            "cross_entropy_targets_kernel",
+            {"target": "*u8" if dt == "fp16" else "*i64", "weight": f"*{dt}", "stats": f"*{ct}", "ok": "*i32",
+             "R": "i32", "C": "i32", "stride_t": "i32", "ignore_index": "i64"},
+            dict(COMPUTE=ct, HAS_WEIGHT=dt != "bf16", BLOCK=1024), [],
+        ])  # fmt: skip
+        out.append([
+            "cross_entropy_sum_kernel", {"loss": f"*{ct}", "stats": f"*{ct}", "out": f"*{dt}", "R": "i32"},
+            dict(DTYPE=dt, COMPUTE=ct, MEAN=dt != "fp16", BLOCK=1024), [],
+        ])  # fmt: skip
+        for first in (True, False):
+            out.append([
+                "cross_entropy_scale_kernel",
+                {"src": f"*{dt}", "dst": f"*{dt}", "grad_output": f"*{dt}", "applied": f"*{ct}", "numel": "i32"},
+                dict(DTYPE=dt, COMPUTE=ct, FIRST=first, BLOCK=4096), ["src", "dst"],
+            ])  # fmt: skip
+    return out
+
+
+VARIANTS = _compile_variants()
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(VARIANTS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_compile_for_sm90(compiled):
+    failures = [(v[0], v[2], r["error"]) for v, r in zip(VARIANTS, compiled, strict=True) if not r["ok"]]
+    assert not failures
+
+
+def test_aligned_rows_use_vector_loads(compiled):
+    for variant, result in zip(VARIANTS, compiled, strict=True):
+        if variant[0] == "cross_entropy_kernel" and variant[3]:
+            assert result["vector_loads"] > 0, variant
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_returns_the_dtype_torch_returns(reduction, triton_device):
+    """Under autocast torch runs cross-entropy in fp32: the loss is fp32, the gradient keeps the
+    logits' dtype."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 33, generator=gen).to(triton_device, torch.bfloat16).requires_grad_()
+    target = torch.randint(0, 33, (8,), generator=gen).to(triton_device)
+    ref = x.detach().clone().requires_grad_()
+    with torch.autocast(triton_device, dtype=torch.bfloat16):
+        ours = cross_entropy(x, target, reduction=reduction)
+        theirs = torch.nn.functional.cross_entropy(ref, target, reduction=reduction)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    ours.sum().backward()
+    theirs.sum().backward()
+    assert x.grad.dtype == ref.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), ref.grad.float(), rtol=2e-2, atol=1e-3)
+
+
+def test_module_face_trains_like_the_stock_module(triton_device):
+    """fusedopt.nn.FusedCrossEntropyLoss is an nn.CrossEntropyLoss: same arguments, same
+    training curve for a small classifier."""
+    import fusedopt.nn
+
+    assert issubclass(fusedopt.nn.FusedCrossEntropyLoss, torch.nn.CrossEntropyLoss)
+    torch.manual_seed(0)
+    x = torch.randn(64, 10, device=triton_device)
+    target = torch.randint(0, 7, (64,), device=triton_device)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 7)).to(
+        triton_device
+    )
+    twin = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 7)).to(
+        triton_device
+    )
+    twin.load_state_dict(model.state_dict())
+    weight = torch.rand(7, device=triton_device) + 0.5
+    kwargs = dict(weight=weight, ignore_index=3, label_smoothing=0.1)
+    ours, theirs = fusedopt.nn.FusedCrossEntropyLoss(**kwargs), torch.nn.CrossEntropyLoss(**kwargs)
+    opt, ref = torch.optim.SGD(model.parameters(), lr=0.5), torch.optim.SGD(twin.parameters(), lr=0.5)
+    for _ in range(5):
+        for m, crit, o in ((model, ours, opt), (twin, theirs, ref)):
+            o.zero_grad()
+            loss = crit(m(x), target)
+            loss.backward()
+            o.step()
+        torch.testing.assert_close(ours(model(x), target), theirs(twin(x), target), rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
