@@ -20,6 +20,17 @@ def device(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def triton_device(device) -> str:
+    """``device`` where fusedopt runs its Triton kernels: CUDA, and CPU only under the
+    interpreter (elsewhere CPU tensors take the plain-torch path, tested through ``device``)."""
+    from fusedopt._multi_tensor import runs_triton
+
+    if not runs_triton(torch.device(device)):
+        pytest.skip("CPU tensors take the plain-torch path in this process")
+    return device
+
+
 class Launches(list):
     """Every launch of the optimizer kernels in a test, as ``(name, args, kwargs)``."""
 

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedopt.cross_entropy as ce
-from fusedopt._multi_tensor import runs_triton
 from fusedopt.cross_entropy import CrossEntropyFunction, cross_entropy
 from fusedopt.kernels import cross_entropy as kernels
 
@@ -96,14 +95,6 @@ CASES = (
     + [Case((33, 65), torch.float32, r, o, 64, 128) for r in REDUCTIONS for o in ("plain", "all")]
     + [Case((4, 3, 129), dt, "mean", "all", 64, 64) for dt in (torch.float32, torch.bfloat16)]
 )
-
-
-@pytest.fixture
-def triton_device(device) -> str:
-    """``device`` where cross_entropy runs the kernels (CPU only under the interpreter)."""
-    if not runs_triton(torch.device(device)):
-        pytest.skip("cross_entropy runs torch's op on this device")
-    return device
 
 
 @pytest.fixture

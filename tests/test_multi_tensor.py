@@ -59,14 +59,16 @@ def _count_step(cls, kwargs, n: int, device: str, launches) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize(("cls", "kwargs", "kernel"), OPTIMIZERS, ids=lambda x: getattr(x, "__name__", ""))
-def test_launches_do_not_grow_with_tensor_count(cls, kwargs, kernel, device, launches):
+def test_launches_do_not_grow_with_tensor_count(cls, kwargs, kernel, triton_device, launches):
+    device = triton_device
     few = _count_step(cls, kwargs, 4, device, launches)
     many = _count_step(cls, kwargs, 64, device, launches)
     assert few[0] == many[0] == 1, "one Triton launch per device and dtype"
     assert few[1] == many[1], f"torch ops per step: {few[1]} for 4 tensors, {many[1]} for 64"
 
 
-def test_one_launch_per_dtype(device, launches):
+def test_one_launch_per_dtype(triton_device, launches):
+    device = triton_device
     params = [
         torch.randn(5, device=device, dtype=dtype, requires_grad=True)
         for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.float16)
@@ -77,9 +79,10 @@ def test_one_launch_per_dtype(device, launches):
     assert len(launches) == 3
 
 
-def test_hyper_parameters_are_runtime_values(device, launches):
+def test_hyper_parameters_are_runtime_values(triton_device, launches):
     """A changed lr (or betas, eps, momentum...) changes tensor contents, never the kernel's
     specialisation: every positional argument is a tensor and the constexprs stay the same."""
+    device = triton_device
     params = _params(3, device)
     opt = fusedopt.FusedAdam(params, lr=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
@@ -95,7 +98,8 @@ def test_hyper_parameters_are_runtime_values(device, launches):
     assert lrs == [1e-3, 5e-4, 2.5e-4]
 
 
-def test_plan_is_cached_and_grad_table_follows_new_grads(device, monkeypatch):
+def test_plan_is_cached_and_grad_table_follows_new_grads(triton_device, monkeypatch):
+    device = triton_device
     params = _params(6, device)
     opt = fusedopt.FusedSGD(params, lr=0.1, momentum=0.9)
     built = []
@@ -136,11 +140,12 @@ def _offsets_kernel(meta, owner, out, BLOCK: tl.constexpr):
     tl.store(out + 2 * BLOCK, full.to(tl.int64))
 
 
-def test_block_offsets_are_int64(device):
+def test_block_offsets_are_int64(triton_device):
     """A block far past 2**31 elements gets exact offsets (tensors over 2**31 elements exist).
 
     The tensor's first block is placed so that program 0 is its block number 2**22 + 3.
     """
+    device = triton_device
     block = 1024
     local = (1 << 22) + 3  # block * local > 2**32
     numel = block * local + 100

@@ -230,7 +230,8 @@ def test_params_not_an_iterable_raises_like_torch(torch_cls, fused_cls):
 
 @pytest.mark.parametrize("fused_first", [False, True], ids=["torch->fused", "fused->torch"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_state_dict_interchange(case, fused_first, device, launches):
+def test_state_dict_interchange(case, fused_first, triton_device, launches):
+    device = triton_device
     first_cls, second_cls = (
         (case.fused_cls, case.torch_cls) if fused_first else (case.torch_cls, case.fused_cls)
     )
@@ -481,7 +482,8 @@ TORCH_FLAGS = [dict(fused=False), dict(foreach=True), dict(differentiable=True)]
 
 @pytest.mark.parametrize("flags", TORCH_FLAGS, ids=lambda f: next(iter(f)))
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_torch_implementation_flags(case, flags, device, launches):
+def test_torch_implementation_flags(case, flags, triton_device, launches):
+    device = triton_device
     # differentiable steps run with grad enabled: params must not be leaves requiring grad.
     requires_grad = not flags.get("differentiable", False)
     ours, theirs = make(device, requires_grad=requires_grad), make(device, requires_grad=requires_grad)
@@ -494,7 +496,8 @@ def test_torch_implementation_flags(case, flags, device, launches):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_torch_flag_applies_per_group(case, device, launches):
+def test_torch_flag_applies_per_group(case, triton_device, launches):
+    device = triton_device
     ours, theirs = make(device), make(device)
 
     def groups(params):
@@ -509,7 +512,8 @@ def test_torch_flag_applies_per_group(case, device, launches):
 
 @pytest.mark.parametrize("fused", [None, True], ids=["fused=None", "fused=True"])
 @pytest.mark.parametrize("case", [SGD_PLAIN, *CASES], ids=case_id)
-def test_default_path_launches_one_kernel_per_step(case, fused, device, launches):
+def test_default_path_launches_one_kernel_per_step(case, fused, triton_device, launches):
+    device = triton_device
     ours, theirs = make(device, [(3, 4), (5,), (), (7, 3)]), make(device, [(3, 4), (5,), (), (7, 3)])
     opt = case.fused_cls(ours, fused=fused, **case.kwargs)
     ref = case.torch_cls(theirs, **case.kwargs)
@@ -525,7 +529,8 @@ INF_STEP = 3
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_grad_scaler_with_fused_true(case, device, launches):
+def test_grad_scaler_with_fused_true(case, triton_device, launches):
+    device = triton_device
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
     twin = copy.deepcopy(model)
@@ -685,8 +690,9 @@ MIXED_DTYPES = [
     ],
     ids=case_id,
 )
-def test_mixed_dtypes_in_one_group(case, device, launches):
+def test_mixed_dtypes_in_one_group(case, triton_device, launches):
     """Oracle: torch's for-loop step; bf16 params through fp32 copies rounded to bf16 each step."""
+    device = triton_device
     ours = make(device, MIXED_DTYPES)
     theirs = [leaves([p], F32 if p.dtype == torch.bfloat16 else None)[0] for p in ours]
     low = [p.dtype == torch.bfloat16 for p in ours]
