@@ -1,11 +1,11 @@
-# `make test` and `make demo` work on a fresh CPU-only machine: they create .venv (reusing an
-# installed torch through --system-site-packages), install torch==2.13.0 (a CPU build here)
-# only if no torch is importable, then install fusedopt with its test tools.
+# `make test`, `make check` and `make demo` work on a fresh CPU-only machine: they create .venv
+# (reusing an installed torch through --system-site-packages), install torch==2.13.0 (a CPU build
+# here) only if no torch is importable, then install fusedopt with its test tools.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint format demo bench gpu-check clean
+.PHONY: setup test lint format check demo bench bench-smoke gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -26,12 +26,24 @@ format: setup
 	$(PY) -m ruff check --fix fusedopt tests benchmarks
 	$(PY) -m ruff format fusedopt tests benchmarks
 
+# The main job: every fused optimizer and loss against torch on this machine (CPU: through the
+# Triton interpreter, about a minute); exits non-zero on any result outside the tolerance.
+check: setup
+	$(PY) -m fusedopt check
+
 demo: setup
 	$(PY) -m fusedopt.demo
 
-# GPU only: tests on the GPU and step timings (see benchmarks/gpu_check.sh).
+# Timings need a CUDA GPU; without one `bench` runs its smoke version. Output in fusedopt-bench/.
+bench: setup
+	$(PY) -m fusedopt bench
+
+bench-smoke: setup
+	$(PY) -m fusedopt bench --smoke
+
+# GPU only: tests, check and benchmarks on the GPU (see benchmarks/gpu_check.sh).
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info fusedopt-bench

@@ -61,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         if "fusedopt" in sys.modules:
             raise RuntimeError("fusedopt was imported before TRITON_INTERPRET could be set")
         os.environ["TRITON_INTERPRET"] = "1"  # this process only: it measures host planning time
-    # fusedopt reads TRITON_INTERPRET when imported, so it (through bench_optim) comes after.
-    import bench_optim as bo
-
+    # fusedopt reads TRITON_INTERPRET when imported, so it comes after.
     from fusedopt import _multi_tensor
+    from fusedopt.cli import bench_optim as bo
+    from fusedopt.cli import common
 
-    env = bo.environment()
+    env = common.environment()
     if cuda:
         if _multi_tensor.INTERPRET:
             print("WARNING: TRITON_INTERPRET=1 is set: CUDA steps run in the interpreter.")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for layout in ["many4k", "gpt2"]:
         shapes = bo.LAYOUTS[layout]()
-        params = bo.make_params(shapes, bo.DTYPES[args.dtype], device)
+        params = bo.make_params(shapes, common.DTYPES[args.dtype], device)
         for name in ["adam", "sgd"]:
             spec = bo.OPTIMIZERS[name]
             for impl in impls:
@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         ("us_mean", "mean", ".1f"),
         ("us_min", "min", ".1f"),
     ]
-    bo.print_table(rows, columns)
+    common.print_table(rows, columns)
     if args.out:
         stamp = env["timestamp_utc"].replace("-", "").replace(":", "")
-        log = bo.CsvLog(
+        log = common.CsvLog(
             Path(args.out) / f"host_overhead_{stamp}.csv",
             [*env, "device", "dtype", *(k for k, _, _ in columns)],
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 import fusedopt
+from fusedopt.tolerance import FP32_NOISE, OPTIM_TOLERANCE, spacing
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,8 @@ ADAM_CASES = [
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
-# One table. fp32/fp64: relative error against torch's for-loop path. bf16/fp16: distance in
-# units in the last place from the fp32-rounded-each-step oracle.
-TOLERANCE = {
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float64: dict(rtol=1e-12, atol=1e-14),
-    torch.bfloat16: dict(ulps=1),
-    torch.float16: dict(ulps=1),
-}
+# The tolerance table (fusedopt/tolerance.py, shared with `python -m fusedopt check`).
+TOLERANCE = OPTIM_TOLERANCE
 
 STEPS = 7
 
@@ -111,13 +106,6 @@ def _dense(t: torch.Tensor) -> bool:
     return t.numel() <= 1 or torch.empty_like(t).stride() == t.stride()
 
 
-def spacing(x: torch.Tensor) -> torch.Tensor:
-    """Distance from |x| to the next representable value of x's dtype, as float64."""
-    mag = x.abs().contiguous()
-    up = (mag.view(torch.int16) + 1).view(x.dtype)
-    return up.double() - mag.double()
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     tol = TOLERANCE[actual.dtype]
     actual, expected = actual.cpu(), expected.to(actual.dtype).cpu()
@@ -129,7 +117,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
     # One rounding step of the dtype at the expected value, plus fp32 rounding noise of the
     # operands (visible only where a result cancels to near zero).
     err = (actual.double() - expected.double()).abs()
-    floor = 8 * 2.0**-24 * expected.double().abs().max()
+    floor = FP32_NOISE * expected.double().abs().max()
     allowed = tol["ulps"] * spacing(expected) + floor
     worst = int((err - allowed).argmax())
     assert bool((err <= allowed).all()), (

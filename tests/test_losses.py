@@ -25,6 +25,7 @@ from fusedopt import functional as F
 from fusedopt import nn as fnn
 from fusedopt._multi_tensor import runs_triton
 from fusedopt.kernels import losses as kernels
+from fusedopt.tolerance import FP32_NOISE, LOSS_TOLERANCE
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -32,15 +33,8 @@ REDUCTIONS = ["mean", "sum", "none"]
 OPS = ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
 WEIGHTED_OPS = ["mse_loss", "l1_loss", "huber_loss"]
 
-# One table. fp32/fp64: relative error, with an absolute floor of rtol * max|expected| (sums of
-# signed terms may cancel). bf16/fp16: rounding steps of the dtype at the expected value (the
-# fused path rounds a stored gradient twice when grad_output != 1), plus fp32 summation noise.
-TOLERANCE = {
-    torch.float32: dict(rtol=1e-5),
-    torch.float64: dict(rtol=1e-12),
-    torch.bfloat16: dict(ulps=2),
-    torch.float16: dict(ulps=2),
-}
+# The tolerance table (fusedopt/tolerance.py, shared with `python -m fusedopt check`).
+TOLERANCE = LOSS_TOLERANCE
 
 # Shapes of the value/gradient matrix: 0-d, one element, odd sizes, empty, and "strided": an
 # input that is a [:, ::2] view and a target that is a transposed matrix.
@@ -71,7 +65,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
         )
         return
     err = (actual.double() - expected.double()).abs()
-    allowed = tol["ulps"] * spacing(expected) + 8 * 2.0**-24 * scale
+    allowed = tol["ulps"] * spacing(expected) + FP32_NOISE * scale
     worst = int((err - allowed).argmax())
     assert bool((err <= allowed).all()), (
         f"{what}: {actual[worst].item()} vs {expected[worst].item()} "

@@ -1,0 +1,58 @@
+"""The tolerance contract: how close fusedopt's results must be to torch's.
+
+One table per family, used by the tests (``tests/optim_cases.py``, ``tests/test_losses.py``)
+and by ``python -m fusedopt check``:
+
+* fp32 / fp64: element-wise ``|ours - torch| <= atol + rtol * |torch|``, torch run on the same
+  tensors (optimizers: torch.optim's for-loop path). For the losses ``atol`` is ``rtol`` times
+  the largest expected magnitude (sums of signed terms may cancel).
+* bf16 / fp16: the oracle is torch's algorithm in fp32 from the same values, rounded to the
+  dtype (optimizers: after every step, params and every state tensor). Allowed: ``ulps``
+  rounding steps of the dtype at the expected value, plus fp32 rounding noise
+  (``8 * 2**-24 * max|expected|``), visible only where a result cancels to near zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+OPTIM_TOLERANCE: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-12, atol=1e-14),
+    torch.bfloat16: dict(ulps=1),
+    torch.float16: dict(ulps=1),
+}
+
+# The fused losses round a stored gradient twice when grad_output != 1: two steps in bf16/fp16.
+LOSS_TOLERANCE: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: dict(rtol=1e-5),
+    torch.float64: dict(rtol=1e-12),
+    torch.bfloat16: dict(ulps=2),
+    torch.float16: dict(ulps=2),
+}
+
+FP32_NOISE = 8 * 2.0**-24  # relative to the largest expected magnitude
+
+
+def spacing(x: torch.Tensor) -> torch.Tensor:
+    """Distance from |x| to the next representable value of x's 16-bit dtype, as float64."""
+    mag = x.abs().contiguous()
+    up = (mag.view(torch.int16) + 1).view(x.dtype)
+    return up.double() - mag.double()
+
+
+def allowed_error(expected: torch.Tensor, dtype: torch.dtype, table: dict) -> torch.Tensor:
+    """Largest ``|ours - expected|`` the contract allows at each element, as float64.
+
+    Args:
+        expected: the oracle, any shape (converted to ``dtype``).
+        dtype: the dtype of the result under test (selects the row of ``table``).
+        table: ``OPTIM_TOLERANCE`` or ``LOSS_TOLERANCE``.
+    """
+    tol = table[dtype]
+    e = expected.detach().to(dtype)
+    scale = e.double().abs().max() if e.numel() else torch.zeros((), dtype=torch.float64)
+    if "ulps" in tol:
+        return tol["ulps"] * spacing(e) + FP32_NOISE * scale
+    atol = tol["atol"] if "atol" in tol else tol["rtol"] * scale
+    return atol + tol["rtol"] * e.double().abs()

@@ -1,0 +1,263 @@
+"""The ``fusedopt`` command: ``check`` and ``bench`` at tiny sizes (CPU: through the interpreter).
+
+Most tests call ``fusedopt.__main__.main`` in this process (conftest has set
+``TRITON_INTERPRET=1`` without a GPU, so nothing is re-run); the tests of the re-run itself, of
+``--help`` and of importing fusedopt start a fresh Python without the variable.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedopt
+from fusedopt import functional as FF
+from fusedopt.__main__ import main
+from fusedopt.cli import bench, check, common
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA = torch.cuda.is_available()
+# A 1-layer GPT-shaped param list (16 tensors, ~700 elements) and 5 x 37 loss inputs.
+TINY = ["--steps", "2", "--width", "8", "--layers", "1", "--vocab", "13", "--rows", "5", "--classes", "37"]
+TINY += ["--no-progress"]
+
+
+def fresh_python(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python args`` in a new process whose environment has no TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# The command line ----------------------------------------------------------------------------
+
+
+def test_help(capsys):
+    run = fresh_python("-m", "fusedopt", "--help")
+    assert run.returncode == 0, run.stderr
+    assert "check" in run.stdout and "bench" in run.stdout and "TRITON_INTERPRET=1" in run.stdout
+    for command, flags in (
+        ("check", ["--optimizers", "--losses", "--dtypes", "--steps", "--width", "--no-progress"]),
+        ("bench", ["--suites", "--layouts", "--dtypes", "--impls", "--smoke", "--out", "--budget"]),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert all(flag in text for flag in flags), text
+
+
+def test_importing_fusedopt_leaves_the_environment_alone():
+    code = (
+        "import os, torch, triton\n"
+        "before = dict(os.environ)\n"
+        "import fusedopt, fusedopt.functional, fusedopt.nn, fusedopt.__main__\n"
+        "import fusedopt.cli.check, fusedopt.cli.bench\n"
+        "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n"
+        "assert 'TRITON_INTERPRET' not in os.environ\n"
+        "from fusedopt import _multi_tensor\n"
+        "assert not _multi_tensor.INTERPRET\n"
+    )
+    run = fresh_python("-c", code)
+    assert run.returncode == 0, run.stderr
+
+
+def test_check_command_reruns_itself_with_the_interpreter():
+    run = fresh_python("-m", "fusedopt", "check", "--optimizers", "adam", "--losses", "cross_entropy", *TINY)
+    assert run.returncode == 0, run.stdout + run.stderr
+    if not CUDA:
+        assert "re-running in a child process with TRITON_INTERPRET=1" in run.stdout
+        assert "Triton kernels through the CPU interpreter" in run.stdout
+    lines = [line for line in run.stdout.splitlines() if line.startswith(("FusedAdam ", "cross_entropy "))]
+    assert len(lines) == 2 * (4 + 3), run.stdout  # 4 Adam and 3 cross-entropy cases, fp32 and bf16
+    assert all(line.rstrip().endswith("PASS") for line in lines), run.stdout
+    assert "OK: all 14 checks within tolerance" in run.stdout
+
+
+# check: passes, and flags what is wrong ------------------------------------------------------
+
+
+class DriftingSGD(fusedopt.FusedSGD):
+    """FusedSGD whose params come out 1 % too large."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.mul_(1.01)
+        return loss
+
+
+class ForgetfulSGD(fusedopt.FusedSGD):
+    """FusedSGD whose momentum buffers decay by 1 % more than they should, params untouched."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        with torch.no_grad():
+            for state in self.state.values():
+                state["momentum_buffer"].mul_(0.99)
+        return loss
+
+
+def wrong_grad_mse(input, target, **kwargs):
+    """MSE with the right value and a gradient 1 % too large."""
+    scaled = input * 1.01 - (input * 0.01).detach()
+    return FF.mse_loss(scaled, target, **kwargs)
+
+
+def run_check(monkeypatch, capsys, *argv: str, optim=(), losses=()) -> tuple[int, str]:
+    monkeypatch.setattr(check, "OPTIM_CASES", [*check.OPTIM_CASES, *optim])
+    monkeypatch.setattr(check, "LOSS_CASES", [*check.LOSS_CASES, *losses])
+    status = main(["check", *argv, *TINY])
+    return status, capsys.readouterr().out
+
+
+def verdicts(out: str, name: str) -> list[str]:
+    return [line.split()[-1] for line in out.splitlines() if line.startswith(name + " ")]
+
+
+def test_check_passes(monkeypatch, capsys):
+    status, out = run_check(
+        monkeypatch, capsys, "--optimizers", "sgd", "adamw", "--losses", "mean", "l1_loss"
+    )
+    assert status == 0, out
+    assert verdicts(out, "FusedSGD") == ["PASS"] * 8
+    assert verdicts(out, "FusedAdamW") == ["PASS"] * 4
+    assert verdicts(out, "mean") == ["PASS"] * 4 and verdicts(out, "l1_loss") == ["PASS"] * 2
+    assert "momentum_buffer" in out and "max_exp_avg_sq" in out and "err/tol" in out
+    assert "OK: all 18 checks within tolerance" in out
+
+
+@pytest.mark.parametrize("wrong", [DriftingSGD, ForgetfulSGD])
+def test_check_flags_a_wrong_optimizer(monkeypatch, capsys, wrong):
+    case = check.OptimCase("wrong", wrong, torch.optim.SGD, dict(lr=0.1, momentum=0.9))
+    status, out = run_check(monkeypatch, capsys, "--optimizers", "wrong", "sgd", "--losses", optim=[case])
+    assert status == 1, out
+    assert verdicts(out, wrong.__name__) == ["FAIL", "FAIL"]  # fp32 and bf16
+    assert verdicts(out, "FusedSGD") == ["PASS"] * 8  # the real one, in the same run
+    assert f"FAIL: {wrong.__name__} (lr=0.1 mom=0.9) fp32: worst" in out
+    assert "FAILED: 2 of 10 checks" in out
+    worst = "state[momentum_buffer]" if wrong is ForgetfulSGD else ""
+    assert worst in out
+
+
+def test_check_flags_a_wrong_loss_and_an_exception(monkeypatch, capsys):
+    def raises(input, target, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    cases = [
+        check.LossCase("wrong_mse", wrong_grad_mse, F.mse_loss, "regression"),
+        check.LossCase("raising_mse", raises, F.mse_loss, "regression"),
+    ]
+    args = ["--optimizers", "--losses", "wrong_mse", "raising_mse", "mse_loss"]
+    status, out = run_check(monkeypatch, capsys, *args, losses=cases)
+    assert status == 1, out
+    assert verdicts(out, "wrong_mse") == ["FAIL", "FAIL"]
+    assert verdicts(out, "raising_mse") == ["ERROR", "ERROR"]
+    assert verdicts(out, "mse_loss") == ["PASS"] * 6
+    assert "ERROR: raising_mse (defaults) fp32: RuntimeError: kernel exploded" in out
+    assert "FAIL: wrong_mse (defaults) bf16: worst grad" in out
+
+
+def test_check_compares_every_state_tensor():
+    sizes = check.Sizes(width=8, layers=1, vocab=13, rows=5, classes=37)
+    case = check.OptimCase("adam", fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, amsgrad=True))
+    result = check.run_optim_case(case, torch.float32, "cuda" if CUDA else "cpu", sizes, steps=2, seed=0)
+    assert result.verdict == "PASS", result
+    assert set(result.errors) == {"param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert not result.notes and result.ratio <= 1.0
+
+
+# bench ----------------------------------------------------------------------------------------
+
+EXPECTED_COLUMNS = ["gpu", "torch", "triton", "cuda", "timestamp_utc", "suite", "case", "impl", "layout"]
+EXPECTED_COLUMNS += ["dtype", "tensors", "numel", "bytes_per_elt", "bytes", "ms", "ms_p20", "ms_p80", "gbps"]
+EXPECTED_COLUMNS += [
+    "copy_gbps",
+    "pct_copy_bw",
+    "fusedopt_speedup",
+    "peak_extra_mib",
+    "graph_ms",
+    "graph_note",
+]
+EXPECTED_COLUMNS += ["status", "note"]
+BENCH_TINY = ["--optimizers", "sgd", "adam", "--losses", "mse-64m", "ce-8192x50257", "--dtypes", "fp32"]
+BENCH_TINY += ["--compile-backend", "eager", "--no-progress"]
+
+
+def outputs(folder: Path) -> tuple[list[dict], Path, Path]:
+    (csv_path,) = folder.glob("bench_*.csv")
+    with csv_path.open() as f:
+        reader = csv.DictReader(f)
+        assert set(EXPECTED_COLUMNS) <= set(reader.fieldnames), reader.fieldnames
+        rows = list(reader)
+    png, md = csv_path.with_suffix(".png"), csv_path.with_suffix(".md")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rows, png, md
+
+
+def test_bench_smoke_writes_csv_and_png(tmp_path, capsys):
+    status = main(["bench", "--smoke", "--out", str(tmp_path), *BENCH_TINY])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    if not CUDA:
+        assert "Timings need a CUDA GPU: nothing is timed here" in out
+    assert "byte floor of one optimizer step" in out and "single64m" in out
+    rows, _, md = outputs(tmp_path)
+    optim = [r for r in rows if r["suite"] == "optim"]
+    losses = [r for r in rows if r["suite"] == "losses"]
+    assert {r["impl"] for r in optim} == set(bench.bench_optim.IMPLS)
+    assert len(optim) == 2 * 5 and len(losses) == 2 * 3
+    assert {r["impl"] for r in losses} == set(bench.bench_losses.IMPLS)
+    for r in rows:
+        assert r["status"] == "smoke", r
+        assert r["ms"] == r["gbps"] == r["pct_copy_bw"] == "", r  # nothing timed, nothing claimed
+        assert r["gpu"] and r["torch"] == torch.__version__ and r["timestamp_utc"]
+        assert int(r["bytes"]) == int(r["numel"]) * int(r["bytes_per_elt"])
+    sgd = next(r for r in optim if r["case"].startswith("FusedSGD"))
+    assert int(sgd["bytes_per_elt"]) == 20  # read p, g, buf; write p, buf
+    assert "nothing was timed" in md.read_text()
+
+
+def test_bench_report_with_timings(tmp_path, capsys, monkeypatch):
+    """The timed report (GB/s, % of copy, speed-ups, plot) on a fake clock: no GPU needed."""
+    clock = itertools.count(1)
+
+    def fake_bench(fn, warmup, rep):
+        fn()
+        ms = float(next(clock))
+        return common.Timing(ms, 0.9 * ms, 1.1 * ms)
+
+    monkeypatch.setattr(common, "do_bench", fake_bench)
+    monkeypatch.setattr(common, "peak_extra_mib", lambda fn: 0.0)
+    monkeypatch.setattr(bench, "timing_enabled", lambda device, smoke: True)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda numel, ctx: (common.Timing(1, 1, 1), 1e-3))
+    argv = ["--suites", "optim", "--optimizers", "sgd", "--dtypes", "fp32", "--no-progress"]
+    argv += ["--impls", "fusedopt", "torch-forloop", "torch-foreach", "--graph-layouts"]
+    status = main(["bench", "--smoke", "--out", str(tmp_path), *argv])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    rows, _, md = outputs(tmp_path)
+    copy, ours, forloop, foreach = rows
+    assert copy["suite"] == "copy" and float(copy["pct_copy_bw"]) == 100
+    assert [r["impl"] for r in (ours, forloop, foreach)] == ["fusedopt", "torch-forloop", "torch-foreach"]
+    for r in (ours, forloop, foreach):
+        ms = float(r["ms"])
+        assert float(r["gbps"]) == pytest.approx(int(r["bytes"]) / (ms * 1e-3) / 1e9)
+        assert float(r["pct_copy_bw"]) == pytest.approx(100 * float(r["gbps"]) / 1e-3)
+        assert float(r["fusedopt_speedup"]) == pytest.approx(ms / float(ours["ms"]))
+        assert float(r["ms_p20"]) < ms < float(r["ms_p80"])
+    assert float(foreach["fusedopt_speedup"]) > float(forloop["fusedopt_speedup"]) > 1
+    text = md.read_text()
+    assert "fusedopt and its speed-up over each torch path" in text and "x vs foreach" in text
