@@ -23,7 +23,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fusedopt.losses
 from fusedopt import functional as F
 from fusedopt import nn as fnn
-from fusedopt._multi_tensor import runs_triton
 from fusedopt.kernels import losses as kernels
 from fusedopt.tolerance import FP32_NOISE, LOSS_TOLERANCE
 
@@ -144,14 +143,6 @@ def quiet(fn, *args, **kwargs):
 
 
 @pytest.fixture
-def triton_device(device) -> str:
-    """``device`` where the fused ops run the kernels (CPU only under the interpreter)."""
-    if not runs_triton(torch.device(device)):
-        pytest.skip("the fused ops run torch's op on this device")
-    return device
-
-
-@pytest.fixture
 def loss_launches(monkeypatch) -> Counter:
     """Counts the launches of every loss kernel (``kernel[grid](...)`` calls ``kernel.run``)."""
     counts: Counter = Counter()
@@ -190,7 +181,8 @@ def test_matches_torch(name, reduction, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", WEIGHTED_OPS)
-def test_weighted_matches_torch(name, reduction, dtype, device):
+def test_weighted_matches_torch(name, reduction, dtype, triton_device):
+    device = triton_device
     x, y = make_pair((33, 65), dtype, device)
     gen = torch.Generator().manual_seed(3)
     w = (torch.rand(33, 65, generator=gen) + 0.5).to(device=device, dtype=dtype)
@@ -294,7 +286,8 @@ def test_bad_loss_parameter(name, kwargs, device):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", OPS)
-def test_broadcast_warns_and_matches(name, reduction, device):
+def test_broadcast_warns_and_matches(name, reduction, triton_device):
+    device = triton_device
     for x_shape, y_shape in (((33, 65), (65,)), ((65,), (33, 65))):
         gen = torch.Generator().manual_seed(11)
         x = torch.randn(x_shape, generator=gen).to(device).requires_grad_()
