@@ -56,3 +56,16 @@ def allowed_error(expected: torch.Tensor, dtype: torch.dtype, table: dict) -> to
         return tol["ulps"] * spacing(e) + FP32_NOISE * scale
     atol = tol["atol"] if "atol" in tol else tol["rtol"] * scale
     return atol + tol["rtol"] * e.double().abs()
+
+
+@torch.no_grad()
+def round_to_storage_(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], dtype: torch.dtype
+) -> None:
+    """Make an fp32 torch optimizer the bf16/fp16 oracle: round its params and every state
+    tensor but ``step`` to ``dtype`` (in place, kept in fp32). Call after each step."""
+    for q in params:
+        q.copy_(q.to(dtype))
+        for key, v in optimizer.state[q].items():
+            if key != "step":
+                v.copy_(v.to(dtype))

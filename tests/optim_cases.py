@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 import fusedopt
-from fusedopt.tolerance import FP32_NOISE, OPTIM_TOLERANCE, spacing
+from fusedopt.tolerance import FP32_NOISE, OPTIM_TOLERANCE, round_to_storage_, spacing
 
 
 @dataclass(frozen=True)
@@ -143,13 +143,8 @@ def run_parity(case: Case, device: str, dtype: torch.dtype, steps: int = STEPS) 
             q.grad = g.to(q.dtype)
         opt.step()
         ref.step()
-        if low_precision:  # round the oracle's params and state to the dtype after each step
-            with torch.no_grad():
-                for q in theirs:
-                    q.copy_(q.to(dtype))
-                    for key, v in ref.state[q].items():
-                        if key != "step":
-                            v.copy_(v.to(dtype))
+        if low_precision:
+            round_to_storage_(ref, theirs, dtype)
     for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
         assert_close(p.detach(), q.detach(), f"param {i} {tuple(p.shape)}")
         mine, expected = opt.state[p], ref.state[q]

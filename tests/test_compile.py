@@ -7,13 +7,8 @@ compilation happens in a child process without it.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from sm90 import compile_in_child
 
 pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
 
@@ -122,17 +117,7 @@ VARIANTS = _optimizer_variants("adam", ADAM_FLAGS) + _optimizer_variants("sgd", 
 
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    run = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(VARIANTS)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return compile_in_child(CHILD, VARIANTS)
 
 
 @pytest.mark.parametrize("index", range(len(VARIANTS)), ids=lambda i: f"{VARIANTS[i][0]}-{i}")

@@ -8,15 +8,11 @@ reference is torch in fp32 (fp64 for fp64) from the same, possibly low-precision
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from sm90 import compile_in_child
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedopt.cross_entropy as ce
@@ -586,18 +582,7 @@ VARIANTS = _compile_variants()
 
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
-    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    run = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(VARIANTS)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return compile_in_child(CHILD, VARIANTS)
 
 
 def test_kernels_compile_for_sm90(compiled):

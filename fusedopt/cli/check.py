@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import fusedopt
 from fusedopt import functional as FF
 from fusedopt.cli import common
-from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE, allowed_error
+from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE, allowed_error, round_to_storage_
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -267,12 +267,7 @@ def run_optim_case(case: OptimCase, dtype: torch.dtype, device: str, sizes: Size
         opt.step()
         ref.step()
         if low:  # the oracle: torch in fp32, params and state rounded to the dtype after each step
-            with torch.no_grad():
-                for q in theirs:
-                    q.copy_(q.to(dtype))
-                    for key, v in ref.state[q].items():
-                        if key != "step":
-                            v.copy_(v.to(dtype))
+            round_to_storage_(ref, theirs, dtype)
     for (name, _), p, q in zip(shapes, ours, theirs, strict=True):
         result.compare("param", name, p, q, OPTIM_TOLERANCE)
         mine, expected = opt.state[p], ref.state[q]
