@@ -42,13 +42,11 @@ class Launches(list):
         return out
 
 
-@pytest.fixture
-def launches(monkeypatch) -> Launches:
-    """Records the Triton launches of the optimizer kernels (``kernel[grid](...)`` calls ``run``)."""
-    from fusedopt.kernels import adam, sgd
-
+def record_launches(monkeypatch, kernels: dict) -> Launches:
+    """Record every launch of ``kernels`` (name -> Triton kernel) for the test's duration:
+    ``kernel[grid](...)`` calls ``kernel.run``, which is wrapped."""
     record = Launches()
-    for name, kernel in (("adam", adam.adam_kernel), ("sgd", sgd.sgd_kernel)):
+    for name, kernel in kernels.items():
 
         def run(*args, _run=kernel.run, _name=name, **kwargs):
             record.append((_name, args, kwargs))
@@ -56,3 +54,11 @@ def launches(monkeypatch) -> Launches:
 
         monkeypatch.setattr(kernel, "run", run)
     return record
+
+
+@pytest.fixture
+def launches(monkeypatch) -> Launches:
+    """The launches of the optimizer kernels ("adam", "sgd")."""
+    from fusedopt.kernels import adam, sgd
+
+    return record_launches(monkeypatch, {"adam": adam.adam_kernel, "sgd": sgd.sgd_kernel})

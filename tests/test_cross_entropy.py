@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Launches, record_launches
 from sm90 import compile_in_child
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -452,42 +453,33 @@ def test_deterministic(triton_device, sizes):
 
 
 @pytest.fixture
-def ce_launches(monkeypatch) -> list[tuple[str, dict]]:
-    """Every launch of the cross-entropy kernels as ``(name, constexpr switches)``."""
-    record = []
-    for name in ("targets", "rows", "sum", "scale"):
-        kernel = getattr(
-            kernels, "cross_entropy_kernel" if name == "rows" else f"cross_entropy_{name}_kernel"
-        )
-
-        def run(*args, _run=kernel.run, _name=name, **kw):
-            record.append((_name, kw))
-            return _run(*args, **kw)
-
-        monkeypatch.setattr(kernel, "run", run)
-    return record
+def ce_launches(monkeypatch) -> Launches:
+    """Every launch of the cross-entropy kernels as ``(name, args, constexpr switches)``."""
+    kernel_of = {"targets": kernels.cross_entropy_targets_kernel, "rows": kernels.cross_entropy_kernel}
+    kernel_of |= {"sum": kernels.cross_entropy_sum_kernel, "scale": kernels.cross_entropy_scale_kernel}
+    return record_launches(monkeypatch, kernel_of)
 
 
 def test_kernels_ran(ce_launches, triton_device):
     x, target, _ = make_inputs((6, 50), torch.float32, OPTIONS["plain"], triton_device)
     x.requires_grad_()
     cross_entropy(x, target).backward()
-    assert [name for name, _ in ce_launches] == ["targets", "rows", "sum", "scale"]
-    rows = ce_launches[1][1]
+    assert [name for name, _, _ in ce_launches] == ["targets", "rows", "sum", "scale"]
+    rows = ce_launches[1][2]
     assert rows["LOSS"] and rows["GRAD"] and rows["DIVIDE_BY_TOTAL"]
 
     ce_launches.clear()
     cross_entropy(x, target, reduction="none").sum().backward()
-    assert [name for name, _ in ce_launches] == ["targets", "rows", "rows"]
-    forward, backward = ce_launches[1][1], ce_launches[2][1]
+    assert [name for name, _, _ in ce_launches] == ["targets", "rows", "rows"]
+    forward, backward = ce_launches[1][2], ce_launches[2][2]
     assert forward["LOSS"] and forward["SAVE_LSE"] and not forward["GRAD"]
     assert backward["GRAD"] and backward["ROW_GRAD_OUTPUT"] and not backward["LOSS"]
 
     ce_launches.clear()
     with torch.no_grad():
         cross_entropy(x, target, reduction="sum")
-    assert [name for name, _ in ce_launches] == ["targets", "rows", "sum"]
-    assert not ce_launches[1][1]["GRAD"]
+    assert [name for name, _, _ in ce_launches] == ["targets", "rows", "sum"]
+    assert not ce_launches[1][2]["GRAD"]
 
 
 def test_other_devices_use_torch(ce_launches, monkeypatch, device):
