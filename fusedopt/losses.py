@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fusedopt._multi_tensor import compute_dtype, float64_vector
+from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, float64_vector
 from fusedopt.kernels import losses as kernels
 
 
@@ -29,10 +28,6 @@ def _config(k: int) -> tuple[int, int]:
     if k >= 1 << 20:
         return 4096, 8
     return max(16, min(1024, triton.next_power_of_2(max(k, 1)))), 4
-
-
-def _tl_compute(dtype: torch.dtype):
-    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
 def reduce_rows(
@@ -67,7 +62,7 @@ def reduce_rows(
             k,
             p,
             LOSS=loss,
-            COMPUTE=_tl_compute(ct),
+            COMPUTE=TL_DTYPE[ct],
             BLOCK=block,
             HAS_WEIGHT=w is not None,
             REDUCE=True,
@@ -75,7 +70,7 @@ def reduce_rows(
             num_warps=warps,
         )
     if m:
-        kernels.sum_rows_kernel[(m,)](partial, out, scalars, p, COMPUTE=_tl_compute(ct), BLOCK=1024)
+        kernels.sum_rows_kernel[(m,)](partial, out, scalars, p, COMPUTE=TL_DTYPE[ct], BLOCK=1024)
     return out
 
 
@@ -98,7 +93,7 @@ def elementwise(
             n,
             1,
             LOSS=loss,
-            COMPUTE=_tl_compute(x.dtype),
+            COMPUTE=TL_DTYPE[compute_dtype(x.dtype)],
             BLOCK=block,
             HAS_WEIGHT=w is not None,
             REDUCE=False,
@@ -125,7 +120,7 @@ def pointwise_grad(x, y, w, grad_output: torch.Tensor, loss: int, param: float, 
             n,
             1 if go.numel() == n else 0,
             LOSS=loss,
-            COMPUTE=_tl_compute(x.dtype),
+            COMPUTE=TL_DTYPE[compute_dtype(x.dtype)],
             BLOCK=block,
             HAS_WEIGHT=w is not None,
             num_warps=warps,
@@ -141,7 +136,7 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
     block, warps = _config(n)
     if n:
         kernels.scale_grad_kernel[(-(-n // block),)](
-            grad, grad_output, n, COMPUTE=_tl_compute(grad.dtype), BLOCK=block, num_warps=warps
+            grad, grad_output, n, COMPUTE=TL_DTYPE[compute_dtype(grad.dtype)], BLOCK=block, num_warps=warps
         )
     return grad
 
