@@ -54,8 +54,8 @@ def needs_interpreter() -> bool:
     return not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def rerun_with_interpreter(argv: list[str]) -> int:
-    """``python -m fusedopt argv`` in a child process with ``TRITON_INTERPRET=1``; its exit status."""
+def rerun_with_interpreter(argv: list[str], module: str = "fusedopt") -> int:
+    """``python -m module argv`` in a child process with ``TRITON_INTERPRET=1``; its exit status."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = Path(__file__).resolve().parent.parent
     if root.name not in ("site-packages", "dist-packages"):  # a checkout: the child imports it too
@@ -65,7 +65,7 @@ def rerun_with_interpreter(argv: list[str]) -> int:
         "kernels run on CPU through the interpreter (this process's environment is unchanged).",
         flush=True,
     )
-    child = subprocess.Popen([sys.executable, "-m", "fusedopt", *argv], env=env)
+    child = subprocess.Popen([sys.executable, "-m", module, *argv], env=env)
     # A SIGTERM for this process goes to the child, which reports what it has and exits.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
     try:

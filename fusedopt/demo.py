@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import subprocess
 import sys
 
 import torch
@@ -34,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
 
+    from fusedopt.__main__ import needs_interpreter, rerun_with_interpreter
+
+    if needs_interpreter():
+        return rerun_with_interpreter(list(sys.argv[1:] if argv is None else argv), "fusedopt.demo")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        return subprocess.call([sys.executable, "-m", "fusedopt.demo", *(argv or sys.argv[1:])], env=env)
 
     import fusedopt
 
