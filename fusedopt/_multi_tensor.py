@@ -79,6 +79,56 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_upload_while_capturing(device: torch.device) -> None:
+    if capturing(device):
+        raise RuntimeError(
+            "fusedopt: the step's pointer tables must be built before CUDA graph capture (they are "
+            "built when params, grads or their addresses change). Run the step eagerly once (the "
+            "warm-up torch's capturable optimizers need too) with the grads the graph will use."
+        )
+
+
+class DeviceScalars:
+    """Hyper-parameters as one float64 vector on ``device`` that kernels read by address.
+
+    The vector is rewritten only when a Python value changes (one small copy; none while they
+    stay the same) and always in place, so a CUDA graph that captured a step reads the current
+    values when replayed. Tensor values (an lr an LR scheduler changes in place) are copied on
+    the device at every call: no host read, no recompilation. While a CUDA graph is being
+    captured, changed Python values are written with device fills (no host memory involved).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.vector: torch.Tensor | None = None
+        self._key: tuple | None = None
+
+    def __call__(self, values: Sequence[float | torch.Tensor]) -> torch.Tensor:
+        key = tuple(None if isinstance(v, torch.Tensor) else float(v) for v in values)
+        if key != self._key:
+            numbers = [0.0 if k is None else k for k in key]
+            if self.vector is None or self.vector.numel() != len(numbers):
+                self.vector = torch.empty(len(numbers), dtype=torch.float64, device=self.device)
+            if capturing(self.device):
+                for i, x in enumerate(numbers):
+                    self.vector[i].fill_(x)
+            else:
+                host = torch.tensor(numbers, dtype=torch.float64)
+                if self.device.type == "cuda":
+                    host = host.pin_memory()
+                self.vector.copy_(host, non_blocking=True)
+            self._key = key
+        for i, v in enumerate(values):
+            if isinstance(v, torch.Tensor):
+                self.vector[i].copy_(v.reshape(()))
+        return self.vector
+
+
 def float64_vector(values: Sequence[float | torch.Tensor], device: torch.device) -> torch.Tensor:
     """Hyper-parameters (numbers or 1-element tensors) as one float64 vector on ``device``.
 
@@ -102,6 +152,7 @@ class TensorTable:
     """
 
     def __init__(self, columns: Sequence[Sequence[torch.Tensor]], device: torch.device):
+        _refuse_upload_while_capturing(device)
         numels = [t.numel() for t in columns[0]]
         self.block, self.num_warps = launch_config(sum(numels))
         blocks = [-(-n // self.block) for n in numels]
@@ -126,11 +177,17 @@ class TensorTable:
         Rebuilt from ``rows()`` unless ``key`` (None: always rebuild) equals the last one.
         """
         if key is None or key != self._dynamic_key:
+            _refuse_upload_while_capturing(self.device)
             built = rows()
             self._dynamic = to_device(torch.tensor(built, dtype=torch.int64), self.device)
             self._dynamic_key = key
             self._dynamic_aligned = all(row[0] % 16 == 0 for row in built)
         return self._dynamic
+
+    @property
+    def dynamic_aligned(self) -> bool:
+        """Whether every address in the last per-step table is 16-byte aligned."""
+        return self._dynamic_aligned
 
     def launch(self, kernel, dynamic: torch.Tensor, *args, **constexprs) -> None:
         """Run ``kernel(ptrs, dynamic, meta, owner, *args)`` over every block of every tensor.

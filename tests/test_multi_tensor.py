@@ -86,16 +86,19 @@ def test_hyper_parameters_are_runtime_values(triton_device, launches):
     params = _params(3, device)
     opt = fusedopt.FusedAdam(params, lr=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    lrs = []
     for _ in range(3):
         _set_grads(params)
         opt.step()
+        lrs.append(launches[-1][1][4][adam_kernels.LR.value].item())
         sched.step()
     assert len(launches) == 3
     for _, args, kwargs in launches:
         assert all(isinstance(a, torch.Tensor) for a in args)
         assert kwargs == launches[0][2]
-    lrs = [args[4][adam_kernels.LR.value].item() for _, args, _ in launches]
     assert lrs == [1e-3, 5e-4, 2.5e-4]
+    # One vector, rewritten in place when a value changes (a captured CUDA graph sees it).
+    assert all(args[4] is launches[0][1][4] for _, args, _ in launches)
 
 
 def test_plan_is_cached_and_grad_table_follows_new_grads(triton_device, monkeypatch):

@@ -2,12 +2,15 @@
 
 For each element (fp32 math, fp64 for fp64 params; ``t`` is the tensor's own step count):
 
-    g  = -grad if maximize else grad;  g = g / grad_scale (AMP)
+    g  = grad / grad_scale (AMP);  g = g * clip_coef (max_grad_norm);  g = -g if maximize
     p  = p * (1 - lr * wd)                 (decoupled, AdamW)   |  g = g + wd * p   (L2)
     m  = lerp(m, g, 1 - beta1)
     v  = beta2 * v + (1 - beta2) * g * g
     vm = max(vm, v)                        (amsgrad; the denominator then uses vm)
     p  = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+The bias corrections are computed in the kernel from each tensor's step count (in fp64), so a
+step reads nothing from the host: it can be captured in a CUDA graph.
 
 Bytes per element (fp32, no amsgrad): read p, g, m, v and write p, m, v = 28 B.
 When ``found_inf`` is non-zero nothing is read or written.
@@ -16,10 +19,10 @@ When ``found_inf`` is non-zero nothing is read or written.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import address, div_ieee, locate_block, sqrt_ieee, to_storage
+from fusedopt.kernels.common import address, div_ieee, load_grad, locate_block, sqrt_ieee, to_storage
 
-# Scalars vector layout, float64: HEAD group values, then two per tensor.
-LR, BETA1, BETA2, EPS, WEIGHT_DECAY, HEAD = (tl.constexpr(i) for i in range(6))
+# Scalars vector layout, float64.
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY = (tl.constexpr(i) for i in range(5))
 
 
 @triton.jit
@@ -27,7 +30,9 @@ def _adam_block(
     ptrs,
     grad_ptrs,
     scalars,
+    steps,
     grad_scale,
+    clip_coef,
     t,
     offs,
     mask,  # None for a full block
@@ -38,6 +43,7 @@ def _adam_block(
     DECOUPLED: tl.constexpr,
     HAS_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     p_ptr = address(ptrs, t, 0, 4, DTYPE, ALIGNED) + offs
@@ -50,8 +56,11 @@ def _adam_block(
     beta2 = tl.load(scalars + BETA2)
     eps = tl.load(scalars + EPS).to(COMPUTE)
     wd = tl.load(scalars + WEIGHT_DECAY)
-    bias_correction1 = tl.load(scalars + HEAD + 2 * t)
-    bias_correction2_sqrt = tl.load(scalars + HEAD + 2 * t + 1).to(COMPUTE)
+    # 1 - beta**step in fp64 (as torch's Python-float arithmetic); exp(step * log(beta)) agrees
+    # with Python's pow to ~1e-15, far below fp32 rounding.
+    step = tl.load(steps + t).to(tl.float64)
+    bias_correction1 = 1.0 - tl.exp(step * tl.log(beta1))
+    bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step * tl.log(beta2))).to(COMPUTE)
     step_size = (lr / bias_correction1).to(COMPUTE)
     w1 = (1.0 - beta1).to(COMPUTE)
     b2 = beta2.to(COMPUTE)
@@ -59,13 +68,9 @@ def _adam_block(
 
     # Upcast right after loading (the interpreter computes low precision on raw bits).
     p = tl.load(p_ptr, mask=mask).to(COMPUTE)
-    g = tl.load(g_ptr, mask=mask).to(COMPUTE)
+    g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
     m = tl.load(m_ptr, mask=mask).to(COMPUTE)
     v = tl.load(v_ptr, mask=mask).to(COMPUTE)
-    if MAXIMIZE:
-        g = -g
-    if HAS_GRAD_SCALE:
-        g = g / tl.load(grad_scale).to(COMPUTE)
     if HAS_WD:
         if DECOUPLED:
             p = p * (1.0 - lr * wd).to(COMPUTE)
@@ -94,9 +99,11 @@ def adam_kernel(
     grad_ptrs,  # int64 [T, 1]: grad
     meta,  # int64 [T, 2]: numel, first block
     owner,  # int32 [B]: tensor of each block
-    scalars,  # float64 [5 + 2T]: lr, beta1, beta2, eps, wd; then 1 - beta1**t, sqrt(1 - beta2**t)
+    scalars,  # float64 [5]: lr, beta1, beta2, eps, weight_decay
+    steps,  # float32 or float64 [T]: each tensor's step count, already advanced
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
+    clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
     DTYPE: tl.constexpr,  # storage dtype of params and state
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
     BLOCK: tl.constexpr,
@@ -106,6 +113,7 @@ def adam_kernel(
     HAS_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned
 ):
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
@@ -114,8 +122,8 @@ def adam_kernel(
         go = tl.load(found_inf) == 0
     if go:
         if full:
-            _adam_block(ptrs, grad_ptrs, scalars, grad_scale, t, offs, None, DTYPE, COMPUTE, AMSGRAD,
-                        MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, ALIGNED)  # fmt: skip
+            _adam_block(ptrs, grad_ptrs, scalars, steps, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
+                        AMSGRAD, MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         else:
-            _adam_block(ptrs, grad_ptrs, scalars, grad_scale, t, offs, mask, DTYPE, COMPUTE, AMSGRAD,
-                        MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, ALIGNED)  # fmt: skip
+            _adam_block(ptrs, grad_ptrs, scalars, steps, grad_scale, clip_coef, t, offs, mask, DTYPE, COMPUTE,
+                        AMSGRAD, MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip

@@ -81,3 +81,27 @@ def div_ieee(x, y, COMPUTE: tl.constexpr):
         return tl.div_rn(x, y)
     else:
         return x / y  # fp64 division is correctly rounded
+
+
+@triton.jit
+def load_grad(
+    g_ptr,
+    mask,
+    grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
+    clip_coef,  # float32 [1]: global-norm clip coefficient (read if HAS_CLIP)
+    COMPUTE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+):
+    """The gradient a step uses: unscaled (``g / grad_scale``, as torch's fused steps), then
+    clipped (``g * clip_coef``, as ``clip_grad_norm_`` would have rewritten it), then negated
+    for ``maximize``; in ``COMPUTE`` precision."""
+    g = tl.load(g_ptr, mask=mask).to(COMPUTE)
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale).to(COMPUTE)
+    if HAS_CLIP:
+        g = g * tl.load(clip_coef).to(COMPUTE)
+    if MAXIMIZE:
+        g = -g
+    return g

@@ -2,7 +2,8 @@
 
 For each element (fp32 math, fp64 for fp64 params):
 
-    g = -grad if maximize else grad;  g = g / grad_scale (AMP);  g = g + wd * p
+    g = grad / grad_scale (AMP);  g = g * clip_coef (max_grad_norm);  g = -g if maximize
+    g = g + wd * p
     b = g                                  on the tensor's first momentum step
     b = momentum * b + (1 - dampening) * g afterwards
     g = g + momentum * b (nesterov)  or  g = b
@@ -15,7 +16,7 @@ When ``found_inf`` is non-zero nothing is read or written.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import address, locate_block, to_storage
+from fusedopt.kernels.common import address, load_grad, locate_block, to_storage
 
 # Scalars vector layout, float64.
 LR, MOMENTUM, DAMPENING, WEIGHT_DECAY = (tl.constexpr(i) for i in range(4))
@@ -27,6 +28,7 @@ def _sgd_block(
     grad_ptrs,
     scalars,
     grad_scale,
+    clip_coef,
     t,
     offs,
     mask,  # None for a full block
@@ -37,6 +39,7 @@ def _sgd_block(
     MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     p_ptr = address(ptrs, t, 0, 2, DTYPE, ALIGNED) + offs
@@ -44,11 +47,7 @@ def _sgd_block(
     lr = tl.load(scalars + LR).to(COMPUTE)
 
     p = tl.load(p_ptr, mask=mask).to(COMPUTE)
-    g = tl.load(g_ptr, mask=mask).to(COMPUTE)
-    if MAXIMIZE:
-        g = -g
-    if HAS_GRAD_SCALE:
-        g = g / tl.load(grad_scale).to(COMPUTE)
+    g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
     # fma where torch's add(..., alpha=) rounds once, so fp32 results match torch bit for bit.
     if HAS_WD:
         g = tl.fma(p, tl.load(scalars + WEIGHT_DECAY).to(COMPUTE), g)
@@ -78,6 +77,7 @@ def sgd_kernel(
     scalars,  # float64 [4]: lr, momentum, dampening, weight_decay
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
+    clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
     DTYPE: tl.constexpr,  # storage dtype of params and state
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
     BLOCK: tl.constexpr,
@@ -87,6 +87,7 @@ def sgd_kernel(
     HAS_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned
 ):
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
@@ -95,8 +96,8 @@ def sgd_kernel(
         go = tl.load(found_inf) == 0
     if go:
         if full:
-            _sgd_block(ptrs, grad_ptrs, scalars, grad_scale, t, offs, None, DTYPE, COMPUTE, HAS_MOMENTUM,
-                       NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, ALIGNED)  # fmt: skip
+            _sgd_block(ptrs, grad_ptrs, scalars, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
+                       HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         else:
-            _sgd_block(ptrs, grad_ptrs, scalars, grad_scale, t, offs, mask, DTYPE, COMPUTE, HAS_MOMENTUM,
-                       NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, ALIGNED)  # fmt: skip
+            _sgd_block(ptrs, grad_ptrs, scalars, grad_scale, clip_coef, t, offs, mask, DTYPE, COMPUTE,
+                       HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip

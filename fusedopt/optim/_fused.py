@@ -15,16 +15,31 @@ mixin replaces ``step``. Per step and param group:
 
 Groups whose flags ask for torch's own implementation (``differentiable=True``,
 ``fused=False`` or ``foreach=True``) run torch's step unchanged.
+
+Beyond torch: ``max_grad_norm`` clips the global L2 norm of all the optimizer's grads inside
+the step (one reduction pass, then the step kernel multiplies each grad by the clip
+coefficient as it reads it: the grads are never rewritten), and GradScaler's ``grad_scale`` /
+``found_inf`` are honoured in the kernel whatever ``fused`` says.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections import defaultdict
 from typing import Any
 
 import torch
 
-from fusedopt._multi_tensor import TL_DTYPE, TensorTable, dense_copy, runs_triton, shares_dense_layout
+from fusedopt._multi_tensor import (
+    TL_DTYPE,
+    DeviceScalars,
+    TensorTable,
+    dense_copy,
+    runs_triton,
+    shares_dense_layout,
+)
+from fusedopt.clip import NormSource, clip_coefficient, total_norm
 
 
 def real_view(t: torch.Tensor) -> torch.Tensor:
@@ -57,6 +72,7 @@ class Bucket:
         self.complex = False
         self.irregular: list[int] = []  # tensors whose operands do not share one dense layout
         self.table: TensorTable | None = None
+        self.scalars = DeviceScalars(device)  # the group's hyper-parameters on this device
 
     def add(self, position: int, operands: list[torch.Tensor], extra: Any) -> None:
         if not self.columns:
@@ -86,12 +102,23 @@ class Bucket:
         if not self.irregular:
             self.table = TensorTable(self.columns, self.device)
 
+    def _dynamic(self, grads: StepGrads, flags: list[int] | None) -> torch.Tensor:
+        # The grads' table changes only when the group's grad addresses (or flags) do.
+        key = (grads.ptrs, None if flags is None else tuple(flags))
+        return self.table.dynamic(key, lambda: _dynamic_rows(self.grads(grads), flags))
+
+    def norm_source(self, grads: StepGrads, flags: list[int] | None) -> NormSource | None:
+        """This bucket's grads as a source for the fused global norm (None: take it with torch)."""
+        if self.table is None:
+            return None
+        dynamic = self._dynamic(grads, flags)
+        width = 1 if flags is None else 2
+        return NormSource(self.table, dynamic, width, self.table.dynamic_aligned, self.dtype)
+
     def launch(self, grads: StepGrads, flags: list[int] | None, run) -> None:
         """Call ``run(table, dynamic)``; tensors with mismatched layouts go through dense copies."""
         if self.table is not None:
-            # The grads' table changes only when the group's grad addresses (or flags) do.
-            key = (grads.ptrs, None if flags is None else tuple(flags))
-            run(self.table, self.table.dynamic(key, lambda: _dynamic_rows(self.grads(grads), flags)))
+            run(self.table, self._dynamic(grads, flags))
             return
         mine = self.grads(grads)
         # Stage each distinct tensor once (a column may repeat another: SGD without momentum).
@@ -155,8 +182,50 @@ def _scan(params: list[torch.Tensor]) -> tuple[tuple | None, StepGrads]:
     return tuple(key), grads
 
 
+def _torch_base(cls: type) -> type:
+    return next(c for c in cls.__mro__ if issubclass(c, torch.optim.Optimizer) and not issubclass(c, FusedStep))
+
+
 class FusedStep:
-    """Mixin that gives a ``torch.optim`` class a multi-tensor Triton step."""
+    """Mixin that gives a ``torch.optim`` class a multi-tensor Triton step.
+
+    The constructor is the torch class's, plus one keyword-only extension:
+
+    Args:
+        max_grad_norm (float, optional): clip the global L2 norm of the gradients of all param
+            groups to this value before each step, as ``torch.nn.utils.clip_grad_norm_(params,
+            max_grad_norm)`` followed by ``step()`` would (with a GradScaler, the norm of the
+            unscaled gradients, as in torch's AMP recipe), but without rewriting the gradients:
+            one reduction pass, then the step kernel applies the coefficient. Default: None.
+    """
+
+    def __init__(self, *args, max_grad_norm: float | None = None, **kwargs):
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, int | float) and 0.0 < max_grad_norm < math.inf):
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        super().__init__(*args, **kwargs)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # inspect.signature(FusedX) is torch's signature plus the keyword-only max_grad_norm.
+        base = inspect.signature(_torch_base(cls))
+        extra = inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="float | None")
+        cls.__signature__ = base.replace(parameters=[*base.parameters.values(), extra])
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("max_grad_norm", None)
+
+    # GradScaler hands grad_scale / found_inf to the step (unscale and skip in the kernel, no
+    # host sync) whenever every group runs our step; torch's own step (a group with fused=False,
+    # foreach=True or differentiable=True) needs GradScaler to unscale the grads itself.
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        return not any(self._uses_torch_impl(g) for g in self.param_groups)
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        pass  # torch's __init__ sets it for fused=True; the property above decides
 
     # Subclass hooks -------------------------------------------------------------------------
 
@@ -176,6 +245,10 @@ class FusedStep:
 
     def _before_step(self) -> None:
         """Checks the torch class makes at the top of its step."""
+
+    def _flags(self, bucket: Bucket) -> list[int] | None:
+        """Per-tensor flags the kernel reads beside each grad address (None: no flags)."""
+        return None
 
     # Shared machinery -----------------------------------------------------------------------
 
@@ -200,12 +273,35 @@ class FusedStep:
         theirs = [g for g in self.param_groups if self._uses_torch_impl(g)]
         amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
         with torch.no_grad():
-            for group, plan, grads in self._plan_groups(ours):
+            planned = self._plan_groups(ours)
+            amp["clip_coef"] = None if self.max_grad_norm is None else self._clip(planned, theirs, amp["grad_scale"])
+            for group, plan, grads in planned:
                 for bucket in plan.buckets:
                     self._run(group, bucket, grads, amp)
         if theirs:
             self._torch_step(theirs)
         return loss
+
+    def _clip(self, planned: list, theirs: list[dict], grad_scale: torch.Tensor | None) -> torch.Tensor:
+        """The clip coefficient of ``max_grad_norm`` over every group's grads, on the device.
+
+        Grads of groups that run torch's step are clipped in place (torch's step reads them).
+        """
+        sources, leftovers = [], []
+        for _, plan, grads in planned:
+            for bucket in plan.buckets:
+                source = bucket.norm_source(grads, self._flags(bucket))
+                if source is not None:
+                    sources.append(source)
+                else:
+                    leftovers.extend(bucket.grads(grads))
+        torch_grads = [p.grad for g in theirs for p in g["params"] if p.grad is not None]
+        if not sources and not leftovers and not torch_grads:
+            return None
+        coef = clip_coefficient(total_norm(sources, leftovers + torch_grads, 2.0, grad_scale), self.max_grad_norm)
+        if torch_grads:
+            torch._foreach_mul_(torch_grads, coef)
+        return coef
 
     def _plan_groups(self, groups: list[tuple[int, dict]]) -> list[tuple[dict, GroupPlan, list]]:
         plans = self._plans()

@@ -5,29 +5,10 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
-from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, float64_vector, to_device
+from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, to_device
 from fusedopt.kernels import adam as kernels
 from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, real_view
 from fusedopt.optim.reference import adam_reference
-
-
-def adam_scalars(group: dict, steps: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """float64 [5 + 2T] on ``device``: lr, beta1, beta2, eps, weight_decay, then per tensor
-    ``1 - beta1**t`` and ``sqrt(1 - beta2**t)`` (layout: ``fusedopt.kernels.adam``).
-
-    Computed where the steps live (or where a tensor hyper-parameter lives), without host reads.
-    """
-    lr, (beta1, beta2) = group["lr"], group["betas"]
-    where = next(
-        (x.device for x in (lr, beta1, beta2) if isinstance(x, torch.Tensor) and x.device.type != "cpu"),
-        steps.device,
-    )
-    t = steps.to(where, torch.float64)
-    # Python floats stay Python scalars: no host-to-device copy that would wait on the stream.
-    b1, b2 = (b.to(where, torch.float64) if isinstance(b, torch.Tensor) else b for b in (beta1, beta2))
-    per_tensor = torch.stack([1 - b1**t, (1 - b2**t).sqrt()], dim=1).flatten()
-    head = float64_vector([lr, beta1, beta2, group["eps"], group["weight_decay"]], where)
-    return to_device(torch.cat([head, per_tensor]), device)
 
 
 class FusedAdam(FusedStep, torch.optim.Adam):
@@ -53,11 +34,16 @@ class FusedAdam(FusedStep, torch.optim.Adam):
     kernel under ``TRITON_INTERPRET=1``, else the identical algorithm in plain torch
     (:func:`fusedopt.optim.reference.adam_reference`).
 
+    The bias corrections are computed in the kernel from the step counts, and hyper-parameters
+    are read on the device, so a step makes no host read and can be captured in a CUDA graph
+    (``capturable=True``, as torch requires) and compiled with ``torch.compile``.
+
     Flags: ``fused=None`` (default) or ``True`` runs our kernel (``True`` also keeps ``step`` on
-    the param's device as float32 and accepts GradScaler's ``grad_scale``/``found_inf``, as torch's
-    fused Adam does). ``fused=False``, ``foreach=True`` or ``differentiable=True`` run torch's own
-    implementation. ``capturable=True`` keeps ``step`` on the param's device and reads it, and a
-    tensor ``lr``, on the device: no host reads.
+    the param's device as float32, as torch's fused Adam does). Either way GradScaler's
+    ``grad_scale``/``found_inf`` are applied in the kernel (unscale; skip the step and keep
+    ``step`` when an inf was found) without a host sync. ``fused=False``, ``foreach=True`` or
+    ``differentiable=True`` run torch's own implementation. ``capturable=True`` keeps ``step``
+    on the param's device.
     """
 
     def _before_step(self) -> None:
@@ -121,10 +107,11 @@ class FusedAdam(FusedStep, torch.optim.Adam):
             steps = torch.stack(bucket.extra)
         else:
             steps = counters.add_(1)
-        scalars = adam_scalars(group, steps, bucket.device)
-        grad_scale, found_inf = amp["grad_scale"], amp["found_inf"]
+        beta1, beta2 = group["betas"]
+        scalars = bucket.scalars([group["lr"], beta1, beta2, group["eps"], group["weight_decay"]])
+        grad_scale, found_inf, clip_coef = amp["grad_scale"], amp["found_inf"], amp["clip_coef"]
         if bucket.kind == "triton":
-            dummy = scalars
+            steps_here = to_device(steps, bucket.device)
             bucket.launch(
                 grads,
                 None,
@@ -132,8 +119,10 @@ class FusedAdam(FusedStep, torch.optim.Adam):
                     kernels.adam_kernel,
                     dynamic,
                     scalars,
-                    dummy if grad_scale is None else grad_scale,
-                    dummy if found_inf is None else found_inf,
+                    steps_here,
+                    scalars if grad_scale is None else grad_scale,
+                    scalars if found_inf is None else found_inf,
+                    scalars if clip_coef is None else clip_coef,
                     DTYPE=TL_DTYPE[bucket.dtype],
                     COMPUTE=TL_DTYPE[compute_dtype(bucket.dtype)],
                     AMSGRAD=group["amsgrad"],
@@ -142,11 +131,11 @@ class FusedAdam(FusedStep, torch.optim.Adam):
                     HAS_WD=group["weight_decay"] != 0,
                     HAS_GRAD_SCALE=grad_scale is not None,
                     HAS_FOUND_INF=found_inf is not None,
+                    HAS_CLIP=clip_coef is not None,
                 ),
             )
         else:
-            values = scalars.tolist()
-            lr, beta1, beta2, eps, weight_decay = values[: kernels.HEAD]
+            lr, beta1, beta2, eps, weight_decay = scalars.tolist()
             params, exp_avgs, exp_avg_sqs, vmax = bucket.columns
             adam_reference(
                 params,
@@ -154,7 +143,7 @@ class FusedAdam(FusedStep, torch.optim.Adam):
                 exp_avgs,
                 exp_avg_sqs,
                 vmax if group["amsgrad"] else None,
-                list(zip(values[kernels.HEAD :: 2], values[kernels.HEAD + 1 :: 2], strict=True)),
+                [(1 - beta1**t, (1 - beta2**t) ** 0.5) for t in steps.tolist()],
                 lr=lr,
                 beta1=beta1,
                 beta2=beta2,
@@ -164,6 +153,7 @@ class FusedAdam(FusedStep, torch.optim.Adam):
                 maximize=group["maximize"],
                 grad_scale=grad_scale,
                 found_inf=found_inf,
+                clip_coef=clip_coef,
             )
         if found_inf is not None:  # a skipped step does not count
             if counters is None:

@@ -18,12 +18,20 @@ def _skip(found_inf: torch.Tensor | None) -> bool:
     return found_inf is not None and bool(found_inf.item())
 
 
-def _grad(g: torch.Tensor, ct: torch.dtype, maximize: bool, grad_scale: torch.Tensor | None) -> torch.Tensor:
+def _grad(
+    g: torch.Tensor,
+    ct: torch.dtype,
+    maximize: bool,
+    grad_scale: torch.Tensor | None,
+    clip_coef: torch.Tensor | None,
+) -> torch.Tensor:
     d = g.to(ct)
-    if maximize:
-        d = -d
     if grad_scale is not None:
         d = d / grad_scale.to(ct)
+    if clip_coef is not None:
+        d = d * clip_coef.to(ct)
+    if maximize:
+        d = -d
     return d
 
 
@@ -41,6 +49,7 @@ def sgd_reference(
     maximize: bool,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
 ) -> None:
     """SGD step. ``fresh[i]`` marks a momentum buffer created this step (it takes the grad)."""
     if _skip(found_inf):
@@ -48,7 +57,7 @@ def sgd_reference(
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         ct = compute_dtype(p.dtype)
         x = p.to(ct, copy=True)
-        d = _grad(g, ct, maximize, grad_scale)
+        d = _grad(g, ct, maximize, grad_scale, clip_coef)
         if weight_decay != 0:
             d = d.add(x, alpha=weight_decay)
         if momentum != 0:
@@ -78,6 +87,7 @@ def adam_reference(
     maximize: bool,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
 ) -> None:
     """Adam/AdamW step; ``bias_corrections[i] = (1 - beta1**t, sqrt(1 - beta2**t))`` for tensor i."""
     if _skip(found_inf):
@@ -86,7 +96,7 @@ def adam_reference(
         ct = compute_dtype(p.dtype)
         bias_correction1, bias_correction2_sqrt = bias_corrections[i]
         x = p.to(ct, copy=True)
-        d = _grad(g, ct, maximize, grad_scale)
+        d = _grad(g, ct, maximize, grad_scale, clip_coef)
         m = exp_avgs[i].to(ct, copy=True)
         v = exp_avg_sqs[i].to(ct, copy=True)
         if weight_decay != 0:

@@ -7,7 +7,7 @@ import importlib
 import torch
 from torch.optim.optimizer import _device_dtype_check_for_fused
 
-from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, float64_vector
+from fusedopt._multi_tensor import TL_DTYPE, compute_dtype
 from fusedopt.kernels import sgd as kernels
 from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, real_view
 from fusedopt.optim.reference import sgd_reference
@@ -50,14 +50,18 @@ class FusedSGD(FusedStep, torch.optim.SGD):
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return [state.get("momentum_buffer", p)], int(memo[id(p)])
 
+    def _flags(self, bucket: Bucket) -> list[int]:
+        return bucket.extra
+
     def _run(self, group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
-        grad_scale, found_inf = amp["grad_scale"], amp["found_inf"]
-        hyper = [group["lr"], group["momentum"], group["dampening"], group["weight_decay"]]
+        grad_scale, found_inf, clip_coef = amp["grad_scale"], amp["found_inf"], amp["clip_coef"]
         params, buffers = bucket.columns
         if bucket.kind == "torch":
             self._torch_functional(group, bucket, grads, amp)
-        elif bucket.kind == "triton":
-            scalars = float64_vector(hyper, bucket.device)
+            bucket.extra = [0] * len(bucket.extra)
+            return
+        scalars = bucket.scalars([group["lr"], group["momentum"], group["dampening"], group["weight_decay"]])
+        if bucket.kind == "triton":
             bucket.launch(
                 grads,
                 bucket.extra,
@@ -67,6 +71,7 @@ class FusedSGD(FusedStep, torch.optim.SGD):
                     scalars,
                     scalars if grad_scale is None else grad_scale,
                     scalars if found_inf is None else found_inf,
+                    scalars if clip_coef is None else clip_coef,
                     DTYPE=TL_DTYPE[bucket.dtype],
                     COMPUTE=TL_DTYPE[compute_dtype(bucket.dtype)],
                     HAS_MOMENTUM=group["momentum"] != 0,
@@ -75,10 +80,11 @@ class FusedSGD(FusedStep, torch.optim.SGD):
                     HAS_WD=_nonzero(group["weight_decay"]),
                     HAS_GRAD_SCALE=grad_scale is not None,
                     HAS_FOUND_INF=found_inf is not None,
+                    HAS_CLIP=clip_coef is not None,
                 ),
             )
         else:
-            lr, momentum, dampening, weight_decay = float64_vector(hyper, bucket.device).tolist()
+            lr, momentum, dampening, weight_decay = scalars.tolist()
             sgd_reference(
                 params,
                 bucket.grads(grads),
@@ -92,18 +98,29 @@ class FusedSGD(FusedStep, torch.optim.SGD):
                 maximize=group["maximize"],
                 grad_scale=grad_scale,
                 found_inf=found_inf,
+                clip_coef=clip_coef,
             )
         # After the first step a new buffer holds a value: later steps read it.
         bucket.extra = [0] * len(bucket.extra)
 
     def _torch_functional(self, group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
-        """torch.optim.SGD's own for-loop step, for sparse grads and integer params."""
+        """torch.optim.SGD's own for-loop step, for sparse grads and integer params.
+
+        GradScaler's skip is read on the host here, as torch's own unfused path does.
+        """
+        if amp["found_inf"] is not None and amp["found_inf"].item():
+            return
+        mine = bucket.grads(grads)
+        for factor in (amp["grad_scale"], amp["clip_coef"]):
+            if factor is not None:
+                inverse = factor is amp["grad_scale"]
+                mine = [g / factor.to(g.device) if inverse else g * factor.to(g.device) for g in mine]
         params = bucket.columns[0]
         has_momentum = group["momentum"] != 0
         buffers = [self.state[p].get("momentum_buffer") for p in params] if has_momentum else []
         _torch_sgd.sgd(
             params,
-            bucket.grads(grads),
+            mine,
             buffers,
             weight_decay=group["weight_decay"],
             momentum=group["momentum"],
@@ -111,7 +128,7 @@ class FusedSGD(FusedStep, torch.optim.SGD):
             dampening=group["dampening"],
             nesterov=group["nesterov"],
             maximize=group["maximize"],
-            has_sparse_grad=any(g.is_sparse for g in bucket.grads(grads)),
+            has_sparse_grad=any(g.is_sparse for g in mine),
             foreach=False,
             fused=False,
         )

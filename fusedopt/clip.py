@@ -1,0 +1,221 @@
+"""Fused gradient clipping: ``clip_grad_norm_`` with torch.nn.utils' signature and results.
+
+The total norm is one multi-tensor reduction pass per device and grad dtype
+(``fusedopt.kernels.clip``: a partial per block, then one program adds the partials in a
+fixed order: deterministic, no atomics), plus one finishing launch; the clip is one in-place
+multi-tensor pass. The launch count does not grow with the number of tensors, and nothing is
+read on the host unless ``error_if_nonfinite=True`` asks for it (torch reads it too).
+
+The optimizers' ``max_grad_norm`` uses :func:`total_norm` over their own tables and applies the
+clip coefficient inside the step kernel instead of rewriting the grads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from fusedopt._multi_tensor import TL_DTYPE, TensorTable, _dense, compute_dtype, runs_triton
+from fusedopt.kernels import clip as kernels
+
+_FINISH_BLOCK = 1024
+
+
+def norm_order(norm_type: float) -> tuple[int, float] | None:
+    """The kernels' ``(ORD, P)`` for a norm type, or None for those left to torch (p <= 0)."""
+    p = float(norm_type)
+    if p == math.inf:
+        return kernels.ORD_INF.value, 1.0
+    if p == 2.0:
+        return kernels.ORD_TWO.value, 2.0
+    if p == 1.0:
+        return kernels.ORD_ONE.value, 1.0
+    if 0.0 < p < math.inf:
+        return kernels.ORD_P.value, p
+    return None
+
+
+@dataclass
+class NormSource:
+    """Grads of one device and dtype laid out by ``table`` (blocks), their addresses in column 0
+    of ``grads`` (int64 [T, width])."""
+
+    table: TensorTable
+    grads: torch.Tensor
+    width: int
+    aligned: bool
+    dtype: torch.dtype
+
+
+def _guard(device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _result_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def total_norm(
+    sources: list[NormSource],
+    leftovers: list[torch.Tensor],
+    norm_type: float,
+    grad_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``norm_type`` norm of all grads (of ``grads / grad_scale`` when given), as a 0-d
+    tensor on the first grad's device in the grads' promoted dtype, as torch returns it.
+
+    ``leftovers`` are grads the kernels cannot walk (not dense, or on a device without Triton):
+    their norms are taken with torch and combined as torch combines per-tensor norms.
+    """
+    ord_, p = norm_order(norm_type)
+    result_dtype = _result_dtype([s.dtype for s in sources] + [g.dtype for g in leftovers])
+    by_device: dict[torch.device, list[NormSource]] = {}
+    for s in sources:
+        by_device.setdefault(s.table.device, []).append(s)
+    single = len(by_device) == 1 and not leftovers
+    norms = []
+    for device, group in by_device.items():
+        ct = torch.float64 if any(s.dtype == torch.float64 for s in group) else torch.float32
+        partials = torch.empty(sum(s.table.num_blocks for s in group), dtype=ct, device=device)
+        out = torch.empty((), dtype=result_dtype if single else ct, device=device)
+        offset = 0
+        with _guard(device):
+            for s in group:
+                n = s.table.num_blocks
+                if n:
+                    kernels.norm_partials_kernel[(n,)](
+                        s.grads,
+                        s.table.meta,
+                        s.table.owner,
+                        partials[offset:],
+                        partials if grad_scale is None else grad_scale,
+                        G=s.width,
+                        DTYPE=TL_DTYPE[s.dtype],
+                        COMPUTE=TL_DTYPE[compute_dtype(s.dtype)],
+                        BLOCK=s.table.block,
+                        ORD=ord_,
+                        P=p,
+                        HAS_GRAD_SCALE=grad_scale is not None,
+                        ALIGNED=s.aligned,
+                        num_warps=s.table.num_warps,
+                    )
+                offset += n
+            kernels.norm_finish_kernel[(1,)](
+                partials, out, offset, OUT_DTYPE=TL_DTYPE[out.dtype], COMPUTE=TL_DTYPE[ct],
+                BLOCK=_FINISH_BLOCK, ORD=ord_, P=p,
+            )  # fmt: skip
+        norms.append(out)
+    if single:
+        return norms[0]
+    for g in leftovers:
+        x = g if grad_scale is None else g.to(compute_dtype(g.dtype)) / grad_scale.to(g.device)
+        norms.append(torch.linalg.vector_norm(x, norm_type))
+    first = norms[0].device
+    stacked = torch.stack([n.to(first, torch.float64 if n.dtype == torch.float64 else torch.float32) for n in norms])
+    return torch.linalg.vector_norm(stacked, norm_type).to(result_dtype)
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``min(max_norm / (total + 1e-6), 1)`` on the device, with torch's ops in torch's order."""
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+def scale_(sources: list[NormSource], leftovers: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """``g *= coef`` for every grad: one launch per source, torch's mul for the leftovers."""
+    for s in sources:
+        if s.table.num_blocks:
+            with _guard(s.table.device):
+                kernels.scale_kernel[(s.table.num_blocks,)](
+                    s.grads, s.table.meta, s.table.owner, coef.to(s.table.device),
+                    G=s.width, DTYPE=TL_DTYPE[s.dtype], COMPUTE=TL_DTYPE[compute_dtype(s.dtype)],
+                    BLOCK=s.table.block, ALIGNED=s.aligned, num_warps=s.table.num_warps,
+                )  # fmt: skip
+    for g in leftovers:
+        g.mul_(coef.to(g.device))
+
+
+# Tables for clip_grad_norm_, keyed by the grads' addresses and sizes (a training loop passes
+# the same grads every step; the key is all a table depends on).
+_TABLES: OrderedDict[tuple, NormSource] = OrderedDict()
+_TABLES_KEPT = 8
+
+
+def _sources(grads: list[torch.Tensor]) -> tuple[list[NormSource], list[torch.Tensor]]:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    leftovers = []
+    for g in grads:
+        if runs_triton(g.device) and g.dtype in TL_DTYPE and _dense(tuple(g.shape), g.stride()):
+            groups.setdefault((g.device, g.dtype), []).append(g)
+        else:
+            leftovers.append(g)
+    sources = []
+    for (device, dtype), group in groups.items():
+        key = (device, dtype, tuple((g.data_ptr(), g.numel()) for g in group))
+        source = _TABLES.get(key)
+        if source is None:
+            table = TensorTable([group], device)
+            source = NormSource(table, table.ptrs, 1, table.aligned, dtype)
+            _TABLES[key] = source
+            if len(_TABLES) > _TABLES_KEPT:
+                _TABLES.popitem(last=False)
+        else:
+            _TABLES.move_to_end(key)
+        sources.append(source)
+    return sources, leftovers
+
+
+def clip_grad_norm_(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    r"""Clip the gradient norm of an iterable of parameters, as :func:`torch.nn.utils.clip_grad_norm_`.
+
+    The norm is computed over the norms of all gradients together, as if they were
+    concatenated into a single vector; gradients are modified in place:
+    :math:`g \leftarrow g \cdot \min(1, \text{max\_norm} / (\lVert g \rVert + 10^{-6}))`.
+
+    Args:
+        parameters: a Tensor or an iterable of Tensors whose gradients will be normalized.
+        max_norm: max norm of the gradients.
+        norm_type: type of the used p-norm; ``inf`` for the infinity norm. Orders ``p > 0`` run
+            the fused kernels; others (0, negative, ``-inf``) run torch's implementation.
+        error_if_nonfinite: if True, raise an error if the total norm is nan, inf or -inf (this
+            reads the norm on the host, as torch does).
+        foreach: ``None`` (default) runs the fused kernels (torch's implementation where they do
+            not apply: a CPU tensor without ``TRITON_INTERPRET=1``, sparse or integer grads);
+            ``True``/``False`` run torch's own foreach / per-tensor implementation.
+
+    Returns:
+        Total norm of the gradients (viewed as a single vector), a 0-d tensor on the first
+        gradient's device in the gradients' promoted dtype.
+    """
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    fused = (
+        foreach is None
+        and norm_order(norm_type) is not None
+        and any(runs_triton(g.device) for g in grads)
+        and not any(g.is_sparse for g in grads)
+    )
+    if not fused:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    sources, leftovers = _sources(grads)
+    total = total_norm(sources, leftovers, norm_type)
+    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+    scale_(sources, leftovers, clip_coefficient(total, float(max_norm)))
+    return total
