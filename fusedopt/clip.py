@@ -205,6 +205,8 @@ def clip_grad_norm_(
         and norm_order(norm_type) is not None
         and any(runs_triton(g.device) for g in grads)
         and not any(g.is_sparse for g in grads)
+        # torch refuses the infinity norm of an empty tensor (no identity): let it say so.
+        and not (float(norm_type) == math.inf and any(g.numel() == 0 for g in grads))
     )
     if not fused:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)

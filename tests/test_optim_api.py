@@ -532,13 +532,18 @@ def test_default_path_launches_one_kernel_per_step(case, fused, triton_device, l
 INF_STEP = 3
 
 
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale_-then-step"])
+@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused=True"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_grad_scaler_with_fused_true(case, triton_device, launches):
+def test_grad_scaler(case, fused, unscale_first, triton_device, launches):
+    """GradScaler hands grad_scale/found_inf to our step (default path too): the kernel unscales,
+    and the step with an injected inf changes nothing (params, state, step) without a host
+    sync; the scale backs off and the run matches torch's own (unfused) optimizer."""
     device = triton_device
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
     twin = copy.deepcopy(model)
-    opt = case.fused_cls(model.parameters(), fused=True, **case.kwargs)
+    opt = case.fused_cls(model.parameters(), fused=fused, **case.kwargs)
     ref = case.torch_cls(twin.parameters(), **case.kwargs)
     assert opt._step_supports_amp_scaling
     assert not getattr(ref, "_step_supports_amp_scaling", False)
@@ -554,6 +559,8 @@ def test_grad_scaler_with_fused_true(case, triton_device, launches):
                 m[0].weight.grad[1, 2] = float("inf")
         before, scale = snapshot(opt, ours), scaler.get_scale()
         for o, s in ((opt, scaler), (ref, ref_scaler)):
+            if unscale_first:
+                s.unscale_(o)
             s.step(o)
             s.update()
         if step == INF_STEP:
@@ -563,6 +570,28 @@ def test_grad_scaler_with_fused_true(case, triton_device, launches):
         check_same(opt, ref, ours, theirs)
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
     assert launches.counts.get(kernel_name(case), 0) == 6
+    # Unscaled in the kernel unless unscale_() already did it: the flags say which.
+    flags = [kwargs["HAS_GRAD_SCALE"] for _, _, kwargs in launches]
+    assert flags == [not unscale_first] * 6
+    assert all(kwargs["HAS_FOUND_INF"] for _, _, kwargs in launches)
+
+
+def test_grad_scaler_unscales_groups_that_run_torchs_step(triton_device):
+    """A group with fused=False runs torch's step, which cannot unscale: then GradScaler must."""
+    device = triton_device
+    p, q = make(device, [(3,)]), make(device, [(3,)])
+    opt = FusedAdam([{"params": p}, {"params": q, "fused": False}], lr=0.1)
+    assert not opt._step_supports_amp_scaling
+    ref = Adam([{"params": [x.detach().clone().requires_grad_() for x in p]}], lr=0.1)
+    scaler = torch.amp.GradScaler(device, init_scale=4.0)
+    scaler.scale(torch.ones((), device=device))  # sets up the scale, as scaling a loss does
+    for params in (p, ref.param_groups[0]["params"]):
+        params[0].grad = torch.full((3,), 8.0, device=device)
+    q[0].grad = torch.full((3,), 8.0, device=device)
+    scaler.step(opt)
+    ref.param_groups[0]["params"][0].grad.div_(4.0)
+    ref.step()
+    close(p[0], ref.param_groups[0]["params"][0], "param")
 
 
 # 9. Bad input -------------------------------------------------------------------------------------

@@ -22,9 +22,16 @@ ORD_TWO, ORD_ONE, ORD_INF, ORD_P = (tl.constexpr(i) for i in range(4))
 
 
 @triton.jit
+def _max_keeping_nan(x):
+    """max of non-negative ``x``, NaN if any is NaN (``tl.max`` drops NaNs; their sum keeps them)."""
+    total = tl.sum(x, 0)
+    return tl.where(total != total, total, tl.max(x, 0))
+
+
+@triton.jit
 def _reduce_block(x, ORD: tl.constexpr, P: tl.constexpr):
     if ORD == ORD_INF:
-        return tl.max(x, 0)
+        return _max_keeping_nan(x)
     elif ORD == ORD_TWO:
         return tl.sum(x * x, 0)
     elif ORD == ORD_ONE:
@@ -76,11 +83,11 @@ def norm_finish_kernel(
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(partials + offs, mask=offs < N, other=0.0).to(COMPUTE)
         if ORD == ORD_INF:
-            acc = tl.maximum(acc, x)
+            acc = tl.where((acc != acc) | (x != x), acc + x, tl.maximum(acc, x))  # NaN stays
         else:
             acc = acc + x
     if ORD == ORD_INF:
-        total = tl.max(acc, 0)
+        total = _max_keeping_nan(acc)
     else:
         total = tl.sum(acc, 0)
     if ORD == ORD_TWO:

@@ -1,0 +1,305 @@
+"""Fused global-norm clipping: ``fusedopt.clip_grad_norm_`` against torch.nn.utils', and the
+optimizers' ``max_grad_norm`` against torch's clip-then-step (with and without GradScaler)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import record_launches
+from test_multi_tensor import CountOps
+from test_optim_api import assert_unchanged, check_same, close, grads_for, make, snapshot
+from torch import nn
+
+import fusedopt
+from fusedopt.kernels import adam as adam_kernels
+from fusedopt.kernels import clip as clip_kernels
+from fusedopt.kernels import sgd as sgd_kernels
+from fusedopt.tolerance import OPTIM_TOLERANCE, allowed_error
+
+# The interpreter evaluates log2(0) (the p-norm of a zero) and inf * 0 through numpy, which warns.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+
+NORM_TYPES = [2.0, 1.0, math.inf, 3.5, 0.5]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+# 0-d, empty, one block and a ragged tail, a transposed (dense) grad, a strided slice (not dense).
+SHAPES = [(), (0,), (4097,), (3, 5)]
+
+
+@pytest.fixture
+def clip_launches(monkeypatch):
+    return record_launches(
+        monkeypatch,
+        {
+            "partials": clip_kernels.norm_partials_kernel,
+            "finish": clip_kernels.norm_finish_kernel,
+            "scale": clip_kernels.scale_kernel,
+            "adam": adam_kernels.adam_kernel,
+            "sgd": sgd_kernels.sgd_kernel,
+        },
+    )
+
+
+def _grads(device: str, dtype: torch.dtype, scale: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = [(torch.randn(s, generator=gen) * scale).to(device, dtype) for s in SHAPES]
+    out.append((torch.randn(5, 3, generator=gen) * scale).to(device, dtype).t())  # transposed
+    out.append((torch.randn(6, 4, generator=gen) * scale).to(device, dtype)[::2, 1:])  # strided
+    return out
+
+
+def _same_layout(g: torch.Tensor) -> torch.Tensor:
+    """A copy of ``g`` with its strides, a strided slice staying a strided slice."""
+    if g.dim() == 2 and not g.is_contiguous() and not g.t().is_contiguous():
+        base = torch.zeros(2 * g.shape[0], g.shape[1] + 1, device=g.device, dtype=g.dtype)
+        return base[::2, 1:].copy_(g)
+    return g.clone()
+
+
+def _params_with(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    params = []
+    for g in grads:
+        p = torch.zeros(g.shape, device=g.device, dtype=g.dtype, requires_grad=True)
+        p.grad = _same_layout(g)
+        params.append(p)
+    return params
+
+
+def _both(grads):
+    return _params_with(grads), _params_with(grads)
+
+
+def _assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    a, e = actual.double(), expected.double()
+    finite = torch.isfinite(e)
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), what
+    assert torch.equal(a[torch.isinf(e)], e[torch.isinf(e)]), what
+    # The norm sums in another order than torch (and in fp32 for bf16): a few roundings apart.
+    err = (a[finite] - e[finite]).abs()
+    assert bool((err <= 4 * allowed_error(expected[finite], expected.dtype, OPTIM_TOLERANCE)).all()), (
+        f"{what}: max error {err.max() if err.numel() else 0}"
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+def test_clip_grad_norm_matches_torch(norm_type, dtype, triton_device, clip_launches):
+    grads = _grads(triton_device, dtype, scale=3.0)
+    if norm_type == math.inf:  # torch refuses the infinity norm of an empty tensor; so do we
+        grads.pop(1)
+    ours, theirs = _both(grads)
+    total = fusedopt.clip_grad_norm_(ours, max_norm=1.0, norm_type=norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm=1.0, norm_type=norm_type)
+    _assert_matches(total, expected, "total norm")
+    for p, q in zip(ours, theirs, strict=True):
+        _assert_matches(p.grad, q.grad, "clipped grad")
+    counts = clip_launches.counts
+    assert counts["partials"] == counts["scale"] == 1 and counts["finish"] == 1, counts
+
+
+def test_clip_below_max_norm_leaves_grads_and_accepts_a_single_tensor(triton_device):
+    (p,) = _params_with([torch.full((10,), 0.1, device=triton_device)])
+    before = p.grad.clone()
+    total = fusedopt.clip_grad_norm_(p, max_norm=5.0)
+    torch.testing.assert_close(total, torch.linalg.vector_norm(before))
+    # coef = 5 / (norm + 1e-6) clamped to 1: the grads are multiplied by exactly 1.
+    assert torch.equal(p.grad, before)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 3.0])
+def test_non_finite_grads_match_torch(bad, norm_type, triton_device):
+    grads = [g for g in _grads(triton_device, torch.float32) if g.numel()]
+    grads[1][7] = bad
+    ours, theirs = _both(grads)
+    total = fusedopt.clip_grad_norm_(ours, 1.0, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    _assert_matches(total, expected, "total norm")
+    for p, q in zip(ours, theirs, strict=True):
+        _assert_matches(p.grad, q.grad, "grad")
+
+
+def test_error_if_nonfinite_raises_like_torch_and_changes_nothing(triton_device):
+    grads = _grads(triton_device, torch.float32)
+    grads[2][0] = math.nan
+    ours, theirs = _both(grads)
+    before = [p.grad.clone() for p in ours]
+    with pytest.raises(RuntimeError) as mine:
+        fusedopt.clip_grad_norm_(ours, 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError) as torchs:
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0, error_if_nonfinite=True)
+    assert str(mine.value) == str(torchs.value)
+    for p, b in zip(ours, before, strict=True):
+        torch.testing.assert_close(p.grad, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("norm_type", [0.0, -math.inf, -1.0])
+def test_other_orders_and_foreach_flags_run_torch(norm_type, triton_device, clip_launches):
+    ours, theirs = _both([g for g in _grads(triton_device, torch.float32) if g.numel()])
+    total = fusedopt.clip_grad_norm_(ours, 1.0, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    torch.testing.assert_close(total, expected)
+    ours, theirs = _both(_grads(triton_device, torch.float32))
+    torch.testing.assert_close(
+        fusedopt.clip_grad_norm_(ours, 1.0, foreach=False), torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    )
+    assert not clip_launches
+
+
+def test_infinity_norm_of_an_empty_grad_raises_like_torch(triton_device):
+    ours, theirs = _both(_grads(triton_device, torch.float32))
+    outcomes = []
+    for clip, params in ((fusedopt.clip_grad_norm_, ours), (torch.nn.utils.clip_grad_norm_, theirs)):
+        with pytest.raises(RuntimeError) as e:
+            clip(params, 1.0, math.inf)
+        outcomes.append(str(e.value))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_no_grads_returns_zero_like_torch(triton_device):
+    p = torch.zeros(3, device=triton_device, requires_grad=True)
+    assert torch.equal(fusedopt.clip_grad_norm_([p], 1.0), torch.nn.utils.clip_grad_norm_([p], 1.0))
+
+
+def test_norm_is_deterministic_and_on_the_device(triton_device):
+    grads = [torch.randn(3000 + i, device=triton_device) * 10 ** (i % 5) for i in range(9)]
+    totals = []
+    for _ in range(2):
+        params = _params_with(grads)
+        totals.append(fusedopt.clip_grad_norm_(params, 1e9))
+    assert totals[0].device.type == torch.device(triton_device).type
+    assert torch.equal(totals[0], totals[1])
+
+
+def _count_clip(n: int, device: str, clip_launches) -> tuple[int, int]:
+    grads = [torch.randn(17 + i % 5, device=device) for i in range(n)]
+    params = _params_with(grads)
+    fusedopt.clip_grad_norm_(params, 1.0)  # first call builds the tables
+    clip_launches.clear()
+    with CountOps() as ops:
+        fusedopt.clip_grad_norm_(params, 1.0)
+    return len(clip_launches), len(ops.ops)
+
+
+def test_clip_launches_do_not_grow_with_tensor_count(triton_device, clip_launches):
+    few, many = _count_clip(4, triton_device, clip_launches), _count_clip(64, triton_device, clip_launches)
+    assert few == many, f"(Triton launches, torch ops): {few} for 4 tensors, {many} for 64"
+    assert few[0] == 3
+
+
+# max_grad_norm ----------------------------------------------------------------------------------
+
+MAX_NORM_CASES = [
+    (fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+    (fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, amsgrad=True)),
+    (fusedopt.FusedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+]
+
+
+def _ids(x):
+    return getattr(x, "__name__", "")
+
+
+def test_max_grad_norm_is_validated():
+    p = make("cpu", [(2,)])
+    for bad in (0.0, -1.0, math.inf, math.nan, "1"):
+        with pytest.raises(ValueError, match="Invalid max_grad_norm value"):
+            fusedopt.FusedAdamW(p, max_grad_norm=bad)
+    assert fusedopt.FusedAdamW(p, max_grad_norm=1).max_grad_norm == 1.0
+    assert fusedopt.FusedAdamW(p).max_grad_norm is None
+
+
+@pytest.mark.parametrize(("cls", "torch_cls", "kwargs"), MAX_NORM_CASES, ids=_ids)
+def test_max_grad_norm_matches_clip_then_step(cls, torch_cls, kwargs, triton_device, clip_launches):
+    """7 steps over two groups: the norm is global (over both), as clip_grad_norm_(all params)."""
+    specs = [(3, 4), (5,), (), (4097,), (0,)]
+    ours, theirs = make(triton_device, specs), make(triton_device, specs)
+    opt = cls([{"params": ours[:2]}, {"params": ours[2:], "lr": 0.02}], max_grad_norm=1.5, **kwargs)
+    ref = torch_cls([{"params": theirs[:2]}, {"params": theirs[2:], "lr": 0.02}], **kwargs)
+    for step in range(7):
+        grads = [g * (4.0 if step % 2 else 0.01) for g in grads_for(ours, step)]  # clipped or not
+        for params in (ours, theirs):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(theirs, 1.5)
+        ref.step()
+        # Our grads are never rewritten.
+        assert all(torch.equal(p.grad, g) for p, g in zip(ours, grads, strict=True))
+        check_same(opt, ref, ours, theirs)
+    counts = clip_launches.counts  # per step: a norm pass and a step per group, one finish
+    name = "sgd" if cls is fusedopt.FusedSGD else "adam"
+    assert counts["partials"] == counts[name] == 14 and counts["finish"] == 7 and "scale" not in counts, counts
+
+
+@pytest.mark.parametrize(("cls", "torch_cls", "kwargs"), MAX_NORM_CASES[::2], ids=_ids)
+def test_max_grad_norm_with_grad_scaler_matches_torchs_recipe(cls, torch_cls, kwargs, triton_device):
+    """scaler.step(opt) with max_grad_norm against torch's unscale_ + clip_grad_norm_ + step,
+    with an inf injected at one step: nothing changes there, then training continues."""
+    device = triton_device
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
+    twin = copy.deepcopy(model)
+    opt = cls(model.parameters(), max_grad_norm=0.5, **kwargs)
+    ref = torch_cls(twin.parameters(), **kwargs)
+    scaler, ref_scaler = (torch.amp.GradScaler(device, init_scale=2.0**6, growth_interval=2) for _ in "ab")
+    ours, theirs = list(model.parameters()), list(twin.parameters())
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        x = torch.randn(5, 4, generator=gen).to(device) * 3
+        for m, o, s in ((model, opt, scaler), (twin, ref, ref_scaler)):
+            o.zero_grad()
+            s.scale(m(x).square().mean()).backward()
+            if step == 2:
+                m[2].weight.grad[0, 1] = float("inf")
+        before = snapshot(opt, ours)
+        scaler.step(opt)
+        scaler.update()
+        ref_scaler.unscale_(ref)
+        torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+        ref_scaler.step(ref)
+        ref_scaler.update()
+        if step == 2:
+            assert_unchanged(before, opt, ours)
+        assert scaler.get_scale() == ref_scaler.get_scale()
+        check_same(opt, ref, ours, theirs)
+
+
+def test_max_grad_norm_with_a_group_on_torchs_step(triton_device):
+    """A fused=False group is clipped in place (torch's step reads its grads); the norm is global."""
+    device = triton_device
+    ours, theirs = make(device, [(3,), (4,)]), make(device, [(3,), (4,)])
+    opt = fusedopt.FusedAdam([{"params": ours[:1]}, {"params": ours[1:], "fused": False}], lr=0.1, max_grad_norm=0.1)
+    ref = torch.optim.Adam([{"params": theirs[:1]}, {"params": theirs[1:]}], lr=0.1)
+    for step in range(3):
+        grads = grads_for(ours, step)
+        for params in (ours, theirs):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(theirs, 0.1)
+        ref.step()
+        for p, q in zip(ours, theirs, strict=True):
+            close(p, q, "param")
+
+
+def _count_pipeline(n: int, device: str, clip_launches) -> tuple[int, int]:
+    params = [torch.randn(17 + i % 5, device=device, requires_grad=True) for i in range(n)]
+    opt = fusedopt.FusedAdamW(params, lr=1e-3, max_grad_norm=1.0)
+    for _ in range(3):  # first steps create state and plans
+        for p in params:
+            p.grad = torch.randn_like(p)
+        clip_launches.clear()
+        with CountOps() as ops:
+            opt.step()
+    return len(clip_launches), len(ops.ops)
+
+
+def test_clip_and_step_launches_do_not_grow_with_tensor_count(triton_device, clip_launches):
+    few = _count_pipeline(4, triton_device, clip_launches)
+    many = _count_pipeline(64, triton_device, clip_launches)
+    assert few == many, f"(Triton launches, torch ops): {few} for 4 tensors, {many} for 64"
+    assert few[0] == 3, "norm partials, norm finish, step"
