@@ -117,7 +117,9 @@ def total_norm(
         x = g if grad_scale is None else g.to(compute_dtype(g.dtype)) / grad_scale.to(g.device)
         norms.append(torch.linalg.vector_norm(x, norm_type))
     first = norms[0].device
-    stacked = torch.stack([n.to(first, torch.float64 if n.dtype == torch.float64 else torch.float32) for n in norms])
+    stacked = torch.stack(
+        [n.to(first, torch.float64 if n.dtype == torch.float64 else torch.float32) for n in norms]
+    )
     return torch.linalg.vector_norm(stacked, norm_type).to(result_dtype)
 
 
@@ -170,6 +172,33 @@ def _sources(grads: list[torch.Tensor]) -> tuple[list[NormSource], list[torch.Te
     return sources, leftovers
 
 
+@torch.library.custom_op("fusedopt::grad_norm", mutates_args=())
+def _grad_norm_op(
+    grads: list[torch.Tensor], norm_type: float, grad_scale: torch.Tensor | None
+) -> torch.Tensor:
+    return total_norm(*_sources(grads), norm_type, grad_scale).clone()
+
+
+@_grad_norm_op.register_fake
+def _(grads, norm_type, grad_scale):
+    return grads[0].new_empty((), dtype=_result_dtype(g.dtype for g in grads))
+
+
+@torch.library.custom_op("fusedopt::scale_grads_", mutates_args=("grads",))
+def _scale_op(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    scale_(*_sources(grads), coef)
+
+
+@_scale_op.register_fake
+def _(grads, coef) -> None:
+    return None
+
+
+def traced_norm(grads: list[torch.Tensor], norm_type: float, grad_scale: torch.Tensor | None) -> torch.Tensor:
+    """:func:`total_norm` of ``grads`` as one op ``torch.compile`` can trace."""
+    return torch.ops.fusedopt.grad_norm(grads, norm_type, grad_scale)
+
+
 def clip_grad_norm_(
     parameters: torch.Tensor | Iterable[torch.Tensor],
     max_norm: float,
@@ -210,8 +239,12 @@ def clip_grad_norm_(
     )
     if not fused:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
-    sources, leftovers = _sources(grads)
-    total = total_norm(sources, leftovers, norm_type)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        total = traced_norm(grads, float(norm_type), None)
+    else:
+        sources, leftovers = _sources(grads)
+        total = total_norm(sources, leftovers, norm_type)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {float(norm_type)} for gradients from "
@@ -219,5 +252,9 @@ def clip_grad_norm_(
             "this error and scale the gradients by the non-finite norm anyway, "
             "set `error_if_nonfinite=False`"
         )
-    scale_(sources, leftovers, clip_coefficient(total, float(max_norm)))
+    coef = clip_coefficient(total, float(max_norm))
+    if compiling:
+        torch.ops.fusedopt.scale_grads_(grads, coef)
+    else:
+        scale_(sources, leftovers, coef)
     return total

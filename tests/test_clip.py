@@ -20,7 +20,9 @@ from fusedopt.kernels import sgd as sgd_kernels
 from fusedopt.tolerance import OPTIM_TOLERANCE, allowed_error
 
 # The interpreter evaluates log2(0) (the p-norm of a zero) and inf * 0 through numpy, which warns.
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning"
+)
 
 NORM_TYPES = [2.0, 1.0, math.inf, 3.5, 0.5]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -232,7 +234,9 @@ def test_max_grad_norm_matches_clip_then_step(cls, torch_cls, kwargs, triton_dev
         check_same(opt, ref, ours, theirs)
     counts = clip_launches.counts  # per step: a norm pass and a step per group, one finish
     name = "sgd" if cls is fusedopt.FusedSGD else "adam"
-    assert counts["partials"] == counts[name] == 14 and counts["finish"] == 7 and "scale" not in counts, counts
+    assert counts["partials"] == counts[name] == 14 and counts["finish"] == 7 and "scale" not in counts, (
+        counts
+    )
 
 
 @pytest.mark.parametrize(("cls", "torch_cls", "kwargs"), MAX_NORM_CASES[::2], ids=_ids)
@@ -272,7 +276,9 @@ def test_max_grad_norm_with_a_group_on_torchs_step(triton_device):
     """A fused=False group is clipped in place (torch's step reads its grads); the norm is global."""
     device = triton_device
     ours, theirs = make(device, [(3,), (4,)]), make(device, [(3,), (4,)])
-    opt = fusedopt.FusedAdam([{"params": ours[:1]}, {"params": ours[1:], "fused": False}], lr=0.1, max_grad_norm=0.1)
+    opt = fusedopt.FusedAdam(
+        [{"params": ours[:1]}, {"params": ours[1:], "fused": False}], lr=0.1, max_grad_norm=0.1
+    )
     ref = torch.optim.Adam([{"params": theirs[:1]}, {"params": theirs[1:]}], lr=0.1)
     for step in range(3):
         grads = grads_for(ours, step)

@@ -12,19 +12,20 @@ from sm90 import compile_in_child
 
 pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
 
-ADAM_FLAGS = ["AMSGRAD", "MAXIMIZE", "DECOUPLED", "HAS_WD", "HAS_GRAD_SCALE", "HAS_FOUND_INF"]
-SGD_FLAGS = ["HAS_MOMENTUM", "NESTEROV", "MAXIMIZE", "HAS_WD", "HAS_GRAD_SCALE", "HAS_FOUND_INF"]
+ADAM_FLAGS = ["AMSGRAD", "MAXIMIZE", "DECOUPLED", "HAS_WD", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "HAS_CLIP"]
+SGD_FLAGS = ["HAS_MOMENTUM", "NESTEROV", "MAXIMIZE", "HAS_WD", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "HAS_CLIP"]
 DTYPES = ["float32", "bfloat16", "float16", "float64"]
 
 CHILD = r"""
 import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from fusedopt.kernels import adam, losses, sgd
+from fusedopt.kernels import adam, clip, losses, sgd
 
 KERNELS = {"adam": adam.adam_kernel, "sgd": sgd.sgd_kernel, "pointwise_loss": losses.pointwise_loss_kernel,
            "sum_rows": losses.sum_rows_kernel, "pointwise_loss_backward": losses.pointwise_loss_backward_kernel,
-           "scale_grad": losses.scale_grad_kernel}
+           "scale_grad": losses.scale_grad_kernel, "norm_partials": clip.norm_partials_kernel,
+           "norm_finish": clip.norm_finish_kernel, "scale": clip.scale_kernel}
 out = []
 for name, signature, constexprs in json.loads(sys.argv[1]):
     constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
@@ -39,15 +40,10 @@ for name, signature, constexprs in json.loads(sys.argv[1]):
 print(json.dumps(out))
 """
 
-OPTIMIZER_SIGNATURE = {
-    "ptrs": "*i64",
-    "grad_ptrs": "*i64",
-    "meta": "*i64",
-    "owner": "*i32",
-    "scalars": "*fp64",
-    "grad_scale": "*fp32",
-    "found_inf": "*fp32",
-}
+TABLES = {"ptrs": "*i64", "grad_ptrs": "*i64", "meta": "*i64", "owner": "*i32", "scalars": "*fp64"}
+AMP = {"grad_scale": "*fp32", "found_inf": "*fp32", "clip_coef": "*fp32"}
+SIGNATURES = {"adam": dict(TABLES, steps="*fp32", **AMP), "sgd": dict(TABLES, **AMP)}
+PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float64": "*fp64"}
 
 
 def _optimizer_variants(name: str, flags: list[str]) -> list:
@@ -59,10 +55,30 @@ def _optimizer_variants(name: str, flags: list[str]) -> list:
         compute = "tl.float64" if dtype == "float64" else "tl.float32"
         return dict(DTYPE=f"tl.{dtype}", COMPUTE=compute, BLOCK=4096, ALIGNED=aligned, **chosen)
 
-    out = [
-        [name, OPTIMIZER_SIGNATURE, constexprs(dtype, chosen, True)] for dtype in DTYPES for chosen in sets
-    ]
-    out.append([name, OPTIMIZER_SIGNATURE, constexprs("float32", dict.fromkeys(flags, False), False)])
+    signature = SIGNATURES[name]
+    out = [[name, signature, constexprs(dtype, chosen, True)] for dtype in DTYPES for chosen in sets]
+    out.append([name, signature, constexprs("float32", dict.fromkeys(flags, False), False)])
+    return out
+
+
+def _clip_variants() -> list:
+    """Every norm order and dtype; the grad scale on and off; aligned and not."""
+    out = []
+    orders = [(0, 2.0), (1, 1.0), (2, 1.0), (3, 3.5)]
+    for dtype in DTYPES:
+        compute = "tl.float64" if dtype == "float64" else "tl.float32"
+        partials = "*fp64" if dtype == "float64" else "*fp32"
+        tables = dict(grad_ptrs="*i64", meta="*i64", owner="*i32")
+        for (order, p), aligned in zip(orders, [True, False, True, True], strict=True):
+            signature = dict(tables, partials=partials, grad_scale="*fp32")
+            constexprs = dict(G=2, DTYPE=f"tl.{dtype}", COMPUTE=compute, BLOCK=4096, ORD=order, P=p,
+                              HAS_GRAD_SCALE=order == 0, ALIGNED=aligned)  # fmt: skip
+            out.append(["norm_partials", signature, constexprs])
+            signature = dict(partials=partials, out=PTR[dtype], N="i32")
+            constexprs = dict(OUT_DTYPE=f"tl.{dtype}", COMPUTE=compute, BLOCK=1024, ORD=order, P=p)
+            out.append(["norm_finish", signature, constexprs])
+        constexprs = dict(G=1, DTYPE=f"tl.{dtype}", COMPUTE=compute, BLOCK=4096, ALIGNED=True)
+        out.append(["scale", dict(tables, coef="*fp32"), constexprs])
     return out
 
 
@@ -112,7 +128,12 @@ def _loss_variants() -> list:
     return out
 
 
-VARIANTS = _optimizer_variants("adam", ADAM_FLAGS) + _optimizer_variants("sgd", SGD_FLAGS) + _loss_variants()
+VARIANTS = (
+    _optimizer_variants("adam", ADAM_FLAGS)
+    + _optimizer_variants("sgd", SGD_FLAGS)
+    + _loss_variants()
+    + _clip_variants()
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,5 +149,5 @@ def test_kernel_compiles_for_sm90(compiled, index):
 
 def test_full_blocks_use_vector_accesses_only_when_aligned(compiled):
     for variant, result in zip(VARIANTS, compiled, strict=True):
-        if variant[0] in ("adam", "sgd"):
+        if variant[0] in ("adam", "sgd", "norm_partials", "scale"):
             assert (result["vector_loads"] > 0) is variant[2]["ALIGNED"], variant

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from fusedopt._multi_tensor import (
     runs_triton,
     shares_dense_layout,
 )
-from fusedopt.clip import NormSource, clip_coefficient, total_norm
+from fusedopt.clip import NormSource, clip_coefficient, total_norm, traced_norm
 
 
 def real_view(t: torch.Tensor) -> torch.Tensor:
@@ -149,6 +149,41 @@ def _dynamic_rows(grads: list[torch.Tensor], flags: list[int] | None) -> list[tu
     return [(g.data_ptr(), f) for g, f in zip(grads, flags, strict=True)]
 
 
+# Buckets of the compiled path's ops, keyed by every operand's address and the grads' strides
+# (what a plan depends on); a compiled training loop passes the same tensors every step.
+_OP_BUCKETS: OrderedDict[tuple, list[Bucket]] = OrderedDict()
+_OP_BUCKETS_KEPT = 8
+
+
+def op_buckets(
+    columns: list[list[torch.Tensor]], grads: list[torch.Tensor], extra: list
+) -> tuple[StepGrads, list[Bucket]]:
+    """Buckets (one per device and dtype) for a custom op's lists: ``columns[0]`` the params,
+    the others their state operands; ``extra[i]`` is tensor i's per-tensor data."""
+    step_grads = StepGrads(grads)
+    step_grads.ptrs = tuple(g.data_ptr() for g in grads)
+    key = (tuple(t.data_ptr() for c in columns for t in c), tuple(g.stride() for g in grads))
+    buckets = _OP_BUCKETS.get(key)
+    if buckets is None:
+        by_kind: dict[tuple, Bucket] = {}
+        for i, operands in enumerate(zip(*columns, strict=True)):
+            where = (operands[0].device, operands[0].dtype, False)
+            bucket = by_kind.get(where) or by_kind.setdefault(where, Bucket(*where))
+            bucket.add(i, list(operands), None)
+        buckets = list(by_kind.values())
+        for bucket in buckets:
+            bucket.finish(step_grads)
+        if all(not b.irregular for b in buckets):
+            _OP_BUCKETS[key] = buckets
+            if len(_OP_BUCKETS) > _OP_BUCKETS_KEPT:
+                _OP_BUCKETS.popitem(last=False)
+    else:
+        _OP_BUCKETS.move_to_end(key)
+    for bucket in buckets:
+        bucket.extra = [extra[i] for i in bucket.positions]
+    return step_grads, buckets
+
+
 class GroupPlan:
     def __init__(self, key: tuple | None, buckets: list[Bucket]):
         self.key = key
@@ -183,7 +218,13 @@ def _scan(params: list[torch.Tensor]) -> tuple[tuple | None, StepGrads]:
 
 
 def _torch_base(cls: type) -> type:
-    return next(c for c in cls.__mro__ if issubclass(c, torch.optim.Optimizer) and not issubclass(c, FusedStep))
+    return next(
+        c for c in cls.__mro__ if issubclass(c, torch.optim.Optimizer) and not issubclass(c, FusedStep)
+    )
+
+
+def _not_traceable(p: torch.Tensor) -> bool:
+    return p.grad.is_sparse or p.is_complex() or p.dtype not in TL_DTYPE
 
 
 class FusedStep:
@@ -200,7 +241,9 @@ class FusedStep:
     """
 
     def __init__(self, *args, max_grad_norm: float | None = None, **kwargs):
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, int | float) and 0.0 < max_grad_norm < math.inf):
+        if max_grad_norm is not None and not (
+            isinstance(max_grad_norm, int | float) and 0.0 < max_grad_norm < math.inf
+        ):
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         super().__init__(*args, **kwargs)
@@ -209,7 +252,9 @@ class FusedStep:
         super().__init_subclass__(**kwargs)
         # inspect.signature(FusedX) is torch's signature plus the keyword-only max_grad_norm.
         base = inspect.signature(_torch_base(cls))
-        extra = inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="float | None")
+        extra = inspect.Parameter(
+            "max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="float | None"
+        )
         cls.__signature__ = base.replace(parameters=[*base.parameters.values(), extra])
 
     def __setstate__(self, state: dict) -> None:
@@ -243,6 +288,11 @@ class FusedStep:
     def _run(self, group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
         raise NotImplementedError
 
+    def _step_op(self, group: dict, params: list, grads: list, operands: list, amp: dict) -> None:
+        """Call the algorithm's custom op (the step ``torch.compile`` traces); ``operands[i]`` is
+        ``_operands()``'s answer for ``params[i]``."""
+        raise NotImplementedError
+
     def _before_step(self) -> None:
         """Checks the torch class makes at the top of its step."""
 
@@ -272,15 +322,55 @@ class FusedStep:
         ours = [(i, g) for i, g in enumerate(self.param_groups) if not self._uses_torch_impl(g)]
         theirs = [g for g in self.param_groups if self._uses_torch_impl(g)]
         amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        if torch.compiler.is_compiling():
+            self._traced_step([g for _, g in ours], theirs, amp)
+            return loss
         with torch.no_grad():
             planned = self._plan_groups(ours)
-            amp["clip_coef"] = None if self.max_grad_norm is None else self._clip(planned, theirs, amp["grad_scale"])
+            amp["clip_coef"] = (
+                None if self.max_grad_norm is None else self._clip(planned, theirs, amp["grad_scale"])
+            )
             for group, plan, grads in planned:
                 for bucket in plan.buckets:
                     self._run(group, bucket, grads, amp)
         if theirs:
             self._torch_step(theirs)
         return loss
+
+    def _traced_step(self, ours: list[dict], theirs: list[dict], amp: dict) -> None:
+        """The step as ``torch.compile`` traces it: lazy state as eager, then one custom op per
+        group (hyper-parameters as op arguments: a tensor lr is a graph input, so changing it
+        never recompiles). What the ops do not take (sparse or complex grads, non-float dtypes,
+        a param listed twice) runs the eager step outside the graph."""
+        groups = []
+        for group in ours:
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(_not_traceable(p) for p in params) or len({id(p) for p in params}) != len(params):
+                self._eager_step()
+                return
+            groups.append((group, params))
+        with torch.no_grad():
+            if self.max_grad_norm is not None:
+                grads = [p.grad for _, params in groups for p in params]
+                grads += [p.grad for g in theirs for p in g["params"] if p.grad is not None]
+                total = traced_norm(grads, 2.0, amp["grad_scale"])
+                amp["clip_coef"] = clip_coefficient(total, self.max_grad_norm)
+                torch_grads = [p.grad for g in theirs for p in g["params"] if p.grad is not None]
+                if torch_grads:
+                    torch._foreach_mul_(torch_grads, amp["clip_coef"])
+            else:
+                amp["clip_coef"] = None
+            for group, params in groups:
+                memo: dict = {}
+                operands = [self._operands(p, group, memo) for p in params]
+                if params:
+                    self._step_op(group, params, [p.grad for p in params], operands, amp)
+        if theirs:
+            self._torch_step(theirs)
+
+    @torch.compiler.disable
+    def _eager_step(self) -> None:
+        FusedStep.step(self)  # the mixin's own step: torch's step hooks already ran
 
     def _clip(self, planned: list, theirs: list[dict], grad_scale: torch.Tensor | None) -> torch.Tensor:
         """The clip coefficient of ``max_grad_norm`` over every group's grads, on the device.
@@ -298,7 +388,9 @@ class FusedStep:
         torch_grads = [p.grad for g in theirs for p in g["params"] if p.grad is not None]
         if not sources and not leftovers and not torch_grads:
             return None
-        coef = clip_coefficient(total_norm(sources, leftovers + torch_grads, 2.0, grad_scale), self.max_grad_norm)
+        coef = clip_coefficient(
+            total_norm(sources, leftovers + torch_grads, 2.0, grad_scale), self.max_grad_norm
+        )
         if torch_grads:
             torch._foreach_mul_(torch_grads, coef)
         return coef

@@ -7,8 +7,60 @@ from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dty
 
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, to_device
 from fusedopt.kernels import adam as kernels
-from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, real_view
+from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, op_buckets, real_view
 from fusedopt.optim.reference import adam_reference
+
+
+def adam_launch(group: dict, bucket: Bucket, grads: StepGrads, steps: torch.Tensor, amp: dict) -> None:
+    """Step one bucket: ``steps`` holds each tensor's step count, already advanced."""
+    beta1, beta2 = group["betas"]
+    scalars = bucket.scalars([group["lr"], beta1, beta2, group["eps"], group["weight_decay"]])
+    grad_scale, found_inf, clip_coef = amp["grad_scale"], amp["found_inf"], amp["clip_coef"]
+    if bucket.kind == "triton":
+        steps_here = to_device(steps, bucket.device)
+        bucket.launch(
+            grads,
+            None,
+            lambda table, dynamic: table.launch(
+                kernels.adam_kernel,
+                dynamic,
+                scalars,
+                steps_here,
+                scalars if grad_scale is None else grad_scale,
+                scalars if found_inf is None else found_inf,
+                scalars if clip_coef is None else clip_coef,
+                DTYPE=TL_DTYPE[bucket.dtype],
+                COMPUTE=TL_DTYPE[compute_dtype(bucket.dtype)],
+                AMSGRAD=group["amsgrad"],
+                MAXIMIZE=group["maximize"],
+                DECOUPLED=group["decoupled_weight_decay"],
+                HAS_WD=group["weight_decay"] != 0,
+                HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                HAS_CLIP=clip_coef is not None,
+            ),
+        )
+    else:
+        lr, beta1, beta2, eps, weight_decay = scalars.tolist()
+        params, exp_avgs, exp_avg_sqs, vmax = bucket.columns
+        adam_reference(
+            params,
+            bucket.grads(grads),
+            exp_avgs,
+            exp_avg_sqs,
+            vmax if group["amsgrad"] else None,
+            [(1 - beta1**t, (1 - beta2**t) ** 0.5) for t in steps.tolist()],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            maximize=group["maximize"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            clip_coef=clip_coef,
+        )
 
 
 class FusedAdam(FusedStep, torch.optim.Adam):
@@ -107,59 +159,25 @@ class FusedAdam(FusedStep, torch.optim.Adam):
             steps = torch.stack(bucket.extra)
         else:
             steps = counters.add_(1)
-        beta1, beta2 = group["betas"]
-        scalars = bucket.scalars([group["lr"], beta1, beta2, group["eps"], group["weight_decay"]])
-        grad_scale, found_inf, clip_coef = amp["grad_scale"], amp["found_inf"], amp["clip_coef"]
-        if bucket.kind == "triton":
-            steps_here = to_device(steps, bucket.device)
-            bucket.launch(
-                grads,
-                None,
-                lambda table, dynamic: table.launch(
-                    kernels.adam_kernel,
-                    dynamic,
-                    scalars,
-                    steps_here,
-                    scalars if grad_scale is None else grad_scale,
-                    scalars if found_inf is None else found_inf,
-                    scalars if clip_coef is None else clip_coef,
-                    DTYPE=TL_DTYPE[bucket.dtype],
-                    COMPUTE=TL_DTYPE[compute_dtype(bucket.dtype)],
-                    AMSGRAD=group["amsgrad"],
-                    MAXIMIZE=group["maximize"],
-                    DECOUPLED=group["decoupled_weight_decay"],
-                    HAS_WD=group["weight_decay"] != 0,
-                    HAS_GRAD_SCALE=grad_scale is not None,
-                    HAS_FOUND_INF=found_inf is not None,
-                    HAS_CLIP=clip_coef is not None,
-                ),
-            )
-        else:
-            lr, beta1, beta2, eps, weight_decay = scalars.tolist()
-            params, exp_avgs, exp_avg_sqs, vmax = bucket.columns
-            adam_reference(
-                params,
-                bucket.grads(grads),
-                exp_avgs,
-                exp_avg_sqs,
-                vmax if group["amsgrad"] else None,
-                [(1 - beta1**t, (1 - beta2**t) ** 0.5) for t in steps.tolist()],
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                weight_decay=weight_decay,
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                maximize=group["maximize"],
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                clip_coef=clip_coef,
-            )
-        if found_inf is not None:  # a skipped step does not count
+        adam_launch(group, bucket, grads, steps, amp)
+        if amp["found_inf"] is not None:  # a skipped step does not count
             if counters is None:
-                torch._foreach_sub_(bucket.extra, [found_inf] * len(bucket.extra))
+                torch._foreach_sub_(bucket.extra, [amp["found_inf"]] * len(bucket.extra))
             else:
-                counters.sub_(found_inf.to(counters.device))
+                counters.sub_(amp["found_inf"].to(counters.device))
+
+    def _step_op(self, group: dict, params: list, grads: list, operands: list, amp: dict) -> None:
+        states = list(zip(*(ops for ops, _ in operands), strict=True))
+        exp_avgs, exp_avg_sqs, vmax = (list(c) for c in states)
+        lr = group["lr"]
+        beta1, beta2 = group["betas"]
+        torch.ops.fusedopt.adam_(
+            params, grads, exp_avgs, exp_avg_sqs, vmax if group["amsgrad"] else [],
+            [step for _, step in operands],
+            0.0 if isinstance(lr, torch.Tensor) else lr, lr if isinstance(lr, torch.Tensor) else None,
+            beta1, beta2, group["eps"], group["weight_decay"], group["amsgrad"], group["maximize"],
+            group["decoupled_weight_decay"], amp["grad_scale"], amp["found_inf"], amp["clip_coef"],
+        )  # fmt: skip
 
 
 class FusedAdamW(FusedAdam, torch.optim.AdamW):
@@ -170,3 +188,47 @@ class FusedAdamW(FusedAdam, torch.optim.AdamW):
     defaults (``weight_decay=1e-2``); constructor, state and ``state_dict`` as
     :class:`torch.optim.AdamW` (the method order puts AdamW's ``__init__`` first).
     """
+
+
+@torch.library.custom_op(
+    "fusedopt::adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps")
+)
+def adam_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: float,
+    lr_tensor: torch.Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    clip_coef: torch.Tensor | None,
+) -> None:
+    """The Adam step as an op ``torch.compile`` sees (``FusedAdam.step`` while compiling):
+    advances ``steps`` (not when ``found_inf``) and steps every param, like the eager path."""
+    group = dict(
+        lr=lr if lr_tensor is None else lr_tensor, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+        amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+    )  # fmt: skip
+    amp = dict(grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+    torch._foreach_add_(steps, 1)
+    vmax = max_exp_avg_sqs if amsgrad else exp_avg_sqs
+    step_grads, buckets = op_buckets([params, exp_avgs, exp_avg_sqs, vmax], grads, steps)
+    for bucket in buckets:
+        adam_launch(group, bucket, step_grads, torch.stack(bucket.extra), amp)
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+
+@adam_.register_fake
+def _(*args) -> None:
+    return None

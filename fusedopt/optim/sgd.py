@@ -9,11 +9,58 @@ from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype
 from fusedopt.kernels import sgd as kernels
-from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, real_view
+from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, op_buckets, real_view
 from fusedopt.optim.reference import sgd_reference
 
 # torch.optim does not export the module name on every version.
 _torch_sgd = importlib.import_module("torch.optim.sgd")
+
+
+def sgd_launch(group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
+    """Step one bucket (our kernel, or the plain-torch reference); ``bucket.extra`` flags the
+    momentum buffers created this step."""
+    grad_scale, found_inf, clip_coef = amp["grad_scale"], amp["found_inf"], amp["clip_coef"]
+    params, buffers = bucket.columns
+    scalars = bucket.scalars([group["lr"], group["momentum"], group["dampening"], group["weight_decay"]])
+    if bucket.kind == "triton":
+        bucket.launch(
+            grads,
+            bucket.extra,
+            lambda table, dynamic: table.launch(
+                kernels.sgd_kernel,
+                dynamic,
+                scalars,
+                scalars if grad_scale is None else grad_scale,
+                scalars if found_inf is None else found_inf,
+                scalars if clip_coef is None else clip_coef,
+                DTYPE=TL_DTYPE[bucket.dtype],
+                COMPUTE=TL_DTYPE[compute_dtype(bucket.dtype)],
+                HAS_MOMENTUM=group["momentum"] != 0,
+                NESTEROV=group["nesterov"],
+                MAXIMIZE=group["maximize"],
+                HAS_WD=_nonzero(group["weight_decay"]),
+                HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                HAS_CLIP=clip_coef is not None,
+            ),
+        )
+    else:
+        lr, momentum, dampening, weight_decay = scalars.tolist()
+        sgd_reference(
+            params,
+            bucket.grads(grads),
+            buffers,
+            bucket.extra,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            clip_coef=clip_coef,
+        )
 
 
 class FusedSGD(FusedStep, torch.optim.SGD):
@@ -54,54 +101,23 @@ class FusedSGD(FusedStep, torch.optim.SGD):
         return bucket.extra
 
     def _run(self, group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
-        grad_scale, found_inf, clip_coef = amp["grad_scale"], amp["found_inf"], amp["clip_coef"]
-        params, buffers = bucket.columns
         if bucket.kind == "torch":
             self._torch_functional(group, bucket, grads, amp)
-            bucket.extra = [0] * len(bucket.extra)
-            return
-        scalars = bucket.scalars([group["lr"], group["momentum"], group["dampening"], group["weight_decay"]])
-        if bucket.kind == "triton":
-            bucket.launch(
-                grads,
-                bucket.extra,
-                lambda table, dynamic: table.launch(
-                    kernels.sgd_kernel,
-                    dynamic,
-                    scalars,
-                    scalars if grad_scale is None else grad_scale,
-                    scalars if found_inf is None else found_inf,
-                    scalars if clip_coef is None else clip_coef,
-                    DTYPE=TL_DTYPE[bucket.dtype],
-                    COMPUTE=TL_DTYPE[compute_dtype(bucket.dtype)],
-                    HAS_MOMENTUM=group["momentum"] != 0,
-                    NESTEROV=group["nesterov"],
-                    MAXIMIZE=group["maximize"],
-                    HAS_WD=_nonzero(group["weight_decay"]),
-                    HAS_GRAD_SCALE=grad_scale is not None,
-                    HAS_FOUND_INF=found_inf is not None,
-                    HAS_CLIP=clip_coef is not None,
-                ),
-            )
         else:
-            lr, momentum, dampening, weight_decay = scalars.tolist()
-            sgd_reference(
-                params,
-                bucket.grads(grads),
-                buffers,
-                bucket.extra,
-                lr=lr,
-                momentum=momentum,
-                dampening=dampening,
-                weight_decay=weight_decay,
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                clip_coef=clip_coef,
-            )
+            sgd_launch(group, bucket, grads, amp)
         # After the first step a new buffer holds a value: later steps read it.
         bucket.extra = [0] * len(bucket.extra)
+
+    def _step_op(self, group: dict, params: list, grads: list, operands: list, amp: dict) -> None:
+        has_momentum = group["momentum"] != 0
+        lr = group["lr"]
+        torch.ops.fusedopt.sgd_(
+            params, grads, [ops[0] for ops, _ in operands] if has_momentum else [],
+            [fresh for _, fresh in operands],
+            0.0 if isinstance(lr, torch.Tensor) else lr, lr if isinstance(lr, torch.Tensor) else None,
+            group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"], group["maximize"],
+            amp["grad_scale"], amp["found_inf"], amp["clip_coef"],
+        )  # fmt: skip
 
     def _torch_functional(self, group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
         """torch.optim.SGD's own for-loop step, for sparse grads and integer params.
@@ -138,3 +154,37 @@ class FusedSGD(FusedStep, torch.optim.SGD):
 
 def _nonzero(x: float | torch.Tensor) -> bool:
     return isinstance(x, torch.Tensor) or x != 0
+
+
+@torch.library.custom_op("fusedopt::sgd_", mutates_args=("params", "momentum_buffers"))
+def sgd_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    fresh: list[int],
+    lr: float,
+    lr_tensor: torch.Tensor | None,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    clip_coef: torch.Tensor | None,
+) -> None:
+    """The SGD step as an op ``torch.compile`` sees (``FusedSGD.step`` while compiling);
+    ``momentum_buffers`` is empty without momentum, ``fresh[i]`` marks a buffer created now."""
+    group = dict(
+        lr=lr if lr_tensor is None else lr_tensor, momentum=momentum, dampening=dampening,
+        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+    )  # fmt: skip
+    amp = dict(grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+    step_grads, buckets = op_buckets([params, momentum_buffers or params], grads, fresh)
+    for bucket in buckets:
+        sgd_launch(group, bucket, step_grads, amp)
+
+
+@sgd_.register_fake
+def _(*args) -> None:
+    return None

@@ -1,0 +1,170 @@
+"""torch.compile of the fused optimizers' step and of ``clip_grad_norm_``: our custom ops in the
+graph, ``fullgraph=True``, results equal to eager, no recompilation when a tensor lr changes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from optim_cases import Case
+from test_optim_api import case_id, check_same, grads_for, make
+
+import fusedopt
+
+CASES = [
+    Case(torch.optim.AdamW, fusedopt.FusedAdamW, dict(weight_decay=0.1)),
+    Case(torch.optim.Adam, fusedopt.FusedAdam, dict(amsgrad=True, maximize=True, capturable=True)),
+    Case(torch.optim.SGD, fusedopt.FusedSGD, dict(momentum=0.9, nesterov=True)),
+    Case(torch.optim.SGD, fusedopt.FusedSGD, dict()),
+]
+SPECS = [(3, 4), (5,), (), (4097,)]
+
+
+class Graphs(list):
+    """A torch.compile backend that records each graph it compiles and runs it with aot_eager
+    (functionalization included, the part that must keep our in-place ops in place)."""
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    def targets(self) -> set[str]:
+        return {str(n.target) for gm in self for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def _give(params, grads) -> None:
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5], ids=["no-clip", "max_grad_norm"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_compiled_step_matches_eager_without_recompiling(case, max_grad_norm, triton_device):
+    """torch's "compiling the optimizer" recipe: tensor lr, an LR scheduler, 10 compiled steps."""
+    torch._dynamo.reset()
+    device = triton_device
+    ours, twins = make(device, SPECS), make(device, SPECS)
+    lr, twin_lr = torch.tensor(0.05, device=device), torch.tensor(0.05, device=device)
+    opt = case.fused_cls(ours, lr=lr, max_grad_norm=max_grad_norm, **case.kwargs)
+    ref = case.fused_cls(twins, lr=twin_lr, max_grad_norm=max_grad_norm, **case.kwargs)
+    graphs = Graphs()
+    # Compiled before the scheduler wraps opt.step in its (untraceable) call counter.
+    step = torch.compile(opt.step, fullgraph=True, backend=graphs)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.9**i) for o in (opt, ref)]
+    for i in range(12):
+        grads = [g * (3.0 if i % 2 else 0.1) for g in grads_for(ours, i)]
+        _give(ours, grads)
+        _give(twins, grads)
+        step()
+        ref.step()
+        for s in scheds:
+            s.step()
+        if i == 1:
+            compiled = len(graphs)  # the first steps create state: traced again once
+        for p, q in zip(ours, twins, strict=True):
+            assert torch.equal(p, q), f"step {i}"
+        for p, q in zip(ours, twins, strict=True):
+            for key, v in opt.state[p].items():
+                assert torch.equal(v, ref.state[q][key]), (i, key)
+    assert len(graphs) == compiled <= 2, f"recompiled: {len(graphs)} graphs"
+    op = "fusedopt.sgd_" if case.fused_cls is fusedopt.FusedSGD else "fusedopt.adam_"
+    assert op in {t.split(".default")[0] for t in graphs.targets()}
+    assert ("fusedopt.grad_norm" in graphs.targets()) is (max_grad_norm is not None)
+    assert lr.item() == pytest.approx(0.05 * 0.9**12)
+
+
+@pytest.mark.parametrize("case", CASES[:1] + CASES[2:3], ids=case_id)
+def test_compiled_step_with_inductor_matches_torch(case, triton_device):
+    """The default backend (inductor) too, against torch.optim's own eager step."""
+    torch._dynamo.reset()
+    device = triton_device
+    ours, theirs = make(device, SPECS), make(device, SPECS)
+    opt = case.fused_cls(ours, lr=torch.tensor(0.05, device=device), **case.kwargs)
+    ref = case.torch_cls(theirs, lr=torch.tensor(0.05, device=device), **case.kwargs)
+    step = torch.compile(opt.step, fullgraph=True)
+    for i in range(3):
+        grads = grads_for(ours, i)
+        _give(ours, grads)
+        _give(theirs, grads)
+        step()
+        ref.step()
+    check_same(opt, ref, ours, theirs)
+
+
+def test_compiled_step_with_grad_scaler_state(triton_device):
+    """grad_scale / found_inf as GradScaler sets them are traced into the op: an inf skips."""
+    torch._dynamo.reset()
+    device = triton_device
+    ours, twins = make(device, SPECS), make(device, SPECS)
+    opt, ref = fusedopt.FusedAdamW(ours, lr=0.05), fusedopt.FusedAdamW(twins, lr=0.05)
+    step = torch.compile(opt.step, fullgraph=True, backend=Graphs())
+    for i, bad in enumerate([0.0, 0.0, 1.0, 0.0]):
+        grads = grads_for(ours, i)
+        _give(ours, grads)
+        _give(twins, grads)
+        for o in (opt, ref):
+            o.grad_scale = torch.tensor(4.0, device=device)
+            o.found_inf = torch.tensor(bad, device=device)
+        step()
+        ref.step()
+        for p, q in zip(ours, twins, strict=True):
+            assert torch.equal(p, q)
+            assert torch.equal(opt.state[p]["step"], ref.state[q]["step"])
+    assert opt.state[ours[0]]["step"].item() == 3
+
+
+def test_unsupported_params_run_eager_outside_the_graph(triton_device):
+    """Complex params are not in the ops: the step still works (with a graph break)."""
+    torch._dynamo.reset()
+    p = torch.randn(3, dtype=torch.complex64, device=triton_device, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    opt, ref = fusedopt.FusedAdam([p], lr=0.1), torch.optim.Adam([q], lr=0.1)
+    step = torch.compile(opt.step)
+    for i in range(2):
+        p.grad = q.grad = torch.full_like(p, complex(1.0, -2.0) * (i + 1))
+        step()
+        ref.step()
+    torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_compiled_clip_grad_norm(norm_type, triton_device):
+    torch._dynamo.reset()
+    ours, theirs = make(triton_device, SPECS), make(triton_device, SPECS)
+    grads = grads_for(ours, 0)
+    _give(ours, grads)
+    _give(theirs, grads)
+    graphs = Graphs()
+    clip = torch.compile(fusedopt.clip_grad_norm_, fullgraph=True, backend=graphs)
+    total = clip(ours, 1.0, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    torch.testing.assert_close(total, expected)
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert {"fusedopt.grad_norm.default", "fusedopt.scale_grads_.default"} <= graphs.targets() | {
+        t + ".default" for t in graphs.targets()
+    }
+
+
+def test_ops_pass_opcheck(triton_device):
+    device = triton_device
+    params = make(device, [(5,), (3, 2)], requires_grad=False)
+    grads = grads_for(params, 0)
+    state = [[torch.rand_like(p) for p in params] for _ in range(3)]
+    steps = [torch.tensor(2.0, device=device) for _ in params]
+    lr = torch.tensor(0.01, device=device)
+    scale, inf, coef = (torch.tensor(v, device=device) for v in (2.0, 0.0, 0.5))
+    adam = (params, grads, *state, steps, 0.0, lr, 0.9, 0.99, 1e-8, 0.1, True, False, True, scale, inf, coef)
+    sgd = (params, grads, state[0], [0, 1], 0.1, None, 0.9, 0.1, 0.0, False, True, None, None, None)
+    cases = [
+        (torch.ops.fusedopt.adam_.default, adam),
+        (torch.ops.fusedopt.sgd_.default, sgd),
+        (torch.ops.fusedopt.grad_norm.default, (grads, 2.0, scale)),
+        (torch.ops.fusedopt.scale_grads_.default, (grads, coef)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
