@@ -7,9 +7,10 @@ changes nothing in the process: to run the kernels on CPU through the Triton int
 """
 
 from fusedopt import functional, nn
+from fusedopt.amp import GradScaler
 from fusedopt.clip import clip_grad_norm_
 from fusedopt.optim import FusedAdam, FusedAdamW, FusedSGD
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedAdam", "FusedAdamW", "FusedSGD", "__version__", "clip_grad_norm_", "functional", "nn"]
+__all__ = ["FusedAdam", "FusedAdamW", "FusedSGD", "GradScaler", "__version__", "clip_grad_norm_", "functional", "nn"]

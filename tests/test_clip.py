@@ -309,3 +309,75 @@ def test_clip_and_step_launches_do_not_grow_with_tensor_count(triton_device, cli
     many = _count_pipeline(64, triton_device, clip_launches)
     assert few == many, f"(Triton launches, torch ops): {few} for 4 tensors, {many} for 64"
     assert few[0] == 3, "norm partials, norm finish, step"
+
+
+# fusedopt.GradScaler: the whole AMP + clipping phase in two read-only passes -----------------
+
+
+class AmpOps(CountOps):
+    """Counts aten ops; ``unscales`` counts torch's inf-check/unscale passes over the grads."""
+
+    @property
+    def unscales(self) -> int:
+        return sum("non_finite_check_and_unscale" in op for op in self.ops)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5], ids=["no-clip", "max_grad_norm"])
+@pytest.mark.parametrize(("cls", "torch_cls", "kwargs"), MAX_NORM_CASES[::2], ids=_ids)
+def test_fusedopt_grad_scaler_two_passes_match_torchs_recipe(
+    cls, torch_cls, kwargs, max_grad_norm, triton_device, clip_launches
+):
+    """fusedopt.GradScaler + max_grad_norm against torch's GradScaler + unscale_ +
+    clip_grad_norm_ + step, inf injected at one step; per step: one norm pass (two launches),
+    one step launch, no torch unscale pass, and the grads are never written."""
+    device = triton_device
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
+    twin = copy.deepcopy(model)
+    opt = cls(model.parameters(), max_grad_norm=max_grad_norm, **kwargs)
+    ref = torch_cls(twin.parameters(), **kwargs)
+    scaler = fusedopt.GradScaler(device, init_scale=2.0**6, growth_interval=2)
+    ref_scaler = torch.amp.GradScaler(device, init_scale=2.0**6, growth_interval=2)
+    ours, theirs = list(model.parameters()), list(twin.parameters())
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        x = torch.randn(5, 4, generator=gen).to(device) * 3
+        for m, o, s in ((model, opt, scaler), (twin, ref, ref_scaler)):
+            o.zero_grad()
+            s.scale(m(x).square().mean()).backward()
+            if step == 2:
+                m[2].weight.grad[0, 1] = float("nan")
+        before, grads = snapshot(opt, ours), [p.grad.clone() for p in ours]
+        clip_launches.clear()
+        with AmpOps() as ops:
+            scaler.step(opt)
+        scaler.update()
+        ref_scaler.unscale_(ref)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(theirs, max_grad_norm)
+        ref_scaler.step(ref)
+        ref_scaler.update()
+        assert ops.unscales == 0
+        name = "sgd" if cls is fusedopt.FusedSGD else "adam"
+        assert clip_launches.counts == {"partials": 1, "finish": 1, name: 1}
+        for p, g in zip(ours, grads, strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+        if step == 2:
+            assert_unchanged(before, opt, ours)
+        assert scaler.get_scale() == ref_scaler.get_scale()
+        check_same(opt, ref, ours, theirs)
+
+
+def test_fusedopt_grad_scaler_is_torchs_for_other_optimizers(triton_device):
+    device = triton_device
+    params, twins = make(device, [(4,)]), make(device, [(4,)])
+    opts = [torch.optim.SGD(params, lr=0.1), torch.optim.SGD(twins, lr=0.1)]
+    scalers = [fusedopt.GradScaler(device, init_scale=8.0), torch.amp.GradScaler(device, init_scale=8.0)]
+    for step in range(3):
+        for ps, o, s in zip((params, twins), opts, scalers, strict=True):
+            s.scale(torch.ones((), device=device))
+            ps[0].grad = torch.full((4,), 16.0 if step != 1 else math.inf, device=device)
+            s.step(o)
+            s.update()
+        torch.testing.assert_close(params[0], twins[0], rtol=0, atol=0)
+        assert scalers[0].get_scale() == scalers[1].get_scale()

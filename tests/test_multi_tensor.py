@@ -190,14 +190,20 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
         (fusedopt.FusedAdam, dict(capturable=True, lr=torch.tensor(1e-3))),
         (fusedopt.FusedAdamW, dict(fused=True, amsgrad=True)),
         (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9)),
+        (fusedopt.FusedAdamW, dict(max_grad_norm=1.0, amp=True)),
+        (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, max_grad_norm=1.0, amp=True)),
     ],
-    ids=["adam", "adam-capturable-tensor-lr", "adamw-fused", "sgd"],
+    ids=["adam", "adam-capturable-tensor-lr", "adamw-fused", "sgd", "adamw-clip-amp", "sgd-clip-amp"],
 )
 def test_cuda_step_has_no_host_sync(cls, kwargs):
     params = _params(8, "cuda")
     if isinstance(kwargs.get("lr"), torch.Tensor):
         kwargs = dict(kwargs, lr=kwargs["lr"].cuda())
+    amp = kwargs.pop("amp", False)
     opt = cls(params, **kwargs)
+    if amp:  # as GradScaler.step sets them
+        opt.grad_scale = torch.tensor(1024.0, device="cuda")
+        opt.found_inf = torch.tensor(0.0, device="cuda")
     _set_grads(params)
     opt.step()  # plans and state are built on the first step
     torch.cuda.synchronize()
@@ -207,6 +213,57 @@ def test_cuda_step_has_no_host_sync(cls, kwargs):
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (fusedopt.FusedAdam, dict(capturable=True, amsgrad=True)),
+        (fusedopt.FusedAdamW, dict(capturable=True, max_grad_norm=0.5)),
+        (fusedopt.FusedSGD, dict(momentum=0.9, nesterov=True, max_grad_norm=0.5)),
+    ],
+    ids=["adam-capturable", "adamw-capturable-clip", "sgd-clip"],
+)
+def test_cuda_graph_capture_and_replay_match_eager(cls, kwargs):
+    """torch's CUDA-graph recipe: warm up on a side stream, capture one step on static grads,
+    replay with new grads and a tensor lr changed in place: identical to eager steps."""
+    params = _params(6, "cuda")
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    lr, twin_lr = torch.tensor(1e-2, device="cuda"), torch.tensor(1e-2, device="cuda")
+    opt, ref = cls(params, lr=lr, **kwargs), cls(twins, lr=twin_lr, **kwargs)
+    static = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, static, strict=True):
+        p.grad = g
+
+    def new_grads(i: int) -> None:
+        gen = torch.Generator(device="cuda").manual_seed(i)
+        for g, q in zip(static, twins, strict=True):
+            g.copy_(torch.randn(g.shape, device="cuda", generator=gen) * (3.0 if i % 2 else 0.1))
+            q.grad = g.clone()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(3):
+            new_grads(i)
+            opt.step()
+            ref.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for i in range(3, 8):
+        new_grads(i)
+        lr.fill_(1e-2 / i)
+        twin_lr.fill_(1e-2 / i)
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, twins, strict=True):
+        assert torch.equal(p, q)
+        for key, v in opt.state[p].items():
+            assert torch.equal(v, ref.state[q][key]), key
 
 
 @needs_cuda

@@ -337,6 +337,28 @@ class FusedStep:
             self._torch_step(theirs)
         return loss
 
+    def _find_inf(self, grad_scale: torch.Tensor) -> torch.Tensor | None:
+        """1.0 if any grad is inf or NaN, else 0.0 (float32, on the first grad's device): one
+        read-only pass, the global-norm pass of ``max_grad_norm`` (kept for the coming step,
+        which then reads the grads once more) or an infinity norm. None without grads.
+
+        ``fusedopt.GradScaler`` calls it instead of torch's separate inf check; every group must
+        run our step (``_step_supports_amp_scaling``).
+        """
+        self.__dict__.pop("_pending_norm", None)
+        with torch.no_grad():
+            planned = self._plan_groups(list(enumerate(self.param_groups)))
+            sources, leftovers = self._norm_sources(planned)
+            if not sources and not leftovers:
+                return None
+            if self.max_grad_norm is None:
+                total = total_norm(sources, leftovers, math.inf, grad_scale)
+            else:
+                # Finite grads whose squares overflow fp32 (|g| ~ 1e19 after unscaling) count as
+                # non-finite here; torch's clip would scale them by 0 instead.
+                total = self._pending_norm = total_norm(sources, leftovers, 2.0, grad_scale)
+            return torch.isfinite(total).logical_not().float()
+
     def _traced_step(self, ours: list[dict], theirs: list[dict], amp: dict) -> None:
         """The step as ``torch.compile`` traces it: lazy state as eager, then one custom op per
         group (hyper-parameters as op arguments: a tensor lr is a graph input, so changing it
@@ -372,11 +394,7 @@ class FusedStep:
     def _eager_step(self) -> None:
         FusedStep.step(self)  # the mixin's own step: torch's step hooks already ran
 
-    def _clip(self, planned: list, theirs: list[dict], grad_scale: torch.Tensor | None) -> torch.Tensor:
-        """The clip coefficient of ``max_grad_norm`` over every group's grads, on the device.
-
-        Grads of groups that run torch's step are clipped in place (torch's step reads them).
-        """
+    def _norm_sources(self, planned: list) -> tuple[list[NormSource], list[torch.Tensor]]:
         sources, leftovers = [], []
         for _, plan, grads in planned:
             for bucket in plan.buckets:
@@ -385,12 +403,24 @@ class FusedStep:
                     sources.append(source)
                 else:
                     leftovers.extend(bucket.grads(grads))
+        return sources, leftovers
+
+    def _clip(
+        self, planned: list, theirs: list[dict], grad_scale: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The clip coefficient of ``max_grad_norm`` over every group's grads, on the device.
+
+        Grads of groups that run torch's step are clipped in place (torch's step reads them).
+        The norm :meth:`_find_inf` took for this step (``fusedopt.GradScaler``) is reused.
+        """
+        total = self.__dict__.pop("_pending_norm", None)
         torch_grads = [p.grad for g in theirs for p in g["params"] if p.grad is not None]
-        if not sources and not leftovers and not torch_grads:
-            return None
-        coef = clip_coefficient(
-            total_norm(sources, leftovers + torch_grads, 2.0, grad_scale), self.max_grad_norm
-        )
+        if total is None:
+            sources, leftovers = self._norm_sources(planned)
+            if not sources and not leftovers and not torch_grads:
+                return None
+            total = total_norm(sources, leftovers + torch_grads, 2.0, grad_scale)
+        coef = clip_coefficient(total, self.max_grad_norm)
         if torch_grads:
             torch._foreach_mul_(torch_grads, coef)
         return coef
