@@ -261,3 +261,17 @@ def test_bench_report_with_timings(tmp_path, capsys, monkeypatch):
     assert float(foreach["fusedopt_speedup"]) > float(forloop["fusedopt_speedup"]) > 1
     text = md.read_text()
     assert "fusedopt and its speed-up over each torch path" in text and "x vs foreach" in text
+
+
+def test_amp_phase_benchmark_smoke_runs_every_path(tmp_path, capsys):
+    """Every path of the AMP-phase benchmark runs (tiny shapes; nothing timed without CUDA)."""
+    from fusedopt.cli import bench_amp
+
+    assert bench_amp.main(["--smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for impl in bench_amp.IMPLS:
+        assert impl in out
+    (csv_path,) = tmp_path.glob("amp_phase_*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["impl"] for r in rows] == list(bench_amp.IMPLS)
+    assert all(r["ms"] == "" for r in rows), "no timings from a smoke run"
