@@ -68,7 +68,9 @@ class FusedAdam(FusedStep, torch.optim.Adam):
 
     Same constructor, defaults, validation, ``param_groups``, state (``step``, ``exp_avg``,
     ``exp_avg_sq``, ``max_exp_avg_sq``) and ``state_dict`` as :class:`torch.optim.Adam`; a state
-    dict of either loads into the other. For each param, with :math:`t` its own step count:
+    dict of either loads into the other. One extension: ``max_grad_norm`` (keyword-only, see
+    :class:`fusedopt.optim._fused.FusedStep`) clips the global gradient norm inside the step.
+    For each param, with :math:`t` its own step count:
 
     .. math::
         g &\leftarrow \pm\nabla f(\theta) \;(-\text{ if maximize}),\quad

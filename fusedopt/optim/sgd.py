@@ -67,7 +67,8 @@ class FusedSGD(FusedStep, torch.optim.SGD):
     r"""torch.optim.SGD with a fused multi-tensor Triton step.
 
     Same constructor, defaults, validation, ``param_groups``, state (``momentum_buffer``, only
-    when ``momentum != 0``) and ``state_dict`` as :class:`torch.optim.SGD`. Per param:
+    when ``momentum != 0``) and ``state_dict`` as :class:`torch.optim.SGD`, plus the keyword-only
+    ``max_grad_norm`` (see :class:`fusedopt.optim._fused.FusedStep`). Per param:
 
     .. math::
         g &\leftarrow \pm\nabla f(\theta) + \lambda\theta,\qquad
@@ -77,8 +78,8 @@ class FusedSGD(FusedStep, torch.optim.SGD):
     One Triton kernel per device and dtype reads p, g, b and writes p, b: 20 bytes per fp32
     element with momentum (12 without). Sparse gradients and integer params run torch's own SGD
     (its behaviour for them). ``fused=False``, ``foreach=True`` or ``differentiable=True`` run
-    torch's own implementation; ``fused=True`` also accepts GradScaler's ``grad_scale`` and
-    ``found_inf``, as torch's fused SGD does.
+    torch's own implementation. GradScaler's ``grad_scale`` and ``found_inf`` are applied in
+    the kernel whatever ``fused`` says (unscale; skip on inf, without a host sync).
     """
 
     def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
