@@ -32,8 +32,8 @@ class GradScaler(torch.amp.GradScaler):
             return super()._check_inf_per_device(optimizer)
         scale, _ = self._check_scale_growth_tracker("_check_inf_per_device")
         found_inf = optimizer._find_inf(scale)
-        if found_inf is None:  # no grads: nothing found, as torch's check reports
-            found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
+        if found_inf is None:
+            return super()._check_inf_per_device(optimizer)
         per_device = {found_inf.device: found_inf}
         self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = per_device
         return per_device

@@ -381,3 +381,25 @@ def test_fusedopt_grad_scaler_is_torchs_for_other_optimizers(triton_device):
             s.update()
         torch.testing.assert_close(params[0], twins[0], rtol=0, atol=0)
         assert scalers[0].get_scale() == scalers[1].get_scale()
+
+
+@pytest.mark.parametrize(
+    "scaler_cls", [fusedopt.GradScaler, torch.amp.GradScaler], ids=lambda c: c.__module__
+)
+def test_grad_scalers_with_sparse_sgd_match_torch(scaler_cls, device):
+    """Sparse grads (torch's functional SGD) under either scaler: torch's inf check runs and
+    the step unscales them, as torch's SGD under torch's GradScaler."""
+    embeds = [nn.Embedding(10, 3, sparse=True).to(device) for _ in "ab"]
+    embeds[1].load_state_dict(embeds[0].state_dict())
+    opt = fusedopt.FusedSGD(embeds[0].parameters(), lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(embeds[1].parameters(), lr=0.1, momentum=0.9)
+    scalers = [scaler_cls(device, init_scale=8.0), torch.amp.GradScaler(device, init_scale=8.0)]
+    idx = torch.tensor([1, 4, 4, 7], device=device)
+    for step in range(3):
+        for e, o, s in zip(embeds, (opt, ref), scalers, strict=True):
+            o.zero_grad()
+            s.scale(e(idx).square().sum() * (math.inf if step == 1 else 1.0)).backward()
+            s.step(o)
+            s.update()
+        torch.testing.assert_close(embeds[0].weight, embeds[1].weight)
+        assert scalers[0].get_scale() == scalers[1].get_scale()

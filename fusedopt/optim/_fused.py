@@ -340,17 +340,16 @@ class FusedStep:
     def _find_inf(self, grad_scale: torch.Tensor) -> torch.Tensor | None:
         """1.0 if any grad is inf or NaN, else 0.0 (float32, on the first grad's device): one
         read-only pass, the global-norm pass of ``max_grad_norm`` (kept for the coming step,
-        which then reads the grads once more) or an infinity norm. None without grads.
-
-        ``fusedopt.GradScaler`` calls it instead of torch's separate inf check; every group must
-        run our step (``_step_supports_amp_scaling``).
-        """
+        which then reads the grads once more) or an infinity norm. None where torch's own check
+        must run instead (sparse grads or integer params, which torch's functional steps)."""
         self.__dict__.pop("_pending_norm", None)
         with torch.no_grad():
             planned = self._plan_groups(list(enumerate(self.param_groups)))
-            sources, leftovers = self._norm_sources(planned)
-            if not sources and not leftovers:
+            if any(b.kind == "torch" for _, plan, _ in planned for b in plan.buckets):
                 return None
+            sources, leftovers = self._norm_sources(planned)
+            if not sources and not leftovers:  # no grads: nothing found
+                return torch.zeros((), dtype=torch.float32, device=grad_scale.device)
             if self.max_grad_norm is None:
                 total = total_norm(sources, leftovers, math.inf, grad_scale)
             else:
