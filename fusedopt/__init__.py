@@ -13,4 +13,13 @@ from fusedopt.optim import FusedAdam, FusedAdamW, FusedSGD
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedAdam", "FusedAdamW", "FusedSGD", "GradScaler", "__version__", "clip_grad_norm_", "functional", "nn"]
+__all__ = [
+    "FusedAdam",
+    "FusedAdamW",
+    "FusedSGD",
+    "GradScaler",
+    "__version__",
+    "clip_grad_norm_",
+    "functional",
+    "nn",
+]

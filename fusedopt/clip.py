@@ -66,15 +66,20 @@ def total_norm(
     leftovers: list[torch.Tensor],
     norm_type: float,
     grad_scale: torch.Tensor | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
     """The ``norm_type`` norm of all grads (of ``grads / grad_scale`` when given), as a 0-d
-    tensor on the first grad's device in the grads' promoted dtype, as torch returns it.
+    tensor on the first grad's device in the grads' promoted dtype, as torch returns it, or
+    with ``exact`` in the arithmetic dtype (fp32, fp64 if any grad is fp64: ``max_grad_norm``'s
+    clip coefficient is not rounded to bf16/fp16).
 
     ``leftovers`` are grads the kernels cannot walk (not dense, or on a device without Triton):
     their norms are taken with torch and combined as torch combines per-tensor norms.
     """
     ord_, p = norm_order(norm_type)
     result_dtype = _result_dtype([s.dtype for s in sources] + [g.dtype for g in leftovers])
+    if exact:
+        result_dtype = compute_dtype(result_dtype)
     by_device: dict[torch.device, list[NormSource]] = {}
     for s in sources:
         by_device.setdefault(s.table.device, []).append(s)
@@ -194,9 +199,11 @@ def _(grads, coef) -> None:
     return None
 
 
-def traced_norm(grads: list[torch.Tensor], norm_type: float, grad_scale: torch.Tensor | None) -> torch.Tensor:
+def traced_norm(
+    grads: list[torch.Tensor], norm_type: float, grad_scale: torch.Tensor | None, exact: bool = False
+) -> torch.Tensor:
     """:func:`total_norm` of ``grads`` as one op ``torch.compile`` can trace."""
-    return torch.ops.fusedopt.grad_norm(grads, norm_type, grad_scale)
+    return torch.ops.fusedopt.grad_norm(grads, norm_type, grad_scale, exact)
 
 
 def clip_grad_norm_(

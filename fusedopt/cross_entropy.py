@@ -4,6 +4,12 @@ gradient of the logits, so the backward moves no bytes when ``grad_output`` is 1
 Layers: ``fusedopt.kernels.cross_entropy`` (``@triton.jit``) → launchers here (checks,
 allocation, grid) → :class:`CrossEntropyFunction` → :func:`cross_entropy`.
 
+Under ``torch.compile`` the launchers run as the custom ops ``fusedopt::cross_entropy``
+(forward) and ``fusedopt::cross_entropy_backward`` (``none``), which dynamo records instead of
+breaking the graph; eager calls the launchers directly (no dispatcher). The compiled backward of
+``mean``/``sum`` is ``stored gradient * grad_output`` as a new tensor (8 B per element, where
+eager moves none for a ``grad_output`` of 1).
+
 A forward is three launches, no host sync and no float atomics:
 
 1. ``cross_entropy_targets_kernel`` (one program): Σ weight[target] over the rows not ignored
@@ -66,6 +72,7 @@ from torch.nn import _reduction
 
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, launch_config, runs_triton
 from fusedopt.kernels import cross_entropy as kernels
+from fusedopt.losses import compilable, scaled_copy
 
 # Row kernel size rule (both halved for fp64): columns per block (rows wider than this loop
 # over blocks) and elements per tile (rows narrower than that share a program).
@@ -272,7 +279,7 @@ def _forward(
     out_dtype: torch.dtype,
 ) -> _Forward:
     """Loss (as torch returns it) and, if ``need_grad``, what the backward needs. Arguments
-    as :meth:`CrossEntropyFunction.apply` leaves them (reduction a name, smoothing >= 0)."""
+    as :func:`_cross_entropy` leaves them (reduction a name, smoothing >= 0)."""
     n, spatial, num_classes = _check(input, target, weight, label_smoothing)
     device, compute = input.device, compute_dtype(input.dtype)
     rows = _rows(input, n, spatial, num_classes)
@@ -337,6 +344,49 @@ def _forward(
     return _Forward(loss, grad, rows, flat_target, stats, lse)
 
 
+def _forward_fake(input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype):
+    n, spatial, num_classes = _check(input, target, weight, label_smoothing)
+    compute, none = compute_dtype(input.dtype), reduction == "none"
+    loss = input.new_empty(target.shape if none and input.dim() > 1 else (), dtype=out_dtype)
+    grad = _empty_grad(input, n, spatial, num_classes)[0] if need_grad and not none else input.new_empty(0)
+    lse = input.new_empty(n * spatial if need_grad and none else 0, dtype=compute)
+    return loss, grad, input.new_empty(3, dtype=compute), lse
+
+
+@torch.library.custom_op("fusedopt::cross_entropy", mutates_args=())
+def _forward_op(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    need_grad: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_forward` as the op torch.compile records: ``(loss, grad, stats, lse)``, empty
+    tensors for a gradient or log-sum-exp not computed (an op returns no None)."""
+    out = _forward(input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype)
+    grad = out.grad if out.grad is not None else input.new_empty(0)
+    return out.loss, grad, out.stats, out.lse if out.lse is not None else out.stats.new_empty(0)
+
+
+_forward_op.register_fake(_forward_fake)
+
+
+def _forward_traced(
+    input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype
+) -> _Forward:
+    """:func:`_forward` while torch.compile traces: the kernels run in the op
+    ``fusedopt::cross_entropy``; the views of the inputs (an op's outputs cannot alias its
+    inputs) are taken outside it."""
+    n, spatial, num_classes = _check(input, target, weight, label_smoothing)  # torch's errors, here
+    loss, grad, stats, lse = _forward_op(
+        input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype
+    )
+    return _Forward(loss, grad, _rows(input, n, spatial, num_classes), target.reshape(-1), stats, lse)
+
+
 def _scale_grad(
     grad: torch.Tensor, grad_output: torch.Tensor, applied: torch.Tensor, first: bool
 ) -> torch.Tensor:
@@ -364,50 +414,48 @@ def _scale_grad(
     return out
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """``torch.nn.functional.cross_entropy`` for class-index targets, on Triton kernels.
+@compilable("cross_entropy_backward", lambda input, rows, *args: _empty_grad(input, *rows.shape)[0])
+def _backward_none(
+    input: torch.Tensor,
+    rows: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    stats: torch.Tensor,
+    lse: torch.Tensor,
+    grad_output: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """The gradient of ``reduction="none"``, recomputed from the logits ``rows`` (N, S, C) and
+    each row's log-sum-exp, times each row's ``grad_output``; the input's shape."""
+    n, spatial, num_classes = rows.shape
+    grad, grad_rows = _empty_grad(input, n, spatial, num_classes)
+    with _guard(input.device):
+        _launch_rows(
+            rows,
+            target,
+            weight,
+            stats,
+            ignore_index,
+            label_smoothing,
+            lse=lse,
+            grad_rows=grad_rows,
+            grad_output=grad_output.reshape(-1),
+        )
+    return grad
 
-    ``forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing)`` returns
-    what torch returns (value, dtype, shape): input (C,), (N, C) or (N, C, d1, ...) (classes in
-    dim 1, any strides), target (), (N,) or (N, d1, ...) of int64 or uint8, weight (C,) or None.
 
-    The gradient is computed by the forward kernel only when autograd records (grad mode on
-    and ``input.requires_grad``); :meth:`apply` decides this, because inside ``forward`` grad
-    mode is always off. Otherwise no gradient buffer is allocated.
-
-    Backward for ``mean``/``sum``: the stored gradient times ``grad_output``, no host sync; no
-    work when ``grad_output`` is 1. A second backward of the same graph (``retain_graph=True``)
-    returns a new tensor ``stored * grad_output / applied``, where ``applied`` (a device
-    scalar) is the first backward's ``grad_output``: correct unless that was 0 or non-finite
-    (then the stored gradient is lost and the result is NaN). ``none`` recomputes from the
-    logits and each row's log-sum-exp, any number of times.
-    """
-
-    @classmethod
-    def apply(cls, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-        reduction = REDUCTIONS[_reduction.get_enum(reduction)]  # torch's check and message
-        ignore_index = int(ignore_index)
-        # as torch: smoothing only when > 0 (negative or NaN is none); > 1 raises in _check
-        label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0
-        if torch.is_grad_enabled() and weight is not None and weight.requires_grad:
-            raise RuntimeError(
-                "fusedopt.cross_entropy is not differentiable with respect to argument 'weight'. "
-                "This input cannot have requires_grad True."
-            )
-        # Under autocast torch computes cross-entropy in fp32 and returns an fp32 loss; the math
-        # here is fp32 anyway, so only the loss's dtype changes (the gradient keeps the logits').
-        out_dtype = input.dtype
-        if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
-            out_dtype = torch.float32
-        if torch.is_grad_enabled() and input.requires_grad:
-            return super().apply(input, target, weight, ignore_index, reduction, label_smoothing, out_dtype)
-        return _forward(
-            input, target, weight, ignore_index, reduction, label_smoothing, False, out_dtype
-        ).loss
+class _CrossEntropy(torch.autograd.Function):
+    """Forward and backward of :class:`CrossEntropyFunction`, with the arguments as
+    :func:`_cross_entropy` leaves them and ``out_dtype`` last. While torch.compile traces, the
+    kernels run as ``torch.ops.fusedopt`` ops and the backward of ``mean``/``sum`` returns
+    ``stored * grad_output`` as a new tensor, every time (a compiled backward cannot keep the
+    first-backward state)."""
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, out_dtype):
-        out = _forward(input, target, weight, ignore_index, reduction, label_smoothing, True, out_dtype)
+        forward = _forward_traced if torch.compiler.is_compiling() else _forward
+        out = forward(input, target, weight, ignore_index, reduction, label_smoothing, True, out_dtype)
         ctx.reduction = reduction
         if reduction == "none":
             ctx.save_for_backward(input, out.rows, out.target, weight, out.stats, out.lse)
@@ -422,26 +470,69 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        if ctx.reduction != "none":
+        if ctx.reduction == "none":
+            grad = _backward_none(*ctx.saved_tensors, grad_output, ctx.ignore_index, ctx.label_smoothing)
+        elif torch.compiler.is_compiling():
+            grad = scaled_copy(ctx.grad, grad_output)
+        else:
             grad = _scale_grad(ctx.grad, grad_output, ctx.applied, ctx.first)
             ctx.first = False
-            return grad, None, None, None, None, None, None
-        input, rows, target, weight, stats, lse = ctx.saved_tensors
-        n, spatial, num_classes = rows.shape
-        grad, grad_rows = _empty_grad(input, n, spatial, num_classes)
-        with _guard(input.device):
-            _launch_rows(
-                rows,
-                target,
-                weight,
-                stats,
-                ctx.ignore_index,
-                ctx.label_smoothing,
-                lse=lse,
-                grad_rows=grad_rows,
-                grad_output=grad_output.reshape(-1),
-            )
         return grad, None, None, None, None, None, None
+
+
+def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing) -> torch.Tensor:
+    """torch's handling of the arguments, then the autograd Function when autograd records
+    (grad mode on and ``input.requires_grad``), else the forward alone (no gradient buffer).
+
+    A function rather than an override of ``apply``: dynamo calls an autograd Function's own
+    ``apply`` and never an override."""
+    reduction = REDUCTIONS[_reduction.get_enum(reduction)]  # torch's check and message
+    ignore_index = int(ignore_index)
+    # as torch: smoothing only when > 0 (negative or NaN is none); > 1 raises in _check
+    label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0
+    if torch.is_grad_enabled() and weight is not None and weight.requires_grad:
+        raise RuntimeError(
+            "fusedopt.cross_entropy is not differentiable with respect to argument 'weight'. "
+            "This input cannot have requires_grad True."
+        )
+    # Under autocast torch computes cross-entropy in fp32 and returns an fp32 loss; the math
+    # here is fp32 anyway, so only the loss's dtype changes (the gradient keeps the logits').
+    out_dtype = input.dtype
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
+        out_dtype = torch.float32
+    args = (input, target, weight, ignore_index, reduction, label_smoothing)
+    if torch.is_grad_enabled() and input.requires_grad:
+        return _CrossEntropy.apply(*args, out_dtype)
+    forward = _forward_traced if torch.compiler.is_compiling() else _forward
+    return forward(*args, False, out_dtype).loss
+
+
+class CrossEntropyFunction(_CrossEntropy):
+    """``torch.nn.functional.cross_entropy`` for class-index targets, on Triton kernels.
+
+    ``apply(input, target, weight=None, ignore_index=-100, reduction="mean",
+    label_smoothing=0.0)`` returns what torch returns (value, dtype, shape): input (C,), (N, C)
+    or (N, C, d1, ...) (classes in dim 1, any strides), target (), (N,) or (N, d1, ...) of
+    int64 or uint8, weight (C,) or None.
+
+    The gradient is computed by the forward kernel only when autograd records (grad mode on
+    and ``input.requires_grad``); :meth:`apply` decides this, because inside ``forward`` grad
+    mode is always off. Otherwise no gradient buffer is allocated.
+
+    Backward for ``mean``/``sum``: the stored gradient times ``grad_output``, no host sync; no
+    work when ``grad_output`` is 1. A second backward of the same graph (``retain_graph=True``)
+    returns a new tensor ``stored * grad_output / applied``, where ``applied`` (a device
+    scalar) is the first backward's ``grad_output``: correct unless that was 0 or non-finite
+    (then the stored gradient is lost and the result is NaN). ``none`` recomputes from the
+    logits and each row's log-sum-exp, any number of times.
+
+    Under ``torch.compile`` call :func:`cross_entropy` (or the ``fusedopt.functional`` and
+    ``fusedopt.nn`` faces): dynamo traces an autograd Function's own ``apply``, never this one.
+    """
+
+    @classmethod
+    def apply(cls, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+        return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
 
 
 def cross_entropy(
@@ -479,4 +570,4 @@ def cross_entropy(
             reduction=reduction,
             label_smoothing=label_smoothing,
         )
-    return CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)
+    return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)

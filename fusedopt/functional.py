@@ -17,6 +17,7 @@ from torch.nn import _reduction
 from torch.overrides import has_torch_function_variadic
 
 from fusedopt._multi_tensor import TL_DTYPE, runs_triton
+from fusedopt.cross_entropy import cross_entropy as _fused_cross_entropy
 from fusedopt.kernels import losses as kernels
 from fusedopt.losses import MeanFunction, PointwiseLossFunction
 
@@ -61,6 +62,14 @@ def mean(
     return MeanFunction.apply(x.reshape(m, k).contiguous(), shape, out_dtype)
 
 
+def _result_type(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """``torch.result_type(a, b)`` of two floating-point tensors, in a form dynamo can trace: a
+    0-d tensor of the same category as a dimensioned one does not take part."""
+    if (a.dim() == 0) == (b.dim() == 0):
+        return torch.promote_types(a.dtype, b.dtype)
+    return a.dtype if b.dim() == 0 else b.dtype
+
+
 def _pointwise(
     input, target, weight, reduction, loss, param, torch_op, *, same_dtype_as_input=False, **kwargs
 ):
@@ -86,7 +95,7 @@ def _pointwise(
         )
     if weight is not None and weight.size() != input.size():
         raise ValueError("Weights and input must have the same size.")
-    dtype = input.dtype if same_dtype_as_input else torch.result_type(input, target)
+    dtype = input.dtype if same_dtype_as_input else _result_type(input, target)
     if weight is not None:
         dtype = torch.promote_types(dtype, weight.dtype)
     x, y = torch.broadcast_tensors(input.to(dtype), target.to(dtype))  # autograd sums back
@@ -94,7 +103,7 @@ def _pointwise(
     w = None if weight is None else torch.broadcast_to(weight.to(dtype), x.shape).contiguous()
     want_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     mean_by_weight = w is not None and torch_op in (F.mse_loss, F.l1_loss)
-    return PointwiseLossFunction.apply(x, y, w, loss, param, reduction, want_grad, mean_by_weight)
+    return PointwiseLossFunction.apply(x, y, w, int(loss), float(param), reduction, want_grad, mean_by_weight)
 
 
 def _legacy(size_average, reduce, reduction: str) -> str:
@@ -159,10 +168,8 @@ def cross_entropy(
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """``torch.nn.functional.cross_entropy`` with the logits' gradient written in the forward pass."""
-    from fusedopt.cross_entropy import cross_entropy as fused
-
     reduction = _legacy(size_average, reduce, reduction)
-    return fused(
+    return _fused_cross_entropy(
         input,
         target,
         weight=weight,

@@ -132,11 +132,12 @@ def test_check_passes(monkeypatch, capsys):
         monkeypatch, capsys, "--optimizers", "sgd", "adamw", "--losses", "mean", "l1_loss"
     )
     assert status == 0, out
-    assert verdicts(out, "FusedSGD") == ["PASS"] * 8
-    assert verdicts(out, "FusedAdamW") == ["PASS"] * 4
+    assert verdicts(out, "FusedSGD") == ["PASS"] * 10  # 5 option sets (one max_grad_norm) x 2 dtypes
+    assert verdicts(out, "FusedAdamW") == ["PASS"] * 6
     assert verdicts(out, "mean") == ["PASS"] * 4 and verdicts(out, "l1_loss") == ["PASS"] * 2
     assert "momentum_buffer" in out and "max_exp_avg_sq" in out and "err/tol" in out
-    assert "OK: all 18 checks within tolerance" in out
+    assert "max_grad_norm=1.0" in out
+    assert "OK: all 22 checks within tolerance" in out
 
 
 @pytest.mark.parametrize("wrong", [DriftingSGD, ForgetfulSGD])

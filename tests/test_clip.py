@@ -239,39 +239,6 @@ def test_max_grad_norm_matches_clip_then_step(cls, torch_cls, kwargs, triton_dev
     )
 
 
-@pytest.mark.parametrize(("cls", "torch_cls", "kwargs"), MAX_NORM_CASES[::2], ids=_ids)
-def test_max_grad_norm_with_grad_scaler_matches_torchs_recipe(cls, torch_cls, kwargs, triton_device):
-    """scaler.step(opt) with max_grad_norm against torch's unscale_ + clip_grad_norm_ + step,
-    with an inf injected at one step: nothing changes there, then training continues."""
-    device = triton_device
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
-    twin = copy.deepcopy(model)
-    opt = cls(model.parameters(), max_grad_norm=0.5, **kwargs)
-    ref = torch_cls(twin.parameters(), **kwargs)
-    scaler, ref_scaler = (torch.amp.GradScaler(device, init_scale=2.0**6, growth_interval=2) for _ in "ab")
-    ours, theirs = list(model.parameters()), list(twin.parameters())
-    gen = torch.Generator().manual_seed(0)
-    for step in range(6):
-        x = torch.randn(5, 4, generator=gen).to(device) * 3
-        for m, o, s in ((model, opt, scaler), (twin, ref, ref_scaler)):
-            o.zero_grad()
-            s.scale(m(x).square().mean()).backward()
-            if step == 2:
-                m[2].weight.grad[0, 1] = float("inf")
-        before = snapshot(opt, ours)
-        scaler.step(opt)
-        scaler.update()
-        ref_scaler.unscale_(ref)
-        torch.nn.utils.clip_grad_norm_(theirs, 0.5)
-        ref_scaler.step(ref)
-        ref_scaler.update()
-        if step == 2:
-            assert_unchanged(before, opt, ours)
-        assert scaler.get_scale() == ref_scaler.get_scale()
-        check_same(opt, ref, ours, theirs)
-
-
 def test_max_grad_norm_with_a_group_on_torchs_step(triton_device):
     """A fused=False group is clipped in place (torch's step reads its grads); the norm is global."""
     device = triton_device
@@ -322,21 +289,26 @@ class AmpOps(CountOps):
         return sum("non_finite_check_and_unscale" in op for op in self.ops)
 
 
+@pytest.mark.parametrize(
+    "scaler_cls", [torch.amp.GradScaler, fusedopt.GradScaler], ids=lambda c: c.__module__
+)
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5], ids=["no-clip", "max_grad_norm"])
 @pytest.mark.parametrize(("cls", "torch_cls", "kwargs"), MAX_NORM_CASES[::2], ids=_ids)
-def test_fusedopt_grad_scaler_two_passes_match_torchs_recipe(
-    cls, torch_cls, kwargs, max_grad_norm, triton_device, clip_launches
+def test_grad_scaler_and_max_grad_norm_match_torchs_recipe(
+    cls, torch_cls, kwargs, max_grad_norm, scaler_cls, triton_device, clip_launches
 ):
-    """fusedopt.GradScaler + max_grad_norm against torch's GradScaler + unscale_ +
-    clip_grad_norm_ + step, inf injected at one step; per step: one norm pass (two launches),
-    one step launch, no torch unscale pass, and the grads are never written."""
+    """``scaler.step(opt)`` with max_grad_norm against torch's GradScaler + unscale_ +
+    clip_grad_norm_ + step, an inf injected at one step (nothing changes there, the scale backs
+    off, training continues). The grads are never written. fusedopt.GradScaler: one norm pass
+    (two launches) that is also the inf check, one step launch, no torch unscale pass;
+    torch's GradScaler adds its own check-and-unscale pass."""
     device = triton_device
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
     twin = copy.deepcopy(model)
     opt = cls(model.parameters(), max_grad_norm=max_grad_norm, **kwargs)
     ref = torch_cls(twin.parameters(), **kwargs)
-    scaler = fusedopt.GradScaler(device, init_scale=2.0**6, growth_interval=2)
+    scaler = scaler_cls(device, init_scale=2.0**6, growth_interval=2)
     ref_scaler = torch.amp.GradScaler(device, init_scale=2.0**6, growth_interval=2)
     ours, theirs = list(model.parameters()), list(twin.parameters())
     gen = torch.Generator().manual_seed(0)
@@ -345,8 +317,8 @@ def test_fusedopt_grad_scaler_two_passes_match_torchs_recipe(
         for m, o, s in ((model, opt, scaler), (twin, ref, ref_scaler)):
             o.zero_grad()
             s.scale(m(x).square().mean()).backward()
-            if step == 2:
-                m[2].weight.grad[0, 1] = float("nan")
+            if step in (2, 4):
+                m[2].weight.grad[0, 1] = float("inf" if step == 2 else "nan")
         before, grads = snapshot(opt, ours), [p.grad.clone() for p in ours]
         clip_launches.clear()
         with AmpOps() as ops:
@@ -357,12 +329,14 @@ def test_fusedopt_grad_scaler_two_passes_match_torchs_recipe(
             torch.nn.utils.clip_grad_norm_(theirs, max_grad_norm)
         ref_scaler.step(ref)
         ref_scaler.update()
-        assert ops.unscales == 0
+        ours_check = scaler_cls is fusedopt.GradScaler
+        assert ops.unscales == (0 if ours_check else 1)
         name = "sgd" if cls is fusedopt.FusedSGD else "adam"
-        assert clip_launches.counts == {"partials": 1, "finish": 1, name: 1}
+        norm = ours_check or max_grad_norm is not None
+        assert clip_launches.counts == ({"partials": 1, "finish": 1} if norm else {}) | {name: 1}
         for p, g in zip(ours, grads, strict=True):
             torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
-        if step == 2:
+        if step in (2, 4):
             assert_unchanged(before, opt, ours)
         assert scaler.get_scale() == ref_scaler.get_scale()
         check_same(opt, ref, ours, theirs)

@@ -163,7 +163,7 @@ def test_ops_pass_opcheck(triton_device):
     cases = [
         (torch.ops.fusedopt.adam_.default, adam),
         (torch.ops.fusedopt.sgd_.default, sgd),
-        (torch.ops.fusedopt.grad_norm.default, (grads, 2.0, scale)),
+        (torch.ops.fusedopt.grad_norm.default, (grads, 2.0, scale, True)),
         (torch.ops.fusedopt.scale_grads_.default, (grads, coef)),
     ]
     for op, args in cases:

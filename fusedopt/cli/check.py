@@ -85,6 +85,9 @@ OPTIM_CASES: list[OptimCase] = [
         torch.optim.AdamW,
         dict(lr=0.01, weight_decay=0.5, amsgrad=True, maximize=True),
     ),
+    # fusedopt's max_grad_norm against torch's clip_grad_norm_(params, max_norm) before the step.
+    OptimCase("sgd", fusedopt.FusedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, max_grad_norm=1.0)),
+    OptimCase("adamw", fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=0.01, max_grad_norm=1.0)),
 ]
 
 
@@ -259,12 +262,15 @@ def run_optim_case(case: OptimCase, dtype: torch.dtype, device: str, sizes: Size
     ours = [t.to(device).clone().requires_grad_() for t in init]
     theirs = [t.to(device, ref_dtype).clone().requires_grad_() for t in init]
     opt = case.fused_cls(ours, **case.kwargs)
-    ref = case.torch_cls(theirs, foreach=False, **case.kwargs)
+    torch_kwargs = {k: v for k, v in case.kwargs.items() if k != "max_grad_norm"}
+    ref = case.torch_cls(theirs, foreach=False, **torch_kwargs)
     for _ in range(steps):
         for p, q in zip(ours, theirs, strict=True):
             g = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
             p.grad, q.grad = g, g.to(ref_dtype)
         opt.step()
+        if "max_grad_norm" in case.kwargs:
+            torch.nn.utils.clip_grad_norm_(theirs, case.kwargs["max_grad_norm"], foreach=False)
         ref.step()
         if low:  # the oracle: torch in fp32, params and state rounded to the dtype after each step
             round_to_storage_(ref, theirs, dtype)

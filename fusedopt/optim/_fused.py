@@ -355,7 +355,7 @@ class FusedStep:
             else:
                 # Finite grads whose squares overflow fp32 (|g| ~ 1e19 after unscaling) count as
                 # non-finite here; torch's clip would scale them by 0 instead.
-                total = self._pending_norm = total_norm(sources, leftovers, 2.0, grad_scale)
+                total = self._pending_norm = total_norm(sources, leftovers, 2.0, grad_scale, exact=True)
             return torch.isfinite(total).logical_not().float()
 
     def _traced_step(self, ours: list[dict], theirs: list[dict], amp: dict) -> None:
@@ -374,7 +374,7 @@ class FusedStep:
             if self.max_grad_norm is not None:
                 grads = [p.grad for _, params in groups for p in params]
                 grads += [p.grad for g in theirs for p in g["params"] if p.grad is not None]
-                total = traced_norm(grads, 2.0, amp["grad_scale"])
+                total = traced_norm(grads, 2.0, amp["grad_scale"], exact=True)
                 amp["clip_coef"] = clip_coefficient(total, self.max_grad_norm)
                 torch_grads = [p.grad for g in theirs for p in g["params"] if p.grad is not None]
                 if torch_grads:
@@ -418,7 +418,7 @@ class FusedStep:
             sources, leftovers = self._norm_sources(planned)
             if not sources and not leftovers and not torch_grads:
                 return None
-            total = total_norm(sources, leftovers + torch_grads, 2.0, grad_scale)
+            total = total_norm(sources, leftovers + torch_grads, 2.0, grad_scale, exact=True)
         coef = clip_coefficient(total, self.max_grad_norm)
         if torch_grads:
             torch._foreach_mul_(torch_grads, coef)
