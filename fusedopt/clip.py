@@ -179,14 +179,15 @@ def _sources(grads: list[torch.Tensor]) -> tuple[list[NormSource], list[torch.Te
 
 @torch.library.custom_op("fusedopt::grad_norm", mutates_args=())
 def _grad_norm_op(
-    grads: list[torch.Tensor], norm_type: float, grad_scale: torch.Tensor | None
+    grads: list[torch.Tensor], norm_type: float, grad_scale: torch.Tensor | None, exact: bool
 ) -> torch.Tensor:
-    return total_norm(*_sources(grads), norm_type, grad_scale).clone()
+    return total_norm(*_sources(grads), norm_type, grad_scale, exact).clone()
 
 
 @_grad_norm_op.register_fake
-def _(grads, norm_type, grad_scale):
-    return grads[0].new_empty((), dtype=_result_dtype(g.dtype for g in grads))
+def _(grads, norm_type, grad_scale, exact):
+    dtype = _result_dtype(g.dtype for g in grads)
+    return grads[0].new_empty((), dtype=compute_dtype(dtype) if exact else dtype)
 
 
 @torch.library.custom_op("fusedopt::scale_grads_", mutates_args=("grads",))

@@ -146,9 +146,9 @@ def test_check_flags_a_wrong_optimizer(monkeypatch, capsys, wrong):
     status, out = run_check(monkeypatch, capsys, "--optimizers", "wrong", "sgd", "--losses", optim=[case])
     assert status == 1, out
     assert verdicts(out, wrong.__name__) == ["FAIL", "FAIL"]  # fp32 and bf16
-    assert verdicts(out, "FusedSGD") == ["PASS"] * 8  # the real one, in the same run
+    assert verdicts(out, "FusedSGD") == ["PASS"] * 10  # the real one, in the same run
     assert f"FAIL: {wrong.__name__} (lr=0.1 mom=0.9) fp32: worst" in out
-    assert "FAILED: 2 of 10 checks" in out
+    assert "FAILED: 2 of 12 checks" in out
     worst = "state[momentum_buffer]" if wrong is ForgetfulSGD else ""
     assert worst in out
 

@@ -168,3 +168,24 @@ def test_ops_pass_opcheck(triton_device):
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=case_id)
+def test_eager_then_compiled_then_eager_steps(case, triton_device):
+    """Eager steps make Adam's step counters views of one tensor; compiled steps then mutate
+    those aliased views through the op, and eager steps continue after: all as one eager run."""
+    torch._dynamo.reset()
+    device = triton_device
+    ours, twins = make(device, SPECS), make(device, SPECS)
+    opt, ref = case.fused_cls(ours, lr=0.05, **case.kwargs), case.fused_cls(twins, lr=0.05, **case.kwargs)
+    compiled = torch.compile(opt.step, fullgraph=True, backend=Graphs())
+    for i in range(8):
+        grads = grads_for(ours, i)
+        _give(ours, grads)
+        _give(twins, grads)
+        (compiled if 2 <= i < 5 else opt.step)()
+        ref.step()
+        for p, q in zip(ours, twins, strict=True):
+            assert torch.equal(p, q), i
+            for key, v in opt.state[p].items():
+                assert torch.equal(v, ref.state[q][key]), (i, key)

@@ -370,17 +370,18 @@ class FusedStep:
                 self._eager_step()
                 return
             groups.append((group, params))
+        for group, params in groups:  # validate everything before anything changes
+            for p in params:
+                self._check(p, p.grad, group)
         with torch.no_grad():
-            if self.max_grad_norm is not None:
-                grads = [p.grad for _, params in groups for p in params]
-                grads += [p.grad for g in theirs for p in g["params"] if p.grad is not None]
+            amp["clip_coef"] = None
+            torch_grads = [p.grad for g in theirs for p in g["params"] if p.grad is not None]
+            grads = [p.grad for _, params in groups for p in params] + torch_grads
+            if self.max_grad_norm is not None and grads:
                 total = traced_norm(grads, 2.0, amp["grad_scale"], exact=True)
                 amp["clip_coef"] = clip_coefficient(total, self.max_grad_norm)
-                torch_grads = [p.grad for g in theirs for p in g["params"] if p.grad is not None]
                 if torch_grads:
                     torch._foreach_mul_(torch_grads, amp["clip_coef"])
-            else:
-                amp["clip_coef"] = None
             for group, params in groups:
                 memo: dict = {}
                 operands = [self._operands(p, group, memo) for p in params]
