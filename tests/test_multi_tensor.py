@@ -281,3 +281,40 @@ def test_params_on_two_devices_in_one_group(launches):
     for p, q in zip(cpu + gpu, ref, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert len(launches) >= 3, "the CUDA bucket runs the kernel"
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that copies a tensor value to the host (.item(), bool(t), float(t))."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [(fusedopt.FusedAdamW, dict(capturable=True, amsgrad=True)), (fusedopt.FusedSGD, dict(momentum=0.9))],
+    ids=["adamw-capturable", "sgd"],
+)
+def test_step_with_clip_amp_and_tensor_lr_reads_nothing_on_the_host(cls, kwargs, triton_device):
+    """No .item()/bool()/float() of a device value anywhere in a step, the first one included
+    (max_grad_norm, GradScaler's grad_scale/found_inf, tensor lr): what CUDA-graph capture needs."""
+    with HostReads() as probe:  # the detector itself sees a host read
+        torch.ones(()).item()
+    assert probe.reads
+    params = _params(4, triton_device)
+    opt = cls(params, lr=torch.tensor(0.01, device=triton_device), max_grad_norm=1.0, **kwargs)
+    for bad in (0.0, 1.0, 0.0):
+        _set_grads(params)
+        opt.grad_scale = torch.tensor(2.0, device=triton_device)
+        opt.found_inf = torch.tensor(bad, device=triton_device)
+        with HostReads() as probe:
+            opt.step()
+        assert probe.reads == []

@@ -69,6 +69,8 @@ def cross_entropy_targets_kernel(
             offs = start + tl.arange(0, BLOCK).to(tl.int64)
             w_sum += tl.load(weight + offs, mask=offs < C, other=0).to(COMPUTE)
         tl.store(stats + 1, tl.sum(w_sum, 0))
+    else:
+        tl.store(stats + 1, tl.full([], 1, COMPUTE) * C)  # unit weights: every output is defined
     tl.store(ok, 1 - tl.max(bad, 0))
 
 
