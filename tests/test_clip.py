@@ -377,3 +377,23 @@ def test_grad_scalers_with_sparse_sgd_match_torch(scaler_cls, device):
             s.update()
         torch.testing.assert_close(embeds[0].weight, embeds[1].weight)
         assert scalers[0].get_scale() == scalers[1].get_scale()
+
+
+def test_a_norm_left_by_an_inf_check_without_its_step_is_not_reused(triton_device):
+    """fusedopt.GradScaler's inf check keeps the norm for the step that follows; if that step
+    never comes, a later plain step computes its own norm."""
+    ours, theirs = make(triton_device, [(5,), (3, 2)]), make(triton_device, [(5,), (3, 2)])
+    opt = fusedopt.FusedSGD(ours, lr=0.1, max_grad_norm=0.1)
+    ref = torch.optim.SGD(theirs, lr=0.1)
+    _set = [grads_for(ours, 0), grads_for(ours, 1)]
+    for p, g in zip(ours, _set[0], strict=True):
+        p.grad = g * 100
+    opt._find_inf(torch.tensor(1.0, device=triton_device))  # as the scaler would; no step follows
+    for params in (ours, theirs):
+        for p, g in zip(params, _set[1], strict=True):
+            p.grad = g.clone()
+    opt.step()
+    torch.nn.utils.clip_grad_norm_(theirs, 0.1)
+    ref.step()
+    for p, q in zip(ours, theirs, strict=True):
+        close(p, q, "param")

@@ -325,10 +325,16 @@ class FusedStep:
         if torch.compiler.is_compiling():
             self._traced_step([g for _, g in ours], theirs, amp)
             return loss
+        # The norm fusedopt.GradScaler's inf check took just before this step (it then sets
+        # found_inf), never one left over from a step that did not happen.
+        pending = self.__dict__.pop("_pending_norm", None) if amp["found_inf"] is not None else None
+        self.__dict__.pop("_pending_norm", None)
         with torch.no_grad():
             planned = self._plan_groups(ours)
             amp["clip_coef"] = (
-                None if self.max_grad_norm is None else self._clip(planned, theirs, amp["grad_scale"])
+                None
+                if self.max_grad_norm is None
+                else self._clip(planned, theirs, amp["grad_scale"], pending)
             )
             for group, plan, grads in planned:
                 for bucket in plan.buckets:
@@ -406,14 +412,17 @@ class FusedStep:
         return sources, leftovers
 
     def _clip(
-        self, planned: list, theirs: list[dict], grad_scale: torch.Tensor | None
+        self,
+        planned: list,
+        theirs: list[dict],
+        grad_scale: torch.Tensor | None,
+        total: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """The clip coefficient of ``max_grad_norm`` over every group's grads, on the device.
 
         Grads of groups that run torch's step are clipped in place (torch's step reads them).
-        The norm :meth:`_find_inf` took for this step (``fusedopt.GradScaler``) is reused.
+        ``total``: the norm :meth:`_find_inf` already took for this step (``fusedopt.GradScaler``).
         """
-        total = self.__dict__.pop("_pending_norm", None)
         torch_grads = [p.grad for g in theirs for p in g["params"] if p.grad is not None]
         if total is None:
             sources, leftovers = self._norm_sources(planned)
