@@ -43,7 +43,7 @@ def _give(params, grads) -> None:
 @pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5], ids=["no-clip", "max_grad_norm"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_compiled_step_matches_eager_without_recompiling(case, max_grad_norm, triton_device):
+def test_compiled_step_matches_eager_without_recompiling(case, max_grad_norm, triton_device, launches):
     """torch's "compiling the optimizer" recipe: tensor lr, an LR scheduler, 10 compiled steps."""
     torch._dynamo.reset()
     device = triton_device
@@ -71,6 +71,7 @@ def test_compiled_step_matches_eager_without_recompiling(case, max_grad_norm, tr
             for key, v in opt.state[p].items():
                 assert torch.equal(v, ref.state[q][key]), (i, key)
     assert len(graphs) == compiled <= 2, f"recompiled: {len(graphs)} graphs"
+    assert len(launches) == 2 * 12, "our kernel ran in every compiled (and eager) step"
     op = "fusedopt.sgd_" if case.fused_cls is fusedopt.FusedSGD else "fusedopt.adam_"
     assert op in {t.split(".default")[0] for t in graphs.targets()}
     assert ("fusedopt.grad_norm" in graphs.targets()) is (max_grad_norm is not None)
