@@ -214,6 +214,16 @@ def test_max_grad_norm_is_validated():
     assert fusedopt.FusedAdamW(p).max_grad_norm is None
 
 
+def _clip_then_step_both(opt, ref, ours, theirs, grads, max_norm: float) -> None:
+    """The same grads to both; ours steps (max_grad_norm), torch clips then steps."""
+    for params in (ours, theirs):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+    opt.step()
+    torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    ref.step()
+
+
 @pytest.mark.parametrize(("cls", "torch_cls", "kwargs"), MAX_NORM_CASES, ids=_ids)
 def test_max_grad_norm_matches_clip_then_step(cls, torch_cls, kwargs, triton_device, clip_launches):
     """7 steps over two groups: the norm is global (over both), as clip_grad_norm_(all params)."""
@@ -223,12 +233,7 @@ def test_max_grad_norm_matches_clip_then_step(cls, torch_cls, kwargs, triton_dev
     ref = torch_cls([{"params": theirs[:2]}, {"params": theirs[2:], "lr": 0.02}], **kwargs)
     for step in range(7):
         grads = [g * (4.0 if step % 2 else 0.01) for g in grads_for(ours, step)]  # clipped or not
-        for params in (ours, theirs):
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g.clone()
-        opt.step()
-        torch.nn.utils.clip_grad_norm_(theirs, 1.5)
-        ref.step()
+        _clip_then_step_both(opt, ref, ours, theirs, grads, 1.5)
         # Our grads are never rewritten.
         assert all(torch.equal(p.grad, g) for p, g in zip(ours, grads, strict=True))
         check_same(opt, ref, ours, theirs)
@@ -248,13 +253,7 @@ def test_max_grad_norm_with_a_group_on_torchs_step(triton_device):
     )
     ref = torch.optim.Adam([{"params": theirs[:1]}, {"params": theirs[1:]}], lr=0.1)
     for step in range(3):
-        grads = grads_for(ours, step)
-        for params in (ours, theirs):
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g.clone()
-        opt.step()
-        torch.nn.utils.clip_grad_norm_(theirs, 0.1)
-        ref.step()
+        _clip_then_step_both(opt, ref, ours, theirs, grads_for(ours, step), 0.1)
         for p, q in zip(ours, theirs, strict=True):
             close(p, q, "param")
 
