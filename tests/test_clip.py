@@ -396,3 +396,12 @@ def test_a_norm_left_by_an_inf_check_without_its_step_is_not_reused(triton_devic
     ref.step()
     for p, q in zip(ours, theirs, strict=True):
         close(p, q, "param")
+
+
+def test_max_grad_norm_survives_pickle_and_deepcopy():
+    import pickle
+
+    opt = fusedopt.FusedAdamW(make("cpu", [(3,)]), max_grad_norm=0.25)
+    for other in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+        assert other.max_grad_norm == 0.25
+        assert other.param_groups[0].keys() == opt.param_groups[0].keys()

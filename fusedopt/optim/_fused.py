@@ -257,6 +257,9 @@ class FusedStep:
         )
         cls.__signature__ = base.replace(parameters=[*base.parameters.values(), extra])
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm}
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", None)
