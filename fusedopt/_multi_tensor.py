@@ -172,7 +172,7 @@ class TensorTable:
         self._dynamic_aligned = False
 
     def dynamic(self, key: tuple | None, rows: Callable[[], list[tuple[int, ...]]]) -> torch.Tensor:
-        """Per-step table int64 [T, len(row)]: grad address first, then flags.
+        """Per-step table int64 [T, 1]: the grads' addresses.
 
         Rebuilt from ``rows()`` unless ``key`` (None: always rebuild) equals the last one.
         """

@@ -576,6 +576,36 @@ def test_grad_scaler(case, fused, unscale_first, triton_device, launches):
     assert all(kwargs["HAS_FOUND_INF"] for _, _, kwargs in launches)
 
 
+@pytest.mark.parametrize("scaler_cls", ["torch", "fusedopt"])
+def test_grad_scaler_skipping_the_first_step_keeps_momentum_buffers_new(scaler_cls, triton_device):
+    """AMP often skips the first steps (scale too high). torch then has no momentum buffer yet,
+    so the first step taken sets buf = grad; ours must too (it matters with dampening)."""
+    import fusedopt
+
+    device = triton_device
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(device)
+    twin = copy.deepcopy(model)
+    kwargs = dict(lr=0.1, momentum=0.9, dampening=0.5)
+    opt, ref = FusedSGD(model.parameters(), **kwargs), SGD(twin.parameters(), **kwargs)
+    make_scaler = fusedopt.GradScaler if scaler_cls == "fusedopt" else torch.amp.GradScaler
+    scaler, ref_scaler = make_scaler(device, init_scale=8.0), torch.amp.GradScaler(device, init_scale=8.0)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        x = torch.randn(5, 4, generator=gen).to(device)
+        for m, o, s in ((model, opt, scaler), (twin, ref, ref_scaler)):
+            o.zero_grad()
+            s.scale(m(x).square().mean()).backward()
+            if step in (0, 1):  # the first two steps are skipped
+                m[0].weight.grad[0, 0] = float("inf")
+            s.step(o)
+            s.update()
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            close(p, q, f"param after step {step}")
+        if step >= 2:
+            check_same(opt, ref, list(model.parameters()), list(twin.parameters()))
+
+
 def test_grad_scaler_unscales_groups_that_run_torchs_step(triton_device):
     """A group with fused=False runs torch's step, which cannot unscale: then GradScaler must."""
     device = triton_device

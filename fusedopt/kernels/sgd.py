@@ -27,6 +27,7 @@ def _sgd_block(
     ptrs,
     grad_ptrs,
     scalars,
+    fresh,
     grad_scale,
     clip_coef,
     t,
@@ -43,7 +44,7 @@ def _sgd_block(
     ALIGNED: tl.constexpr,
 ):
     p_ptr = address(ptrs, t, 0, 2, DTYPE, ALIGNED) + offs
-    g_ptr = address(grad_ptrs, t, 0, 2, DTYPE, ALIGNED) + offs
+    g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
     lr = tl.load(scalars + LR).to(COMPUTE)
 
     p = tl.load(p_ptr, mask=mask).to(COMPUTE)
@@ -55,7 +56,7 @@ def _sgd_block(
         momentum = tl.load(scalars + MOMENTUM).to(COMPUTE)
         keep = (1.0 - tl.load(scalars + DAMPENING)).to(COMPUTE)
         b_ptr = address(ptrs, t, 1, 2, DTYPE, ALIGNED) + offs
-        if tl.load(grad_ptrs + 2 * t + 1) != 0:  # the buffer is new: it takes the grad
+        if tl.load(fresh + t) != 0:  # the buffer is new: it takes the grad
             b = g
         else:
             b = tl.fma(g, keep, tl.load(b_ptr, mask=mask).to(COMPUTE) * momentum)
@@ -71,10 +72,11 @@ def _sgd_block(
 @triton.jit
 def sgd_kernel(
     ptrs,  # int64 [T, 2]: param, momentum_buffer (= param unless HAS_MOMENTUM)
-    grad_ptrs,  # int64 [T, 2]: grad, 1 if the momentum buffer is new this step else 0
+    grad_ptrs,  # int64 [T, 1]: grad
     meta,  # int64 [T, 2]: numel, first block
     owner,  # int32 [B]: tensor of each block
     scalars,  # float64 [4]: lr, momentum, dampening, weight_decay
+    fresh,  # float32 [T]: non-zero where the momentum buffer has no value yet (read if HAS_MOMENTUM)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
@@ -96,8 +98,8 @@ def sgd_kernel(
         go = tl.load(found_inf) == 0
     if go:
         if full:
-            _sgd_block(ptrs, grad_ptrs, scalars, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
+            _sgd_block(ptrs, grad_ptrs, scalars, fresh, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
                        HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         else:
-            _sgd_block(ptrs, grad_ptrs, scalars, grad_scale, clip_coef, t, offs, mask, DTYPE, COMPUTE,
+            _sgd_block(ptrs, grad_ptrs, scalars, fresh, grad_scale, clip_coef, t, offs, mask, DTYPE, COMPUTE,
                        HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip

@@ -102,23 +102,20 @@ class Bucket:
         if not self.irregular:
             self.table = TensorTable(self.columns, self.device)
 
-    def _dynamic(self, grads: StepGrads, flags: list[int] | None) -> torch.Tensor:
-        # The grads' table changes only when the group's grad addresses (or flags) do.
-        key = (grads.ptrs, None if flags is None else tuple(flags))
-        return self.table.dynamic(key, lambda: _dynamic_rows(self.grads(grads), flags))
+    def _dynamic(self, grads: StepGrads) -> torch.Tensor:
+        # The grads' table changes only when the group's grad addresses do.
+        return self.table.dynamic(grads.ptrs, lambda: _dynamic_rows(self.grads(grads)))
 
-    def norm_source(self, grads: StepGrads, flags: list[int] | None) -> NormSource | None:
+    def norm_source(self, grads: StepGrads) -> NormSource | None:
         """This bucket's grads as a source for the fused global norm (None: take it with torch)."""
         if self.table is None:
             return None
-        dynamic = self._dynamic(grads, flags)
-        width = 1 if flags is None else 2
-        return NormSource(self.table, dynamic, width, self.table.dynamic_aligned, self.dtype)
+        return NormSource(self.table, self._dynamic(grads), 1, self.table.dynamic_aligned, self.dtype)
 
-    def launch(self, grads: StepGrads, flags: list[int] | None, run) -> None:
+    def launch(self, grads: StepGrads, run) -> None:
         """Call ``run(table, dynamic)``; tensors with mismatched layouts go through dense copies."""
         if self.table is not None:
-            run(self.table, self._dynamic(grads, flags))
+            run(self.table, self._dynamic(grads))
             return
         mine = self.grads(grads)
         # Stage each distinct tensor once (a column may repeat another: SGD without momentum).
@@ -133,7 +130,7 @@ class Bucket:
                     copies[id(original)] = (original, _staged(original, like))
                 c[i] = copies[id(original)][1]
         table = TensorTable(columns, self.device)
-        run(table, table.dynamic(None, lambda: _dynamic_rows(mine, flags)))
+        run(table, table.dynamic(None, lambda: _dynamic_rows(mine)))
         for original, staged in copies.values():
             if staged is not original:
                 original.copy_(staged)
@@ -143,10 +140,8 @@ def _staged(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t if shares_dense_layout([like, t]) and t.stride() == like.stride() else dense_copy(t, like)
 
 
-def _dynamic_rows(grads: list[torch.Tensor], flags: list[int] | None) -> list[tuple[int, ...]]:
-    if flags is None:
-        return [(g.data_ptr(),) for g in grads]
-    return [(g.data_ptr(), f) for g, f in zip(grads, flags, strict=True)]
+def _dynamic_rows(grads: list[torch.Tensor]) -> list[tuple[int, ...]]:
+    return [(g.data_ptr(),) for g in grads]
 
 
 # Buckets of the compiled path's ops, keyed by every operand's address and the grads' strides
@@ -299,10 +294,6 @@ class FusedStep:
     def _before_step(self) -> None:
         """Checks the torch class makes at the top of its step."""
 
-    def _flags(self, bucket: Bucket) -> list[int] | None:
-        """Per-tensor flags the kernel reads beside each grad address (None: no flags)."""
-        return None
-
     # Shared machinery -----------------------------------------------------------------------
 
     def _uses_torch_impl(self, group: dict) -> bool:
@@ -407,7 +398,7 @@ class FusedStep:
         sources, leftovers = [], []
         for _, plan, grads in planned:
             for bucket in plan.buckets:
-                source = bucket.norm_source(grads, self._flags(bucket))
+                source = bucket.norm_source(grads)
                 if source is not None:
                     sources.append(source)
                 else:

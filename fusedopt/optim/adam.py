@@ -20,7 +20,6 @@ def adam_launch(group: dict, bucket: Bucket, grads: StepGrads, steps: torch.Tens
         steps_here = to_device(steps, bucket.device)
         bucket.launch(
             grads,
-            None,
             lambda table, dynamic: table.launch(
                 kernels.adam_kernel,
                 dynamic,

@@ -7,7 +7,7 @@ import importlib
 import torch
 from torch.optim.optimizer import _device_dtype_check_for_fused
 
-from fusedopt._multi_tensor import TL_DTYPE, compute_dtype
+from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, to_device
 from fusedopt.kernels import sgd as kernels
 from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, op_buckets, real_view
 from fusedopt.optim.reference import sgd_reference
@@ -16,20 +16,20 @@ from fusedopt.optim.reference import sgd_reference
 _torch_sgd = importlib.import_module("torch.optim.sgd")
 
 
-def sgd_launch(group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
-    """Step one bucket (our kernel, or the plain-torch reference); ``bucket.extra`` flags the
-    momentum buffers created this step."""
+def sgd_launch(group: dict, bucket: Bucket, grads: StepGrads, fresh: torch.Tensor, amp: dict) -> None:
+    """Step one bucket (our kernel, or the plain-torch reference); ``fresh`` (float32 [T] on the
+    bucket's device) is non-zero for momentum buffers that hold no value yet."""
     grad_scale, found_inf, clip_coef = amp["grad_scale"], amp["found_inf"], amp["clip_coef"]
     params, buffers = bucket.columns
     scalars = bucket.scalars([group["lr"], group["momentum"], group["dampening"], group["weight_decay"]])
     if bucket.kind == "triton":
         bucket.launch(
             grads,
-            bucket.extra,
             lambda table, dynamic: table.launch(
                 kernels.sgd_kernel,
                 dynamic,
                 scalars,
+                fresh,
                 scalars if grad_scale is None else grad_scale,
                 scalars if found_inf is None else found_inf,
                 scalars if clip_coef is None else clip_coef,
@@ -50,7 +50,7 @@ def sgd_launch(group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None
             params,
             bucket.grads(grads),
             buffers,
-            bucket.extra,
+            fresh.tolist(),
             lr=lr,
             momentum=momentum,
             dampening=dampening,
@@ -98,16 +98,23 @@ class FusedSGD(FusedStep, torch.optim.SGD):
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return [state.get("momentum_buffer", p)], int(memo[id(p)])
 
-    def _flags(self, bucket: Bucket) -> list[int]:
-        return bucket.extra
-
     def _run(self, group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
         if bucket.kind == "torch":
             self._torch_functional(group, bucket, grads, amp)
-        else:
-            sgd_launch(group, bucket, grads, amp)
-        # After the first step a new buffer holds a value: later steps read it.
-        bucket.extra = [0] * len(bucket.extra)
+            return
+        fresh = getattr(bucket, "fresh", None)
+        if fresh is None:  # the bucket's first run: the flags _operands() gave, on the device
+            fresh = bucket.fresh = to_device(torch.tensor(bucket.extra, dtype=torch.float32), bucket.device)
+            bucket.maybe_fresh = any(bucket.extra)
+        sgd_launch(group, bucket, grads, fresh, amp)
+        # A new buffer holds a value once a step was taken; a step GradScaler skipped (found_inf)
+        # leaves it new, as torch's skipped step leaves no buffer. Decided on the device.
+        if bucket.maybe_fresh:
+            if amp["found_inf"] is None:
+                fresh.zero_()
+                bucket.maybe_fresh = False
+            else:
+                fresh.mul_(amp["found_inf"].to(fresh.device))
 
     def _step_op(self, group: dict, params: list, grads: list, operands: list, amp: dict) -> None:
         has_momentum = group["momentum"] != 0
@@ -183,7 +190,8 @@ def sgd_(
     amp = dict(grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
     step_grads, buckets = op_buckets([params, momentum_buffers or params], grads, fresh)
     for bucket in buckets:
-        sgd_launch(group, bucket, step_grads, amp)
+        flags = to_device(torch.tensor(bucket.extra, dtype=torch.float32), bucket.device)
+        sgd_launch(group, bucket, step_grads, flags, amp)
 
 
 @sgd_.register_fake
