@@ -73,7 +73,7 @@ print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no
 
 bench_timeout=${BENCH_TIMEOUT:-120}
 loss_timeout=${LOSS_TIMEOUT:-70}
-step tests "${TEST_TIMEOUT:-200}" $PY -m pytest -q -x tests
+step tests "${TEST_TIMEOUT:-200}" $PY -m pytest -q --maxfail=20 tests
 step check "${CHECK_TIMEOUT:-50}" $PY -m fusedopt check --no-progress
 step check_int64 "${INT64_TIMEOUT:-40}" $PY benchmarks/check_int64.py
 step bench_optim "$bench_timeout" $PY -m fusedopt bench --suites optim --out "$results" \
