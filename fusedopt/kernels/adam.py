@@ -19,7 +19,15 @@ When ``found_inf`` is non-zero nothing is read or written.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import address, div_ieee, load_grad, locate_block, sqrt_ieee, to_storage
+from fusedopt.kernels.common import (
+    address,
+    div_ieee,
+    load_grad,
+    locate_block,
+    sqrt_ieee,
+    step_taken,
+    to_storage,
+)
 
 # Scalars vector layout, float64.
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY = (tl.constexpr(i) for i in range(5))
@@ -117,10 +125,7 @@ def adam_kernel(
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned
 ):
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
-    go = True
-    if HAS_FOUND_INF:
-        go = tl.load(found_inf) == 0
-    if go:
+    if step_taken(found_inf, HAS_FOUND_INF):
         if full:
             _adam_block(ptrs, grad_ptrs, scalars, steps, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
                         AMSGRAD, MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip

@@ -105,3 +105,15 @@ def load_grad(
     if MAXIMIZE:
         g = -g
     return g
+
+
+@triton.jit
+def step_taken(
+    found_inf,  # float32 [1]: GradScaler's verdict (read if HAS_FOUND_INF)
+    HAS_FOUND_INF: tl.constexpr,
+):
+    """False when GradScaler found an inf or NaN: the step then reads and writes nothing."""
+    if HAS_FOUND_INF:
+        return tl.load(found_inf) == 0
+    else:
+        return True

@@ -16,7 +16,7 @@ When ``found_inf`` is non-zero nothing is read or written.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import address, load_grad, locate_block, to_storage
+from fusedopt.kernels.common import address, load_grad, locate_block, step_taken, to_storage
 
 # Scalars vector layout, float64.
 LR, MOMENTUM, DAMPENING, WEIGHT_DECAY = (tl.constexpr(i) for i in range(4))
@@ -93,10 +93,7 @@ def sgd_kernel(
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned
 ):
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
-    go = True
-    if HAS_FOUND_INF:
-        go = tl.load(found_inf) == 0
-    if go:
+    if step_taken(found_inf, HAS_FOUND_INF):
         if full:
             _sgd_block(ptrs, grad_ptrs, scalars, fresh, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
                        HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
