@@ -35,6 +35,7 @@ from fusedopt._multi_tensor import (
     TL_DTYPE,
     DeviceScalars,
     TensorTable,
+    compute_dtype,
     dense_copy,
     runs_triton,
     shares_dense_layout,
@@ -112,10 +113,25 @@ class Bucket:
             return None
         return NormSource(self.table, self._dynamic(grads), 1, self.table.dynamic_aligned, self.dtype)
 
-    def launch(self, grads: StepGrads, run) -> None:
-        """Call ``run(table, dynamic)``; tensors with mismatched layouts go through dense copies."""
+    def launch(self, grads: StepGrads, kernel, amp: dict, *args, **constexprs) -> None:
+        """One launch of an optimizer kernel over this bucket's tensors:
+
+        ``kernel(ptrs, grad_ptrs, meta, owner, *args, grad_scale, found_inf, clip_coef,
+        DTYPE, COMPUTE, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_CLIP, **constexprs)``, the three
+        operands every step kernel shares taken from ``amp`` (an absent one is replaced by
+        ``args[0]`` and never read). Tensors with mismatched layouts go through dense copies.
+        """
+        optional = [amp["grad_scale"], amp["found_inf"], amp["clip_coef"]]
+        operands = [*args, *(args[0] if t is None else t for t in optional)]
+        constexprs.update(
+            DTYPE=TL_DTYPE[self.dtype],
+            COMPUTE=TL_DTYPE[compute_dtype(self.dtype)],
+            HAS_GRAD_SCALE=optional[0] is not None,
+            HAS_FOUND_INF=optional[1] is not None,
+            HAS_CLIP=optional[2] is not None,
+        )
         if self.table is not None:
-            run(self.table, self._dynamic(grads))
+            self.table.launch(kernel, self._dynamic(grads), *operands, **constexprs)
             return
         mine = self.grads(grads)
         # Stage each distinct tensor once (a column may repeat another: SGD without momentum).
@@ -130,7 +146,7 @@ class Bucket:
                     copies[id(original)] = (original, _staged(original, like))
                 c[i] = copies[id(original)][1]
         table = TensorTable(columns, self.device)
-        run(table, table.dynamic(None, lambda: _dynamic_rows(mine)))
+        table.launch(kernel, table.dynamic(None, lambda: _dynamic_rows(mine)), *operands, **constexprs)
         for original, staged in copies.values():
             if staged is not original:
                 original.copy_(staged)
@@ -216,6 +232,10 @@ def _torch_base(cls: type) -> type:
     return next(
         c for c in cls.__mro__ if issubclass(c, torch.optim.Optimizer) and not issubclass(c, FusedStep)
     )
+
+
+def _grads_of(groups: list[dict]) -> list[torch.Tensor]:
+    return [p.grad for g in groups for p in g["params"] if p.grad is not None]
 
 
 def _not_traceable(p: torch.Tensor) -> bool:
@@ -321,8 +341,9 @@ class FusedStep:
             return loss
         # The norm fusedopt.GradScaler's inf check took just before this step (it then sets
         # found_inf), never one left over from a step that did not happen.
-        pending = self.__dict__.pop("_pending_norm", None) if amp["found_inf"] is not None else None
-        self.__dict__.pop("_pending_norm", None)
+        pending = self.__dict__.pop("_pending_norm", None)
+        if amp["found_inf"] is None:
+            pending = None
         with torch.no_grad():
             planned = self._plan_groups(ours)
             amp["clip_coef"] = (
@@ -375,13 +396,11 @@ class FusedStep:
                 self._check(p, p.grad, group)
         with torch.no_grad():
             amp["clip_coef"] = None
-            torch_grads = [p.grad for g in theirs for p in g["params"] if p.grad is not None]
+            torch_grads = _grads_of(theirs)
             grads = [p.grad for _, params in groups for p in params] + torch_grads
             if self.max_grad_norm is not None and grads:
                 total = traced_norm(grads, 2.0, amp["grad_scale"], exact=True)
-                amp["clip_coef"] = clip_coefficient(total, self.max_grad_norm)
-                if torch_grads:
-                    torch._foreach_mul_(torch_grads, amp["clip_coef"])
+                amp["clip_coef"] = self._coefficient(total, torch_grads)
             for group, params in groups:
                 memo: dict = {}
                 operands = [self._operands(p, group, memo) for p in params]
@@ -414,15 +433,19 @@ class FusedStep:
     ) -> torch.Tensor | None:
         """The clip coefficient of ``max_grad_norm`` over every group's grads, on the device.
 
-        Grads of groups that run torch's step are clipped in place (torch's step reads them).
         ``total``: the norm :meth:`_find_inf` already took for this step (``fusedopt.GradScaler``).
         """
-        torch_grads = [p.grad for g in theirs for p in g["params"] if p.grad is not None]
+        torch_grads = _grads_of(theirs)
         if total is None:
             sources, leftovers = self._norm_sources(planned)
             if not sources and not leftovers and not torch_grads:
                 return None
             total = total_norm(sources, leftovers + torch_grads, 2.0, grad_scale, exact=True)
+        return self._coefficient(total, torch_grads)
+
+    def _coefficient(self, total: torch.Tensor, torch_grads: list[torch.Tensor]) -> torch.Tensor:
+        """``max_grad_norm``'s clip coefficient for the global norm ``total``. ``torch_grads`` (of
+        groups that run torch's step, which reads them) are clipped in place."""
         coef = clip_coefficient(total, self.max_grad_norm)
         if torch_grads:
             torch._foreach_mul_(torch_grads, coef)

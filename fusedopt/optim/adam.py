@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
-from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, to_device
+from fusedopt._multi_tensor import TL_DTYPE, to_device
 from fusedopt.kernels import adam as kernels
 from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, op_buckets, real_view
 from fusedopt.optim.reference import adam_reference
@@ -15,29 +15,17 @@ def adam_launch(group: dict, bucket: Bucket, grads: StepGrads, steps: torch.Tens
     """Step one bucket: ``steps`` holds each tensor's step count, already advanced."""
     beta1, beta2 = group["betas"]
     scalars = bucket.scalars([group["lr"], beta1, beta2, group["eps"], group["weight_decay"]])
-    grad_scale, found_inf, clip_coef = amp["grad_scale"], amp["found_inf"], amp["clip_coef"]
     if bucket.kind == "triton":
-        steps_here = to_device(steps, bucket.device)
         bucket.launch(
             grads,
-            lambda table, dynamic: table.launch(
-                kernels.adam_kernel,
-                dynamic,
-                scalars,
-                steps_here,
-                scalars if grad_scale is None else grad_scale,
-                scalars if found_inf is None else found_inf,
-                scalars if clip_coef is None else clip_coef,
-                DTYPE=TL_DTYPE[bucket.dtype],
-                COMPUTE=TL_DTYPE[compute_dtype(bucket.dtype)],
-                AMSGRAD=group["amsgrad"],
-                MAXIMIZE=group["maximize"],
-                DECOUPLED=group["decoupled_weight_decay"],
-                HAS_WD=group["weight_decay"] != 0,
-                HAS_GRAD_SCALE=grad_scale is not None,
-                HAS_FOUND_INF=found_inf is not None,
-                HAS_CLIP=clip_coef is not None,
-            ),
+            kernels.adam_kernel,
+            amp,
+            scalars,
+            to_device(steps, bucket.device),
+            AMSGRAD=group["amsgrad"],
+            MAXIMIZE=group["maximize"],
+            DECOUPLED=group["decoupled_weight_decay"],
+            HAS_WD=group["weight_decay"] != 0,
         )
     else:
         lr, beta1, beta2, eps, weight_decay = scalars.tolist()
@@ -56,9 +44,7 @@ def adam_launch(group: dict, bucket: Bucket, grads: StepGrads, steps: torch.Tens
             weight_decay=weight_decay,
             decoupled_weight_decay=group["decoupled_weight_decay"],
             maximize=group["maximize"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            clip_coef=clip_coef,
+            **amp,
         )
 
 

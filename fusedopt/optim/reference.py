@@ -13,9 +13,20 @@ import torch
 from fusedopt._multi_tensor import compute_dtype
 
 
-def _skip(found_inf: torch.Tensor | None) -> bool:
-    # Host read: the reference runs on the host's own device only.
+def skipped(found_inf: torch.Tensor | None) -> bool:
+    """Whether GradScaler found an inf: a host read, for steps that run on the host's side."""
     return found_inf is not None and bool(found_inf.item())
+
+
+def unscale_and_clip(
+    g: torch.Tensor, grad_scale: torch.Tensor | None, clip_coef: torch.Tensor | None
+) -> torch.Tensor:
+    """``g / grad_scale * clip_coef`` (each factor where given), as the step kernels read a grad."""
+    if grad_scale is not None:
+        g = g / grad_scale.to(g.device)
+    if clip_coef is not None:
+        g = g * clip_coef.to(g.device)
+    return g
 
 
 def _grad(
@@ -25,14 +36,8 @@ def _grad(
     grad_scale: torch.Tensor | None,
     clip_coef: torch.Tensor | None,
 ) -> torch.Tensor:
-    d = g.to(ct)
-    if grad_scale is not None:
-        d = d / grad_scale.to(ct)
-    if clip_coef is not None:
-        d = d * clip_coef.to(ct)
-    if maximize:
-        d = -d
-    return d
+    d = unscale_and_clip(g.to(ct), grad_scale, clip_coef)
+    return -d if maximize else d
 
 
 def sgd_reference(
@@ -52,7 +57,7 @@ def sgd_reference(
     clip_coef: torch.Tensor | None = None,
 ) -> None:
     """SGD step. ``fresh[i]`` marks a momentum buffer created this step (it takes the grad)."""
-    if _skip(found_inf):
+    if skipped(found_inf):
         return
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         ct = compute_dtype(p.dtype)
@@ -90,7 +95,7 @@ def adam_reference(
     clip_coef: torch.Tensor | None = None,
 ) -> None:
     """Adam/AdamW step; ``bias_corrections[i] = (1 - beta1**t, sqrt(1 - beta2**t))`` for tensor i."""
-    if _skip(found_inf):
+    if skipped(found_inf):
         return
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         ct = compute_dtype(p.dtype)

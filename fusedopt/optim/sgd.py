@@ -7,10 +7,10 @@ import importlib
 import torch
 from torch.optim.optimizer import _device_dtype_check_for_fused
 
-from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, to_device
+from fusedopt._multi_tensor import TL_DTYPE, to_device
 from fusedopt.kernels import sgd as kernels
 from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, op_buckets, real_view
-from fusedopt.optim.reference import sgd_reference
+from fusedopt.optim.reference import sgd_reference, skipped, unscale_and_clip
 
 # torch.optim does not export the module name on every version.
 _torch_sgd = importlib.import_module("torch.optim.sgd")
@@ -19,30 +19,19 @@ _torch_sgd = importlib.import_module("torch.optim.sgd")
 def sgd_launch(group: dict, bucket: Bucket, grads: StepGrads, fresh: torch.Tensor, amp: dict) -> None:
     """Step one bucket (our kernel, or the plain-torch reference); ``fresh`` (float32 [T] on the
     bucket's device) is non-zero for momentum buffers that hold no value yet."""
-    grad_scale, found_inf, clip_coef = amp["grad_scale"], amp["found_inf"], amp["clip_coef"]
     params, buffers = bucket.columns
     scalars = bucket.scalars([group["lr"], group["momentum"], group["dampening"], group["weight_decay"]])
     if bucket.kind == "triton":
         bucket.launch(
             grads,
-            lambda table, dynamic: table.launch(
-                kernels.sgd_kernel,
-                dynamic,
-                scalars,
-                fresh,
-                scalars if grad_scale is None else grad_scale,
-                scalars if found_inf is None else found_inf,
-                scalars if clip_coef is None else clip_coef,
-                DTYPE=TL_DTYPE[bucket.dtype],
-                COMPUTE=TL_DTYPE[compute_dtype(bucket.dtype)],
-                HAS_MOMENTUM=group["momentum"] != 0,
-                NESTEROV=group["nesterov"],
-                MAXIMIZE=group["maximize"],
-                HAS_WD=_nonzero(group["weight_decay"]),
-                HAS_GRAD_SCALE=grad_scale is not None,
-                HAS_FOUND_INF=found_inf is not None,
-                HAS_CLIP=clip_coef is not None,
-            ),
+            kernels.sgd_kernel,
+            amp,
+            scalars,
+            fresh,
+            HAS_MOMENTUM=group["momentum"] != 0,
+            NESTEROV=group["nesterov"],
+            MAXIMIZE=group["maximize"],
+            HAS_WD=_nonzero(group["weight_decay"]),
         )
     else:
         lr, momentum, dampening, weight_decay = scalars.tolist()
@@ -57,9 +46,7 @@ def sgd_launch(group: dict, bucket: Bucket, grads: StepGrads, fresh: torch.Tenso
             weight_decay=weight_decay,
             nesterov=group["nesterov"],
             maximize=group["maximize"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            clip_coef=clip_coef,
+            **amp,
         )
 
 
@@ -132,13 +119,9 @@ class FusedSGD(FusedStep, torch.optim.SGD):
 
         GradScaler's skip is read on the host here, as torch's own unfused path does.
         """
-        if amp["found_inf"] is not None and amp["found_inf"].item():
+        if skipped(amp["found_inf"]):
             return
-        mine = bucket.grads(grads)
-        for factor in (amp["grad_scale"], amp["clip_coef"]):
-            if factor is not None:
-                inverse = factor is amp["grad_scale"]
-                mine = [g / factor.to(g.device) if inverse else g * factor.to(g.device) for g in mine]
+        mine = [unscale_and_clip(g, amp["grad_scale"], amp["clip_coef"]) for g in bucket.grads(grads)]
         params = bucket.columns[0]
         has_momentum = group["momentum"] != 0
         buffers = [self.state[p].get("momentum_buffer") for p in params] if has_momentum else []
