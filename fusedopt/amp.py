@@ -3,7 +3,7 @@
 With torch's GradScaler, ``scaler.step(optimizer)`` first reads and rewrites every gradient to
 look for infs and NaNs (``_amp_foreach_non_finite_check_and_unscale_`` with a scale of 1), then
 the optimizer reads them again. For a fusedopt optimizer this scaler instead asks the optimizer
-(:meth:`fusedopt.optim._fused.FusedStep._find_inf`): one read-only pass that, with
+(:func:`fusedopt.optim._amp.find_inf`): one read-only pass that, with
 ``max_grad_norm``, is also the global-norm pass the step needs. The step kernel then unscales,
 clips, skips on inf and updates. The AMP + clipping phase reads the gradients twice and never
 writes them; torch's recipe (``unscale_``, ``clip_grad_norm_``, ``step``) reads them four times
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedopt.optim._amp import find_inf
 from fusedopt.optim._fused import FusedStep
 
 
@@ -31,7 +32,7 @@ class GradScaler(torch.amp.GradScaler):
         if not (isinstance(optimizer, FusedStep) and optimizer._step_supports_amp_scaling):
             return super()._check_inf_per_device(optimizer)
         scale, _ = self._check_scale_growth_tracker("_check_inf_per_device")
-        found_inf = optimizer._find_inf(scale)
+        found_inf = find_inf(optimizer, scale)
         if found_inf is None:
             return super()._check_inf_per_device(optimizer)
         per_device = {found_inf.device: found_inf}

@@ -17,6 +17,7 @@ import fusedopt
 from fusedopt.kernels import adam as adam_kernels
 from fusedopt.kernels import clip as clip_kernels
 from fusedopt.kernels import sgd as sgd_kernels
+from fusedopt.optim._amp import find_inf
 from fusedopt.tolerance import OPTIM_TOLERANCE, allowed_error
 
 # The interpreter evaluates log2(0) (the p-norm of a zero) and inf * 0 through numpy, which warns.
@@ -387,7 +388,7 @@ def test_a_norm_left_by_an_inf_check_without_its_step_is_not_reused(triton_devic
     _set = [grads_for(ours, 0), grads_for(ours, 1)]
     for p, g in zip(ours, _set[0], strict=True):
         p.grad = g * 100
-    opt._find_inf(torch.tensor(1.0, device=triton_device))  # as the scaler would; no step follows
+    find_inf(opt, torch.tensor(1.0, device=triton_device))  # as the scaler would; no step follows
     for params in (ours, theirs):
         for p, g in zip(params, _set[1], strict=True):
             p.grad = g.clone()

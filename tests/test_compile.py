@@ -42,7 +42,7 @@ print(json.dumps(out))
 
 TABLES = {"ptrs": "*i64", "grad_ptrs": "*i64", "meta": "*i64", "owner": "*i32", "scalars": "*fp64"}
 AMP = {"grad_scale": "*fp32", "found_inf": "*fp32", "clip_coef": "*fp32"}
-SIGNATURES = {"adam": dict(TABLES, steps="*fp32", **AMP), "sgd": dict(TABLES, fresh="*fp32", **AMP)}
+SIGNATURES = {"adam": dict(TABLES, steps="*fp32", **AMP), "sgd": dict(TABLES, taken="*fp32", **AMP)}
 PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float64": "*fp64"}
 
 

@@ -72,8 +72,7 @@ def test_compiled_step_matches_eager_without_recompiling(case, max_grad_norm, tr
                 assert torch.equal(v, ref.state[q][key]), (i, key)
     assert len(graphs) == compiled <= 2, f"recompiled: {len(graphs)} graphs"
     assert len(launches) == 2 * 12, "our kernel ran in every compiled (and eager) step"
-    op = "fusedopt.sgd_" if case.fused_cls is fusedopt.FusedSGD else "fusedopt.adam_"
-    assert op in {t.split(".default")[0] for t in graphs.targets()}
+    assert "fusedopt.step_" in {t.split(".default")[0] for t in graphs.targets()}
     assert ("fusedopt.grad_norm" in graphs.targets()) is (max_grad_norm is not None)
     assert lr.item() == pytest.approx(0.05 * 0.9**12)
 
@@ -159,11 +158,14 @@ def test_ops_pass_opcheck(triton_device):
     steps = [torch.tensor(2.0, device=device) for _ in params]
     lr = torch.tensor(0.01, device=device)
     scale, inf, coef = (torch.tensor(v, device=device) for v in (2.0, 0.0, 0.5))
-    adam = (params, grads, *state, steps, 0.0, lr, 0.9, 0.99, 1e-8, 0.1, True, False, True, scale, inf, coef)
-    sgd = (params, grads, state[0], [0, 1], 0.1, None, 0.9, 0.1, 0.0, False, True, None, None, None)
+    # Adam with amsgrad (state columns 0, 1, 2), a tensor lr in slot 0; SGD with momentum.
+    adam = ("adam", 0, params, grads, [0, 1, 2], [t for column in state for t in column], steps,
+            [0.0, 0.9, 0.99, 1e-8, 0.1], [0], [lr], [True, False, True, True], scale, inf, coef)  # fmt: skip
+    sgd = ("sgd", 0, params, grads, [0], state[0], [torch.tensor(v, device=device) for v in (0.0, 1.0)],
+           [0.1, 0.9, 0.1, 0.0], [], [], [True, False, True, False], None, None, None)  # fmt: skip
     cases = [
-        (torch.ops.fusedopt.adam_.default, adam),
-        (torch.ops.fusedopt.sgd_.default, sgd),
+        (torch.ops.fusedopt.step_.default, adam),
+        (torch.ops.fusedopt.step_.default, sgd),
         (torch.ops.fusedopt.grad_norm.default, (grads, 2.0, scale, True)),
         (torch.ops.fusedopt.scale_grads_.default, (grads, coef)),
     ]

@@ -24,13 +24,20 @@ from fusedopt.kernels.common import (
     div_ieee,
     load_grad,
     locate_block,
+    named,
     sqrt_ieee,
     step_taken,
     to_storage,
 )
 
-# Scalars vector layout, float64.
-LR, BETA1, BETA2, EPS, WEIGHT_DECAY = (tl.constexpr(i) for i in range(5))
+# The spec shared with the launcher (fusedopt.optim.adam): table columns (state keys), float64
+# scalar slots, and the constexpr switches.
+COLUMNS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+SCALARS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+FLAGS = ("AMSGRAD", "MAXIMIZE", "DECOUPLED", "HAS_WD")
+PARAM, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ = named(COLUMNS)
+K = tl.constexpr(len(COLUMNS))
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY = named(SCALARS)
 
 
 @triton.jit
@@ -54,9 +61,9 @@ def _adam_block(
     HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    p_ptr = address(ptrs, t, 0, 4, DTYPE, ALIGNED) + offs
-    m_ptr = address(ptrs, t, 1, 4, DTYPE, ALIGNED) + offs
-    v_ptr = address(ptrs, t, 2, 4, DTYPE, ALIGNED) + offs
+    p_ptr = address(ptrs, t, PARAM, K, DTYPE, ALIGNED) + offs
+    m_ptr = address(ptrs, t, EXP_AVG, K, DTYPE, ALIGNED) + offs
+    v_ptr = address(ptrs, t, EXP_AVG_SQ, K, DTYPE, ALIGNED) + offs
     g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
 
     lr = tl.load(scalars + LR)
@@ -89,7 +96,7 @@ def _adam_block(
     m = tl.where(w1 < 0.5, tl.fma(w1, g - m, m), tl.fma(w1 - 1.0, g - m, g))
     v = tl.fma(w2 * g, g, v * b2)
     if AMSGRAD:
-        vm_ptr = address(ptrs, t, 3, 4, DTYPE, ALIGNED) + offs
+        vm_ptr = address(ptrs, t, MAX_EXP_AVG_SQ, K, DTYPE, ALIGNED) + offs
         vm = tl.maximum(tl.load(vm_ptr, mask=mask).to(COMPUTE), v)
         tl.store(vm_ptr, to_storage(vm, DTYPE), mask=mask)
         denom = div_ieee(sqrt_ieee(vm, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
@@ -103,12 +110,12 @@ def _adam_block(
 
 @triton.jit
 def adam_kernel(
-    ptrs,  # int64 [T, 4]: param, exp_avg, exp_avg_sq, max_exp_avg_sq (= exp_avg_sq unless AMSGRAD)
+    ptrs,  # int64 [T, K]: COLUMNS (max_exp_avg_sq is the param, never read, unless AMSGRAD)
     grad_ptrs,  # int64 [T, 1]: grad
     meta,  # int64 [T, 2]: numel, first block
     owner,  # int32 [B]: tensor of each block
-    scalars,  # float64 [5]: lr, beta1, beta2, eps, weight_decay
-    steps,  # float32 or float64 [T]: each tensor's step count, already advanced
+    scalars,  # float64 [len(SCALARS)]: SCALARS
+    steps,  # float32 or float64 [T]: each tensor's step count, this step included
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)

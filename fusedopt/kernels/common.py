@@ -17,6 +17,13 @@ import triton
 import triton.language as tl
 
 
+def named(names: tuple[str, ...]) -> tuple[tl.constexpr, ...]:
+    """Constexpr indices ``0 .. len(names) - 1`` for a kernel's table columns or scalar slots:
+    ``PARAM, EXP_AVG = named(COLUMNS)``. The names are the algorithm's spec (the launcher builds
+    its tables from the same tuple), so an index never means something else on the other side."""
+    return tuple(tl.constexpr(i) for i in range(len(names)))
+
+
 @triton.jit
 def locate_block(
     meta,  # int64 [T, 2]: numel, first block of each tensor

@@ -4,7 +4,7 @@ For each element (fp32 math, fp64 for fp64 params):
 
     g = grad / grad_scale (AMP);  g = g * clip_coef (max_grad_norm);  g = -g if maximize
     g = g + wd * p
-    b = g                                  on the tensor's first momentum step
+    b = g                                  on the buffer's first step taken (its counter is 1)
     b = momentum * b + (1 - dampening) * g afterwards
     g = g + momentum * b (nesterov)  or  g = b
     p = p - lr * g
@@ -16,10 +16,15 @@ When ``found_inf`` is non-zero nothing is read or written.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import address, load_grad, locate_block, step_taken, to_storage
+from fusedopt.kernels.common import address, load_grad, locate_block, named, step_taken, to_storage
 
-# Scalars vector layout, float64.
-LR, MOMENTUM, DAMPENING, WEIGHT_DECAY = (tl.constexpr(i) for i in range(4))
+# The spec shared with the launcher (fusedopt.optim.sgd).
+COLUMNS = ("param", "momentum_buffer")
+SCALARS = ("lr", "momentum", "dampening", "weight_decay")
+FLAGS = ("HAS_MOMENTUM", "NESTEROV", "MAXIMIZE", "HAS_WD")
+PARAM, MOMENTUM_BUFFER = named(COLUMNS)
+K = tl.constexpr(len(COLUMNS))
+LR, MOMENTUM, DAMPENING, WEIGHT_DECAY = named(SCALARS)
 
 
 @triton.jit
@@ -27,7 +32,7 @@ def _sgd_block(
     ptrs,
     grad_ptrs,
     scalars,
-    fresh,
+    taken,
     grad_scale,
     clip_coef,
     t,
@@ -43,7 +48,7 @@ def _sgd_block(
     HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    p_ptr = address(ptrs, t, 0, 2, DTYPE, ALIGNED) + offs
+    p_ptr = address(ptrs, t, PARAM, K, DTYPE, ALIGNED) + offs
     g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
     lr = tl.load(scalars + LR).to(COMPUTE)
 
@@ -55,8 +60,8 @@ def _sgd_block(
     if HAS_MOMENTUM:
         momentum = tl.load(scalars + MOMENTUM).to(COMPUTE)
         keep = (1.0 - tl.load(scalars + DAMPENING)).to(COMPUTE)
-        b_ptr = address(ptrs, t, 1, 2, DTYPE, ALIGNED) + offs
-        if tl.load(fresh + t) != 0:  # the buffer is new: it takes the grad
+        b_ptr = address(ptrs, t, MOMENTUM_BUFFER, K, DTYPE, ALIGNED) + offs
+        if tl.load(taken + t) == 1:  # the buffer's first step: it takes the grad
             b = g
         else:
             b = tl.fma(g, keep, tl.load(b_ptr, mask=mask).to(COMPUTE) * momentum)
@@ -71,12 +76,12 @@ def _sgd_block(
 
 @triton.jit
 def sgd_kernel(
-    ptrs,  # int64 [T, 2]: param, momentum_buffer (= param unless HAS_MOMENTUM)
+    ptrs,  # int64 [T, K]: COLUMNS (momentum_buffer is the param, never read, unless HAS_MOMENTUM)
     grad_ptrs,  # int64 [T, 1]: grad
     meta,  # int64 [T, 2]: numel, first block
     owner,  # int32 [B]: tensor of each block
-    scalars,  # float64 [4]: lr, momentum, dampening, weight_decay
-    fresh,  # float32 [T]: non-zero where the momentum buffer has no value yet (read if HAS_MOMENTUM)
+    scalars,  # float64 [len(SCALARS)]: SCALARS
+    taken,  # float32 [T]: steps each momentum buffer has taken, this one included (read if HAS_MOMENTUM)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
@@ -95,8 +100,8 @@ def sgd_kernel(
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
     if step_taken(found_inf, HAS_FOUND_INF):
         if full:
-            _sgd_block(ptrs, grad_ptrs, scalars, fresh, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
+            _sgd_block(ptrs, grad_ptrs, scalars, taken, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
                        HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         else:
-            _sgd_block(ptrs, grad_ptrs, scalars, fresh, grad_scale, clip_coef, t, offs, mask, DTYPE, COMPUTE,
+            _sgd_block(ptrs, grad_ptrs, scalars, taken, grad_scale, clip_coef, t, offs, mask, DTYPE, COMPUTE,
                        HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip

@@ -2,50 +2,78 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
-from torch.optim.optimizer import _device_dtype_check_for_fused, _get_scalar_dtype
 
-from fusedopt._multi_tensor import TL_DTYPE, to_device
+from fusedopt._multi_tensor import TL_DTYPE
 from fusedopt.kernels import adam as kernels
-from fusedopt.optim._fused import Bucket, FusedStep, StepGrads, op_buckets, real_view
-from fusedopt.optim.reference import adam_reference
+from fusedopt.optim._fused import FusedStep
+from fusedopt.optim._plan import Amp, Bucket, StepGrads, real_view
+from fusedopt.optim._step import Algorithm
+from fusedopt.optim._torch_compat import capture_health_check, check_fused_device_dtype
+from fusedopt.optim.reference import adam_reference, dense_cpu_fused_ok, eager_grads
+
+_torch_adam = importlib.import_module("torch.optim.adam")
 
 
-def adam_launch(group: dict, bucket: Bucket, grads: StepGrads, steps: torch.Tensor, amp: dict) -> None:
-    """Step one bucket: ``steps`` holds each tensor's step count, already advanced."""
+def _zeros(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _state(group: dict) -> dict:
+    """torch.optim.Adam's lazy state after ``step``: its keys and initial values."""
+    out = {"exp_avg": _zeros, "exp_avg_sq": _zeros}
+    if group["amsgrad"]:
+        out["max_exp_avg_sq"] = _zeros
+    return out
+
+
+def _hyper(group: dict) -> dict:
     beta1, beta2 = group["betas"]
-    scalars = bucket.scalars([group["lr"], beta1, beta2, group["eps"], group["weight_decay"]])
-    if bucket.kind == "triton":
-        bucket.launch(
-            grads,
-            kernels.adam_kernel,
-            amp,
-            scalars,
-            to_device(steps, bucket.device),
-            AMSGRAD=group["amsgrad"],
-            MAXIMIZE=group["maximize"],
-            DECOUPLED=group["decoupled_weight_decay"],
-            HAS_WD=group["weight_decay"] != 0,
-        )
-    else:
-        lr, beta1, beta2, eps, weight_decay = scalars.tolist()
-        params, exp_avgs, exp_avg_sqs, vmax = bucket.columns
-        adam_reference(
-            params,
-            bucket.grads(grads),
-            exp_avgs,
-            exp_avg_sqs,
-            vmax if group["amsgrad"] else None,
-            [(1 - beta1**t, (1 - beta2**t) ** 0.5) for t in steps.tolist()],
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            maximize=group["maximize"],
-            **amp,
-        )
+    return dict(
+        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
+    )
+
+
+def _switches(group: dict) -> dict:
+    return dict(
+        AMSGRAD=group["amsgrad"],
+        MAXIMIZE=group["maximize"],
+        DECOUPLED=group["decoupled_weight_decay"],
+        HAS_WD=group["weight_decay"] != 0,
+    )
+
+
+def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state) -> None:
+    """Without Triton: torch's fused CPU Adam where it is right, its foreach Adam for other
+    fp32/fp64 layouts, the fp32-math reference for bf16/fp16 (torch computes those in bf16)."""
+    params, exp_avgs, exp_avg_sqs, vmax = bucket.columns
+    fused = dense_cpu_fused_ok(bucket, bucket.grads(grads))
+    mine = eager_grads(bucket.grads(grads), amp, fused)
+    if mine is None:
+        return
+    hyper = {k: float(v) for k, v in hyper.items()}  # CPU tensors: no sync to speak of
+    if bucket.dtype in (torch.float32, torch.float64):
+        _torch_adam.adam(
+            params, mine, exp_avgs, exp_avg_sqs, vmax if flags["AMSGRAD"] else [], bucket.counters,
+            foreach=not fused, fused=fused, grad_scale=amp.grad_scale if fused else None,
+            found_inf=amp.found_inf if fused else None, amsgrad=flags["AMSGRAD"], beta1=hyper["beta1"],
+            beta2=hyper["beta2"], lr=hyper["lr"], weight_decay=hyper["weight_decay"], eps=hyper["eps"],
+            maximize=flags["MAXIMIZE"], decoupled_weight_decay=flags["DECOUPLED"],
+        )  # fmt: skip
+        return
+    torch._foreach_add_(bucket.counters, 1)
+    beta1, beta2 = hyper["beta1"], hyper["beta2"]
+    adam_reference(
+        params, mine, exp_avgs, exp_avg_sqs, vmax if flags["AMSGRAD"] else None,
+        [(1 - beta1**t, (1 - beta2**t) ** 0.5) for t in torch.stack(bucket.counters).tolist()],
+        lr=hyper["lr"], beta1=beta1, beta2=beta2, eps=hyper["eps"], weight_decay=hyper["weight_decay"],
+        decoupled_weight_decay=flags["DECOUPLED"], maximize=flags["MAXIMIZE"],
+    )  # fmt: skip
+
+
+ADAM = Algorithm("adam", kernels, _state, _hyper, _switches, _eager)
 
 
 class FusedAdam(FusedStep, torch.optim.Adam):
@@ -85,11 +113,10 @@ class FusedAdam(FusedStep, torch.optim.Adam):
     on the param's device.
     """
 
+    algorithm = ADAM
+
     def _before_step(self) -> None:
-        # As torch.optim.Adam: refuse CUDA-graph capture unless capturable (older torch names it
-        # _cuda_graph_capture_health_check).
-        check = getattr(self, "_accelerator_graph_capture_health_check", None)
-        (check or self._cuda_graph_capture_health_check)()
+        capture_health_check(self)  # as torch.optim.Adam: capture only when capturable
 
     def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
         name = type(self).__name__
@@ -102,69 +129,7 @@ class FusedAdam(FusedStep, torch.optim.Adam):
                 f"{name} steps floating-point or complex params (fp32, fp64, fp16, bf16); got {p.dtype}"
             )
         if group["fused"] and not self.state.get(p):
-            _device_dtype_check_for_fused(p)
-
-    def _operands(self, p: torch.Tensor, group: dict, memo: dict):
-        state = self.state[p]
-        if len(state) == 0:  # lazy state initialization, exactly as torch.optim.Adam
-            on_device = group["capturable"] or group["fused"]
-            state["step"] = (
-                torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
-                if on_device
-                else torch.tensor(0.0, dtype=_get_scalar_dtype())
-            )
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        vmax = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
-        return [state["exp_avg"], state["exp_avg_sq"], vmax], state["step"]
-
-    def _step_counters(self, bucket: Bucket) -> torch.Tensor | None:
-        """One tensor whose elements are the bucket's ``state["step"]`` tensors, or None.
-
-        On a bucket's first run its step counters become 0-d views of one tensor (same values,
-        dtype and device; state_dict() and checkpoints are unchanged), so a single op advances
-        them all instead of one op per param. A plan is rebuilt after load_state_dict() and
-        add_param_group(); a step tensor replaced by hand in ``optimizer.state`` (not changed in
-        place) is seen only then. Params listed twice keep separate counters.
-        """
-        counters = getattr(bucket, "step_counters", None)
-        if counters is None and bucket.unique:
-            steps = bucket.extra
-            if len({(s.dtype, s.device) for s in steps}) == 1 and all(s.dim() == 0 for s in steps):
-                counters = torch.stack(steps)
-                for i, p in enumerate(bucket.params):
-                    self.state[p]["step"] = bucket.extra[i] = counters[i]
-            bucket.step_counters = counters
-        return counters
-
-    def _run(self, group: dict, bucket: Bucket, grads: StepGrads, amp: dict) -> None:
-        counters = self._step_counters(bucket)
-        if counters is None:
-            torch._foreach_add_(bucket.extra, 1)
-            steps = torch.stack(bucket.extra)
-        else:
-            steps = counters.add_(1)
-        adam_launch(group, bucket, grads, steps, amp)
-        if amp["found_inf"] is not None:  # a skipped step does not count
-            if counters is None:
-                torch._foreach_sub_(bucket.extra, [amp["found_inf"]] * len(bucket.extra))
-            else:
-                counters.sub_(amp["found_inf"].to(counters.device))
-
-    def _step_op(self, group: dict, params: list, grads: list, operands: list, amp: dict) -> None:
-        states = list(zip(*(ops for ops, _ in operands), strict=True))
-        exp_avgs, exp_avg_sqs, vmax = (list(c) for c in states)
-        lr = group["lr"]
-        beta1, beta2 = group["betas"]
-        torch.ops.fusedopt.adam_(
-            params, grads, exp_avgs, exp_avg_sqs, vmax if group["amsgrad"] else [],
-            [step for _, step in operands],
-            0.0 if isinstance(lr, torch.Tensor) else lr, lr if isinstance(lr, torch.Tensor) else None,
-            beta1, beta2, group["eps"], group["weight_decay"], group["amsgrad"], group["maximize"],
-            group["decoupled_weight_decay"], amp["grad_scale"], amp["found_inf"], amp["clip_coef"],
-        )  # fmt: skip
+            check_fused_device_dtype(p)
 
 
 class FusedAdamW(FusedAdam, torch.optim.AdamW):
@@ -175,47 +140,3 @@ class FusedAdamW(FusedAdam, torch.optim.AdamW):
     defaults (``weight_decay=1e-2``); constructor, state and ``state_dict`` as
     :class:`torch.optim.AdamW` (the method order puts AdamW's ``__init__`` first).
     """
-
-
-@torch.library.custom_op(
-    "fusedopt::adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps")
-)
-def adam_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    max_exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    lr: float,
-    lr_tensor: torch.Tensor | None,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-    clip_coef: torch.Tensor | None,
-) -> None:
-    """The Adam step as an op ``torch.compile`` sees (``FusedAdam.step`` while compiling):
-    advances ``steps`` (not when ``found_inf``) and steps every param, like the eager path."""
-    group = dict(
-        lr=lr if lr_tensor is None else lr_tensor, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-        amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
-    )  # fmt: skip
-    amp = dict(grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
-    torch._foreach_add_(steps, 1)
-    vmax = max_exp_avg_sqs if amsgrad else exp_avg_sqs
-    step_grads, buckets = op_buckets([params, exp_avgs, exp_avg_sqs, vmax], grads, steps)
-    for bucket in buckets:
-        adam_launch(group, bucket, step_grads, torch.stack(bucket.extra), amp)
-    if found_inf is not None:
-        torch._foreach_sub_(steps, [found_inf] * len(steps))
-
-
-@adam_.register_fake
-def _(*args) -> None:
-    return None

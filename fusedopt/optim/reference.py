@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedopt._multi_tensor import compute_dtype
+from fusedopt._multi_tensor import compute_dtype, shares_dense_layout
 
 
 def skipped(found_inf: torch.Tensor | None) -> bool:
@@ -27,6 +27,29 @@ def unscale_and_clip(
     if clip_coef is not None:
         g = g * clip_coef.to(g.device)
     return g
+
+
+def dense_cpu_fused_ok(bucket, grads: list[torch.Tensor]) -> bool:
+    """Whether torch's fused CPU step is right for these tensors: fp32/fp64 (torch 2.13's fused
+    CPU SGD leaves most bf16 params unchanged), dense, and grads laid out as their params (it
+    corrupts other layouts; see TRITON_NOTES)."""
+    return (
+        bucket.device.type == "cpu"
+        and bucket.dtype in (torch.float32, torch.float64)
+        and all(shares_dense_layout([*ops, g]) for *ops, g in zip(*bucket.columns, grads, strict=True))
+    )
+
+
+def eager_grads(grads: list[torch.Tensor], amp, fused: bool) -> list[torch.Tensor] | None:
+    """The grads a non-Triton step uses: None when GradScaler found an inf (a host read: these
+    steps run on the CPU or are torch's own sparse ones), else unscaled and clipped copies
+    (torch's fused step unscales by itself: only the clip is applied then)."""
+    if not fused and skipped(amp.found_inf):
+        return None
+    scale = None if fused else amp.grad_scale
+    if scale is None and amp.clip_coef is None:
+        return grads
+    return [unscale_and_clip(g, scale, amp.clip_coef) for g in grads]
 
 
 def _grad(

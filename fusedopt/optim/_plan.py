@@ -1,0 +1,263 @@
+"""Launch plans of the fused optimizers: buckets, pointer tables, staging, step counters.
+
+A group's plan splits its params (those with a grad) into buckets of one device, storage
+dtype and occurrence layer (a param listed twice is stepped twice, as torch does). A bucket
+owns what one launch needs: the device pointer tables of its params and state (built once,
+reused while the addresses stay the same), the grads' table (refreshed only when autograd hands
+out new grad buffers), its hyper-parameter vector on the device and its step counters.
+
+Plans are held by the optimizer that built them (eager steps) or by a cache the optimizer owns
+(compiled steps): dropping the optimizer frees them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fusedopt._multi_tensor import (
+    TL_DTYPE,
+    DeviceScalars,
+    TensorTable,
+    compute_dtype,
+    dense_copy,
+    runs_triton,
+    shares_dense_layout,
+)
+from fusedopt._norm import NormSource
+
+
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """Complex tensors are stepped as their real view (as torch.optim does)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class StepGrads(list):
+    """The grads of a group's params that have one, in order, and their addresses."""
+
+    ptrs: tuple = ()
+
+
+def scan(params: list[torch.Tensor]) -> tuple[tuple | None, StepGrads]:
+    """The hot-path loop: grads of a group and the key its cached plan must match."""
+    key: list = []
+    grads = StepGrads()
+    ptrs = []
+    try:
+        for p in params:
+            g = p.grad
+            if g is None:
+                key.append(None)
+                continue
+            key.append((p.data_ptr(), g.stride()))
+            grads.append(g)
+            ptrs.append(g.data_ptr())
+    except RuntimeError:  # sparse grads have no strides: the full checks will explain
+        return None, StepGrads(p.grad for p in params if p.grad is not None)
+    grads.ptrs = tuple(ptrs)
+    return tuple(key), grads
+
+
+class Amp:
+    """What a step takes from GradScaler and ``max_grad_norm``: the scale the grads carry, the
+    inf verdict (skip the step when non-zero) and the clip coefficient; each may be None."""
+
+    __slots__ = ("clip_coef", "found_inf", "grad_scale")
+
+    def __init__(self, grad_scale=None, found_inf=None, clip_coef=None):
+        self.grad_scale: torch.Tensor | None = grad_scale
+        self.found_inf: torch.Tensor | None = found_inf
+        self.clip_coef: torch.Tensor | None = clip_coef
+
+
+class Bucket:
+    """Tensors of one device, storage dtype and occurrence layer, stepped by one launch.
+
+    ``columns`` are the algorithm's table columns (real views; column 0 the params, an absent
+    state column repeats the params), ``positions`` index the step's list of grads and
+    ``counters`` are the tensors' step counts (0-d tensors; empty when the algorithm keeps none).
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, sparse: bool):
+        self.device = device
+        self.dtype = dtype
+        # "triton": our kernel; "eager": the algorithm's non-Triton step (torch's own fastest
+        # correct path on CPU without the interpreter, sparse grads, integer params).
+        self.walkable = not sparse and dtype in TL_DTYPE  # dense float grads: norms and inf checks
+        self.kind = "triton" if self.walkable and runs_triton(device) else "eager"
+        self.layer = 0  # occurrence layer: 1 for the second listing of a param, ...
+        self.positions: list[int] = []
+        self.columns: list[list[torch.Tensor]] = []
+        self.params: list[torch.Tensor] = []
+        self.counters: list[torch.Tensor] = []
+        self.resident: torch.Tensor | None = None  # one tensor whose elements are the counters
+        self.unique = True  # no param of this bucket is listed twice in its group
+        self.complex = False
+        self.irregular: list[int] = []  # tensors whose operands do not share one dense layout
+        self.table: TensorTable | None = None
+        self.scalars = DeviceScalars(device)  # the group's hyper-parameters on this device
+
+    def add(self, position: int, operands: list[torch.Tensor], counter: torch.Tensor | None) -> None:
+        if not self.columns:
+            self.columns = [[] for _ in operands]
+        self.positions.append(position)
+        self.params.append(operands[0])
+        for column, t in zip(self.columns, operands, strict=True):
+            column.append(real_view(t))
+        if counter is not None:
+            self.counters.append(counter)
+        self.complex |= operands[0].is_complex()
+
+    def grads(self, grads: StepGrads) -> list[torch.Tensor]:
+        if self.complex:
+            return [real_view(grads[i]) for i in self.positions]
+        return [grads[i] for i in self.positions]
+
+    def finish(self, grads: StepGrads) -> None:
+        """Find tensors that need staging and build the device tables of the others."""
+        if self.kind != "triton":
+            return
+        mine = self.grads(grads)
+        self.irregular = [
+            i
+            for i, g in enumerate(mine)
+            if not shares_dense_layout([self.columns[0][i], g, *(c[i] for c in self.columns[1:])])
+        ]
+        if not self.irregular:
+            self.table = TensorTable(self.columns, self.device)
+
+    def make_resident(self) -> list[torch.Tensor] | None:
+        """Make the counters 0-d views of one tensor on the bucket's device (same values and
+        dtype): a step then advances them all with one op. Returns the views, which must replace
+        the counters where they are kept; None where the bucket cannot (a param listed twice
+        shares one counter between buckets)."""
+        if not self.counters or not self.unique or self.kind != "triton":
+            return None
+        dtype = self.counters[0].dtype
+        self.resident = torch.stack([c.to(self.device, dtype) for c in self.counters])
+        self.counters = list(self.resident.unbind())
+        return self.counters
+
+    def counter_vector(self) -> torch.Tensor | None:
+        """The counters as one tensor on the device: the resident one, or a gathered copy that
+        :meth:`write_back` returns to the counters."""
+        if self.resident is not None:
+            return self.resident
+        if not self.counters:
+            return None
+        return torch.stack([c.to(self.device) for c in self.counters])
+
+    def write_back(self, vector: torch.Tensor | None) -> None:
+        if vector is not None and vector is not self.resident:
+            torch._foreach_copy_(self.counters, list(vector.unbind()))
+
+    def dynamic(self, grads: StepGrads) -> torch.Tensor:
+        # The grads' table changes only when the group's grad addresses do.
+        return self.table.dynamic(grads.ptrs, lambda: _dynamic_rows(self.grads(grads)))
+
+    def norm_source(self, grads: StepGrads) -> NormSource | None:
+        """This bucket's grads as a source for the fused global norm (None: take it with torch)."""
+        if self.table is None:
+            return None
+        return NormSource(self.table, self.dynamic(grads), 1, self.table.dynamic_aligned, self.dtype)
+
+    def launch(self, grads: StepGrads, kernel, amp: Amp, *args, **constexprs) -> None:
+        """One launch of an optimizer kernel over this bucket's tensors:
+
+        ``kernel(ptrs, grad_ptrs, meta, owner, *args, grad_scale, found_inf, clip_coef,
+        DTYPE, COMPUTE, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_CLIP, **constexprs)``; an absent
+        operand is replaced by ``args[0]`` and never read. Tensors with mismatched layouts go
+        through dense copies.
+        """
+        optional = [amp.grad_scale, amp.found_inf, amp.clip_coef]
+        operands = [*args, *(args[0] if t is None else t.to(self.device) for t in optional)]
+        constexprs.update(
+            DTYPE=TL_DTYPE[self.dtype],
+            COMPUTE=TL_DTYPE[compute_dtype(self.dtype)],
+            HAS_GRAD_SCALE=optional[0] is not None,
+            HAS_FOUND_INF=optional[1] is not None,
+            HAS_CLIP=optional[2] is not None,
+        )
+        if self.table is not None:
+            self.table.launch(kernel, self.dynamic(grads), *operands, **constexprs)
+            return
+        mine = self.grads(grads)
+        # Stage each distinct tensor once (a column may repeat another: an absent state column).
+        columns = [list(c) for c in self.columns]
+        copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i in self.irregular:
+            like = columns[0][i]
+            mine[i] = _staged(mine[i], like)
+            for c in columns:
+                original = c[i]
+                if id(original) not in copies:
+                    copies[id(original)] = (original, _staged(original, like))
+                c[i] = copies[id(original)][1]
+        table = TensorTable(columns, self.device)
+        table.launch(kernel, table.dynamic(None, lambda: _dynamic_rows(mine)), *operands, **constexprs)
+        for original, staged in copies.values():
+            if staged is not original:
+                original.copy_(staged)
+
+
+def _staged(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if shares_dense_layout([like, t]) and t.stride() == like.stride() else dense_copy(t, like)
+
+
+def _dynamic_rows(grads: list[torch.Tensor]) -> list[tuple[int, ...]]:
+    return [(g.data_ptr(),) for g in grads]
+
+
+class Plan:
+    """The buckets of one group for one scan key (None: not cacheable)."""
+
+    def __init__(self, key: tuple | None, buckets: list[Bucket]):
+        self.key = key
+        self.buckets = buckets
+        self.cacheable = key is not None and all(not b.irregular for b in buckets)
+
+
+def build(
+    entries: list[tuple[int, int, list[torch.Tensor], Any]], grads: StepGrads, key: tuple | None
+) -> Plan:
+    """A plan from ``(position, layer, operands, counter)`` entries: ``operands`` are the param
+    and its state columns, ``position`` indexes ``grads``."""
+    buckets: dict[tuple, Bucket] = {}
+    for position, layer, operands, counter in entries:
+        p = operands[0]
+        where = (layer, p.device, real_view(p).dtype, grads[position].is_sparse)
+        bucket = buckets.get(where)
+        if bucket is None:
+            bucket = buckets[where] = Bucket(*where[1:])
+            bucket.layer = layer
+        bucket.add(position, operands, counter)
+    ordered = [buckets[k] for k in sorted(buckets, key=lambda k: k[0])]
+    repeated = {id(operands[0]) for _, layer, operands, _ in entries if layer > 0}
+    for bucket in ordered:
+        bucket.unique = not any(id(p) in repeated for p in bucket.params)
+        bucket.finish(grads)
+    return Plan(key, ordered)
+
+
+class OpPlans:
+    """Plans of the compiled step's op, owned by one optimizer and keyed by every operand's
+    address and the grads' strides (a compiled training loop passes the same tensors every
+    step). Reached from the op through a weak registry: it dies with its optimizer."""
+
+    KEPT = 4
+
+    def __init__(self):
+        self.plans: dict[tuple, Plan] = {}
+
+    def get(self, columns: list[list[torch.Tensor]], grads: StepGrads) -> Plan:
+        key = (tuple(t.data_ptr() for c in columns for t in c), tuple(g.stride() for g in grads))
+        plan = self.plans.get(key)
+        if plan is None:
+            entries = [(i, 0, list(operands), None) for i, operands in enumerate(zip(*columns, strict=True))]
+            plan = build(entries, grads, key)
+            if plan.cacheable:
+                if len(self.plans) >= self.KEPT:
+                    self.plans.pop(next(iter(self.plans)))
+                self.plans[key] = plan
+        return plan

@@ -1,0 +1,194 @@
+"""The one implementation of a fused step: an algorithm's spec and the function that steps a
+bucket with it, reached the same way from the eager step, the compiled step (through the
+``fusedopt::step_`` custom op) and a captured step.
+
+An algorithm is declared once, in an :class:`Algorithm`: its kernel module names the table
+columns (``COLUMNS``: "param" then the state keys), the float64 scalar slots (``SCALARS``) and
+the constexpr switches (``FLAGS``) the kernel reads by named index; the spec says how a param
+group fills them and how torch initializes the state.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from fusedopt.optim._plan import Amp, Bucket, OpPlans, StepGrads
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One optimizer algorithm, as the launcher and the kernel both read it.
+
+    Args:
+        name: the key of the compiled step's op (``torch.ops.fusedopt.step_``).
+        kernels: the kernel module: ``<name>_kernel``, ``COLUMNS``, ``SCALARS``, ``FLAGS``.
+        state: ``(group, param) -> {state key: initial tensor}``: the state torch creates
+            lazily for a param (the step counter excluded), in torch's key order.
+        hyper: ``group -> {slot: value}`` for every name in ``SCALARS`` (numbers or 0-d tensors).
+        switches: ``group -> {flag: bool}`` for every name in ``FLAGS``.
+        eager: ``(hyper, switches, bucket, grads, amp, state)``: the step without Triton
+            (torch's fastest correct path on CPU, sparse grads, integer params); it advances the
+            bucket's counters itself. ``state`` is the optimizer's (None inside the op).
+        counter: the state key of the per-param step count (torch's ``"step"``), or None: the
+            optimizer keeps a private count of steps taken (SGD's "this buffer is new").
+    """
+
+    name: str
+    kernels: ModuleType
+    state: Callable[[dict, torch.Tensor], dict[str, torch.Tensor]]
+    hyper: Callable[[dict], dict[str, Any]]
+    switches: Callable[[dict], dict[str, bool]]
+    eager: Callable[..., None]
+    counter: str | None = "step"
+
+    def step_dtype(self, group: dict) -> torch.dtype:
+        """The dtype of a new step counter, as torch's ``_get_scalar_dtype(is_fused=...)``."""
+        if group.get("fused") or torch.get_default_dtype() != torch.float64:
+            return torch.float32
+        return torch.float64
+
+    def __post_init__(self):
+        if self.kernels.COLUMNS[0] != "param":
+            raise ValueError(f"{self.name}: column 0 of the kernel's table must be the param")
+        ALGORITHMS[self.name] = self
+
+    @property
+    def kernel(self):
+        """The step kernel: ``<name>_kernel`` of the kernel module."""
+        return getattr(self.kernels, f"{self.name}_kernel")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The state columns of the table, after the param."""
+        return self.kernels.COLUMNS[1:]
+
+    def scalar_values(self, group: dict) -> list:
+        values = self.hyper(group)
+        if values.keys() != set(self.kernels.SCALARS):
+            raise ValueError(f"{self.name}: scalars {sorted(values)} != {sorted(self.kernels.SCALARS)}")
+        return [values[name] for name in self.kernels.SCALARS]
+
+    def flag_values(self, group: dict) -> dict[str, bool]:
+        values = self.switches(group)
+        if values.keys() != set(self.kernels.FLAGS):
+            raise ValueError(f"{self.name}: flags {sorted(values)} != {sorted(self.kernels.FLAGS)}")
+        return values
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def run_bucket(
+    algorithm: Algorithm,
+    bucket: Bucket,
+    grads: StepGrads,
+    scalars: list,
+    flags: dict,
+    amp: Amp,
+    state: dict | None = None,
+) -> None:
+    """Step one bucket: advance its counters by one step taken (by ``1 - found_inf``, on the
+    device: a step GradScaler skips does not count), then launch the kernel, which reads the
+    counters and does nothing when ``found_inf`` is set."""
+    if bucket.kind != "triton":
+        algorithm.eager(
+            dict(zip(algorithm.kernels.SCALARS, scalars, strict=True)), flags, bucket, grads, amp, state
+        )
+        return
+    counters = bucket.counter_vector()
+    if counters is not None:
+        if amp.found_inf is not None:
+            counters.sub_(amp.found_inf.to(counters.device))
+        counters.add_(1)
+    vector = bucket.scalars(scalars)
+    bucket.launch(grads, algorithm.kernel, amp, vector, vector if counters is None else counters, **flags)
+    bucket.write_back(counters)
+
+
+# The compiled step ------------------------------------------------------------------------------
+
+# The op's plan caches, one per optimizer, by the handle the traced step passes: weak values,
+# so a cache lives exactly as long as the optimizer that holds it.
+_OP_PLANS: weakref.WeakValueDictionary[int, OpPlans] = weakref.WeakValueDictionary()
+
+
+def new_op_plans() -> tuple[OpPlans, int]:
+    """A plan cache for an optimizer to hold, and the handle its traced steps pass to the op."""
+    plans = OpPlans()
+    _OP_PLANS[id(plans)] = plans
+    return plans, id(plans)
+
+
+@torch.library.custom_op("fusedopt::step_", mutates_args=("params", "state", "counters"))
+def step_(
+    algorithm: str,
+    handle: int,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    columns: list[int],
+    state: list[torch.Tensor],
+    counters: list[torch.Tensor],
+    scalars: list[float],
+    tensor_slots: list[int],
+    tensor_scalars: list[torch.Tensor],
+    flags: list[bool],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    clip_coef: torch.Tensor | None,
+) -> None:
+    """One group's step as an op ``torch.compile`` sees: ``state`` holds the state columns
+    ``columns`` (indices into ``Algorithm.columns``, each a list as long as ``params``,
+    concatenated; an absent column is the params, never read), ``counters`` each param's step
+    count (empty if the algorithm keeps none here); ``scalars`` the algorithm's slots, where the
+    slots ``tensor_slots`` take ``tensor_scalars`` (a tensor lr: no recompile when it changes)."""
+    spec = ALGORITHMS[algorithm]
+    n = len(params)
+    given = {k: state[i * n : (i + 1) * n] for i, k in enumerate(columns)}
+    table = [params, *(given.get(k, params) for k in range(len(spec.columns)))]
+    step_grads = StepGrads(grads)
+    step_grads.ptrs = tuple(g.data_ptr() for g in grads)
+    cache = _OP_PLANS.get(handle)
+    plan = (cache or OpPlans()).get(table, step_grads)
+    values: list = list(scalars)
+    for slot, t in zip(tensor_slots, tensor_scalars, strict=True):
+        values[slot] = t
+    switches = dict(zip(spec.kernels.FLAGS, flags, strict=True))
+    amp = Amp(grad_scale, found_inf, clip_coef)
+    for bucket in plan.buckets:
+        bucket.counters = [counters[i] for i in bucket.positions] if counters else []
+        run_bucket(spec, bucket, step_grads, values, switches, amp)
+
+
+@step_.register_fake
+def _(*args) -> None:
+    return None
+
+
+def traced_step(
+    spec: Algorithm,
+    handle: int,
+    group: dict,
+    params: list[torch.Tensor],
+    operands: list[tuple[list[torch.Tensor], torch.Tensor | None]],
+    amp: Amp,
+) -> None:
+    """Call the op for one group: ``operands[i]`` are ``params[i]``'s state columns (in
+    ``spec.columns`` order, None where absent) and step counter."""
+    present = [k for k, name in enumerate(spec.columns) if operands and operands[0][0][k] is not None]
+    state = [ops[k] for k in present for ops, _ in operands]
+    counters = [c for _, c in operands if c is not None]
+    scalars = spec.scalar_values(group)
+    flags = spec.flag_values(group)
+    slots = [i for i, v in enumerate(scalars) if isinstance(v, torch.Tensor)]
+    torch.ops.fusedopt.step_(
+        spec.name, handle, params, [p.grad for p in params], present,
+        state, counters, [0.0 if i in slots else float(v) for i, v in enumerate(scalars)], slots,
+        [scalars[i] for i in slots], [flags[name] for name in spec.kernels.FLAGS],
+        amp.grad_scale, amp.found_inf, amp.clip_coef,
+    )  # fmt: skip
