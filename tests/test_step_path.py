@@ -1,0 +1,185 @@
+"""The one step path: eager and compiled steps agree bit for bit, a step makes no host read and
+no copy between devices, plans die with their optimizer, and CPU tensors without the Triton
+interpreter take torch's fastest correct path."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from optim_cases import ADAM_CASES, SGD_CASES, run_parity
+from test_optim_api import case_id, grads_for, make
+from test_torch_compile_optim import Graphs
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedopt
+from fusedopt.optim import _plan
+
+SPECS = [(3, 4), (5,), (), (4097,), (0,)]
+# GradScaler's verdicts: the first step is skipped (a momentum buffer must stay new), then one more.
+FOUND_INF = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+CASES = [*SGD_CASES, *ADAM_CASES]  # SGD_CASES include dampening != 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_compiled_step_is_bit_identical_to_eager(case, triton_device):
+    """Same params, grads, GradScaler operands (a skipped first step included) and tensor lr:
+    ``torch.compile(opt.step)`` (functionalized, aot_eager) and the eager step give identical
+    params and state, step after step."""
+    torch._dynamo.reset()
+    device = triton_device
+    ours, twins = make(device, SPECS), make(device, SPECS)
+    kwargs = dict(case.kwargs, lr=torch.tensor(case.kwargs.get("lr", 0.01), device=device))
+    opt, ref = case.fused_cls(ours, **kwargs), case.fused_cls(twins, **kwargs)
+    step = torch.compile(opt.step, fullgraph=True, backend=Graphs())
+    for i, bad in enumerate(FOUND_INF):
+        grads = grads_for(ours, i)
+        for params, o in ((ours, opt), (twins, ref)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            o.grad_scale = torch.tensor(2.0, device=device)
+            o.found_inf = torch.tensor(bad, device=device)
+        step()
+        ref.step()
+        for k, (p, q) in enumerate(zip(ours, twins, strict=True)):
+            assert torch.equal(p, q), f"param {k} after step {i}"
+            assert opt.state.get(p, {}).keys() == ref.state.get(q, {}).keys()
+            for key, v in ref.state.get(q, {}).items():
+                assert torch.equal(opt.state[p][key], v), f"state[{key}] of param {k} after step {i}"
+    if "step" in opt.state.get(ours[0], {}):
+        assert float(opt.state[ours[0]]["step"]) == FOUND_INF.count(0.0)
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on any host read of a tensor (``item``, ``is_nonzero``, ``tolist`` all dispatch
+    ``_local_scalar_dense``) and on any copy between devices."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense":
+            raise AssertionError(f"host read: {func}")
+        devices = {
+            t.device
+            for t in (*args, *kwargs.values())
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
+        if "device" in kwargs and kwargs["device"] is not None:
+            devices.add(torch.device(kwargs["device"]))
+        if name in ("_to_copy", "copy_", "copy") and len(devices) > 1:
+            raise AssertionError(f"copy between devices: {func} {devices}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("scaler_cls", [torch.amp.GradScaler, fusedopt.GradScaler], ids=["torch", "fusedopt"])
+@pytest.mark.parametrize("cls", [fusedopt.FusedAdamW, fusedopt.FusedSGD, fusedopt.FusedAdam])
+def test_steady_state_step_makes_no_host_read(cls, scaler_cls, triton_device):
+    """Default options, a GradScaler, max_grad_norm and a tensor lr: after the first steps
+    (state and plans created), ``scaler.step``/``scaler.update`` make no host read and no copy
+    between devices (the probe sees every aten op; it is shown to fire by the last lines)."""
+    device = triton_device
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
+    kwargs = dict(momentum=0.9, dampening=0.5) if cls is fusedopt.FusedSGD else {}
+    opt = cls(model.parameters(), lr=torch.tensor(0.01, device=device), max_grad_norm=1.0, **kwargs)
+    scaler = scaler_cls(device, init_scale=2.0**4)
+    for i in range(4):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(5, 4, device=device)).square().mean()).backward()
+        if i == 3:
+            model[0].weight.grad[0, 0] = float("inf")  # a skipped step too
+        if i >= 2:
+            with NoHostSync():
+                scaler.step(opt)
+                scaler.update()
+        else:
+            scaler.step(opt)
+            scaler.update()
+    with pytest.raises(AssertionError, match="host read"), NoHostSync():
+        torch.zeros((), device=device).item()
+
+
+def test_probe_catches_a_copy_between_devices():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (only one device here)")
+    with pytest.raises(AssertionError, match="between devices"), NoHostSync():
+        torch.zeros(3).to("cuda")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("cls", [fusedopt.FusedAdamW, fusedopt.FusedSGD])
+def test_dropping_model_and_optimizer_frees_the_params(cls, compiled, triton_device):
+    torch._dynamo.reset()
+    device = triton_device
+    model = nn.Linear(6, 3).to(device)
+    opt = cls(
+        model.parameters(),
+        lr=0.1,
+        max_grad_norm=1.0,
+        **({"momentum": 0.9} if cls is fusedopt.FusedSGD else {}),
+    )
+    # inductor re-inplaces the op, so it gets the optimizer's own tensors (under aot_eager it
+    # gets functionalized copies); a recording backend would keep its graphs, and the tensors.
+    step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(2, 6, device=device)).sum().backward()
+        step()
+        fusedopt.clip_grad_norm_(model.parameters(), 1.0)
+    refs = [weakref.ref(model.weight)] + [weakref.ref(t) for t in opt.state[model.weight].values()]
+    assert len(refs) > 1, "the optimizer keeps state"
+    del model, opt, step
+    gc.collect()
+    assert all(r() is None for r in refs), "a cache outlived its optimizer"
+
+
+# CPU without the Triton interpreter: torch's fused CPU step where it is right, foreach otherwise.
+
+
+@pytest.fixture
+def plain_cpu(monkeypatch):
+    """CPU tensors take the non-Triton path in this test, as without TRITON_INTERPRET=1."""
+    monkeypatch.setattr(_plan, "runs_triton", lambda device: False)
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cpu_path_matches_torch(case, dtype, plain_cpu, launches):
+    run_parity(case, "cpu", dtype)
+    assert not launches, "no Triton kernel on this path"
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "fused_op"),
+    [
+        (fusedopt.FusedAdamW, {}, "_fused_adamw_"),
+        (fusedopt.FusedAdam, dict(amsgrad=True), "_fused_adam_"),
+        (fusedopt.FusedSGD, dict(momentum=0.9), "_fused_sgd_"),
+    ],
+)
+def test_cpu_path_is_torchs_fused_step_where_it_is_right(cls, kwargs, fused_op, plain_cpu):
+    dense = make("cpu", [(3, 4), (5,)])
+    strided = [torch.randn(6, 10)[:, ::3].requires_grad_()]
+    for params, expected in ((dense, fused_op), (strided, "_foreach_")):
+        opt = cls(params, lr=0.01, **kwargs)
+        for i in range(3):
+            for p, g in zip(params, grads_for(params, i), strict=True):
+                p.grad = g
+            with Ops() as ops:
+                opt.step()
+        assert any(n.startswith(expected) for n in ops.names), (expected, sorted(ops.names))
+        if expected == "_foreach_":
+            assert not any(n.startswith("_fused_") for n in ops.names)
