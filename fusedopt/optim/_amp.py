@@ -19,7 +19,7 @@ import torch
 
 from fusedopt._norm import NormSource, total_norm, traced_norm
 from fusedopt._norm import clip_coefficient as coefficient_of
-from fusedopt.optim._plan import Plan, StepGrads
+from fusedopt.optim._plan import Plan, StepGrads, plan_groups
 
 _PENDING = "_fusedopt_pending_norm"
 
@@ -47,7 +47,7 @@ def find_inf(optimizer, grad_scale: torch.Tensor) -> torch.Tensor | None:
     params, which torch's functional steps)."""
     optimizer.__dict__.pop(_PENDING, None)
     with torch.no_grad():
-        planned = optimizer._plan_groups(list(enumerate(optimizer.param_groups)))
+        planned = plan_groups(optimizer, list(enumerate(optimizer.param_groups)))
         if not all(b.walkable for _, plan, _ in planned for b in plan.buckets):
             return None
         sources, leftovers = _norm_sources(planned)

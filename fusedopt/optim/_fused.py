@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections import defaultdict
 
 import torch
 
-from fusedopt._multi_tensor import TL_DTYPE
 from fusedopt.optim import _amp
-from fusedopt.optim._plan import Amp, Plan, build, real_view, scan
+from fusedopt.optim._plan import Amp, Plan, operands_of, plan_groups, walkable
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
 
 
@@ -36,10 +34,6 @@ def _torch_base(cls: type) -> type:
     return next(
         c for c in cls.__mro__ if issubclass(c, torch.optim.Optimizer) and not issubclass(c, FusedStep)
     )
-
-
-def _walkable(p: torch.Tensor) -> bool:
-    return not p.grad.is_sparse and real_view(p).dtype in TL_DTYPE
 
 
 class FusedStep:
@@ -143,7 +137,7 @@ class FusedStep:
             return loss
         spec = self.algorithm
         with torch.no_grad():
-            planned = self._plan_groups(ours)
+            planned = plan_groups(self, ours)
             amp.clip_coef = _amp.clip_coefficient(self, planned, theirs, amp)
             for group, plan, grads in planned:
                 scalars, flags = spec.scalar_values(group), spec.flag_values(group)
@@ -161,7 +155,7 @@ class FusedStep:
         groups = []
         for group in ours:
             params = [p for p in group["params"] if p.grad is not None]
-            if not all(_walkable(p) and not p.is_complex() for p in params) or len(
+            if not all(walkable(p) and not p.is_complex() for p in params) or len(
                 set(map(id, params))
             ) != len(params):
                 self._eager_step()
@@ -175,7 +169,7 @@ class FusedStep:
             amp.clip_coef = _amp.traced_clip_coefficient(self, grads, theirs, amp)
             for group, params in groups:
                 memo: dict = {}
-                operands = [self._operands(p, group, memo, 0) for p in params]
+                operands = [operands_of(self, p, group, memo, 0) for p in params]
                 if params:
                     traced_step(self.algorithm, self._op_handle, group, params, operands, amp)
         if theirs:
@@ -184,79 +178,6 @@ class FusedStep:
     @torch.compiler.disable
     def _eager_step(self) -> None:
         FusedStep.step(self)  # the mixin's own step: torch's step hooks already ran
-
-    # Plans ------------------------------------------------------------------------------------
-
-    def _plan_groups(self, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, list]]:
-        scans = []
-        for i, group in groups:
-            key, grads = scan(group["params"])
-            plan = self._plans.get(i)
-            scans.append((i, group, key, grads, plan if plan is not None and plan.key == key else None))
-        # Check every group that needs a new plan before any state is created or changed.
-        for _, group, _, _, plan in scans:
-            if plan is None:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._check(p, p.grad, group)
-        out = []
-        for i, group, key, grads, plan in scans:
-            if plan is None:
-                plan = self._build(group, key, grads)
-                if plan.cacheable:
-                    self._plans[i] = plan
-                else:
-                    self._plans.pop(i, None)
-            out.append((group, plan, grads))
-        return out
-
-    def _operands(self, p: torch.Tensor, group: dict, memo: dict, layer: int):
-        """Create missing state as torch would; return the param's state columns (in the
-        algorithm's column order, None where absent) and its step counter (or None).
-
-        ``memo`` lives for one plan build: whether a param's state was created by it (a state
-        created now is new for every occurrence of a param listed twice, as in torch)."""
-        spec = self.algorithm
-        state = self.state.get(p, {})  # no entry for a param torch keeps no state for
-        if id(p) not in memo:
-            memo[id(p)] = fresh = _walkable(p) and len(state) == 0 and bool(spec.state(group))
-            if fresh:  # lazy state initialization, as torch's _init_group
-                state = self.state[p]
-                if spec.counter is not None:
-                    state[spec.counter] = torch.zeros((), dtype=spec.step_dtype(group), device=p.device)
-                state.update((k, init(p)) for k, init in spec.state(group).items())
-        columns = [state.get(name) for name in spec.columns]
-        if spec.counter is not None:
-            return columns, state.get(spec.counter)
-        if not _walkable(p) or not spec.state(group):
-            return columns, None
-        key = (id(p), layer)
-        if memo[id(p)] or key not in self._taken:  # SGD: a buffer created now has taken no step
-            self._taken[key] = torch.full(
-                (), 0.0 if memo[id(p)] else 1.0, dtype=torch.float32, device=p.device
-            )
-        return columns, self._taken[key]
-
-    def _build(self, group: dict, key: tuple | None, grads: list) -> Plan:
-        seen: dict[int, int] = defaultdict(int)
-        memo: dict = {}
-        entries = []
-        params = [p for p in group["params"] if p.grad is not None]
-        for position, p in enumerate(params):
-            layer = seen[id(p)]
-            seen[id(p)] += 1
-            columns, counter = self._operands(p, group, memo, layer)
-            entries.append((position, layer, [p, *(p if c is None else c for c in columns)], counter))
-        plan = build(entries, grads, key)
-        counter = self.algorithm.counter
-        for bucket in plan.buckets:
-            views = bucket.make_resident()
-            for p, view in zip(bucket.params, views or [], strict=False):
-                if counter is None:
-                    self._taken[(id(p), bucket.layer)] = view
-                else:
-                    self.state[p][counter] = view
-        return plan
 
     def _torch_step(self, groups: list[dict]) -> None:
         """Torch's own step, over the groups whose flags ask for it."""

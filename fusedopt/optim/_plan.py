@@ -12,6 +12,7 @@ Plans are held by the optimizer that built them (eager steps) or by a cache the 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -31,6 +32,11 @@ from fusedopt._norm import NormSource
 def real_view(t: torch.Tensor) -> torch.Tensor:
     """Complex tensors are stepped as their real view (as torch.optim does)."""
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def walkable(p: torch.Tensor) -> bool:
+    """Whether a param with a grad can take the kernels: a dense grad and a float dtype."""
+    return not p.grad.is_sparse and real_view(p).dtype in TL_DTYPE
 
 
 class StepGrads(list):
@@ -261,3 +267,80 @@ class OpPlans:
                     self.plans.pop(next(iter(self.plans)))
                 self.plans[key] = plan
         return plan
+
+
+# Plans of an optimizer's groups ---------------------------------------------------------------
+
+
+def plan_groups(opt, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, StepGrads]]:
+    """The plan and grads of each ``(index, group)`` of ``opt`` (a FusedStep): cached plans
+    whose scan key matches, new ones for the others, after checking their params."""
+    scans = []
+    for i, group in groups:
+        key, grads = scan(group["params"])
+        plan = opt._plans.get(i)
+        scans.append((i, group, key, grads, plan if plan is not None and plan.key == key else None))
+    # Check every group that needs a new plan before any state is created or changed.
+    for _, group, _, _, plan in scans:
+        if plan is None:
+            for p in group["params"]:
+                if p.grad is not None:
+                    opt._check(p, p.grad, group)
+    out = []
+    for i, group, key, grads, plan in scans:
+        if plan is None:
+            plan = _build(opt, group, key, grads)
+            if plan.cacheable:
+                opt._plans[i] = plan
+            else:
+                opt._plans.pop(i, None)
+        out.append((group, plan, grads))
+    return out
+
+
+def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, layer: int):
+    """Create missing state as torch would; return the param's state columns (in the
+    algorithm's column order, None where absent) and its step counter (or None).
+
+    ``memo`` lives for one plan build: whether a param's state was created by it (a state
+    created now is new for every occurrence of a param listed twice, as in torch)."""
+    spec = opt.algorithm
+    state = opt.state.get(p, {})  # no entry for a param torch keeps no state for
+    if id(p) not in memo:
+        memo[id(p)] = fresh = walkable(p) and len(state) == 0 and bool(spec.state(group))
+        if fresh:  # lazy state initialization, as torch's _init_group
+            state = opt.state[p]
+            if spec.counter is not None:
+                state[spec.counter] = torch.zeros((), dtype=spec.step_dtype(group), device=p.device)
+            state.update((k, init(p)) for k, init in spec.state(group).items())
+    columns = [state.get(name) for name in spec.columns]
+    if spec.counter is not None:
+        return columns, state.get(spec.counter)
+    if not walkable(p) or not spec.state(group):
+        return columns, None
+    key = (id(p), layer)
+    if memo[id(p)] or key not in opt._taken:  # SGD: a buffer created now has taken no step
+        opt._taken[key] = torch.full((), 0.0 if memo[id(p)] else 1.0, dtype=torch.float32, device=p.device)
+    return columns, opt._taken[key]
+
+
+def _build(opt, group: dict, key: tuple | None, grads: StepGrads) -> Plan:
+    seen: dict[int, int] = defaultdict(int)
+    memo: dict = {}
+    entries = []
+    params = [p for p in group["params"] if p.grad is not None]
+    for position, p in enumerate(params):
+        layer = seen[id(p)]
+        seen[id(p)] += 1
+        columns, counter = operands_of(opt, p, group, memo, layer)
+        entries.append((position, layer, [p, *(p if c is None else c for c in columns)], counter))
+    plan = build(entries, grads, key)
+    counter = opt.algorithm.counter
+    for bucket in plan.buckets:
+        views = bucket.make_resident()
+        for p, view in zip(bucket.params, views or [], strict=False):
+            if counter is None:
+                opt._taken[(id(p), bucket.layer)] = view
+            else:
+                opt.state[p][counter] = view
+    return plan
