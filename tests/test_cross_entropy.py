@@ -16,6 +16,7 @@ from conftest import Launches, record_launches
 from sm90 import compile_in_child
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fusedopt._cross_entropy_launch as launch
 import fusedopt.cross_entropy as ce
 from fusedopt.cross_entropy import CrossEntropyFunction, cross_entropy
 from fusedopt.kernels import cross_entropy as kernels
@@ -101,9 +102,9 @@ def sizes(monkeypatch):
 
     def set_sizes(block: int | None, tile: int | None = None) -> None:
         if block is not None:
-            monkeypatch.setattr(ce, "MAX_BLOCK", block)
+            monkeypatch.setattr(launch, "MAX_BLOCK", block)
         if tile is not None:
-            monkeypatch.setattr(ce, "MAX_TILE", tile)
+            monkeypatch.setattr(launch, "MAX_TILE", tile)
 
     return set_sizes
 
@@ -280,7 +281,7 @@ def test_non_contiguous(layout, triton_device, sizes):
         base = torch.randn(2, 70, 5, 6, generator=gen).to(triton_device).requires_grad_()
         x = base.transpose(2, 3)
         target = torch.randint(0, 70, (2, 6, 5), generator=gen).to(triton_device)
-        assert ce._rows_view(x, 2, 30, 70) is None
+        assert launch._rows_view(x, 2, 30, 70) is None
     target[..., 0] = options.ignore_index
     weight = torch.rand(x.shape[1], generator=gen).to(triton_device)
     for reduction in ("mean", "none"):

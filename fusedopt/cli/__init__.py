@@ -1,8 +1,10 @@
 """The ``fusedopt`` command (``python -m fusedopt``): ``check`` and ``bench``.
 
-``check`` (``fusedopt.cli.check``) compares every fused optimizer and loss with torch on this
-machine; ``bench`` (``fusedopt.cli.bench``, with the suites ``fusedopt.cli.bench_optim`` and
-``fusedopt.cli.bench_losses``) times them. ``fusedopt.cli.common`` holds what both share.
+``check`` (``fusedopt.cli.check``: the case lists and the command; ``check_runner`` runs a
+case, ``check_report`` prints the tables and the verdict) compares every fused optimizer and
+loss with torch on this machine; ``bench`` (``fusedopt.cli.bench``: the command, with the suites
+``bench_optim`` and ``bench_losses``, the measuring in ``bench_harness`` and the CSV, tables,
+PNG and summary in ``bench_report``) times them. ``fusedopt.cli.common`` holds what both share.
 Importing these modules changes nothing in the process; ``fusedopt.__main__`` re-runs the
 command in a child process with ``TRITON_INTERPRET=1`` when there is no CUDA GPU.
 """

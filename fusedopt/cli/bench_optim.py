@@ -28,9 +28,11 @@ IMPLS = ("fusedopt", "torch-forloop", "torch-foreach", "torch-fused", "torch-com
 # Layouts ------------------------------------------------------------------------------------
 
 
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    """GPT-2 small's parameter shapes (HF Conv1D layout): 148 tensors, 124,439,808 elements."""
-    d, vocab, context, layers = 768, 50257, 1024, 12
+def gpt2_small_shapes(
+    d: int = 768, vocab: int = 50257, context: int = 1024, layers: int = 12
+) -> list[tuple[int, ...]]:
+    """GPT-2 small's parameter shapes (HF Conv1D layout): 148 tensors, 124,439,808 elements
+    (other sizes: a GPT-2 of that width, vocabulary, context and depth)."""
     shapes: list[tuple[int, ...]] = [(vocab, d), (context, d)]  # wte, wpe
     for _ in range(layers):
         shapes += [
@@ -220,7 +222,7 @@ class Params:
 def run_case(case: Case, params: list[torch.Tensor], ctx) -> dict:
     """One row: the step timed (or, in a smoke run, only run), peak extra memory, graph replay.
 
-    ``ctx`` (``fusedopt.cli.bench.Context``) says whether to time, the do_bench settings, the
+    ``ctx`` (``fusedopt.cli.bench_harness.Context``) says whether to time, the do_bench settings, the
     compile backend and the graph layouts.
     """
     spec = OPTIMIZERS[case.optimizer]
