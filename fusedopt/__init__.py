@@ -9,13 +9,15 @@ changes nothing in the process: to run the kernels on CPU through the Triton int
 from fusedopt import functional, nn
 from fusedopt.amp import GradScaler
 from fusedopt.clip import clip_grad_norm_
-from fusedopt.optim import FusedAdam, FusedAdamW, FusedSGD
+from fusedopt.optim import FusedAdagrad, FusedAdam, FusedAdamW, FusedRMSprop, FusedSGD
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedAdagrad",
     "FusedAdam",
     "FusedAdamW",
+    "FusedRMSprop",
     "FusedSGD",
     "GradScaler",
     "__version__",

@@ -63,9 +63,11 @@ def round_to_storage_(
     optimizer: torch.optim.Optimizer, params: list[torch.Tensor], dtype: torch.dtype
 ) -> None:
     """Make an fp32 torch optimizer the bf16/fp16 oracle: round its params and every state
-    tensor but ``step`` to ``dtype`` (in place, kept in fp32). Call after each step."""
+    tensor but ``step`` to ``dtype`` (in place, kept in fp32). Call after constructing it (the
+    state torch's Adagrad creates there, ``sum``, is stored in the dtype too) and after each
+    step."""
     for q in params:
         q.copy_(q.to(dtype))
-        for key, v in optimizer.state[q].items():
+        for key, v in optimizer.state.get(q, {}).items():
             if key != "step":
                 v.copy_(v.to(dtype))

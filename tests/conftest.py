@@ -31,6 +31,15 @@ def triton_device(device) -> str:
     return device
 
 
+@pytest.fixture
+def plain_cpu(monkeypatch) -> None:
+    """CPU tensors take the non-Triton path in the test (torch's functional or the reference),
+    as without TRITON_INTERPRET=1."""
+    from fusedopt.optim import _plan
+
+    monkeypatch.setattr(_plan, "runs_triton", lambda device: False)
+
+
 class Launches(list):
     """Every launch of the optimizer kernels in a test, as ``(name, args, kwargs)``."""
 
@@ -58,7 +67,13 @@ def record_launches(monkeypatch, kernels: dict) -> Launches:
 
 @pytest.fixture
 def launches(monkeypatch) -> Launches:
-    """The launches of the optimizer kernels ("adam", "sgd")."""
-    from fusedopt.kernels import adam, sgd
+    """The launches of the optimizer kernels ("adam", "sgd", "rmsprop", "adagrad")."""
+    from fusedopt.kernels import adagrad, adam, rmsprop, sgd
 
-    return record_launches(monkeypatch, {"adam": adam.adam_kernel, "sgd": sgd.sgd_kernel})
+    kernels = {
+        "adam": adam.adam_kernel,
+        "sgd": sgd.sgd_kernel,
+        "rmsprop": rmsprop.rmsprop_kernel,
+        "adagrad": adagrad.adagrad_kernel,
+    }
+    return record_launches(monkeypatch, kernels)

@@ -14,8 +14,10 @@ from test_optim_api import assert_unchanged, check_same, close, grads_for, make,
 from torch import nn
 
 import fusedopt
+from fusedopt.kernels import adagrad as adagrad_kernels
 from fusedopt.kernels import adam as adam_kernels
 from fusedopt.kernels import clip as clip_kernels
+from fusedopt.kernels import rmsprop as rmsprop_kernels
 from fusedopt.kernels import sgd as sgd_kernels
 from fusedopt.optim._amp import find_inf
 from fusedopt.tolerance import OPTIM_TOLERANCE, allowed_error
@@ -41,6 +43,8 @@ def clip_launches(monkeypatch):
             "scale": clip_kernels.scale_kernel,
             "adam": adam_kernels.adam_kernel,
             "sgd": sgd_kernels.sgd_kernel,
+            "rmsprop": rmsprop_kernels.rmsprop_kernel,
+            "adagrad": adagrad_kernels.adagrad_kernel,
         },
     )
 
@@ -199,7 +203,19 @@ MAX_NORM_CASES = [
     (fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
     (fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, amsgrad=True)),
     (fusedopt.FusedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    # alpha=0.5: RMSprop's buffers grow by g / sqrt(v) ~ 1 / sqrt(1 - alpha) a step; near 0.99 they
+    # reach ~40, where the 1-ulp different clip coefficient (the norm sums in another order) shows
+    # above the table's atol wherever a buffer cancels.
+    (fusedopt.FusedRMSprop, torch.optim.RMSprop, dict(lr=0.01, alpha=0.5, momentum=0.5, centered=True)),
+    (fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.1)),
 ]
+KERNEL_NAMES = {
+    fusedopt.FusedAdamW: "adam",
+    fusedopt.FusedAdam: "adam",
+    fusedopt.FusedSGD: "sgd",
+    fusedopt.FusedRMSprop: "rmsprop",
+    fusedopt.FusedAdagrad: "adagrad",
+}
 
 
 def _ids(x):
@@ -239,7 +255,7 @@ def test_max_grad_norm_matches_clip_then_step(cls, torch_cls, kwargs, triton_dev
         assert all(torch.equal(p.grad, g) for p, g in zip(ours, grads, strict=True))
         check_same(opt, ref, ours, theirs)
     counts = clip_launches.counts  # per step: a norm pass and a step per group, one finish
-    name = "sgd" if cls is fusedopt.FusedSGD else "adam"
+    name = KERNEL_NAMES[cls]
     assert counts["partials"] == counts[name] == 14 and counts["finish"] == 7 and "scale" not in counts, (
         counts
     )
@@ -331,7 +347,7 @@ def test_grad_scaler_and_max_grad_norm_match_torchs_recipe(
         ref_scaler.update()
         ours_check = scaler_cls is fusedopt.GradScaler
         assert ops.unscales == (0 if ours_check else 1)
-        name = "sgd" if cls is fusedopt.FusedSGD else "adam"
+        name = KERNEL_NAMES[cls]
         norm = ours_check or max_grad_norm is not None
         assert clip_launches.counts == ({"partials": 1, "finish": 1} if norm else {}) | {name: 1}
         for p, g in zip(ours, grads, strict=True):

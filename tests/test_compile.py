@@ -14,15 +14,26 @@ pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA 
 
 ADAM_FLAGS = ["AMSGRAD", "MAXIMIZE", "DECOUPLED", "HAS_WD", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "HAS_CLIP"]
 SGD_FLAGS = ["HAS_MOMENTUM", "NESTEROV", "MAXIMIZE", "HAS_WD", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "HAS_CLIP"]
+RMSPROP_FLAGS = [
+    "CENTERED",
+    "HAS_MOMENTUM",
+    "MAXIMIZE",
+    "HAS_WD",
+    "HAS_GRAD_SCALE",
+    "HAS_FOUND_INF",
+    "HAS_CLIP",
+]
+ADAGRAD_FLAGS = ["MAXIMIZE", "HAS_WD", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "HAS_CLIP"]
 DTYPES = ["float32", "bfloat16", "float16", "float64"]
 
 CHILD = r"""
 import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from fusedopt.kernels import adam, clip, losses, sgd
+from fusedopt.kernels import adagrad, adam, clip, losses, rmsprop, sgd
 
-KERNELS = {"adam": adam.adam_kernel, "sgd": sgd.sgd_kernel, "pointwise_loss": losses.pointwise_loss_kernel,
+KERNELS = {"adam": adam.adam_kernel, "sgd": sgd.sgd_kernel, "rmsprop": rmsprop.rmsprop_kernel,
+           "adagrad": adagrad.adagrad_kernel, "pointwise_loss": losses.pointwise_loss_kernel,
            "sum_rows": losses.sum_rows_kernel, "pointwise_loss_backward": losses.pointwise_loss_backward_kernel,
            "scale_grad": losses.scale_grad_kernel, "norm_partials": clip.norm_partials_kernel,
            "norm_finish": clip.norm_finish_kernel, "scale": clip.scale_kernel}
@@ -42,7 +53,12 @@ print(json.dumps(out))
 
 TABLES = {"ptrs": "*i64", "grad_ptrs": "*i64", "meta": "*i64", "owner": "*i32", "scalars": "*fp64"}
 AMP = {"grad_scale": "*fp32", "found_inf": "*fp32", "clip_coef": "*fp32"}
-SIGNATURES = {"adam": dict(TABLES, steps="*fp32", **AMP), "sgd": dict(TABLES, taken="*fp32", **AMP)}
+SIGNATURES = {
+    "adam": dict(TABLES, steps="*fp32", **AMP),
+    "sgd": dict(TABLES, taken="*fp32", **AMP),
+    "rmsprop": dict(TABLES, steps="*fp32", **AMP),
+    "adagrad": dict(TABLES, steps="*fp32", **AMP),
+}
 PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float64": "*fp64"}
 
 
@@ -131,6 +147,8 @@ def _loss_variants() -> list:
 VARIANTS = (
     _optimizer_variants("adam", ADAM_FLAGS)
     + _optimizer_variants("sgd", SGD_FLAGS)
+    + _optimizer_variants("rmsprop", RMSPROP_FLAGS)
+    + _optimizer_variants("adagrad", ADAGRAD_FLAGS)
     + _loss_variants()
     + _clip_variants()
 )
@@ -149,5 +167,5 @@ def test_kernel_compiles_for_sm90(compiled, index):
 
 def test_full_blocks_use_vector_accesses_only_when_aligned(compiled):
     for variant, result in zip(VARIANTS, compiled, strict=True):
-        if variant[0] in ("adam", "sgd", "norm_partials", "scale"):
+        if variant[0] in ("adam", "sgd", "rmsprop", "adagrad", "norm_partials", "scale"):
             assert (result["vector_loads"] > 0) is variant[2]["ALIGNED"], variant

@@ -12,7 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedopt
 from fusedopt import _multi_tensor
+from fusedopt.kernels import adagrad as adagrad_kernels
 from fusedopt.kernels import adam as adam_kernels
+from fusedopt.kernels import rmsprop as rmsprop_kernels
 from fusedopt.kernels import sgd as sgd_kernels
 from fusedopt.kernels.common import locate_block
 
@@ -20,6 +22,8 @@ OPTIMIZERS = [
     (fusedopt.FusedAdam, dict(lr=1e-3, weight_decay=0.1), adam_kernels.adam_kernel),
     (fusedopt.FusedAdamW, dict(lr=1e-3, amsgrad=True), adam_kernels.adam_kernel),
     (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, nesterov=True), sgd_kernels.sgd_kernel),
+    (fusedopt.FusedRMSprop, dict(lr=1e-3, momentum=0.9, centered=True), rmsprop_kernels.rmsprop_kernel),
+    (fusedopt.FusedAdagrad, dict(lr=1e-2, lr_decay=0.01), adagrad_kernels.adagrad_kernel),
 ]
 
 
@@ -192,8 +196,19 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
         (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9)),
         (fusedopt.FusedAdamW, dict(max_grad_norm=1.0, amp=True)),
         (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, max_grad_norm=1.0, amp=True)),
+        (fusedopt.FusedRMSprop, dict(momentum=0.9, centered=True, max_grad_norm=1.0, amp=True)),
+        (fusedopt.FusedAdagrad, dict(lr_decay=0.01, max_grad_norm=1.0, amp=True)),
     ],
-    ids=["adam", "adam-capturable-tensor-lr", "adamw-fused", "sgd", "adamw-clip-amp", "sgd-clip-amp"],
+    ids=[
+        "adam",
+        "adam-capturable-tensor-lr",
+        "adamw-fused",
+        "sgd",
+        "adamw-clip-amp",
+        "sgd-clip-amp",
+        "rmsprop-clip-amp",
+        "adagrad-clip-amp",
+    ],
 )
 def test_cuda_step_has_no_host_sync(cls, kwargs):
     params = _params(8, "cuda")
@@ -222,8 +237,10 @@ def test_cuda_step_has_no_host_sync(cls, kwargs):
         (fusedopt.FusedAdam, dict(capturable=True, amsgrad=True)),
         (fusedopt.FusedAdamW, dict(capturable=True, max_grad_norm=0.5)),
         (fusedopt.FusedSGD, dict(momentum=0.9, nesterov=True, max_grad_norm=0.5)),
+        (fusedopt.FusedRMSprop, dict(capturable=True, momentum=0.9, centered=True)),
+        (fusedopt.FusedAdagrad, dict(lr_decay=0.01, max_grad_norm=0.5)),
     ],
-    ids=["adam-capturable", "adamw-capturable-clip", "sgd-clip"],
+    ids=["adam-capturable", "adamw-capturable-clip", "sgd-clip", "rmsprop-capturable", "adagrad-clip"],
 )
 def test_cuda_graph_capture_and_replay_match_eager(cls, kwargs):
     """torch's CUDA-graph recipe: warm up on a side stream, capture one step on static grads,
@@ -300,8 +317,13 @@ class HostReads(TorchDispatchMode):
 
 @pytest.mark.parametrize(
     ("cls", "kwargs"),
-    [(fusedopt.FusedAdamW, dict(capturable=True, amsgrad=True)), (fusedopt.FusedSGD, dict(momentum=0.9))],
-    ids=["adamw-capturable", "sgd"],
+    [
+        (fusedopt.FusedAdamW, dict(capturable=True, amsgrad=True)),
+        (fusedopt.FusedSGD, dict(momentum=0.9)),
+        (fusedopt.FusedRMSprop, dict(capturable=True, momentum=0.9, centered=True)),
+        (fusedopt.FusedAdagrad, dict(lr_decay=0.01)),
+    ],
+    ids=["adamw-capturable", "sgd", "rmsprop-capturable", "adagrad"],
 )
 def test_step_with_clip_amp_and_tensor_lr_reads_nothing_on_the_host(cls, kwargs, triton_device):
     """No .item()/bool()/float() of a device value anywhere in a step, the first one included

@@ -17,16 +17,27 @@ import torch
 from optim_cases import TOLERANCE, Case, assert_close, leaves
 from torch import nn
 
-from fusedopt import FusedAdam, FusedAdamW, FusedSGD
+from fusedopt import FusedAdagrad, FusedAdam, FusedAdamW, FusedRMSprop, FusedSGD
 
 SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
-PAIRS = [(SGD, FusedSGD), (Adam, FusedAdam), (AdamW, FusedAdamW)]
+RMSprop, Adagrad = torch.optim.RMSprop, torch.optim.Adagrad
+PAIRS = [
+    (SGD, FusedSGD),
+    (Adam, FusedAdam),
+    (AdamW, FusedAdamW),
+    (RMSprop, FusedRMSprop),
+    (Adagrad, FusedAdagrad),
+]
 
 SGD_M = Case(SGD, FusedSGD, dict(lr=0.1, momentum=0.9))
 SGD_PLAIN = Case(SGD, FusedSGD, dict(lr=0.1))
 ADAM_AMS = Case(Adam, FusedAdam, dict(lr=0.01, amsgrad=True))
 ADAMW = Case(AdamW, FusedAdamW, dict(lr=0.01, weight_decay=0.1))
-CASES = [SGD_M, ADAM_AMS, ADAMW]
+RMSPROP = Case(RMSprop, FusedRMSprop, dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1))
+ADAGRAD = Case(
+    Adagrad, FusedAdagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.1)
+)
+CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD]
 F32 = torch.float32
 
 
@@ -146,8 +157,27 @@ def roundtrip(state_dict):
     return torch.load(buf, weights_only=True)
 
 
+KERNEL_NAMES = {SGD: "sgd", Adam: "adam", AdamW: "adam", RMSprop: "rmsprop", Adagrad: "adagrad"}
+
+
 def kernel_name(case: Case) -> str:
-    return "sgd" if case.torch_cls is SGD else "adam"
+    return KERNEL_NAMES[case.torch_cls]
+
+
+def takes_fused(torch_cls: type) -> bool:
+    """Whether torch's class has a ``fused`` argument (RMSprop has none)."""
+    return "fused" in inspect.signature(torch_cls).parameters
+
+
+def with_fused(cases: list[Case]) -> list:
+    """``(case, fused)`` for ``fused`` None (the default: not passed) and True, where the class
+    takes it."""
+    return [
+        pytest.param(c, fused, id=f"{c.id}-fused={fused}")
+        for c in cases
+        for fused in (None, True)
+        if fused is None or takes_fused(c.torch_cls)
+    ]
 
 
 # 1. Signatures, defaults, param_groups ------------------------------------------------------------
@@ -156,6 +186,16 @@ DEFAULT_KWARGS = {
     SGD: [{}, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True), dict(fused=True)],
     Adam: [{}, dict(lr=0.02, betas=(0.8, 0.9), eps=1e-6, amsgrad=True, capturable=True), dict(fused=True)],
     AdamW: [{}, dict(lr=0.02, weight_decay=0.3, maximize=True, foreach=True), dict(fused=True)],
+    RMSprop: [
+        {},
+        dict(lr=0.02, alpha=0.9, eps=1e-6, weight_decay=0.1, momentum=0.9, centered=True, capturable=True),
+        dict(maximize=True, foreach=True, differentiable=True),
+    ],
+    Adagrad: [
+        {},
+        dict(lr=0.02, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.3, eps=1e-8, maximize=True),
+        dict(fused=True),
+    ],
 }
 
 
@@ -209,6 +249,21 @@ INVALID = [
     (AdamW, dict(betas=(0.9, torch.tensor(0.999)))),
     (AdamW, dict(fused=True, differentiable=True)),
     (AdamW, dict(fused=True, foreach=True)),
+    (RMSprop, dict(lr=-0.01)),
+    (RMSprop, dict(alpha=-0.5)),
+    (RMSprop, dict(eps=-1e-8)),
+    (RMSprop, dict(momentum=-0.1)),
+    (RMSprop, dict(weight_decay=-1.0)),
+    (RMSprop, dict(lr=torch.tensor([0.1, 0.2]))),
+    (RMSprop, dict(fused=True)),  # RMSprop has no fused argument
+    (Adagrad, dict(lr=-0.01)),
+    (Adagrad, dict(lr_decay=-0.1)),
+    (Adagrad, dict(weight_decay=-0.1)),
+    (Adagrad, dict(initial_accumulator_value=-1.0)),
+    (Adagrad, dict(eps=-1e-10)),
+    (Adagrad, dict(lr=torch.tensor([0.1, 0.2]))),
+    (Adagrad, dict(fused=True, differentiable=True)),
+    (Adagrad, dict(fused=True, foreach=True)),
 ]
 
 
@@ -273,6 +328,11 @@ LAYOUTS = [
     ADAMW,
     Case(AdamW, FusedAdamW, dict(lr=0.01, fused=True, amsgrad=True)),
     Case(AdamW, FusedAdamW, dict(lr=0.01, capturable=True, amsgrad=True)),
+    Case(RMSprop, FusedRMSprop, dict(lr=0.01)),
+    RMSPROP,
+    Case(RMSprop, FusedRMSprop, dict(lr=0.01, momentum=0.5, capturable=True)),
+    ADAGRAD,
+    Case(Adagrad, FusedAdagrad, dict(lr=0.1, fused=True)),
 ]
 
 
@@ -300,9 +360,10 @@ def test_state_dict_layout(case, device):
         if "step" in state:
             step = mine["state"][i]["step"]
             assert float(step) == 2
-            on_device = case.kwargs.get("fused") or case.kwargs.get("capturable")
             assert step.dtype == F32 and step.shape == ()
-            assert step.device == (ours[i].device if on_device else torch.device("cpu"))
+            # On the param's device whatever the flags (torch: only fused/capturable), so a step
+            # on CUDA never copies counters from the host; torch loads it either way.
+            assert step.device == ours[i].device
 
 
 # 4. LR schedulers ---------------------------------------------------------------------------------
@@ -310,8 +371,16 @@ def test_state_dict_layout(case, device):
 SCHEDULERS = {
     "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
     "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1 / (1 + e)),
-    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=0.1, total_steps=10, cycle_momentum=momentum_key(o) is not None
+    ),
 }
+
+
+def momentum_key(opt) -> str | None:
+    """The hyper-parameter OneCycleLR cycles: Adam's betas, SGD's and RMSprop's momentum (none
+    for Adagrad)."""
+    return next((k for k in ("betas", "momentum") if k in opt.defaults), None)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULERS)
@@ -320,17 +389,17 @@ def test_lr_schedulers(case, schedule, device):
     ours, theirs = make(device), make(device)
     opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **case.kwargs)
     sched, ref_sched = SCHEDULERS[schedule](opt), SCHEDULERS[schedule](ref)
-    momentum_key = "momentum" if case.torch_cls is SGD else "betas"
+    key = momentum_key(ref)
     history, ref_history = [], []
     for step in range(8):
         step_both(opt, ref, ours, theirs, step)
         sched.step()
         ref_sched.step()
-        history.append((sched.get_last_lr(), opt.param_groups[0][momentum_key]))
-        ref_history.append((ref_sched.get_last_lr(), ref.param_groups[0][momentum_key]))
+        history.append((sched.get_last_lr(), opt.param_groups[0].get(key)))
+        ref_history.append((ref_sched.get_last_lr(), ref.param_groups[0].get(key)))
     assert history == ref_history
     assert len({h[0][0] for h in history}) > 2, "the schedule must change the lr"
-    if schedule == "OneCycleLR":
+    if schedule == "OneCycleLR" and key is not None:
         assert len({str(h[1]) for h in history}) > 2, "OneCycleLR must cycle momentum/betas"
     check_same(opt, ref, ours, theirs)
 
@@ -398,7 +467,8 @@ def test_add_param_group_after_steps(case, device):
     check_same(opt, ref, ours, theirs)
 
 
-@pytest.mark.parametrize("case", [SGD_PLAIN, *CASES], ids=case_id)
+# Not Adagrad: torch's constructor creates the state of every param (tests/test_adagrad.py).
+@pytest.mark.parametrize("case", [SGD_PLAIN, *(c for c in CASES if c is not ADAGRAD)], ids=case_id)
 def test_params_without_grads_get_no_state(case, device):
     ours, theirs = make(device, [(3, 4), (5,), (), (2, 2)]), make(device, [(3, 4), (5,), (), (2, 2)])
     opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **case.kwargs)
@@ -426,6 +496,17 @@ MIXED_GROUPS = {
         {},
     ],
     AdamW: [dict(weight_decay=0.5, eps=1e-3), dict(lr=0.003, amsgrad=True), {}],
+    RMSprop: [
+        dict(lr=0.02, centered=True),
+        dict(momentum=0.5, weight_decay=0.1, maximize=True, alpha=0.9),
+        {},
+    ],
+    # A group's initial_accumulator_value: torch's constructor ignores it (uses its argument's).
+    Adagrad: [
+        dict(lr_decay=0.1),
+        dict(lr=0.05, weight_decay=0.1, maximize=True, initial_accumulator_value=0.5),
+        {},
+    ],
 }
 
 
@@ -448,7 +529,16 @@ def test_mixed_param_groups(case, device):
 LR_VALUES = [0.01, 0.005, 0.02, 0.02, 0.001]
 
 
-@pytest.mark.parametrize("case", [SGD_M, Case(Adam, FusedAdam, {}), ADAMW], ids=case_id)
+TENSOR_LR_CASES = [
+    SGD_M,
+    Case(Adam, FusedAdam, {}),
+    ADAMW,
+    Case(RMSprop, FusedRMSprop, dict(momentum=0.9)),
+    Case(Adagrad, FusedAdagrad, dict(lr_decay=0.1)),
+]
+
+
+@pytest.mark.parametrize("case", TENSOR_LR_CASES, ids=case_id)
 def test_tensor_lr_changed_in_place(case, device):
     ours, theirs = make(device), make(device)
     kwargs = {k: v for k, v in case.kwargs.items() if k != "lr"}
@@ -482,10 +572,15 @@ def test_capturable_with_tensor_lr(cls, device):
 # 7. Flags selecting torch's implementation; kernel launches ---------------------------------------
 
 TORCH_FLAGS = [dict(fused=False), dict(foreach=True), dict(differentiable=True)]
+TORCH_FLAG_CASES = [
+    pytest.param(case, flags, id=f"{case.id}-{next(iter(flags))}")
+    for case in CASES
+    for flags in TORCH_FLAGS
+    if "fused" not in flags or takes_fused(case.torch_cls)
+]
 
 
-@pytest.mark.parametrize("flags", TORCH_FLAGS, ids=lambda f: next(iter(f)))
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize(("case", "flags"), TORCH_FLAG_CASES)
 def test_torch_implementation_flags(case, flags, triton_device, launches):
     device = triton_device
     # differentiable steps run with grad enabled: params must not be leaves requiring grad.
@@ -514,12 +609,11 @@ def test_torch_flag_applies_per_group(case, triton_device, launches):
     assert launches.counts == {kernel_name(case): 3}
 
 
-@pytest.mark.parametrize("fused", [None, True], ids=["fused=None", "fused=True"])
-@pytest.mark.parametrize("case", [SGD_PLAIN, *CASES], ids=case_id)
+@pytest.mark.parametrize(("case", "fused"), with_fused([SGD_PLAIN, *CASES]))
 def test_default_path_launches_one_kernel_per_step(case, fused, triton_device, launches):
     device = triton_device
     ours, theirs = make(device, [(3, 4), (5,), (), (7, 3)]), make(device, [(3, 4), (5,), (), (7, 3)])
-    opt = case.fused_cls(ours, fused=fused, **case.kwargs)
+    opt = case.fused_cls(ours, **({} if fused is None else dict(fused=fused)), **case.kwargs)
     ref = case.torch_cls(theirs, **case.kwargs)
     for step in range(3):
         step_both(opt, ref, ours, theirs, step)
@@ -533,8 +627,7 @@ INF_STEP = 3
 
 
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale_-then-step"])
-@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused=True"])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize(("case", "fused"), with_fused(CASES))
 def test_grad_scaler(case, fused, unscale_first, triton_device, launches):
     """GradScaler hands grad_scale/found_inf to our step (default path too): the kernel unscales,
     and the step with an injected inf changes nothing (params, state, step) without a host
@@ -543,7 +636,7 @@ def test_grad_scaler(case, fused, unscale_first, triton_device, launches):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
     twin = copy.deepcopy(model)
-    opt = case.fused_cls(model.parameters(), fused=fused, **case.kwargs)
+    opt = case.fused_cls(model.parameters(), **({} if fused is None else dict(fused=fused)), **case.kwargs)
     ref = case.torch_cls(twin.parameters(), **case.kwargs)
     assert opt._step_supports_amp_scaling
     assert not getattr(ref, "_step_supports_amp_scaling", False)
@@ -638,8 +731,10 @@ def sparse_grad(p: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("prior_steps", [0, 1])
-@pytest.mark.parametrize("cls", [(Adam, FusedAdam), (AdamW, FusedAdamW)], ids=lambda c: c[1].__name__)
-def test_adam_sparse_grad_raises_and_changes_nothing(cls, prior_steps, device):
+@pytest.mark.parametrize(
+    "cls", [(Adam, FusedAdam), (AdamW, FusedAdamW), (RMSprop, FusedRMSprop)], ids=lambda c: c[1].__name__
+)
+def test_sparse_grad_raises_and_changes_nothing(cls, prior_steps, device):
     torch_cls, fused_cls = cls
     ours, theirs = make(device, [(4, 3), (5, 3), (2,)]), make(device, [(4, 3), (5, 3), (2,)])
 
@@ -652,18 +747,32 @@ def test_adam_sparse_grad_raises_and_changes_nothing(cls, prior_steps, device):
     grads = grads_for(ours, 10)
     give(ours, [grads[0], sparse_grad(ours[1], 0), grads[2]])
     before = snapshot(opt, ours)
-    with pytest.raises(RuntimeError, match="sparse"):
+    with pytest.raises(RuntimeError, match="sparse") as raised:
         opt.step()
     assert_unchanged(before, opt, ours)
+    if torch_cls is RMSprop:  # torch's own message (FusedAdam's names itself)
+        probe = make(device, [(4, 3)])
+        probe[0].grad = sparse_grad(probe[0], 0)
+        assert outcome(torch_cls(probe).step) == (RuntimeError, str(raised.value))
     # The failed step left nothing behind: a dense step afterwards matches torch.
     step_both(opt, ref, ours, theirs, 11)
     check_same(opt, ref, ours, theirs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(lr=0.1), dict(lr=0.1, momentum=0.9, dampening=0.2)], ids=str)
-def test_sgd_sparse_grads_match_torch(kwargs, device):
+SPARSE_CASES = [
+    Case(SGD, FusedSGD, dict(lr=0.1)),
+    Case(SGD, FusedSGD, dict(lr=0.1, momentum=0.9, dampening=0.2)),
+    Case(Adagrad, FusedAdagrad, dict(lr=0.1)),
+    Case(Adagrad, FusedAdagrad, dict(lr=0.1, lr_decay=0.1, initial_accumulator_value=0.1, maximize=True)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")  # torch's Adagrad
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=case_id)
+def test_sparse_grads_match_torch(case, device):
+    """SGD and Adagrad take sparse grads: torch's own (for-loop) step for those params."""
     ours, theirs = make(device, [(4, 3), (6, 3), (2,)]), make(device, [(4, 3), (6, 3), (2,)])
-    opt, ref = FusedSGD(ours, **kwargs), SGD(theirs, **kwargs)
+    opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **case.kwargs)
     for step in range(3):
         grads = grads_for(ours, step)
         grads[1] = sparse_grad(ours[1], step)
@@ -674,7 +783,9 @@ def test_sgd_sparse_grads_match_torch(kwargs, device):
     check_same(opt, ref, ours, theirs)
 
 
-@pytest.mark.parametrize("case", [SGD_M, ADAM_AMS, Case(AdamW, FusedAdamW, dict(lr=0.01))], ids=case_id)
+@pytest.mark.parametrize(
+    "case", [SGD_M, ADAM_AMS, Case(AdamW, FusedAdamW, dict(lr=0.01)), RMSPROP, ADAGRAD], ids=case_id
+)
 def test_complex_params_match_torch(case, device):
     specs = [((3,), torch.complex64), ((2, 4), torch.complex64), ((5,), F32)]
     ours, theirs = make(device, specs), make(device, specs)
@@ -684,8 +795,10 @@ def test_complex_params_match_torch(case, device):
     check_same(opt, ref, ours, theirs)
 
 
-@pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW])
-def test_fused_adam_integer_params_raise_and_change_nothing(cls, device):
+@pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW, FusedRMSprop, FusedAdagrad])
+def test_integer_params_raise_and_change_nothing(cls, device):
+    """torch fails in the middle of such a step (a RuntimeError); ours raises before it
+    (NotImplementedError, a RuntimeError) and changes nothing."""
     params = make(device, [(3,), ((4,), torch.int64)])
     opt = cls(params, lr=0.01)
     give(params, [grads_for(params, 0)[0], None])
@@ -695,7 +808,8 @@ def test_fused_adam_integer_params_raise_and_change_nothing(cls, device):
     with pytest.raises(NotImplementedError):
         opt.step()
     assert_unchanged(before, opt, params)
-    assert params[1] not in opt.state
+    if cls is not FusedAdagrad:  # torch's Adagrad creates every param's state in its constructor
+        assert params[1] not in opt.state
 
 
 @pytest.mark.parametrize("momentum", [0, 1])
@@ -715,7 +829,7 @@ def construct_with_warnings(cls, *args, **kwargs):
     return opt, [(w.category, str(w.message)) for w in caught]
 
 
-@pytest.mark.parametrize("case", [SGD_M, SGD_PLAIN, ADAM_AMS, ADAMW], ids=case_id)
+@pytest.mark.parametrize("case", [SGD_M, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD], ids=case_id)
 def test_duplicate_params(case, device):
     ours, theirs = make(device), make(device)
     opt, warned = construct_with_warnings(case.fused_cls, [ours[0], *ours, ours[2]], **case.kwargs)
@@ -750,6 +864,8 @@ MIXED_DTYPES = [
         Case(SGD, FusedSGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
         Case(Adam, FusedAdam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
         ADAMW,
+        Case(RMSprop, FusedRMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
+        Case(Adagrad, FusedAdagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
     ],
     ids=case_id,
 )
@@ -760,15 +876,20 @@ def test_mixed_dtypes_in_one_group(case, triton_device, launches):
     theirs = [leaves([p], F32 if p.dtype == torch.bfloat16 else None)[0] for p in ours]
     low = [p.dtype == torch.bfloat16 for p in ours]
     opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, foreach=False, **case.kwargs)
+
+    @torch.no_grad()
+    def round_oracle() -> None:  # the oracle's bf16 params and their state, stored in bf16
+        for q, is_low in zip(theirs, low, strict=True):
+            if is_low:
+                q.copy_(q.to(torch.bfloat16))
+                for key, v in ref.state.get(q, {}).items():
+                    if key != "step":
+                        v.copy_(v.to(torch.bfloat16))
+
+    round_oracle()  # the state torch's constructor creates (Adagrad's sum) too
     for step in range(7):
         step_both(opt, ref, ours, theirs, step)
-        with torch.no_grad():
-            for q, is_low in zip(theirs, low, strict=True):
-                if is_low:
-                    q.copy_(q.to(torch.bfloat16))
-                    for key, v in ref.state[q].items():
-                        if key != "step":
-                            v.copy_(v.to(torch.bfloat16))
+        round_oracle()
     assert launches.counts == {kernel_name(case): 3 * 7}, "one launch per dtype and step"
     for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
         assert p.dtype in TOLERANCE

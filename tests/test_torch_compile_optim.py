@@ -17,6 +17,8 @@ CASES = [
     Case(torch.optim.Adam, fusedopt.FusedAdam, dict(amsgrad=True, maximize=True, capturable=True)),
     Case(torch.optim.SGD, fusedopt.FusedSGD, dict(momentum=0.9, nesterov=True)),
     Case(torch.optim.SGD, fusedopt.FusedSGD, dict()),
+    Case(torch.optim.RMSprop, fusedopt.FusedRMSprop, dict(momentum=0.9, centered=True, weight_decay=0.1)),
+    Case(torch.optim.Adagrad, fusedopt.FusedAdagrad, dict(lr_decay=0.01, initial_accumulator_value=0.1)),
 ]
 SPECS = [(3, 4), (5,), (), (4097,)]
 
@@ -163,9 +165,18 @@ def test_ops_pass_opcheck(triton_device):
             [0.0, 0.9, 0.99, 1e-8, 0.1], [0], [lr], [True, False, True, True], scale, inf, coef)  # fmt: skip
     sgd = ("sgd", 0, params, grads, [0], state[0], [torch.tensor(v, device=device) for v in (0.0, 1.0)],
            [0.1, 0.9, 0.1, 0.0], [], [], [True, False, True, False], None, None, None)  # fmt: skip
+    # RMSprop centered with momentum (all three state columns, square_avg > grad_avg**2); Adagrad
+    # (sum), a tensor lr.
+    rms_state = [t + 1.0 for t in state[0]] + state[1] + state[2]
+    rmsprop = ("rmsprop", 0, params, grads, [0, 1, 2], rms_state, steps,
+               [0.01, 0.99, 1e-8, 0.1, 0.9], [], [], [True, True, False, True], scale, inf, None)  # fmt: skip
+    adagrad = ("adagrad", 0, params, grads, [0], state[0], steps, [0.0, 0.01, 0.0, 1e-10], [0], [lr],
+               [True, False], None, None, coef)  # fmt: skip
     cases = [
         (torch.ops.fusedopt.step_.default, adam),
         (torch.ops.fusedopt.step_.default, sgd),
+        (torch.ops.fusedopt.step_.default, rmsprop),
+        (torch.ops.fusedopt.step_.default, adagrad),
         (torch.ops.fusedopt.grad_norm.default, (grads, 2.0, scale, True)),
         (torch.ops.fusedopt.scale_grads_.default, (grads, coef)),
     ]

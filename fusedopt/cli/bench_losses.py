@@ -78,7 +78,7 @@ def loss_fn(op: str, impl: str, compile_backend: str) -> Callable[..., torch.Ten
     if impl == "fusedopt":
         return getattr(FF, op)
     if impl == "torch-compile":
-        torch._dynamo.reset()
+        torch.compiler.reset()
         return torch.compile(torch_op(op), backend=compile_backend)
     return torch_op(op)
 

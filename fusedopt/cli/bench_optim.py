@@ -134,7 +134,7 @@ def step_fn(opt: torch.optim.Optimizer, impl: str, compile_backend: str) -> Call
     """What one timed call runs: ``opt.step``, or a ``torch.compile``d function calling it."""
     if impl != "torch-compile":
         return opt.step
-    torch._dynamo.reset()  # a fresh cache: no recompile limit reached, no stale graphs
+    torch.compiler.reset()  # a fresh cache: no recompile limit reached, no stale graphs
 
     @torch.compile(backend=compile_backend)
     def compiled_step() -> None:

@@ -22,6 +22,7 @@ import triton.language as tl
 from fusedopt.kernels.common import (
     address,
     div_ieee,
+    fma,
     load_grad,
     locate_block,
     named,
@@ -90,11 +91,11 @@ def _adam_block(
         if DECOUPLED:
             p = p * (1.0 - lr * wd).to(COMPUTE)
         else:
-            g = tl.fma(p, wd.to(COMPUTE), g)
+            g = fma(p, wd.to(COMPUTE), g)
     # fma exactly where torch's lerp / add(alpha=) / addcmul round once (CPU and CUDA), so fp32
     # results match torch's for-loop step bit for bit on CPU.
-    m = tl.where(w1 < 0.5, tl.fma(w1, g - m, m), tl.fma(w1 - 1.0, g - m, g))
-    v = tl.fma(w2 * g, g, v * b2)
+    m = tl.where(w1 < 0.5, fma(w1, g - m, m), fma(w1 - 1.0, g - m, g))
+    v = fma(w2 * g, g, v * b2)
     if AMSGRAD:
         vm_ptr = address(ptrs, t, MAX_EXP_AVG_SQ, K, DTYPE, ALIGNED) + offs
         vm = tl.maximum(tl.load(vm_ptr, mask=mask).to(COMPUTE), v)

@@ -13,8 +13,17 @@ mask, so loads and stores are vectorized when the launcher vouches that every ad
 16-byte aligned (``ALIGNED``); only the last block of each tensor is masked.
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+# Triton's interpreter before 3.9 evaluates tl.fma as x * y + z rounded twice (product, then
+# sum); 3.9 rounds once, as a GPU does. Read when the kernels are defined, as triton.jit does.
+_FMA_ROUNDS_TWICE = tl.constexpr(
+    os.environ.get("TRITON_INTERPRET") == "1"
+    and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
+)
 
 
 def named(names: tuple[str, ...]) -> tuple[tl.constexpr, ...]:
@@ -91,6 +100,16 @@ def div_ieee(x, y, COMPUTE: tl.constexpr):
 
 
 @triton.jit
+def mul_ieee(x, y):
+    """``x * y`` rounded on its own, as a separate torch ``mul_`` does: never contracted into
+    an fma with the addition that follows it (Triton's fp fusion would do that on the GPU).
+    ``fma(x, y, +0.0)`` rounds the product once; with a +0.0 addend it cannot be turned back
+    into a plain multiply (that needs no-signed-zeros), so nothing fuses it. (A product of
+    -0.0 comes out +0.0.)"""
+    return tl.fma(x, y, 0.0)
+
+
+@triton.jit
 def load_grad(
     g_ptr,
     mask,
@@ -124,3 +143,21 @@ def step_taken(
         return tl.load(found_inf) == 0
     else:
         return True
+
+
+@triton.jit
+def fma(x, y, z):
+    """``x * y + z`` rounded once (``tl.fma``), as torch's ``add(..., alpha=)`` / ``addcmul``.
+
+    Under an interpreter whose ``tl.fma`` rounds twice (Triton < 3.9), an fp32 fma is computed
+    in fp64: the product of two fp32 values is exact there, so only the fp64 sum is rounded
+    before the final rounding to fp32 (different from one rounding only in the rare case where
+    the fp64 sum lands exactly half-way between two fp32 values). Other dtypes keep ``tl.fma``.
+    """
+    if _FMA_ROUNDS_TWICE:
+        if z.dtype == tl.float32:
+            return (x.to(tl.float64) * y.to(tl.float64) + z.to(tl.float64)).to(tl.float32)
+        else:
+            return tl.fma(x, y, z)
+    else:
+        return tl.fma(x, y, z)

@@ -16,7 +16,7 @@ When ``found_inf`` is non-zero nothing is read or written.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import address, load_grad, locate_block, named, step_taken, to_storage
+from fusedopt.kernels.common import address, fma, load_grad, locate_block, named, step_taken, to_storage
 
 # The spec shared with the launcher (fusedopt.optim.sgd).
 COLUMNS = ("param", "momentum_buffer")
@@ -56,7 +56,7 @@ def _sgd_block(
     g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
     # fma where torch's add(..., alpha=) rounds once, so fp32 results match torch bit for bit.
     if HAS_WD:
-        g = tl.fma(p, tl.load(scalars + WEIGHT_DECAY).to(COMPUTE), g)
+        g = fma(p, tl.load(scalars + WEIGHT_DECAY).to(COMPUTE), g)
     if HAS_MOMENTUM:
         momentum = tl.load(scalars + MOMENTUM).to(COMPUTE)
         keep = (1.0 - tl.load(scalars + DAMPENING)).to(COMPUTE)
@@ -64,13 +64,13 @@ def _sgd_block(
         if tl.load(taken + t) == 1:  # the buffer's first step: it takes the grad
             b = g
         else:
-            b = tl.fma(g, keep, tl.load(b_ptr, mask=mask).to(COMPUTE) * momentum)
+            b = fma(g, keep, tl.load(b_ptr, mask=mask).to(COMPUTE) * momentum)
         tl.store(b_ptr, to_storage(b, DTYPE), mask=mask)
         if NESTEROV:
-            g = tl.fma(b, momentum, g)
+            g = fma(b, momentum, g)
         else:
             g = b
-    p = tl.fma(g, -lr, p)
+    p = fma(g, -lr, p)
     tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
 
 

@@ -1,6 +1,8 @@
 """Fused optimizers: torch.optim classes whose step is one multi-tensor Triton kernel."""
 
+from fusedopt.optim.adagrad import FusedAdagrad
 from fusedopt.optim.adam import FusedAdam, FusedAdamW
+from fusedopt.optim.rmsprop import FusedRMSprop
 from fusedopt.optim.sgd import FusedSGD
 
-__all__ = ["FusedAdam", "FusedAdamW", "FusedSGD"]
+__all__ = ["FusedAdagrad", "FusedAdam", "FusedAdamW", "FusedRMSprop", "FusedSGD"]

@@ -113,6 +113,14 @@ class FusedStep:
     def _before_step(self) -> None:
         """Checks the torch class makes at the top of its step."""
 
+    def _new_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
+        """The state torch's ``_init_group`` creates for a param with a grad and no state yet
+        (the step counter excluded), in torch's key order: the algorithm's, for params our
+        kernel steps (torch's own functional creates the others' state, as SGD's)."""
+        if not walkable(p):
+            return {}
+        return {key: init(p) for key, init in self.algorithm.state(group).items()}
+
     # The step -------------------------------------------------------------------------------
 
     def _uses_torch_impl(self, group: dict) -> bool:

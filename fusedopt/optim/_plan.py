@@ -307,12 +307,13 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, layer: int):
     spec = opt.algorithm
     state = opt.state.get(p, {})  # no entry for a param torch keeps no state for
     if id(p) not in memo:
-        memo[id(p)] = fresh = walkable(p) and len(state) == 0 and bool(spec.state(group))
+        new = opt._new_state(p, group) if len(state) == 0 else {}
+        memo[id(p)] = fresh = bool(new)
         if fresh:  # lazy state initialization, as torch's _init_group
             state = opt.state[p]
             if spec.counter is not None:
                 state[spec.counter] = torch.zeros((), dtype=spec.step_dtype(group), device=p.device)
-            state.update((k, init(p)) for k, init in spec.state(group).items())
+            state.update(new)
     columns = [state.get(name) for name in spec.columns]
     if spec.counter is not None:
         return columns, state.get(spec.counter)

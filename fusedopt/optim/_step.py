@@ -28,8 +28,9 @@ class Algorithm:
     Args:
         name: the key of the compiled step's op (``torch.ops.fusedopt.step_``).
         kernels: the kernel module: ``<name>_kernel``, ``COLUMNS``, ``SCALARS``, ``FLAGS``.
-        state: ``(group, param) -> {state key: initial tensor}``: the state torch creates
-            lazily for a param (the step counter excluded), in torch's key order.
+        state: ``group -> {state key: init}``, ``init(param)`` the key's initial tensor: the
+            state torch creates lazily for a param (the step counter excluded), in torch's key
+            order.
         hyper: ``group -> {slot: value}`` for every name in ``SCALARS`` (numbers or 0-d tensors).
         switches: ``group -> {flag: bool}`` for every name in ``FLAGS``.
         eager: ``(hyper, switches, bucket, grads, amp, state)``: the step without Triton

@@ -121,9 +121,8 @@ class FusedAdam(FusedStep, torch.optim.Adam):
     def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
         name = type(self).__name__
         if g.is_sparse:
-            raise RuntimeError(
-                f"{name} does not support sparse gradients, please consider SparseAdam instead"
-            )
+            # torch's message, word for word (AdamW's step is Adam's)
+            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
         if real_view(p).dtype not in TL_DTYPE:
             raise NotImplementedError(
                 f"{name} steps floating-point or complex params (fp32, fp64, fp16, bf16); got {p.dtype}"

@@ -144,3 +144,77 @@ def adam_reference(
         p.copy_(x)
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
+
+
+def rmsprop_reference(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    square_avgs: list[torch.Tensor],
+    grad_avgs: list[torch.Tensor] | None,
+    momentum_buffers: list[torch.Tensor] | None,
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    maximize: bool,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
+) -> None:
+    """RMSprop step; ``grad_avgs`` given: centered, ``momentum_buffers`` given: momentum > 0."""
+    if skipped(found_inf):
+        return
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        ct = compute_dtype(p.dtype)
+        x = p.to(ct, copy=True)
+        d = _grad(g, ct, maximize, grad_scale, clip_coef)
+        v = square_avgs[i].to(ct, copy=True)
+        if weight_decay != 0:
+            d = d.add(x, alpha=weight_decay)
+        v.mul_(alpha).addcmul_(d, d, value=1 - alpha)
+        if grad_avgs is not None:
+            ga = grad_avgs[i].to(ct, copy=True).lerp_(d, 1 - alpha)
+            grad_avgs[i].copy_(ga)
+            avg = v.addcmul(ga, ga, value=-1).sqrt_()
+        else:
+            avg = v.sqrt()
+        avg.add_(eps)
+        if momentum_buffers is not None:
+            b = momentum_buffers[i].to(ct, copy=True).mul_(momentum).addcdiv_(d, avg)
+            momentum_buffers[i].copy_(b)
+            x.add_(b, alpha=-lr)
+        else:
+            x.addcdiv_(d, avg, value=-lr)
+        p.copy_(x)
+        square_avgs[i].copy_(v)
+
+
+def adagrad_reference(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    state_sums: list[torch.Tensor],
+    clrs: list[float],
+    *,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
+) -> None:
+    """Adagrad step (dense grads); ``clrs[i] = lr / (1 + (t - 1) * lr_decay)`` for tensor i."""
+    if skipped(found_inf):
+        return
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        ct = compute_dtype(p.dtype)
+        x = p.to(ct, copy=True)
+        d = _grad(g, ct, maximize, grad_scale, clip_coef)
+        s = state_sums[i].to(ct, copy=True)
+        if weight_decay != 0:
+            d = d.add(x, alpha=weight_decay)
+        s.addcmul_(d, d, value=1)
+        x.addcdiv_(d, s.sqrt().add_(eps), value=-clrs[i])
+        p.copy_(x)
+        state_sums[i].copy_(s)

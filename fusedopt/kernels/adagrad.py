@@ -1,0 +1,117 @@
+"""Multi-tensor Adagrad step (learning-rate decay, L2 decay, maximize): one pass over memory, one
+launch per device and dtype.
+
+For each element (fp32 math, fp64 for fp64 params; ``t`` is the tensor's own step count):
+
+    g   = grad / grad_scale (AMP);  g = g * clip_coef (max_grad_norm);  g = -g if maximize
+    g   = g + wd * p
+    clr = lr / (1 + (t - 1) * lr_decay)           (in fp64, as torch's Python floats)
+    s   = s + g * g
+    p   = p - clr * g / (sqrt(s) + eps)
+
+The decayed learning rate is computed in the kernel from each tensor's step count, so a step
+reads nothing from the host: it can be captured in a CUDA graph.
+
+Bytes per element (fp32): read p, g, s and write p, s = 20 B.
+When ``found_inf`` is non-zero nothing is read or written.
+"""
+
+import triton
+import triton.language as tl
+
+from fusedopt.kernels.common import (
+    address,
+    div_ieee,
+    fma,
+    load_grad,
+    locate_block,
+    mul_ieee,
+    named,
+    sqrt_ieee,
+    step_taken,
+    to_storage,
+)
+
+# The spec shared with the launcher (fusedopt.optim.adagrad): table columns (state keys), float64
+# scalar slots, and the constexpr switches.
+COLUMNS = ("param", "sum")
+SCALARS = ("lr", "lr_decay", "weight_decay", "eps")
+FLAGS = ("MAXIMIZE", "HAS_WD")
+PARAM, SUM = named(COLUMNS)
+K = tl.constexpr(len(COLUMNS))
+LR, LR_DECAY, WEIGHT_DECAY, EPS = named(SCALARS)
+
+
+@triton.jit
+def _adagrad_block(
+    ptrs,
+    grad_ptrs,
+    scalars,
+    steps,
+    grad_scale,
+    clip_coef,
+    t,
+    offs,
+    mask,  # None for a full block
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    p_ptr = address(ptrs, t, PARAM, K, DTYPE, ALIGNED) + offs
+    s_ptr = address(ptrs, t, SUM, K, DTYPE, ALIGNED) + offs
+    g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
+
+    # clr in fp64, rounded as torch's Python floats: (t - 1) * lr_decay, then 1 + that, then lr / it.
+    step = tl.load(steps + t).to(tl.float64)
+    clr = tl.load(scalars + LR) / (1.0 + mul_ieee(step - 1.0, tl.load(scalars + LR_DECAY)))
+    minus_clr = (-clr).to(COMPUTE)
+    eps = tl.load(scalars + EPS).to(COMPUTE)
+
+    # Upcast right after loading (the interpreter computes low precision on raw bits).
+    p = tl.load(p_ptr, mask=mask).to(COMPUTE)
+    g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
+    s = tl.load(s_ptr, mask=mask).to(COMPUTE)
+    # fma exactly where torch's add(alpha=) / addcmul round once; addcdiv divides (IEEE) and
+    # adds with separate roundings (CPU), so fp32 results follow torch's for-loop step.
+    if HAS_WD:
+        g = fma(p, tl.load(scalars + WEIGHT_DECAY).to(COMPUTE), g)
+    s = fma(g, g, s)
+    std = sqrt_ieee(s, COMPUTE) + eps
+    p = p + div_ieee(minus_clr * g, std, COMPUTE)
+    tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
+    tl.store(s_ptr, to_storage(s, DTYPE), mask=mask)
+
+
+@triton.jit
+def adagrad_kernel(
+    ptrs,  # int64 [T, K]: COLUMNS
+    grad_ptrs,  # int64 [T, 1]: grad
+    meta,  # int64 [T, 2]: numel, first block
+    owner,  # int32 [B]: tensor of each block
+    scalars,  # float64 [len(SCALARS)]: SCALARS
+    steps,  # float32 or float64 [T]: each tensor's step count, this step included
+    grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
+    found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
+    clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
+    DTYPE: tl.constexpr,  # storage dtype of params and state
+    COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
+    BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every address is 16-byte aligned
+):
+    t, offs, mask, full = locate_block(meta, owner, BLOCK)
+    if step_taken(found_inf, HAS_FOUND_INF):
+        if full:
+            _adagrad_block(ptrs, grad_ptrs, scalars, steps, grad_scale, clip_coef, t, offs, None, DTYPE,
+                           COMPUTE, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+        else:
+            _adagrad_block(ptrs, grad_ptrs, scalars, steps, grad_scale, clip_coef, t, offs, mask, DTYPE,
+                           COMPUTE, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip

@@ -1,0 +1,137 @@
+"""Multi-tensor RMSprop step (centered, momentum, L2 decay, maximize): one pass over memory, one
+launch per device and dtype.
+
+For each element (fp32 math, fp64 for fp64 params):
+
+    g  = grad / grad_scale (AMP);  g = g * clip_coef (max_grad_norm);  g = -g if maximize
+    g  = g + wd * p
+    v  = alpha * v + (1 - alpha) * g * g
+    ga = lerp(ga, g, 1 - alpha)                   (centered)
+    d  = sqrt(v - ga * ga) + eps  (centered)  |  d = sqrt(v) + eps
+    b  = momentum * b + g / d;  p = p - lr * b   (momentum > 0)
+    p  = p - lr * g / d                           (otherwise)
+
+The update does not depend on the step count (the launcher advances the counters only).
+
+Bytes per element (fp32): read p, g, v and write p, v = 20 B; 28 B with momentum or centered
+(+ b or ga, read and written), 36 B with both. When ``found_inf`` is non-zero nothing is read
+or written.
+"""
+
+import triton
+import triton.language as tl
+
+from fusedopt.kernels.common import (
+    address,
+    div_ieee,
+    fma,
+    load_grad,
+    locate_block,
+    mul_ieee,
+    named,
+    sqrt_ieee,
+    step_taken,
+    to_storage,
+)
+
+# The spec shared with the launcher (fusedopt.optim.rmsprop): table columns (state keys), float64
+# scalar slots, and the constexpr switches.
+COLUMNS = ("param", "square_avg", "momentum_buffer", "grad_avg")
+SCALARS = ("lr", "alpha", "eps", "weight_decay", "momentum")
+FLAGS = ("CENTERED", "HAS_MOMENTUM", "MAXIMIZE", "HAS_WD")
+PARAM, SQUARE_AVG, MOMENTUM_BUFFER, GRAD_AVG = named(COLUMNS)
+K = tl.constexpr(len(COLUMNS))
+LR, ALPHA, EPS, WEIGHT_DECAY, MOMENTUM = named(SCALARS)
+
+
+@triton.jit
+def _rmsprop_block(
+    ptrs,
+    grad_ptrs,
+    scalars,
+    grad_scale,
+    clip_coef,
+    t,
+    offs,
+    mask,  # None for a full block
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    CENTERED: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    p_ptr = address(ptrs, t, PARAM, K, DTYPE, ALIGNED) + offs
+    v_ptr = address(ptrs, t, SQUARE_AVG, K, DTYPE, ALIGNED) + offs
+    g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
+
+    lr = tl.load(scalars + LR).to(COMPUTE)
+    alpha = tl.load(scalars + ALPHA)
+    eps = tl.load(scalars + EPS).to(COMPUTE)
+    a = alpha.to(COMPUTE)
+    w = (1.0 - alpha).to(COMPUTE)
+
+    # Upcast right after loading (the interpreter computes low precision on raw bits).
+    p = tl.load(p_ptr, mask=mask).to(COMPUTE)
+    g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
+    v = tl.load(v_ptr, mask=mask).to(COMPUTE)
+    # fma exactly where torch's add(alpha=) / addcmul / lerp round once, a separate rounding
+    # where torch's mul_ / addcdiv do (CPU), so fp32 results follow torch's for-loop step.
+    if HAS_WD:
+        g = fma(p, tl.load(scalars + WEIGHT_DECAY).to(COMPUTE), g)
+    v = fma(w * g, g, v * a)
+    tl.store(v_ptr, to_storage(v, DTYPE), mask=mask)
+    if CENTERED:
+        ga_ptr = address(ptrs, t, GRAD_AVG, K, DTYPE, ALIGNED) + offs
+        ga = tl.load(ga_ptr, mask=mask).to(COMPUTE)
+        ga = tl.where(w < 0.5, fma(w, g - ga, ga), fma(w - 1.0, g - ga, g))
+        tl.store(ga_ptr, to_storage(ga, DTYPE), mask=mask)
+        avg = sqrt_ieee(fma(-ga, ga, v), COMPUTE) + eps
+    else:
+        avg = sqrt_ieee(v, COMPUTE) + eps
+    if HAS_MOMENTUM:
+        b_ptr = address(ptrs, t, MOMENTUM_BUFFER, K, DTYPE, ALIGNED) + offs
+        momentum = tl.load(scalars + MOMENTUM).to(COMPUTE)
+        b = tl.load(b_ptr, mask=mask).to(COMPUTE)
+        b = mul_ieee(b, momentum) + div_ieee(g, avg, COMPUTE)
+        tl.store(b_ptr, to_storage(b, DTYPE), mask=mask)
+        p = fma(b, -lr, p)
+    else:
+        p = p + div_ieee(-lr * g, avg, COMPUTE)
+    tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
+
+
+@triton.jit
+def rmsprop_kernel(
+    ptrs,  # int64 [T, K]: COLUMNS (an absent state column is the param, never read)
+    grad_ptrs,  # int64 [T, 1]: grad
+    meta,  # int64 [T, 2]: numel, first block
+    owner,  # int32 [B]: tensor of each block
+    scalars,  # float64 [len(SCALARS)]: SCALARS
+    steps,  # float32 or float64 [T]: each tensor's step count (not read: the update ignores it)
+    grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
+    found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
+    clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
+    DTYPE: tl.constexpr,  # storage dtype of params and state
+    COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
+    BLOCK: tl.constexpr,
+    CENTERED: tl.constexpr,  # grad_avg is read and written
+    HAS_MOMENTUM: tl.constexpr,  # momentum > 0: momentum_buffer is read and written
+    MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every address is 16-byte aligned
+):
+    t, offs, mask, full = locate_block(meta, owner, BLOCK)
+    if step_taken(found_inf, HAS_FOUND_INF):
+        if full:
+            _rmsprop_block(ptrs, grad_ptrs, scalars, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
+                           CENTERED, HAS_MOMENTUM, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+        else:
+            _rmsprop_block(ptrs, grad_ptrs, scalars, grad_scale, clip_coef, t, offs, mask, DTYPE, COMPUTE,
+                           CENTERED, HAS_MOMENTUM, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip

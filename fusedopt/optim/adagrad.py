@@ -1,0 +1,140 @@
+"""FusedAdagrad: torch.optim.Adagrad with a multi-tensor Triton step."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from fusedopt._multi_tensor import TL_DTYPE
+from fusedopt.kernels import adagrad as kernels
+from fusedopt.optim._fused import FusedStep
+from fusedopt.optim._plan import Amp, Bucket, StepGrads, real_view
+from fusedopt.optim._step import Algorithm
+from fusedopt.optim._torch_compat import check_fused_device_dtype
+from fusedopt.optim.reference import adagrad_reference, dense_cpu_fused_ok, eager_grads
+
+_torch_adagrad = importlib.import_module("torch.optim.adagrad")
+
+
+def _state(group: dict) -> dict:
+    """torch.optim.Adagrad's state besides ``step``: ``sum``, filled with
+    ``initial_accumulator_value`` (``complex(v, v)`` for complex params)."""
+    value = group["initial_accumulator_value"]
+
+    def init(p: torch.Tensor) -> torch.Tensor:
+        fill = complex(value, value) if torch.is_complex(p) else value
+        return torch.full_like(p, fill, memory_format=torch.preserve_format)
+
+    return {"sum": init}
+
+
+def _hyper(group: dict) -> dict:
+    return {k: group[k] for k in kernels.SCALARS}
+
+
+def _switches(group: dict) -> dict:
+    return dict(MAXIMIZE=bool(group["maximize"]), HAS_WD=bool(group["weight_decay"] != 0))
+
+
+def _torch_functional(params, grads, sums, steps, hyper: dict, flags: dict, **how) -> None:
+    _torch_adagrad.adagrad(
+        params, grads, sums, steps, lr=hyper["lr"], weight_decay=hyper["weight_decay"],
+        lr_decay=hyper["lr_decay"], eps=hyper["eps"], maximize=flags["MAXIMIZE"], **how,
+    )  # fmt: skip
+
+
+def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state) -> None:
+    """Without Triton: sparse grads run torch's for-loop Adagrad (its only sparse path;
+    GradScaler's skip read on the host, as torch's own path does); other CPU tensors torch's
+    fused CPU Adagrad where it is right, its foreach Adagrad for other fp32/fp64 layouts, the
+    fp32-math reference for bf16/fp16."""
+    hyper = {k: float(v) for k, v in hyper.items()}  # CPU tensors or a sparse step: host values
+    if not bucket.walkable:
+        mine = eager_grads(bucket.grads(grads), amp, fused=False)
+        if mine is None:
+            return
+        params = bucket.params  # torch's functional views complex params itself
+        sums = [state[p]["sum"] for p in params]
+        _torch_functional(
+            params, mine, sums, bucket.counters, hyper, flags, foreach=False,
+            has_sparse_grad=any(g.is_sparse for g in mine), has_complex=any(p.is_complex() for p in params),
+        )  # fmt: skip
+        return
+    fused = dense_cpu_fused_ok(bucket, bucket.grads(grads))
+    mine = eager_grads(bucket.grads(grads), amp, fused)
+    if mine is None:
+        return
+    params, sums = bucket.columns
+    if bucket.dtype in (torch.float32, torch.float64):
+        _torch_functional(
+            params, mine, sums, bucket.counters, hyper, flags, foreach=not fused, fused=fused,
+            grad_scale=amp.grad_scale if fused else None, found_inf=amp.found_inf if fused else None,
+        )  # fmt: skip
+        return
+    torch._foreach_add_(bucket.counters, 1)
+    lr, lr_decay = hyper["lr"], hyper["lr_decay"]
+    adagrad_reference(
+        params, mine, sums, [lr / (1 + (t - 1) * lr_decay) for t in torch.stack(bucket.counters).tolist()],
+        weight_decay=hyper["weight_decay"], eps=hyper["eps"], maximize=flags["MAXIMIZE"],
+    )  # fmt: skip
+
+
+ADAGRAD = Algorithm("adagrad", kernels, _state, _hyper, _switches, _eager)
+
+
+class FusedAdagrad(FusedStep, torch.optim.Adagrad):
+    r"""torch.optim.Adagrad with a fused multi-tensor Triton step.
+
+    Same constructor, defaults, validation, ``param_groups``, state (``step`` and ``sum``,
+    created by the constructor for every param, as torch does) and ``state_dict`` as
+    :class:`torch.optim.Adagrad`; a state dict of either loads into the other. One extension:
+    ``max_grad_norm`` (keyword-only, see :class:`fusedopt.optim._fused.FusedStep`) clips the
+    global gradient norm inside the step. For each param, with :math:`t` its own step count:
+
+    .. math::
+        g &\leftarrow \pm\nabla f(\theta) + \lambda\theta \;(-\text{ if maximize}),\qquad
+        \tilde\gamma \leftarrow \frac{\gamma}{1 + (t-1)\,\eta}\\
+        s &\leftarrow s + g^2,\qquad
+        \theta \leftarrow \theta - \tilde\gamma\,\frac{g}{\sqrt{s} + \epsilon}
+
+    (:math:`\eta` is ``lr_decay``, :math:`s` starts at ``initial_accumulator_value``.) The step
+    runs one Triton kernel per device and dtype (fp32 math, fp64 for fp64 params, params and
+    ``sum`` stored in the param's dtype), reading p, g, s and writing p, s: 20 bytes per fp32
+    element. CUDA tensors use the compiled kernel; CPU tensors the same kernel under
+    ``TRITON_INTERPRET=1``, else torch's fused CPU Adagrad where it is right, its foreach
+    Adagrad (other fp32/fp64 layouts) or the fp32-math reference
+    (:func:`fusedopt.optim.reference.adagrad_reference`, bf16/fp16). Sparse gradients run
+    torch's own for-loop Adagrad (its behaviour for them; ``weight_decay`` with a sparse
+    gradient raises, as in torch).
+
+    The decayed learning rate is computed in the kernel from the step counts, which live on the
+    param's device, and hyper-parameters are read on the device, so a step makes no host read
+    and compiles with ``torch.compile``. GradScaler's ``grad_scale``/``found_inf`` are applied
+    in the kernel (unscale; skip the step and keep ``step`` when an inf was found) without a
+    host sync, whatever ``fused`` says. ``fused=None`` (default) or ``True`` runs our kernel
+    (``True`` also checks devices and dtypes as torch's fused Adagrad does); ``fused=False``,
+    ``foreach=True`` or ``differentiable=True`` run torch's own implementation.
+    """
+
+    algorithm = ADAGRAD
+
+    def _new_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
+        # torch's _init_group creates the state of a param added after the constructor (with
+        # add_param_group) for every grad, sparse ones too, filled with the constructor's
+        # initial_accumulator_value (self.defaults), not its group's.
+        defaults = dict(group, initial_accumulator_value=self.defaults["initial_accumulator_value"])
+        return {key: init(p) for key, init in self.algorithm.state(defaults).items()}
+
+    def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
+        if group["fused"]:
+            check_fused_device_dtype(p)  # torch's message (it also refuses complex params)
+            if g.is_sparse:
+                raise RuntimeError("`fused` does not support sparse grad or complex param")
+        if g.is_sparse and group["weight_decay"] != 0:
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+        if real_view(p).dtype not in TL_DTYPE:
+            raise NotImplementedError(
+                f"{type(self).__name__} steps floating-point or complex params (fp32, fp64, fp16, "
+                f"bf16); got {p.dtype}"
+            )
