@@ -129,15 +129,26 @@ def verdicts(out: str, name: str) -> list[str]:
 
 def test_check_passes(monkeypatch, capsys):
     status, out = run_check(
-        monkeypatch, capsys, "--optimizers", "sgd", "adamw", "--losses", "mean", "l1_loss"
+        monkeypatch,
+        capsys,
+        "--optimizers",
+        "sgd",
+        "adamw",
+        "rmsprop",
+        "adagrad",
+        "--losses",
+        "mean",
+        "l1_loss",
     )
     assert status == 0, out
     assert verdicts(out, "FusedSGD") == ["PASS"] * 10  # 5 option sets (one max_grad_norm) x 2 dtypes
     assert verdicts(out, "FusedAdamW") == ["PASS"] * 6
+    assert verdicts(out, "FusedRMSprop") == ["PASS"] * 4 and verdicts(out, "FusedAdagrad") == ["PASS"] * 4
     assert verdicts(out, "mean") == ["PASS"] * 4 and verdicts(out, "l1_loss") == ["PASS"] * 2
     assert "momentum_buffer" in out and "max_exp_avg_sq" in out and "err/tol" in out
+    assert "square_avg" in out and "grad_avg" in out and "sum" in out
     assert "max_grad_norm=1.0" in out
-    assert "OK: all 22 checks within tolerance" in out
+    assert "OK: all 30 checks within tolerance" in out
 
 
 @pytest.mark.parametrize("wrong", [DriftingSGD, ForgetfulSGD])

@@ -114,6 +114,8 @@ OPTIMIZERS: dict[str, OptimSpec] = {
     "adam": OptimSpec(fusedopt.FusedAdam, torch.optim.Adam, {"lr": 1e-3}, 2, capturable_flag=True),
     "adamw": OptimSpec(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3}, 2, capturable_flag=True),
     "sgd": OptimSpec(fusedopt.FusedSGD, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}, 1),
+    "rmsprop": OptimSpec(fusedopt.FusedRMSprop, torch.optim.RMSprop, {"lr": 1e-3}, 1, capturable_flag=True),
+    "adagrad": OptimSpec(fusedopt.FusedAdagrad, torch.optim.Adagrad, {"lr": 1e-3}, 1),
 }
 
 

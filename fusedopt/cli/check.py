@@ -76,6 +76,20 @@ OPTIM_CASES: list[OptimCase] = [
         torch.optim.AdamW,
         dict(lr=0.01, weight_decay=0.5, amsgrad=True, maximize=True),
     ),
+    OptimCase("rmsprop", fusedopt.FusedRMSprop, torch.optim.RMSprop, dict(lr=0.01, weight_decay=0.1)),
+    OptimCase(
+        "rmsprop",
+        fusedopt.FusedRMSprop,
+        torch.optim.RMSprop,
+        dict(lr=0.01, alpha=0.9, momentum=0.5, centered=True, maximize=True),
+    ),
+    OptimCase("adagrad", fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr=0.05, lr_decay=0.01)),
+    OptimCase(
+        "adagrad",
+        fusedopt.FusedAdagrad,
+        torch.optim.Adagrad,
+        dict(lr=0.05, initial_accumulator_value=0.1, weight_decay=0.1, maximize=True),
+    ),
     # fusedopt's max_grad_norm against torch's clip_grad_norm_(params, max_norm) before the step.
     OptimCase("sgd", fusedopt.FusedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, max_grad_norm=1.0)),
     OptimCase("adamw", fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=0.01, max_grad_norm=1.0)),

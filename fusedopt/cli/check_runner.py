@@ -178,6 +178,8 @@ def run_optim_case(case: OptimCase, dtype: torch.dtype, device: str, sizes: Size
     opt = case.fused_cls(ours, **case.kwargs)
     torch_kwargs = {k: v for k, v in case.kwargs.items() if k != "max_grad_norm"}
     ref = case.torch_cls(theirs, foreach=False, **torch_kwargs)
+    if low:  # state torch creates in its constructor (Adagrad's sum) is stored in the dtype too
+        round_to_storage_(ref, theirs, dtype)
     for _ in range(steps):
         for p, q in zip(ours, theirs, strict=True):
             g = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)

@@ -148,9 +148,9 @@ class FusedStep:
             planned = plan_groups(self, ours)
             amp.clip_coef = _amp.clip_coefficient(self, planned, theirs, amp)
             for group, plan, grads in planned:
-                scalars, flags = spec.scalar_values(group), spec.flag_values(group)
+                scalars = spec.scalar_values(group)
                 for bucket in plan.buckets:
-                    run_bucket(spec, bucket, grads, scalars, flags, amp, self.state)
+                    run_bucket(spec, bucket, grads, scalars, plan.flags, amp, self.state)
         if theirs:
             self._torch_step(theirs)
         return loss

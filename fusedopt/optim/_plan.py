@@ -103,6 +103,7 @@ class Bucket:
         self.irregular: list[int] = []  # tensors whose operands do not share one dense layout
         self.table: TensorTable | None = None
         self.scalars = DeviceScalars(device)  # the group's hyper-parameters on this device
+        self.memo: dict = {}  # what a non-Triton step decides once per bucket (layouts, ...)
 
     def add(self, position: int, operands: list[torch.Tensor], counter: torch.Tensor | None) -> None:
         if not self.columns:
@@ -216,11 +217,13 @@ def _dynamic_rows(grads: list[torch.Tensor]) -> list[tuple[int, ...]]:
 
 
 class Plan:
-    """The buckets of one group for one scan key (None: not cacheable)."""
+    """The buckets of one group for one scan key (None: not cacheable) and the algorithm's
+    switches it was built for (a switch that adds state, e.g. amsgrad, needs a new plan)."""
 
-    def __init__(self, key: tuple | None, buckets: list[Bucket]):
+    def __init__(self, key: tuple | None, buckets: list[Bucket], flags: dict | None = None):
         self.key = key
         self.buckets = buckets
+        self.flags = flags
         self.cacheable = key is not None and all(not b.irregular for b in buckets)
 
 
@@ -278,24 +281,38 @@ def plan_groups(opt, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, S
     scans = []
     for i, group in groups:
         key, grads = scan(group["params"])
+        flags = opt.algorithm.flag_values(group)
         plan = opt._plans.get(i)
-        scans.append((i, group, key, grads, plan if plan is not None and plan.key == key else None))
+        valid = plan is not None and plan.key == key and plan.flags == flags
+        scans.append((i, group, key, grads, flags, plan if valid else None))
     # Check every group that needs a new plan before any state is created or changed.
-    for _, group, _, _, plan in scans:
+    for _, group, _, _, _, plan in scans:
         if plan is None:
             for p in group["params"]:
                 if p.grad is not None:
                     opt._check(p, p.grad, group)
+                    _check_state(opt, p, group)
     out = []
-    for i, group, key, grads, plan in scans:
+    for i, group, key, grads, flags, plan in scans:
         if plan is None:
             plan = _build(opt, group, key, grads)
+            plan.flags = flags
             if plan.cacheable:
                 opt._plans[i] = plan
             else:
                 opt._plans.pop(i, None)
         out.append((group, plan, grads))
     return out
+
+
+def _check_state(opt, p: torch.Tensor, group: dict) -> None:
+    """Refuse, as torch does (``KeyError``), a param whose state lacks a key the group's options
+    need (e.g. amsgrad switched on after the first steps): never step a missing buffer."""
+    state = opt.state.get(p)
+    if state and walkable(p):
+        for key in opt.algorithm.state(group):
+            if key not in state:
+                raise KeyError(key)
 
 
 def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, layer: int):

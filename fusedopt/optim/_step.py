@@ -38,6 +38,9 @@ class Algorithm:
             bucket's counters itself. ``state`` is the optimizer's (None inside the op).
         counter: the state key of the per-param step count (torch's ``"step"``), or None: the
             optimizer keeps a private count of steps taken (SGD's "this buffer is new").
+        saturates: the kernel only tells counts below this apart (SGD: 2, "is this the first
+            step"): once every counter of a bucket has surely reached it (that many steps
+            without GradScaler), steps stop advancing them. None: the count itself is read.
     """
 
     name: str
@@ -47,6 +50,7 @@ class Algorithm:
     switches: Callable[[dict], dict[str, bool]]
     eager: Callable[..., None]
     counter: str | None = "step"
+    saturates: int | None = None
 
     def step_dtype(self, group: dict) -> torch.dtype:
         """The dtype of a new step counter, as torch's ``_get_scalar_dtype(is_fused=...)``."""
@@ -55,6 +59,7 @@ class Algorithm:
         return torch.float64
 
     def __post_init__(self):
+        object.__setattr__(self, "_flag_names", frozenset(self.kernels.FLAGS))
         if self.kernels.COLUMNS[0] != "param":
             raise ValueError(f"{self.name}: column 0 of the kernel's table must be the param")
         ALGORITHMS[self.name] = self
@@ -70,14 +75,16 @@ class Algorithm:
         return self.kernels.COLUMNS[1:]
 
     def scalar_values(self, group: dict) -> list:
+        """The group's values of the kernel's scalar slots, in slot order."""
         values = self.hyper(group)
-        if values.keys() != set(self.kernels.SCALARS):
+        if len(values) != len(self.kernels.SCALARS):
             raise ValueError(f"{self.name}: scalars {sorted(values)} != {sorted(self.kernels.SCALARS)}")
-        return [values[name] for name in self.kernels.SCALARS]
+        return [values[name] for name in self.kernels.SCALARS]  # a KeyError names a missing slot
 
     def flag_values(self, group: dict) -> dict[str, bool]:
+        """The group's values of the kernel's switches."""
         values = self.switches(group)
-        if values.keys() != set(self.kernels.FLAGS):
+        if values.keys() != self._flag_names:
             raise ValueError(f"{self.name}: flags {sorted(values)} != {sorted(self.kernels.FLAGS)}")
         return values
 
@@ -103,9 +110,12 @@ def run_bucket(
         )
         return
     counters = bucket.counter_vector()
-    if counters is not None:
+    sure = bucket.memo.get("taken", 0)  # steps this bucket surely took (no found_inf)
+    if counters is not None and (algorithm.saturates is None or sure < algorithm.saturates):
         if amp.found_inf is not None:
             counters.sub_(amp.found_inf.to(counters.device))
+        else:
+            bucket.memo["taken"] = sure + 1
         counters.add_(1)
     vector = bucket.scalars(scalars)
     bucket.launch(grads, algorithm.kernel, amp, vector, vector if counters is None else counters, **flags)

@@ -47,7 +47,7 @@ def _torch_functional(params, grads, sums, steps, hyper: dict, flags: dict, **ho
 def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state) -> None:
     """Without Triton: sparse grads run torch's for-loop Adagrad (its only sparse path;
     GradScaler's skip read on the host, as torch's own path does); other CPU tensors torch's
-    fused CPU Adagrad where it is right, its foreach Adagrad for other fp32/fp64 layouts, the
+    fused CPU Adagrad where it is right, its for-loop Adagrad for other fp32/fp64 layouts, the
     fp32-math reference for bf16/fp16."""
     hyper = {k: float(v) for k, v in hyper.items()}  # CPU tensors or a sparse step: host values
     if not bucket.walkable:
@@ -68,7 +68,7 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
     params, sums = bucket.columns
     if bucket.dtype in (torch.float32, torch.float64):
         _torch_functional(
-            params, mine, sums, bucket.counters, hyper, flags, foreach=not fused, fused=fused,
+            params, mine, sums, bucket.counters, hyper, flags, foreach=False, fused=fused,
             grad_scale=amp.grad_scale if fused else None, found_inf=amp.found_inf if fused else None,
         )  # fmt: skip
         return
@@ -102,7 +102,7 @@ class FusedAdagrad(FusedStep, torch.optim.Adagrad):
     runs one Triton kernel per device and dtype (fp32 math, fp64 for fp64 params, params and
     ``sum`` stored in the param's dtype), reading p, g, s and writing p, s: 20 bytes per fp32
     element. CUDA tensors use the compiled kernel; CPU tensors the same kernel under
-    ``TRITON_INTERPRET=1``, else torch's fused CPU Adagrad where it is right, its foreach
+    ``TRITON_INTERPRET=1``, else torch's fused CPU Adagrad where it is right, its for-loop
     Adagrad (other fp32/fp64 layouts) or the fp32-math reference
     (:func:`fusedopt.optim.reference.adagrad_reference`, bf16/fp16). Sparse gradients run
     torch's own for-loop Adagrad (its behaviour for them; ``weight_decay`` with a sparse

@@ -46,7 +46,7 @@ def _switches(group: dict) -> dict:
 
 
 def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state) -> None:
-    """Without Triton: torch's fused CPU Adam where it is right, its foreach Adam for other
+    """Without Triton: torch's fused CPU Adam where it is right, its for-loop Adam for other
     fp32/fp64 layouts, the fp32-math reference for bf16/fp16 (torch computes those in bf16)."""
     params, exp_avgs, exp_avg_sqs, vmax = bucket.columns
     fused = dense_cpu_fused_ok(bucket, bucket.grads(grads))
@@ -57,7 +57,7 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
     if bucket.dtype in (torch.float32, torch.float64):
         _torch_adam.adam(
             params, mine, exp_avgs, exp_avg_sqs, vmax if flags["AMSGRAD"] else [], bucket.counters,
-            foreach=not fused, fused=fused, grad_scale=amp.grad_scale if fused else None,
+            foreach=False, fused=fused, grad_scale=amp.grad_scale if fused else None,
             found_inf=amp.found_inf if fused else None, amsgrad=flags["AMSGRAD"], beta1=hyper["beta1"],
             beta2=hyper["beta2"], lr=hyper["lr"], weight_decay=hyper["weight_decay"], eps=hyper["eps"],
             maximize=flags["MAXIMIZE"], decoupled_weight_decay=flags["DECOUPLED"],

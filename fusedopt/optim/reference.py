@@ -33,11 +33,14 @@ def dense_cpu_fused_ok(bucket, grads: list[torch.Tensor]) -> bool:
     """Whether torch's fused CPU step is right for these tensors: fp32/fp64 (torch 2.13's fused
     CPU SGD leaves most bf16 params unchanged), dense, and grads laid out as their params (it
     corrupts other layouts; see TRITON_NOTES)."""
-    return (
-        bucket.device.type == "cpu"
-        and bucket.dtype in (torch.float32, torch.float64)
-        and all(shares_dense_layout([*ops, g]) for *ops, g in zip(*bucket.columns, grads, strict=True))
-    )
+    ok = bucket.memo.get("cpu_fused")  # a bucket's layouts are fixed (its plan key has the strides)
+    if ok is None:
+        ok = bucket.memo["cpu_fused"] = (
+            bucket.device.type == "cpu"
+            and bucket.dtype in (torch.float32, torch.float64)
+            and all(shares_dense_layout([*ops, g]) for *ops, g in zip(*bucket.columns, grads, strict=True))
+        )
+    return ok
 
 
 def eager_grads(grads: list[torch.Tensor], amp, fused: bool) -> list[torch.Tensor] | None:

@@ -45,8 +45,9 @@ def _switches(group: dict) -> dict:
 
 
 def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state) -> None:
-    """Without Triton: torch's foreach RMSprop for fp32/fp64 (torch has no fused RMSprop), the
-    fp32-math reference for bf16/fp16 (torch computes those in bf16)."""
+    """Without Triton: torch's for-loop RMSprop for fp32/fp64 (torch has no fused RMSprop, and
+    its foreach one is slower on CPU), the fp32-math reference for bf16/fp16 (torch computes
+    those in bf16)."""
     params, square_avgs, buffers, grad_avgs = bucket.columns
     mine = eager_grads(bucket.grads(grads), amp, fused=False)
     if mine is None:
@@ -56,7 +57,7 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
     grad_avgs = grad_avgs if flags["CENTERED"] else None
     if bucket.dtype in (torch.float32, torch.float64):
         _torch_rmsprop.rmsprop(
-            params, mine, square_avgs, grad_avgs or [], buffers or [], bucket.counters, foreach=True,
+            params, mine, square_avgs, grad_avgs or [], buffers or [], bucket.counters, foreach=False,
             maximize=flags["MAXIMIZE"], centered=flags["CENTERED"], **hyper,
         )  # fmt: skip
         return
@@ -90,7 +91,7 @@ class FusedRMSprop(FusedStep, torch.optim.RMSprop):
     params and state stored in the param's dtype), reading p, g, v and writing p, v: 20 bytes
     per fp32 element, plus 8 for each of the momentum buffer and the centered average. CUDA
     tensors use the compiled kernel; CPU tensors the same kernel under ``TRITON_INTERPRET=1``,
-    else torch's foreach RMSprop (fp32/fp64) or the fp32-math reference
+    else torch's for-loop RMSprop (fp32/fp64) or the fp32-math reference
     (:func:`fusedopt.optim.reference.rmsprop_reference`, bf16/fp16).
 
     ``step`` lives on the param's device and hyper-parameters are read on the device, so a step

@@ -50,7 +50,7 @@ def _torch_functional(params, grads, buffers, hyper: dict, flags: dict, **how) -
 def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state) -> None:
     """Without Triton: sparse grads and integer params run torch's for-loop SGD (its behaviour
     for them; GradScaler's skip read on the host, as torch's own path does); other CPU tensors
-    torch's fused CPU SGD where it is right, its foreach SGD for other fp32/fp64 layouts, the
+    torch's fused CPU SGD where it is right, its for-loop SGD for other fp32/fp64 layouts, the
     fp32-math reference for bf16/fp16."""
     momentum = flags["HAS_MOMENTUM"]
     if not bucket.walkable:
@@ -63,7 +63,9 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
         for p, b in zip(params, buffers, strict=False):
             state[p]["momentum_buffer"] = b
         return
-    fresh = [c.item() == 0 for c in bucket.counters] if momentum else []
+    # Once a step was taken no buffer of the bucket is new again (a new plan starts over).
+    taken = bucket.memo.get("taken", 0)
+    fresh = [not taken and c.item() == 0 for c in bucket.counters]
     fused = dense_cpu_fused_ok(bucket, bucket.grads(grads)) and not any(fresh)
     mine = eager_grads(bucket.grads(grads), amp, fused)
     if mine is None:
@@ -73,7 +75,7 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
     if bucket.dtype in (torch.float32, torch.float64):
         given = [None if f else b for f, b in zip(fresh, buffers, strict=True)] if momentum else []
         _torch_functional(
-            params, mine, given, hyper, flags, foreach=not fused, fused=fused,
+            params, mine, given, hyper, flags, foreach=False, fused=fused,
             grad_scale=amp.grad_scale if fused else None, found_inf=amp.found_inf if fused else None,
         )  # fmt: skip
         for f, b, new in zip(fresh, buffers, given, strict=False):
@@ -85,9 +87,10 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
         )
     if momentum:
         torch._foreach_add_(bucket.counters, 1)
+        bucket.memo["taken"] = taken + 1
 
 
-SGD = Algorithm("sgd", kernels, _state, _hyper, _switches, _eager, counter=None)
+SGD = Algorithm("sgd", kernels, _state, _hyper, _switches, _eager, counter=None, saturates=2)
 
 
 class FusedSGD(FusedStep, torch.optim.SGD):
