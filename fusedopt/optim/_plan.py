@@ -104,6 +104,8 @@ class Bucket:
         self.table: TensorTable | None = None
         self.scalars = DeviceScalars(device)  # the group's hyper-parameters on this device
         self.memo: dict = {}  # what a non-Triton step decides once per bucket (layouts, ...)
+        if self.kind == "triton":
+            self.dtypes = {"DTYPE": TL_DTYPE[dtype], "COMPUTE": TL_DTYPE[compute_dtype(dtype)]}
 
     def add(self, position: int, operands: list[torch.Tensor], counter: torch.Tensor | None) -> None:
         if not self.columns:
@@ -177,14 +179,19 @@ class Bucket:
         operand is replaced by ``args[0]`` and never read. Tensors with mismatched layouts go
         through dense copies.
         """
-        optional = [amp.grad_scale, amp.found_inf, amp.clip_coef]
-        operands = [*args, *(args[0] if t is None else t.to(self.device) for t in optional)]
+        scale, found, clip = amp.grad_scale, amp.found_inf, amp.clip_coef
+        filler, device = args[0], self.device
+        operands = (
+            *args,
+            filler if scale is None else scale.to(device),
+            filler if found is None else found.to(device),
+            filler if clip is None else clip.to(device),
+        )
         constexprs.update(
-            DTYPE=TL_DTYPE[self.dtype],
-            COMPUTE=TL_DTYPE[compute_dtype(self.dtype)],
-            HAS_GRAD_SCALE=optional[0] is not None,
-            HAS_FOUND_INF=optional[1] is not None,
-            HAS_CLIP=optional[2] is not None,
+            self.dtypes,
+            HAS_GRAD_SCALE=scale is not None,
+            HAS_FOUND_INF=found is not None,
+            HAS_CLIP=clip is not None,
         )
         if self.table is not None:
             self.table.launch(kernel, self.dynamic(grads), *operands, **constexprs)

@@ -60,6 +60,7 @@ class Algorithm:
 
     def __post_init__(self):
         object.__setattr__(self, "_flag_names", frozenset(self.kernels.FLAGS))
+        object.__setattr__(self, "_kernel", getattr(self.kernels, f"{self.name}_kernel"))
         if self.kernels.COLUMNS[0] != "param":
             raise ValueError(f"{self.name}: column 0 of the kernel's table must be the param")
         ALGORITHMS[self.name] = self
@@ -67,7 +68,7 @@ class Algorithm:
     @property
     def kernel(self):
         """The step kernel: ``<name>_kernel`` of the kernel module."""
-        return getattr(self.kernels, f"{self.name}_kernel")
+        return self._kernel
 
     @property
     def columns(self) -> tuple[str, ...]:

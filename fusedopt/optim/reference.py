@@ -66,6 +66,16 @@ def _grad(
     return -d if maximize else d
 
 
+def _tensors(params, grads, maximize: bool, grad_scale, found_inf, clip_coef):
+    """What every reference step loops over: ``(i, param, compute dtype, param copy in it, the
+    grad the step uses in it)``; nothing when GradScaler found an inf."""
+    if skipped(found_inf):
+        return
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        ct = compute_dtype(p.dtype)
+        yield i, p, ct, p.to(ct, copy=True), _grad(g, ct, maximize, grad_scale, clip_coef)
+
+
 def sgd_reference(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -83,12 +93,7 @@ def sgd_reference(
     clip_coef: torch.Tensor | None = None,
 ) -> None:
     """SGD step. ``fresh[i]`` marks a momentum buffer created this step (it takes the grad)."""
-    if skipped(found_inf):
-        return
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        ct = compute_dtype(p.dtype)
-        x = p.to(ct, copy=True)
-        d = _grad(g, ct, maximize, grad_scale, clip_coef)
+    for i, p, ct, x, d in _tensors(params, grads, maximize, grad_scale, found_inf, clip_coef):
         if weight_decay != 0:
             d = d.add(x, alpha=weight_decay)
         if momentum != 0:
@@ -121,13 +126,8 @@ def adam_reference(
     clip_coef: torch.Tensor | None = None,
 ) -> None:
     """Adam/AdamW step; ``bias_corrections[i] = (1 - beta1**t, sqrt(1 - beta2**t))`` for tensor i."""
-    if skipped(found_inf):
-        return
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        ct = compute_dtype(p.dtype)
+    for i, p, ct, x, d in _tensors(params, grads, maximize, grad_scale, found_inf, clip_coef):
         bias_correction1, bias_correction2_sqrt = bias_corrections[i]
-        x = p.to(ct, copy=True)
-        d = _grad(g, ct, maximize, grad_scale, clip_coef)
         m = exp_avgs[i].to(ct, copy=True)
         v = exp_avg_sqs[i].to(ct, copy=True)
         if weight_decay != 0:
@@ -167,12 +167,7 @@ def rmsprop_reference(
     clip_coef: torch.Tensor | None = None,
 ) -> None:
     """RMSprop step; ``grad_avgs`` given: centered, ``momentum_buffers`` given: momentum > 0."""
-    if skipped(found_inf):
-        return
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        ct = compute_dtype(p.dtype)
-        x = p.to(ct, copy=True)
-        d = _grad(g, ct, maximize, grad_scale, clip_coef)
+    for i, p, ct, x, d in _tensors(params, grads, maximize, grad_scale, found_inf, clip_coef):
         v = square_avgs[i].to(ct, copy=True)
         if weight_decay != 0:
             d = d.add(x, alpha=weight_decay)
@@ -208,12 +203,7 @@ def adagrad_reference(
     clip_coef: torch.Tensor | None = None,
 ) -> None:
     """Adagrad step (dense grads); ``clrs[i] = lr / (1 + (t - 1) * lr_decay)`` for tensor i."""
-    if skipped(found_inf):
-        return
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        ct = compute_dtype(p.dtype)
-        x = p.to(ct, copy=True)
-        d = _grad(g, ct, maximize, grad_scale, clip_coef)
+    for i, p, ct, x, d in _tensors(params, grads, maximize, grad_scale, found_inf, clip_coef):
         s = state_sums[i].to(ct, copy=True)
         if weight_decay != 0:
             d = d.add(x, alpha=weight_decay)
