@@ -74,30 +74,56 @@ class NoHostSync(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("scaler_cls", [torch.amp.GradScaler, fusedopt.GradScaler], ids=["torch", "fusedopt"])
-@pytest.mark.parametrize("cls", [fusedopt.FusedAdamW, fusedopt.FusedSGD, fusedopt.FusedAdam])
-def test_steady_state_step_makes_no_host_read(cls, scaler_cls, triton_device):
-    """Default options, a GradScaler, max_grad_norm and a tensor lr: after the first steps
-    (state and plans created), ``scaler.step``/``scaler.update`` make no host read and no copy
-    between devices (the probe sees every aten op; it is shown to fire by the last lines)."""
+PROBED = [
+    fusedopt.FusedAdamW,
+    fusedopt.FusedSGD,
+    fusedopt.FusedAdam,
+    fusedopt.FusedRMSprop,
+    fusedopt.FusedAdagrad,
+]
+
+
+@pytest.mark.parametrize("mode", ["defaults", "torch-scaler", "fusedopt-scaler"])
+@pytest.mark.parametrize("cls", PROBED, ids=lambda c: c.__name__)
+def test_steady_state_step_makes_no_host_read(cls, mode, triton_device):
+    """Default options, or a GradScaler (torch's or ours) with max_grad_norm and a tensor lr:
+    after the first steps (state and plans created), the step (``scaler.step``/``update``)
+    makes no host read and no copy between devices (the probe sees every aten op; it is shown
+    to fire by the last lines)."""
     device = triton_device
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
-    kwargs = dict(momentum=0.9, dampening=0.5) if cls is fusedopt.FusedSGD else {}
-    opt = cls(model.parameters(), lr=torch.tensor(0.01, device=device), max_grad_norm=1.0, **kwargs)
-    scaler = scaler_cls(device, init_scale=2.0**4)
-    for i in range(4):
-        opt.zero_grad()
-        scaler.scale(model(torch.randn(5, 4, device=device)).square().mean()).backward()
-        if i == 3:
-            model[0].weight.grad[0, 0] = float("inf")  # a skipped step too
-        if i >= 2:
-            with NoHostSync():
-                scaler.step(opt)
-                scaler.update()
+    kwargs = {}
+    if mode != "defaults":
+        kwargs = dict(lr=torch.tensor(0.01, device=device), max_grad_norm=1.0)
+        kwargs.update(dict(momentum=0.9, dampening=0.5) if cls is fusedopt.FusedSGD else {})
+    elif cls is fusedopt.FusedSGD:
+        kwargs = dict(lr=0.01)
+    opt = cls(model.parameters(), **kwargs)
+    scaler = None
+    if mode != "defaults":
+        scaler = (torch.amp.GradScaler if mode == "torch-scaler" else fusedopt.GradScaler)(
+            device, init_scale=16.0
+        )
+
+    def step() -> None:
+        if scaler is None:
+            opt.step()
         else:
             scaler.step(opt)
             scaler.update()
+
+    for i in range(4):
+        opt.zero_grad()
+        loss = model(torch.randn(5, 4, device=device)).square().mean()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if i == 3 and scaler is not None:
+            model[0].weight.grad[0, 0] = float("inf")  # a skipped step too
+        if i >= 2:
+            with NoHostSync():
+                step()
+        else:
+            step()
     with pytest.raises(AssertionError, match="host read"), NoHostSync():
         torch.zeros((), device=device).item()
 
