@@ -26,7 +26,7 @@ import math
 import torch
 
 from fusedopt.optim import _amp
-from fusedopt.optim._plan import Amp, Plan, operands_of, plan_groups, walkable
+from fusedopt.optim._plan import Amp, Plan, operands_of, plan_groups, walkable, walkable_dtype
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
 
 
@@ -112,6 +112,14 @@ class FusedStep:
 
     def _before_step(self) -> None:
         """Checks the torch class makes at the top of its step."""
+
+    def _refuse_integer(self, p: torch.Tensor) -> None:
+        """For algorithms torch has no integer path for: refuse (before anything changes)."""
+        if not walkable_dtype(p):
+            raise NotImplementedError(
+                f"{type(self).__name__} steps floating-point or complex params (fp32, fp64, fp16, bf16); "
+                f"got {p.dtype}"
+            )
 
     def _new_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
         """The state torch's ``_init_group`` creates for a param with a grad and no state yet

@@ -34,9 +34,14 @@ def real_view(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def walkable_dtype(p: torch.Tensor) -> bool:
+    """Whether the kernels step this param's dtype (float, or complex as its real view)."""
+    return real_view(p).dtype in TL_DTYPE
+
+
 def walkable(p: torch.Tensor) -> bool:
     """Whether a param with a grad can take the kernels: a dense grad and a float dtype."""
-    return not p.grad.is_sparse and real_view(p).dtype in TL_DTYPE
+    return not p.grad.is_sparse and walkable_dtype(p)
 
 
 class StepGrads(list):

@@ -6,10 +6,9 @@ import importlib
 
 import torch
 
-from fusedopt._multi_tensor import TL_DTYPE
 from fusedopt.kernels import adagrad as kernels
 from fusedopt.optim._fused import FusedStep
-from fusedopt.optim._plan import Amp, Bucket, StepGrads, real_view
+from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm
 from fusedopt.optim._torch_compat import check_fused_device_dtype
 from fusedopt.optim.reference import adagrad_reference, dense_cpu_fused_ok, eager_grads
@@ -133,8 +132,4 @@ class FusedAdagrad(FusedStep, torch.optim.Adagrad):
                 raise RuntimeError("`fused` does not support sparse grad or complex param")
         if g.is_sparse and group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
-        if real_view(p).dtype not in TL_DTYPE:
-            raise NotImplementedError(
-                f"{type(self).__name__} steps floating-point or complex params (fp32, fp64, fp16, "
-                f"bf16); got {p.dtype}"
-            )
+        self._refuse_integer(p)

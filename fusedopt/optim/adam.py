@@ -6,10 +6,9 @@ import importlib
 
 import torch
 
-from fusedopt._multi_tensor import TL_DTYPE
 from fusedopt.kernels import adam as kernels
 from fusedopt.optim._fused import FusedStep
-from fusedopt.optim._plan import Amp, Bucket, StepGrads, real_view
+from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm
 from fusedopt.optim._torch_compat import capture_health_check, check_fused_device_dtype
 from fusedopt.optim.reference import adam_reference, dense_cpu_fused_ok, eager_grads
@@ -119,14 +118,10 @@ class FusedAdam(FusedStep, torch.optim.Adam):
         capture_health_check(self)  # as torch.optim.Adam: capture only when capturable
 
     def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
-        name = type(self).__name__
         if g.is_sparse:
             # torch's message, word for word (AdamW's step is Adam's)
             raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-        if real_view(p).dtype not in TL_DTYPE:
-            raise NotImplementedError(
-                f"{name} steps floating-point or complex params (fp32, fp64, fp16, bf16); got {p.dtype}"
-            )
+        self._refuse_integer(p)
         if group["fused"] and not self.state.get(p):
             check_fused_device_dtype(p)
 

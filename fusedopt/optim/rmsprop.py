@@ -6,10 +6,9 @@ import importlib
 
 import torch
 
-from fusedopt._multi_tensor import TL_DTYPE
 from fusedopt.kernels import rmsprop as kernels
 from fusedopt.optim._fused import FusedStep
-from fusedopt.optim._plan import Amp, Bucket, StepGrads, real_view
+from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm
 from fusedopt.optim._torch_compat import capture_health_check
 from fusedopt.optim.reference import eager_grads, rmsprop_reference
@@ -110,8 +109,4 @@ class FusedRMSprop(FusedStep, torch.optim.RMSprop):
     def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
         if g.is_sparse:
             raise RuntimeError("RMSprop does not support sparse gradients")  # torch's message
-        if real_view(p).dtype not in TL_DTYPE:
-            raise NotImplementedError(
-                f"{type(self).__name__} steps floating-point or complex params (fp32, fp64, fp16, "
-                f"bf16); got {p.dtype}"
-            )
+        self._refuse_integer(p)
