@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from optim_cases import ADAM_CASES, SGD_CASES, run_parity
+from optim_cases import ADAGRAD_CASES, ADAM_CASES, RMSPROP_CASES, SGD_CASES, run_parity
 from test_optim_api import case_id, grads_for, make
 from test_torch_compile_optim import Graphs
 from torch import nn
@@ -21,7 +21,7 @@ from fusedopt.optim import _plan
 SPECS = [(3, 4), (5,), (), (4097,), (0,)]
 # GradScaler's verdicts: the first step is skipped (a momentum buffer must stay new), then one more.
 FOUND_INF = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
-CASES = [*SGD_CASES, *ADAM_CASES]  # SGD_CASES include dampening != 0
+CASES = [*SGD_CASES, *ADAM_CASES, *RMSPROP_CASES, *ADAGRAD_CASES]  # SGD_CASES include dampening != 0
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
