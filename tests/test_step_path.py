@@ -221,11 +221,14 @@ def test_cpu_path_is_torchs_fused_step_where_it_is_right(cls, kwargs, fused_op, 
     ],
     ids=lambda x: x[0] if isinstance(x, tuple) else getattr(x, "__name__", ""),
 )
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_switching_on_an_option_that_needs_state_raises_like_torch(
-    torch_cls, fused_cls, kwargs, switch, triton_device
+    torch_cls, fused_cls, kwargs, switch, compiled, triton_device
 ):
-    """The cached plan was built without the buffer the option needs: the step must not run
-    with the param standing in for it, but refuse as torch does and change nothing."""
+    """The cached plan was built without the buffer the option needs: the step (eager or
+    compiled) must not run with the param standing in for it, but refuse as torch does and
+    change nothing."""
+    torch._dynamo.reset()
     ours, theirs = make(triton_device), make(triton_device)
     opt, ref = fused_cls(ours, lr=0.01, **kwargs), torch_cls(theirs, lr=0.01, **kwargs)
     for params, o in ((ours, opt), (theirs, ref)):
@@ -236,7 +239,8 @@ def test_switching_on_an_option_that_needs_state_raises_like_torch(
     with pytest.raises(KeyError) as expected:
         ref.step()
     before = [p.detach().clone() for p in ours]
+    step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
     with pytest.raises(KeyError) as raised:
-        opt.step()
+        step()
     assert raised.value.args == expected.value.args
     assert all(torch.equal(p, q) for p, q in zip(ours, before, strict=True))

@@ -26,7 +26,7 @@ import math
 import torch
 
 from fusedopt.optim import _amp
-from fusedopt.optim._plan import Amp, Plan, operands_of, plan_groups, walkable, walkable_dtype
+from fusedopt.optim._plan import Amp, Plan, check_state, operands_of, plan_groups, walkable, walkable_dtype
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
 
 
@@ -180,6 +180,7 @@ class FusedStep:
         for group, params in groups:  # validate everything before anything changes
             for p in params:
                 self._check(p, p.grad, group)
+                check_state(self, p, group)
         with torch.no_grad():
             grads = [p.grad for _, params in groups for p in params]
             amp.clip_coef = _amp.traced_clip_coefficient(self, grads, theirs, amp)

@@ -303,7 +303,7 @@ def plan_groups(opt, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, S
             for p in group["params"]:
                 if p.grad is not None:
                     opt._check(p, p.grad, group)
-                    _check_state(opt, p, group)
+                    check_state(opt, p, group)
     out = []
     for i, group, key, grads, flags, plan in scans:
         if plan is None:
@@ -317,7 +317,7 @@ def plan_groups(opt, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, S
     return out
 
 
-def _check_state(opt, p: torch.Tensor, group: dict) -> None:
+def check_state(opt, p: torch.Tensor, group: dict) -> None:
     """Refuse, as torch does (``KeyError``), a param whose state lacks a key the group's options
     need (e.g. amsgrad switched on after the first steps): never step a missing buffer."""
     state = opt.state.get(p)
