@@ -829,7 +829,12 @@ def construct_with_warnings(cls, *args, **kwargs):
     return opt, [(w.category, str(w.message)) for w in caught]
 
 
-@pytest.mark.parametrize("case", [SGD_M, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD], ids=case_id)
+SGD_DAMPENED = Case(SGD, FusedSGD, dict(lr=0.1, momentum=0.9, dampening=0.5))  # a new buffer per occurrence
+
+
+@pytest.mark.parametrize(
+    "case", [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD], ids=case_id
+)
 def test_duplicate_params(case, device):
     ours, theirs = make(device), make(device)
     opt, warned = construct_with_warnings(case.fused_cls, [ours[0], *ours, ours[2]], **case.kwargs)
