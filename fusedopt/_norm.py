@@ -116,8 +116,9 @@ def total_norm(
         norms.append(out)
     if single:
         return norms[0]
-    for g in leftovers:
-        x = g if grad_scale is None else g.to(compute_dtype(g.dtype)) / grad_scale.to(g.device)
+    for g in leftovers:  # exact: in the arithmetic dtype (bf16 grads' norm not rounded to bf16)
+        x = g.to(compute_dtype(g.dtype)) if exact or grad_scale is not None else g
+        x = x if grad_scale is None else x / grad_scale.to(g.device)
         norms.append(torch.linalg.vector_norm(x, norm_type))
     first = norms[0].device
     stacked = torch.stack(

@@ -46,13 +46,16 @@ def dense_cpu_fused_ok(bucket, grads: list[torch.Tensor]) -> bool:
 def eager_grads(grads: list[torch.Tensor], amp, fused: bool) -> list[torch.Tensor] | None:
     """The grads a non-Triton step uses: None when GradScaler found an inf (a host read: these
     steps run on the CPU or are torch's own sparse ones), else unscaled and clipped copies
-    (torch's fused step unscales by itself: only the clip is applied then)."""
+    (torch's fused step unscales by itself: only the clip is applied then; bf16/fp16 grads come
+    back in fp32)."""
     if not fused and skipped(amp.found_inf):
         return None
     scale = None if fused else amp.grad_scale
     if scale is None and amp.clip_coef is None:
         return grads
-    return [unscale_and_clip(g, scale, amp.clip_coef) for g in grads]
+    # bf16/fp16 grads are unscaled and clipped in fp32 (the references compute in fp32 anyway).
+    low = (torch.bfloat16, torch.float16)
+    return [unscale_and_clip(g.float() if g.dtype in low else g, scale, amp.clip_coef) for g in grads]
 
 
 def _grad(
