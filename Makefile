@@ -34,15 +34,13 @@ check: setup
 demo: setup
 	$(PY) -m fusedopt.demo
 
-# Timings need a CUDA GPU; without one `bench` runs its smoke version. Output in fusedopt-bench/.
-# bench_amp: the whole AMP optimizer phase (GradScaler + clipping + step), torch against fusedopt.
+# Every suite (optim, losses, amp, host). Timings need a CUDA GPU; without one `bench` runs its
+# smoke version and times only the host suite. Output in fusedopt-bench/.
 bench: setup
 	$(PY) -m fusedopt bench
-	$(PY) -m fusedopt.cli.bench_amp
 
 bench-smoke: setup
 	$(PY) -m fusedopt bench --smoke
-	$(PY) -m fusedopt.cli.bench_amp --smoke
 
 # GPU only: tests, check and benchmarks on the GPU (see benchmarks/gpu_check.sh).
 gpu-check:

@@ -8,6 +8,10 @@ Layout: a GPT-2-shaped model of 76 tensors, 13,961,216 fp32 elements (d=256, 6 b
 vocabulary 35,000), the params' grads set once; median (p20, p80) of ``--steps`` timed steps
 after 3 untimed ones, in ms, with the threads torch uses by default.
 
+Not a suite of ``python -m fusedopt bench``: without CUDA that command runs in the interpreter
+(its other suites need it), which this must not. It uses the bench's optimizers, params, timer
+and CSV writer.
+
     PYTHONPATH=. python benchmarks/cpu_step.py [--steps 15] [--out DIR]
 """
 
@@ -15,30 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-IMPLS = {
-    "fusedopt": None,
-    "torch-forloop": {"foreach": False},
-    "torch-foreach": {"foreach": True},
-    "torch-fused": {"fused": True},
-}
-
-
-def timed(step, steps: int) -> list[float]:
-    for _ in range(3):
-        step()
-    out = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
+IMPLS = ("fusedopt", "torch-forloop", "torch-foreach", "torch-fused")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this measures the CPU path, not the interpreter")
+    from fusedopt.cli import bench_host, common
     from fusedopt.cli import bench_optim as bo
-    from fusedopt.cli import common
 
     env = common.environment()
     shapes = bo.gpt2_small_shapes(d=256, vocab=35000, layers=6)
@@ -63,28 +49,23 @@ def main(argv: list[str] | None = None) -> int:
         if spec is None:
             print(f"{name}: not in this version's benchmark, skipped")
             continue
-        for impl, flags in IMPLS.items():
+        for impl in IMPLS:
+            row = {**env, "optimizer": spec.label, "impl": impl}
             try:
-                opt = (
-                    spec.make(impl, params)
-                    if flags is None
-                    else spec.torch_cls(params, **spec.kwargs, **flags)
-                )
-                times = timed(opt.step, args.steps)
+                opt = spec.make(impl, params)
+                row.update(bench_host.quantiles(bench_host.step_times(opt.step, args.steps, 3, cuda=False)))
+                del opt
             except (RuntimeError, TypeError, ValueError) as e:  # e.g. no fused=True for this class
-                rows.append(dict(optimizer=spec.label, impl=impl, note=common.short_error(e, 60)))
-                continue
-            p20, _, _, p80 = statistics.quantiles(times, n=5)
-            rows.append(dict(optimizer=spec.label, impl=impl, ms=statistics.median(times), p20=p20, p80=p80))
-            del opt
+                row["note"] = common.short_error(e, 60)
+            rows.append(row)
     columns = [("optimizer", "optimizer", ""), ("impl", "impl", ""), ("ms", "ms median", ".1f"),
-               ("p20", "p20", ".1f"), ("p80", "p80", ".1f"), ("note", "note", "")]  # fmt: skip
+               ("ms_p20", "p20", ".1f"), ("ms_p80", "p80", ".1f"), ("note", "note", "")]  # fmt: skip
     common.print_table(rows, columns)
     if args.out:
         stamp = env["timestamp_utc"].replace("-", "").replace(":", "")
         log = common.CsvLog(Path(args.out) / f"cpu_step_{stamp}.csv", [*env, *(k for k, _, _ in columns)])
         for row in rows:
-            log.write({**env, **row})
+            log.write(row)
         log.close()
         print(f"\nCSV: {log.path}")
     return 0

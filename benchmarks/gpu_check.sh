@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # GPU check, under 10 minutes: the test suite on the GPU, `python -m fusedopt check`, the
-# 2**31-element FusedAdam check, `python -m fusedopt bench` (optimizer steps, then losses), the
-# AMP optimizer phase (fusedopt/cli/bench_amp.py) and host overhead.
+# 2**31-element FusedAdam check and `python -m fusedopt bench`, one suite per step (optimizer
+# steps, losses, the AMP optimizer phase, host overhead).
 #
 #     OUT=/some/folder bash benchmarks/gpu_check.sh    # from the repository root; OUT defaults to benchmarks/results
 #
-# Everything (one log per step, the bench CSV/PNG/Markdown files, summary.txt) goes to
+# Everything (one log per step, each bench step's CSV/PNG/Markdown files, summary.txt) goes to
 # $OUT/<card>/, <card> being the GPU's name as a slug (e.g. nvidia-h100-80gb-hbm3). The benchmarks
 # run even when the tests fail; the script exits non-zero at the end if any step failed or timed
 # out. Time limits per step (seconds; worst case 570 s in all): TEST_TIMEOUT (200), CHECK_TIMEOUT
 # (50), INT64_TIMEOUT (40), BENCH_TIMEOUT (120), LOSS_TIMEOUT (70), AMP_TIMEOUT (60), HOST_TIMEOUT
-# (30). Each bench step gets a --budget 30 s under its limit: rows not started by then are
-# written as skipped (the torch.compile rows run last), so the CSV, table and plot are always
-# written.
+# (30). The optim, losses and amp steps get a --budget 30 s under their limit: rows not started
+# by then are written as skipped (the torch.compile rows run last), so the CSV, table and plot
+# are always written.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,17 +71,23 @@ print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no
         echo "python: torch / triton import failed"
 } 2>&1 | tee "$results/environment.log"
 
+# bench SUITE LIMIT ARGS...: step bench_SUITE, `python -m fusedopt bench --suites SUITE ARGS...`.
+bench() {
+    local suite=$1 limit=$2
+    shift 2
+    step "bench_$suite" "$limit" $PY -m fusedopt bench --suites "$suite" --out "$results" --no-progress "$@"
+}
+
 bench_timeout=${BENCH_TIMEOUT:-120}
 loss_timeout=${LOSS_TIMEOUT:-70}
+amp_timeout=${AMP_TIMEOUT:-60}
 step tests "${TEST_TIMEOUT:-200}" $PY -m pytest -q --maxfail=20 tests
 step check "${CHECK_TIMEOUT:-50}" $PY -m fusedopt check --no-progress
 step check_int64 "${INT64_TIMEOUT:-40}" $PY benchmarks/check_int64.py
-step bench_optim "$bench_timeout" $PY -m fusedopt bench --suites optim --out "$results" \
-    --layouts single64m gpt2 many4k --dtypes fp32 bf16 --budget $((bench_timeout - 30)) --no-progress
-step bench_losses "$loss_timeout" $PY -m fusedopt bench --suites losses --out "$results" \
-    --dtypes fp32 bf16 --budget $((loss_timeout - 30)) --no-progress
-step bench_amp "${AMP_TIMEOUT:-60}" $PY -m fusedopt.cli.bench_amp --out "$results"
-step host_overhead "${HOST_TIMEOUT:-30}" $PY benchmarks/host_overhead.py --out "$results"
+bench optim "$bench_timeout" --layouts single64m gpt2 many4k --dtypes fp32 bf16 --budget $((bench_timeout - 30))
+bench losses "$loss_timeout" --dtypes fp32 bf16 --budget $((loss_timeout - 30))
+bench amp "$amp_timeout" --budget $((amp_timeout - 30))
+bench host "${HOST_TIMEOUT:-30}" --optimizers adam sgd --layouts many4k gpt2 --dtypes fp32
 
 {
     echo

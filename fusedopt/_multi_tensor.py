@@ -12,7 +12,7 @@ import contextlib
 import functools
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import triton.language as tl
@@ -26,6 +26,27 @@ TL_DTYPE = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
 }
+
+
+_dry_run = False  # set by dry_run(): TensorTable.launch returns without launching
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    """Within this block, :meth:`TensorTable.launch` runs no kernel: an optimizer step on the
+    Triton path does all its host work (scan, plans, pointer tables, scalars; the step counters
+    still advance) and leaves params and the state the kernel writes unchanged. For measuring
+    that host work (``fusedopt bench --suites host``).
+
+    The norm and clip kernels of ``max_grad_norm`` and ``clip_grad_norm_`` still run. A
+    process-wide switch, not per thread; blocks nest.
+    """
+    global _dry_run
+    previous, _dry_run = _dry_run, True
+    try:
+        yield
+    finally:
+        _dry_run = previous
 
 
 def runs_triton(device: torch.device) -> bool:
@@ -192,10 +213,11 @@ class TensorTable:
     def launch(self, kernel, dynamic: torch.Tensor, *args, **constexprs) -> None:
         """Run ``kernel(ptrs, dynamic, meta, owner, *args)`` over every block of every tensor.
 
-        One launch; none when every tensor is empty. ``ALIGNED`` tells the kernel that every
-        address is 16-byte aligned, so full blocks use vector loads and stores.
+        One launch; none when every tensor is empty or inside :func:`dry_run`. ``ALIGNED`` tells
+        the kernel that every address is 16-byte aligned, so full blocks use vector loads and
+        stores.
         """
-        if self.num_blocks == 0:
+        if self.num_blocks == 0 or _dry_run:
             return
         guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with guard:

@@ -1,7 +1,7 @@
 """The tolerance contract: how close fusedopt's results must be to torch's.
 
-One table per family, used by the tests (``tests/optim_cases.py``, ``tests/test_losses.py``)
-and by ``python -m fusedopt check``:
+One table per family, used through :mod:`fusedopt.testing` (``assert_close``, ``Result``) by
+the tests and by ``python -m fusedopt check``:
 
 * fp32 / fp64: element-wise ``|ours - torch| <= atol + rtol * |torch|``, torch run on the same
   tensors (optimizers: torch.optim's for-loop path). For the losses ``atol`` is ``rtol`` times

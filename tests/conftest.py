@@ -1,13 +1,21 @@
 """Test set-up: without a GPU, the Triton kernels run on CPU through the interpreter.
 
 The variable must be set before ``triton.jit`` decorates any kernel, i.e. before fusedopt is
-imported; pytest loads this file first. The tests set it for their own process only.
+imported; pytest loads this file first. The tests set it for their own process only. Only
+fixtures live here; shared helpers are in ``helpers.py`` (imported by the fixtures that need
+them, after the variable is set).
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from helpers import Launches
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -40,34 +48,11 @@ def plain_cpu(monkeypatch) -> None:
     monkeypatch.setattr(_plan, "runs_triton", lambda device: False)
 
 
-class Launches(list):
-    """Every launch of the optimizer kernels in a test, as ``(name, args, kwargs)``."""
-
-    @property
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for name, _, _ in self:
-            out[name] = out.get(name, 0) + 1
-        return out
-
-
-def record_launches(monkeypatch, kernels: dict) -> Launches:
-    """Record every launch of ``kernels`` (name -> Triton kernel) for the test's duration:
-    ``kernel[grid](...)`` calls ``kernel.run``, which is wrapped."""
-    record = Launches()
-    for name, kernel in kernels.items():
-
-        def run(*args, _run=kernel.run, _name=name, **kwargs):
-            record.append((_name, args, kwargs))
-            return _run(*args, **kwargs)
-
-        monkeypatch.setattr(kernel, "run", run)
-    return record
-
-
 @pytest.fixture
 def launches(monkeypatch) -> Launches:
     """The launches of the optimizer kernels ("adam", "sgd", "rmsprop", "adagrad")."""
+    from helpers import record_launches
+
     from fusedopt.kernels import adagrad, adam, rmsprop, sgd
 
     kernels = {

@@ -1,14 +1,24 @@
 import pytest
 import torch
-from optim_cases import ADAGRAD_CASES, DTYPES, run_parity
-from test_multi_tensor import CountOps
-from test_optim_api import check_same, give, grads_for, make, sparse_grad
+from helpers import (
+    DTYPES,
+    CountOps,
+    check_same,
+    give,
+    grads_for,
+    make,
+    parity_params,
+    run_parity,
+    sparse_grad,
+)
 
 from fusedopt import FusedAdagrad
+from fusedopt.testing import OPTIM_CASES
+
+CASES = [c for c in OPTIM_CASES if c.group == "adagrad"]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ADAGRAD_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize(("case", "dtype"), parity_params(CASES, DTYPES))
 def test_adagrad_matches_torch(case, dtype, device):
     run_parity(case, device, dtype)
 
@@ -43,8 +53,7 @@ def test_state_is_created_as_torch_does(device):
         check_same(opt, ref, ours, theirs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", ADAGRAD_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize(("case", "dtype"), parity_params(CASES, [torch.float32, torch.bfloat16]))
 def test_cpu_path_matches_torch(case, dtype, plain_cpu, launches):
     """Without the interpreter (odd layouts): torch's foreach Adagrad (fp32), the fp32-math
     reference (bf16)."""

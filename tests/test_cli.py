@@ -7,6 +7,7 @@ Most tests call ``fusedopt.__main__.main`` in this process (conftest has set
 
 from __future__ import annotations
 
+import argparse
 import csv
 import itertools
 import os
@@ -20,8 +21,9 @@ import torch.nn.functional as F
 
 import fusedopt
 from fusedopt import functional as FF
+from fusedopt import testing
 from fusedopt.__main__ import main
-from fusedopt.cli import bench, check, common
+from fusedopt.cli import bench, bench_amp, bench_host, bench_losses, bench_optim, check, common
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
@@ -79,9 +81,12 @@ def test_check_command_reruns_itself_with_the_interpreter():
         assert "re-running in a child process with TRITON_INTERPRET=1" in run.stdout
         assert "Triton kernels through the CPU interpreter" in run.stdout
     lines = [line for line in run.stdout.splitlines() if line.startswith(("FusedAdam ", "cross_entropy "))]
-    assert len(lines) == 2 * (4 + 3), run.stdout  # 4 Adam and 3 cross-entropy cases, fp32 and bf16
+    adam = sum(c.group == "adam" for c in testing.OPTIM_CASES)
+    cross_entropy = sum(c.name == "cross_entropy" for c in testing.LOSS_CASES)
+    assert (adam, cross_entropy) == (6, 3)
+    assert len(lines) == 2 * (adam + cross_entropy), run.stdout  # fp32 and bf16
     assert all(line.rstrip().endswith("PASS") for line in lines), run.stdout
-    assert "OK: all 14 checks within tolerance" in run.stdout
+    assert f"OK: all {2 * (adam + cross_entropy)} checks within tolerance" in run.stdout
 
 
 # check: passes, and flags what is wrong ------------------------------------------------------
@@ -141,27 +146,34 @@ def test_check_passes(monkeypatch, capsys):
         "l1_loss",
     )
     assert status == 0, out
-    assert verdicts(out, "FusedSGD") == ["PASS"] * 10  # 5 option sets (one max_grad_norm) x 2 dtypes
-    assert verdicts(out, "FusedAdamW") == ["PASS"] * 6
-    assert verdicts(out, "FusedRMSprop") == ["PASS"] * 4 and verdicts(out, "FusedAdagrad") == ["PASS"] * 4
+    by_group = {
+        g: sum(c.group == g for c in testing.OPTIM_CASES) for g in ("sgd", "adamw", "rmsprop", "adagrad")
+    }
+    assert by_group == {"sgd": 7, "adamw": 3, "rmsprop": 4, "adagrad": 3}  # option sets (one max_grad_norm)
+    for name, group in (("FusedSGD", "sgd"), ("FusedAdamW", "adamw"), ("FusedRMSprop", "rmsprop")):
+        assert verdicts(out, name) == ["PASS"] * 2 * by_group[group]  # fp32 and bf16
+    assert verdicts(out, "FusedAdagrad") == ["PASS"] * 2 * by_group["adagrad"]
     assert verdicts(out, "mean") == ["PASS"] * 4 and verdicts(out, "l1_loss") == ["PASS"] * 2
     assert "momentum_buffer" in out and "max_exp_avg_sq" in out and "err/tol" in out
     assert "square_avg" in out and "grad_avg" in out and "sum" in out
     assert "max_grad_norm=1.0" in out
-    assert "OK: all 30 checks within tolerance" in out
+    assert "OK: all 40 checks within tolerance" in out
 
 
 @pytest.mark.parametrize("wrong", [DriftingSGD, ForgetfulSGD])
 def test_check_flags_a_wrong_optimizer(monkeypatch, capsys, wrong):
-    case = check.OptimCase("wrong", wrong, torch.optim.SGD, dict(lr=0.1, momentum=0.9))
+    case = testing.OptimCase(wrong, torch.optim.SGD, dict(lr=0.1, momentum=0.9), group="wrong")
     status, out = run_check(monkeypatch, capsys, "--optimizers", "wrong", "sgd", "--losses", optim=[case])
     assert status == 1, out
     assert verdicts(out, wrong.__name__) == ["FAIL", "FAIL"]  # fp32 and bf16
-    assert verdicts(out, "FusedSGD") == ["PASS"] * 10  # the real one, in the same run
-    assert f"FAIL: {wrong.__name__} (lr=0.1 mom=0.9) fp32: worst" in out
-    assert "FAILED: 2 of 12 checks" in out
-    worst = "state[momentum_buffer]" if wrong is ForgetfulSGD else ""
-    assert worst in out
+    assert verdicts(out, "FusedSGD") == ["PASS"] * 14  # the real one, in the same run
+    assert "FAILED: 2 of 16 checks" in out
+    line = next(
+        x for x in out.splitlines() if x.startswith(f"FAIL: {wrong.__name__} (lr=0.1 mom=0.9) fp32: worst")
+    )
+    where = line.split("worst ", 1)[1].split(":")[0]
+    # Forgetful's buffers are off while its params are right; Drifting's params are off.
+    assert ("state[momentum_buffer]" in where) is (wrong is ForgetfulSGD), line
 
 
 def test_check_flags_a_wrong_loss_and_an_exception(monkeypatch, capsys):
@@ -169,8 +181,8 @@ def test_check_flags_a_wrong_loss_and_an_exception(monkeypatch, capsys):
         raise RuntimeError("kernel exploded")
 
     cases = [
-        check.LossCase("wrong_mse", wrong_grad_mse, F.mse_loss, "regression"),
-        check.LossCase("raising_mse", raises, F.mse_loss, "regression"),
+        testing.LossCase("wrong_mse", wrong_grad_mse, F.mse_loss, "regression"),
+        testing.LossCase("raising_mse", raises, F.mse_loss, "regression"),
     ]
     args = ["--optimizers", "--losses", "wrong_mse", "raising_mse", "mse_loss"]
     status, out = run_check(monkeypatch, capsys, *args, losses=cases)
@@ -184,8 +196,8 @@ def test_check_flags_a_wrong_loss_and_an_exception(monkeypatch, capsys):
 
 def test_check_compares_every_state_tensor():
     sizes = check.Sizes(width=8, layers=1, vocab=13, rows=5, classes=37)
-    case = check.OptimCase("adam", fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, amsgrad=True))
-    result = check.run_optim_case(case, torch.float32, "cuda" if CUDA else "cpu", sizes, steps=2, seed=0)
+    case = testing.OptimCase(fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, amsgrad=True))
+    result = check.optimizer_result(case, torch.float32, "cuda" if CUDA else "cpu", sizes, steps=2, seed=0)
     assert result.verdict == "PASS", result
     assert set(result.errors) == {"param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
     assert not result.notes and result.ratio <= 1.0
@@ -202,6 +214,7 @@ EXPECTED_COLUMNS += [
     "peak_extra_mib",
     "graph_ms",
     "graph_note",
+    "impl_bytes_per_elt",
 ]
 EXPECTED_COLUMNS += ["status", "note"]
 BENCH_TINY = ["--optimizers", "sgd", "adam", "--losses", "mse-64m", "ce-8192x50257", "--dtypes", "fp32"]
@@ -219,27 +232,72 @@ def outputs(folder: Path) -> tuple[list[dict], Path, Path]:
     return rows, png, md
 
 
+def test_bench_suites_are_named_with_spaces_or_commas():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert parser.parse_args([]).suites == ["optim", "losses", "amp", "host"]
+    assert parser.parse_args(["--suites", "optim,amp", "host"]).suites == ["optim", "amp", "host"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--suites", "optim,gpu"])
+
+
 def test_bench_smoke_writes_csv_and_png(tmp_path, capsys):
-    status = main(["bench", "--smoke", "--out", str(tmp_path), *BENCH_TINY])
+    status = main(
+        ["bench", "--smoke", "--out", str(tmp_path), "--suites", "optim,losses,amp,host", *BENCH_TINY]
+    )
     out = capsys.readouterr().out
     assert status == 0, out
     if not CUDA:
         assert "Timings need a CUDA GPU: nothing is timed here" in out
     assert "byte floor of one optimizer step" in out and "single64m" in out
+    assert "bytes of the AMP optimizer phase" in out and "unscale_: grad -> grad + norm: grad" in out
     rows, _, md = outputs(tmp_path)
-    optim = [r for r in rows if r["suite"] == "optim"]
-    losses = [r for r in rows if r["suite"] == "losses"]
-    assert {r["impl"] for r in optim} == set(bench.bench_optim.IMPLS)
-    assert len(optim) == 2 * 5 and len(losses) == 2 * 3
-    assert {r["impl"] for r in losses} == set(bench.bench_losses.IMPLS)
+    suites = {name: [r for r in rows if r["suite"] == name] for name in ("optim", "losses", "amp", "host")}
+    assert len(rows) == sum(map(len, suites.values()))
+    assert {r["impl"] for r in suites["optim"]} == set(bench_optim.IMPLS)
+    assert len(suites["optim"]) == 2 * 5 and len(suites["losses"]) == 2 * 3
+    assert {r["impl"] for r in suites["losses"]} == set(bench_losses.IMPLS)
+    host_impls = bench_host.IMPLS if CUDA else ("fusedopt",)
+    assert [(r["case"], r["impl"]) for r in suites["host"]] == [
+        (name, impl) for name in ("FusedSGD(momentum=0.9)", "FusedAdam") for impl in host_impls
+    ]
     for r in rows:
         assert r["status"] == "smoke", r
         assert r["ms"] == r["gbps"] == r["pct_copy_bw"] == "", r  # nothing timed, nothing claimed
         assert r["gpu"] and r["torch"] == torch.__version__ and r["timestamp_utc"]
-        assert int(r["bytes"]) == int(r["numel"]) * int(r["bytes_per_elt"])
-    sgd = next(r for r in optim if r["case"].startswith("FusedSGD"))
-    assert int(sgd["bytes_per_elt"]) == 20  # read p, g, buf; write p, buf
-    assert "nothing was timed" in md.read_text()
+        if r["suite"] == "host":
+            assert r["bytes"] == r["bytes_per_elt"] == "", r  # host time moves no bytes
+        else:
+            assert int(r["bytes"]) == int(r["numel"]) * int(r["bytes_per_elt"])
+    floor = {r["case"].split("(")[0]: int(r["bytes_per_elt"]) for r in suites["optim"]}
+    assert floor == {"FusedSGD": 20, "FusedAdam": 28}  # read p, g, state; write p, state
+    amp = {
+        (r["case"], r["impl"]): (int(r["bytes_per_elt"]), int(r["impl_bytes_per_elt"])) for r in suites["amp"]
+    }
+    assert amp == {
+        (bench_amp.SCALER, "fusedopt"): (32, 32),  # norm + step
+        (bench_amp.SCALER, "fusedopt-recipe"): (32, 48),  # unscale_ + norm + clip + step
+        (bench_amp.SCALER, "torch-foreach"): (32, 48),
+        (bench_amp.SCALER, "torch-fused"): (32, 48),
+        (bench_amp.GRAPH, "fusedopt"): (32, 32),
+        (bench_amp.GRAPH, "torch-fused"): (32, 40),  # norm + clip + step
+    }
+    assert "no device timings" in md.read_text()
+
+
+def test_bench_host_suite_times_the_step_without_its_kernel(tmp_path, capsys):
+    argv = ["--suites", "host", "--optimizers", "sgd", "--layouts", "many4k", "--dtypes", "fp32"]
+    status = main(["bench", "--out", str(tmp_path), "--host-steps", "3", "--no-progress", *argv])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    rows, _, md = outputs(tmp_path)
+    assert [r["impl"] for r in rows] == list(bench_host.IMPLS if CUDA else ("fusedopt",))
+    for r in rows:
+        assert r["status"] == "timed" and r["layout"] == "many4k" and r["tensors"] == "1000", r
+        assert 0 < float(r["ms_p20"]) <= float(r["ms"]) <= float(r["ms_p80"]), r
+        assert r["gbps"] == r["bytes"] == "", r
+        assert ("dry_run" in r["note"]) is not CUDA, r
+    assert "## host: fusedopt and its speed-up" in md.read_text()
 
 
 def test_bench_report_with_timings(tmp_path, capsys, monkeypatch):
@@ -254,36 +312,31 @@ def test_bench_report_with_timings(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(common, "do_bench", fake_bench)
     monkeypatch.setattr(common, "peak_extra_mib", lambda fn: 0.0)
     monkeypatch.setattr(bench, "timing_enabled", lambda device, smoke: True)
-    monkeypatch.setattr(bench, "copy_bandwidth", lambda numel, ctx: (common.Timing(1, 1, 1), 1e-3))
     argv = ["--suites", "optim", "--optimizers", "sgd", "--dtypes", "fp32", "--no-progress"]
-    argv += ["--impls", "fusedopt", "torch-forloop", "torch-foreach", "--graph-layouts"]
+    argv += [
+        "--impls",
+        "fusedopt",
+        "torch-forloop",
+        "torch-foreach",
+        "--graph-layouts",
+        "--copy-numel",
+        "1000",
+    ]
     status = main(["bench", "--smoke", "--out", str(tmp_path), *argv])
     out = capsys.readouterr().out
     assert status == 0, out
     rows, _, md = outputs(tmp_path)
     copy, ours, forloop, foreach = rows
     assert copy["suite"] == "copy" and float(copy["pct_copy_bw"]) == 100
+    copy_gbps = 8 * 1000 / 1e-3 / 1e9  # read + write of 1000 fp32 elements in the first fake ms
+    assert float(copy["gbps"]) == pytest.approx(copy_gbps)
     assert [r["impl"] for r in (ours, forloop, foreach)] == ["fusedopt", "torch-forloop", "torch-foreach"]
     for r in (ours, forloop, foreach):
         ms = float(r["ms"])
         assert float(r["gbps"]) == pytest.approx(int(r["bytes"]) / (ms * 1e-3) / 1e9)
-        assert float(r["pct_copy_bw"]) == pytest.approx(100 * float(r["gbps"]) / 1e-3)
+        assert float(r["pct_copy_bw"]) == pytest.approx(100 * float(r["gbps"]) / copy_gbps)
         assert float(r["fusedopt_speedup"]) == pytest.approx(ms / float(ours["ms"]))
         assert float(r["ms_p20"]) < ms < float(r["ms_p80"])
     assert float(foreach["fusedopt_speedup"]) > float(forloop["fusedopt_speedup"]) > 1
     text = md.read_text()
-    assert "fusedopt and its speed-up over each torch path" in text and "x vs foreach" in text
-
-
-def test_amp_phase_benchmark_smoke_runs_every_path(tmp_path, capsys):
-    """Every path of the AMP-phase benchmark runs (tiny shapes; nothing timed without CUDA)."""
-    from fusedopt.cli import bench_amp
-
-    assert bench_amp.main(["--smoke", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    for impl in bench_amp.IMPLS:
-        assert impl in out
-    (csv_path,) = tmp_path.glob("amp_phase_*.csv")
-    rows = list(csv.DictReader(csv_path.open()))
-    assert [r["impl"] for r in rows] == list(bench_amp.IMPLS)
-    assert all(r["ms"] == "" for r in rows), "no timings from a smoke run"
+    assert "fusedopt and its speed-up over each other path" in text and "x vs foreach" in text

@@ -8,9 +8,18 @@ import math
 
 import pytest
 import torch
-from conftest import record_launches
-from test_multi_tensor import CountOps
-from test_optim_api import assert_unchanged, check_same, close, grads_for, make, snapshot
+from helpers import (
+    CountOps,
+    assert_unchanged,
+    case_id,
+    check_same,
+    close,
+    grads_for,
+    kernel_name,
+    make,
+    record_launches,
+    snapshot,
+)
 from torch import nn
 
 import fusedopt
@@ -20,6 +29,7 @@ from fusedopt.kernels import clip as clip_kernels
 from fusedopt.kernels import rmsprop as rmsprop_kernels
 from fusedopt.kernels import sgd as sgd_kernels
 from fusedopt.optim._amp import find_inf
+from fusedopt.testing import OptimCase
 from fusedopt.tolerance import OPTIM_TOLERANCE, allowed_error
 
 # The interpreter evaluates log2(0) (the p-norm of a zero) and inf * 0 through numpy, which warns.
@@ -166,11 +176,6 @@ def test_infinity_norm_of_an_empty_grad_raises_like_torch(triton_device):
     assert outcomes[0] == outcomes[1]
 
 
-def test_no_grads_returns_zero_like_torch(triton_device):
-    p = torch.zeros(3, device=triton_device, requires_grad=True)
-    assert torch.equal(fusedopt.clip_grad_norm_([p], 1.0), torch.nn.utils.clip_grad_norm_([p], 1.0))
-
-
 def test_norm_is_deterministic_and_on_the_device(triton_device):
     grads = [torch.randn(3000 + i, device=triton_device) * 10 ** (i % 5) for i in range(9)]
     totals = []
@@ -200,26 +205,17 @@ def test_clip_launches_do_not_grow_with_tensor_count(triton_device, clip_launche
 # max_grad_norm ----------------------------------------------------------------------------------
 
 MAX_NORM_CASES = [
-    (fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
-    (fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, amsgrad=True)),
-    (fusedopt.FusedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+    OptimCase(fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, amsgrad=True)),
+    OptimCase(fusedopt.FusedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
     # alpha=0.5: RMSprop's buffers grow by g / sqrt(v) ~ 1 / sqrt(1 - alpha) a step; near 0.99 they
     # reach ~40, where the 1-ulp different clip coefficient (the norm sums in another order) shows
     # above the table's atol wherever a buffer cancels.
-    (fusedopt.FusedRMSprop, torch.optim.RMSprop, dict(lr=0.01, alpha=0.5, momentum=0.5, centered=True)),
-    (fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.1)),
+    OptimCase(
+        fusedopt.FusedRMSprop, torch.optim.RMSprop, dict(lr=0.01, alpha=0.5, momentum=0.5, centered=True)
+    ),
+    OptimCase(fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.1)),
 ]
-KERNEL_NAMES = {
-    fusedopt.FusedAdamW: "adam",
-    fusedopt.FusedAdam: "adam",
-    fusedopt.FusedSGD: "sgd",
-    fusedopt.FusedRMSprop: "rmsprop",
-    fusedopt.FusedAdagrad: "adagrad",
-}
-
-
-def _ids(x):
-    return getattr(x, "__name__", "")
 
 
 def test_max_grad_norm_is_validated():
@@ -241,13 +237,14 @@ def _clip_then_step_both(opt, ref, ours, theirs, grads, max_norm: float) -> None
     ref.step()
 
 
-@pytest.mark.parametrize(("cls", "torch_cls", "kwargs"), MAX_NORM_CASES, ids=_ids)
-def test_max_grad_norm_matches_clip_then_step(cls, torch_cls, kwargs, triton_device, clip_launches):
+@pytest.mark.parametrize("case", MAX_NORM_CASES, ids=case_id)
+def test_max_grad_norm_matches_clip_then_step(case, triton_device, clip_launches):
     """7 steps over two groups: the norm is global (over both), as clip_grad_norm_(all params)."""
     specs = [(3, 4), (5,), (), (4097,), (0,)]
     ours, theirs = make(triton_device, specs), make(triton_device, specs)
-    opt = cls([{"params": ours[:2]}, {"params": ours[2:], "lr": 0.02}], max_grad_norm=1.5, **kwargs)
-    ref = torch_cls([{"params": theirs[:2]}, {"params": theirs[2:], "lr": 0.02}], **kwargs)
+    groups = [{"params": ours[:2]}, {"params": ours[2:], "lr": 0.02}]
+    opt = case.fused_cls(groups, max_grad_norm=1.5, **case.kwargs)
+    ref = case.torch_cls([{"params": theirs[:2]}, {"params": theirs[2:], "lr": 0.02}], **case.kwargs)
     for step in range(7):
         grads = [g * (4.0 if step % 2 else 0.01) for g in grads_for(ours, step)]  # clipped or not
         _clip_then_step_both(opt, ref, ours, theirs, grads, 1.5)
@@ -255,7 +252,7 @@ def test_max_grad_norm_matches_clip_then_step(cls, torch_cls, kwargs, triton_dev
         assert all(torch.equal(p.grad, g) for p, g in zip(ours, grads, strict=True))
         check_same(opt, ref, ours, theirs)
     counts = clip_launches.counts  # per step: a norm pass and a step per group, one finish
-    name = KERNEL_NAMES[cls]
+    name = kernel_name(case)
     assert counts["partials"] == counts[name] == 14 and counts["finish"] == 7 and "scale" not in counts, (
         counts
     )
@@ -273,6 +270,37 @@ def test_max_grad_norm_with_a_group_on_torchs_step(triton_device):
         _clip_then_step_both(opt, ref, ours, theirs, grads_for(ours, step), 0.1)
         for p, q in zip(ours, theirs, strict=True):
             close(p, q, "param")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("case", MAX_NORM_CASES, ids=case_id)
+def test_no_grads_match_torch(case, compiled, triton_device, clip_launches):
+    """No param has a grad. ``clip_grad_norm_`` returns torch's 0-d zero (value, dtype, device)
+    and leaves the grads None. A step with ``max_grad_norm`` (eager, or compiled: fusedopt's own
+    norm pass, which has nothing to sum) is torch's clip-then-step: nothing changes, the same
+    state, no launch; the next step, with grads, matches too."""
+    torch._dynamo.reset()
+    specs = [(3, 4), (5,), ()]
+    ours, theirs = make(triton_device, specs), make(triton_device, specs)
+    total = fusedopt.clip_grad_norm_(ours, 1.0)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert (total.dtype, total.device, total.shape) == (expected.dtype, expected.device, expected.shape)
+    assert torch.equal(total, expected) and not expected.item()
+    assert all(p.grad is None for p in ours)
+    opt = case.fused_cls(ours, max_grad_norm=1.0, **case.kwargs)
+    ref = case.torch_cls(theirs, **case.kwargs)
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager") if compiled else opt.step
+    before = snapshot(opt, ours)
+    step()
+    torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    ref.step()
+    assert_unchanged(before, opt, ours)
+    check_same(opt, ref, ours, theirs)
+    assert not clip_launches, "nothing to clip or step"
+    grads = [g * 4.0 for g in grads_for(ours, 0)]  # a norm above max_grad_norm: clipped
+    _clip_then_step_both(opt, ref, ours, theirs, grads, 1.0)
+    check_same(opt, ref, ours, theirs)
+    assert clip_launches.counts == {"partials": 1, "finish": 1, kernel_name(case): 1}
 
 
 def _count_pipeline(n: int, device: str, clip_launches) -> tuple[int, int]:
@@ -309,9 +337,9 @@ class AmpOps(CountOps):
     "scaler_cls", [torch.amp.GradScaler, fusedopt.GradScaler], ids=lambda c: c.__module__
 )
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5], ids=["no-clip", "max_grad_norm"])
-@pytest.mark.parametrize(("cls", "torch_cls", "kwargs"), MAX_NORM_CASES[::2], ids=_ids)
+@pytest.mark.parametrize("case", MAX_NORM_CASES[::2], ids=case_id)
 def test_grad_scaler_and_max_grad_norm_match_torchs_recipe(
-    cls, torch_cls, kwargs, max_grad_norm, scaler_cls, triton_device, clip_launches
+    case, max_grad_norm, scaler_cls, triton_device, clip_launches
 ):
     """``scaler.step(opt)`` with max_grad_norm against torch's GradScaler + unscale_ +
     clip_grad_norm_ + step, an inf injected at one step (nothing changes there, the scale backs
@@ -322,8 +350,8 @@ def test_grad_scaler_and_max_grad_norm_match_torchs_recipe(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
     twin = copy.deepcopy(model)
-    opt = cls(model.parameters(), max_grad_norm=max_grad_norm, **kwargs)
-    ref = torch_cls(twin.parameters(), **kwargs)
+    opt = case.fused_cls(model.parameters(), max_grad_norm=max_grad_norm, **case.kwargs)
+    ref = case.torch_cls(twin.parameters(), **case.kwargs)
     scaler = scaler_cls(device, init_scale=2.0**6, growth_interval=2)
     ref_scaler = torch.amp.GradScaler(device, init_scale=2.0**6, growth_interval=2)
     ours, theirs = list(model.parameters()), list(twin.parameters())
@@ -347,7 +375,7 @@ def test_grad_scaler_and_max_grad_norm_match_torchs_recipe(
         ref_scaler.update()
         ours_check = scaler_cls is fusedopt.GradScaler
         assert ops.unscales == (0 if ours_check else 1)
-        name = KERNEL_NAMES[cls]
+        name = kernel_name(case)
         norm = ours_check or max_grad_norm is not None
         assert clip_launches.counts == ({"partials": 1, "finish": 1} if norm else {}) | {name: 1}
         for p, g in zip(ours, grads, strict=True):

@@ -8,7 +8,7 @@ compilation happens in a child process without it.
 from __future__ import annotations
 
 import pytest
-from sm90 import compile_in_child
+from helpers import compile_in_child
 
 pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
 

@@ -15,8 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import Launches, record_launches
-from optim_cases import spacing
+from helpers import Launches, record_launches
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -24,16 +23,14 @@ import fusedopt.losses
 from fusedopt import functional as F
 from fusedopt import nn as fnn
 from fusedopt.kernels import losses as kernels
-from fusedopt.tolerance import FP32_NOISE, LOSS_TOLERANCE
+from fusedopt.testing import assert_close
+from fusedopt.tolerance import LOSS_TOLERANCE
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 REDUCTIONS = ["mean", "sum", "none"]
 OPS = ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
 WEIGHTED_OPS = ["mse_loss", "l1_loss", "huber_loss"]
-
-# The tolerance table (fusedopt/tolerance.py, shared with `python -m fusedopt check`).
-TOLERANCE = LOSS_TOLERANCE
 
 # Shapes of the value/gradient matrix: 0-d, one element, odd sizes, empty, and "strided": an
 # input that is a [:, ::2] view and a target that is a transposed matrix.
@@ -42,34 +39,6 @@ GRAD_SCALE = -1.25  # grad_output of a reduced loss; exact in every dtype
 
 
 # Helpers ---------------------------------------------------------------------------------------
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """``actual`` against an oracle in ``actual``'s dtype (fp32/fp64) or in fp32 (bf16/fp16)."""
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
-    tol = TOLERANCE[actual.dtype]
-    actual = actual.detach().cpu()
-    expected = expected.detach().to(actual.dtype).cpu()
-    if actual.numel() == 0:
-        return
-    nan = expected.isnan()
-    assert torch.equal(actual.isnan(), nan), f"{what}: NaN where torch has none (or none where it has)"
-    actual, expected = actual[~nan], expected[~nan]
-    if actual.numel() == 0:
-        return
-    scale = float(expected.double().abs().max())
-    if "rtol" in tol:
-        torch.testing.assert_close(
-            actual, expected, rtol=tol["rtol"], atol=tol["rtol"] * scale, msg=lambda m: f"{what}: {m}"
-        )
-        return
-    err = (actual.double() - expected.double()).abs()
-    allowed = tol["ulps"] * spacing(expected) + FP32_NOISE * scale
-    worst = int((err - allowed).argmax())
-    assert bool((err <= allowed).all()), (
-        f"{what}: {actual[worst].item()} vs {expected[worst].item()} "
-        f"is more than {tol['ulps']} rounding step(s) apart"
-    )
 
 
 def oracle_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -111,7 +80,7 @@ def compare_loss(name, x, y, reduction, what, **kwargs) -> None:
     expected = getattr(TF, name)(xr, yr, reduction=reduction, **kwargs)
     in_dtype = getattr(TF, name)(x.detach(), y.detach(), reduction=reduction, **kwargs)
     assert ours.dtype == in_dtype.dtype and ours.shape == in_dtype.shape, what
-    assert_close(ours, expected, f"{what} loss")
+    assert_close(ours, expected, f"{what} loss", LOSS_TOLERANCE)
     g = None
     if reduction == "none":
         gen = torch.Generator().manual_seed(7)
@@ -121,7 +90,7 @@ def compare_loss(name, x, y, reduction, what, **kwargs) -> None:
     for mine, ref, which in ((x, xr, "input"), (y, yr, "target")):
         assert mine.grad is not None, f"{what}: no {which} grad"
         assert mine.grad.dtype == mine.dtype and mine.grad.shape == mine.shape, f"{what} {which} grad"
-        assert_close(mine.grad, ref.grad, f"{what} {which} grad")
+        assert_close(mine.grad, ref.grad, f"{what} {which} grad", LOSS_TOLERANCE)
 
 
 def raised(fn, *args, **kwargs) -> BaseException:
@@ -182,12 +151,12 @@ def test_weighted_matches_torch(name, reduction, dtype, triton_device):
     expected = getattr(TF, name)(xr, yr, reduction=reduction, weight=wr)
     in_dtype = getattr(TF, name)(x.detach(), y.detach(), reduction=reduction, weight=w)
     assert ours.dtype == in_dtype.dtype and ours.shape == in_dtype.shape
-    assert_close(ours, expected, f"weighted {name} {reduction}")
+    assert_close(ours, expected, f"weighted {name} {reduction}", LOSS_TOLERANCE)
     g = None if reduction != "none" else torch.randn_like(ours)
     backward_through(ours, g)
     backward_through(expected, g)
-    assert_close(x.grad, xr.grad, "input grad")
-    assert_close(y.grad, yr.grad, "target grad")
+    assert_close(x.grad, xr.grad, "input grad", LOSS_TOLERANCE)
+    assert_close(y.grad, yr.grad, "target grad", LOSS_TOLERANCE)
 
 
 @pytest.mark.parametrize("name", WEIGHTED_OPS)
@@ -218,11 +187,11 @@ def test_weight_requiring_grad_falls_back(name, reduction, device, loss_launches
     xr, yr, wr = ref_leaf(x), ref_leaf(y), ref_leaf(w)
     ours = getattr(F, name)(x, y, reduction=reduction, weight=w)
     expected = getattr(TF, name)(xr, yr, reduction=reduction, weight=wr)
-    assert_close(ours, expected, "loss")
+    assert_close(ours, expected, "loss", LOSS_TOLERANCE)
     ours.sum().backward()
     expected.sum().backward()
     for mine, ref, which in ((x, xr, "input"), (y, yr, "target"), (w, wr, "weight")):
-        assert_close(mine.grad, ref.grad, f"{which} grad")
+        assert_close(mine.grad, ref.grad, f"{which} grad", LOSS_TOLERANCE)
     assert len(loss_launches) == 0, "a weight requiring grad must go to torch's op"
 
 
@@ -293,12 +262,12 @@ def test_broadcast_warns_and_matches(name, reduction, triton_device):
         assert [w.filename for w in ours_w] == [__file__], "the warning must point at the caller"
         what = f"{name} {reduction} {x_shape} vs {y_shape}"
         assert ours.shape == expected.shape, what
-        assert_close(ours, expected, what)
+        assert_close(ours, expected, what, LOSS_TOLERANCE)
         g = None if reduction != "none" else torch.randn(ours.shape, generator=gen).to(device)
         backward_through(ours, g)
         backward_through(expected, g)
-        assert_close(x.grad, xr.grad, f"{what} input grad")
-        assert_close(y.grad, yr.grad, f"{what} target grad")
+        assert_close(x.grad, xr.grad, f"{what} input grad", LOSS_TOLERANCE)
+        assert_close(y.grad, yr.grad, f"{what} target grad", LOSS_TOLERANCE)
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -336,10 +305,10 @@ def test_deprecated_elementwise_mean(name, device):
         warnings.simplefilter("always")
         ours = getattr(F, name)(x, y, reduction="elementwise_mean")
     assert [str(w.message) for w in ours_w] == [str(w.message) for w in theirs]
-    assert_close(ours, expected, "loss")
+    assert_close(ours, expected, "loss", LOSS_TOLERANCE)
     ours.backward()
     expected.backward()
-    assert_close(x.grad, xr.grad, "input grad")
+    assert_close(x.grad, xr.grad, "input grad", LOSS_TOLERANCE)
 
 
 @pytest.mark.parametrize("name", ["mse_loss", "l1_loss", "smooth_l1_loss"])
@@ -353,7 +322,7 @@ def test_legacy_reduction_arguments(name, device):
             warnings.simplefilter("always")
             ours = getattr(F, name)(x, y, **legacy)
         assert [str(w.message) for w in ours_w] == [str(w.message) for w in theirs], legacy
-        assert_close(ours, expected, f"{name} {legacy}")
+        assert_close(ours, expected, f"{name} {legacy}", LOSS_TOLERANCE)
 
 
 # 6. gradcheck ----------------------------------------------------------------------------------
@@ -445,12 +414,12 @@ def test_mean_matches_torch(shape, kwargs, dtype, device):
     expected = torch.mean(xr, **kwargs)
     in_dtype = torch.mean(x.detach(), **kwargs)
     assert ours.dtype == in_dtype.dtype and ours.shape == in_dtype.shape
-    assert_close(ours, expected, "mean")
+    assert_close(ours, expected, "mean", LOSS_TOLERANCE)
     g = torch.randn(ours.shape, generator=gen).to(device=device, dtype=ours.dtype)
     (ours * g).sum().backward()
     (expected * g.to(expected.dtype)).sum().backward()
     assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
-    assert_close(x.grad, xr.grad, "mean grad")
+    assert_close(x.grad, xr.grad, "mean grad", LOSS_TOLERANCE)
 
 
 @pytest.mark.parametrize(
@@ -576,19 +545,19 @@ def test_unit_grad_output_scales_nothing(triton_device, monkeypatch):
 
     F.mse_loss(x, y).backward()
     (before, after) = seen[-1]
-    assert_close(before, expected, "gradient written by forward")
+    assert_close(before, expected, "gradient written by forward", LOSS_TOLERANCE)
     assert torch.equal(before, after), "grad_output 1 must leave the saved gradient alone"
-    assert_close(x.grad, expected, "input grad")
+    assert_close(x.grad, expected, "input grad", LOSS_TOLERANCE)
 
     x.grad = y.grad = None
     (3 * F.mse_loss(x, y)).backward()
     assert len(seen) == 2
     (before, after) = seen[-1]
-    assert_close(before, expected, "gradient written by forward")
+    assert_close(before, expected, "gradient written by forward", LOSS_TOLERANCE)
     assert not torch.equal(before, after)
-    assert_close(after, 3 * expected, "scaled gradient")
-    assert_close(x.grad, 3 * expected, "input grad")
-    assert_close(y.grad, -3 * expected, "target grad")
+    assert_close(after, 3 * expected, "scaled gradient", LOSS_TOLERANCE)
+    assert_close(x.grad, 3 * expected, "input grad", LOSS_TOLERANCE)
+    assert_close(y.grad, -3 * expected, "target grad", LOSS_TOLERANCE)
 
 
 @pytest.mark.parametrize(
@@ -606,8 +575,8 @@ def test_retain_graph_backward_twice(name, reduction, dtype, factors, device):
         last = i == len(factors) - 1
         gx, gy = torch.autograd.grad(c * ours, (x, y), retain_graph=not last)
         rx, ry = torch.autograd.grad(c * expected, (xr, yr), retain_graph=not last)
-        assert_close(gx, rx, f"input grad, backward {i} (grad_output {c})")
-        assert_close(gy, ry, f"target grad, backward {i} (grad_output {c})")
+        assert_close(gx, rx, f"input grad, backward {i} (grad_output {c})", LOSS_TOLERANCE)
+        assert_close(gy, ry, f"target grad, backward {i} (grad_output {c})", LOSS_TOLERANCE)
 
 
 def test_grad_does_not_alias_saved_buffer(device):
@@ -658,9 +627,9 @@ def test_module_in_training_loop(stock, fused, kwargs, device):
             losses.append(loss.detach())
         runs.append((torch.stack(losses), [p.detach() for p in model.parameters()]))
     (ref_losses, ref_params), (losses, params) = runs
-    assert_close(losses, ref_losses, "losses")
+    assert_close(losses, ref_losses, "losses", LOSS_TOLERANCE)
     for i, (p, q) in enumerate(zip(params, ref_params, strict=True)):
-        assert_close(p, q, f"param {i}")
+        assert_close(p, q, f"param {i}", LOSS_TOLERANCE)
 
 
 # 12. The kernels run (and the fallbacks do not) ------------------------------------------------
@@ -717,7 +686,7 @@ def test_mixed_dtypes(device):
             ours = getattr(F, name)(x, y, reduction=reduction)
             expected = getattr(TF, name)(x, y, reduction=reduction)
             assert ours.dtype == expected.dtype, f"{name} {reduction}: {ours.dtype} vs {expected.dtype}"
-            assert_close(ours, expected, f"{name} {reduction}")
+            assert_close(ours, expected, f"{name} {reduction}", LOSS_TOLERANCE)
 
 
 # 13. Determinism -------------------------------------------------------------------------------

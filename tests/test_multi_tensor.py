@@ -8,6 +8,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from helpers import CountOps
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedopt
@@ -25,18 +26,6 @@ OPTIMIZERS = [
     (fusedopt.FusedRMSprop, dict(lr=1e-3, momentum=0.9, centered=True), rmsprop_kernels.rmsprop_kernel),
     (fusedopt.FusedAdagrad, dict(lr=1e-2, lr_decay=0.01), adagrad_kernels.adagrad_kernel),
 ]
-
-
-class CountOps(TorchDispatchMode):
-    """Counts every aten op (each one a kernel launch on a device) run inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _params(n: int, device: str) -> list[torch.Tensor]:
@@ -340,3 +329,27 @@ def test_step_with_clip_amp_and_tensor_lr_reads_nothing_on_the_host(cls, kwargs,
         with HostReads() as probe:
             opt.step()
         assert probe.reads == []
+
+
+@pytest.mark.parametrize("cls, kwargs, kernel", OPTIMIZERS, ids=[c.__name__ for c, *_ in OPTIMIZERS])
+def test_dry_run_skips_the_step_kernel_and_nothing_else(cls, kwargs, kernel, triton_device):
+    """Inside ``dry_run()`` a step plans and returns with params and kernel-written state as they
+    were; the block nests and restores; the next step outside it moves the params."""
+    params = _params(3, triton_device)
+    _set_grads(params)
+    opt = cls(params, **kwargs)
+    before = [p.detach().clone() for p in params]
+    with _multi_tensor.dry_run():
+        with _multi_tensor.dry_run():
+            opt.step()
+        assert _multi_tensor._dry_run
+        opt.step()
+    assert not _multi_tensor._dry_run
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    for state in opt.state.values():
+        kernel_written = [v for k, v in state.items() if k in cls.algorithm.columns]
+        assert kernel_written and all(
+            torch.equal(v, torch.full_like(v, v.flatten()[0])) for v in kernel_written
+        )
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))

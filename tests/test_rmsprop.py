@@ -1,16 +1,18 @@
 import pytest
 import torch
-from optim_cases import DTYPES, RMSPROP_CASES, run_parity
+from helpers import DTYPES, parity_params, run_parity
+
+from fusedopt.testing import OPTIM_CASES
+
+CASES = [c for c in OPTIM_CASES if c.group == "rmsprop"]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", RMSPROP_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize(("case", "dtype"), parity_params(CASES, DTYPES))
 def test_rmsprop_matches_torch(case, dtype, device):
     run_parity(case, device, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", RMSPROP_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize(("case", "dtype"), parity_params(CASES, [torch.float32, torch.bfloat16]))
 def test_cpu_path_matches_torch(case, dtype, plain_cpu, launches):
     """Without the interpreter: torch's foreach RMSprop (fp32), the fp32-math reference (bf16)."""
     run_parity(case, "cpu", dtype)

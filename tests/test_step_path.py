@@ -9,19 +9,18 @@ import weakref
 
 import pytest
 import torch
-from optim_cases import ADAGRAD_CASES, ADAM_CASES, RMSPROP_CASES, SGD_CASES, run_parity
-from test_optim_api import case_id, grads_for, make
-from test_torch_compile_optim import Graphs
+from helpers import Graphs, case_id, grads_for, make, parity_params, run_parity
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedopt
-from fusedopt.optim import _plan
+from fusedopt.testing import OPTIM_CASES
 
 SPECS = [(3, 4), (5,), (), (4097,), (0,)]
 # GradScaler's verdicts: the first step is skipped (a momentum buffer must stay new), then one more.
 FOUND_INF = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
-CASES = [*SGD_CASES, *ADAM_CASES, *RMSPROP_CASES, *ADAGRAD_CASES]  # SGD_CASES include dampening != 0
+# Every option set fusedopt check runs (SGD's include dampening != 0; max_grad_norm ones too).
+CASES = OPTIM_CASES
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -165,12 +164,6 @@ def test_dropping_model_and_optimizer_frees_the_params(cls, compiled, triton_dev
 # CPU without the Triton interpreter: torch's fused CPU step where it is right, for-loop otherwise.
 
 
-@pytest.fixture
-def plain_cpu(monkeypatch):
-    """CPU tensors take the non-Triton path in this test, as without TRITON_INTERPRET=1."""
-    monkeypatch.setattr(_plan, "runs_triton", lambda device: False)
-
-
 class Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -181,8 +174,9 @@ class Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize(
+    ("case", "dtype"), parity_params(CASES, [torch.float32, torch.float64, torch.bfloat16])
+)
 def test_cpu_path_matches_torch(case, dtype, plain_cpu, launches):
     run_parity(case, "cpu", dtype)
     assert not launches, "no Triton kernel on this path"

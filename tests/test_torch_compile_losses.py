@@ -15,8 +15,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import record_launches
 from functorch.compile import make_boxed_func
+from helpers import record_launches
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch.library import opcheck
@@ -24,7 +24,8 @@ from torch.library import opcheck
 from fusedopt import functional as F
 from fusedopt import nn as fnn
 from fusedopt.kernels import cross_entropy as ce_kernels
-from fusedopt.tolerance import LOSS_TOLERANCE, allowed_error
+from fusedopt.testing import assert_close
+from fusedopt.tolerance import LOSS_TOLERANCE
 
 # The interpreter computes with numpy, which warns about the intended inf - inf and 1 / 0.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -158,8 +159,7 @@ def assert_within(actual: list[torch.Tensor], expected: list[torch.Tensor], what
     """The loss tolerance (``fusedopt.tolerance.LOSS_TOLERANCE``) on loss and every gradient."""
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert a.shape == e.shape and a.dtype == e.dtype, f"{what} [{i}]"
-        err = (a.double() - e.double()).abs()
-        assert bool((err <= allowed_error(e, a.dtype, LOSS_TOLERANCE)).all()), f"{what} [{i}]: {a} vs {e}"
+        assert_close(a, e, f"{what} [{i}]", LOSS_TOLERANCE)
 
 
 @pytest.mark.parametrize("scale", [1.0, -2.5], ids=["grad_output_1", "grad_output_-2.5"])

@@ -7,39 +7,22 @@ import math
 
 import pytest
 import torch
-from optim_cases import Case
-from test_optim_api import case_id, check_same, grads_for, make
+from helpers import Graphs, case_id, check_same, give, grads_for, make
 
 import fusedopt
+from fusedopt.testing import OptimCase
 
 CASES = [
-    Case(torch.optim.AdamW, fusedopt.FusedAdamW, dict(weight_decay=0.1)),
-    Case(torch.optim.Adam, fusedopt.FusedAdam, dict(amsgrad=True, maximize=True, capturable=True)),
-    Case(torch.optim.SGD, fusedopt.FusedSGD, dict(momentum=0.9, nesterov=True)),
-    Case(torch.optim.SGD, fusedopt.FusedSGD, dict()),
-    Case(torch.optim.RMSprop, fusedopt.FusedRMSprop, dict(momentum=0.9, centered=True, weight_decay=0.1)),
-    Case(torch.optim.Adagrad, fusedopt.FusedAdagrad, dict(lr_decay=0.01, initial_accumulator_value=0.1)),
+    OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, dict(weight_decay=0.1)),
+    OptimCase(fusedopt.FusedAdam, torch.optim.Adam, dict(amsgrad=True, maximize=True, capturable=True)),
+    OptimCase(fusedopt.FusedSGD, torch.optim.SGD, dict(momentum=0.9, nesterov=True)),
+    OptimCase(fusedopt.FusedSGD, torch.optim.SGD, dict()),
+    OptimCase(
+        fusedopt.FusedRMSprop, torch.optim.RMSprop, dict(momentum=0.9, centered=True, weight_decay=0.1)
+    ),
+    OptimCase(fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr_decay=0.01, initial_accumulator_value=0.1)),
 ]
 SPECS = [(3, 4), (5,), (), (4097,)]
-
-
-class Graphs(list):
-    """A torch.compile backend that records each graph it compiles and runs it with aot_eager
-    (functionalization included, the part that must keep our in-place ops in place)."""
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        from torch._dynamo.backends.registry import lookup_backend
-
-        self.append(gm)
-        return lookup_backend("aot_eager")(gm, example_inputs)
-
-    def targets(self) -> set[str]:
-        return {str(n.target) for gm in self for n in gm.graph.nodes if n.op == "call_function"}
-
-
-def _give(params, grads) -> None:
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g.clone()
 
 
 @pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
@@ -59,8 +42,8 @@ def test_compiled_step_matches_eager_without_recompiling(case, max_grad_norm, tr
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.9**i) for o in (opt, ref)]
     for i in range(12):
         grads = [g * (3.0 if i % 2 else 0.1) for g in grads_for(ours, i)]
-        _give(ours, grads)
-        _give(twins, grads)
+        give(ours, grads)
+        give(twins, grads)
         step()
         ref.step()
         for s in scheds:
@@ -90,8 +73,8 @@ def test_compiled_step_with_inductor_matches_torch(case, triton_device):
     step = torch.compile(opt.step, fullgraph=True)
     for i in range(3):
         grads = grads_for(ours, i)
-        _give(ours, grads)
-        _give(theirs, grads)
+        give(ours, grads)
+        give(theirs, grads)
         step()
         ref.step()
     check_same(opt, ref, ours, theirs)
@@ -106,8 +89,8 @@ def test_compiled_step_with_grad_scaler_state(triton_device):
     step = torch.compile(opt.step, fullgraph=True, backend=Graphs())
     for i, bad in enumerate([0.0, 0.0, 1.0, 0.0]):
         grads = grads_for(ours, i)
-        _give(ours, grads)
-        _give(twins, grads)
+        give(ours, grads)
+        give(twins, grads)
         for o in (opt, ref):
             o.grad_scale = torch.tensor(4.0, device=device)
             o.found_inf = torch.tensor(bad, device=device)
@@ -138,8 +121,8 @@ def test_compiled_clip_grad_norm(norm_type, triton_device):
     torch._dynamo.reset()
     ours, theirs = make(triton_device, SPECS), make(triton_device, SPECS)
     grads = grads_for(ours, 0)
-    _give(ours, grads)
-    _give(theirs, grads)
+    give(ours, grads)
+    give(theirs, grads)
     graphs = Graphs()
     clip = torch.compile(fusedopt.clip_grad_norm_, fullgraph=True, backend=graphs)
     total = clip(ours, 1.0, norm_type)
@@ -195,8 +178,8 @@ def test_eager_then_compiled_then_eager_steps(case, triton_device):
     compiled = torch.compile(opt.step, fullgraph=True, backend=Graphs())
     for i in range(8):
         grads = grads_for(ours, i)
-        _give(ours, grads)
-        _give(twins, grads)
+        give(ours, grads)
+        give(twins, grads)
         (compiled if 2 <= i < 5 else opt.step)()
         ref.step()
         for p, q in zip(ours, twins, strict=True):

@@ -1,6 +1,8 @@
-"""The whole optimizer phase of an AMP training step, torch's recipe against fusedopt's.
+"""AMP suite of ``python -m fusedopt bench``: the whole optimizer phase of an AMP training step,
+torch's recipe against fusedopt's.
 
-Per timed call, on GPT-2 small's 148 fp32 tensors (124M elements) with fp32 grads, AdamW:
+Per timed call, on GPT-2 small's 148 fp32 tensors (124M elements; any ``--dtypes``: these are
+AMP's fp32 master params) with fp32 grads, AdamW. Case ``GradScaler+clip+AdamW``:
 
 * ``torch-fused`` / ``torch-foreach``: torch's recipe, ``scaler.unscale_(opt)``,
   ``torch.nn.utils.clip_grad_norm_(params, 1.0)``, ``scaler.step(opt)``, ``scaler.update()``
@@ -8,76 +10,64 @@ Per timed call, on GPT-2 small's 148 fp32 tensors (124M elements) with fp32 grad
 * ``fusedopt-recipe``: the same four lines with ``fusedopt.FusedAdamW`` and
   ``fusedopt.clip_grad_norm_`` (the one-import change);
 * ``fusedopt``: ``fusedopt.GradScaler`` and ``FusedAdamW(max_grad_norm=1.0)``:
-  ``scaler.step(opt)``, ``scaler.update()``;
-* ``torch-graph`` / ``fusedopt-graph``: without a scaler, clip + step captured once in a CUDA
-  graph and replayed (torch: ``clip_grad_norm_`` + ``AdamW(fused=True, capturable=True)``;
-  fusedopt: ``FusedAdamW(capturable=True, max_grad_norm=1.0).step()``).
+  ``scaler.step(opt)``, ``scaler.update()``.
 
-Bytes per element (the model behind the GB/s column; fp32, 4 B per read or write of a tensor):
+Case ``clip+AdamW, CUDA graph``: no scaler; clip + step captured once in a CUDA graph and
+replayed (``torch-fused``: ``clip_grad_norm_`` + ``AdamW(fused=True, capturable=True)``;
+``fusedopt``: ``FusedAdamW(capturable=True, max_grad_norm=1.0).step()``). Without CUDA the step
+runs uncaptured.
 
-* torch recipe: unscale_ reads and writes g (8), the norm reads g (4), the clip reads and
-  writes g (8), the step reads p, g, m, v and writes p, m, v (28): 48 B;
-* fusedopt-recipe: the same passes, 48 B;
-* fusedopt: one read of g for the norm, which is also the inf check (4), the step (28): 32 B;
-* torch-graph: norm (4) + clip (8) + step (28) = 40 B; fusedopt-graph: 32 B.
+Bytes (``fusedopt.floors.amp_phase``): ``bytes_per_elt`` is the phase's floor, one read of the
+grads for the norm plus the step (32 B per fp32 element), the same for every row, so GB/s
+compares time directly; ``impl_bytes_per_elt`` is what the implementation's passes move: 48 B
+for torch's recipe (unscale_ r+w, norm r, clip r+w, step), 40 B for torch's graph, 32 B for
+fusedopt's.
 
-The scale stays 1.0 (``init_scale=1``, no growth within a run) so repeated calls leave the
-grads' values unchanged; every path still makes all its passes.
-
-    python -m fusedopt.cli.bench_amp --out results/      # GPU
-    python -m fusedopt.cli.bench_amp --smoke             # any machine: tiny shapes, nothing timed
+The scale stays 1.0 (``init_scale=1``, no growth within a run), so repeated calls leave the
+grads' values unchanged after the first clip; every path still makes all its passes. Each row
+gets fresh params.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 import fusedopt
-from fusedopt.cli import common
-from fusedopt.cli.bench_optim import gpt2_small_shapes, graph_replay, make_params, numel_of
+from fusedopt import floors
+from fusedopt.cli.bench_optim import SMOKE_SHAPES, gpt2_small_shapes, graph_replay, make_params, numel_of
 
-BYTES_PER_ELEMENT = {
-    "torch-fused": 48,
-    "torch-foreach": 48,
-    "fusedopt-recipe": 48,
-    "fusedopt": 32,
-    "torch-graph": 40,
-    "fusedopt-graph": 32,
-}
-IMPLS = tuple(BYTES_PER_ELEMENT)
+TITLE = "AMP optimizer phase, AdamW over fp32 params, every row"
+HEADERS = ("phase", "layout")
+FLOOR_TITLE = "bytes of the AMP optimizer phase per fp32 element (B/elt: its floor, norm + step)"
+IMPLS = ("fusedopt", "fusedopt-recipe", "torch-foreach", "torch-fused")
 MAX_NORM = 1.0
-SMOKE_SHAPES = [(7,), (3, 5), (1000,), (4097,)]
-COLUMNS = [
-    ("impl", "implementation", ""),
-    ("tensors", "tensors", "d"),
-    ("numel", "elements", ","),
-    ("bytes_per_elt", "B/elt", "d"),
-    ("ms", "ms", ".3f"),
-    ("ms_p20", "p20", ".3f"),
-    ("ms_p80", "p80", ".3f"),
-    ("gbps", "GB/s", ".0f"),
-    ("speedup", "vs torch-fused", ".2f"),
-]
+SCALER, GRAPH = "GradScaler+clip+AdamW", "clip+AdamW, CUDA graph"
+RECIPES = {  # (case, impl): its recipe in fusedopt.floors.amp_phase; fusedopt first in each case
+    (SCALER, "fusedopt"): "fusedopt",
+    (SCALER, "fusedopt-recipe"): "torch",
+    (SCALER, "torch-foreach"): "torch",
+    (SCALER, "torch-fused"): "torch",
+    (GRAPH, "fusedopt"): "fusedopt",
+    (GRAPH, "torch-fused"): "torch-graph",
+}
 
 
-def phase(impl: str, params: list[torch.Tensor], device: str) -> Callable[[], object]:
+def phase(case: str, impl: str, params: list[torch.Tensor], device: str) -> Callable[[], object]:
     """One call of ``impl``'s optimizer phase over ``params`` (grads already set)."""
-    if impl.endswith("-graph"):
-        if impl == "torch-graph":
+    if case == GRAPH:
+        if impl == "fusedopt":
+            step = fusedopt.FusedAdamW(params, lr=1e-3, capturable=True, max_grad_norm=MAX_NORM).step
+        else:
             opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
 
             def step() -> None:
                 torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
                 opt.step()
 
-        else:
-            opt = fusedopt.FusedAdamW(params, lr=1e-3, capturable=True, max_grad_norm=MAX_NORM)
-            step = opt.step
         return graph_replay(step) if device == "cuda" else step
     scale = dict(init_scale=1.0, growth_interval=2**30)
     if impl == "fusedopt":
@@ -103,59 +93,65 @@ def phase(impl: str, params: list[torch.Tensor], device: str) -> Callable[[], ob
     return amp_phase
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out", type=Path, default=Path("fusedopt-bench"), help="folder for the CSV and Markdown"
-    )
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, each path run once, nothing timed")
-    parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
-    parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
-    args = parser.parse_args(argv)
-    device = common.default_device()
-    timed = device == "cuda" and not args.smoke
-    if not timed and not args.smoke:
-        print("no CUDA device: running the smoke version (nothing timed)")
-    shapes = gpt2_small_shapes() if timed else SMOKE_SHAPES
-    env = common.environment()
+@dataclass(frozen=True)
+class Case:
+    """One row: a phase (``SCALER`` or ``GRAPH``), an implementation, a layout."""
+
+    case: str
+    impl: str
+    layout: str  # "gpt2", or "smoke"
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return SMOKE_SHAPES if self.layout == "smoke" else gpt2_small_shapes()
+
+    def base_row(self) -> dict:
+        shapes = self.shapes()
+        numel = numel_of(shapes)
+        per_elt = floors.amp_phase("fusedopt").bytes_per_element()
+        return {
+            "suite": "amp",
+            "case": self.case,
+            "impl": self.impl,
+            "layout": self.layout,
+            "dtype": "fp32",
+            "tensors": len(shapes),
+            "numel": numel,
+            "bytes_per_elt": per_elt,
+            "bytes": per_elt * numel,
+            "impl_bytes_per_elt": floors.amp_phase(RECIPES[self.case, self.impl]).bytes_per_element(),
+        }
+
+    def run(self, ctx) -> dict:
+        """The phase timed (or, in a smoke run, only run) on fresh params."""
+        try:
+            return _measure(self, ctx)
+        finally:
+            ctx.release()  # the params are gone by now
+
+
+def _measure(case: Case, ctx) -> dict:
+    row = case.base_row()
+    params = make_params(case.shapes(), torch.float32, ctx.device)
+    call = phase(case.case, case.impl, params, ctx.device)
+    call()  # state created, kernels built (a graph: captured)
+    row.update(ctx.measure(call))
+    return row
+
+
+def cases(args, ctx) -> list[Case]:
+    layout = "smoke" if ctx.tiny else "gpt2"
+    return [Case(case, impl, layout) for case, impl in RECIPES if impl in args.impls]
+
+
+def floor_rows(args) -> list[dict]:
     rows = []
-    for impl in args.impls:
-        params = make_params(shapes, torch.float32, device)
-        run = phase(impl, params, device)
-        run()
-        row = {"impl": impl, "tensors": len(shapes), "numel": numel_of(shapes)}
-        row["bytes_per_elt"] = BYTES_PER_ELEMENT[impl]
-        if timed:
-            t = common.do_bench(run, args.warmup, args.rep)
-            row.update(ms=t.ms, ms_p20=t.p20, ms_p80=t.p80)
-            row["gbps"] = row["bytes_per_elt"] * row["numel"] / (t.ms * 1e6)
-        rows.append({**row, **env})
-        del run, params
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-    base = next((r["ms"] for r in rows if r["impl"] == "torch-fused" and "ms" in r), None)
-    for r in rows:
-        if base is not None and "ms" in r:
-            r["speedup"] = base / r["ms"]
-    title = f"AMP optimizer phase, AdamW, {env['gpu']}, torch {env['torch']}, triton {env['triton']}"
-    print(title)
-    common.print_table(rows, COLUMNS)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"amp_phase_{common.slug(env['gpu'])}"
-    log = common.CsvLog(args.out / f"{name}.csv", [c[0] for c in COLUMNS] + list(env))
-    for r in rows:
-        log.write(r)
-    log.close()
-    text = [f"# {title}", "", "Timed with triton.testing.do_bench (median, p20, p80).", ""]
-    text += [common.table_text(rows, COLUMNS, markdown=True), ""]
-    (args.out / f"{name}.md").write_text(
-        "\n".join(text) if timed else "\n".join([*text[:1], "", "smoke run: nothing timed", ""])
-    )
-    print(f"wrote {args.out / name}.csv and .md")
-    return 0
+    for case, impl in RECIPES:
+        row = Case(case, impl, "gpt2").base_row()
+        rows.append({**row, "passes": str(floors.amp_phase(RECIPES[case, impl]))})
+    return rows
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the old entry point: python -m fusedopt.cli.bench_amp [bench options]
+    from fusedopt.__main__ import main
+
+    sys.exit(main(["bench", "--suites", "amp", *sys.argv[1:]]))

@@ -1,7 +1,12 @@
-"""How ``fusedopt bench`` measures its rows: the suites and implementations, the run's
-:class:`Context` (do_bench settings, :meth:`Context.measure`), the device-to-device copy that
-``% copy`` refers to, the derived columns of a finished row (:func:`finish_row`), and the
-SIGTERM guard that lets a run cut by ``timeout`` still write its report.
+"""How ``fusedopt bench`` measures its rows: the suites, the run's :class:`Context` (timing
+settings, shared params, :meth:`Context.measure`), the device-to-device copy that ``% copy``
+refers to, the derived columns of a finished row (:func:`finish_row`), and the SIGTERM guard that
+lets a run cut by ``timeout`` still write its report.
+
+A suite is a module with ``TITLE`` (its table's heading), ``HEADERS`` (what its case and layout
+columns hold), ``FLOOR_TITLE``, ``IMPLS`` (fusedopt first), ``cases(args, ctx)`` (its rows, in
+the order they run: objects with ``impl``, ``base_row()`` and ``run(ctx) -> row``) and
+``floor_rows(args)`` (its byte-floor table, no timing).
 """
 
 from __future__ import annotations
@@ -9,15 +14,19 @@ from __future__ import annotations
 import functools
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from fusedopt.cli import bench_losses, bench_optim, common
+from fusedopt.cli import bench_amp, bench_host, bench_losses, bench_optim, common
 
-SUITES = ("optim", "losses")
-IMPLS = ("fusedopt", "torch-forloop", "torch-foreach", "torch-fused", "torch-eager", "torch-compile")
-assert set(IMPLS) == set(bench_optim.IMPLS + bench_losses.IMPLS)
+SUITES = {"optim": bench_optim, "losses": bench_losses, "amp": bench_amp, "host": bench_host}
+# fmt: off
+IMPLS = ("fusedopt", "fusedopt-recipe", "torch-forloop", "torch-foreach", "torch-fused", "torch-eager",
+         "torch-compile")
+# fmt: on
+assert set(IMPLS) == {i for suite in SUITES.values() for i in suite.IMPLS}
 
 
 @dataclass
@@ -25,15 +34,35 @@ class Context:
     """How rows are measured in this run."""
 
     device: str
-    timed: bool  # CUDA and not --smoke
+    smoke: bool  # --smoke: every path once on tiny inputs, nothing timed
+    timed: bool  # do_bench timings: CUDA and not --smoke
     warmup: int
     rep: int
+    host_steps: int
     compile_backend: str
     graph_layouts: tuple[str, ...]
+    _shared: tuple = (None, [])  # the key and the params of the last ``params`` call
 
     @property
     def cuda(self) -> bool:
         return self.device == "cuda"
+
+    @property
+    def tiny(self) -> bool:
+        """Smoke-sized inputs for the device suites: --smoke, or no CUDA."""
+        return self.smoke or not self.cuda
+
+    def params(self, key: tuple, make: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """``make()``'s params, reused by the next rows asking for the same ``key`` (only the
+        last key's are kept)."""
+        if self._shared[0] != key:
+            self.drop_params()
+            self._shared = (key, make())
+        return self._shared[1]
+
+    def drop_params(self) -> None:
+        self._shared = (None, [])
+        self.release()
 
     def measure(self, fn, memory: bool = True) -> dict:
         """Timing (median, p20, p80) and peak extra memory of ``fn``; a smoke run only calls it."""
@@ -52,14 +81,18 @@ class Context:
             torch.cuda.empty_cache()
 
 
-def copy_bandwidth(numel: int, ctx: Context) -> tuple[common.Timing, float]:
-    """Device-to-device copy of ``numel`` fp32 elements: its timing and GB/s (read + write bytes)."""
-    src = torch.randn(numel, device="cuda")
+def copy_row(numel: int, ctx: Context) -> dict:
+    """The device-to-device copy of ``numel`` fp32 elements (read + write bytes), timed: the
+    reference of ``% copy``."""
+    src = torch.randn(numel, device=ctx.device)
     dst = torch.empty_like(src)
-    timing = common.do_bench(functools.partial(dst.copy_, src), ctx.warmup, ctx.rep)
+    t = common.do_bench(functools.partial(dst.copy_, src), ctx.warmup, ctx.rep)
     del src, dst
     ctx.release()
-    return timing, 2 * numel * 4 / (timing.ms * 1e-3) / 1e9
+    row = dict(
+        suite="copy", case="copy_", impl="torch", layout=str(numel), dtype="fp32", tensors=1, numel=numel
+    )
+    return {**row, "bytes_per_elt": 8, "bytes": 8 * numel, "ms": t.ms, "ms_p20": t.p20, "ms_p80": t.p80}
 
 
 class Stopped(BaseException):
@@ -93,12 +126,13 @@ class SigtermGuard:
 
 
 def finish_row(row: dict, env: dict, copy_gbps: float | None, ours: dict[tuple, dict]) -> None:
-    """Derived columns: GB/s, % of copy, fusedopt's speed-up over the row; environment."""
+    """Derived columns: status, MB, GB/s, % of copy, fusedopt's speed-up over the row; environment."""
     row.update(env)
-    row["mb"] = row["bytes"] / 1e6
+    row.setdefault("status", "timed" if row.get("ms") else "smoke")
+    row["mb"] = row["bytes"] / 1e6 if row.get("bytes") else None
     for prefix in ("", "graph_"):
         ms = row.get(f"{prefix}ms")
-        if ms:
+        if ms and row.get("bytes"):
             row[f"{prefix}gbps"] = row["bytes"] / (ms * 1e-3) / 1e9
     if row.get("gbps") and copy_gbps:
         row["copy_gbps"] = copy_gbps

@@ -3,9 +3,10 @@
 Each row times ``torch.autograd.grad(loss(input, ...), input)`` (so no implementation pays for
 accumulating into ``.grad``) for fusedopt's op, torch's eager op and ``torch.compile`` of
 torch's op, and the peak memory above the inputs. ``bytes_per_elt`` is the byte floor of the
-op (what any implementation must read and write), the same for every implementation, so GB/s
-compares time directly; ``impl_bytes_per_elt`` is what each implementation moves by the tables
-in ``fusedopt/losses.py`` and ``fusedopt/cross_entropy.py`` (fp32; scaled by the element size).
+op (``fusedopt.floors.LOSSES``: what any implementation must read and write), the same for
+every implementation, so GB/s compares time directly; ``impl_bytes_per_elt`` is what each
+implementation moves by the tables in ``fusedopt/losses.py`` and ``fusedopt/cross_entropy.py``
+(fp32; scaled by the element size).
 """
 
 from __future__ import annotations
@@ -17,56 +18,43 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fusedopt import floors
 from fusedopt import functional as FF
 from fusedopt.cli import common
 
+TITLE = "loss forward + backward, every row"
+HEADERS = ("loss", "shape")
+FLOOR_TITLE = (
+    "byte floor of loss forward + backward (mean: read x; pointwise: read x, y, write dx; "
+    "cross-entropy: read z, write dz)"
+)
 IMPLS = ("fusedopt", "torch-eager", "torch-compile")
 
 
 @dataclass(frozen=True)
 class LossBench:
-    """One benchmarked loss and shape.
-
-    Byte floors per input element, fp32, ``reduction="mean"``, ``grad_output`` 1:
-    ``mean``: read x (4); its gradient is ``grad / N`` expanded, no memory.
-    Pointwise losses: read x and target (8), write dx (4): 12.
-    Cross-entropy, per logit: read z (4), write dz (4): 8.
-    """
+    """One benchmarked loss and shape; ``impl_fp32``: the bytes each implementation moves per
+    fp32 element (the byte floor is ``fusedopt.floors.LOSSES[op]``)."""
 
     op: str  # the name in fusedopt.functional and torch.nn.functional (torch.mean for "mean")
     inputs: str  # "reduce", "regression" or "classification"
     shape: tuple[int, ...]
     smoke_shape: tuple[int, ...]
-    floor_fp32: int
     impl_fp32: dict[str, int] = field(default_factory=dict)
 
 
-_POINTWISE = {"fusedopt": 12, "torch-eager": 36, "torch-compile": 20}
 _N = 64 * 2**20
+_MEAN = {"fusedopt": 4, "torch-eager": 8, "torch-compile": 8}
+_POINTWISE = {"fusedopt": 12, "torch-eager": 36, "torch-compile": 20}
+_CE = {"fusedopt": 12, "torch-eager": 24, "torch-compile": 16}
 LOSSES: dict[str, LossBench] = {
-    "mean-64m": LossBench(
-        "mean", "reduce", (_N,), (1000,), 4, {"fusedopt": 4, "torch-eager": 8, "torch-compile": 8}
-    ),
-    "mse-64m": LossBench("mse_loss", "regression", (_N,), (1000,), 12, _POINTWISE),
-    "l1-64m": LossBench("l1_loss", "regression", (_N,), (1000,), 12, _POINTWISE),
-    "smooth_l1-64m": LossBench("smooth_l1_loss", "regression", (_N,), (1000,), 12, _POINTWISE),
-    "huber-64m": LossBench("huber_loss", "regression", (_N,), (1000,), 12, _POINTWISE),
-    "ce-8192x50257": LossBench(
-        "cross_entropy",
-        "classification",
-        (8192, 50257),
-        (8, 129),
-        8,
-        {"fusedopt": 12, "torch-eager": 24, "torch-compile": 16},
-    ),
-    "ce-4096x128256": LossBench(
-        "cross_entropy",
-        "classification",
-        (4096, 128256),
-        (8, 257),
-        8,
-        {"fusedopt": 12, "torch-eager": 24, "torch-compile": 16},
-    ),
+    "mean-64m": LossBench("mean", "reduce", (_N,), (1000,), _MEAN),
+    "mse-64m": LossBench("mse_loss", "regression", (_N,), (1000,), _POINTWISE),
+    "l1-64m": LossBench("l1_loss", "regression", (_N,), (1000,), _POINTWISE),
+    "smooth_l1-64m": LossBench("smooth_l1_loss", "regression", (_N,), (1000,), _POINTWISE),
+    "huber-64m": LossBench("huber_loss", "regression", (_N,), (1000,), _POINTWISE),
+    "ce-8192x50257": LossBench("cross_entropy", "classification", (8192, 50257), (8, 129), _CE),
+    "ce-4096x128256": LossBench("cross_entropy", "classification", (4096, 128256), (8, 257), _CE),
 }
 
 
@@ -102,7 +90,7 @@ class Case:
     def base_row(self) -> dict:
         spec, dtype = self.spec, common.DTYPES[self.dtype]
         numel = math.prod(self.shape())
-        per_elt = spec.floor_fp32 * dtype.itemsize // 4  # the fp32 floors are multiples of 4
+        per_elt = floors.LOSSES[spec.op].bytes_per_element(dtype)
         return {
             "suite": "losses",
             "case": spec.op,
@@ -118,13 +106,21 @@ class Case:
             "impl_bytes_per_elt": spec.impl_fp32.get(self.impl, 0) * dtype.itemsize // 4 or None,
         }
 
+    def run(self, ctx) -> dict:
+        """Forward + backward timed (or, in a smoke run, only run) and its peak memory."""
+        try:
+            return _measure(self, ctx)
+        finally:
+            ctx.release()  # the inputs are gone by now
 
-def cases(losses: list[str], dtypes: list[str], impls: list[str], smoke: bool) -> list[Case]:
+
+def cases(args, ctx) -> list[Case]:
     """Every row, compiled ones last (slow to compile)."""
+    impls = [i for i in IMPLS if i in args.impls]
     eager = [i for i in impls if i != "torch-compile"]
-    out = [Case(name, d, i, smoke) for name in losses for d in dtypes for i in eager]
+    out = [Case(name, d, i, ctx.tiny) for name in args.losses for d in args.dtypes for i in eager]
     if "torch-compile" in impls:
-        out += [Case(name, d, "torch-compile", smoke) for name in losses for d in dtypes]
+        out += [Case(name, d, "torch-compile", ctx.tiny) for name in args.losses for d in args.dtypes]
     return out
 
 
@@ -140,14 +136,6 @@ def make_inputs(case: Case, device: str) -> tuple[torch.Tensor, list[torch.Tenso
     return x, [torch.randint(0, shape[1], (shape[0],), device=device, generator=gen)]
 
 
-def run_case(case: Case, ctx) -> dict:
-    """One row: forward + backward timed (or, in a smoke run, only run) and its peak memory."""
-    try:
-        return _measure(case, ctx)
-    finally:
-        ctx.release()  # the inputs are gone by now
-
-
 def _measure(case: Case, ctx) -> dict:
     row = case.base_row()
     x, rest = make_inputs(case, ctx.device)
@@ -161,21 +149,10 @@ def _measure(case: Case, ctx) -> dict:
     return row
 
 
-def byte_floor_rows(losses: list[str], dtypes: list[str]) -> list[dict]:
+def floor_rows(args) -> list[dict]:
     rows = []
-    for name in losses:
-        for d in dtypes:
+    for name in args.losses:
+        for d in args.dtypes:
             row = Case(name, d, "fusedopt", smoke=False).base_row()
-            row["mb"] = row["bytes"] / 1e6
-            rows.append(row)
+            rows.append({**row, "impl": None, "impl_bytes_per_elt": None, "tensors": None})
     return rows
-
-
-BYTE_FLOOR_COLUMNS = [
-    ("case", "loss", ""),
-    ("layout", "shape", ""),
-    ("dtype", "dtype", ""),
-    ("numel", "elements", ","),
-    ("bytes_per_elt", "B/elt", "d"),
-    ("mb", "MB", ".1f"),
-]

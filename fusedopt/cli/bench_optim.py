@@ -1,13 +1,13 @@
 """Optimizer-step suite of ``python -m fusedopt bench``: fusedopt against torch.optim.
 
-FusedAdam, FusedAdamW and FusedSGD(momentum=0.9) against torch's for-loop (``foreach=False``),
+Each fused optimizer (SGD with momentum=0.9) against torch's for-loop (``foreach=False``),
 ``foreach=True``, ``fused=True`` and a ``torch.compile``d step (the default, foreach path), on
 three layouts (one 64M-element tensor, GPT-2 small's 148 tensors, 1000 tensors of 4096
 elements). Each implementation's step is timed with ``triton.testing.do_bench`` (median, 20th
 and 80th percentile); the small-tensor layout also gets a second figure: the step captured once
-in a ``torch.cuda.CUDAGraph`` and replayed (Adam family: ``capturable=True``, which capture
-needs). Bytes come from the byte floor (``OptimSpec.bytes_per_element``), the same for every
-implementation, so GB/s and % of copy compare time directly.
+in a ``torch.cuda.CUDAGraph`` and replayed (``capturable=True`` where the class has it). Bytes
+come from the byte floor (``fusedopt.floors.step``), the same for every implementation, so GB/s
+and % of copy compare time directly.
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 import fusedopt
+from fusedopt import floors
 from fusedopt.cli import common
 
+TITLE = "optimizer step, every row"
+HEADERS = ("optimizer", "layout")  # what the case and layout columns hold
+FLOOR_TITLE = "byte floor of one optimizer step (read p, g, state; write p, state)"
 IMPLS = ("fusedopt", "torch-forloop", "torch-foreach", "torch-fused", "torch-compile")
 
 
@@ -71,12 +75,11 @@ def numel_of(shapes: list[tuple[int, ...]]) -> int:
 
 @dataclass(frozen=True)
 class OptimSpec:
-    """One optimizer as fusedopt and torch.optim build it, and the state tensors its step touches."""
+    """One optimizer as fusedopt and torch.optim build it."""
 
     fused_cls: type[torch.optim.Optimizer]
     torch_cls: type[torch.optim.Optimizer]
     kwargs: dict = field(default_factory=dict)
-    state_tensors: int = 0  # per-param state read and written each step (Adam: m, v; SGD: b)
     capturable_flag: bool = False  # the class has ``capturable`` (needed for CUDA-graph capture)
 
     @property
@@ -84,15 +87,9 @@ class OptimSpec:
         extra = ",".join(f"{k}={v}" for k, v in self.kwargs.items() if k != "lr")
         return f"{self.fused_cls.__name__}({extra})" if extra else self.fused_cls.__name__
 
-    def bytes_per_element(self, dtype: torch.dtype) -> int:
-        """Byte floor per element: read param, grad and state; write param and state.
-
-        Adam/AdamW: (p + g + m + v) read + (p + m + v) written = 7 x element size (28 B fp32, 14 B bf16).
-        SGD with momentum: (p + g + b) read + (p + b) written = 5 x element size (20 B fp32, 10 B bf16).
-        """
-        reads = 2 + self.state_tensors
-        writes = 1 + self.state_tensors
-        return (reads + writes) * dtype.itemsize
+    @property
+    def floor(self) -> floors.Floor:
+        return floors.step(self.fused_cls, **self.kwargs)
 
     def make(self, impl: str, params: list[torch.Tensor], capturable: bool = False) -> torch.optim.Optimizer:
         """The optimizer of one implementation over ``params`` (``capturable`` where it exists)."""
@@ -111,11 +108,11 @@ class OptimSpec:
 
 
 OPTIMIZERS: dict[str, OptimSpec] = {
-    "adam": OptimSpec(fusedopt.FusedAdam, torch.optim.Adam, {"lr": 1e-3}, 2, capturable_flag=True),
-    "adamw": OptimSpec(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3}, 2, capturable_flag=True),
-    "sgd": OptimSpec(fusedopt.FusedSGD, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}, 1),
-    "rmsprop": OptimSpec(fusedopt.FusedRMSprop, torch.optim.RMSprop, {"lr": 1e-3}, 1, capturable_flag=True),
-    "adagrad": OptimSpec(fusedopt.FusedAdagrad, torch.optim.Adagrad, {"lr": 1e-3}, 1),
+    "adam": OptimSpec(fusedopt.FusedAdam, torch.optim.Adam, {"lr": 1e-3}, capturable_flag=True),
+    "adamw": OptimSpec(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3}, capturable_flag=True),
+    "sgd": OptimSpec(fusedopt.FusedSGD, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
+    "rmsprop": OptimSpec(fusedopt.FusedRMSprop, torch.optim.RMSprop, {"lr": 1e-3}, capturable_flag=True),
+    "adagrad": OptimSpec(fusedopt.FusedAdagrad, torch.optim.Adagrad, {"lr": 1e-3}),
 }
 
 
@@ -178,7 +175,7 @@ class Case:
         spec = OPTIMIZERS[self.optimizer]
         shapes = self.shapes()
         numel = numel_of(shapes)
-        per_elt = spec.bytes_per_element(common.DTYPES[self.dtype])
+        per_elt = spec.floor.bytes_per_element(common.DTYPES[self.dtype])
         return {
             "suite": "optim",
             "case": spec.label,
@@ -191,55 +188,48 @@ class Case:
             "bytes": per_elt * numel,
         }
 
+    def params(self, ctx) -> list[torch.Tensor]:
+        """The layout's params with grads, shared by the rows of one layout and dtype."""
+        return ctx.params(
+            (self.layout, self.dtype),
+            lambda: make_params(self.shapes(), common.DTYPES[self.dtype], ctx.device),
+        )
 
-def cases(optimizers: list[str], layouts: list[str], dtypes: list[str], impls: list[str]) -> list[Case]:
-    """Every row, in the order they run: compiled steps last (slow to compile), fewest tensors
-    first, so a run cut by a time limit has all the other rows."""
+    def run(self, ctx) -> dict:
+        """The step timed (or, in a smoke run, only run), peak extra memory, graph replay.
+
+        ``ctx`` (``fusedopt.cli.bench_harness.Context``) says whether to time, the do_bench
+        settings, the compile backend and the graph layouts.
+        """
+        spec = OPTIMIZERS[self.optimizer]
+        row, params = self.base_row(), self.params(ctx)
+        opt = spec.make(self.impl, params)
+        try:
+            step = step_fn(opt, self.impl, ctx.compile_backend)
+            step()  # state created, kernels (or the compiled graph) built
+            row.update(ctx.measure(step))
+        finally:
+            del opt
+            ctx.release()
+        if self.layout in ctx.graph_layouts and self.impl != "torch-compile":
+            row.update(graph_figure(spec, self.impl, params, ctx))
+        return row
+
+
+def cases(args, ctx) -> list[Case]:
+    """Every row, in the order they run: dtype, layout, optimizer, implementation; the compiled
+    steps (slow to compile) last, fewest tensors first, so a run cut by a time limit has all
+    the other rows."""
+    impls = [i for i in IMPLS if i in args.impls]
     eager = [i for i in impls if i != "torch-compile"]
-    out = [Case(o, lay, d, i) for d in dtypes for lay in layouts for o in optimizers for i in eager]
+    lays = ["smoke"] if ctx.tiny else args.layouts
+    out = [Case(o, lay, d, i) for d in args.dtypes for lay in lays for o in args.optimizers for i in eager]
     if "torch-compile" in impls:
-        by_size = sorted(layouts, key=lambda lay: len(LAYOUTS[lay]()) if lay in LAYOUTS else 0)
-        out += [Case(o, lay, d, "torch-compile") for lay in by_size for d in dtypes for o in optimizers]
+        by_size = sorted(lays, key=lambda lay: len(LAYOUTS[lay]()) if lay in LAYOUTS else 0)
+        out += [
+            Case(o, lay, d, "torch-compile") for lay in by_size for d in args.dtypes for o in args.optimizers
+        ]
     return out
-
-
-class Params:
-    """The params of the last (layout, dtype) asked for: rows of one layout share them."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.key: tuple[str, str] | None = None
-        self.params: list[torch.Tensor] = []
-
-    def get(self, case: Case) -> list[torch.Tensor]:
-        if self.key != (case.layout, case.dtype):
-            self.params = []
-            if self.device == "cuda":
-                torch.cuda.empty_cache()
-            self.params = make_params(case.shapes(), common.DTYPES[case.dtype], self.device)
-            self.key = (case.layout, case.dtype)
-        return self.params
-
-
-def run_case(case: Case, params: list[torch.Tensor], ctx) -> dict:
-    """One row: the step timed (or, in a smoke run, only run), peak extra memory, graph replay.
-
-    ``ctx`` (``fusedopt.cli.bench_harness.Context``) says whether to time, the do_bench settings, the
-    compile backend and the graph layouts.
-    """
-    spec = OPTIMIZERS[case.optimizer]
-    row = case.base_row()
-    opt = spec.make(case.impl, params)
-    try:
-        step = step_fn(opt, case.impl, ctx.compile_backend)
-        step()  # state created, kernels (or the compiled graph) built
-        row.update(ctx.measure(step))
-    finally:
-        del opt
-        ctx.release()
-    if case.layout in ctx.graph_layouts and case.impl != "torch-compile":
-        row.update(graph_figure(spec, case.impl, params, ctx))
-    return row
 
 
 def graph_figure(spec: OptimSpec, impl: str, params: list[torch.Tensor], ctx) -> dict:
@@ -261,24 +251,9 @@ def graph_figure(spec: OptimSpec, impl: str, params: list[torch.Tensor], ctx) ->
             ctx.release()
 
 
-def byte_floor_rows(optimizers: list[str], layouts: list[str], dtypes: list[str]) -> list[dict]:
-    """Bytes one step must move at least, per optimizer, layout and dtype (no timing)."""
-    rows = []
-    for d in dtypes:
-        for lay in layouts:
-            for o in optimizers:
-                row = Case(o, lay, d, "fusedopt").base_row()
-                row["mb"] = row["bytes"] / 1e6
-                rows.append(row)
-    return rows
-
-
-BYTE_FLOOR_COLUMNS = [
-    ("case", "optimizer", ""),
-    ("layout", "layout", ""),
-    ("dtype", "dtype", ""),
-    ("tensors", "tensors", "d"),
-    ("numel", "elements", ","),
-    ("bytes_per_elt", "B/elt", "d"),
-    ("mb", "MB/step", ".1f"),
-]
+def floor_rows(args) -> list[dict]:
+    """Bytes one step must move at least, per dtype, layout and optimizer (no timing)."""
+    cases = [
+        Case(o, lay, d, "fusedopt") for d in args.dtypes for lay in args.layouts for o in args.optimizers
+    ]
+    return [{**case.base_row(), "impl": None} for case in cases]

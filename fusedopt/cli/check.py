@@ -11,8 +11,10 @@ Losses: every case of ``LOSS_CASES`` runs the ``fusedopt.functional`` op and the
 ``torch.nn.functional`` op (in fp32 for bf16/fp16, the result rounded) on the same inputs;
 the value and the gradient of the input are compared.
 
-The verdict is the tolerance contract of ``fusedopt.tolerance``. Both registries are plain
-lists: a test (or a user) can append a case, e.g. a broken optimizer, and see it flagged.
+The cases, the runners and the verdict (the tolerance contract of ``fusedopt.tolerance``) are
+:mod:`fusedopt.testing`'s, shared with the tests; ``OPTIM_CASES`` and ``LOSS_CASES`` here are
+those plain lists: a test (or a user) can append a case, e.g. a broken optimizer, and see it
+flagged.
 """
 
 from __future__ import annotations
@@ -21,109 +23,49 @@ import argparse
 import math
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import fusedopt
-from fusedopt import functional as FF
+from fusedopt import testing
 from fusedopt.cli import common
 from fusedopt.cli.check_report import report
-from fusedopt.cli.check_runner import (
-    SIZES,
-    LossCase,
-    OptimCase,
-    Result,
-    Sizes,
-    describe,
-    model_shapes,
-    run_loss_case,
-    run_optim_case,
-)
+from fusedopt.testing import OptimCase, Result, compare_loss, compare_optimizer, describe, gpt_shapes
 
-# Registries -----------------------------------------------------------------------------------
+# The registries: testing's lists themselves, so appending a case here checks it.
+OPTIM_CASES: list[OptimCase] = testing.OPTIM_CASES
+LOSS_CASES: list[testing.LossCase] = testing.LOSS_CASES
 
-OPTIM_CASES: list[OptimCase] = [
-    OptimCase("sgd", fusedopt.FusedSGD, torch.optim.SGD, dict(lr=0.1, weight_decay=0.1)),
-    OptimCase("sgd", fusedopt.FusedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-    OptimCase(
-        "sgd",
-        fusedopt.FusedSGD,
-        torch.optim.SGD,
-        dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
-    ),
-    OptimCase(
-        "sgd",
-        fusedopt.FusedSGD,
-        torch.optim.SGD,
-        dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.1, maximize=True),
-    ),
-    OptimCase("adam", fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01)),
-    OptimCase("adam", fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
-    OptimCase(
-        "adam", fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, betas=(0.8, 0.9), eps=1e-3, maximize=True)
-    ),
-    OptimCase(
-        "adam",
-        fusedopt.FusedAdam,
-        torch.optim.Adam,
-        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
-    ),
-    OptimCase("adamw", fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=0.01)),
-    OptimCase(
-        "adamw",
-        fusedopt.FusedAdamW,
-        torch.optim.AdamW,
-        dict(lr=0.01, weight_decay=0.5, amsgrad=True, maximize=True),
-    ),
-    OptimCase("rmsprop", fusedopt.FusedRMSprop, torch.optim.RMSprop, dict(lr=0.01, weight_decay=0.1)),
-    OptimCase(
-        "rmsprop",
-        fusedopt.FusedRMSprop,
-        torch.optim.RMSprop,
-        dict(lr=0.01, alpha=0.9, momentum=0.5, centered=True, maximize=True),
-    ),
-    OptimCase("adagrad", fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr=0.05, lr_decay=0.01)),
-    OptimCase(
-        "adagrad",
-        fusedopt.FusedAdagrad,
-        torch.optim.Adagrad,
-        dict(lr=0.05, initial_accumulator_value=0.1, weight_decay=0.1, maximize=True),
-    ),
-    # fusedopt's max_grad_norm against torch's clip_grad_norm_(params, max_norm) before the step.
-    OptimCase("sgd", fusedopt.FusedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, max_grad_norm=1.0)),
-    OptimCase("adamw", fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=0.01, max_grad_norm=1.0)),
-]
 
-LOSS_CASES: list[LossCase] = [
-    LossCase("mean", FF.mean, torch.mean, "reduce"),
-    LossCase("mean", FF.mean, torch.mean, "reduce", dict(dim=-1)),
-    LossCase("mse_loss", FF.mse_loss, F.mse_loss, "regression"),
-    LossCase("mse_loss", FF.mse_loss, F.mse_loss, "regression", dict(reduction="sum"), grad_output=-1.25),
-    LossCase("mse_loss", FF.mse_loss, F.mse_loss, "regression", dict(reduction="none")),
-    LossCase("l1_loss", FF.l1_loss, F.l1_loss, "regression"),
-    LossCase("smooth_l1_loss", FF.smooth_l1_loss, F.smooth_l1_loss, "regression", dict(beta=0.5)),
-    LossCase(
-        "huber_loss", FF.huber_loss, F.huber_loss, "regression", dict(delta=0.5, reduction="sum"), -1.25
-    ),
-    LossCase("cross_entropy", FF.cross_entropy, F.cross_entropy, "classification"),
-    LossCase(
-        "cross_entropy",
-        FF.cross_entropy,
-        F.cross_entropy,
-        "classification",
-        dict(label_smoothing=0.1, ignore_index=3),
-        grad_output=-1.25,
-    ),
-    LossCase(
-        "cross_entropy",
-        FF.cross_entropy,
-        F.cross_entropy,
-        "classification",
-        dict(reduction="none"),
-        weighted=True,
-    ),
-]
+@dataclass(frozen=True)
+class Sizes:
+    width: int  # d_model of the GPT-shaped param list
+    layers: int
+    vocab: int
+    rows: int  # loss inputs: rows x classes (regression inputs have the same shape)
+    classes: int
+
+
+SIZES = {
+    # CPU: the kernels run in the interpreter; 28 tensors (~9k elements, ragged blocks) and
+    # 33 x 1000 loss inputs keep the whole check near half a minute on two cores.
+    "cpu": Sizes(width=16, layers=2, vocab=97, rows=33, classes=1000),
+    # CUDA: ~5.2M elements (the optimizers' large-block launch), GPT-2's vocabulary for the losses.
+    "cuda": Sizes(width=256, layers=4, vocab=8191, rows=256, classes=50257),
+}
+
+
+def optimizer_result(case: OptimCase, dtype: torch.dtype, device: str, sizes: Sizes, steps: int, seed: int):
+    """``case`` on the GPT-shaped params, random grads every step."""
+    shapes = gpt_shapes(sizes.width, sizes.layers, sizes.vocab)
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype).to(device) for _, s in shapes]
+
+    def grads(ps: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        return [torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype) for p in ps]
+
+    return compare_optimizer(case, params, grads, steps, names=[n for n, _ in shapes])
 
 
 # Command --------------------------------------------------------------------------------------
@@ -194,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     dtypes = [common.DTYPES[d] for d in args.dtypes]
     optim_cases = [c for c in OPTIM_CASES if c.group in groups]
     loss_cases = [c for c in LOSS_CASES if c.name in names]
-    shapes = model_shapes(sizes.width, sizes.layers, sizes.vocab)
+    shapes = gpt_shapes(sizes.width, sizes.layers, sizes.vocab)
     numel = sum(math.prod(s) for _, s in shapes)
 
     env = common.environment()
@@ -228,16 +170,19 @@ def run(args: argparse.Namespace) -> int:
         for case in optim_cases:
             for dtype in dtypes:
                 try:
-                    result = run_optim_case(case, dtype, device, sizes, args.steps, args.seed)
+                    result = optimizer_result(case, dtype, device, sizes, args.steps, args.seed)
                 except Exception as e:
-                    result = Result("optimizer", case.name, describe(case.kwargs), common.DTYPE_NAMES[dtype])
-                    result.steps, result.error = args.steps, common.short_error(e)
+                    name = case.fused_cls.__name__
+                    result = Result(
+                        "optimizer", name, describe(case.kwargs), common.DTYPE_NAMES[dtype], args.steps
+                    )
+                    result.error = common.short_error(e)
                 optim_results.append(result)
-                progress.advance(f"{case.name} {result.dtype}")
+                progress.advance(f"{result.name} {result.dtype}")
         for case in loss_cases:
             for dtype in dtypes:
                 try:
-                    result = run_loss_case(case, dtype, device, sizes, args.seed)
+                    result = compare_loss(case, dtype, device, sizes.rows, sizes.classes, args.seed)
                 except Exception as e:
                     extra = "weight" if case.weighted else ""
                     result = Result(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt.cli import common
-from fusedopt.cli.check_runner import Result
+from fusedopt.testing import Result
 from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE
 
 STATE_ORDER = ["momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]

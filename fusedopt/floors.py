@@ -1,0 +1,106 @@
+"""Byte floors: the tensors a fused step, a clip, an AMP phase or a loss must read and write.
+
+The one table behind every bytes-per-element figure: ``fusedopt bench`` takes its bytes and GB/s
+from it, and ``tests/test_floors.py`` checks the kernels' and optimizers' docstrings and the
+README's table against it. A floor is a sequence of passes over memory, each reading and writing
+whole tensors once per element, so its bytes per element are the tensors read and written times
+the element size. Hyper-parameters, pointer tables and per-tensor scalars (a few KB a step) are
+not counted.
+
+An optimizer step reads the param, its grad and every state tensor, and writes the param and
+every state tensor. The state tensors are those its algorithm creates for the options given
+(``algorithm.state(group)``, the spec the launcher and the kernel read), so an option that adds a
+buffer changes the floor with nothing else to edit. ``max_grad_norm`` adds the norm pass.
+
+    step(fusedopt.FusedAdam).bytes_per_element()                               # 28
+    step(fusedopt.FusedSGD, momentum=0.9).bytes_per_element(torch.bfloat16)   # 10
+    amp_phase("torch").bytes_per_element()                                     # 48
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One trip over memory: the tensors it reads and writes, each once per element."""
+
+    name: str
+    reads: tuple[str, ...]
+    writes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Floor:
+    """Passes over memory, in order."""
+
+    passes: tuple[Pass, ...]
+
+    @property
+    def tensors(self) -> int:
+        """Tensor reads plus tensor writes per element, over all passes."""
+        return sum(len(p.reads) + len(p.writes) for p in self.passes)
+
+    def bytes_per_element(self, dtype: torch.dtype = torch.float32) -> int:
+        return self.tensors * dtype.itemsize
+
+    def __add__(self, other: Floor) -> Floor:
+        return Floor(self.passes + other.passes)
+
+    def __str__(self) -> str:
+        """``pass: read -> written`` for each pass, joined by ``+``."""
+        return " + ".join(
+            f"{p.name}: {', '.join(p.reads)}" + (f" -> {', '.join(p.writes)}" if p.writes else "")
+            for p in self.passes
+        )
+
+
+# clip_grad_norm_'s norm; the optimizers' max_grad_norm; fusedopt.GradScaler's inf check (the same read).
+NORM = Floor((Pass("norm", ("grad",)),))
+CLIP = Floor((Pass("clip", ("grad",), ("grad",)),))  # g *= coef, in place
+UNSCALE = Floor((Pass("unscale_", ("grad",), ("grad",)),))  # torch.amp.GradScaler: unscale + inf check
+
+
+def step(optimizer: type[torch.optim.Optimizer], **options) -> Floor:
+    """The floor of one step of a fused optimizer class built with ``options``
+    (its constructor's keywords; the defaults for the rest)."""
+    opt = optimizer([torch.zeros(1, requires_grad=True)], **options)  # its group, validated
+    state = tuple(opt.algorithm.state(opt.param_groups[0]))
+    floor = Floor((Pass("step", ("param", "grad", *state), ("param", *state)),))
+    return floor if opt.max_grad_norm is None else NORM + floor
+
+
+def amp_phase(recipe: str) -> Floor:
+    """The optimizer phase of an AMP step (AdamW, clipping to a max norm), by recipe:
+
+    * ``"torch"``: ``scaler.unscale_(opt)``, ``clip_grad_norm_``, ``scaler.step(opt)`` (with
+      torch's AdamW or fusedopt's parts in their place: the same passes);
+    * ``"torch-graph"``: no scaler; ``clip_grad_norm_`` and the step (what a CUDA graph replays);
+    * ``"fusedopt"``: ``fusedopt.GradScaler`` and ``FusedAdamW(max_grad_norm=...)``: the norm pass,
+      which is also the inf check, then the step. This is the phase's floor: the norm must be
+      known before any param is written.
+    """
+    from fusedopt import FusedAdamW
+
+    adamw = step(FusedAdamW)
+    recipes = {
+        "torch": UNSCALE + NORM + CLIP + adamw,
+        "torch-graph": NORM + CLIP + adamw,
+        "fusedopt": step(FusedAdamW, max_grad_norm=1.0),
+    }
+    return recipes[recipe]
+
+
+_POINTWISE = Floor((Pass("loss + grad", ("input", "target"), ("grad",)),))
+# Forward + backward, reduction "mean", grad_output 1; per input element (cross-entropy: per logit).
+LOSSES: dict[str, Floor] = {
+    "mean": Floor((Pass("mean", ("input",)),)),  # its gradient is grad / N expanded: no memory
+    "mse_loss": _POINTWISE,
+    "l1_loss": _POINTWISE,
+    "smooth_l1_loss": _POINTWISE,
+    "huber_loss": _POINTWISE,
+    "cross_entropy": Floor((Pass("loss + grad", ("logits",), ("grad",)),)),
+}

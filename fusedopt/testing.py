@@ -1,0 +1,445 @@
+"""Parity with torch, as the tests and ``fusedopt check`` run it, for your own options too.
+
+* **Cases**: :class:`OptimCase` (a fused optimizer, the torch class it replaces, options) and
+  :data:`OPTIM_CASES`; :class:`LossCase` and :data:`LOSS_CASES`.
+* **Layouts**: :func:`odd_params` (0-d, empty, 1, 7, 4097 elements, 3-d, a strided slice, a
+  transposed matrix), :func:`gpt_shapes` (a small GPT's params), :func:`many_small_shapes`,
+  :func:`one_large_shape`.
+* **The tolerance contract** (tables in :mod:`fusedopt.tolerance`): :func:`assert_close`, and
+  :class:`Result`, which folds many tensors into one verdict with its worst element.
+* **The runners**: :func:`compare_optimizer` steps a fused optimizer and torch's (its for-loop
+  path) side by side and compares every param and state tensor; :func:`compare_loss` compares a
+  fused loss's value and input gradient. :func:`assert_optimizer_matches` is the one-call form::
+
+      import torch, fusedopt
+      from fusedopt.testing import assert_optimizer_matches
+
+      assert_optimizer_matches(fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=1e-3, amsgrad=True))
+
+Oracles: fp32/fp64 against torch on the same tensors; bf16/fp16 against torch in fp32 from the
+same values, params and every state tensor rounded to the dtype after each step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import fusedopt
+from fusedopt import functional as FF
+from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE, allowed_error, round_to_storage_
+
+__all__ = [
+    "LOSS_CASES",
+    "OPTIM_CASES",
+    "LossCase",
+    "OptimCase",
+    "Result",
+    "assert_close",
+    "assert_optimizer_matches",
+    "compare_loss",
+    "compare_optimizer",
+    "describe",
+    "gpt_shapes",
+    "leaves",
+    "many_small_shapes",
+    "odd_grads",
+    "odd_params",
+    "one_large_shape",
+]
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# Cases ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimCase:
+    """A fused optimizer and the torch.optim class it must match, with one set of options."""
+
+    fused_cls: type[torch.optim.Optimizer]
+    torch_cls: type[torch.optim.Optimizer]
+    kwargs: dict = field(default_factory=dict)
+    group: str = ""  # the name ``fusedopt check --optimizers`` selects it by (default: "sgd", ...)
+
+    def __post_init__(self):
+        if not self.group:
+            object.__setattr__(self, "group", self.torch_cls.__name__.lower())
+
+    @property
+    def id(self) -> str:
+        return f"{self.fused_cls.__name__}({','.join(f'{k}={v}' for k, v in self.kwargs.items())})"
+
+
+def _cases(fused_cls, torch_cls, *option_sets: dict) -> list[OptimCase]:
+    return [OptimCase(fused_cls, torch_cls, kwargs) for kwargs in option_sets]
+
+
+SGD, ADAM, ADAMW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
+OPTIM_CASES: list[OptimCase] = [
+    *_cases(
+        fusedopt.FusedSGD, SGD, dict(lr=0.1), dict(lr=0.1, momentum=0.9),
+        dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.1),
+        dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01),
+        dict(lr=0.1, momentum=0.9, maximize=True), dict(lr=0.1, weight_decay=0.2, maximize=True),
+        dict(lr=0.1, momentum=0.9, max_grad_norm=1.0),
+    ),
+    *_cases(
+        fusedopt.FusedAdam, ADAM, dict(lr=0.01), dict(lr=0.01, weight_decay=0.1),
+        dict(lr=0.01, amsgrad=True, betas=(0.8, 0.9)), dict(lr=0.01, maximize=True, eps=1e-3),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True), dict(lr=0.01, capturable=True, amsgrad=True),
+    ),
+    *_cases(
+        fusedopt.FusedAdamW, ADAMW, dict(lr=0.01), dict(lr=0.01, weight_decay=0.5, amsgrad=True, maximize=True),
+        dict(lr=0.01, max_grad_norm=1.0),
+    ),
+    *_cases(
+        fusedopt.FusedRMSprop, torch.optim.RMSprop, dict(lr=0.01), dict(lr=0.01, centered=True, weight_decay=0.1),
+        dict(lr=0.01, momentum=0.9, alpha=0.9, maximize=True),
+        # alpha < 0.5: lerp's other branch (weight 1 - alpha >= 0.5).
+        dict(lr=0.01, alpha=0.3, eps=1e-3, centered=True, momentum=0.5, capturable=True),
+    ),
+    *_cases(
+        fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr=0.1), dict(lr=0.1, lr_decay=0.05, weight_decay=0.1),
+        dict(lr=0.1, initial_accumulator_value=0.1, eps=1e-3, weight_decay=0.2, maximize=True),
+    ),
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LossCase:
+    """A fused op and torch's, with one set of options.
+
+    ``inputs``: ``"reduce"`` (one float matrix), ``"regression"`` (input and target matrices) or
+    ``"classification"`` (logits and class indices; ``weighted`` adds a class weight). A 0-d
+    result is back-propagated with ``grad_output``, any other with a random tensor.
+    """
+
+    name: str
+    fused: Callable[..., torch.Tensor]
+    reference: Callable[..., torch.Tensor]
+    inputs: str
+    kwargs: dict = field(default_factory=dict)
+    grad_output: float = 1.0
+    weighted: bool = False
+
+
+LOSS_CASES: list[LossCase] = [
+    LossCase("mean", FF.mean, torch.mean, "reduce"),
+    LossCase("mean", FF.mean, torch.mean, "reduce", dict(dim=-1)),
+    LossCase("mse_loss", FF.mse_loss, F.mse_loss, "regression"),
+    LossCase("mse_loss", FF.mse_loss, F.mse_loss, "regression", dict(reduction="sum"), grad_output=-1.25),
+    LossCase("mse_loss", FF.mse_loss, F.mse_loss, "regression", dict(reduction="none")),
+    LossCase("l1_loss", FF.l1_loss, F.l1_loss, "regression"),
+    LossCase("smooth_l1_loss", FF.smooth_l1_loss, F.smooth_l1_loss, "regression", dict(beta=0.5)),
+    LossCase(
+        "huber_loss", FF.huber_loss, F.huber_loss, "regression", dict(delta=0.5, reduction="sum"), -1.25
+    ),
+    LossCase("cross_entropy", FF.cross_entropy, F.cross_entropy, "classification"),
+    LossCase(
+        "cross_entropy",
+        FF.cross_entropy,
+        F.cross_entropy,
+        "classification",
+        dict(label_smoothing=0.1, ignore_index=3),
+        grad_output=-1.25,
+    ),
+    LossCase(
+        "cross_entropy",
+        FF.cross_entropy,
+        F.cross_entropy,
+        "classification",
+        dict(reduction="none"),
+        weighted=True,
+    ),
+]
+
+
+SHORT = {"momentum": "mom", "dampening": "damp", "weight_decay": "wd", "decoupled_weight_decay": "decoupled"}
+
+
+def describe(kwargs: dict, extra: str = "") -> str:
+    """Options in a few characters: ``lr=0.1 mom=0.9 nesterov wd=0.01``."""
+    parts = []
+    for k, v in kwargs.items():
+        k = SHORT.get(k, k)
+        parts.append(k if v is True else f"{k}={tuple(v) if isinstance(v, list) else v}")
+    return " ".join([*parts, extra]).strip() or "defaults"
+
+
+# Layouts --------------------------------------------------------------------------------------
+
+
+def odd_params(device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """Odd shapes: 0-d, empty, 1, 7, 4097, 3-d, a strided slice, a transposed matrix."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+    return [rnd(), rnd(0), rnd(1), rnd(7), rnd(4097), rnd(3, 5, 7), rnd(6, 10)[:, ::3], rnd(9, 4).t()]
+
+
+def odd_grads(params: Sequence[torch.Tensor], step: int, seed: int = 1) -> list[torch.Tensor]:
+    """Fresh grads for a step. Odd steps give the transposed param a contiguous grad
+    (strides that differ from the param's)."""
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    grads = []
+    for p in params:
+        g = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
+        grads.append(g if step % 2 or p.is_contiguous() else torch.empty_like(p).copy_(g))
+    return grads
+
+
+def gpt_shapes(width: int, layers: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a small GPT's params (torch ``nn.Linear`` layout: out x in), and a
+    0-d scalar."""
+    d = width
+    shapes: list[tuple[str, tuple[int, ...]]] = [("wte", (vocab, d))]
+    for i in range(layers):
+        h = f"h.{i}."
+        shapes += [
+            (h + "ln_1.weight", (d,)), (h + "ln_1.bias", (d,)),
+            (h + "attn.qkv.weight", (3 * d, d)), (h + "attn.qkv.bias", (3 * d,)),
+            (h + "attn.proj.weight", (d, d)), (h + "attn.proj.bias", (d,)),
+            (h + "ln_2.weight", (d,)), (h + "ln_2.bias", (d,)),
+            (h + "mlp.fc.weight", (4 * d, d)), (h + "mlp.fc.bias", (4 * d,)),
+            (h + "mlp.proj.weight", (d, 4 * d)), (h + "mlp.proj.bias", (d,)),
+        ]  # fmt: skip
+    return [*shapes, ("ln_f.weight", (d,)), ("ln_f.bias", (d,)), ("logit_scale", ())]
+
+
+def many_small_shapes(count: int = 1000, numel: int = 4096) -> list[tuple[int, ...]]:
+    return [(numel,)] * count
+
+
+def one_large_shape(numel: int = 64 * 2**20) -> list[tuple[int, ...]]:
+    return [(numel,)]
+
+
+def leaves(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Independent leaf copies with the same layout (strided views stay strided views)."""
+    out = []
+    for t in tensors:
+        base = t.detach() if dtype is None else t.detach().to(dtype)
+        if t.numel() <= 1 or torch.empty_like(t).stride() == t.stride():
+            copy = torch.empty_strided(base.size(), base.stride(), dtype=base.dtype, device=base.device)
+        else:  # a strided view of a larger buffer (odd_params' slice)
+            holder = torch.zeros(base.shape[0], base.shape[1] * 3, dtype=base.dtype, device=base.device)
+            copy = holder[:, ::3]
+        out.append(copy.copy_(base).requires_grad_())
+    return out
+
+
+# The tolerance contract -----------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One comparison: the largest relative error of each compared tensor kind, the largest
+    ratio of an element's error to what the contract allows there, and where it was."""
+
+    kind: str  # "optimizer" or "loss"
+    name: str
+    options: str = ""
+    dtype: str = ""
+    steps: int | None = None
+    shape: str = ""
+    errors: dict[str, float] = field(default_factory=dict)  # kind -> max|a-e| / max|e|
+    ratio: float = 0.0  # largest element error / what the tolerance allows there
+    worst: str = ""  # where ``ratio`` was reached
+    notes: list[str] = field(default_factory=list)  # contract breaches other than values
+    error: str = ""  # an exception
+
+    @property
+    def verdict(self) -> str:
+        if self.error:
+            return "ERROR"
+        return "PASS" if self.ratio <= 1.0 and not self.notes else "FAIL"
+
+    def explain(self) -> str:
+        """The verdict with the worst element and the notes, for an assertion message."""
+        lines = [f"{self.verdict}: {self.name} {self.options} {self.dtype}".rstrip()]
+        if self.ratio > 1.0:
+            lines.append(f"worst {self.worst} (error {self.ratio:.3g}x what the tolerance allows)")
+        return "\n".join([*lines, *self.notes, *([self.error] if self.error else [])])
+
+    def compare(
+        self, what: str, where: str, actual: torch.Tensor, expected: torch.Tensor, table: dict
+    ) -> None:
+        """Fold one tensor into the errors of ``what`` and into ``ratio`` (NaN must match NaN)."""
+        if actual.shape != expected.shape:
+            self.notes.append(f"{where}: shape {tuple(actual.shape)} vs torch {tuple(expected.shape)}")
+            return
+        dtype = actual.dtype
+        a = actual.detach().cpu().double()
+        e = expected.detach().cpu().to(dtype)
+        self.errors.setdefault(what, 0.0)
+        if a.numel() == 0:
+            return
+        ed = e.double()
+        # Equal values (infinities, NaN and NaN) are no error; a NaN or an infinity against
+        # anything else is an infinite one. Scales and allowances come from finite values.
+        same = (a == ed) | (a.isnan() & ed.isnan())
+        finite = ed.isfinite() & a.isfinite()
+        err = torch.where(same, 0.0, torch.where(finite, (a - ed).abs(), math.inf))
+        e_finite = torch.where(ed.isfinite(), e, torch.zeros((), dtype=dtype))
+        scale = float(e_finite.double().abs().max())
+        rel = float(err.max()) / scale if scale > 0 else float(err.max())
+        self.errors[what] = max(self.errors[what], rel)
+        ratios = err / allowed_error(e_finite, dtype, table).clamp_min(1e-300)
+        i = int(ratios.argmax())
+        if float(ratios.flatten()[i]) > self.ratio:
+            self.ratio = float(ratios.flatten()[i])
+            idx = [int(x) for x in torch.unravel_index(torch.tensor(i), a.shape)] if a.dim() else ""
+            self.worst = f"{where}{idx}: {a.flatten()[i].item():.9g} vs torch {ed.flatten()[i].item():.9g}"
+
+
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor", table: dict = OPTIM_TOLERANCE
+) -> None:
+    """Raise ``AssertionError`` naming the worst element if ``actual`` is outside the contract
+    (``table``: ``OPTIM_TOLERANCE`` or ``LOSS_TOLERANCE``) around the oracle ``expected``."""
+    result = Result("tensor", what)
+    result.compare("value", what, actual, expected, table)
+    if result.verdict != "PASS":
+        raise AssertionError(result.explain())
+
+
+# Runners --------------------------------------------------------------------------------------
+
+
+def compare_optimizer(
+    case: OptimCase,
+    params: Sequence[torch.Tensor],
+    grads: Callable[[list[torch.Tensor], int], list[torch.Tensor]] = odd_grads,
+    steps: int = 7,
+    names: Sequence[str] | None = None,
+) -> Result:
+    """``steps`` steps of ``case.fused_cls`` and of ``case.torch_cls`` (its for-loop path) from
+    the values and layouts of ``params`` with the same grads (``grads(params, step)``); every
+    param and state tensor compared, state keys, dtypes and ``step`` counts checked.
+    ``max_grad_norm`` is matched by ``clip_grad_norm_`` before torch's step."""
+    dtype, device = params[0].dtype, params[0].device
+    names = (
+        list(names) if names is not None else [f"param {i} {tuple(p.shape)}" for i, p in enumerate(params)]
+    )
+    result = Result(
+        "optimizer", case.fused_cls.__name__, describe(case.kwargs), DTYPE_NAMES.get(dtype, str(dtype)), steps
+    )
+    low = dtype in LOW_PRECISION
+    ours, theirs = leaves(params), leaves(params, torch.float32 if low else None)
+    opt = case.fused_cls(ours, **case.kwargs)
+    torch_kwargs = {k: v for k, v in case.kwargs.items() if k != "max_grad_norm"}
+    if device.type == "cpu":  # torch refuses capturable on CPU; the algorithm is the same
+        torch_kwargs.pop("capturable", None)
+    ref = case.torch_cls(theirs, foreach=False, **torch_kwargs)
+    if low:  # state torch creates in its constructor (Adagrad's sum) is stored in the dtype too
+        round_to_storage_(ref, theirs, dtype)
+    for step in range(steps):
+        for p, q, g in zip(ours, theirs, grads(ours, step), strict=True):
+            p.grad, q.grad = g, g.to(q.dtype)
+        opt.step()
+        if "max_grad_norm" in case.kwargs:
+            torch.nn.utils.clip_grad_norm_(theirs, case.kwargs["max_grad_norm"], foreach=False)
+        ref.step()
+        if low:  # the oracle: torch in fp32, params and state rounded to the dtype after each step
+            round_to_storage_(ref, theirs, dtype)
+    for name, p, q in zip(names, ours, theirs, strict=True):
+        result.compare("param", name, p, q, OPTIM_TOLERANCE)
+        mine, expected = opt.state.get(p, {}), ref.state.get(q, {})
+        if list(mine) != list(expected):
+            result.notes.append(f"{name}: state keys {list(mine)} vs torch {list(expected)}")
+        for key in expected.keys() & mine.keys():
+            if key == "step":  # on the param's device (torch: only when fused or capturable)
+                step_ok = float(mine[key]) == float(expected[key]) and mine[key].dtype == expected[key].dtype
+                if not step_ok or mine[key].device != p.device:
+                    result.notes.append(f"{name}: step {mine[key]!r} vs torch {expected[key]!r}")
+                continue
+            if mine[key].dtype != p.dtype:
+                result.notes.append(f"{name}: state[{key}] is {mine[key].dtype}, param {p.dtype}")
+            result.compare(key, f"{name} state[{key}]", mine[key], expected[key], OPTIM_TOLERANCE)
+    return result
+
+
+def assert_optimizer_matches(
+    fused_cls: type[torch.optim.Optimizer],
+    torch_cls: type[torch.optim.Optimizer],
+    kwargs: dict | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    steps: int = 7,
+    params: Sequence[torch.Tensor] | None = None,
+) -> None:
+    """Raise ``AssertionError`` (worst element, notes) unless ``fused_cls(params, **kwargs)``
+    matches ``torch_cls`` over ``steps`` steps under the tolerance contract. ``params``: their
+    values and layouts (default :func:`odd_params` on ``device`` in ``dtype``). On CPU, set
+    ``TRITON_INTERPRET=1`` before importing fusedopt to check the Triton kernels themselves."""
+    case = OptimCase(fused_cls, torch_cls, dict(kwargs or {}))
+    result = compare_optimizer(case, params if params is not None else odd_params(device, dtype), steps=steps)
+    if result.verdict != "PASS":
+        raise AssertionError(result.explain())
+
+
+def loss_inputs(
+    case: LossCase, dtype: torch.dtype, device: str, rows: int, classes: int, gen: torch.Generator
+):
+    """Positional args (the first one differentiated) and tensor kwargs of one loss case."""
+    shape = (rows, classes)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    if case.inputs == "reduce":
+        return [x], {}
+    if case.inputs == "regression":
+        return [x, torch.randn(shape, generator=gen).to(device=device, dtype=dtype)], {}
+    if case.inputs != "classification":
+        raise ValueError(f"unknown inputs {case.inputs!r}")
+    target = torch.randint(0, classes, (rows,), generator=gen)
+    if "ignore_index" in case.kwargs:
+        target[::5] = case.kwargs["ignore_index"]
+    extra = {}
+    if case.weighted:
+        extra["weight"] = (torch.rand(classes, generator=gen) + 0.5).to(device=device, dtype=dtype)
+    return [x, target.to(device)], extra
+
+
+def compare_loss(
+    case: LossCase, dtype: torch.dtype, device: str, rows: int, classes: int, seed: int = 0
+) -> Result:
+    """Value and input gradient of ``case.fused`` against ``case.reference`` (in fp32 for
+    bf16/fp16 inputs) on ``rows x classes`` inputs."""
+    options = describe(case.kwargs, "weight" if case.weighted else "")
+    result = Result("loss", case.name, options, DTYPE_NAMES.get(dtype, str(dtype)))
+    gen = torch.Generator().manual_seed(seed)
+    args, extra = loss_inputs(case, dtype, device, rows, classes, gen)
+    result.shape = "x".join(str(n) for n in args[0].shape)
+    ref_dtype = torch.float32 if dtype in LOW_PRECISION else dtype
+
+    def upcast(t):
+        return t.to(ref_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    x = args[0].clone().requires_grad_()
+    xr = upcast(args[0]).clone().requires_grad_()
+    ours = case.fused(x, *args[1:], **case.kwargs, **extra)
+    theirs = case.reference(
+        xr, *map(upcast, args[1:]), **case.kwargs, **{k: upcast(v) for k, v in extra.items()}
+    )
+    go = (
+        torch.full((), case.grad_output, device=device)
+        if ours.dim() == 0
+        else torch.randn(ours.shape, generator=gen).to(device)
+    )
+    (grad,) = torch.autograd.grad(ours, x, go.to(ours.dtype))
+    (grad_ref,) = torch.autograd.grad(theirs, xr, go.to(theirs.dtype))
+    for what, t in (("value", ours), ("grad", grad)):
+        if t.dtype != dtype:
+            result.notes.append(f"{what} dtype {t.dtype} for {dtype} inputs (torch: {dtype})")
+    result.compare("value", "value", ours, theirs, LOSS_TOLERANCE)
+    result.compare("grad", "grad", grad, grad_ref, LOSS_TOLERANCE)
+    return result
