@@ -42,7 +42,7 @@ from fusedopt.cli.bench_optim import SMOKE_SHAPES, gpt2_small_shapes, graph_repl
 
 TITLE = "AMP optimizer phase, AdamW over fp32 params, every row"
 HEADERS = ("phase", "layout")
-FLOOR_TITLE = "bytes of the AMP optimizer phase per fp32 element (B/elt: its floor, norm + step)"
+FLOOR_TITLE = "bytes of the AMP optimizer phase, GPT-2 small (its floor: norm + step, 32 B per fp32 element)"
 IMPLS = ("fusedopt", "fusedopt-recipe", "torch-foreach", "torch-fused")
 MAX_NORM = 1.0
 SCALER, GRAPH = "GradScaler+clip+AdamW", "clip+AdamW, CUDA graph"
