@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
 # Cases ----------------------------------------------------------------------------------------

@@ -23,11 +23,10 @@ import fusedopt.losses
 from fusedopt import functional as F
 from fusedopt import nn as fnn
 from fusedopt.kernels import losses as kernels
-from fusedopt.testing import assert_close
+from fusedopt.testing import LOW_PRECISION, assert_close
 from fusedopt.tolerance import LOSS_TOLERANCE
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 REDUCTIONS = ["mean", "sum", "none"]
 OPS = ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
 WEIGHTED_OPS = ["mse_loss", "l1_loss", "huber_loss"]

@@ -17,15 +17,10 @@ from typing import TextIO
 import torch
 import triton
 
-from fusedopt import _multi_tensor
+from fusedopt import _multi_tensor, testing
 
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp64": torch.float64,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = testing.DTYPE_NAMES
+DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 MIB = 2**20
 QUANTILES = [0.5, 0.2, 0.8]  # do_bench returns median, p20, p80 in this order
 

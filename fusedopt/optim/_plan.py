@@ -232,10 +232,10 @@ class Plan:
     """The buckets of one group for one scan key (None: not cacheable) and the algorithm's
     switches it was built for (a switch that adds state, e.g. amsgrad, needs a new plan)."""
 
-    def __init__(self, key: tuple | None, buckets: list[Bucket], flags: dict | None = None):
+    def __init__(self, key: tuple | None, buckets: list[Bucket]):
         self.key = key
         self.buckets = buckets
-        self.flags = flags
+        self.flags: dict | None = None  # set by plan_groups
         self.cacheable = key is not None and all(not b.irregular for b in buckets)
 
 

@@ -53,9 +53,11 @@ def eager_grads(grads: list[torch.Tensor], amp, fused: bool) -> list[torch.Tenso
     scale = None if fused else amp.grad_scale
     if scale is None and amp.clip_coef is None:
         return grads
-    # bf16/fp16 grads are unscaled and clipped in fp32 (the references compute in fp32 anyway).
-    low = (torch.bfloat16, torch.float16)
-    return [unscale_and_clip(g.float() if g.dtype in low else g, scale, amp.clip_coef) for g in grads]
+    # Unscaled and clipped in the arithmetic dtype (bf16/fp16 in fp32, as the references compute).
+    return [
+        unscale_and_clip(g.to(compute_dtype(g.dtype)) if g.is_floating_point() else g, scale, amp.clip_coef)
+        for g in grads
+    ]
 
 
 def _grad(
