@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fusedopt._dist import Domain, domain, local, reduce_norms
 from fusedopt._multi_tensor import TL_DTYPE, TensorTable, _dense, compute_dtype, runs_triton
 from fusedopt.kernels import clip as kernels
 
@@ -125,6 +126,34 @@ def total_norm(
         [n.to(first, torch.float64 if n.dtype == torch.float64 else torch.float32) for n in norms]
     )
     return torch.linalg.vector_norm(stacked, norm_type).to(result_dtype)
+
+
+Parts = dict[Domain, tuple[list[NormSource], list[torch.Tensor]]]
+
+
+def global_norm(parts: Parts, norm_type: float, grad_scale: torch.Tensor | None = None, exact: bool = False):
+    """:func:`total_norm` of grads split by domain (:mod:`fusedopt._dist`): each domain's local
+    norm, made global across ranks, then combined as torch combines per-tensor norms. Grads
+    all plain (no DTensor) take :func:`total_norm` directly."""
+    if list(parts) == [None]:
+        return total_norm(*parts[None], norm_type, grad_scale, exact)
+    dtypes = [t.dtype for sources, leftovers in parts.values() for t in (*sources, *leftovers)]
+    result_dtype = _result_dtype(dtypes)
+    local_norms = {d: total_norm(*part, norm_type, grad_scale, exact=True) for d, part in parts.items()}
+    norms = reduce_norms(local_norms, norm_type)
+    total = norms[0]
+    if len(norms) > 1:
+        total = torch.linalg.vector_norm(torch.stack([n.to(total.device, total.dtype) for n in norms]), norm_type)
+    return total.to(compute_dtype(result_dtype) if exact else result_dtype)
+
+
+def split(grads: list[torch.Tensor], domains: list[Domain] | None = None) -> Parts:
+    """Grads (DTensors or not) as the norm sources of their local shards, by domain
+    (``domains``: those of grads already made local, else each grad's own)."""
+    by_domain: dict[Domain, list[torch.Tensor]] = {}
+    for i, g in enumerate(grads):
+        by_domain.setdefault(domain(g) if domains is None else domains[i], []).append(local(g))
+    return {d: sources_of(mine) for d, mine in by_domain.items()} or {None: ([], [])}
 
 
 def clip_coefficient(total: torch.Tensor, max_norm: float) -> torch.Tensor:

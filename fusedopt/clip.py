@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import torch
 
 from fusedopt._multi_tensor import runs_triton
-from fusedopt._norm import clip_coefficient, norm_order, scale_, sources_of, total_norm, traced_norm
+from fusedopt._dist import any_dtensor, as_result
+from fusedopt._norm import clip_coefficient, global_norm, norm_order, scale_, split, traced_norm
 
 
 def clip_grad_norm_(
@@ -40,9 +41,13 @@ def clip_grad_norm_(
             not apply: a CPU tensor without ``TRITON_INTERPRET=1``, sparse or integer grads);
             ``True``/``False`` run torch's own foreach / per-tensor implementation.
 
+    DTensor gradients (FSDP2, tensor parallel) give the norm of the whole gradients: local
+    partial sums, then one all-reduce per process group (see :mod:`fusedopt._dist`).
+
     Returns:
         Total norm of the gradients (viewed as a single vector), a 0-d tensor on the first
-        gradient's device in the gradients' promoted dtype.
+        gradient's device in the gradients' promoted dtype; for DTensor gradients a DTensor
+        replicated on the first one's mesh, as torch returns it.
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
@@ -57,11 +62,13 @@ def clip_grad_norm_(
     if not fused:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
     compiling = torch.compiler.is_compiling()
+    if compiling and any_dtensor(grads):  # the traced ops take plain tensors
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
     if compiling:
         total = traced_norm(grads, float(norm_type), None)
     else:
-        sources, leftovers = sources_of(grads)
-        total = total_norm(sources, leftovers, norm_type)
+        parts = split(grads)
+        total = global_norm(parts, norm_type)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {float(norm_type)} for gradients from "
@@ -72,6 +79,7 @@ def clip_grad_norm_(
     coef = clip_coefficient(total, float(max_norm))
     if compiling:
         torch.ops.fusedopt.scale_grads_(grads, coef)
-    else:
+        return total
+    for sources, leftovers in parts.values():
         scale_(sources, leftovers, coef)
-    return total
+    return as_result(total, grads)

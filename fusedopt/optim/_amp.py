@@ -17,23 +17,41 @@ import math
 
 import torch
 
-from fusedopt._norm import NormSource, total_norm, traced_norm
+from fusedopt._dist import domain, local
+from fusedopt._norm import Parts, global_norm, split, traced_norm
 from fusedopt._norm import clip_coefficient as coefficient_of
 from fusedopt.optim._plan import Plan, StepGrads, plan_groups
 
 _PENDING = "_fusedopt_pending_norm"
 
 
-def _norm_sources(planned: list[tuple[dict, Plan, StepGrads]]) -> tuple[list[NormSource], list[torch.Tensor]]:
-    sources, leftovers = [], []
+def _norm_parts(planned: list[tuple[dict, Plan, StepGrads]], torch_grads: list[torch.Tensor]) -> Parts:
+    """The grads of a step as norm sources by domain: a bucket's own table where its grads share
+    one domain (always, without DTensors), else tables of their own."""
+    parts: Parts = {}
+    strays, domains = list(torch_grads), [domain(g) for g in torch_grads]  # split below
     for _, plan, grads in planned:
         for bucket in plan.buckets:
+            d = bucket.domains[0] if bucket.domains else None
+            if any(x != d for x in bucket.domains):
+                strays.extend(bucket.grads(grads))
+                domains.extend(bucket.domains)
+                continue
+            sources, leftovers = parts.setdefault(d, ([], []))
             source = bucket.norm_source(grads)
             if source is not None:
                 sources.append(source)
             else:
                 leftovers.extend(bucket.grads(grads))
-    return sources, leftovers
+    for d, (sources, leftovers) in split(strays, domains).items() if strays else ():
+        mine = parts.setdefault(d, ([], []))
+        mine[0].extend(sources)
+        mine[1].extend(leftovers)
+    return parts
+
+
+def _empty(parts: Parts) -> bool:
+    return not any(sources or leftovers for sources, leftovers in parts.values())
 
 
 def _grads_of(groups: list[dict]) -> list[torch.Tensor]:
@@ -50,15 +68,15 @@ def find_inf(optimizer, grad_scale: torch.Tensor) -> torch.Tensor | None:
         planned = plan_groups(optimizer, list(enumerate(optimizer.param_groups)))
         if not all(b.walkable for _, plan, _ in planned for b in plan.buckets):
             return None
-        sources, leftovers = _norm_sources(planned)
-        if not sources and not leftovers:  # no grads: nothing found
+        parts = _norm_parts(planned, [])
+        if _empty(parts):  # no grads: nothing found
             return torch.zeros((), dtype=torch.float32, device=grad_scale.device)
         if optimizer.max_grad_norm is None:
-            total = total_norm(sources, leftovers, math.inf, grad_scale)
+            total = global_norm(parts, math.inf, grad_scale)
         else:
             # Finite grads whose squares overflow fp32 (|g| ~ 1e19 after unscaling) count as
             # non-finite here; torch's clip would scale them by 0 instead.
-            total = total_norm(sources, leftovers, 2.0, grad_scale, exact=True)
+            total = global_norm(parts, 2.0, grad_scale, exact=True)
             optimizer.__dict__[_PENDING] = total
         return torch.isfinite(total).logical_not().float()
 
@@ -75,10 +93,10 @@ def clip_coefficient(optimizer, planned: list, theirs: list[dict], amp) -> torch
     torch_grads = _grads_of(theirs)
     total = pending
     if total is None:
-        sources, leftovers = _norm_sources(planned)
-        if not sources and not leftovers and not torch_grads:
+        parts = _norm_parts(planned, torch_grads)
+        if _empty(parts):
             return None
-        total = total_norm(sources, leftovers + torch_grads, 2.0, amp.grad_scale, exact=True)
+        total = global_norm(parts, 2.0, amp.grad_scale, exact=True)
     return _coefficient(optimizer.max_grad_norm, total, torch_grads)
 
 
@@ -99,5 +117,5 @@ def traced_clip_coefficient(
 def _coefficient(max_norm: float, total: torch.Tensor, torch_grads: list[torch.Tensor]) -> torch.Tensor:
     coef = coefficient_of(total, max_norm)
     if torch_grads:
-        torch._foreach_mul_(torch_grads, coef)
+        torch._foreach_mul_([local(g) for g in torch_grads], coef)
     return coef

@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from fusedopt._dist import any_dtensor
 from fusedopt.optim import _amp
 from fusedopt.optim._plan import Amp, Plan, check_state, operands_of, plan_groups, walkable, walkable_dtype
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
@@ -167,13 +168,15 @@ class FusedStep:
         """The step as ``torch.compile`` traces it: lazy state as eager, then one op per group
         (hyper-parameters as op arguments: a tensor lr is a graph input, so changing it never
         recompiles). What the op does not take (sparse or complex grads, non-float dtypes, a
-        param listed twice) runs the eager step outside the graph."""
+        param listed twice, DTensor params) runs the eager step outside the graph."""
         groups = []
         for group in ours:
             params = [p for p in group["params"] if p.grad is not None]
-            if not all(walkable(p) and not p.is_complex() for p in params) or len(
-                set(map(id, params))
-            ) != len(params):
+            if (
+                not all(walkable(p) and not p.is_complex() for p in params)
+                or len(set(map(id, params))) != len(params)
+                or any_dtensor(params)
+            ):
                 self._eager_step()
                 return
             groups.append((group, params))

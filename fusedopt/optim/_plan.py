@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fusedopt._dist import Domain, check_param, domain, local
 from fusedopt._multi_tensor import (
     TL_DTYPE,
     DeviceScalars,
@@ -51,21 +52,22 @@ class StepGrads(list):
 
 
 def scan(params: list[torch.Tensor]) -> tuple[tuple | None, StepGrads]:
-    """The hot-path loop: grads of a group and the key its cached plan must match."""
+    """The hot-path loop: grads of a group and the key its cached plan must match (the local
+    shards of DTensors: what the kernels read)."""
     key: list = []
     grads = StepGrads()
     ptrs = []
     try:
         for p in params:
-            g = p.grad
-            if g is None:
+            if p.grad is None:
                 key.append(None)
                 continue
-            key.append((p.data_ptr(), g.stride()))
+            g = local(p.grad)
+            key.append((local(p).data_ptr(), g.stride()))
             grads.append(g)
             ptrs.append(g.data_ptr())
     except RuntimeError:  # sparse grads have no strides: the full checks will explain
-        return None, StepGrads(p.grad for p in params if p.grad is not None)
+        return None, StepGrads(local(p.grad) for p in params if p.grad is not None)
     grads.ptrs = tuple(ptrs)
     return tuple(key), grads
 
@@ -85,9 +87,10 @@ class Amp:
 class Bucket:
     """Tensors of one device, storage dtype and occurrence layer, stepped by one launch.
 
-    ``columns`` are the algorithm's table columns (real views; column 0 the params, an absent
-    state column repeats the params), ``positions`` index the step's list of grads and
-    ``counters`` are the tensors' step counts (0-d tensors; empty when the algorithm keeps none).
+    ``columns`` are the algorithm's table columns (real views of the local shards; column 0 the
+    params, an absent state column repeats the params), ``params`` the params themselves (the
+    optimizer's state keys), ``positions`` index the step's list of grads and ``counters`` are
+    the tensors' step counts (0-d tensors; empty when the algorithm keeps none).
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, sparse: bool):
@@ -101,6 +104,7 @@ class Bucket:
         self.positions: list[int] = []
         self.columns: list[list[torch.Tensor]] = []
         self.params: list[torch.Tensor] = []
+        self.domains: list[Domain] = []  # where each grad's norm is reduced (fusedopt._dist)
         self.counters: list[torch.Tensor] = []
         self.resident: torch.Tensor | None = None  # one tensor whose elements are the counters
         self.unique = True  # no param of this bucket is listed twice in its group
@@ -117,8 +121,9 @@ class Bucket:
             self.columns = [[] for _ in operands]
         self.positions.append(position)
         self.params.append(operands[0])
+        self.domains.append(domain(operands[0]))
         for column, t in zip(self.columns, operands, strict=True):
-            column.append(real_view(t))
+            column.append(real_view(local(t)))
         if counter is not None:
             self.counters.append(counter)
         self.complex |= operands[0].is_complex()
@@ -302,6 +307,7 @@ def plan_groups(opt, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, S
         if plan is None:
             for p in group["params"]:
                 if p.grad is not None:
+                    check_param(p, p.grad)
                     opt._check(p, p.grad, group)
                     check_state(opt, p, group)
     out = []

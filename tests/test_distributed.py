@@ -1,0 +1,437 @@
+"""Distributed training on CPU: 2 ranks (gloo, spawned), kernels through the interpreter.
+
+One spawned group runs every check in :data:`CHECKS` in order on both ranks and writes each
+rank's verdicts to a file; each test below reads one check's verdicts. Every rank counts the
+launches of its step kernels and its all-reduces, so a plain-torch fallback (no launch) or a
+norm reduced per tensor fails. A rank stops at its first failure (the other then times out in
+its next collective: the later checks report "not run").
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import close
+
+import fusedopt
+
+WORLD = 2
+STEPS = 3
+if not dist.is_available():
+    pytest.skip("torch without torch.distributed", allow_module_level=True)
+
+
+# The model: uneven rows (7, 3 and 1 over 2 ranks: rank 1 holds an empty shard of the last) ---
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)
+    )
+
+
+def _sharded(mesh, seed: int = 0) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(seed)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _batch(step: int, rank: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(4, 6, generator=gen)
+
+
+def _backward(model: torch.nn.Module, step: int, rank: int, scale: float = 1.0) -> None:
+    (model(_batch(step, rank)).pow(2).mean() * scale).backward()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _same(ours, theirs, what: str) -> None:
+    """Params and state of two optimizers over two models: within the optimizer contract."""
+    for i, (p, q) in enumerate(zip(ours.param_groups[0]["params"], theirs.param_groups[0]["params"], strict=True)):
+        close(_local(p), _local(q), f"{what}: param {i}")
+        mine, expected = ours.state[p], theirs.state[q]
+        assert mine.keys() == expected.keys(), f"{what}: state keys of param {i}"
+        for key, v in expected.items():
+            if key == "step":
+                assert float(mine[key]) == float(v), f"{what}: step of param {i}"
+                continue
+            close(_local(mine[key]), _local(v), f"{what}: state[{key}] of param {i}")
+            if hasattr(p, "placements"):
+                assert type(mine[key]) is type(p), f"{what}: state[{key}] of a DTensor param is not one"
+                assert mine[key].placements == p.placements and mine[key].device_mesh == p.device_mesh
+
+
+class _Count:
+    """Launches of the step kernels and calls of ``dist.all_reduce`` in this process."""
+
+    def __init__(self):
+        self.launches = 0
+        self.all_reduces = 0
+        for module in (fusedopt.optim.sgd, fusedopt.optim.adam, fusedopt.optim.rmsprop, fusedopt.optim.adagrad):
+            kernel = module.kernels.__dict__[f"{module.__name__.rsplit('.', 1)[1]}_kernel"]
+            kernel.run = self._wrap(kernel.run, "launches")
+        dist.all_reduce = self._wrap(dist.all_reduce, "all_reduces")
+
+    def _wrap(self, fn, counter: str):
+        def counted(*args, **kwargs):
+            setattr(self, counter, getattr(self, counter) + 1)
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def during(self, fn) -> tuple[int, int]:
+        launches, reduces = self.launches, self.all_reduces
+        fn()
+        return self.launches - launches, self.all_reduces - reduces
+
+
+# The checks: each runs on every rank ---------------------------------------------------------
+
+CASES = [
+    (fusedopt.FusedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, amsgrad=True)),
+    (fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+    (fusedopt.FusedRMSprop, torch.optim.RMSprop, dict(lr=0.01, momentum=0.5, centered=True)),
+    (fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr=0.1, initial_accumulator_value=0.1)),
+]
+
+
+def check_fsdp_parity(rank, mesh, count, workdir):
+    """FSDP2 (Shard(0), uneven and empty shards): every fused optimizer against torch's, one
+    launch per step for the 6 local shards, state DTensors placed as their params."""
+    for fused_cls, torch_cls, kwargs in CASES:
+        a, b = _sharded(mesh), _sharded(mesh)
+        ours, theirs = fused_cls(a.parameters(), **kwargs), torch_cls(b.parameters(), **kwargs)
+        for step in range(STEPS):
+            for model in (a, b):
+                _backward(model, step, rank)
+            launches, _ = count.during(ours.step)
+            theirs.step()
+            assert launches == 1, f"{fused_cls.__name__}: {launches} launches for one step of 6 shards"
+            ours.zero_grad()
+            theirs.zero_grad()
+        _same(ours, theirs, fused_cls.__name__)
+
+
+def _torch_norm(grads) -> torch.Tensor:
+    """The reference: the 2-norm of the whole (gathered) gradients, in fp64."""
+    full = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in full]))
+
+
+def check_clipping(rank, mesh, count, workdir):
+    """max_grad_norm and clip_grad_norm_ over FSDP2 grads as torch's clip_grad_norm_, with one
+    all-reduce per step; the returned norm is a replicated DTensor, as torch's."""
+    a, b = _sharded(mesh), _sharded(mesh)
+    ours = fusedopt.FusedAdamW(a.parameters(), lr=0.01, max_grad_norm=0.05)
+    theirs = torch.optim.AdamW(b.parameters(), lr=0.01)
+    for step in range(STEPS):
+        for model in (a, b):
+            _backward(model, step, rank)
+        _, reduces = count.during(ours.step)
+        assert reduces == 1, f"max_grad_norm: {reduces} all-reduces in one step"
+        torch.nn.utils.clip_grad_norm_(b.parameters(), 0.05)
+        theirs.step()
+        ours.zero_grad()
+        theirs.zero_grad()
+    _same(ours, theirs, "max_grad_norm")
+    for model in (a, b):
+        _backward(model, STEPS, rank, scale=100.0)
+    expected_norm = _torch_norm([p.grad for p in b.parameters()])
+    out = {}
+    _, reduces = count.during(lambda: out.update(norm=fusedopt.clip_grad_norm_(a.parameters(), 0.5)))
+    theirs_norm = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5)
+    assert reduces == 1, f"clip_grad_norm_: {reduces} all-reduces"
+    norm = out["norm"]
+    assert type(norm) is type(theirs_norm) and norm.placements == theirs_norm.placements
+    close(norm.full_tensor(), theirs_norm.full_tensor(), "clip_grad_norm_'s total norm")
+    torch.testing.assert_close(norm.full_tensor().double(), expected_norm, rtol=1e-5, atol=0)
+    for i, (p, q) in enumerate(zip(a.parameters(), b.parameters(), strict=True)):
+        close(p.grad.to_local(), q.grad.to_local(), f"clipped grad {i}")
+
+
+def check_grad_scaler(rank, mesh, count, workdir):
+    """An inf in rank 1's shard only: both ranks skip the step and back off the scale alike
+    (the inf check is the max-norm pass, or with max_grad_norm the 2-norm pass)."""
+    for max_grad_norm in (None, 1.0):
+        model = _sharded(mesh)
+        opt = fusedopt.FusedAdamW(model.parameters(), lr=0.01, max_grad_norm=max_grad_norm)
+        scaler = fusedopt.GradScaler("cpu", init_scale=2.0**10)
+        for step in range(2):
+            scaler.scale(model(_batch(step, rank)).pow(2).mean()).backward()
+            if step == 1 and rank == 1:
+                next(model.parameters()).grad.to_local()[0, 0] = float("inf")
+            before = [p.to_local().clone() for p in model.parameters()]
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            moved = [not torch.equal(p.to_local(), q) for p, q in zip(model.parameters(), before, strict=True)]
+            assert any(moved) == (step == 0), f"max_grad_norm={max_grad_norm}, step {step}: moved {moved}"
+        scales = [torch.zeros(1) for _ in range(WORLD)]
+        dist.all_gather(scales, torch.tensor([scaler.get_scale()]))
+        assert scales[0].item() == scales[1].item() == 2.0**9, f"scales after the skip: {scales}"
+        steps = {float(s["step"]) for s in opt.state.values()}
+        assert steps == {1.0}, f"step counters after one step and one skip: {steps}"
+
+
+def _train(model, opt, steps: range, rank: int) -> None:
+    for step in steps:
+        _backward(model, step, rank)
+        opt.step()
+        opt.zero_grad()
+
+
+def check_checkpoint(rank, mesh, count, workdir):
+    """Save with torch.distributed.checkpoint on 2 ranks; resume into FusedAdamW and into
+    torch.optim.AdamW (training continues as if uninterrupted); load on 1 rank (reshard)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = os.path.join(workdir, "ckpt")
+    model = _sharded(mesh)
+    opt = fusedopt.FusedAdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    _train(model, opt, range(2), rank)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    _train(model, opt, range(2, 4), rank)  # the uninterrupted run
+    for cls in (fusedopt.FusedAdamW, torch.optim.AdamW):
+        resumed = _sharded(mesh, seed=1)
+        ropt = cls(resumed.parameters(), lr=0.01, weight_decay=0.1)
+        msd, osd = get_state_dict(resumed, ropt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(resumed, ropt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _train(resumed, ropt, range(2, 4), rank)
+        _same(ropt, opt, f"resumed into {cls.__name__}")
+    dist.barrier()
+    if rank == 0:  # reshard: the whole model and state on one process, no process group
+        plain = _model(seed=1)
+        popt = fusedopt.FusedAdamW(plain.parameters(), lr=0.01, weight_decay=0.1)
+        msd, osd = get_state_dict(plain, popt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+        set_state_dict(plain, popt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for step in range(2, 4):  # both ranks' batches: the mean of their grads, as FSDP's
+            plain(torch.cat([_batch(step, r) for r in range(WORLD)])).pow(2).mean().backward()
+            popt.step()
+            popt.zero_grad()
+        for i, (p, q) in enumerate(zip(plain.parameters(), model.parameters(), strict=True)):
+            close(p.detach(), q.full_tensor(), f"1-rank resume: param {i}")
+    else:
+        [q.full_tensor() for q in model.parameters()]  # the gathers rank 0 takes part in
+    dist.barrier()
+
+
+def check_mixed(rank, mesh, count, workdir):
+    """One optimizer over FSDP2 shards, a DTensor replicated on another mesh and a plain
+    tensor: one launch per step, max_grad_norm as the norm of the whole gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    other = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("other",))
+    runs = []
+    for cls in (fusedopt.FusedAdamW, torch.optim.AdamW):
+        model = _sharded(mesh)
+        torch.manual_seed(5)
+        replicated = torch.nn.Parameter(distribute_tensor(torch.randn(4, 2), other, [Replicate()]))
+        plain = torch.nn.Parameter(torch.randn(3))
+        params = [*model.parameters(), replicated, plain]
+        opt = cls(params, lr=0.01, **({"max_grad_norm": 0.05} if cls is fusedopt.FusedAdamW else {}))
+        for step in range(STEPS):
+            _backward(model, step, rank)
+            gen = torch.Generator().manual_seed(step)
+            replicated.grad = distribute_tensor(torch.randn(4, 2, generator=gen), other, [Replicate()])
+            plain.grad = torch.randn(3, generator=gen)
+            if cls is fusedopt.FusedAdamW:
+                launches, reduces = count.during(opt.step)
+                assert (launches, reduces) == (1, 1), f"(launches, all-reduces) = {(launches, reduces)}"
+            else:  # torch's clip cannot mix DTensors and tensors: the reference clips by hand
+                total = _torch_norm([p.grad for p in params]).float()
+                coef = torch.clamp(0.05 / (total + 1e-6), max=1.0)
+                for p in params:
+                    _local(p.grad).mul_(coef)
+                opt.step()
+            opt.zero_grad()
+        runs.append(opt)
+    _same(*runs, "mixed meshes and plain tensors")
+
+
+def check_ddp(rank, mesh, count, workdir):
+    """DistributedDataParallel (default, gradient_as_bucket_view, static_graph) with FusedAdamW
+    against torch's AdamW."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for options in ({}, {"gradient_as_bucket_view": True, "static_graph": True}):
+        a, b = DDP(_model(), **options), DDP(_model(), **options)
+        ours = fusedopt.FusedAdamW(a.parameters(), lr=0.01, max_grad_norm=0.1)
+        theirs = torch.optim.AdamW(b.parameters(), lr=0.01)
+        for step in range(STEPS):
+            for model in (a, b):
+                _backward(model, step, rank)
+            launches, _ = count.during(ours.step)
+            assert launches == 1, f"DDP {options}: {launches} launches"
+            torch.nn.utils.clip_grad_norm_(b.parameters(), 0.1)
+            theirs.step()
+            ours.zero_grad()
+            theirs.zero_grad()
+        _same(ours, theirs, f"DDP {options}")
+
+
+def check_zero(rank, mesh, count, workdir):
+    """ZeroRedundancyOptimizer(optimizer_class=FusedAdamW) against it with torch's AdamW,
+    consolidate_state_dict included."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    a, b = DDP(_model()), DDP(_model())
+    ours = ZeroRedundancyOptimizer(a.parameters(), optimizer_class=fusedopt.FusedAdamW, lr=0.01)
+    theirs = ZeroRedundancyOptimizer(b.parameters(), optimizer_class=torch.optim.AdamW, lr=0.01)
+    for step in range(STEPS):
+        for model in (a, b):
+            _backward(model, step, rank)
+        launches, _ = count.during(ours.step)
+        theirs.step()
+        assert launches == 1, f"ZeRO: {launches} launches on rank {rank}"
+        ours.zero_grad()
+        theirs.zero_grad()
+    for i, (p, q) in enumerate(zip(a.parameters(), b.parameters(), strict=True)):
+        close(p.detach(), q.detach(), f"ZeRO: param {i}")
+    _same(ours.optim, theirs.optim, "ZeRO's local optimizer")
+    for opt in (ours, theirs):
+        opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        mine, expected = ours.state_dict(), theirs.state_dict()
+        assert mine["state"].keys() == expected["state"].keys()
+        for k, state in expected["state"].items():
+            for key, v in state.items():
+                close(mine["state"][k][key], v, f"ZeRO consolidated state[{k}][{key}]")
+
+
+def _tensor_parallel(mesh, seed: int = 0) -> torch.nn.Module:
+    """The model on a 2-D (dp, tp) mesh: Megatron-style column/row-parallel pairs on "tp",
+    FSDP2 on "dp" (placements (_StridedShard(0), Shard(0)) for column-parallel params,
+    (Shard(0), Shard(1)) and (Shard(0), Replicate()) for row-parallel ones)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    return fully_shard(model, mesh=mesh["dp"])
+
+
+def check_2d_mesh(rank, mesh, count, workdir):
+    """FSDP2 + tensor parallel on a 2x2 mesh: FusedAdamW with max_grad_norm against torch's
+    AdamW after torch's clip_grad_norm_; one launch and one all-reduce per process group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh2d["dp"].get_local_rank()
+    a, b = _tensor_parallel(mesh2d), _tensor_parallel(mesh2d)
+    ours = fusedopt.FusedAdamW(a.parameters(), lr=0.01, max_grad_norm=0.05)
+    theirs = torch.optim.AdamW(b.parameters(), lr=0.01)
+    for step in range(STEPS):
+        for model in (a, b):
+            _backward(model, step, dp_rank)  # a tp group sees one batch
+        launches, reduces = count.during(ours.step)
+        assert (launches, reduces) == (1, 2), f"(launches, all-reduces) = {(launches, reduces)}: dp, then tp"
+        torch.nn.utils.clip_grad_norm_(b.parameters(), 0.05)
+        theirs.step()
+        ours.zero_grad()
+        theirs.zero_grad()
+    _same(ours, theirs, "2-D mesh")
+    tp = [p.placements[1].is_replicate() for p in a.parameters()]
+    assert any(tp) and not all(tp), "the model has params replicated and sharded on tp"
+
+
+CHECKS = [check_fsdp_parity, check_clipping, check_grad_scaler, check_checkpoint, check_mixed, check_ddp, check_zero]
+CHECKS_4 = [check_2d_mesh]
+
+
+def _worker(rank: int, world: int, port: int, workdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    count = _Count()
+    verdicts: dict[str, str] = {}
+    failed = False
+    for check in CHECKS if world == WORLD else CHECKS_4:
+        if failed:
+            verdicts[check.__name__] = "not run: an earlier check failed on this rank"
+            continue
+        start = time.perf_counter()
+        try:
+            check(rank, mesh, count, workdir)
+            verdicts[check.__name__] = f"ok {time.perf_counter() - start:.1f} s"
+        except Exception:
+            verdicts[check.__name__] = traceback.format_exc()
+            failed = True
+        Path(workdir, f"rank{rank}.json").write_text(json.dumps(verdicts))
+    if not failed:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_group(world: int) -> list[dict[str, str]]:
+    """Spawn ``world`` ranks that run their checks; each rank's verdicts by check name."""
+    with tempfile.TemporaryDirectory() as workdir:
+        context = mp.start_processes(
+            _worker, args=(world, _free_port(), workdir), nprocs=world, join=False, start_method="spawn"
+        )
+        try:
+            while not context.join(timeout=600):
+                pass
+        except Exception as e:  # a rank that died: its verdicts file says how far it got
+            print(f"process group ended with: {e}")
+        out = []
+        for rank in range(world):
+            path = Path(workdir, f"rank{rank}.json")
+            out.append(json.loads(path.read_text()) if path.exists() else {})
+        return out
+
+
+@pytest.fixture(scope="module")
+def verdicts() -> list[dict[str, str]]:
+    return _run_group(WORLD)
+
+
+def _assert_ok(verdicts: list[dict[str, str]], check: str) -> None:
+    for rank, results in enumerate(verdicts):
+        verdict = results.get(check, "not run: the rank died before it")
+        assert verdict.startswith("ok"), f"rank {rank}, {check}:\n{verdict}"
+
+
+@pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])
+def test_distributed(verdicts, check):
+    _assert_ok(verdicts, check)
+
+
+def test_2d_mesh_on_4_ranks():
+    _assert_ok(_run_group(4), check_2d_mesh.__name__)
