@@ -143,7 +143,9 @@ def global_norm(parts: Parts, norm_type: float, grad_scale: torch.Tensor | None 
     norms = reduce_norms(local_norms, norm_type)
     total = norms[0]
     if len(norms) > 1:
-        total = torch.linalg.vector_norm(torch.stack([n.to(total.device, total.dtype) for n in norms]), norm_type)
+        total = torch.linalg.vector_norm(
+            torch.stack([n.to(total.device, total.dtype) for n in norms]), norm_type
+        )
     return total.to(compute_dtype(result_dtype) if exact else result_dtype)
 
 

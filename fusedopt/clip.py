@@ -12,8 +12,8 @@ from collections.abc import Iterable
 
 import torch
 
-from fusedopt._multi_tensor import runs_triton
 from fusedopt._dist import any_dtensor, as_result
+from fusedopt._multi_tensor import runs_triton
 from fusedopt._norm import clip_coefficient, global_norm, norm_order, scale_, split, traced_norm
 
 

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from helpers import close
 
 import fusedopt
+from fusedopt.optim._step import ALGORITHMS
 
 WORLD = 2
 STEPS = 3
@@ -58,7 +59,8 @@ def _batch(step: int, rank: int) -> torch.Tensor:
 
 
 def _backward(model: torch.nn.Module, step: int, rank: int, scale: float = 1.0) -> None:
-    (model(_batch(step, rank)).pow(2).mean() * scale).backward()
+    x = _batch(step, rank).to(next(model.parameters()).device)
+    (model(x).pow(2).mean() * scale).backward()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _same(ours, theirs, what: str) -> None:
     """Params and state of two optimizers over two models: within the optimizer contract."""
-    for i, (p, q) in enumerate(zip(ours.param_groups[0]["params"], theirs.param_groups[0]["params"], strict=True)):
+    for i, (p, q) in enumerate(
+        zip(ours.param_groups[0]["params"], theirs.param_groups[0]["params"], strict=True)
+    ):
         close(_local(p), _local(q), f"{what}: param {i}")
         mine, expected = ours.state[p], theirs.state[q]
         assert mine.keys() == expected.keys(), f"{what}: state keys of param {i}"
@@ -82,14 +86,14 @@ def _same(ours, theirs, what: str) -> None:
 
 
 class _Count:
-    """Launches of the step kernels and calls of ``dist.all_reduce`` in this process."""
+    """Launches of the step kernels (every algorithm's) and calls of ``dist.all_reduce`` in
+    this process."""
 
     def __init__(self):
         self.launches = 0
         self.all_reduces = 0
-        for module in (fusedopt.optim.sgd, fusedopt.optim.adam, fusedopt.optim.rmsprop, fusedopt.optim.adagrad):
-            kernel = module.kernels.__dict__[f"{module.__name__.rsplit('.', 1)[1]}_kernel"]
-            kernel.run = self._wrap(kernel.run, "launches")
+        for spec in ALGORITHMS.values():
+            spec.kernel.run = self._wrap(spec.kernel.run, "launches")
         dist.all_reduce = self._wrap(dist.all_reduce, "all_reduces")
 
     def _wrap(self, fn, counter: str):
@@ -185,7 +189,9 @@ def check_grad_scaler(rank, mesh, count, workdir):
             scaler.step(opt)
             scaler.update()
             opt.zero_grad()
-            moved = [not torch.equal(p.to_local(), q) for p, q in zip(model.parameters(), before, strict=True)]
+            moved = [
+                not torch.equal(p.to_local(), q) for p, q in zip(model.parameters(), before, strict=True)
+            ]
             assert any(moved) == (step == 0), f"max_grad_norm={max_grad_norm}, step {step}: moved {moved}"
         scales = [torch.zeros(1) for _ in range(WORLD)]
         dist.all_gather(scales, torch.tensor([scaler.get_scale()]))
@@ -364,20 +370,33 @@ def check_2d_mesh(rank, mesh, count, workdir):
     assert any(tp) and not all(tp), "the model has params replicated and sharded on tp"
 
 
-CHECKS = [check_fsdp_parity, check_clipping, check_grad_scaler, check_checkpoint, check_mixed, check_ddp, check_zero]
-CHECKS_4 = [check_2d_mesh]
+CHECKS = [
+    check_fsdp_parity,
+    check_clipping,
+    check_grad_scaler,
+    check_checkpoint,
+    check_mixed,
+    check_ddp,
+    check_zero,
+]
+GROUPS = {  # (world size, device): the checks its ranks run
+    (WORLD, "cpu"): CHECKS,
+    (4, "cpu"): [check_2d_mesh],
+    (1, "cuda"): [check_fsdp_parity, check_clipping],  # the compiled kernels, where a GPU exists
+}
 
 
-def _worker(rank: int, world: int, port: int, workdir: str) -> None:
+def _worker(rank: int, world: int, device: str, port: int, workdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device, (world,))
     count = _Count()
     verdicts: dict[str, str] = {}
     failed = False
-    for check in CHECKS if world == WORLD else CHECKS_4:
+    for check in GROUPS[world, device]:
         if failed:
             verdicts[check.__name__] = "not run: an earlier check failed on this rank"
             continue
@@ -399,12 +418,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_group(world: int) -> list[dict[str, str]]:
+def _run_group(world: int, device: str = "cpu") -> list[dict[str, str]]:
     """Spawn ``world`` ranks that run their checks; each rank's verdicts by check name."""
     with tempfile.TemporaryDirectory() as workdir:
-        context = mp.start_processes(
-            _worker, args=(world, _free_port(), workdir), nprocs=world, join=False, start_method="spawn"
-        )
+        args = (world, device, _free_port(), workdir)
+        context = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
         try:
             while not context.join(timeout=600):
                 pass
@@ -435,3 +453,11 @@ def test_distributed(verdicts, check):
 
 def test_2d_mesh_on_4_ranks():
     _assert_ok(_run_group(4), check_2d_mesh.__name__)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp_on_cuda():
+    """FSDP2 on one GPU (world size 1): the compiled kernels on the local shards."""
+    verdicts = _run_group(1, "cuda")
+    for check in GROUPS[1, "cuda"]:
+        _assert_ok(verdicts, check.__name__)
