@@ -198,6 +198,19 @@ def check_grad_scaler(rank, mesh, count, workdir):
         assert scales[0].item() == scales[1].item() == 2.0**9, f"scales after the skip: {scales}"
         steps = {float(s["step"]) for s in opt.state.values()}
         assert steps == {1.0}, f"step counters after one step and one skip: {steps}"
+    # What the README says of torch's own GradScaler here: DTensor all-reduces its inf flag
+    # (torch/distributed/tensor/_dispatch.py, found_inf_reduce_handler): the ranks agree too.
+    model = _sharded(mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(model(_batch(0, rank)).pow(2).mean()).backward()
+    if rank == 1:
+        next(model.parameters()).grad.to_local()[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    scales = [torch.zeros(1) for _ in range(WORLD)]
+    dist.all_gather(scales, torch.tensor([scaler.get_scale()]))
+    assert scales[0].item() == scales[1].item() == 2.0**9, f"torch's scales: {scales}"
 
 
 def _train(model, opt, steps: range, rank: int) -> None:
