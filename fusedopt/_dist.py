@@ -16,20 +16,23 @@ collective. Plain tensors (DDP, one process) are their own domain and are never 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-try:
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-except ImportError:  # a torch built without distributed support: no DTensor can exist
-    dist = None
-    DTensor = None
+
+def _dtensor_type() -> type | None:
+    """DTensor's class, if anything imported it (a DTensor cannot exist otherwise): importing
+    ``torch.distributed.tensor`` ourselves would cost every user 0.4 s."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -38,7 +41,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def any_dtensor(tensors) -> bool:
-    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+    cls = _dtensor_type()
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
+
+
+def _partial(placements) -> bool:
+    return any(x.is_partial() for x in placements)
 
 
 def check_param(p: torch.Tensor, g: torch.Tensor) -> None:
@@ -53,7 +61,7 @@ def check_param(p: torch.Tensor, g: torch.Tensor) -> None:
             "the grad of a DTensor param must have the param's mesh and placements, got "
             f"{g.placements} on {g.device_mesh} for a param with {p.placements} on {p.device_mesh}"
         )
-    if any(isinstance(x, Partial) for x in p.placements):
+    if _partial(p.placements):
         raise NotImplementedError(f"DTensor params with Partial placements cannot be stepped: {p.placements}")
 
 
@@ -65,7 +73,7 @@ def domain(g: torch.Tensor) -> Domain:
     replicated on every mesh dimension, else its mesh and the dimensions it is sharded over."""
     if not is_dtensor(g):
         return None
-    if any(isinstance(x, Partial) for x in g.placements):
+    if _partial(g.placements):
         raise NotImplementedError(f"a norm of DTensor grads with Partial placements: {g.placements}")
     dims = tuple(d for d, x in enumerate(g.placements) if not x.is_replicate())  # Shard, _StridedShard
     return (g.device_mesh, dims) if dims else None
@@ -106,5 +114,7 @@ def as_result(total: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
     first = next((g for g in grads if is_dtensor(g)), None)
     if first is None:
         return total
+    from torch.distributed.tensor import DTensor, Replicate
+
     mesh = first.device_mesh
     return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)

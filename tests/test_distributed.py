@@ -221,28 +221,32 @@ def _train(model, opt, steps: range, rank: int) -> None:
 
 
 def check_checkpoint(rank, mesh, count, workdir):
-    """Save with torch.distributed.checkpoint on 2 ranks; resume into FusedAdamW and into
-    torch.optim.AdamW (training continues as if uninterrupted); load on 1 rank (reshard)."""
+    """Save with torch.distributed.checkpoint on 2 ranks (from FusedAdamW and from torch's
+    AdamW); resume each into both (training continues as if uninterrupted); load the fused
+    one on 1 process (reshard)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    path = os.path.join(workdir, "ckpt")
-    model = _sharded(mesh)
-    opt = fusedopt.FusedAdamW(model.parameters(), lr=0.01, weight_decay=0.1)
-    _train(model, opt, range(2), rank)
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
-    _train(model, opt, range(2, 4), rank)  # the uninterrupted run
-    for cls in (fusedopt.FusedAdamW, torch.optim.AdamW):
-        resumed = _sharded(mesh, seed=1)
-        ropt = cls(resumed.parameters(), lr=0.01, weight_decay=0.1)
-        msd, osd = get_state_dict(resumed, ropt)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(resumed, ropt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        _train(resumed, ropt, range(2, 4), rank)
-        _same(ropt, opt, f"resumed into {cls.__name__}")
+    classes = (fusedopt.FusedAdamW, torch.optim.AdamW)
+    for saver in classes:
+        path = os.path.join(workdir, f"ckpt-{saver.__module__}")
+        model = _sharded(mesh)
+        opt = saver(model.parameters(), lr=0.01, weight_decay=0.1)
+        _train(model, opt, range(2), rank)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+        _train(model, opt, range(2, 4), rank)  # the uninterrupted run
+        for cls in classes:
+            resumed = _sharded(mesh, seed=1)
+            ropt = cls(resumed.parameters(), lr=0.01, weight_decay=0.1)
+            msd, osd = get_state_dict(resumed, ropt)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=path)
+            set_state_dict(resumed, ropt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            _train(resumed, ropt, range(2, 4), rank)
+            _same(ropt, opt, f"saved from {saver.__name__}, resumed into {cls.__name__}")
     dist.barrier()
+    path = os.path.join(workdir, f"ckpt-{fusedopt.FusedAdamW.__module__}")
     if rank == 0:  # reshard: the whole model and state on one process, no process group
         plain = _model(seed=1)
         popt = fusedopt.FusedAdamW(plain.parameters(), lr=0.01, weight_decay=0.1)
@@ -254,11 +258,43 @@ def check_checkpoint(rank, mesh, count, workdir):
             plain(torch.cat([_batch(step, r) for r in range(WORLD)])).pow(2).mean().backward()
             popt.step()
             popt.zero_grad()
-        for i, (p, q) in enumerate(zip(plain.parameters(), model.parameters(), strict=True)):
-            close(p.detach(), q.full_tensor(), f"1-rank resume: param {i}")
-    else:
-        [q.full_tensor() for q in model.parameters()]  # the gathers rank 0 takes part in
+    expected = [q.full_tensor() for q in _resumed_fused(mesh, path, rank)]
+    if rank == 0:
+        for i, (p, q) in enumerate(zip(plain.parameters(), expected, strict=True)):
+            close(p.detach(), q, f"1-rank resume: param {i}")
     dist.barrier()
+
+
+def _resumed_fused(mesh, path: str, rank: int) -> list[torch.Tensor]:
+    """The 2-rank run resumed from ``path`` for steps 2 and 3: its params."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _sharded(mesh, seed=1)
+    opt = fusedopt.FusedAdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _train(model, opt, range(2, 4), rank)
+    return list(model.parameters())
+
+
+def check_compiled_step(rank, mesh, count, workdir):
+    """torch.compile(opt.step) over DTensor params: the eager step runs (one launch), as
+    torch's AdamW."""
+    a, b = _sharded(mesh), _sharded(mesh)
+    ours, theirs = fusedopt.FusedAdamW(a.parameters(), lr=0.01), torch.optim.AdamW(b.parameters(), lr=0.01)
+    step = torch.compile(ours.step, backend="eager")
+    for i in range(2):
+        for model in (a, b):
+            _backward(model, i, rank)
+        launches, _ = count.during(step)
+        assert launches == 1, f"compiled step: {launches} launches"
+        theirs.step()
+        ours.zero_grad()
+        theirs.zero_grad()
+    _same(ours, theirs, "compiled step")
 
 
 def check_mixed(rank, mesh, count, workdir):
@@ -391,6 +427,7 @@ CHECKS = [
     check_mixed,
     check_ddp,
     check_zero,
+    check_compiled_step,
 ]
 GROUPS = {  # (world size, device): the checks its ranks run
     (WORLD, "cpu"): CHECKS,
