@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -35,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this measures the CPU path, not the interpreter")
-    from fusedopt.cli import bench_host, common
     from fusedopt.cli import bench_optim as bo
+    from fusedopt.cli import common
 
     env = common.environment()
     shapes = bo.gpt2_small_shapes(d=256, vocab=35000, layers=6)
@@ -50,20 +49,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: not in this version's benchmark, skipped")
             continue
         for impl in IMPLS:
-            row = {**env, "optimizer": spec.label, "impl": impl}
+            row = {**env, "optimizer": bo.label(spec), "impl": impl}
             try:
-                opt = spec.make(impl, params)
-                row.update(bench_host.quantiles(bench_host.step_times(opt.step, args.steps, 3, cuda=False)))
+                opt = bo.make(spec, impl, params)
+                row.update(bo.host_times(opt.step, args.steps, 3, cuda=False))
                 del opt
             except (RuntimeError, TypeError, ValueError) as e:  # e.g. no fused=True for this class
                 row["note"] = common.short_error(e, 60)
             rows.append(row)
     columns = [("optimizer", "optimizer", ""), ("impl", "impl", ""), ("ms", "ms median", ".1f"),
                ("ms_p20", "p20", ".1f"), ("ms_p80", "p80", ".1f"), ("note", "note", "")]  # fmt: skip
-    common.print_table(rows, columns)
+    print(common.table_text(rows, columns))
     if args.out:
-        stamp = env["timestamp_utc"].replace("-", "").replace(":", "")
-        log = common.CsvLog(Path(args.out) / f"cpu_step_{stamp}.csv", [*env, *(k for k, _, _ in columns)])
+        log = common.CsvLog(args.out, "cpu_step", env, [*env, *(k for k, _, _ in columns)])
         for row in rows:
             log.write(row)
         log.close()

@@ -5,7 +5,7 @@
 #
 #     OUT=/some/folder bash benchmarks/gpu_check.sh    # from the repository root; OUT defaults to benchmarks/results
 #
-# Everything (one log per step, each bench step's CSV/PNG/Markdown files, summary.txt) goes to
+# Everything (one log per step, check's CSV/PNG, each bench step's CSV/PNG/Markdown, summary.txt) goes to
 # $OUT/<card>/, <card> being the GPU's name as a slug (e.g. nvidia-h100-80gb-hbm3). The benchmarks
 # run even when the tests fail; the script exits non-zero at the end if any step failed or timed
 # out. Time limits per step (seconds; worst case 570 s in all): TEST_TIMEOUT (200), CHECK_TIMEOUT
@@ -82,7 +82,7 @@ bench_timeout=${BENCH_TIMEOUT:-120}
 loss_timeout=${LOSS_TIMEOUT:-70}
 amp_timeout=${AMP_TIMEOUT:-60}
 step tests "${TEST_TIMEOUT:-200}" $PY -m pytest -q --maxfail=20 tests
-step check "${CHECK_TIMEOUT:-50}" $PY -m fusedopt check --no-progress
+step check "${CHECK_TIMEOUT:-50}" $PY -m fusedopt check --no-progress --out "$results"
 step check_int64 "${INT64_TIMEOUT:-40}" $PY benchmarks/check_int64.py
 bench optim "$bench_timeout" --layouts single64m gpt2 many4k --dtypes fp32 bf16 --budget $((bench_timeout - 30))
 bench losses "$loss_timeout" --dtypes fp32 bf16 --budget $((loss_timeout - 30))

@@ -23,7 +23,7 @@ import fusedopt
 from fusedopt import functional as FF
 from fusedopt import testing
 from fusedopt.__main__ import main
-from fusedopt.cli import bench, bench_amp, bench_host, bench_losses, bench_optim, check, common
+from fusedopt.cli import bench, bench_amp, bench_losses, bench_optim, check, common
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
@@ -74,8 +74,9 @@ def test_importing_fusedopt_leaves_the_environment_alone():
     assert run.returncode == 0, run.stderr
 
 
-def test_check_command_reruns_itself_with_the_interpreter():
-    run = fresh_python("-m", "fusedopt", "check", "--optimizers", "adam", "--losses", "cross_entropy", *TINY)
+def test_check_command_reruns_itself_with_the_interpreter(tmp_path):
+    argv = ["--optimizers", "adam", "--losses", "cross_entropy", "--out", str(tmp_path), *TINY]
+    run = fresh_python("-m", "fusedopt", "check", *argv)
     assert run.returncode == 0, run.stdout + run.stderr
     if not CUDA:
         assert "re-running in a child process with TRITON_INTERPRET=1" in run.stdout
@@ -121,10 +122,10 @@ def wrong_grad_mse(input, target, **kwargs):
     return FF.mse_loss(scaled, target, **kwargs)
 
 
-def run_check(monkeypatch, capsys, *argv: str, optim=(), losses=()) -> tuple[int, str]:
+def run_check(monkeypatch, capsys, tmp_path, *argv: str, optim=(), losses=()) -> tuple[int, str]:
     monkeypatch.setattr(check, "OPTIM_CASES", [*check.OPTIM_CASES, *optim])
     monkeypatch.setattr(check, "LOSS_CASES", [*check.LOSS_CASES, *losses])
-    status = main(["check", *argv, *TINY])
+    status = main(["check", *argv, *TINY, "--out", str(tmp_path)])
     return status, capsys.readouterr().out
 
 
@@ -132,10 +133,11 @@ def verdicts(out: str, name: str) -> list[str]:
     return [line.split()[-1] for line in out.splitlines() if line.startswith(name + " ")]
 
 
-def test_check_passes(monkeypatch, capsys):
+def test_check_passes(monkeypatch, capsys, tmp_path):
     status, out = run_check(
         monkeypatch,
         capsys,
+        tmp_path,
         "--optimizers",
         "sgd",
         "adamw",
@@ -158,12 +160,21 @@ def test_check_passes(monkeypatch, capsys):
     assert "square_avg" in out and "grad_avg" in out and "sum" in out
     assert "max_grad_norm=1.0" in out
     assert "OK: all 40 checks within tolerance" in out
+    (csv_path,) = tmp_path.glob("check_*.csv")
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 40 and {r["verdict"] for r in rows} == {"PASS"}
+    assert {r["kind"] for r in rows} == {"optimizer", "loss"} and all(r["gpu"] and r["ratio"] for r in rows)
+    assert rows[0]["param"] and rows[-1]["grad"] and any(r["momentum_buffer"] for r in rows)
+    assert csv_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("wrong", [DriftingSGD, ForgetfulSGD])
-def test_check_flags_a_wrong_optimizer(monkeypatch, capsys, wrong):
+def test_check_flags_a_wrong_optimizer(monkeypatch, capsys, tmp_path, wrong):
     case = testing.OptimCase(wrong, torch.optim.SGD, dict(lr=0.1, momentum=0.9), group="wrong")
-    status, out = run_check(monkeypatch, capsys, "--optimizers", "wrong", "sgd", "--losses", optim=[case])
+    status, out = run_check(
+        monkeypatch, capsys, tmp_path, "--optimizers", "wrong", "sgd", "--losses", optim=[case]
+    )
     assert status == 1, out
     assert verdicts(out, wrong.__name__) == ["FAIL", "FAIL"]  # fp32 and bf16
     assert verdicts(out, "FusedSGD") == ["PASS"] * 14  # the real one, in the same run
@@ -176,7 +187,7 @@ def test_check_flags_a_wrong_optimizer(monkeypatch, capsys, wrong):
     assert ("state[momentum_buffer]" in where) is (wrong is ForgetfulSGD), line
 
 
-def test_check_flags_a_wrong_loss_and_an_exception(monkeypatch, capsys):
+def test_check_flags_a_wrong_loss_and_an_exception(monkeypatch, capsys, tmp_path):
     def raises(input, target, **kwargs):
         raise RuntimeError("kernel exploded")
 
@@ -185,7 +196,7 @@ def test_check_flags_a_wrong_loss_and_an_exception(monkeypatch, capsys):
         testing.LossCase("raising_mse", raises, F.mse_loss, "regression"),
     ]
     args = ["--optimizers", "--losses", "wrong_mse", "raising_mse", "mse_loss"]
-    status, out = run_check(monkeypatch, capsys, *args, losses=cases)
+    status, out = run_check(monkeypatch, capsys, tmp_path, *args, losses=cases)
     assert status == 1, out
     assert verdicts(out, "wrong_mse") == ["FAIL", "FAIL"]
     assert verdicts(out, "raising_mse") == ["ERROR", "ERROR"]
@@ -195,9 +206,9 @@ def test_check_flags_a_wrong_loss_and_an_exception(monkeypatch, capsys):
 
 
 def test_check_compares_every_state_tensor():
-    sizes = check.Sizes(width=8, layers=1, vocab=13, rows=5, classes=37)
+    shapes = testing.gpt_shapes(width=8, layers=1, vocab=13)
     case = testing.OptimCase(fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, amsgrad=True))
-    result = check.optimizer_result(case, torch.float32, "cuda" if CUDA else "cpu", sizes, steps=2, seed=0)
+    result = check.optimizer_result(case, torch.float32, "cuda" if CUDA else "cpu", shapes, steps=2, seed=0)
     assert result.verdict == "PASS", result
     assert set(result.errors) == {"param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
     assert not result.notes and result.ratio <= 1.0
@@ -257,7 +268,7 @@ def test_bench_smoke_writes_csv_and_png(tmp_path, capsys):
     assert {r["impl"] for r in suites["optim"]} == set(bench_optim.IMPLS)
     assert len(suites["optim"]) == 2 * 5 and len(suites["losses"]) == 2 * 3
     assert {r["impl"] for r in suites["losses"]} == set(bench_losses.IMPLS)
-    host_impls = bench_host.IMPLS if CUDA else ("fusedopt",)
+    host_impls = bench_optim.HOST_IMPLS if CUDA else ("fusedopt",)
     assert [(r["case"], r["impl"]) for r in suites["host"]] == [
         (name, impl) for name in ("FusedSGD(momentum=0.9)", "FusedAdam") for impl in host_impls
     ]
@@ -291,7 +302,7 @@ def test_bench_host_suite_times_the_step_without_its_kernel(tmp_path, capsys):
     out = capsys.readouterr().out
     assert status == 0, out
     rows, _, md = outputs(tmp_path)
-    assert [r["impl"] for r in rows] == list(bench_host.IMPLS if CUDA else ("fusedopt",))
+    assert [r["impl"] for r in rows] == list(bench_optim.HOST_IMPLS if CUDA else ("fusedopt",))
     for r in rows:
         assert r["status"] == "timed" and r["layout"] == "many4k" and r["tensors"] == "1000", r
         assert 0 < float(r["ms_p20"]) <= float(r["ms"]) <= float(r["ms_p80"]), r
@@ -307,7 +318,7 @@ def test_bench_report_with_timings(tmp_path, capsys, monkeypatch):
     def fake_bench(fn, warmup, rep):
         fn()
         ms = float(next(clock))
-        return common.Timing(ms, 0.9 * ms, 1.1 * ms)
+        return {"ms": ms, "ms_p20": 0.9 * ms, "ms_p80": 1.1 * ms}
 
     monkeypatch.setattr(common, "do_bench", fake_bench)
     monkeypatch.setattr(common, "peak_extra_mib", lambda fn: 0.0)

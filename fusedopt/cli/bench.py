@@ -1,105 +1,136 @@
 """``python -m fusedopt bench``: fused optimizer steps, losses, the AMP optimizer phase and the
-host time of a step, against torch.
+host time of a step, against torch (suites ``optim`` and ``host``: ``fusedopt.cli.bench_optim``;
+``losses``: ``bench_losses``; ``amp``: ``bench_amp``).
 
-Suites (``--suites``, default all): ``optim`` (``fusedopt.cli.bench_optim``): one step of each
-fused optimizer against torch's for-loop, foreach, fused and torch.compile'd steps on three
-layouts, plus a CUDA-graph replay figure for the small-tensor layout; ``losses``
-(``bench_losses``): forward + backward of the fused losses against eager torch and
-torch.compile; ``amp`` (``bench_amp``): the whole optimizer phase of an AMP step (GradScaler,
-clipping, AdamW) on GPT-2 small, torch's recipe against fusedopt's, eager and in a CUDA graph;
-``host`` (``bench_host``): the host time of ``opt.step()``, kernel excluded.
-
-Every row: median ms with 20th/80th percentiles (triton.testing.do_bench, L2 flushed; host:
-time.perf_counter), the bytes the row must move at least (``fusedopt.floors``), the GB/s that
-implies, its share of a device-to-device copy measured in the same run, fusedopt's speed-up over
-the row (row ms / fusedopt ms) and the peak memory above what was allocated before. Output: a
-table per suite on stdout, and in --out a CSV (GPU name, torch/triton/CUDA versions, UTC
-timestamp on every row), a PNG and a Markdown summary.
-
-Without CUDA only host time is measured: device timings need a CUDA GPU (interpreter timings are
-not performance). The other suites then run their smoke version (every code path once, on tiny
-inputs); the byte floors are printed, and the CSV, PNG and summary still written.
+Every row: median, 20th and 80th percentile ms (triton.testing.do_bench, L2 flushed; host:
+time.perf_counter), the bytes it must move at least (``fusedopt.floors``), the GB/s that implies,
+its share of a device-to-device copy timed in the same run, fusedopt's speed-up over it (row ms /
+fusedopt ms) and its peak extra memory. Output: a table per suite on stdout; in --out a CSV (GPU,
+versions and UTC time on every row), a PNG and a Markdown summary. Without CUDA only host time is
+measured (interpreter timings are not performance): the other suites run once on tiny inputs
+(the smoke run) and the byte floors are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import signal
+import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import fusedopt
-from fusedopt.cli import bench_losses, bench_optim, common
-from fusedopt.cli.bench_harness import IMPLS, SUITES, Context, SigtermGuard, Stopped, copy_row, finish_row
-from fusedopt.cli.bench_report import CSV_FIELDS, report
+from fusedopt.cli import bench_amp, bench_losses, bench_optim, common
 
-COPY_NUMEL = 256 * 2**20  # fp32 elements of the device-to-device copy reference (1 GiB)
-
-
-class Names(argparse.Action):
-    """Names from ``names``, space- or comma-separated (``--suites optim,losses``)."""
-
-    def __init__(self, *args, names, **kwargs):
-        self.names = list(names)
-        super().__init__(*args, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        out = [n for v in values for n in v.split(",") if n]
-        if bad := [n for n in out if n not in self.names]:
-            parser.error(f"{option_string}: unknown {', '.join(bad)} (choose from {', '.join(self.names)})")
-        setattr(namespace, self.dest, out)
+SUITES = {
+    "optim": bench_optim.OPTIM,
+    "losses": bench_losses.SUITE,
+    "amp": bench_amp.SUITE,
+    "host": bench_optim.HOST,
+}
+IMPLS = list(dict.fromkeys(impl for suite in SUITES.values() for impl in suite.impls))
+# fmt: off
+CSV_FIELDS = [
+    "gpu", "torch", "triton", "cuda", "timestamp_utc",  # the environment, on every row
+    "suite", "case", "impl", "layout", "dtype", "tensors", "numel", "bytes_per_elt", "bytes",
+    "ms", "ms_p20", "ms_p80", "gbps", "copy_gbps", "pct_copy_bw", "fusedopt_speedup", "peak_extra_mib",
+    "graph_ms", "graph_p20", "graph_p80", "graph_gbps", "graph_fusedopt_speedup", "graph_note",
+    "impl_bytes_per_elt", "status", "note",
+]
+ROW_COLUMNS = [
+    ("case", "case", ""), ("layout", "layout", ""), ("dtype", "dtype", ""), ("impl", "impl", ""),
+    ("ms", "ms", ".4f"), ("ms_p20", "p20", ".4f"), ("ms_p80", "p80", ".4f"), ("mb", "MB floor", ".1f"),
+    ("impl_bytes_per_elt", "impl B/elt", "d"), ("gbps", "GB/s", ".0f"), ("pct_copy_bw", "% copy", ".1f"),
+    ("fusedopt_speedup", "ours x", ".2f"), ("peak_extra_mib", "extra MiB", ".1f"), ("graph_ms", "graph ms", ".4f"),
+    ("graph_fusedopt_speedup", "graph ours x", ".2f"), ("status", "status", ""), ("notes", "note", ""),
+]
+FLOOR_COLUMNS = [
+    ("case", "case", ""), ("impl", "impl", ""), ("layout", "layout", ""), ("dtype", "dtype", ""),
+    ("tensors", "tensors", "d"), ("numel", "elements", ","), ("bytes_per_elt", "B/elt", "d"),
+    ("impl_bytes_per_elt", "impl B/elt", "d"), ("mb", "MB", ".1f"),
+    ("passes", "passes: read -> written, once per element", ""),
+]
+NUMBERS = [  # flag, type, default, metavar, help
+    ("--warmup", int, 25, "MS", "do_bench warm-up time, ms"),
+    ("--rep", int, 100, "MS", "do_bench repetition time, ms"),
+    ("--host-steps", int, 200, "N", "host: timed steps per row, after 10 untimed ones"),
+    ("--copy-numel", int, 256 * 2**20, "N", "fp32 elements of the copy that %% copy refers to"),
+    ("--budget", float, None, "SECONDS", "rows not started by then are written as skipped (compiled rows run last)"),
+]
+# fmt: on
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    def choice(flag: str, names, default, what: str, nargs: str = "+") -> None:
-        parser.add_argument(
-            flag,
-            nargs=nargs,
-            action=Names,
-            names=names,
-            default=list(default),
-            metavar="NAME",
-            help=f"{what}; from: {', '.join(names)} (default: {' '.join(default) or 'none'})",
-        )
-
-    def number(flag: str, kind: type, default, metavar: str, what: str) -> None:
+    names = functools.partial(common.add_names, parser)
+    optimizers, layouts = bench_optim.OPTIMIZERS, bench_optim.LAYOUTS
+    names("--suites", SUITES, SUITES, "what to run (space- or comma-separated, as every list here)")
+    names("--optimizers", optimizers, optimizers, "optim, host: optimizers (sgd: momentum=0.9)")
+    names("--layouts", layouts, layouts, f"optim, host: layouts ({bench_optim.LAYOUT_HELP})")
+    graphs = "optim: layouts that also get the CUDA-graph replay figure (none: no graphs)"
+    names("--graph-layouts", layouts, bench_optim.GRAPH_LAYOUTS, graphs, nargs="*")
+    names("--losses", bench_losses.LOSSES, bench_losses.LOSSES, "losses: cases, <loss>-<shape>")
+    names("--dtypes", common.DTYPES, ["fp32", "bf16"], "param and input dtypes (amp: fp32 master params)")
+    names("--impls", IMPLS, IMPLS, "implementations; each suite takes those it has")
+    smoke = "tiny inputs, every code path once, nothing timed (implied without CUDA, host suite excepted)"
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    out = "folder of bench_<UTC time>.csv, .png and .md (default: %(default)s)"
+    parser.add_argument("--out", default="fusedopt-bench", metavar="DIR", help=out)
+    for flag, kind, default, metavar, what in NUMBERS:
         parser.add_argument(
             flag, type=kind, default=default, metavar=metavar, help=f"{what} (default: %(default)s)"
         )
-
-    optimizers, layouts = bench_optim.OPTIMIZERS, bench_optim.LAYOUTS
-    choice("--suites", SUITES, SUITES, "what to run (space- or comma-separated, as every list here)")
-    choice("--optimizers", optimizers, optimizers, "optim, host: optimizers (sgd: momentum=0.9)")
-    choice("--layouts", layouts, layouts, f"optim, host: layouts ({bench_optim.LAYOUT_HELP})")
-    choice("--graph-layouts", layouts, bench_optim.GRAPH_LAYOUTS, "optim: layouts that also get the CUDA-graph replay figure (none: no graphs)", nargs="*")  # fmt: skip
-    choice("--losses", bench_losses.LOSSES, bench_losses.LOSSES, "losses: cases, <loss>-<shape>")
-    choice(
-        "--dtypes", common.DTYPES, ["fp32", "bf16"], "param and input dtypes (amp: fp32 master params always)"
+    backend = (
+        "torch.compile backend of the torch-compile rows (default: inductor with CUDA; eager without, "
+        "where only the smoke run compiles and inductor's C++ build would take minutes)"
     )
-    choice("--impls", IMPLS, IMPLS, "implementations; each suite takes those it has")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="tiny inputs, every code path once, nothing timed (implied without CUDA, host suite excepted)",
-    )
-    parser.add_argument(
-        "--out",
-        default="fusedopt-bench",
-        metavar="DIR",
-        help="folder of bench_<UTC time>.csv, .png and .md (default: %(default)s)",
-    )
-    number("--warmup", int, 25, "MS", "do_bench warm-up time, ms")
-    number("--rep", int, 100, "MS", "do_bench repetition time, ms")
-    number("--host-steps", int, 200, "N", "host: timed steps per row, after 10 untimed ones")
-    number("--copy-numel", int, COPY_NUMEL, "N", "fp32 elements of the copy that %% copy refers to")
-    number("--budget", float, None, "SECONDS", "rows not started within this time are written as skipped (compiled rows run last)")  # fmt: skip
-    parser.add_argument(
-        "--compile-backend",
-        metavar="NAME",
-        help="torch.compile backend of the torch-compile rows (default: inductor with CUDA; eager "
-        "without, where only the smoke run compiles and inductor's C++ build would take minutes)",
-    )
+    parser.add_argument("--compile-backend", metavar="NAME", help=backend)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+# Measuring ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """How this run measures its rows (what the suites' run functions read)."""
+
+    device: str
+    smoke: bool  # --smoke: every path once on tiny inputs, nothing timed
+    timed: bool  # do_bench timings: CUDA and not --smoke
+    warmup: int
+    rep: int
+    host_steps: int
+    compile_backend: str
+    graph_layouts: tuple[str, ...]  # CUDA only
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    @property
+    def tiny(self) -> bool:
+        """Smoke-sized inputs for the device suites: --smoke, or no CUDA."""
+        return self.smoke or not self.cuda
+
+    def measure(self, fn, memory: bool = True) -> dict:
+        """Timing (median, p20, p80) and peak extra memory of ``fn``; a smoke run only calls it."""
+        if not self.timed:
+            fn()
+            return {}
+        out = common.do_bench(fn, self.warmup, self.rep)
+        if memory:
+            out["peak_extra_mib"] = common.peak_extra_mib(fn)
+        return out
+
+    def release(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
 
 def timing_enabled(device: str, smoke: bool) -> bool:
@@ -107,48 +138,110 @@ def timing_enabled(device: str, smoke: bool) -> bool:
     return device == "cuda" and not smoke
 
 
+def copy_row(numel: int, ctx: Context) -> dict:
+    """The device-to-device copy of ``numel`` fp32 elements (read + write), the 100 % of ``% copy``."""
+    src = torch.randn(numel, device=ctx.device)
+    dst = torch.empty_like(src)
+    timing = common.do_bench(functools.partial(dst.copy_, src), ctx.warmup, ctx.rep)
+    del src, dst
+    ctx.release()
+    row = {"suite": "copy", "case": "copy_", "impl": "torch", "layout": str(numel), "dtype": "fp32"}
+    return {**row, "tensors": 1, "numel": numel, "bytes_per_elt": 8, "bytes": 8 * numel, **timing}
+
+
+def finish_row(row: dict, env: dict, copy_gbps: float | None, ours: dict[tuple, dict]) -> None:
+    """Derived columns: status, MB, GB/s, % of copy, fusedopt's speed-up over the row; environment."""
+    row.update(env)
+    row.setdefault("status", "timed" if row.get("ms") else "smoke")
+    row["mb"] = row["bytes"] / 1e6 if row.get("bytes") else None
+    key = (row["suite"], row["case"], row["layout"], row["dtype"])
+    if row["impl"] == "fusedopt":
+        ours[key] = row
+    for prefix in ("", "graph_"):
+        ms, our_ms = row.get(f"{prefix}ms"), ours.get(key, {}).get(f"{prefix}ms")
+        if ms and row.get("bytes"):
+            row[f"{prefix}gbps"] = row["bytes"] / (ms * 1e-3) / 1e9
+        if ms and our_ms:
+            row[f"{prefix}fusedopt_speedup"] = ms / our_ms
+    if row.get("gbps") and copy_gbps:
+        row["copy_gbps"] = copy_gbps
+        row["pct_copy_bw"] = 100 * row["gbps"] / copy_gbps
+    row["notes"] = "; ".join(n for n in (row.get("note"), row.get("graph_note")) if n)
+
+
+class Stopped(BaseException):
+    """SIGTERM (e.g. from ``timeout``) during a row: not an ``Exception``, so no row swallows it."""
+
+
+def _stop(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # later ones are ignored until the report is written
+    raise Stopped("stopped by SIGTERM")
+
+
+def run_order(job: common.Job) -> tuple[bool, int]:
+    """Compiled rows last (slow to compile), fewest tensors first: a run cut short has the others."""
+    compiled = job.row["impl"] == "torch-compile"
+    return compiled, job.row["tensors"] if compiled else 0
+
+
+def run_rows(jobs: list[common.Job], ctx: Context, args, env: dict, copy_gbps, log: common.CsvLog):
+    """Every row, written to ``log`` as it is done; the rows, the number of failures, and why the
+    rows not run were skipped (``--budget``, SIGTERM, Ctrl-C) or None."""
+    rows: list[dict] = []
+    ours: dict[tuple, dict] = {}  # fusedopt's row of each group, for the speed-ups
+    failures = 0
+    stopped = None
+    progress = common.Progress(len(jobs), "fusedopt bench", not args.no_progress)
+    start = time.perf_counter()
+    for job in jobs:
+        if not stopped and args.budget is not None and time.perf_counter() - start > args.budget:
+            stopped = f"--budget {args.budget:g}s reached"
+        row = dict(job.row)
+        if stopped:
+            row.update(status="skipped", note=stopped)
+        else:
+            try:
+                row.update(job.run(ctx))
+                ctx.release()  # the row's tensors are gone by now
+            except Exception as e:  # a path this build lacks must not end the run
+                row.update(status="error", note=common.short_error(e))
+                failures += row["impl"] == "fusedopt"
+            except (Stopped, KeyboardInterrupt) as e:  # report what was measured, then stop
+                stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+                row.update(status="skipped", note=stopped)
+                failures += 1
+        finish_row(row, env, copy_gbps, ours)
+        log.write(row)
+        rows.append(row)
+        progress.advance(f"{row['case']} {row['layout']} {row['dtype']} {row['impl']}: {row['status']}")
+    log.close()
+    return rows, failures, stopped
+
+
 def run(args: argparse.Namespace) -> int:
     """The benchmark (without CUDA or with --smoke, the smoke run); 1 if a fusedopt row failed."""
     device = common.default_device()
-    ctx = Context(
-        device=device,
-        smoke=args.smoke,
-        timed=timing_enabled(device, args.smoke),
-        warmup=args.warmup,
-        rep=args.rep,
-        host_steps=args.host_steps,
-        compile_backend=args.compile_backend or ("inductor" if device == "cuda" else "eager"),
-        graph_layouts=(),
-    )
-    # a smoke run on CUDA captures its one tiny layout; CUDA graphs need CUDA
-    if ctx.cuda and args.graph_layouts:
+    backend = args.compile_backend or ("inductor" if device == "cuda" else "eager")
+    timed = timing_enabled(device, args.smoke)
+    ctx = Context(device, args.smoke, timed, args.warmup, args.rep, args.host_steps, backend, ())
+    if ctx.cuda and args.graph_layouts:  # a smoke run on CUDA captures its one tiny layout
         ctx.graph_layouts = ("smoke",) if ctx.tiny else tuple(args.graph_layouts)
-    env = common.environment()
-    print(
-        f"fusedopt {fusedopt.__version__} bench: torch {env['torch']}, triton {env['triton']}, {env['timestamp_utc']}"
-    )
-    where = env["gpu"] + (f" (CUDA {env['cuda']})" if env["cuda"] else " (no CUDA GPU)")
-    print(f"device: {where}: fusedopt runs {common.kernel_path(device)}")
+    env = common.header("bench", device)
     print(f"suites: {', '.join(args.suites)}")
-    if warning := common.interpreter_warning():
-        print(warning + " Timings mean nothing.")
     if not ctx.cuda and set(args.suites) - {"host"}:
+        print("Timings need a CUDA GPU: nothing is timed here (interpreter timings are not performance).")
         print(
-            "Timings need a CUDA GPU: nothing is timed here (interpreter timings are not performance).\n"
-            "Smoke run instead: every implementation runs once on tiny inputs, so the code paths are "
-            "tested; the CSV rows have no timings."
+            "Smoke run instead: every implementation runs once on tiny inputs; the CSV rows have no timings."
         )
     elif args.smoke:
         print("--smoke: every implementation runs once on tiny inputs; nothing is timed.")
     if not ctx.cuda and not args.smoke and "host" in args.suites:
         print("host suite: timed (host time is real on CPU; the kernels are not launched: dry_run)")
     if {"optim", "losses"} & set(args.suites):
-        print(f"torch-compile rows: torch.compile(backend={ctx.compile_backend!r})")
+        print(f"torch-compile rows: torch.compile(backend={backend!r})")
     if not ctx.cuda and args.graph_layouts and "optim" in args.suites:
         print("CUDA-graph replay figure: needs CUDA, not run")
-
-    stamp = env["timestamp_utc"].replace("-", "").replace(":", "")
-    log = common.CsvLog(Path(args.out) / f"bench_{stamp}.csv", CSV_FIELDS)
+    log = common.CsvLog(args.out, "bench", env, CSV_FIELDS)
     copy_gbps = None
     if ctx.timed:
         copy = copy_row(args.copy_numel, ctx)
@@ -156,54 +249,133 @@ def run(args: argparse.Namespace) -> int:
         finish_row(copy, env, copy_gbps, {})
         log.write(copy)
         print(
-            f"device-to-device copy, {args.copy_numel:,} fp32 elements: {copy['ms']:.4f} ms "
-            f"(p20 {copy['ms_p20']:.4f}, p80 {copy['ms_p80']:.4f}) = {copy_gbps:.0f} GB/s (read + write)"
+            f"device-to-device copy, {args.copy_numel:,} fp32 elements: {copy['ms']:.4f} ms (p20 "
+            f"{copy['ms_p20']:.4f}, p80 {copy['ms_p80']:.4f}) = {copy_gbps:.0f} GB/s (read + write)"
         )
     print()
 
-    jobs = [case for suite in args.suites for case in SUITES[suite].cases(args, ctx)]
-    # compiled rows last (slow to compile), so a run cut short has all the others
-    jobs.sort(key=lambda job: job.impl == "torch-compile")
-    progress = common.Progress(len(jobs), "fusedopt bench", not args.no_progress)
-    rows: list[dict] = []
-    ours: dict[tuple, dict] = {}
-    failures = 0
-    start = time.perf_counter()
-    stopped = None  # why the remaining rows were skipped
-    guard = SigtermGuard().__enter__()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
-        for job in jobs:
-            if stopped is None and args.budget is not None and time.perf_counter() - start > args.budget:
-                stopped = f"--budget {args.budget:g}s reached"
-            if stopped:
-                row = {**job.base_row(), "status": "skipped", "note": stopped}
-            else:
-                try:
-                    row = job.run(ctx)
-                except Exception as e:  # a path this build lacks must not end the run
-                    row = {**job.base_row(), "status": "error", "note": common.short_error(e)}
-                    failures += job.impl == "fusedopt"
-                    ctx.release()
-                except (Stopped, KeyboardInterrupt) as e:  # report what was measured, then stop
-                    stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-                    row = {**job.base_row(), "status": "skipped", "note": stopped}
-                    failures += 1
-            finish_row(row, env, copy_gbps, ours)
-            log.write(row)
-            rows.append(row)
-            progress.advance(f"{row['case']} {row['layout']} {row['dtype']} {row['impl']}: {row['status']}")
-    ctx.drop_params()
-    log.close()
-    guard.raising = False
+    jobs = sorted((job for suite in args.suites for job in SUITES[suite].jobs(args, ctx)), key=run_order)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
     try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
+            rows, failures, stopped = run_rows(jobs, ctx, args, env, copy_gbps, log)
+        if main_thread:  # a SIGTERM now must not cut the report
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         report(rows, args, ctx, env, copy_gbps, log.path)
     finally:
-        guard.__exit__()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if stopped:
         print(f"stopped early ({stopped}): the rows not run are marked skipped")
     if failures:
-        print(
-            f"FAILED: {failures} fusedopt row(s) raised an error, or the run was interrupted (see the notes)"
-        )
+        print(f"FAILED: {failures} fusedopt row(s) raised an error, or the run was cut (see the notes)")
     return 1 if failures else 0
+
+
+# Report ---------------------------------------------------------------------------------------
+
+
+def groups(rows: list[dict], suite: str) -> dict[tuple, dict[str, dict]]:
+    """A suite's rows by (dtype, layout, case) in run order, each by implementation in the suite's order."""
+    out: dict[tuple, dict[str, dict]] = {}
+    for r in (r for r in rows if r["suite"] == suite):
+        out.setdefault((r["dtype"], r["layout"], r["case"]), {})[r["impl"]] = r
+    return {key: {i: group[i] for i in SUITES[suite].impls if i in group} for key, group in out.items()}
+
+
+def columns(suite: str, rows: list[dict], candidates: list[common.Column]) -> list[common.Column]:
+    """The ``candidates`` some row fills, the case and layout headed with the suite's names."""
+    names = dict(zip(("case", "layout"), SUITES[suite].headers, strict=True))
+    filled = [(k, h, f) for k, h, f in candidates if any(r.get(k) not in (None, "") for r in rows)]
+    return [(k, names.get(k, h), f) for k, h, f in filled]
+
+
+def headline(rows: list[dict], suite: str) -> tuple[list[dict], list[common.Column]]:
+    """Per (case, layout, dtype): fusedopt's figures and its speed-up over each other path."""
+    out = []
+    for (dtype, layout, case), by_impl in groups(rows, suite).items():
+        ours = by_impl.get("fusedopt", {})
+        row = {"case": case, "layout": layout, "dtype": dtype}
+        row.update({k: ours.get(k) for k in ("ms", "gbps", "pct_copy_bw", "graph_ms")})
+        row.update({f"x_{i}": r.get("fusedopt_speedup") for i, r in by_impl.items() if i != "fusedopt"})
+        out.append(row)
+    candidates = [("case", "", ""), ("layout", "", ""), ("dtype", "dtype", ""), ("ms", "fusedopt ms", ".4f")]
+    candidates += [
+        ("gbps", "GB/s", ".0f"),
+        ("pct_copy_bw", "% of copy", ".1f"),
+        ("graph_ms", "graph ms", ".4f"),
+    ]
+    candidates += [(f"x_{i}", f"x vs {i.removeprefix('torch-')}", ".2f") for i in SUITES[suite].impls[1:]]
+    return out, columns(suite, out, candidates)
+
+
+def report(rows: list[dict], args, ctx: Context, env: dict, copy_gbps: float | None, csv_path: Path) -> None:
+    """Tables on stdout; the PNG and the Markdown summary next to the CSV."""
+    if ctx.timed:
+        print("ours x = the row's ms / fusedopt's ms (above 1: fusedopt is faster); % copy = GB/s / copy's")
+        print("MB floor: the bytes the row must move at least, the same for each implementation of a group\n")
+    tables = []  # (title, rows, columns, suite or None for a floor table)
+    for suite in (s for s in SUITES if any(r["suite"] == s for r in rows)):
+        table = [r for group in groups(rows, suite).values() for r in group.values()]
+        tables.append((SUITES[suite].title, table, columns(suite, table, ROW_COLUMNS), suite))
+    for suite in (s for s in SUITES if s in args.suites):
+        if floor := SUITES[suite].floor_rows(args):
+            floor = [{**r, "mb": r["bytes"] / 1e6} for r in floor]
+            tables.append((SUITES[suite].floor_title, floor, columns(suite, floor, FLOOR_COLUMNS), None))
+    for title, table, cols, suite in tables:
+        if suite or not ctx.timed:
+            print(f"{title}:\n{common.table_text(table, cols)}\n")
+
+    png = common.save_plot(csv_path, plot_panels(tables, ctx, env, copy_gbps))
+    lines = [f"# fusedopt bench: {env['gpu']}", ""]
+    cuda = f", CUDA {env['cuda']}" if env["cuda"] else ""
+    versions = f"fusedopt {fusedopt.__version__}, torch {env['torch']}, triton {env['triton']}{cuda}"
+    lines += [f"{env['timestamp_utc']}; {versions}", ""]
+    if ctx.timed:
+        lines += [f"Device-to-device copy: {copy_gbps:.0f} GB/s (read + write): 100 % of `% of copy`.", ""]
+    else:
+        lines += ["**Smoke run: no device timings** (no CUDA GPU, or `--smoke`).", ""]
+    lines += [f"Files: `{csv_path.name}`" + (f", `{png.name}`" if png else ""), ""]
+    for title, table, cols, suite in tables:
+        if suite and any(r.get("ms") for r in table):
+            lines += [f"## {suite}: fusedopt and its speed-up over each other path (row ms / fusedopt ms)"]
+            lines += ["", common.table_text(*headline(rows, suite), markdown=True), ""]
+        lines += [f"## {title}", "", common.table_text(table, cols, markdown=True), ""]
+    md = csv_path.with_suffix(".md")
+    md.write_text("\n".join(lines))
+    print(f"summary: {md}")
+
+
+def plot_panels(tables, ctx: Context, env: dict, copy_gbps: float | None) -> list[common.Panel]:
+    """Per suite, GB/s per implementation (host: ms); without device timings, the byte floors."""
+    panels = []
+    for title, table, _, suite in tables:
+        if suite is None:  # a byte-floor table
+            if not ctx.timed:
+                groups = [group_label(r) + (f" {r['impl']}" if r.get("impl") else "") for r in table]
+                series = {"byte floor": [r["bytes"] / 1e6 for r in table]}
+                if any(r.get("impl_bytes_per_elt") for r in table):
+                    passes = [r["impl_bytes_per_elt"] * r["numel"] / 1e6 for r in table]
+                    series["the implementation's passes"] = passes
+                title = "smoke run, nothing timed: " + title.split(" (")[0]
+                panels.append((title, "MB", groups, series, None))
+            continue
+        key = next((k for k in ("gbps", "ms") if any(r.get(k) for r in table)), None)
+        if key is None:
+            continue
+        groups = list(dict.fromkeys(group_label(r) for r in table))
+        series: dict[str, list] = {}
+        for prefix, suffix in (("", ""), ("graph_", " (CUDA graph)")):
+            for r in (r for r in table if r.get(prefix + key)):
+                values = series.setdefault(r["impl"] + suffix, [None] * len(groups))
+                values[groups.index(group_label(r))] = r[prefix + key]
+        what = "GB/s from the byte floor (higher is better)" if key == "gbps" else "ms (lower is better)"
+        line = (copy_gbps, "device-to-device copy") if key == "gbps" and copy_gbps else None
+        panels.append((f"{suite}: {what}, {env['gpu']}", key.replace("gbps", "GB/s"), groups, series, line))
+    return panels
+
+
+def group_label(r: dict) -> str:
+    return f"{r['case'].split('(')[0].removeprefix('Fused')} {r['layout']} {r['dtype']}"

@@ -1,124 +1,78 @@
-"""Optimizer-step suite of ``python -m fusedopt bench``: fusedopt against torch.optim.
+"""Suites ``optim`` and ``host`` of ``python -m fusedopt bench``: optimizer steps against torch.optim.
 
-Each fused optimizer (SGD with momentum=0.9) against torch's for-loop (``foreach=False``),
-``foreach=True``, ``fused=True`` and a ``torch.compile``d step (the default, foreach path), on
-three layouts (one 64M-element tensor, GPT-2 small's 148 tensors, 1000 tensors of 4096
-elements). Each implementation's step is timed with ``triton.testing.do_bench`` (median, 20th
-and 80th percentile); the small-tensor layout also gets a second figure: the step captured once
-in a ``torch.cuda.CUDAGraph`` and replayed (``capturable=True`` where the class has it). Bytes
-come from the byte floor (``fusedopt.floors.step``), the same for every implementation, so GB/s
-and % of copy compare time directly.
+``optim``: one step of each fused optimizer (SGD: momentum=0.9) against torch's for-loop,
+``foreach=True``, ``fused=True`` and ``torch.compile``d (default, foreach) steps on ``LAYOUTS``;
+the ``--graph-layouts`` also get the step captured in a CUDA graph and replayed (``capturable=True``
+where the class has it). Bytes: the step's floor, ``fusedopt.floors.step``.
+
+``host``: the time ``opt.step()`` takes to return, kernel excluded (``time.perf_counter``; no
+bytes). On CUDA the launches are asynchronous and the stream is drained before each step, untimed;
+on CPU the step runs in ``fusedopt._multi_tensor.dry_run()``, which skips the launch, and only
+fusedopt's rows run (torch's CPU step would include the math).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import itertools
 import math
+import statistics
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 import fusedopt
-from fusedopt import floors
-from fusedopt.cli import common
+from fusedopt import _multi_tensor, floors, testing
+from fusedopt.cli.common import DTYPES, Job, Suite, compiled, short_error
+from fusedopt.testing import OptimCase
 
-TITLE = "optimizer step, every row"
-HEADERS = ("optimizer", "layout")  # what the case and layout columns hold
-FLOOR_TITLE = "byte floor of one optimizer step (read p, g, state; write p, state)"
 IMPLS = ("fusedopt", "torch-forloop", "torch-foreach", "torch-fused", "torch-compile")
+HOST_IMPLS = ("fusedopt", "torch-foreach", "torch-fused")
+TORCH_FLAGS = {
+    "torch-forloop": {"foreach": False},
+    "torch-foreach": {"foreach": True},
+    "torch-fused": {"fused": True},
+    "torch-compile": {},  # torch's default: foreach on CUDA
+}
+OPTIMIZERS: dict[str, OptimCase] = {
+    "adam": OptimCase(fusedopt.FusedAdam, torch.optim.Adam, {"lr": 1e-3}),
+    "adamw": OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3}),
+    "sgd": OptimCase(fusedopt.FusedSGD, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
+    "rmsprop": OptimCase(fusedopt.FusedRMSprop, torch.optim.RMSprop, {"lr": 1e-3}),
+    "adagrad": OptimCase(fusedopt.FusedAdagrad, torch.optim.Adagrad, {"lr": 1e-3}),
+}
 
 
-# Layouts ------------------------------------------------------------------------------------
-
-
-def gpt2_small_shapes(
-    d: int = 768, vocab: int = 50257, context: int = 1024, layers: int = 12
-) -> list[tuple[int, ...]]:
-    """GPT-2 small's parameter shapes (HF Conv1D layout): 148 tensors, 124,439,808 elements
-    (other sizes: a GPT-2 of that width, vocabulary, context and depth)."""
-    shapes: list[tuple[int, ...]] = [(vocab, d), (context, d)]  # wte, wpe
-    for _ in range(layers):
-        shapes += [
-            (d,),  # ln_1.weight
-            (d,),  # ln_1.bias
-            (d, 3 * d),  # attn.c_attn.weight
-            (3 * d,),  # attn.c_attn.bias
-            (d, d),  # attn.c_proj.weight
-            (d,),  # attn.c_proj.bias
-            (d,),  # ln_2.weight
-            (d,),  # ln_2.bias
-            (d, 4 * d),  # mlp.c_fc.weight
-            (4 * d,),  # mlp.c_fc.bias
-            (4 * d, d),  # mlp.c_proj.weight
-            (d,),  # mlp.c_proj.bias
-        ]
-    return [*shapes, (d,), (d,)]  # ln_f.weight, ln_f.bias
+def gpt2_small_shapes(d: int = 768, vocab: int = 50257, context: int = 1024, layers: int = 12):
+    """GPT-2 small's param shapes, 148 tensors, 124,439,808 elements: ``testing.gpt_shapes``
+    with the position embedding and without the 0-d scalar (other sizes: a GPT-2 of that width,
+    vocabulary, context and depth)."""
+    blocks = testing.gpt_shapes(d, layers, vocab)[1:-1]  # without wte and the 0-d logit_scale
+    return [(vocab, d), (context, d), *(shape for _, shape in blocks)]
 
 
 LAYOUTS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
-    "single64m": lambda: [(64 * 2**20,)],
+    "single64m": testing.one_large_shape,
     "gpt2": gpt2_small_shapes,
-    "many4k": lambda: [(4096,)] * 1000,
+    "many4k": testing.many_small_shapes,
 }
 LAYOUT_HELP = "single64m: one 64M-element tensor; gpt2: GPT-2 small (148 tensors); many4k: 1000 x 4096"
-GRAPH_LAYOUTS = ("many4k",)  # layouts that also get the CUDA-graph replay figure
+GRAPH_LAYOUTS = ("many4k",)
 SMOKE_SHAPES = [(7,), (3, 5), (1000,), (2, 3, 4), (4097,)]
+
+
+def shapes_of(layout: str) -> list[tuple[int, ...]]:
+    return SMOKE_SHAPES if layout == "smoke" else LAYOUTS[layout]()
 
 
 def numel_of(shapes: list[tuple[int, ...]]) -> int:
     return sum(math.prod(s) for s in shapes)
 
 
-# Optimizers ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OptimSpec:
-    """One optimizer as fusedopt and torch.optim build it."""
-
-    fused_cls: type[torch.optim.Optimizer]
-    torch_cls: type[torch.optim.Optimizer]
-    kwargs: dict = field(default_factory=dict)
-    capturable_flag: bool = False  # the class has ``capturable`` (needed for CUDA-graph capture)
-
-    @property
-    def label(self) -> str:
-        extra = ",".join(f"{k}={v}" for k, v in self.kwargs.items() if k != "lr")
-        return f"{self.fused_cls.__name__}({extra})" if extra else self.fused_cls.__name__
-
-    @property
-    def floor(self) -> floors.Floor:
-        return floors.step(self.fused_cls, **self.kwargs)
-
-    def make(self, impl: str, params: list[torch.Tensor], capturable: bool = False) -> torch.optim.Optimizer:
-        """The optimizer of one implementation over ``params`` (``capturable`` where it exists)."""
-        kwargs = dict(self.kwargs)
-        if capturable and self.capturable_flag:
-            kwargs["capturable"] = True
-        if impl == "fusedopt":
-            return self.fused_cls(params, **kwargs)
-        flags = {
-            "torch-forloop": {"foreach": False},
-            "torch-foreach": {"foreach": True},
-            "torch-fused": {"fused": True},
-            "torch-compile": {},  # torch's default: foreach on CUDA
-        }[impl]
-        return self.torch_cls(params, **kwargs, **flags)
-
-
-OPTIMIZERS: dict[str, OptimSpec] = {
-    "adam": OptimSpec(fusedopt.FusedAdam, torch.optim.Adam, {"lr": 1e-3}, capturable_flag=True),
-    "adamw": OptimSpec(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3}, capturable_flag=True),
-    "sgd": OptimSpec(fusedopt.FusedSGD, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
-    "rmsprop": OptimSpec(fusedopt.FusedRMSprop, torch.optim.RMSprop, {"lr": 1e-3}, capturable_flag=True),
-    "adagrad": OptimSpec(fusedopt.FusedAdagrad, torch.optim.Adagrad, {"lr": 1e-3}),
-}
-
-
-def make_params(
-    shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device | str, seed: int = 0
-) -> list[torch.Tensor]:
+def make_params(shapes, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> list[torch.Tensor]:
     """Leaf params with grads set once (``p.grad = torch.randn_like(p)``)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     params = []
@@ -129,17 +83,20 @@ def make_params(
     return params
 
 
-def step_fn(opt: torch.optim.Optimizer, impl: str, compile_backend: str) -> Callable[[], object]:
-    """What one timed call runs: ``opt.step``, or a ``torch.compile``d function calling it."""
-    if impl != "torch-compile":
-        return opt.step
-    torch.compiler.reset()  # a fresh cache: no recompile limit reached, no stale graphs
+def label(case: OptimCase) -> str:
+    """``FusedSGD(momentum=0.9)``: the class and its options other than lr."""
+    options = ",".join(f"{k}={v}" for k, v in case.kwargs.items() if k != "lr")
+    return f"{case.fused_cls.__name__}({options})" if options else case.fused_cls.__name__
 
-    @torch.compile(backend=compile_backend)
-    def compiled_step() -> None:
-        opt.step()
 
-    return compiled_step
+def make(case: OptimCase, impl: str, params: list[torch.Tensor], capturable: bool = False):
+    """The optimizer of one implementation over ``params`` (``capturable`` where it exists)."""
+    kwargs = dict(case.kwargs)
+    if capturable and "capturable" in inspect.signature(case.torch_cls).parameters:
+        kwargs["capturable"] = True
+    if impl == "fusedopt":
+        return case.fused_cls(params, **kwargs)
+    return case.torch_cls(params, **kwargs, **TORCH_FLAGS[impl])
 
 
 def graph_replay(step: Callable[[], object]) -> Callable[[], object]:
@@ -156,104 +113,108 @@ def graph_replay(step: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-# Cases --------------------------------------------------------------------------------------
+def host_times(step: Callable[[], object], steps: int, warmup: int, cuda: bool) -> dict[str, float]:
+    """Median, p20 and p80 (ms) of the wall time of ``steps`` calls of ``step`` after ``warmup``
+    untimed ones (with ``cuda``, the stream drained before each call, untimed)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    if cuda:
+        torch.cuda.synchronize()
+    p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    return {"ms": statistics.median(times), "ms_p20": p20, "ms_p80": p80}
 
 
-@dataclass(frozen=True)
-class Case:
-    """One row: an optimizer, a layout, a dtype, an implementation."""
-
-    optimizer: str
-    layout: str
-    dtype: str
-    impl: str
-
-    def shapes(self) -> list[tuple[int, ...]]:
-        return SMOKE_SHAPES if self.layout == "smoke" else LAYOUTS[self.layout]()
-
-    def base_row(self) -> dict:
-        spec = OPTIMIZERS[self.optimizer]
-        shapes = self.shapes()
-        numel = numel_of(shapes)
-        per_elt = spec.floor.bytes_per_element(common.DTYPES[self.dtype])
-        return {
-            "suite": "optim",
-            "case": spec.label,
-            "impl": self.impl,
-            "layout": self.layout,
-            "dtype": self.dtype,
-            "tensors": len(shapes),
-            "numel": numel,
-            "bytes_per_elt": per_elt,
-            "bytes": per_elt * numel,
-        }
-
-    def params(self, ctx) -> list[torch.Tensor]:
-        """The layout's params with grads, shared by the rows of one layout and dtype."""
-        return ctx.params(
-            (self.layout, self.dtype),
-            lambda: make_params(self.shapes(), common.DTYPES[self.dtype], ctx.device),
-        )
-
-    def run(self, ctx) -> dict:
-        """The step timed (or, in a smoke run, only run), peak extra memory, graph replay.
-
-        ``ctx`` (``fusedopt.cli.bench_harness.Context``) says whether to time, the do_bench
-        settings, the compile backend and the graph layouts.
-        """
-        spec = OPTIMIZERS[self.optimizer]
-        row, params = self.base_row(), self.params(ctx)
-        opt = spec.make(self.impl, params)
-        try:
-            step = step_fn(opt, self.impl, ctx.compile_backend)
-            step()  # state created, kernels (or the compiled graph) built
-            row.update(ctx.measure(step))
-        finally:
-            del opt
-            ctx.release()
-        if self.layout in ctx.graph_layouts and self.impl != "torch-compile":
-            row.update(graph_figure(spec, self.impl, params, ctx))
-        return row
+def base_row(suite: str, name: str, layout: str, dtype: str, impl: str | None) -> dict:
+    case, shapes = OPTIMIZERS[name], shapes_of(layout)
+    numel = numel_of(shapes)
+    row = {"suite": suite, "case": label(case), "impl": impl, "layout": layout, "dtype": dtype}
+    row.update(tensors=len(shapes), numel=numel)
+    if suite == "optim":  # host rows move no bytes
+        per_elt = floors.step(case.fused_cls, **case.kwargs).bytes_per_element(DTYPES[dtype])
+        row.update(bytes_per_elt=per_elt, bytes=per_elt * numel)
+    return row
 
 
-def cases(args, ctx) -> list[Case]:
-    """Every row, in the order they run: dtype, layout, optimizer, implementation; the compiled
-    steps (slow to compile) last, fewest tensors first, so a run cut by a time limit has all
-    the other rows."""
-    impls = [i for i in IMPLS if i in args.impls]
-    eager = [i for i in impls if i != "torch-compile"]
-    lays = ["smoke"] if ctx.tiny else args.layouts
-    out = [Case(o, lay, d, i) for d in args.dtypes for lay in lays for o in args.optimizers for i in eager]
-    if "torch-compile" in impls:
-        by_size = sorted(lays, key=lambda lay: len(LAYOUTS[lay]()) if lay in LAYOUTS else 0)
-        out += [
-            Case(o, lay, d, "torch-compile") for lay in by_size for d in args.dtypes for o in args.optimizers
-        ]
+def step_fn(opt: torch.optim.Optimizer, impl: str, compile_backend: str) -> Callable[[], object]:
+    """What one timed call runs: ``opt.step``, or a ``torch.compile``d function calling it."""
+    if impl != "torch-compile":
+        return opt.step
+    return compiled(lambda: opt.step(), compile_backend)
+
+
+def time_step(name: str, layout: str, dtype: str, impl: str, ctx) -> dict:
+    """The step timed (a smoke run: only run), its peak extra memory, and the graph replay."""
+    case, ps = OPTIMIZERS[name], make_params(shapes_of(layout), DTYPES[dtype], ctx.device)
+    step = step_fn(make(case, impl, ps), impl, ctx.compile_backend)
+    step()  # state created, kernels (or the compiled graph) built
+    out = ctx.measure(step)
+    del step  # and the optimizer with it
+    ctx.release()
+    if layout in ctx.graph_layouts and impl != "torch-compile":
+        out.update(graph_figure(case, impl, ps, ctx))
     return out
 
 
-def graph_figure(spec: OptimSpec, impl: str, params: list[torch.Tensor], ctx) -> dict:
-    """The step captured in a CUDA graph and replayed; a failed capture is reported, not raised."""
-    if not ctx.cuda:
-        return {"graph_note": "CUDA graphs need CUDA"}
-    note = "capturable=True" if spec.capturable_flag else ""
-    opt = spec.make(impl, params, capturable=True)
+def graph_figure(case: OptimCase, impl: str, params: list[torch.Tensor], ctx) -> dict:
+    """The step captured in a CUDA graph and replayed; a failed capture is a note, not an error."""
+    opt = make(case, impl, params, capturable=True)
     try:
-        replay = graph_replay(opt.step)
-        timing = ctx.measure(replay, memory=False)
-        names = {"ms": "graph_ms", "ms_p20": "graph_p20", "ms_p80": "graph_p80"}
-        return {**{names[k]: v for k, v in timing.items()}, "graph_note": note}
-    except Exception as e:  # capture not supported by this path: a row note, not a crash
-        return {"graph_note": f"capture failed: {common.short_error(e, 100)}"}
+        t = ctx.measure(graph_replay(opt.step), memory=False)
+        note = "capturable=True" if opt.defaults.get("capturable") else ""
+        return {"graph_ms": t["ms"], "graph_p20": t["ms_p20"], "graph_p80": t["ms_p80"], "graph_note": note}
+    except Exception as e:  # capture not supported by this path
+        return {"graph_note": f"capture failed: {short_error(e, 100)}"}
     finally:
         del opt
         with contextlib.suppress(Exception):  # after a failed capture, keep the row's step timing
             ctx.release()
 
 
-def floor_rows(args) -> list[dict]:
-    """Bytes one step must move at least, per dtype, layout and optimizer (no timing)."""
-    cases = [
-        Case(o, lay, d, "fusedopt") for d in args.dtypes for lay in args.layouts for o in args.optimizers
-    ]
-    return [{**case.base_row(), "impl": None} for case in cases]
+def time_host(name: str, layout: str, dtype: str, impl: str, ctx) -> dict:
+    """Host time of the step (a smoke run: one step, untimed); on CPU no kernel runs (dry_run)."""
+    opt = make(OPTIMIZERS[name], impl, make_params(shapes_of(layout), DTYPES[dtype], ctx.device))
+    with contextlib.nullcontext() if ctx.cuda else _multi_tensor.dry_run():
+        if ctx.smoke:
+            opt.step()
+            return {}
+        out = host_times(opt.step, ctx.host_steps, 10, ctx.cuda)
+    if not ctx.cuda:
+        triton_path = _multi_tensor.runs_triton(torch.device(ctx.device))
+        out["note"] = "launches skipped (dry_run)" if triton_path else "no interpreter: the whole CPU step"
+    return out
+
+
+def jobs(suite: str, args, layouts: list[str], impls: list[str]) -> list[Job]:
+    """Rows in the order they run: dtype, layout, optimizer, implementation."""
+    run = time_step if suite == "optim" else time_host
+    keys = itertools.product(args.dtypes, layouts, args.optimizers, impls)
+    return [Job(base_row(suite, o, lay, d, i), functools.partial(run, o, lay, d, i)) for d, lay, o, i in keys]
+
+
+def optim_jobs(args, ctx) -> list[Job]:
+    layouts = ["smoke"] if ctx.tiny else args.layouts
+    return jobs("optim", args, layouts, [i for i in IMPLS if i in args.impls])
+
+
+def optim_floor_rows(args) -> list[dict]:
+    return [job.row for job in jobs("optim", args, args.layouts, [None])]
+
+
+def host_jobs(args, ctx) -> list[Job]:
+    layouts = ["smoke"] if ctx.smoke else args.layouts  # host time is real on CPU: full sizes there
+    impls = [i for i in HOST_IMPLS if i in args.impls and (ctx.cuda or i == "fusedopt")]
+    return jobs("host", args, layouts, impls)
+
+
+OPTIM_TITLE = "optimizer step, every row"
+HOST_TITLE = "host time of opt.step(), kernel excluded (ms), every row"
+FLOOR_TITLE = "byte floor of one optimizer step (read p, g, state; write p, state)"
+OPTIM = Suite(OPTIM_TITLE, ("optimizer", "layout"), IMPLS, optim_jobs, FLOOR_TITLE, optim_floor_rows)
+HOST = Suite(HOST_TITLE, ("optimizer", "layout"), HOST_IMPLS, host_jobs)
