@@ -54,11 +54,19 @@ print(json.dumps(out))
 TABLES = {"ptrs": "*i64", "grad_ptrs": "*i64", "meta": "*i64", "owner": "*i32", "scalars": "*fp64"}
 AMP = {"grad_scale": "*fp32", "found_inf": "*fp32", "clip_coef": "*fp32"}
 SIGNATURES = {
-    "adam": dict(TABLES, steps="*fp32", **AMP),
-    "sgd": dict(TABLES, taken="*fp32", **AMP),
-    "rmsprop": dict(TABLES, steps="*fp32", **AMP),
-    "adagrad": dict(TABLES, steps="*fp32", **AMP),
+    "adam": dict(TABLES, steps="*fp32", seeds="*i64", **AMP),
+    "sgd": dict(TABLES, taken="*fp32", seeds="*i64", **AMP),
+    "rmsprop": dict(TABLES, steps="*fp32", seeds="*i64", **AMP),
+    "adagrad": dict(TABLES, steps="*fp32", seeds="*i64", **AMP),
 }
+# Low-precision storage (fusedopt.optim._precision): (param dtype, state dtype, MODE, SR).
+PRECISION = [
+    ("bfloat16", "float32", 1, False),  # master weights
+    ("float16", "float16", 2, False),  # Kahan summation
+    ("bfloat16", "bfloat16", 0, True),  # stochastic rounding
+    ("float16", "float16", 0, True),
+    ("float32", "bfloat16", 0, True),  # bf16 state of fp32 params
+]
 PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float64": "*fp64"}
 
 
@@ -67,13 +75,15 @@ def _optimizer_variants(name: str, flags: list[str]) -> list:
     sets = [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
     sets += [dict(dict.fromkeys(flags, False), **{f: True}) for f in flags]
 
-    def constexprs(dtype, chosen, aligned):
+    def constexprs(dtype, chosen, aligned, state=None, mode=0, sr=False):
         compute = "tl.float64" if dtype == "float64" else "tl.float32"
-        return dict(DTYPE=f"tl.{dtype}", COMPUTE=compute, BLOCK=4096, ALIGNED=aligned, **chosen)
+        return dict(DTYPE=f"tl.{dtype}", SDTYPE=f"tl.{state or dtype}", COMPUTE=compute, MODE=mode, SR=sr,
+                    BLOCK=4096, ALIGNED=aligned, **chosen)  # fmt: skip
 
     signature = SIGNATURES[name]
     out = [[name, signature, constexprs(dtype, chosen, True)] for dtype in DTYPES for chosen in sets]
     out.append([name, signature, constexprs("float32", dict.fromkeys(flags, False), False)])
+    out += [[name, signature, constexprs(d, sets[1], True, *rest)] for d, *rest in PRECISION]
     return out
 
 

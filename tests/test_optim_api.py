@@ -96,11 +96,18 @@ DEFAULT_KWARGS = {
 
 @pytest.mark.parametrize(("torch_cls", "fused_cls"), PAIRS, ids=lambda c: c.__name__)
 def test_signature_defaults_and_param_groups(torch_cls, fused_cls):
-    # torch's signature, plus our one keyword-only extension at the end.
+    # torch's signature, plus our keyword-only extensions at the end.
     ours, theirs = inspect.signature(fused_cls), inspect.signature(torch_cls)
-    *same, extra = ours.parameters.values()
+    params = list(ours.parameters.values())
+    same, extra = params[: len(theirs.parameters)], params[len(theirs.parameters) :]
     assert ours.replace(parameters=same) == theirs
-    assert (extra.name, extra.kind, extra.default) == ("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, None)
+    assert [(p.name, p.kind, p.default) for p in extra] == [
+        ("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, None),
+        ("master_weights", inspect.Parameter.KEYWORD_ONLY, False),
+        ("kahan_summation", inspect.Parameter.KEYWORD_ONLY, False),
+        ("stochastic_rounding", inspect.Parameter.KEYWORD_ONLY, False),
+        ("state_dtype", inspect.Parameter.KEYWORD_ONLY, None),
+    ]
     for kwargs in DEFAULT_KWARGS[torch_cls]:
         p, q = make("cpu", [(2,)]), make("cpu", [(2,)])
         ours = fused_cls([{"params": p}, {"params": q, "lr": 0.5}], **kwargs)

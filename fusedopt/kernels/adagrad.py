@@ -24,12 +24,15 @@ from fusedopt.kernels.common import (
     div_ieee,
     fma,
     load_grad,
+    load_param,
     locate_block,
     mul_ieee,
     named,
+    random_bits,
     sqrt_ieee,
     step_taken,
-    to_storage,
+    store_param,
+    store_rounded,
 )
 
 # The spec shared with the launcher (fusedopt.optim.adagrad): table columns (state keys), float64
@@ -38,7 +41,7 @@ COLUMNS = ("param", "sum")
 SCALARS = ("lr", "lr_decay", "weight_decay", "eps")
 FLAGS = ("MAXIMIZE", "HAS_WD")
 PARAM, SUM = named(COLUMNS)
-K = tl.constexpr(len(COLUMNS))
+K = tl.constexpr(len(COLUMNS) + 1)  # and the precision column (a master or a compensation)
 LR, LR_DECAY, WEIGHT_DECAY, EPS = named(SCALARS)
 
 
@@ -48,21 +51,24 @@ def _adagrad_block(
     grad_ptrs,
     scalars,
     steps,
+    seeds,
     grad_scale,
     clip_coef,
     t,
     offs,
     mask,  # None for a full block
     DTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
+    MODE: tl.constexpr,
+    SR: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    p_ptr = address(ptrs, t, PARAM, K, DTYPE, ALIGNED) + offs
-    s_ptr = address(ptrs, t, SUM, K, DTYPE, ALIGNED) + offs
+    s_ptr = address(ptrs, t, SUM, K, SDTYPE, ALIGNED) + offs
     g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
 
     # clr in fp64, rounded as torch's Python floats: (t - 1) * lr_decay, then 1 + that, then lr / it.
@@ -72,7 +78,8 @@ def _adagrad_block(
     eps = tl.load(scalars + EPS).to(COMPUTE)
 
     # Upcast right after loading (the interpreter computes low precision on raw bits).
-    p = tl.load(p_ptr, mask=mask).to(COMPUTE)
+    p = load_param(ptrs, t, offs, mask, K, DTYPE, COMPUTE, ALIGNED, MODE)
+    r_p, r_s, _, _ = random_bits(seeds, t, offs, SR)
     g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
     s = tl.load(s_ptr, mask=mask).to(COMPUTE)
     # fma exactly where torch's add(alpha=) / addcmul round once; addcdiv divides (IEEE) and
@@ -82,23 +89,27 @@ def _adagrad_block(
     s = fma(g, g, s)
     std = sqrt_ieee(s, COMPUTE) + eps
     p = p + div_ieee(minus_clr * g, std, COMPUTE)
-    tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
-    tl.store(s_ptr, to_storage(s, DTYPE), mask=mask)
+    store_param(ptrs, t, offs, mask, p, r_p, K, DTYPE, ALIGNED, MODE, SR)
+    store_rounded(s_ptr, s, mask, r_s, SDTYPE, SR)
 
 
 @triton.jit
 def adagrad_kernel(
-    ptrs,  # int64 [T, K]: COLUMNS
+    ptrs,  # int64 [T, K]: COLUMNS, then the precision column (absent: the param, never read)
     grad_ptrs,  # int64 [T, 1]: grad
     meta,  # int64 [T, 2]: numel, first block
     owner,  # int32 [B]: tensor of each block
     scalars,  # float64 [len(SCALARS)]: SCALARS
     steps,  # float32 or float64 [T]: each tensor's step count, this step included
+    seeds,  # int64 [T]: each tensor's stochastic-rounding seed (read if SR)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
-    DTYPE: tl.constexpr,  # storage dtype of params and state
+    DTYPE: tl.constexpr,  # storage dtype of params and grads
+    SDTYPE: tl.constexpr,  # storage dtype of the state
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
+    MODE: tl.constexpr,  # MODE_PLAIN, MODE_MASTER or MODE_KAHAN (fusedopt.kernels.common)
+    SR: tl.constexpr,  # stochastic rounding of low-precision stores
     BLOCK: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr,
@@ -110,8 +121,10 @@ def adagrad_kernel(
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
     if step_taken(found_inf, HAS_FOUND_INF):
         if full:
-            _adagrad_block(ptrs, grad_ptrs, scalars, steps, grad_scale, clip_coef, t, offs, None, DTYPE,
-                           COMPUTE, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+            _adagrad_block(ptrs, grad_ptrs, scalars, steps, seeds, grad_scale, clip_coef, t, offs, None, DTYPE,
+                           SDTYPE, COMPUTE, MODE, SR, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
+                           ALIGNED)  # fmt: skip
         else:
-            _adagrad_block(ptrs, grad_ptrs, scalars, steps, grad_scale, clip_coef, t, offs, mask, DTYPE,
-                           COMPUTE, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+            _adagrad_block(ptrs, grad_ptrs, scalars, steps, seeds, grad_scale, clip_coef, t, offs, mask, DTYPE,
+                           SDTYPE, COMPUTE, MODE, SR, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
+                           ALIGNED)  # fmt: skip

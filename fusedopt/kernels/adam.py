@@ -24,11 +24,14 @@ from fusedopt.kernels.common import (
     div_ieee,
     fma,
     load_grad,
+    load_param,
     locate_block,
     named,
+    random_bits,
     sqrt_ieee,
     step_taken,
-    to_storage,
+    store_param,
+    store_rounded,
 )
 
 # The spec shared with the launcher (fusedopt.optim.adam): table columns (state keys), float64
@@ -37,7 +40,7 @@ COLUMNS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 SCALARS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 FLAGS = ("AMSGRAD", "MAXIMIZE", "DECOUPLED", "HAS_WD")
 PARAM, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ = named(COLUMNS)
-K = tl.constexpr(len(COLUMNS))
+K = tl.constexpr(len(COLUMNS) + 1)  # and the precision column (a master or a compensation)
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY = named(SCALARS)
 
 
@@ -47,13 +50,17 @@ def _adam_block(
     grad_ptrs,
     scalars,
     steps,
+    seeds,
     grad_scale,
     clip_coef,
     t,
     offs,
     mask,  # None for a full block
     DTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
+    MODE: tl.constexpr,
+    SR: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     DECOUPLED: tl.constexpr,
@@ -62,9 +69,8 @@ def _adam_block(
     HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    p_ptr = address(ptrs, t, PARAM, K, DTYPE, ALIGNED) + offs
-    m_ptr = address(ptrs, t, EXP_AVG, K, DTYPE, ALIGNED) + offs
-    v_ptr = address(ptrs, t, EXP_AVG_SQ, K, DTYPE, ALIGNED) + offs
+    m_ptr = address(ptrs, t, EXP_AVG, K, SDTYPE, ALIGNED) + offs
+    v_ptr = address(ptrs, t, EXP_AVG_SQ, K, SDTYPE, ALIGNED) + offs
     g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
 
     lr = tl.load(scalars + LR)
@@ -83,7 +89,8 @@ def _adam_block(
     w2 = (1.0 - beta2).to(COMPUTE)
 
     # Upcast right after loading (the interpreter computes low precision on raw bits).
-    p = tl.load(p_ptr, mask=mask).to(COMPUTE)
+    p = load_param(ptrs, t, offs, mask, K, DTYPE, COMPUTE, ALIGNED, MODE)
+    r_p, r_m, r_v, r_vm = random_bits(seeds, t, offs, SR)
     g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
     m = tl.load(m_ptr, mask=mask).to(COMPUTE)
     v = tl.load(v_ptr, mask=mask).to(COMPUTE)
@@ -97,31 +104,35 @@ def _adam_block(
     m = tl.where(w1 < 0.5, fma(w1, g - m, m), fma(w1 - 1.0, g - m, g))
     v = fma(w2 * g, g, v * b2)
     if AMSGRAD:
-        vm_ptr = address(ptrs, t, MAX_EXP_AVG_SQ, K, DTYPE, ALIGNED) + offs
+        vm_ptr = address(ptrs, t, MAX_EXP_AVG_SQ, K, SDTYPE, ALIGNED) + offs
         vm = tl.maximum(tl.load(vm_ptr, mask=mask).to(COMPUTE), v)
-        tl.store(vm_ptr, to_storage(vm, DTYPE), mask=mask)
+        store_rounded(vm_ptr, vm, mask, r_vm, SDTYPE, SR)
         denom = div_ieee(sqrt_ieee(vm, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
     else:
         denom = div_ieee(sqrt_ieee(v, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
     p = p + div_ieee(-step_size * m, denom, COMPUTE)
-    tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
-    tl.store(m_ptr, to_storage(m, DTYPE), mask=mask)
-    tl.store(v_ptr, to_storage(v, DTYPE), mask=mask)
+    store_param(ptrs, t, offs, mask, p, r_p, K, DTYPE, ALIGNED, MODE, SR)
+    store_rounded(m_ptr, m, mask, r_m, SDTYPE, SR)
+    store_rounded(v_ptr, v, mask, r_v, SDTYPE, SR)
 
 
 @triton.jit
 def adam_kernel(
-    ptrs,  # int64 [T, K]: COLUMNS (max_exp_avg_sq is the param, never read, unless AMSGRAD)
+    ptrs,  # int64 [T, K]: COLUMNS, then the precision column (absent operands: the param, never read)
     grad_ptrs,  # int64 [T, 1]: grad
     meta,  # int64 [T, 2]: numel, first block
     owner,  # int32 [B]: tensor of each block
     scalars,  # float64 [len(SCALARS)]: SCALARS
     steps,  # float32 or float64 [T]: each tensor's step count, this step included
+    seeds,  # int64 [T]: each tensor's stochastic-rounding seed (read if SR)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
-    DTYPE: tl.constexpr,  # storage dtype of params and state
+    DTYPE: tl.constexpr,  # storage dtype of params and grads
+    SDTYPE: tl.constexpr,  # storage dtype of the state
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
+    MODE: tl.constexpr,  # MODE_PLAIN, MODE_MASTER or MODE_KAHAN (fusedopt.kernels.common)
+    SR: tl.constexpr,  # stochastic rounding of low-precision stores
     BLOCK: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -135,8 +146,10 @@ def adam_kernel(
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
     if step_taken(found_inf, HAS_FOUND_INF):
         if full:
-            _adam_block(ptrs, grad_ptrs, scalars, steps, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
-                        AMSGRAD, MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+            _adam_block(ptrs, grad_ptrs, scalars, steps, seeds, grad_scale, clip_coef, t, offs, None, DTYPE,
+                        SDTYPE, COMPUTE, MODE, SR, AMSGRAD, MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
+                        ALIGNED)  # fmt: skip
         else:
-            _adam_block(ptrs, grad_ptrs, scalars, steps, grad_scale, clip_coef, t, offs, mask, DTYPE, COMPUTE,
-                        AMSGRAD, MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+            _adam_block(ptrs, grad_ptrs, scalars, steps, seeds, grad_scale, clip_coef, t, offs, mask, DTYPE,
+                        SDTYPE, COMPUTE, MODE, SR, AMSGRAD, MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
+                        ALIGNED)  # fmt: skip

@@ -161,3 +161,93 @@ def fma(x, y, z):
             return tl.fma(x, y, z)
     else:
         return tl.fma(x, y, z)
+
+
+# Low-precision storage (fusedopt.optim._precision): how a kernel reads and writes the param and
+# its state. MODE says where the param's value lives; SR rounds low-precision stores
+# stochastically; state columns are stored in SDTYPE (which may differ from the param's DTYPE).
+MODE_PLAIN = tl.constexpr(0)  # the param itself
+MODE_MASTER = tl.constexpr(1)  # an fp32 copy in the table's last column; the param is its rounding
+MODE_KAHAN = tl.constexpr(2)  # param + a compensation (the param's dtype) in the last column
+
+
+@triton.jit
+def random_bits(
+    seeds,  # int64 [T]: each tensor's rounding seed (read if SR)
+    t,
+    offs,
+    SR: tl.constexpr,
+):
+    """Four independent uint32 random words per element (Philox, keyed by the tensor's seed and
+    the element's index), for up to four stochastically rounded stores; zeros without SR."""
+    if SR:
+        return tl.randint4x(tl.load(seeds + t), offs)
+    else:
+        zero = tl.zeros(offs.shape, tl.uint32)
+        return zero, zero, zero, zero
+
+
+@triton.jit
+def stochastic_round(x, r, DTYPE: tl.constexpr):
+    """Round fp32 ``x`` to bf16 or fp16 up or down, with probabilities that make the result's
+    expectation ``x`` (``r``: uniform uint32 random bits); other dtypes round to nearest."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + (r & 0xFFFF)  # carries into the kept bits with probability low / 2**16
+        rounded = tl.where(x != x, bits | 0x400000, rounded)
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif DTYPE == tl.float16:
+        near = x.to(tl.float16)
+        nf = near.to(tl.float32)
+        bits = near.to(tl.uint16, bitcast=True)
+        # The fp16 neighbour on x's other side: one step smaller in magnitude if near overshot.
+        other_bits = tl.where(tl.abs(nf) > tl.abs(x), bits - 1, bits + 1)
+        other = other_bits.to(tl.float16, bitcast=True).to(tl.float32)
+        p_other = (x - nf) / (other - nf)  # in [0, 1/2]; NaN only where x is NaN or overflows
+        u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        take = (u < p_other) & (nf != x) & (tl.abs(nf) != float("inf"))
+        return tl.where(take, other_bits, bits).to(tl.float16, bitcast=True)
+    else:
+        return to_storage(x, DTYPE)
+
+
+@triton.jit
+def store_rounded(ptr, x, mask, r, DTYPE: tl.constexpr, SR: tl.constexpr):
+    """Store ``x`` in ``DTYPE``: stochastically rounded with SR, else to nearest even."""
+    if SR:
+        tl.store(ptr, stochastic_round(x, r, DTYPE), mask=mask)
+    else:
+        tl.store(ptr, to_storage(x, DTYPE), mask=mask)
+
+
+@triton.jit
+def load_param(ptrs, t, offs, mask, K: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+               ALIGNED: tl.constexpr, MODE: tl.constexpr):  # fmt: skip
+    """The param's value for the update, in COMPUTE: the param, its fp32 master (MODE_MASTER:
+    the param itself is not read) or the param plus its compensation (MODE_KAHAN)."""
+    if MODE == MODE_MASTER:
+        return tl.load(address(ptrs, t, K - 1, K, tl.float32, ALIGNED) + offs, mask=mask).to(COMPUTE)
+    else:
+        p = tl.load(address(ptrs, t, 0, K, DTYPE, ALIGNED) + offs, mask=mask).to(COMPUTE)
+        if MODE == MODE_KAHAN:
+            p = p + tl.load(address(ptrs, t, K - 1, K, DTYPE, ALIGNED) + offs, mask=mask).to(COMPUTE)
+        return p
+
+
+@triton.jit
+def store_param(ptrs, t, offs, mask, p, r, K: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                MODE: tl.constexpr, SR: tl.constexpr):  # fmt: skip
+    """Write the updated value ``p``: the master in fp32 and the param its rounding
+    (MODE_MASTER); the param rounded and the rounding error as the new compensation
+    (MODE_KAHAN); else the param, rounded stochastically with SR."""
+    p_ptr = address(ptrs, t, 0, K, DTYPE, ALIGNED) + offs
+    if MODE == MODE_MASTER:
+        tl.store(address(ptrs, t, K - 1, K, tl.float32, ALIGNED) + offs, p.to(tl.float32), mask=mask)
+        tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
+    elif MODE == MODE_KAHAN:
+        high = to_storage(p, DTYPE)
+        tl.store(p_ptr, high, mask=mask)
+        low = p - high.to(p.dtype)
+        tl.store(address(ptrs, t, K - 1, K, DTYPE, ALIGNED) + offs, to_storage(low, DTYPE), mask=mask)
+    else:
+        store_rounded(p_ptr, p, mask, r, DTYPE, SR)

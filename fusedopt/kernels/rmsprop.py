@@ -26,12 +26,15 @@ from fusedopt.kernels.common import (
     div_ieee,
     fma,
     load_grad,
+    load_param,
     locate_block,
     mul_ieee,
     named,
+    random_bits,
     sqrt_ieee,
     step_taken,
-    to_storage,
+    store_param,
+    store_rounded,
 )
 
 # The spec shared with the launcher (fusedopt.optim.rmsprop): table columns (state keys), float64
@@ -40,7 +43,7 @@ COLUMNS = ("param", "square_avg", "momentum_buffer", "grad_avg")
 SCALARS = ("lr", "alpha", "eps", "weight_decay", "momentum")
 FLAGS = ("CENTERED", "HAS_MOMENTUM", "MAXIMIZE", "HAS_WD")
 PARAM, SQUARE_AVG, MOMENTUM_BUFFER, GRAD_AVG = named(COLUMNS)
-K = tl.constexpr(len(COLUMNS))
+K = tl.constexpr(len(COLUMNS) + 1)  # and the precision column (a master or a compensation)
 LR, ALPHA, EPS, WEIGHT_DECAY, MOMENTUM = named(SCALARS)
 
 
@@ -49,13 +52,17 @@ def _rmsprop_block(
     ptrs,
     grad_ptrs,
     scalars,
+    seeds,
     grad_scale,
     clip_coef,
     t,
     offs,
     mask,  # None for a full block
     DTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
+    MODE: tl.constexpr,
+    SR: tl.constexpr,
     CENTERED: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -64,8 +71,7 @@ def _rmsprop_block(
     HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    p_ptr = address(ptrs, t, PARAM, K, DTYPE, ALIGNED) + offs
-    v_ptr = address(ptrs, t, SQUARE_AVG, K, DTYPE, ALIGNED) + offs
+    v_ptr = address(ptrs, t, SQUARE_AVG, K, SDTYPE, ALIGNED) + offs
     g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
 
     lr = tl.load(scalars + LR).to(COMPUTE)
@@ -75,7 +81,8 @@ def _rmsprop_block(
     w = (1.0 - alpha).to(COMPUTE)
 
     # Upcast right after loading (the interpreter computes low precision on raw bits).
-    p = tl.load(p_ptr, mask=mask).to(COMPUTE)
+    p = load_param(ptrs, t, offs, mask, K, DTYPE, COMPUTE, ALIGNED, MODE)
+    r_p, r_v, r_b, r_ga = random_bits(seeds, t, offs, SR)
     g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
     v = tl.load(v_ptr, mask=mask).to(COMPUTE)
     # fma exactly where torch's add(alpha=) / addcmul / lerp round once, a separate rounding
@@ -83,40 +90,44 @@ def _rmsprop_block(
     if HAS_WD:
         g = fma(p, tl.load(scalars + WEIGHT_DECAY).to(COMPUTE), g)
     v = fma(w * g, g, v * a)
-    tl.store(v_ptr, to_storage(v, DTYPE), mask=mask)
+    store_rounded(v_ptr, v, mask, r_v, SDTYPE, SR)
     if CENTERED:
-        ga_ptr = address(ptrs, t, GRAD_AVG, K, DTYPE, ALIGNED) + offs
+        ga_ptr = address(ptrs, t, GRAD_AVG, K, SDTYPE, ALIGNED) + offs
         ga = tl.load(ga_ptr, mask=mask).to(COMPUTE)
         ga = tl.where(w < 0.5, fma(w, g - ga, ga), fma(w - 1.0, g - ga, g))
-        tl.store(ga_ptr, to_storage(ga, DTYPE), mask=mask)
+        store_rounded(ga_ptr, ga, mask, r_ga, SDTYPE, SR)
         avg = sqrt_ieee(fma(-ga, ga, v), COMPUTE) + eps
     else:
         avg = sqrt_ieee(v, COMPUTE) + eps
     if HAS_MOMENTUM:
-        b_ptr = address(ptrs, t, MOMENTUM_BUFFER, K, DTYPE, ALIGNED) + offs
+        b_ptr = address(ptrs, t, MOMENTUM_BUFFER, K, SDTYPE, ALIGNED) + offs
         momentum = tl.load(scalars + MOMENTUM).to(COMPUTE)
         b = tl.load(b_ptr, mask=mask).to(COMPUTE)
         b = mul_ieee(b, momentum) + div_ieee(g, avg, COMPUTE)
-        tl.store(b_ptr, to_storage(b, DTYPE), mask=mask)
+        store_rounded(b_ptr, b, mask, r_b, SDTYPE, SR)
         p = fma(b, -lr, p)
     else:
         p = p + div_ieee(-lr * g, avg, COMPUTE)
-    tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
+    store_param(ptrs, t, offs, mask, p, r_p, K, DTYPE, ALIGNED, MODE, SR)
 
 
 @triton.jit
 def rmsprop_kernel(
-    ptrs,  # int64 [T, K]: COLUMNS (an absent state column is the param, never read)
+    ptrs,  # int64 [T, K]: COLUMNS, then the precision column (absent operands: the param, never read)
     grad_ptrs,  # int64 [T, 1]: grad
     meta,  # int64 [T, 2]: numel, first block
     owner,  # int32 [B]: tensor of each block
     scalars,  # float64 [len(SCALARS)]: SCALARS
     steps,  # float32 or float64 [T]: each tensor's step count (not read: the update ignores it)
+    seeds,  # int64 [T]: each tensor's stochastic-rounding seed (read if SR)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
-    DTYPE: tl.constexpr,  # storage dtype of params and state
+    DTYPE: tl.constexpr,  # storage dtype of params and grads
+    SDTYPE: tl.constexpr,  # storage dtype of the state
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
+    MODE: tl.constexpr,  # MODE_PLAIN, MODE_MASTER or MODE_KAHAN (fusedopt.kernels.common)
+    SR: tl.constexpr,  # stochastic rounding of low-precision stores
     BLOCK: tl.constexpr,
     CENTERED: tl.constexpr,  # grad_avg is read and written
     HAS_MOMENTUM: tl.constexpr,  # momentum > 0: momentum_buffer is read and written
@@ -130,8 +141,10 @@ def rmsprop_kernel(
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
     if step_taken(found_inf, HAS_FOUND_INF):
         if full:
-            _rmsprop_block(ptrs, grad_ptrs, scalars, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
-                           CENTERED, HAS_MOMENTUM, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+            _rmsprop_block(ptrs, grad_ptrs, scalars, seeds, grad_scale, clip_coef, t, offs, None, DTYPE, SDTYPE,
+                           COMPUTE, MODE, SR, CENTERED, HAS_MOMENTUM, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
+                           ALIGNED)  # fmt: skip
         else:
-            _rmsprop_block(ptrs, grad_ptrs, scalars, grad_scale, clip_coef, t, offs, mask, DTYPE, COMPUTE,
-                           CENTERED, HAS_MOMENTUM, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+            _rmsprop_block(ptrs, grad_ptrs, scalars, seeds, grad_scale, clip_coef, t, offs, mask, DTYPE, SDTYPE,
+                           COMPUTE, MODE, SR, CENTERED, HAS_MOMENTUM, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
+                           ALIGNED)  # fmt: skip

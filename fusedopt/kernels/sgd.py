@@ -16,14 +16,25 @@ When ``found_inf`` is non-zero nothing is read or written.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import address, fma, load_grad, locate_block, named, step_taken, to_storage
+from fusedopt.kernels.common import (
+    address,
+    fma,
+    load_grad,
+    load_param,
+    locate_block,
+    named,
+    random_bits,
+    step_taken,
+    store_param,
+    store_rounded,
+)
 
 # The spec shared with the launcher (fusedopt.optim.sgd).
 COLUMNS = ("param", "momentum_buffer")
 SCALARS = ("lr", "momentum", "dampening", "weight_decay")
 FLAGS = ("HAS_MOMENTUM", "NESTEROV", "MAXIMIZE", "HAS_WD")
 PARAM, MOMENTUM_BUFFER = named(COLUMNS)
-K = tl.constexpr(len(COLUMNS))
+K = tl.constexpr(len(COLUMNS) + 1)  # and the precision column (a master or a compensation)
 LR, MOMENTUM, DAMPENING, WEIGHT_DECAY = named(SCALARS)
 
 
@@ -33,13 +44,17 @@ def _sgd_block(
     grad_ptrs,
     scalars,
     taken,
+    seeds,
     grad_scale,
     clip_coef,
     t,
     offs,
     mask,  # None for a full block
     DTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
+    MODE: tl.constexpr,
+    SR: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -48,11 +63,11 @@ def _sgd_block(
     HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    p_ptr = address(ptrs, t, PARAM, K, DTYPE, ALIGNED) + offs
     g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
     lr = tl.load(scalars + LR).to(COMPUTE)
 
-    p = tl.load(p_ptr, mask=mask).to(COMPUTE)
+    p = load_param(ptrs, t, offs, mask, K, DTYPE, COMPUTE, ALIGNED, MODE)
+    r_p, r_b, _, _ = random_bits(seeds, t, offs, SR)
     g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
     # fma where torch's add(..., alpha=) rounds once, so fp32 results match torch bit for bit.
     if HAS_WD:
@@ -60,33 +75,37 @@ def _sgd_block(
     if HAS_MOMENTUM:
         momentum = tl.load(scalars + MOMENTUM).to(COMPUTE)
         keep = (1.0 - tl.load(scalars + DAMPENING)).to(COMPUTE)
-        b_ptr = address(ptrs, t, MOMENTUM_BUFFER, K, DTYPE, ALIGNED) + offs
+        b_ptr = address(ptrs, t, MOMENTUM_BUFFER, K, SDTYPE, ALIGNED) + offs
         if tl.load(taken + t) == 1:  # the buffer's first step: it takes the grad
             b = g
         else:
             b = fma(g, keep, tl.load(b_ptr, mask=mask).to(COMPUTE) * momentum)
-        tl.store(b_ptr, to_storage(b, DTYPE), mask=mask)
+        store_rounded(b_ptr, b, mask, r_b, SDTYPE, SR)
         if NESTEROV:
             g = fma(b, momentum, g)
         else:
             g = b
     p = fma(g, -lr, p)
-    tl.store(p_ptr, to_storage(p, DTYPE), mask=mask)
+    store_param(ptrs, t, offs, mask, p, r_p, K, DTYPE, ALIGNED, MODE, SR)
 
 
 @triton.jit
 def sgd_kernel(
-    ptrs,  # int64 [T, K]: COLUMNS (momentum_buffer is the param, never read, unless HAS_MOMENTUM)
+    ptrs,  # int64 [T, K]: COLUMNS, then the precision column (absent operands: the param, never read)
     grad_ptrs,  # int64 [T, 1]: grad
     meta,  # int64 [T, 2]: numel, first block
     owner,  # int32 [B]: tensor of each block
     scalars,  # float64 [len(SCALARS)]: SCALARS
     taken,  # float32 [T]: steps each momentum buffer has taken, this one included (read if HAS_MOMENTUM)
+    seeds,  # int64 [T]: each tensor's stochastic-rounding seed (read if SR)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
-    DTYPE: tl.constexpr,  # storage dtype of params and state
+    DTYPE: tl.constexpr,  # storage dtype of params and grads
+    SDTYPE: tl.constexpr,  # storage dtype of the state
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
+    MODE: tl.constexpr,  # MODE_PLAIN, MODE_MASTER or MODE_KAHAN (fusedopt.kernels.common)
+    SR: tl.constexpr,  # stochastic rounding of low-precision stores
     BLOCK: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
@@ -100,8 +119,10 @@ def sgd_kernel(
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
     if step_taken(found_inf, HAS_FOUND_INF):
         if full:
-            _sgd_block(ptrs, grad_ptrs, scalars, taken, grad_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
-                       HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+            _sgd_block(ptrs, grad_ptrs, scalars, taken, seeds, grad_scale, clip_coef, t, offs, None, DTYPE, SDTYPE,
+                       COMPUTE, MODE, SR, HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
+                       ALIGNED)  # fmt: skip
         else:
-            _sgd_block(ptrs, grad_ptrs, scalars, taken, grad_scale, clip_coef, t, offs, mask, DTYPE, COMPUTE,
-                       HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+            _sgd_block(ptrs, grad_ptrs, scalars, taken, seeds, grad_scale, clip_coef, t, offs, mask, DTYPE, SDTYPE,
+                       COMPUTE, MODE, SR, HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
+                       ALIGNED)  # fmt: skip

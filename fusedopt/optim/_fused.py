@@ -28,7 +28,16 @@ import torch
 from fusedopt._dist import any_dtensor
 from fusedopt.optim import _amp
 from fusedopt.optim._plan import Amp, Plan, check_state, operands_of, plan_groups, walkable, walkable_dtype
+from fusedopt.optim._precision import PLAIN, Precision, exact_entries, restore, torch_state_dict
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
+
+_EXTENSIONS = (  # (name, default, annotation) of the keyword-only arguments torch's classes lack
+    ("max_grad_norm", None, "float | None"),
+    ("master_weights", False, "bool"),
+    ("kahan_summation", False, "bool"),
+    ("stochastic_rounding", False, "bool"),
+    ("state_dtype", None, "torch.dtype | None"),
+)
 
 
 def _torch_base(cls: type) -> type:
@@ -40,7 +49,7 @@ def _torch_base(cls: type) -> type:
 class FusedStep:
     """Mixin that gives a ``torch.optim`` class a multi-tensor Triton step.
 
-    The constructor is the torch class's, plus one keyword-only extension:
+    The constructor is the torch class's, plus keyword-only extensions:
 
     Args:
         max_grad_norm (float, optional): clip the global L2 norm of the gradients of all param
@@ -48,34 +57,60 @@ class FusedStep:
             max_grad_norm)`` followed by ``step()`` would (with a GradScaler, the norm of the
             unscaled gradients, as in torch's AMP recipe), but without rewriting the gradients:
             one reduction pass, then the step kernel applies the coefficient. Default: None.
+        master_weights (bool): keep an fp32 copy of each bf16/fp16 param (state
+            ``"master_weight"``), update it and write the param as its rounding. Default: False.
+        kahan_summation (bool): keep a compensation buffer in each bf16/fp16 param's dtype
+            (``"kahan_compensation"``) that carries the rounding error to the next step.
+        stochastic_rounding (bool): round bf16/fp16 stores (params, and state stored in
+            bf16/fp16) up or down at random, unbiased (Philox keyed by ``"rounding_seed"``).
+        state_dtype (torch.dtype, optional): storage dtype of the algorithm's state: None (the
+            param's dtype, fp32 with ``master_weights``), ``torch.float32``, ``torch.bfloat16``
+            or ``torch.float16``; the math stays fp32.
+
+    At most one of ``master_weights``, ``kahan_summation`` and ``stochastic_rounding``; they do
+    nothing for fp32/fp64 params. See :mod:`fusedopt.optim._precision`.
     """
 
     algorithm: Algorithm
 
-    def __init__(self, *args, max_grad_norm: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        kahan_summation: bool = False,
+        stochastic_rounding: bool = False,
+        state_dtype: torch.dtype | str | None = None,
+        **kwargs,
+    ):
         if max_grad_norm is not None and not (
             isinstance(max_grad_norm, int | float) and 0.0 < max_grad_norm < math.inf
         ):
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.precision = Precision(
+            bool(master_weights), bool(kahan_summation), bool(stochastic_rounding), state_dtype
+        )
         super().__init__(*args, **kwargs)
         self._reset_plans(counters=True)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        # inspect.signature(FusedX) is torch's signature plus the keyword-only max_grad_norm.
+        # inspect.signature(FusedX) is torch's signature plus our keyword-only extensions.
         base = inspect.signature(_torch_base(cls))
-        extra = inspect.Parameter(
-            "max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="float | None"
-        )
-        cls.__signature__ = base.replace(parameters=[*base.parameters.values(), extra])
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, default, annotation in _EXTENSIONS
+        ]
+        cls.__signature__ = base.replace(parameters=[*base.parameters.values(), *extra])
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm}
+        return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm, "precision": self.precision}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("precision", PLAIN)
         self._reset_plans(counters=True)
 
     def _reset_plans(self, counters: bool = False) -> None:
@@ -168,7 +203,8 @@ class FusedStep:
         """The step as ``torch.compile`` traces it: lazy state as eager, then one op per group
         (hyper-parameters as op arguments: a tensor lr is a graph input, so changing it never
         recompiles). What the op does not take (sparse or complex grads, non-float dtypes, a
-        param listed twice, DTensor params) runs the eager step outside the graph."""
+        param listed twice, DTensor params, low-precision options) runs the eager step outside
+        the graph."""
         groups = []
         for group in ours:
             params = [p for p in group["params"] if p.grad is not None]
@@ -176,6 +212,7 @@ class FusedStep:
                 not all(walkable(p) and not p.is_complex() for p in params)
                 or len(set(map(id, params))) != len(params)
                 or any_dtensor(params)
+                or self.precision.active
             ):
                 self._eager_step()
                 return
@@ -209,8 +246,21 @@ class FusedStep:
             self.param_groups = everything
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every state tensor but ``step`` to its param's dtype: keep ours exact.
+        exact = exact_entries(self, state_dict)
         super().load_state_dict(state_dict)
+        restore(self, exact)
+        if self.precision.active:  # a torch-format state dict: converted to our options now
+            for p, state in self.state.items():
+                if state and walkable_dtype(p):
+                    self.precision.complete(p, state, self.algorithm.columns)
         self._reset_plans(counters=True)
+
+    def torch_state_dict(self) -> dict:
+        """``state_dict()`` in the format of the ``torch.optim`` class this one replaces: the
+        entries of ``master_weights``, ``kahan_summation`` and ``stochastic_rounding`` dropped,
+        the state in each param's dtype. Load it into the torch class to go back to it."""
+        return torch_state_dict(self)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

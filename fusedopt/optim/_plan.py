@@ -28,6 +28,7 @@ from fusedopt._multi_tensor import (
     shares_dense_layout,
 )
 from fusedopt._norm import NormSource
+from fusedopt.optim._precision import PLAIN, SEED, Precision
 
 
 def real_view(t: torch.Tensor) -> torch.Tensor:
@@ -93,9 +94,10 @@ class Bucket:
     the tensors' step counts (0-d tensors; empty when the algorithm keeps none).
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, sparse: bool):
+    def __init__(self, device: torch.device, dtype: torch.dtype, sparse: bool, precision: Precision = PLAIN):
         self.device = device
         self.dtype = dtype
+        self.precision = precision
         # "triton": our kernel; "eager": the algorithm's non-Triton step (torch's own fastest
         # correct path on CPU without the interpreter, sparse grads, integer params).
         self.walkable = not sparse and dtype in TL_DTYPE  # dense float grads: norms and inf checks
@@ -107,6 +109,7 @@ class Bucket:
         self.domains: list[Domain] = []  # where each grad's norm is reduced (fusedopt._dist)
         self.counters: list[torch.Tensor] = []
         self.resident: torch.Tensor | None = None  # one tensor whose elements are the counters
+        self.seeds: torch.Tensor | None = None  # stochastic rounding's seeds (views kept in the state)
         self.unique = True  # no param of this bucket is listed twice in its group
         self.complex = False
         self.irregular: list[int] = []  # tensors whose operands do not share one dense layout
@@ -115,6 +118,7 @@ class Bucket:
         self.memo: dict = {}  # what a non-Triton step decides once per bucket (layouts, ...)
         if self.kind == "triton":
             self.dtypes = {"DTYPE": TL_DTYPE[dtype], "COMPUTE": TL_DTYPE[compute_dtype(dtype)]}
+            self.dtypes.update(precision.constexprs(dtype))
 
     def add(self, position: int, operands: list[torch.Tensor], counter: torch.Tensor | None) -> None:
         if not self.columns:
@@ -245,7 +249,10 @@ class Plan:
 
 
 def build(
-    entries: list[tuple[int, int, list[torch.Tensor], Any]], grads: StepGrads, key: tuple | None
+    entries: list[tuple[int, int, list[torch.Tensor], Any]],
+    grads: StepGrads,
+    key: tuple | None,
+    precision: Precision = PLAIN,
 ) -> Plan:
     """A plan from ``(position, layer, operands, counter)`` entries: ``operands`` are the param
     and its state columns, ``position`` indexes ``grads``."""
@@ -255,7 +262,7 @@ def build(
         where = (layer, p.device, real_view(p).dtype, grads[position].is_sparse)
         bucket = buckets.get(where)
         if bucket is None:
-            bucket = buckets[where] = Bucket(*where[1:])
+            bucket = buckets[where] = Bucket(*where[1:], precision)
             bucket.layer = layer
         bucket.add(position, operands, counter)
     ordered = [buckets[k] for k in sorted(buckets, key=lambda k: k[0])]
@@ -349,7 +356,12 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, layer: int):
             if spec.counter is not None:
                 state[spec.counter] = torch.zeros((), dtype=spec.step_dtype(group), device=p.device)
             state.update(new)
-    columns = [state.get(name) for name in spec.columns]
+    precision = opt.precision
+    if precision.active and walkable(p) and (state or precision.needs_state(real_view(p).dtype)):
+        state = opt.state[p]
+        precision.complete(p, state, spec.columns)
+    aux = precision.aux_key(real_view(p).dtype)
+    columns = [state.get(name) for name in (*spec.columns, aux)]  # aux None: no precision column
     if spec.counter is not None:
         return columns, state.get(spec.counter)
     if not walkable(p) or not spec.state(group):
@@ -370,7 +382,7 @@ def _build(opt, group: dict, key: tuple | None, grads: StepGrads) -> Plan:
         seen[id(p)] += 1
         columns, counter = operands_of(opt, p, group, memo, layer)
         entries.append((position, layer, [p, *(p if c is None else c for c in columns)], counter))
-    plan = build(entries, grads, key)
+    plan = build(entries, grads, key, opt.precision)
     counter = opt.algorithm.counter
     for bucket in plan.buckets:
         views = bucket.make_resident()
@@ -379,4 +391,9 @@ def _build(opt, group: dict, key: tuple | None, grads: StepGrads) -> Plan:
                 opt._taken[(id(p), bucket.layer)] = view
             else:
                 opt.state[p][counter] = view
+        if bucket.kind == "triton" and bucket.precision.rounds_stochastically(bucket.dtype):
+            bucket.seeds = torch.stack([opt.state[p][SEED].to(bucket.device) for p in bucket.params])
+            if bucket.unique:  # the state keeps views: the step advances them all with one op
+                for p, view in zip(bucket.params, bucket.seeds.unbind(), strict=True):
+                    opt.state[p][SEED] = view
     return plan

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fusedopt.optim._plan import Amp, Bucket, OpPlans, StepGrads
+from fusedopt.optim._precision import SEED, eager_step
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,11 @@ def run_bucket(
     device: a step GradScaler skips does not count), then launch the kernel, which reads the
     counters and does nothing when ``found_inf`` is set."""
     if bucket.kind != "triton":
-        algorithm.eager(
-            dict(zip(algorithm.kernels.SCALARS, scalars, strict=True)), flags, bucket, grads, amp, state
-        )
+        hyper = dict(zip(algorithm.kernels.SCALARS, scalars, strict=True))
+        if bucket.precision.active and bucket.walkable:
+            eager_step(algorithm, hyper, flags, bucket, grads, amp, state, bucket.precision)
+        else:
+            algorithm.eager(hyper, flags, bucket, grads, amp, state)
         return
     counters = bucket.counter_vector()
     sure = bucket.memo.get("taken", 0)  # steps this bucket surely took (no found_inf)
@@ -119,8 +122,16 @@ def run_bucket(
             bucket.memo["taken"] = sure + 1
         counters.add_(1)
     vector = bucket.scalars(scalars)
-    bucket.launch(grads, algorithm.kernel, amp, vector, vector if counters is None else counters, **flags)
+    seeds = vector if bucket.seeds is None else bucket.seeds
+    bucket.launch(
+        grads, algorithm.kernel, amp, vector, vector if counters is None else counters, seeds, **flags
+    )
     bucket.write_back(counters)
+    if bucket.seeds is not None:  # stochastic rounding: the next step draws new bits
+        bucket.seeds.add_(1)
+        if not bucket.unique and state is not None:  # the state keeps copies, not views
+            for p, seed in zip(bucket.params, bucket.seeds.unbind(), strict=True):
+                state[p][SEED].copy_(seed)
 
 
 # The compiled step ------------------------------------------------------------------------------
@@ -162,7 +173,7 @@ def step_(
     spec = ALGORITHMS[algorithm]
     n = len(params)
     given = {k: state[i * n : (i + 1) * n] for i, k in enumerate(columns)}
-    table = [params, *(given.get(k, params) for k in range(len(spec.columns)))]
+    table = [params, *(given.get(k, params) for k in range(len(spec.columns))), params]  # no precision column
     step_grads = StepGrads(grads)
     step_grads.ptrs = tuple(g.data_ptr() for g in grads)
     cache = _OP_PLANS.get(handle)

@@ -64,7 +64,7 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
     mine = eager_grads(bucket.grads(grads), amp, fused)
     if mine is None:
         return
-    params, sums = bucket.columns
+    params, sums, _ = bucket.columns  # the last: the precision column
     if bucket.dtype in (torch.float32, torch.float64):
         _torch_functional(
             params, mine, sums, bucket.counters, hyper, flags, foreach=False, fused=fused,

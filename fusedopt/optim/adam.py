@@ -47,7 +47,7 @@ def _switches(group: dict) -> dict:
 def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state) -> None:
     """Without Triton: torch's fused CPU Adam where it is right, its for-loop Adam for other
     fp32/fp64 layouts, the fp32-math reference for bf16/fp16 (torch computes those in bf16)."""
-    params, exp_avgs, exp_avg_sqs, vmax = bucket.columns
+    params, exp_avgs, exp_avg_sqs, vmax, _ = bucket.columns  # the last: the precision column
     fused = dense_cpu_fused_ok(bucket, bucket.grads(grads))
     mine = eager_grads(bucket.grads(grads), amp, fused)
     if mine is None:

@@ -47,7 +47,7 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
     """Without Triton: torch's for-loop RMSprop for fp32/fp64 (torch has no fused RMSprop, and
     its foreach one is slower on CPU), the fp32-math reference for bf16/fp16 (torch computes
     those in bf16)."""
-    params, square_avgs, buffers, grad_avgs = bucket.columns
+    params, square_avgs, buffers, grad_avgs, _ = bucket.columns  # the last: the precision column
     mine = eager_grads(bucket.grads(grads), amp, fused=False)
     if mine is None:
         return

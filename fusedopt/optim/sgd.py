@@ -70,7 +70,7 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
     mine = eager_grads(bucket.grads(grads), amp, fused)
     if mine is None:
         return
-    params, buffers = bucket.columns
+    params, buffers, _ = bucket.columns  # the last: the precision column
     hyper = {k: float(v) for k, v in hyper.items()}  # CPU tensors: no sync to speak of
     if bucket.dtype in (torch.float32, torch.float64):
         given = [None if f else b for f, b in zip(fresh, buffers, strict=True)] if momentum else []

@@ -1,0 +1,238 @@
+"""Low-precision training options of every fused optimizer (our extensions, keyword-only):
+``master_weights``, ``kahan_summation``, ``stochastic_rounding`` and ``state_dtype``.
+
+Each changes what the step kernel loads and stores, never the number of passes
+(``fusedopt.kernels.common``: ``load_param`` / ``store_param`` / ``store_rounded``):
+
+* ``master_weights``: a bf16/fp16 param keeps an fp32 copy (state ``"master_weight"``) in the
+  table's last column; the kernel updates the copy and writes the param as its rounding.
+* ``kahan_summation``: a bf16/fp16 param keeps a compensation in its own dtype
+  (``"kahan_compensation"``): the kernel steps ``param + compensation`` and stores the rounding
+  error as the next compensation.
+* ``stochastic_rounding``: low-precision stores (bf16/fp16 params, and state stored in bf16/fp16)
+  round up or down at random, unbiased; the bits come from Philox keyed by the param's
+  ``"rounding_seed"`` (drawn from torch's generator when the state is created, advanced on the
+  device every step: reproducible after ``torch.manual_seed``, resumable from a checkpoint).
+* ``state_dtype``: the storage dtype of the algorithm's state (None: the param's dtype, or fp32
+  with ``master_weights``); the math stays fp32.
+
+fp32 and fp64 params have no low bits to lose: ``master_weights``, ``kahan_summation`` and their
+stochastic rounding do nothing for them (``state_dtype`` applies to fp32 params too; fp64 params
+keep fp64 state).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from fusedopt._dist import local
+from fusedopt.kernels import common as kernels
+
+LOW = (torch.bfloat16, torch.float16)
+MASTER = "master_weight"
+KAHAN = "kahan_compensation"
+SEED = "rounding_seed"
+EXTRA_KEYS = (MASTER, KAHAN, SEED)
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The options of one optimizer, validated; what they mean for params of a given dtype."""
+
+    master_weights: bool = False
+    kahan_summation: bool = False
+    stochastic_rounding: bool = False
+    state_dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        chosen = [
+            name
+            for name in ("master_weights", "kahan_summation", "stochastic_rounding")
+            if getattr(self, name)
+        ]
+        if len(chosen) > 1:
+            raise ValueError(
+                f"{' and '.join(chosen)} are alternative ways to keep the low bits of a bf16/fp16 "
+                "param's updates (an fp32 copy, a compensation buffer, unbiased rounding): choose one"
+            )
+        if self.state_dtype == "int8":
+            raise NotImplementedError("state_dtype='int8' (blockwise 8-bit state) is not implemented yet")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"Invalid state_dtype: {self.state_dtype!r} (None, torch.float32, torch.bfloat16 or torch.float16)"
+            )
+
+    @property
+    def active(self) -> bool:
+        return self != Precision()
+
+    def mode(self, dtype: torch.dtype) -> int:
+        if dtype in LOW and self.master_weights:
+            return kernels.MODE_MASTER.value
+        if dtype in LOW and self.kahan_summation:
+            return kernels.MODE_KAHAN.value
+        return kernels.MODE_PLAIN.value
+
+    def state_dtype_for(self, dtype: torch.dtype) -> torch.dtype:
+        if dtype == torch.float64 or not dtype.is_floating_point:
+            return dtype
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if self.mode(dtype) == kernels.MODE_MASTER.value else dtype
+
+    def rounds_stochastically(self, dtype: torch.dtype) -> bool:
+        return self.stochastic_rounding and (dtype in LOW or self.state_dtype_for(dtype) in LOW)
+
+    def needs_state(self, dtype: torch.dtype) -> bool:
+        """Whether params of ``dtype`` keep state of ours (even where the algorithm keeps none)."""
+        return self.mode(dtype) != kernels.MODE_PLAIN.value or self.rounds_stochastically(dtype)
+
+    def aux_key(self, dtype: torch.dtype) -> str | None:
+        """The state key of the table's precision column for params of ``dtype``, if any."""
+        return {kernels.MODE_MASTER.value: MASTER, kernels.MODE_KAHAN.value: KAHAN}.get(self.mode(dtype))
+
+    def complete(self, p: torch.Tensor, state: dict, algorithm_keys) -> None:
+        """Bring a param's state to these options: the algorithm's state in its storage dtype
+        (a torch-format state dict loads converted), and the extension entries it lacks (a
+        master from the param, a zero compensation, a seed from torch's generator)."""
+        wanted = self.state_dtype_for(p.dtype)
+        for key in algorithm_keys:
+            v = state.get(key)
+            if isinstance(v, torch.Tensor) and v.dtype != wanted and v.is_floating_point():
+                state[key] = v.to(wanted)
+        aux = self.aux_key(p.dtype)
+        if aux == MASTER and MASTER not in state:
+            state[MASTER] = p.detach().to(torch.float32, copy=True)
+        if aux == KAHAN and KAHAN not in state:
+            state[KAHAN] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if self.rounds_stochastically(p.dtype) and SEED not in state:
+            seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's default generator
+            state[SEED] = seed.to(local(p).device)
+
+    def constexprs(self, dtype: torch.dtype) -> dict:
+        from fusedopt._multi_tensor import TL_DTYPE
+
+        return {
+            "SDTYPE": TL_DTYPE[self.state_dtype_for(dtype)],
+            "MODE": self.mode(dtype),
+            "SR": self.rounds_stochastically(dtype),
+        }
+
+
+PLAIN = Precision()
+
+
+# Checkpoints ---------------------------------------------------------------------------------
+
+
+def exact_entries(optimizer, state_dict: dict) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
+    """``(param, key, value)`` for every saved state tensor that torch's ``load_state_dict``
+    would convert (to the param's dtype): ours, and state stored in another dtype."""
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out = []
+    for i, p in zip(saved_ids, params, strict=False):
+        for key, v in state_dict["state"].get(i, {}).items():
+            if key == "step" or not isinstance(v, torch.Tensor):
+                continue
+            if key in EXTRA_KEYS or v.dtype != p.dtype:
+                out.append((p, key, v))
+    return out
+
+
+def restore(optimizer, entries) -> None:
+    """Put back, bit for bit, what :func:`exact_entries` saw (on the param's device)."""
+    for p, key, v in entries:
+        optimizer.state[p][key] = v.to(device=p.device, copy=True)
+
+
+def torch_state_dict(optimizer) -> dict:
+    """The optimizer's state dict in torch's format: our entries dropped, the state in the
+    param's dtype (``torch.optim``'s class loads it as its own)."""
+    out = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in out["param_groups"] for i in g["params"]]
+    by_id = dict(zip(ids, params, strict=True))
+    state = {}
+    for i, entries in out["state"].items():
+        p = by_id[i]
+        state[i] = {
+            k: (v.to(p.dtype) if isinstance(v, torch.Tensor) and k != "step" and v.is_floating_point() else v)
+            for k, v in entries.items()
+            if k not in EXTRA_KEYS
+        }
+    return {**out, "state": state}
+
+
+# The step without Triton (CPU without the interpreter) -----------------------------------------
+
+
+def eager_step(algorithm, hyper: dict, flags: dict, bucket, grads, amp, state, precision: Precision) -> None:
+    """The algorithm's non-Triton step on fp32 working copies, stored back as the kernel stores
+    (master, compensation, stochastic or nearest rounding)."""
+    dtype = bucket.dtype
+    mode = precision.mode(dtype)
+    aux = bucket.columns[-1]
+    params = bucket.columns[0]
+    if mode == kernels.MODE_MASTER.value:
+        values = [a.clone() for a in aux]
+    elif mode == kernels.MODE_KAHAN.value:
+        values = [p.float() + c.float() for p, c in zip(params, aux, strict=True)]
+    else:
+        values = [p.float() for p in params]
+    states = [[t.float() for t in column] for column in bucket.columns[1:-1]]
+    mine = [g.float() for g in bucket.grads(grads)]
+    shadow = copy.copy(bucket)
+    shadow.columns = [values, *states, values]
+    shadow.dtype = torch.float32
+    shadow.grads = lambda _: mine
+    algorithm.eager(hyper, flags, shadow, grads, amp, state)
+    generators = _generators(bucket, state) if precision.rounds_stochastically(dtype) else None
+    for column, work in zip(bucket.columns[1:-1], states, strict=True):
+        for i, (t, w) in enumerate(zip(column, work, strict=True)):
+            if t is not params[i]:  # an absent state column repeats the params
+                _store(t, w, generators and generators[i])
+    for i, (p, x) in enumerate(zip(params, values, strict=True)):
+        if mode == kernels.MODE_MASTER.value:
+            aux[i].copy_(x)
+            p.copy_(x)
+        elif mode == kernels.MODE_KAHAN.value:
+            p.copy_(x)
+            aux[i].copy_(x - p.float())
+        else:
+            _store(p, x, generators and generators[i])
+
+
+def _generators(bucket, state) -> list[torch.Generator]:
+    out = []
+    for p in bucket.params:
+        seed = state[p][SEED]
+        out.append(torch.Generator().manual_seed(int(seed)))
+        seed.add_(1)
+    return out
+
+
+def _store(dst: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None) -> None:
+    if generator is None or dst.dtype not in LOW:
+        dst.copy_(x)
+    else:
+        dst.copy_(stochastic_round(x, dst.dtype, generator))
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """fp32 ``x`` rounded to bf16/fp16 up or down with the probabilities that make its
+    expectation ``x`` (the kernels' ``stochastic_round`` in torch, with torch's generator)."""
+    u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+    near = x.to(dtype)
+    nf = near.float()
+    # The neighbour on x's other side: one step (of the raw bits: sign and magnitude) smaller
+    # in magnitude if near overshot, else larger.
+    step = torch.where(nf.abs() > x.abs(), -1, 1).to(torch.int16)
+    other = (near.view(torch.int16) + step).view(dtype).float()
+    p_other = ((x - nf) / (other - nf)).nan_to_num(0.0)
+    take = (u < p_other) & (nf != x) & nf.isfinite()
+    return torch.where(take, other, nf).to(dtype)
