@@ -1,0 +1,311 @@
+"""Low-precision options: master_weights, kahan_summation, stochastic_rounding, state_dtype.
+
+Each test runs the Triton kernels (``triton_device``: CUDA, or CPU through the interpreter) and,
+where it says so, the plain-torch CPU path (``plain_cpu``). The fp32 ``torch.optim`` run is the
+oracle: master weights must be it rounded, Kahan and stochastic rounding must follow it where
+plain bf16 stalls.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import close, roundtrip
+
+import fusedopt
+from fusedopt.optim._precision import KAHAN, MASTER, SEED
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+PAIRS = [
+    (fusedopt.FusedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    (fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, amsgrad=True)),
+    (fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+    (fusedopt.FusedRMSprop, torch.optim.RMSprop, dict(lr=0.01, momentum=0.5, centered=True)),
+    (fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr=0.1)),
+]
+PAIR_IDS = [fused.__name__ for fused, _, _ in PAIRS]
+
+
+def _grads(shape, step: int, dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(step)).to(dtype)
+
+
+# Master weights ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fused_cls", "torch_cls", "kwargs"), PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_master_weights_are_the_fp32_run_rounded(
+    triton_device, launches, fused_cls, torch_cls, kwargs, dtype
+):
+    start = [
+        torch.randn(s, generator=torch.Generator().manual_seed(i))
+        for i, s in enumerate([(33, 5), (4097,), ()])
+    ]
+    ours = [t.to(triton_device, dtype).requires_grad_() for t in start]
+    ref = [t.to(triton_device, dtype).float().requires_grad_() for t in start]  # the same values
+    opt = fused_cls(ours, master_weights=True, **kwargs)
+    oracle = torch_cls(ref, foreach=False, **kwargs)
+    for step in range(7):
+        for p, q in zip(ours, ref, strict=True):
+            p.grad = _grads(p.shape, step, dtype).to(triton_device)
+            q.grad = p.grad.float()
+        opt.step()
+        oracle.step()
+        for i, (p, q) in enumerate(zip(ours, ref, strict=True)):
+            master = opt.state[p][MASTER]
+            assert master.dtype == F32
+            close(master, q.detach(), f"step {step}: master of param {i}")
+            assert torch.equal(p.detach(), master.to(dtype)), (
+                f"step {step}: param {i} is not its master rounded"
+            )
+            for key, v in oracle.state[q].items():
+                if key != "step":
+                    close(opt.state[p][key], v, f"step {step}: state[{key}] of param {i}")  # fp32 moments
+    assert len(launches) == 7, "one launch per step for the three params"
+
+
+# Stochastic rounding -----------------------------------------------------------------------
+
+
+def _sr_step(device: str, dtype, seed: int, delta: float, **options) -> torch.Tensor:
+    """65,536 ones stepped once by ``+delta`` (SGD, lr 1): the new values."""
+    torch.manual_seed(seed)
+    p = torch.ones(65536, device=device, dtype=dtype, requires_grad=True)
+    opt = fusedopt.FusedSGD([p], lr=1.0, **options)
+    p.grad = torch.full_like(p, -delta)
+    opt.step()
+    return p.detach().float()
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("path", ["triton", "plain"])
+def test_stochastic_rounding_is_unbiased_and_reproducible(request, device, path, dtype):
+    request.getfixturevalue("triton_device" if path == "triton" else "plain_cpu")
+    ulp = 2.0**-7 if dtype == BF16 else 2.0**-10  # spacing above 1
+    delta = ulp / 32  # far below half a step: round-to-nearest never moves
+    nearest = _sr_step(device, dtype, 0, delta)
+    assert torch.equal(nearest, torch.ones_like(nearest)), "round to nearest moved"
+    moved = _sr_step(device, dtype, 0, delta, stochastic_rounding=True)
+    assert set(moved.unique().tolist()) <= {1.0, 1.0 + ulp}
+    # Each element moves by one step with probability 1/32: the mean is delta within 6 sigma.
+    sigma = ulp * (1 / 32 * 31 / 32 / moved.numel()) ** 0.5
+    assert abs((moved.mean() - 1.0).item() - delta) < 6 * sigma, (moved.mean().item() - 1.0, delta)
+    assert torch.equal(moved, _sr_step(device, dtype, 0, delta, stochastic_rounding=True)), (
+        "same seed, other bits"
+    )
+    assert not torch.equal(moved, _sr_step(device, dtype, 1, delta, stochastic_rounding=True)), "seed ignored"
+
+
+def test_stochastic_rounding_draws_new_bits_every_step(triton_device):
+    torch.manual_seed(0)
+    p = torch.ones(4096, device=triton_device, dtype=BF16, requires_grad=True)
+    opt = fusedopt.FusedSGD([p], lr=1.0, stochastic_rounding=True)
+    p.grad = torch.full_like(p, -(2.0**-12))
+    opt.step()
+    first, seed = p.detach().clone(), int(opt.state[p][SEED])
+    assert opt.state[p][SEED].dtype == torch.int64
+    p.data.fill_(1.0)
+    opt.step()
+    assert int(opt.state[p][SEED]) == seed + 1, "the seed is the generator's position: one per step"
+    assert not torch.equal(first, p.detach()), "the second step reused the first step's bits"
+
+
+# Training: plain bf16 stalls, the three options follow fp32 ------------------------------------
+
+
+def _train(device: str, dtype, steps: int = 300, **options) -> list[float]:
+    """AdamW (lr 1e-3) pulling 1,024 weights near 1 towards targets 0.25 away: every update is
+    below half a bf16 step at 1 (2**-8), so plain bf16 cannot move."""
+    gen = torch.Generator().manual_seed(0)
+    start = 1.0 + 0.5 * torch.rand(1024, generator=gen)
+    target = start + 0.25 * torch.sign(torch.randn(1024, generator=gen))
+    w = start.to(device, dtype).requires_grad_()
+    target = target.to(device)
+    opt = fusedopt.FusedAdamW([w], lr=1e-3, weight_decay=0.0, **options)
+    losses = []
+    for _ in range(steps):
+        loss = (w.float() - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_master_kahan_and_stochastic_rounding_recover_the_fp32_curve(triton_device):
+    fp32 = _train(triton_device, F32)
+    plain = _train(triton_device, BF16)
+    assert plain[-1] > 0.95 * plain[0], "plain bf16 AdamW was expected to stall here"
+    assert fp32[-1] < 0.2 * fp32[0]
+    for options in ({"master_weights": True}, {"kahan_summation": True}, {"stochastic_rounding": True}):
+        curve = _train(triton_device, BF16, **options)
+        # Within 3% of the starting loss of the fp32 curve, all along (the README states it).
+        worst = max(abs(a - b) for a, b in zip(curve, fp32, strict=True)) / fp32[0]
+        assert worst < 0.03, (options, worst)
+
+
+# 2-byte state -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state_dtype", [BF16, F16])
+def test_two_byte_state_trains_as_fp32(triton_device, launches, state_dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=gen)
+    y = x @ torch.randn(16, 4, generator=gen) + 0.01 * torch.randn(256, 4, generator=gen)
+    finals = []
+    for options in ({}, {"state_dtype": state_dtype}):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 4).to(triton_device)
+        opt = fusedopt.FusedAdamW(model.parameters(), lr=0.01, **options)
+        for _ in range(200):
+            loss = torch.nn.functional.mse_loss(model(x.to(triton_device)), y.to(triton_device))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        finals.append(loss.item())
+        for p in model.parameters():
+            assert (
+                opt.state[p]["exp_avg"].dtype
+                == opt.state[p]["exp_avg_sq"].dtype
+                == options.get("state_dtype", F32)
+            )
+    assert abs(finals[1] - finals[0]) < 0.05 * finals[0] + 1e-4, finals
+    assert len(launches) == 400, "one launch per step"
+
+
+def test_state_bytes_per_param():
+    """Bytes per param of params and state, as the README's table gives them (AdamW, bf16 or
+    fp32 params)."""
+
+    def per_param(dtype, **options) -> float:
+        p = torch.zeros(4096, dtype=dtype, requires_grad=True)
+        opt = fusedopt.FusedAdamW([p], **options)
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        tensors = [p, *(v for k, v in opt.state[p].items() if k not in ("step", SEED))]
+        return sum(t.numel() * t.element_size() for t in tensors) / p.numel()
+
+    assert per_param(F32) == 12
+    assert per_param(F32, state_dtype=BF16) == 8
+    assert per_param(BF16) == 6
+    assert per_param(BF16, master_weights=True) == 14
+    assert per_param(BF16, master_weights=True, state_dtype=BF16) == 10
+    assert per_param(BF16, kahan_summation=True) == 8
+    assert per_param(BF16, stochastic_rounding=True) == 6
+
+
+# Checkpoints --------------------------------------------------------------------------------
+
+OPTIONS = [
+    (BF16, {"master_weights": True}),
+    (BF16, {"master_weights": True, "state_dtype": BF16}),
+    (F16, {"kahan_summation": True}),
+    (BF16, {"stochastic_rounding": True}),
+    (F32, {"state_dtype": BF16, "stochastic_rounding": True}),
+    (F32, {"state_dtype": F16}),
+]
+
+
+@pytest.mark.parametrize(("dtype", "options"), OPTIONS, ids=[f"{d}-{o}" for d, o in OPTIONS])
+@pytest.mark.parametrize(("fused_cls", "torch_cls", "kwargs"), PAIRS[1:3], ids=PAIR_IDS[1:3])
+def test_resume_is_bitwise_the_uninterrupted_run(triton_device, fused_cls, torch_cls, kwargs, dtype, options):
+    torch.manual_seed(0)
+    params = [torch.randn(s, device=triton_device).to(dtype).requires_grad_() for s in [(5, 7), (300,)]]
+    opt = fused_cls(params, **kwargs, **options)
+
+    def steps(opt, params, which):
+        for step in which:
+            for p in params:
+                p.grad = _grads(p.shape, step, dtype).to(triton_device)
+            opt.step()
+
+    steps(opt, params, range(3))
+    saved = roundtrip(opt.state_dict())
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    torch.manual_seed(123)  # whatever the global generator does in between
+    torch.rand(7)
+    resumed = fused_cls(copies, **kwargs, **options)
+    resumed.load_state_dict(saved)
+    for p, q in zip(params, copies, strict=True):
+        for key, v in opt.state[p].items():
+            assert resumed.state[q][key].dtype == v.dtype and torch.equal(resumed.state[q][key], v), key
+    steps(opt, params, range(3, 6))
+    steps(resumed, copies, range(3, 6))
+    for i, (p, q) in enumerate(zip(params, copies, strict=True)):
+        assert torch.equal(p, q), f"param {i}"
+        for key, v in opt.state[p].items():
+            assert torch.equal(resumed.state[q][key], v), f"state[{key}] of param {i}"
+    # Back to torch: torch's format, which its class loads and steps.
+    theirs = torch_cls([p.detach().clone().requires_grad_() for p in params], **kwargs)
+    theirs.load_state_dict(opt.torch_state_dict())
+    for p, q in zip(params, theirs.param_groups[0]["params"], strict=True):
+        assert set(theirs.state[q]) == set(opt.state[p]) - {MASTER, KAHAN, SEED}
+        assert all(v.dtype == (F32 if k == "step" else dtype) for k, v in theirs.state[q].items())
+
+
+def test_torch_format_loads_converted():
+    p = torch.randn(40, requires_grad=True)
+    theirs = torch.optim.AdamW([p], lr=0.01)
+    p.grad = torch.randn(40)
+    theirs.step()
+    q = p.detach().to(BF16).requires_grad_()
+    ours = fusedopt.FusedAdamW([q], lr=0.01, master_weights=True, state_dtype=BF16)
+    ours.load_state_dict(theirs.state_dict())
+    state = ours.state[q]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == BF16
+    assert torch.equal(state["exp_avg"], theirs.state[p]["exp_avg"].to(BF16))
+    assert state[MASTER].dtype == F32 and torch.equal(state[MASTER], q.detach().float())
+
+
+# Combinations and refusals ------------------------------------------------------------------
+
+
+def test_more_than_one_way_is_refused():
+    p = [torch.zeros(3, requires_grad=True)]
+    for a, b in [("master_weights", "kahan_summation"), ("kahan_summation", "stochastic_rounding")]:
+        with pytest.raises(ValueError, match="choose one"):
+            fusedopt.FusedAdamW(p, **{a: True, b: True})
+    with pytest.raises(ValueError, match="state_dtype"):
+        fusedopt.FusedSGD(p, lr=0.1, state_dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="int8"):
+        fusedopt.FusedAdam(p, state_dtype="int8")
+
+
+def test_fp32_params_are_untouched_by_the_options(triton_device):
+    """master_weights / kahan_summation / stochastic_rounding have nothing to do for fp32."""
+    for options in ({"master_weights": True}, {"kahan_summation": True}, {"stochastic_rounding": True}):
+        p = torch.randn(100, device=triton_device).requires_grad_()
+        q = p.detach().clone().requires_grad_()
+        a, b = fusedopt.FusedAdamW([p], lr=0.1, **options), fusedopt.FusedAdamW([q], lr=0.1)
+        for step in range(3):
+            p.grad = q.grad = _grads(100, step, F32).to(triton_device)
+            a.step()
+            b.step()
+        assert torch.equal(p, q) and set(a.state[p]) == set(b.state[q]), options
+
+
+def test_skipped_step_changes_nothing(triton_device):
+    """GradScaler's found_inf with stochastic rounding: params, state and the seed unchanged."""
+    torch.manual_seed(0)
+    p = torch.randn(300, device=triton_device).to(BF16).requires_grad_()
+    opt = fusedopt.FusedAdamW([p], lr=0.1, stochastic_rounding=True, max_grad_norm=1.0)
+    p.grad = _grads(300, 0, BF16).to(triton_device)
+    opt.step()
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if k != SEED}
+    opt.grad_scale = torch.ones((), device=triton_device)
+    opt.found_inf = torch.ones((), device=triton_device)
+    opt.step()
+    assert torch.equal(p, before[0])
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+
+
+def test_compiled_step_runs_the_options(triton_device, launches):
+    torch.manual_seed(0)
+    p = torch.randn(64, device=triton_device).to(BF16).requires_grad_()
+    opt = fusedopt.FusedAdamW([p], lr=0.1, master_weights=True)
+    step = torch.compile(opt.step, backend="eager")
+    for i in range(2):
+        p.grad = _grads(64, i, BF16).to(triton_device)
+        step()
+    assert len(launches) == 2 and torch.equal(p.detach(), opt.state[p][MASTER].to(BF16))
