@@ -280,6 +280,51 @@ def _resumed_fused(mesh, path: str, rank: int) -> list[torch.Tensor]:
     return list(model.parameters())
 
 
+def check_low_precision(rank, mesh, count, workdir):
+    """bf16 FSDP2 params with master_weights: the fp32 masters are DTensors placed as their
+    params, each param its master rounded, one launch per step; a DCP checkpoint resumes
+    bitwise (the masters are not cast to bf16 on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def build(seed):
+        model = _sharded(mesh, seed)
+        return model, fusedopt.FusedAdamW(model.parameters(), lr=0.01, master_weights=True)
+
+    def train(model, opt, steps):
+        for step in steps:
+            (model(_batch(step, rank).bfloat16()).float().pow(2).mean()).backward()
+            launches, _ = count.during(opt.step)
+            assert launches == 1, f"{launches} launches"
+            opt.zero_grad()
+
+    torch.set_default_dtype(torch.bfloat16)  # the model's params in bf16
+    try:
+        model, opt = build(0)
+        resumed, ropt = build(1)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    train(model, opt, range(2))
+    for p in model.parameters():
+        master = opt.state[p]["master_weight"]
+        assert p.dtype == torch.bfloat16 and master.dtype == torch.float32
+        assert master.placements == p.placements and master.device_mesh == p.device_mesh
+        assert torch.equal(p.to_local(), master.to_local().bfloat16())
+    path = os.path.join(workdir, "ckpt-bf16")
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    msd, osd = get_state_dict(resumed, ropt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(resumed, ropt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, opt, range(2, 4))
+    train(resumed, ropt, range(2, 4))
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p.to_local(), q.to_local())
+        for key, v in opt.state[p].items():
+            assert torch.equal(_local(ropt.state[q][key]), _local(v)), key
+
+
 def check_compiled_step(rank, mesh, count, workdir):
     """torch.compile(opt.step) over DTensor params: the eager step runs (one launch), as
     torch's AdamW."""
@@ -428,6 +473,7 @@ CHECKS = [
     check_ddp,
     check_zero,
     check_compiled_step,
+    check_low_precision,
 ]
 GROUPS = {  # (world size, device): the checks its ranks run
     (WORLD, "cpu"): CHECKS,
