@@ -35,9 +35,11 @@ class Pass:
 
 @dataclass(frozen=True)
 class Floor:
-    """Passes over memory, in order."""
+    """Passes over memory, in order; ``sizes``: the element size of tensors stored in another
+    dtype than the one :meth:`bytes_per_element` is given (an fp32 master, bf16 state, ...)."""
 
     passes: tuple[Pass, ...]
+    sizes: tuple[tuple[str, int], ...] = ()
 
     @property
     def tensors(self) -> int:
@@ -45,10 +47,11 @@ class Floor:
         return sum(len(p.reads) + len(p.writes) for p in self.passes)
 
     def bytes_per_element(self, dtype: torch.dtype = torch.float32) -> int:
-        return self.tensors * dtype.itemsize
+        sizes = dict(self.sizes)
+        return sum(sizes.get(t, dtype.itemsize) for p in self.passes for t in (*p.reads, *p.writes))
 
     def __add__(self, other: Floor) -> Floor:
-        return Floor(self.passes + other.passes)
+        return Floor(self.passes + other.passes, self.sizes + other.sizes)
 
     def __str__(self) -> str:
         """``pass: read -> written`` for each pass, joined by ``+``."""
@@ -64,12 +67,25 @@ CLIP = Floor((Pass("clip", ("grad",), ("grad",)),))  # g *= coef, in place
 UNSCALE = Floor((Pass("unscale_", ("grad",), ("grad",)),))  # torch.amp.GradScaler: unscale + inf check
 
 
-def step(optimizer: type[torch.optim.Optimizer], **options) -> Floor:
-    """The floor of one step of a fused optimizer class built with ``options``
-    (its constructor's keywords; the defaults for the rest)."""
+def step(optimizer: type[torch.optim.Optimizer], dtype: torch.dtype = torch.float32, **options) -> Floor:
+    """The floor of one step of a fused optimizer class built with ``options`` (its
+    constructor's keywords; the defaults for the rest) for params of ``dtype``: with
+    ``master_weights`` the step reads the fp32 master instead of the param and writes both;
+    ``kahan_summation`` reads and writes the compensation; ``state_dtype`` sizes the state."""
     opt = optimizer([torch.zeros(1, requires_grad=True)], **options)  # its group, validated
     state = tuple(opt.algorithm.state(opt.param_groups[0]))
-    floor = Floor((Pass("step", ("param", "grad", *state), ("param", *state)),))
+    precision = opt.precision
+    aux = precision.aux_key(dtype)
+    value = aux if aux == "master_weight" else "param"
+    extra = (aux,) if aux == "kahan_compensation" else ()
+    writes = ("param", "master_weight") if aux == "master_weight" else ("param",)
+    stored = precision.state_dtype_for(dtype)  # sizes recorded only where they differ from dtype's
+    sizes = {name: stored.itemsize for name in state} if stored != dtype else {}
+    if aux == "master_weight":
+        sizes[aux] = 4
+    floor = Floor(
+        (Pass("step", (value, "grad", *extra, *state), (*writes, *extra, *state)),), tuple(sizes.items())
+    )
     return floor if opt.max_grad_norm is None else NORM + floor
 
 

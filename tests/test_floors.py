@@ -144,3 +144,15 @@ def test_amp_phase_floors():
     assert fp32(floors.amp_phase("fusedopt")) == adamw + 4  # the norm, which is also the inf check
     assert floors.step(SGD, momentum=0.9).bytes_per_element(torch.bfloat16) == 10
     assert floors.LOSSES["cross_entropy"].bytes_per_element(torch.bfloat16) == 4
+
+
+def test_low_precision_table_matches_the_floors():
+    """docs/low-precision.md's "step B/elt" column: floors.step(FusedAdamW, dtype, **options)."""
+    text = (ROOT / "docs" / "low-precision.md").read_text()
+    rows = re.findall(r"^\| (fp32|bf16) \| (.+?) \| (\d+) \| (\d+)", text, flags=re.M)
+    assert len(rows) == 7, rows
+    for dtype_name, options, _, step_bytes in rows:
+        code = re.search(r"`(.+)`", options)
+        kwargs = eval(f"dict({code.group(1)})", {"torch": torch}) if code else {}
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        assert floors.step(ADAMW, dtype, **kwargs).bytes_per_element(dtype) == int(step_bytes), options
