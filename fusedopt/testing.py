@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import fusedopt
 from fusedopt import functional as FF
+from fusedopt.optim._fused import EXTENSIONS
 from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE, allowed_error, round_to_storage_
 
 __all__ = [
@@ -109,6 +110,10 @@ OPTIM_CASES: list[OptimCase] = [
         fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr=0.1), dict(lr=0.1, lr_decay=0.05, weight_decay=0.1),
         dict(lr=0.1, initial_accumulator_value=0.1, eps=1e-3, weight_decay=0.2, maximize=True),
     ),
+    # Low-precision options (docs/low-precision.md): against torch in fp32, rounded as ours is stored.
+    *_cases(fusedopt.FusedAdamW, ADAMW, dict(lr=0.01, master_weights=True), dict(lr=0.01, state_dtype=torch.bfloat16)),
+    *_cases(fusedopt.FusedAdam, ADAM, dict(lr=0.01, weight_decay=0.1, kahan_summation=True)),
+    *_cases(fusedopt.FusedSGD, SGD, dict(lr=0.1, momentum=0.9, stochastic_rounding=True)),
 ]  # fmt: skip
 
 
@@ -336,12 +341,22 @@ def compare_optimizer(
     low = dtype in LOW_PRECISION
     ours, theirs = leaves(params), leaves(params, torch.float32 if low else None)
     opt = case.fused_cls(ours, **case.kwargs)
-    torch_kwargs = {k: v for k, v in case.kwargs.items() if k != "max_grad_norm"}
+    torch_kwargs = {k: v for k, v in case.kwargs.items() if k not in EXTENSIONS}
     if device.type == "cpu":  # torch refuses capturable on CPU; the algorithm is the same
         torch_kwargs.pop("capturable", None)
     ref = case.torch_cls(theirs, foreach=False, **torch_kwargs)
-    if low:  # state torch creates in its constructor (Adagrad's sum) is stored in the dtype too
-        round_to_storage_(ref, theirs, dtype)
+    # The oracle is torch in fp32 whose params and state are rounded as ours are stored:
+    # params kept whole where master weights or a compensation keep their low bits (or where
+    # stochastic rounding keeps them on average: then each step may be one rounding step off).
+    precision = opt.precision
+    stored = precision.state_dtype_for(dtype)
+    exact_params = precision.mode(dtype) != 0 or (low and precision.stochastic_rounding)
+    rounding = (None if exact_params else dtype, stored if stored in LOW_PRECISION else torch.float32)
+    table = OPTIM_TOLERANCE
+    if low and precision.stochastic_rounding:  # each store up to one step (of the tensor's scale) off
+        table = {**OPTIM_TOLERANCE, dtype: dict(rtol=steps * torch.finfo(dtype).eps)}
+    if low or stored in LOW_PRECISION:  # state torch creates in its constructor (Adagrad's sum) too
+        round_to_storage_(ref, theirs, *rounding)
     for step in range(steps):
         for p, q, g in zip(ours, theirs, grads(ours, step), strict=True):
             p.grad, q.grad = g, g.to(q.dtype)
@@ -349,11 +364,16 @@ def compare_optimizer(
         if "max_grad_norm" in case.kwargs:
             torch.nn.utils.clip_grad_norm_(theirs, case.kwargs["max_grad_norm"], foreach=False)
         ref.step()
-        if low:  # the oracle: torch in fp32, params and state rounded to the dtype after each step
-            round_to_storage_(ref, theirs, dtype)
+        if low or stored in LOW_PRECISION:  # the oracle: torch in fp32, rounded as ours is stored
+            round_to_storage_(ref, theirs, *rounding)
     for name, p, q in zip(names, ours, theirs, strict=True):
-        result.compare("param", name, p, q, OPTIM_TOLERANCE)
+        result.compare("param", name, p, q, table)
         mine, expected = opt.state.get(p, {}), ref.state.get(q, {})
+        if "master_weight" in mine:  # the fp32 copy: torch's fp32 param itself
+            result.compare("master_weight", f"{name} master", mine["master_weight"], q, OPTIM_TOLERANCE)
+        mine = {
+            k: v for k, v in mine.items() if k not in ("master_weight", "kahan_compensation", "rounding_seed")
+        }
         if list(mine) != list(expected):
             result.notes.append(f"{name}: state keys {list(mine)} vs torch {list(expected)}")
         for key in expected.keys() & mine.keys():
@@ -362,9 +382,9 @@ def compare_optimizer(
                 if not step_ok or mine[key].device != p.device:
                     result.notes.append(f"{name}: step {mine[key]!r} vs torch {expected[key]!r}")
                 continue
-            if mine[key].dtype != p.dtype:
+            if mine[key].dtype != precision.state_dtype_for(p.dtype):
                 result.notes.append(f"{name}: state[{key}] is {mine[key].dtype}, param {p.dtype}")
-            result.compare(key, f"{name} state[{key}]", mine[key], expected[key], OPTIM_TOLERANCE)
+            result.compare(key, f"{name} state[{key}]", mine[key], expected[key], table)
     return result
 
 

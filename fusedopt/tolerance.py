@@ -60,14 +60,19 @@ def allowed_error(expected: torch.Tensor, dtype: torch.dtype, table: dict) -> to
 
 @torch.no_grad()
 def round_to_storage_(
-    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], dtype: torch.dtype
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    dtype: torch.dtype,
+    state_dtype: torch.dtype | None = None,
 ) -> None:
-    """Make an fp32 torch optimizer the bf16/fp16 oracle: round its params and every state
-    tensor but ``step`` to ``dtype`` (in place, kept in fp32). Call after constructing it (the
-    state torch's Adagrad creates there, ``sum``, is stored in the dtype too) and after each
-    step."""
+    """Make an fp32 torch optimizer the bf16/fp16 oracle: round its params to ``dtype`` (None:
+    keep them) and every state tensor but ``step`` to ``state_dtype`` (default ``dtype``), in
+    place, kept in fp32. Call after constructing it (the state torch's Adagrad creates there,
+    ``sum``, is stored in the dtype too) and after each step."""
+    state_dtype = state_dtype or dtype
     for q in params:
-        q.copy_(q.to(dtype))
+        if dtype is not None:
+            q.copy_(q.to(dtype))
         for key, v in optimizer.state.get(q, {}).items():
             if key != "step":
-                v.copy_(v.to(dtype))
+                v.copy_(v.to(state_dtype))

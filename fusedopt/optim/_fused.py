@@ -40,6 +40,9 @@ _EXTENSIONS = (  # (name, default, annotation) of the keyword-only arguments tor
 )
 
 
+EXTENSIONS = frozenset(name for name, _, _ in _EXTENSIONS)
+
+
 def _torch_base(cls: type) -> type:
     return next(
         c for c in cls.__mro__ if issubclass(c, torch.optim.Optimizer) and not issubclass(c, FusedStep)
