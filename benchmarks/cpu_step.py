@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         log = common.CsvLog(args.out, "cpu_step", env, [*env, *(k for k, _, _ in columns)])
         for row in rows:
-            log.write(row)
-        log.close()
+            log.writerow(row)
+        log.file.close()
         print(f"\nCSV: {log.path}")
     return 0
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import itertools
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ import fusedopt
 from fusedopt import functional as FF
 from fusedopt import testing
 from fusedopt.__main__ import main
-from fusedopt.cli import bench, bench_amp, bench_losses, bench_optim, check, common
+from fusedopt.cli import bench, bench_amp, bench_losses, bench_optim, check
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
@@ -84,7 +86,7 @@ def test_check_command_reruns_itself_with_the_interpreter(tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith(("FusedAdam ", "cross_entropy "))]
     adam = sum(c.group == "adam" for c in testing.OPTIM_CASES)
     cross_entropy = sum(c.name == "cross_entropy" for c in testing.LOSS_CASES)
-    assert (adam, cross_entropy) == (6, 3)
+    assert (adam, cross_entropy) == (7, 3)
     assert len(lines) == 2 * (adam + cross_entropy), run.stdout  # fp32 and bf16
     assert all(line.rstrip().endswith("PASS") for line in lines), run.stdout
     assert f"OK: all {2 * (adam + cross_entropy)} checks within tolerance" in run.stdout
@@ -151,7 +153,7 @@ def test_check_passes(monkeypatch, capsys, tmp_path):
     by_group = {
         g: sum(c.group == g for c in testing.OPTIM_CASES) for g in ("sgd", "adamw", "rmsprop", "adagrad")
     }
-    assert by_group == {"sgd": 7, "adamw": 3, "rmsprop": 4, "adagrad": 3}  # option sets (one max_grad_norm)
+    assert by_group == {"sgd": 8, "adamw": 5, "rmsprop": 4, "adagrad": 3}  # option sets
     for name, group in (("FusedSGD", "sgd"), ("FusedAdamW", "adamw"), ("FusedRMSprop", "rmsprop")):
         assert verdicts(out, name) == ["PASS"] * 2 * by_group[group]  # fp32 and bf16
     assert verdicts(out, "FusedAdagrad") == ["PASS"] * 2 * by_group["adagrad"]
@@ -159,11 +161,11 @@ def test_check_passes(monkeypatch, capsys, tmp_path):
     assert "momentum_buffer" in out and "max_exp_avg_sq" in out and "err/tol" in out
     assert "square_avg" in out and "grad_avg" in out and "sum" in out
     assert "max_grad_norm=1.0" in out
-    assert "OK: all 40 checks within tolerance" in out
+    assert "OK: all 46 checks within tolerance" in out
     (csv_path,) = tmp_path.glob("check_*.csv")
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 40 and {r["verdict"] for r in rows} == {"PASS"}
+    assert len(rows) == 46 and {r["verdict"] for r in rows} == {"PASS"}
     assert {r["kind"] for r in rows} == {"optimizer", "loss"} and all(r["gpu"] and r["ratio"] for r in rows)
     assert rows[0]["param"] and rows[-1]["grad"] and any(r["momentum_buffer"] for r in rows)
     assert csv_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -177,8 +179,8 @@ def test_check_flags_a_wrong_optimizer(monkeypatch, capsys, tmp_path, wrong):
     )
     assert status == 1, out
     assert verdicts(out, wrong.__name__) == ["FAIL", "FAIL"]  # fp32 and bf16
-    assert verdicts(out, "FusedSGD") == ["PASS"] * 14  # the real one, in the same run
-    assert "FAILED: 2 of 16 checks" in out
+    assert verdicts(out, "FusedSGD") == ["PASS"] * 16  # the real one, in the same run
+    assert "FAILED: 2 of 18 checks" in out
     line = next(
         x for x in out.splitlines() if x.startswith(f"FAIL: {wrong.__name__} (lr=0.1 mom=0.9) fp32: worst")
     )
@@ -208,7 +210,7 @@ def test_check_flags_a_wrong_loss_and_an_exception(monkeypatch, capsys, tmp_path
 def test_check_compares_every_state_tensor():
     shapes = testing.gpt_shapes(width=8, layers=1, vocab=13)
     case = testing.OptimCase(fusedopt.FusedAdam, torch.optim.Adam, dict(lr=0.01, amsgrad=True))
-    result = check.optimizer_result(case, torch.float32, "cuda" if CUDA else "cpu", shapes, steps=2, seed=0)
+    result = check.optimizer_result(case, torch.float32, "cuda" if CUDA else "cpu", shapes, steps=2)
     assert result.verdict == "PASS", result
     assert set(result.errors) == {"param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
     assert not result.notes and result.ratio <= 1.0
@@ -229,7 +231,7 @@ EXPECTED_COLUMNS += [
 ]
 EXPECTED_COLUMNS += ["status", "note"]
 BENCH_TINY = ["--optimizers", "sgd", "adam", "--losses", "mse-64m", "ce-8192x50257", "--dtypes", "fp32"]
-BENCH_TINY += ["--compile-backend", "eager", "--no-progress"]
+BENCH_TINY += ["--no-progress"]
 
 
 def outputs(folder: Path) -> tuple[list[dict], Path, Path]:
@@ -296,9 +298,10 @@ def test_bench_smoke_writes_csv_and_png(tmp_path, capsys):
     assert "no device timings" in md.read_text()
 
 
-def test_bench_host_suite_times_the_step_without_its_kernel(tmp_path, capsys):
+def test_bench_host_suite_times_the_step_without_its_kernel(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_optim, "HOST_STEPS", 3)
     argv = ["--suites", "host", "--optimizers", "sgd", "--layouts", "many4k", "--dtypes", "fp32"]
-    status = main(["bench", "--out", str(tmp_path), "--host-steps", "3", "--no-progress", *argv])
+    status = main(["bench", "--out", str(tmp_path), "--no-progress", *argv])
     out = capsys.readouterr().out
     assert status == 0, out
     rows, _, md = outputs(tmp_path)
@@ -311,28 +314,37 @@ def test_bench_host_suite_times_the_step_without_its_kernel(tmp_path, capsys):
     assert "## host: fusedopt and its speed-up" in md.read_text()
 
 
+@pytest.mark.parametrize("cut", ["budget", "sigterm"])
+def test_bench_cut_short_still_writes_the_report(tmp_path, capsys, monkeypatch, cut):
+    if cut == "sigterm":
+        monkeypatch.setattr(bench_optim, "time_step", lambda *key: os.kill(os.getpid(), signal.SIGTERM))
+    argv = ["--suites", "optim", "--optimizers", "sgd", "--dtypes", "fp32", "--no-progress"]
+    argv += ["--budget", "0"] if cut == "budget" else []
+    status = main(["bench", "--smoke", "--out", str(tmp_path), *argv])
+    out = capsys.readouterr().out
+    note = "--budget 0s reached" if cut == "budget" else "stopped by SIGTERM"
+    assert status == (0 if cut == "budget" else 1), out
+    assert f"stopped early ({note}): the rows not run are marked skipped" in out
+    rows, _, md = outputs(tmp_path)
+    assert len(rows) == 5 and {(r["status"], r["note"]) for r in rows} == {("skipped", note)}
+    assert "byte floor of one optimizer step" in md.read_text()
+
+
 def test_bench_report_with_timings(tmp_path, capsys, monkeypatch):
     """The timed report (GB/s, % of copy, speed-ups, plot) on a fake clock: no GPU needed."""
     clock = itertools.count(1)
 
-    def fake_bench(fn, warmup, rep):
+    def fake_measure(ctx, fn, memory=True):
         fn()
         ms = float(next(clock))
-        return {"ms": ms, "ms_p20": 0.9 * ms, "ms_p80": 1.1 * ms}
+        return {"ms": ms, "ms_p20": 0.9 * ms, "ms_p80": 1.1 * ms, "peak_extra_mib": 0.0}
 
-    monkeypatch.setattr(common, "do_bench", fake_bench)
-    monkeypatch.setattr(common, "peak_extra_mib", lambda fn: 0.0)
-    monkeypatch.setattr(bench, "timing_enabled", lambda device, smoke: True)
+    context = bench.Context
+    monkeypatch.setattr(context, "measure", fake_measure)
+    monkeypatch.setattr(bench, "Context", lambda *a, **k: dataclasses.replace(context(*a, **k), timed=True))
+    monkeypatch.setattr(bench, "COPY_NUMEL", 1000)
     argv = ["--suites", "optim", "--optimizers", "sgd", "--dtypes", "fp32", "--no-progress"]
-    argv += [
-        "--impls",
-        "fusedopt",
-        "torch-forloop",
-        "torch-foreach",
-        "--graph-layouts",
-        "--copy-numel",
-        "1000",
-    ]
+    argv += ["--impls", "fusedopt", "torch-forloop", "torch-foreach"]
     status = main(["bench", "--smoke", "--out", str(tmp_path), *argv])
     out = capsys.readouterr().out
     assert status == 0, out

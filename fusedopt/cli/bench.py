@@ -1,39 +1,27 @@
-"""``python -m fusedopt bench``: fused optimizer steps, losses, the AMP optimizer phase and the
-host time of a step, against torch (suites ``optim`` and ``host``: ``fusedopt.cli.bench_optim``;
-``losses``: ``bench_losses``; ``amp``: ``bench_amp``).
-
-Every row: median, 20th and 80th percentile ms (triton.testing.do_bench, L2 flushed; host:
-time.perf_counter), the bytes it must move at least (``fusedopt.floors``), the GB/s that implies,
-its share of a device-to-device copy timed in the same run, fusedopt's speed-up over it (row ms /
-fusedopt ms) and its peak extra memory. Output: a table per suite on stdout; in --out a CSV (GPU,
-versions and UTC time on every row), a PNG and a Markdown summary. Without CUDA only host time is
-measured (interpreter timings are not performance): the other suites run once on tiny inputs
-(the smoke run) and the byte floors are printed.
-"""
+"""``python -m fusedopt bench``: optimizer steps (suite ``optim``), losses, the AMP optimizer phase
+(``amp``) and the host time of a step (``host``) against torch: ms, bytes moved at least, GB/s,
+share of a device-to-device copy, fusedopt's speed-up, peak extra memory. Without CUDA only host
+time is measured; the other suites run once on tiny inputs."""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import triton.testing
 
 import fusedopt
 from fusedopt.cli import bench_amp, bench_losses, bench_optim, common
 
-SUITES = {
-    "optim": bench_optim.OPTIM,
-    "losses": bench_losses.SUITE,
-    "amp": bench_amp.SUITE,
-    "host": bench_optim.HOST,
-}
+SUITES = dict(optim=bench_optim.OPTIM, losses=bench_losses.SUITE, amp=bench_amp.SUITE, host=bench_optim.HOST)
 IMPLS = list(dict.fromkeys(impl for suite in SUITES.values() for impl in suite.impls))
+COPY_NUMEL = 256 * 2**20  # fp32 elements of the copy that "% copy" refers to
 # fmt: off
 CSV_FIELDS = [
     "gpu", "torch", "triton", "cuda", "timestamp_utc",  # the environment, on every row
@@ -55,12 +43,9 @@ FLOOR_COLUMNS = [
     ("impl_bytes_per_elt", "impl B/elt", "d"), ("mb", "MB", ".1f"),
     ("passes", "passes: read -> written, once per element", ""),
 ]
-NUMBERS = [  # flag, type, default, metavar, help
-    ("--warmup", int, 25, "MS", "do_bench warm-up time, ms"),
-    ("--rep", int, 100, "MS", "do_bench repetition time, ms"),
-    ("--host-steps", int, 200, "N", "host: timed steps per row, after 10 untimed ones"),
-    ("--copy-numel", int, 256 * 2**20, "N", "fp32 elements of the copy that %% copy refers to"),
-    ("--budget", float, None, "SECONDS", "rows not started by then are written as skipped (compiled rows run last)"),
+HEADLINE_COLUMNS = [  # then fusedopt's speed-up over each other implementation
+    ("case", "case", ""), ("layout", "layout", ""), ("dtype", "dtype", ""), ("ms", "fusedopt ms", ".4f"),
+    ("gbps", "GB/s", ".0f"), ("pct_copy_bw", "% of copy", ".1f"), ("graph_ms", "graph ms", ".4f"),
 ]
 # fmt: on
 
@@ -71,8 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     names("--suites", SUITES, SUITES, "what to run (space- or comma-separated, as every list here)")
     names("--optimizers", optimizers, optimizers, "optim, host: optimizers (sgd: momentum=0.9)")
     names("--layouts", layouts, layouts, f"optim, host: layouts ({bench_optim.LAYOUT_HELP})")
-    graphs = "optim: layouts that also get the CUDA-graph replay figure (none: no graphs)"
-    names("--graph-layouts", layouts, bench_optim.GRAPH_LAYOUTS, graphs, nargs="*")
     names("--losses", bench_losses.LOSSES, bench_losses.LOSSES, "losses: cases, <loss>-<shape>")
     names("--dtypes", common.DTYPES, ["fp32", "bf16"], "param and input dtypes (amp: fp32 master params)")
     names("--impls", IMPLS, IMPLS, "implementations; each suite takes those it has")
@@ -80,73 +63,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help=smoke)
     out = "folder of bench_<UTC time>.csv, .png and .md (default: %(default)s)"
     parser.add_argument("--out", default="fusedopt-bench", metavar="DIR", help=out)
-    for flag, kind, default, metavar, what in NUMBERS:
-        parser.add_argument(
-            flag, type=kind, default=default, metavar=metavar, help=f"{what} (default: %(default)s)"
-        )
-    backend = (
-        "torch.compile backend of the torch-compile rows (default: inductor with CUDA; eager without, "
-        "where only the smoke run compiles and inductor's C++ build would take minutes)"
-    )
-    parser.add_argument("--compile-backend", metavar="NAME", help=backend)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    budget = "rows not started after SECONDS are written as skipped (compiled rows run last)"
+    parser.add_argument("--budget", type=float, metavar="SECONDS", help=budget)
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
-# Measuring ------------------------------------------------------------------------------------
-
-
-@dataclass
+@dataclass(frozen=True)
 class Context:
     """How this run measures its rows (what the suites' run functions read)."""
 
     device: str
+    cuda: bool
     smoke: bool  # --smoke: every path once on tiny inputs, nothing timed
     timed: bool  # do_bench timings: CUDA and not --smoke
-    warmup: int
-    rep: int
-    host_steps: int
-    compile_backend: str
-    graph_layouts: tuple[str, ...]  # CUDA only
-
-    @property
-    def cuda(self) -> bool:
-        return self.device == "cuda"
-
-    @property
-    def tiny(self) -> bool:
-        """Smoke-sized inputs for the device suites: --smoke, or no CUDA."""
-        return self.smoke or not self.cuda
+    tiny: bool  # smoke-sized inputs for the device suites: --smoke, or no CUDA
+    compile_backend: str  # inductor; eager without CUDA (inductor's C++ build takes minutes)
 
     def measure(self, fn, memory: bool = True) -> dict:
         """Timing (median, p20, p80) and peak extra memory of ``fn``; a smoke run only calls it."""
         if not self.timed:
             fn()
             return {}
-        out = common.do_bench(fn, self.warmup, self.rep)
-        if memory:
-            out["peak_extra_mib"] = common.peak_extra_mib(fn)
+        median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])  # L2 flushed each run
+        out = {"ms": median, "ms_p20": p20, "ms_p80": p80}
+        if memory:  # what one call allocates above what was allocated before it
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            out["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         return out
 
     def release(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-
-
-def timing_enabled(device: str, smoke: bool) -> bool:
-    """Device rows are timed on CUDA only, and not in a smoke run."""
-    return device == "cuda" and not smoke
-
-
-def copy_row(numel: int, ctx: Context) -> dict:
-    """The device-to-device copy of ``numel`` fp32 elements (read + write), the 100 % of ``% copy``."""
-    src = torch.randn(numel, device=ctx.device)
-    dst = torch.empty_like(src)
-    timing = common.do_bench(functools.partial(dst.copy_, src), ctx.warmup, ctx.rep)
-    del src, dst
-    ctx.release()
-    row = {"suite": "copy", "case": "copy_", "impl": "torch", "layout": str(numel), "dtype": "fp32"}
-    return {**row, "tensors": 1, "numel": numel, "bytes_per_elt": 8, "bytes": 8 * numel, **timing}
 
 
 def finish_row(row: dict, env: dict, copy_gbps: float | None, ours: dict[tuple, dict]) -> None:
@@ -169,19 +121,10 @@ def finish_row(row: dict, env: dict, copy_gbps: float | None, ours: dict[tuple, 
     row["notes"] = "; ".join(n for n in (row.get("note"), row.get("graph_note")) if n)
 
 
-class Stopped(BaseException):
-    """SIGTERM (e.g. from ``timeout``) during a row: not an ``Exception``, so no row swallows it."""
-
-
 def _stop(signum, frame) -> None:
+    """SIGTERM (e.g. from ``timeout``) during a row: stop as Ctrl-C does, with the report written."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # later ones are ignored until the report is written
-    raise Stopped("stopped by SIGTERM")
-
-
-def run_order(job: common.Job) -> tuple[bool, int]:
-    """Compiled rows last (slow to compile), fewest tensors first: a run cut short has the others."""
-    compiled = job.row["impl"] == "torch-compile"
-    return compiled, job.row["tensors"] if compiled else 0
+    raise KeyboardInterrupt("stopped by SIGTERM")
 
 
 def run_rows(jobs: list[common.Job], ctx: Context, args, env: dict, copy_gbps, log: common.CsvLog):
@@ -189,43 +132,41 @@ def run_rows(jobs: list[common.Job], ctx: Context, args, env: dict, copy_gbps, l
     rows not run were skipped (``--budget``, SIGTERM, Ctrl-C) or None."""
     rows: list[dict] = []
     ours: dict[tuple, dict] = {}  # fusedopt's row of each group, for the speed-ups
-    failures = 0
-    stopped = None
-    progress = common.Progress(len(jobs), "fusedopt bench", not args.no_progress)
+    failures, stopped = 0, None
     start = time.perf_counter()
-    for job in jobs:
+    for done, (fixed, measure) in enumerate(jobs, 1):
         if not stopped and args.budget is not None and time.perf_counter() - start > args.budget:
             stopped = f"--budget {args.budget:g}s reached"
-        row = dict(job.row)
+        row = dict(fixed)
         if stopped:
             row.update(status="skipped", note=stopped)
         else:
             try:
-                row.update(job.run(ctx))
+                row.update(measure(ctx))
                 ctx.release()  # the row's tensors are gone by now
             except Exception as e:  # a path this build lacks must not end the run
                 row.update(status="error", note=common.short_error(e))
                 failures += row["impl"] == "fusedopt"
-            except (Stopped, KeyboardInterrupt) as e:  # report what was measured, then stop
-                stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+            except KeyboardInterrupt as e:  # report what was measured, then stop
+                stopped = str(e) or "interrupted"
                 row.update(status="skipped", note=stopped)
                 failures += 1
         finish_row(row, env, copy_gbps, ours)
-        log.write(row)
+        log.writerow(row)
         rows.append(row)
-        progress.advance(f"{row['case']} {row['layout']} {row['dtype']} {row['impl']}: {row['status']}")
-    log.close()
+        if not args.no_progress:
+            what = f"{row['case']} {row['layout']} {row['dtype']} {row['impl']}: {row['status']}"
+            common.progress("fusedopt bench", done, len(jobs), start, what)
+    log.file.close()
     return rows, failures, stopped
 
 
 def run(args: argparse.Namespace) -> int:
     """The benchmark (without CUDA or with --smoke, the smoke run); 1 if a fusedopt row failed."""
-    device = common.default_device()
-    backend = args.compile_backend or ("inductor" if device == "cuda" else "eager")
-    timed = timing_enabled(device, args.smoke)
-    ctx = Context(device, args.smoke, timed, args.warmup, args.rep, args.host_steps, backend, ())
-    if ctx.cuda and args.graph_layouts:  # a smoke run on CUDA captures its one tiny layout
-        ctx.graph_layouts = ("smoke",) if ctx.tiny else tuple(args.graph_layouts)
+    cuda, smoke = torch.cuda.is_available(), args.smoke
+    device = "cuda" if cuda else "cpu"
+    timed, tiny = cuda and not smoke, smoke or not cuda
+    ctx = Context(device, cuda, smoke, timed, tiny, compile_backend="inductor" if cuda else "eager")
     env = common.header("bench", device)
     print(f"suites: {', '.join(args.suites)}")
     if not ctx.cuda and set(args.suites) - {"host"}:
@@ -238,43 +179,44 @@ def run(args: argparse.Namespace) -> int:
     if not ctx.cuda and not args.smoke and "host" in args.suites:
         print("host suite: timed (host time is real on CPU; the kernels are not launched: dry_run)")
     if {"optim", "losses"} & set(args.suites):
-        print(f"torch-compile rows: torch.compile(backend={backend!r})")
-    if not ctx.cuda and args.graph_layouts and "optim" in args.suites:
+        print(f"torch-compile rows: torch.compile(backend={ctx.compile_backend!r})")
+    if not ctx.cuda and "optim" in args.suites:
         print("CUDA-graph replay figure: needs CUDA, not run")
     log = common.CsvLog(args.out, "bench", env, CSV_FIELDS)
     copy_gbps = None
-    if ctx.timed:
-        copy = copy_row(args.copy_numel, ctx)
+    if ctx.timed:  # the device-to-device copy of COPY_NUMEL fp32 elements: 100 % of "% copy"
+        src = torch.randn(COPY_NUMEL, device=ctx.device)
+        copy = {"suite": "copy", "case": "copy_", "impl": "torch", "layout": str(COPY_NUMEL), "dtype": "fp32"}
+        copy.update(tensors=1, numel=COPY_NUMEL, bytes_per_elt=8, bytes=8 * COPY_NUMEL)  # read + write
+        copy.update(ctx.measure(functools.partial(torch.empty_like(src).copy_, src), memory=False))
+        del src
+        ctx.release()
         copy_gbps = copy["bytes"] / (copy["ms"] * 1e-3) / 1e9
         finish_row(copy, env, copy_gbps, {})
-        log.write(copy)
+        log.writerow(copy)
         print(
-            f"device-to-device copy, {args.copy_numel:,} fp32 elements: {copy['ms']:.4f} ms (p20 "
+            f"device-to-device copy, {COPY_NUMEL:,} fp32 elements: {copy['ms']:.4f} ms (p20 "
             f"{copy['ms_p20']:.4f}, p80 {copy['ms_p80']:.4f}) = {copy_gbps:.0f} GB/s (read + write)"
         )
     print()
 
-    jobs = sorted((job for suite in args.suites for job in SUITES[suite].jobs(args, ctx)), key=run_order)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
+    jobs = [job for suite in args.suites for job in SUITES[suite].jobs(args, ctx)]
+    # Compiled rows last (slow to compile), fewest tensors first: a run cut short has the others.
+    jobs.sort(key=lambda job: (1 + job[0]["tensors"]) if job[0]["impl"] == "torch-compile" else 0)
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
             rows, failures, stopped = run_rows(jobs, ctx, args, env, copy_gbps, log)
-        if main_thread:  # a SIGTERM now must not cut the report
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM now must not cut the report
         report(rows, args, ctx, env, copy_gbps, log.path)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous)
     if stopped:
         print(f"stopped early ({stopped}): the rows not run are marked skipped")
     if failures:
         print(f"FAILED: {failures} fusedopt row(s) raised an error, or the run was cut (see the notes)")
     return 1 if failures else 0
-
-
-# Report ---------------------------------------------------------------------------------------
 
 
 def groups(rows: list[dict], suite: str) -> dict[tuple, dict[str, dict]]:
@@ -285,11 +227,10 @@ def groups(rows: list[dict], suite: str) -> dict[tuple, dict[str, dict]]:
     return {key: {i: group[i] for i in SUITES[suite].impls if i in group} for key, group in out.items()}
 
 
-def columns(suite: str, rows: list[dict], candidates: list[common.Column]) -> list[common.Column]:
-    """The ``candidates`` some row fills, the case and layout headed with the suite's names."""
+def columns(suite: str, candidates: list[common.Column]) -> list[common.Column]:
+    """``candidates``, the case and layout headed with the suite's names."""
     names = dict(zip(("case", "layout"), SUITES[suite].headers, strict=True))
-    filled = [(k, h, f) for k, h, f in candidates if any(r.get(k) not in (None, "") for r in rows)]
-    return [(k, names.get(k, h), f) for k, h, f in filled]
+    return [(k, names.get(k, h), f) for k, h, f in candidates]
 
 
 def headline(rows: list[dict], suite: str) -> tuple[list[dict], list[common.Column]]:
@@ -297,18 +238,11 @@ def headline(rows: list[dict], suite: str) -> tuple[list[dict], list[common.Colu
     out = []
     for (dtype, layout, case), by_impl in groups(rows, suite).items():
         ours = by_impl.get("fusedopt", {})
-        row = {"case": case, "layout": layout, "dtype": dtype}
-        row.update({k: ours.get(k) for k in ("ms", "gbps", "pct_copy_bw", "graph_ms")})
+        row = {k: ours.get(k) for k in ("ms", "gbps", "pct_copy_bw", "graph_ms")}
         row.update({f"x_{i}": r.get("fusedopt_speedup") for i, r in by_impl.items() if i != "fusedopt"})
-        out.append(row)
-    candidates = [("case", "", ""), ("layout", "", ""), ("dtype", "dtype", ""), ("ms", "fusedopt ms", ".4f")]
-    candidates += [
-        ("gbps", "GB/s", ".0f"),
-        ("pct_copy_bw", "% of copy", ".1f"),
-        ("graph_ms", "graph ms", ".4f"),
-    ]
-    candidates += [(f"x_{i}", f"x vs {i.removeprefix('torch-')}", ".2f") for i in SUITES[suite].impls[1:]]
-    return out, columns(suite, out, candidates)
+        out.append({"case": case, "layout": layout, "dtype": dtype, **row})
+    speedups = [(f"x_{i}", f"x vs {i.removeprefix('torch-')}", ".2f") for i in SUITES[suite].impls[1:]]
+    return out, columns(suite, HEADLINE_COLUMNS + speedups)
 
 
 def report(rows: list[dict], args, ctx: Context, env: dict, copy_gbps: float | None, csv_path: Path) -> None:
@@ -319,11 +253,11 @@ def report(rows: list[dict], args, ctx: Context, env: dict, copy_gbps: float | N
     tables = []  # (title, rows, columns, suite or None for a floor table)
     for suite in (s for s in SUITES if any(r["suite"] == s for r in rows)):
         table = [r for group in groups(rows, suite).values() for r in group.values()]
-        tables.append((SUITES[suite].title, table, columns(suite, table, ROW_COLUMNS), suite))
+        tables.append((SUITES[suite].title, table, columns(suite, ROW_COLUMNS), suite))
     for suite in (s for s in SUITES if s in args.suites):
         if floor := SUITES[suite].floor_rows(args):
             floor = [{**r, "mb": r["bytes"] / 1e6} for r in floor]
-            tables.append((SUITES[suite].floor_title, floor, columns(suite, floor, FLOOR_COLUMNS), None))
+            tables.append((SUITES[suite].floor_title, floor, columns(suite, FLOOR_COLUMNS), None))
     for title, table, cols, suite in tables:
         if suite or not ctx.timed:
             print(f"{title}:\n{common.table_text(table, cols)}\n")
@@ -352,28 +286,22 @@ def plot_panels(tables, ctx: Context, env: dict, copy_gbps: float | None) -> lis
     """Per suite, GB/s per implementation (host: ms); without device timings, the byte floors."""
     panels = []
     for title, table, _, suite in tables:
-        if suite is None:  # a byte-floor table
-            if not ctx.timed:
-                groups = [group_label(r) + (f" {r['impl']}" if r.get("impl") else "") for r in table]
-                series = {"byte floor": [r["bytes"] / 1e6 for r in table]}
-                if any(r.get("impl_bytes_per_elt") for r in table):
-                    passes = [r["impl_bytes_per_elt"] * r["numel"] / 1e6 for r in table]
-                    series["the implementation's passes"] = passes
-                title = "smoke run, nothing timed: " + title.split(" (")[0]
-                panels.append((title, "MB", groups, series, None))
-            continue
+        bars = []
+        if suite is None and not ctx.timed:  # a byte-floor table, and what each implementation moves
+            for r in table:
+                group = group_label(r) + (f" {r['impl']}" if r.get("impl") else "")
+                bars.append((group, "byte floor", r["mb"]))
+                if r.get("impl_bytes_per_elt"):
+                    passes = r["impl_bytes_per_elt"] * r["numel"] / 1e6
+                    bars.append((group, "the implementation's passes", passes))
+            panels.append((f"smoke run, nothing timed: {title.split(' (')[0]}", "MB", bars, None))
         key = next((k for k in ("gbps", "ms") if any(r.get(k) for r in table)), None)
-        if key is None:
-            continue
-        groups = list(dict.fromkeys(group_label(r) for r in table))
-        series: dict[str, list] = {}
-        for prefix, suffix in (("", ""), ("graph_", " (CUDA graph)")):
-            for r in (r for r in table if r.get(prefix + key)):
-                values = series.setdefault(r["impl"] + suffix, [None] * len(groups))
-                values[groups.index(group_label(r))] = r[prefix + key]
-        what = "GB/s from the byte floor (higher is better)" if key == "gbps" else "ms (lower is better)"
-        line = (copy_gbps, "device-to-device copy") if key == "gbps" and copy_gbps else None
-        panels.append((f"{suite}: {what}, {env['gpu']}", key.replace("gbps", "GB/s"), groups, series, line))
+        if suite and key:
+            for prefix, suffix in (("", ""), ("graph_", " (CUDA graph)")):
+                bars += [(group_label(r), r["impl"] + suffix, r.get(prefix + key)) for r in table]
+            what = "GB/s from the byte floor (higher is better)" if key == "gbps" else "ms (lower is better)"
+            line = (copy_gbps, "device-to-device copy") if key == "gbps" and copy_gbps else None
+            panels.append((f"{suite}: {what}, {env['gpu']}", key.replace("gbps", "GB/s"), bars, line))
     return panels
 
 

@@ -1,17 +1,7 @@
 """Suite ``amp`` of ``python -m fusedopt bench`` (also ``python -m fusedopt.cli.bench_amp``): the
-optimizer phase of an AMP step on GPT-2 small's 148 fp32 master params, AdamW, max norm 1.
-
-``GradScaler+clip+AdamW``: torch's recipe (``torch-fused``/``-foreach``: ``scaler.unscale_(opt)``,
-``clip_grad_norm_``, ``scaler.step(opt)``, ``scaler.update()`` with ``torch.amp.GradScaler`` and
-``AdamW``); ``fusedopt-recipe``: the same lines with ``FusedAdamW`` and ``fusedopt.clip_grad_norm_``;
-``fusedopt``: ``fusedopt.GradScaler`` and ``FusedAdamW(max_grad_norm=1.0)``. ``clip+AdamW, CUDA
-graph``: no scaler, clip + step captured once and replayed (``torch-fused``: ``clip_grad_norm_`` +
-``AdamW(fused=True, capturable=True)``; ``fusedopt``: ``FusedAdamW(capturable=True,
-max_grad_norm=1.0)``); uncaptured without CUDA.
-
-Bytes (``fusedopt.floors.amp_phase``): ``bytes_per_elt`` is the phase's floor (norm + step) on
-every row; ``impl_bytes_per_elt`` what the recipe's passes move. The scale stays 1 (no growth),
-so the grads stay put after the first clip while every path makes all its passes.
+optimizer phase of an AMP step (unscale, clip to norm 1, AdamW step, scaler update) on GPT-2 small's
+fp32 params: torch's recipe, the same lines with fusedopt's parts, and fusedopt's two passes; and
+clip + step captured in a CUDA graph. The scale stays 1, so every path makes all its passes.
 """
 
 from __future__ import annotations
@@ -55,18 +45,15 @@ def phase(case: str, impl: str, params: list[torch.Tensor], device: str) -> Call
                 opt.step()
 
         return graph_replay(step) if device == "cuda" else step
-    scale = dict(init_scale=1.0, growth_interval=2**30)
-    clip = None
-    if impl == "fusedopt":
-        opt = fusedopt.FusedAdamW(params, lr=1e-3, max_grad_norm=MAX_NORM)
-        scaler = fusedopt.GradScaler(device, **scale)
+    scaler_cls = fusedopt.GradScaler if impl == "fusedopt" else torch.amp.GradScaler
+    scaler = scaler_cls(device, init_scale=1.0, growth_interval=2**30)
+    if impl == "fusedopt":  # unscale + clip inside the step
+        opt, clip = fusedopt.FusedAdamW(params, lr=1e-3, max_grad_norm=MAX_NORM), None
     elif impl == "fusedopt-recipe":
         opt, clip = fusedopt.FusedAdamW(params, lr=1e-3), fusedopt.clip_grad_norm_
-        scaler = torch.amp.GradScaler(device, **scale)
     else:
         flag = {"torch-fused": "fused", "torch-foreach": "foreach"}[impl]
         opt, clip = torch.optim.AdamW(params, lr=1e-3, **{flag: True}), torch.nn.utils.clip_grad_norm_
-        scaler = torch.amp.GradScaler(device, **scale)
     scaler.scale(torch.ones((), device=device))  # the scale exists once a loss was scaled
 
     def amp_phase() -> None:
@@ -99,7 +86,7 @@ def time_phase(case: str, impl: str, layout: str, ctx) -> dict:
 def jobs(args, ctx) -> list[Job]:
     layout = "smoke" if ctx.tiny else "gpt2"
     keys = [(case, impl, layout) for case, impl in RECIPES if impl in args.impls]
-    return [Job(base_row(*key), functools.partial(time_phase, *key)) for key in keys]
+    return [(base_row(*key), functools.partial(time_phase, *key)) for key in keys]
 
 
 def floor_rows(args) -> list[dict]:

@@ -1,11 +1,7 @@
-"""Suite ``losses`` of ``python -m fusedopt bench``: forward + backward of the fused losses.
-
-Each row times ``torch.autograd.grad(loss(input, ...), input)`` (so no implementation pays for
-accumulating into ``.grad``) for fusedopt's op, torch's eager op and ``torch.compile`` of torch's
-op (the functions of ``fusedopt.testing.LOSS_CASES``), and the peak memory above the inputs.
-``bytes_per_elt`` is the op's byte floor (``fusedopt.floors.LOSSES``), the same for every
-implementation, so GB/s compares time directly; ``impl_bytes_per_elt`` is what each
-implementation moves by the tables in ``fusedopt/losses.py`` and ``fusedopt/cross_entropy.py``.
+"""Suite ``losses`` of ``python -m fusedopt bench``: ``torch.autograd.grad(loss(input, ...), input)``
+for fusedopt's op, torch's and ``torch.compile`` of torch's (``fusedopt.testing.LOSS_CASES``).
+``bytes_per_elt``: the op's floor (``fusedopt.floors.LOSSES``); ``impl_bytes_per_elt``: what each
+implementation moves.
 """
 
 from __future__ import annotations
@@ -34,13 +30,10 @@ LOSSES = {  # name: (op, shape, smoke shape)
     "ce-8192x50257": ("cross_entropy", (8192, 50257), (8, 129)),
     "ce-4096x128256": ("cross_entropy", (4096, 128256), (8, 257)),
 }
-_POINTWISE = {"fusedopt": 12, "torch-eager": 36, "torch-compile": 20}
+POINTWISE = ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
 IMPL_BYTES_FP32 = {  # op: bytes per fp32 element each implementation moves (scaled by the element size)
     "mean": {"fusedopt": 4, "torch-eager": 8, "torch-compile": 8},
-    "mse_loss": _POINTWISE,
-    "l1_loss": _POINTWISE,
-    "smooth_l1_loss": _POINTWISE,
-    "huber_loss": _POINTWISE,
+    **{op: {"fusedopt": 12, "torch-eager": 36, "torch-compile": 20} for op in POINTWISE},
     "cross_entropy": {"fusedopt": 12, "torch-eager": 24, "torch-compile": 16},
 }
 
@@ -84,7 +77,7 @@ def time_loss(name: str, dtype: str, impl: str, ctx) -> dict:
 def jobs(args, ctx) -> list[Job]:
     impls = [i for i in IMPLS if i in args.impls]
     keys = [(name, d, i) for name in args.losses for d in args.dtypes for i in impls]
-    return [Job(base_row(*key, ctx.tiny), functools.partial(time_loss, *key)) for key in keys]
+    return [(base_row(*key, ctx.tiny), functools.partial(time_loss, *key)) for key in keys]
 
 
 def floor_rows(args) -> list[dict]:

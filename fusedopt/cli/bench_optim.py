@@ -1,14 +1,6 @@
-"""Suites ``optim`` and ``host`` of ``python -m fusedopt bench``: optimizer steps against torch.optim.
-
-``optim``: one step of each fused optimizer (SGD: momentum=0.9) against torch's for-loop,
-``foreach=True``, ``fused=True`` and ``torch.compile``d (default, foreach) steps on ``LAYOUTS``;
-the ``--graph-layouts`` also get the step captured in a CUDA graph and replayed (``capturable=True``
-where the class has it). Bytes: the step's floor, ``fusedopt.floors.step``.
-
-``host``: the time ``opt.step()`` takes to return, kernel excluded (``time.perf_counter``; no
-bytes). On CUDA the launches are asynchronous and the stream is drained before each step, untimed;
-on CPU the step runs in ``fusedopt._multi_tensor.dry_run()``, which skips the launch, and only
-fusedopt's rows run (torch's CPU step would include the math).
+"""Suites ``optim`` and ``host`` of ``python -m fusedopt bench``: one optimizer step against torch's
+for-loop, foreach, fused and ``torch.compile``d steps (``GRAPH_LAYOUTS``: also captured in a CUDA
+graph); the host time of ``opt.step()``, kernel excluded (on CPU: fusedopt's, in ``dry_run()``).
 """
 
 from __future__ import annotations
@@ -47,9 +39,7 @@ OPTIMIZERS: dict[str, OptimCase] = {
 
 
 def gpt2_small_shapes(d: int = 768, vocab: int = 50257, context: int = 1024, layers: int = 12):
-    """GPT-2 small's param shapes, 148 tensors, 124,439,808 elements: ``testing.gpt_shapes``
-    with the position embedding and without the 0-d scalar (other sizes: a GPT-2 of that width,
-    vocabulary, context and depth)."""
+    """GPT-2 small's 148 param shapes (124,439,808 elements) by default."""
     blocks = testing.gpt_shapes(d, layers, vocab)[1:-1]  # without wte and the 0-d logit_scale
     return [(vocab, d), (context, d), *(shape for _, shape in blocks)]
 
@@ -60,7 +50,8 @@ LAYOUTS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "many4k": testing.many_small_shapes,
 }
 LAYOUT_HELP = "single64m: one 64M-element tensor; gpt2: GPT-2 small (148 tensors); many4k: 1000 x 4096"
-GRAPH_LAYOUTS = ("many4k",)
+GRAPH_LAYOUTS = ("many4k", "smoke")  # CUDA only
+HOST_STEPS = 200  # timed steps per host row, after 10 untimed ones
 SMOKE_SHAPES = [(7,), (3, 5), (1000,), (2, 3, 4), (4097,)]
 
 
@@ -125,8 +116,6 @@ def host_times(step: Callable[[], object], steps: int, warmup: int, cuda: bool) 
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1e3)
-    if cuda:
-        torch.cuda.synchronize()
     p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
     return {"ms": statistics.median(times), "ms_p20": p20, "ms_p80": p80}
 
@@ -142,22 +131,16 @@ def base_row(suite: str, name: str, layout: str, dtype: str, impl: str | None) -
     return row
 
 
-def step_fn(opt: torch.optim.Optimizer, impl: str, compile_backend: str) -> Callable[[], object]:
-    """What one timed call runs: ``opt.step``, or a ``torch.compile``d function calling it."""
-    if impl != "torch-compile":
-        return opt.step
-    return compiled(lambda: opt.step(), compile_backend)
-
-
 def time_step(name: str, layout: str, dtype: str, impl: str, ctx) -> dict:
     """The step timed (a smoke run: only run), its peak extra memory, and the graph replay."""
     case, ps = OPTIMIZERS[name], make_params(shapes_of(layout), DTYPES[dtype], ctx.device)
-    step = step_fn(make(case, impl, ps), impl, ctx.compile_backend)
+    opt = make(case, impl, ps)
+    step = compiled(lambda: opt.step(), ctx.compile_backend) if impl == "torch-compile" else opt.step
     step()  # state created, kernels (or the compiled graph) built
     out = ctx.measure(step)
-    del step  # and the optimizer with it
+    step = opt = None  # the optimizer and its state go before the graph figure
     ctx.release()
-    if layout in ctx.graph_layouts and impl != "torch-compile":
+    if ctx.cuda and layout in GRAPH_LAYOUTS and impl != "torch-compile":
         out.update(graph_figure(case, impl, ps, ctx))
     return out
 
@@ -184,7 +167,7 @@ def time_host(name: str, layout: str, dtype: str, impl: str, ctx) -> dict:
         if ctx.smoke:
             opt.step()
             return {}
-        out = host_times(opt.step, ctx.host_steps, 10, ctx.cuda)
+        out = host_times(opt.step, HOST_STEPS, 10, ctx.cuda)
     if not ctx.cuda:
         triton_path = _multi_tensor.runs_triton(torch.device(ctx.device))
         out["note"] = "launches skipped (dry_run)" if triton_path else "no interpreter: the whole CPU step"
@@ -195,7 +178,7 @@ def jobs(suite: str, args, layouts: list[str], impls: list[str]) -> list[Job]:
     """Rows in the order they run: dtype, layout, optimizer, implementation."""
     run = time_step if suite == "optim" else time_host
     keys = itertools.product(args.dtypes, layouts, args.optimizers, impls)
-    return [Job(base_row(suite, o, lay, d, i), functools.partial(run, o, lay, d, i)) for d, lay, o, i in keys]
+    return [(base_row(suite, o, lay, d, i), functools.partial(run, o, lay, d, i)) for d, lay, o, i in keys]
 
 
 def optim_jobs(args, ctx) -> list[Job]:
@@ -204,7 +187,7 @@ def optim_jobs(args, ctx) -> list[Job]:
 
 
 def optim_floor_rows(args) -> list[dict]:
-    return [job.row for job in jobs("optim", args, args.layouts, [None])]
+    return [row for row, _ in jobs("optim", args, args.layouts, [None])]
 
 
 def host_jobs(args, ctx) -> list[Job]:

@@ -1,13 +1,6 @@
-"""``python -m fusedopt check``: fusedopt against torch on this machine, with verdicts.
-
-Every optimizer case steps a GPT-shaped list of params (a 0-d scalar included) for ``--steps``
-steps beside torch's class (for-loop path) on the same grads, every param and state tensor
-compared; every loss case compares the value and the input gradient with ``torch.nn.functional``.
-bf16/fp16 are compared with torch in fp32 rounded to the dtype. The cases (``OPTIM_CASES``,
-``LOSS_CASES``: append one to check it), the runners and the tolerance contract are
-``fusedopt.testing``'s. Output: tables and verdicts on stdout; in --out a CSV of every result and
-a PNG of each result's error over what the tolerance allows.
-"""
+"""``python -m fusedopt check``: every fused optimizer (each param and state tensor, step after step)
+and loss (value and input gradient) against torch on this machine, with verdicts. The cases,
+runners and tolerances are ``fusedopt.testing``'s."""
 
 from __future__ import annotations
 
@@ -27,9 +20,8 @@ from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE
 # The registries: testing's lists themselves, so appending a case here checks it.
 OPTIM_CASES: list[OptimCase] = testing.OPTIM_CASES
 LOSS_CASES: list[testing.LossCase] = testing.LOSS_CASES
-# CPU: the kernels run in the interpreter; 28 tensors (~9k elements, ragged blocks) and 33 x 1000
-# loss inputs keep the check near half a minute on two cores. CUDA: ~5.2M elements (the
-# optimizers' large-block launch), GPT-2's vocabulary for the losses.
+# CPU (the interpreter): 28 tensors (~9k elements, ragged blocks), 33 x 1000 loss inputs: about
+# half a minute on two cores. CUDA: ~5.2M elements (the large-block launch), GPT-2's vocabulary.
 SIZES = {  # flag: (CPU, CUDA, help)
     "width": (16, 256, "d_model of the GPT-shaped params"),
     "layers": (2, 4, "transformer blocks of the GPT-shaped params"),
@@ -37,17 +29,13 @@ SIZES = {  # flag: (CPU, CUDA, help)
     "rows": (33, 256, "rows of the loss inputs"),
     "classes": (1000, 50257, "columns of the loss inputs (cross-entropy classes)"),
 }
+OPTIM_ERRORS = "per tensor, the largest over the param list; step counters compared exactly"
 KINDS = {  # kind: (plural, what its error columns are, its tolerance table)
-    "optimizer": (
-        "optimizers",
-        "per tensor, the largest over the param list; step counters compared exactly",
-        OPTIM_TOLERANCE,
-    ),
+    "optimizer": ("optimizers", OPTIM_ERRORS, OPTIM_TOLERANCE),
     "loss": ("losses", "of the loss value and of the input gradient", LOSS_TOLERANCE),
 }
 ERROR_ORDER = ["param", "value", "grad", "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
-FIELDS = ["kind", "name", "options", "dtype", "steps", "shape"]  # then the errors, RESULT_FIELDS
-RESULT_FIELDS = ["ratio", "verdict", "worst", "notes"]
+FIELDS = ["kind", "name", "options", "dtype", "steps", "shape"]  # then the errors, ratio, verdict ...
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,15 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (cpu, cuda, what) in SIZES.items():
         help = f"{what} (default: {cpu} on CPU, {cuda} with CUDA)"
         parser.add_argument(f"--{flag}", type=int, metavar="N", help=help)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     out = "folder of check_<UTC time>.csv and .png (default: %(default)s)"
     parser.add_argument("--out", default="fusedopt-check", metavar="DIR", help=out)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
-def optimizer_result(case: OptimCase, dtype: torch.dtype, device: str, shapes, steps: int, seed: int):
+def optimizer_result(case: OptimCase, dtype: torch.dtype, device: str, shapes, steps: int):
     """``case`` on the named ``shapes`` (``testing.gpt_shapes``), random grads every step."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen).to(dtype).to(device) for _, s in shapes]
 
     def grads(ps: list[torch.Tensor], step: int) -> list[torch.Tensor]:
@@ -79,7 +66,7 @@ def optimizer_result(case: OptimCase, dtype: torch.dtype, device: str, shapes, s
 
 def run(args: argparse.Namespace) -> int:
     """The selected cases; the tables, CSV, PNG and verdict. 0 if every case passed."""
-    device = common.default_device()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     column = 1 if device == "cuda" else 0  # of SIZES
     size = {k: v[column] if getattr(args, k) is None else getattr(args, k) for k, v in SIZES.items()}
     optim_cases = [c for c in OPTIM_CASES if c.group in args.optimizers]
@@ -96,33 +83,26 @@ def run(args: argparse.Namespace) -> int:
         "value and input gradient against torch.nn.functional\n"
     )
     jobs = [*itertools.product(optim_cases, dtypes), *itertools.product(loss_cases, dtypes)]
-    progress = common.Progress(len(jobs), "fusedopt check", not args.no_progress)
     start = time.perf_counter()
     results = []
     with warnings.catch_warnings():
         # The interpreter evaluates masked-off lanes too (inf - inf there is harmless).
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
-        for case, dtype in jobs:
+        for done, (case, dtype) in enumerate(jobs, 1):
             optim = isinstance(case, OptimCase)
             try:
                 if optim:
-                    result = optimizer_result(case, dtype, device, shapes, args.steps, args.seed)
+                    result = optimizer_result(case, dtype, device, shapes, args.steps)
                 else:
-                    result = testing.compare_loss(
-                        case, dtype, device, size["rows"], size["classes"], args.seed
-                    )
+                    result = testing.compare_loss(case, dtype, device, size["rows"], size["classes"])
             except Exception as e:
-                name = common.DTYPE_NAMES[dtype]
-                if optim:
-                    result = Result(
-                        "optimizer", case.fused_cls.__name__, describe(case.kwargs), name, args.steps
-                    )
-                else:
-                    options = describe(case.kwargs, "weight" if case.weighted else "")
-                    result = Result("loss", case.name, options, name)
-                result.error = common.short_error(e)
+                name = case.fused_cls.__name__ if optim else case.name
+                options = describe(case.kwargs, "" if optim or not case.weighted else "weight")
+                result = Result("optimizer" if optim else "loss", name, options, common.DTYPE_NAMES[dtype])
+                result.steps, result.error = args.steps if optim else None, common.short_error(e)
             results.append(result)
-            progress.advance(f"{result.name} {result.dtype}")
+            if not args.no_progress:
+                common.progress("fusedopt check", done, len(jobs), start, f"{result.name} {result.dtype}")
     return report(results, dtypes, time.perf_counter() - start, env, args.out)
 
 
@@ -139,47 +119,36 @@ def tolerance_text(table: dict, dtypes: list[torch.dtype]) -> str:
     return "; ".join(parts)
 
 
-def error_rank(key: str) -> tuple[int, str]:
-    """Error columns in ``ERROR_ORDER``, then any other state key alphabetically."""
-    return (ERROR_ORDER.index(key) if key in ERROR_ORDER else len(ERROR_ORDER), key)
-
-
-def as_row(r: Result) -> dict:
-    row = {k: getattr(r, k) for k in FIELDS}
-    row.update(r.errors, ratio=None if r.error else r.ratio, verdict=r.verdict, worst=r.worst)
-    row["notes"] = "; ".join([*r.notes, *([r.error] if r.error else [])])
-    return row
-
-
 def report(results: list[Result], dtypes: list[torch.dtype], elapsed: float, env: dict, out: str) -> int:
     """A table per kind with its tolerances, a line per case that did not pass, the CSV and PNG,
     the verdict; 0 if every case passed."""
-    errors = sorted({k for r in results for k in r.errors}, key=error_rank)
-    rows = [as_row(r) for r in results]
-    log = common.CsvLog(out, "check", env, [*env, *FIELDS, *errors, *RESULT_FIELDS])
-    for row in rows:
-        log.write(env | row)
-    log.close()
+    order = {k: i for i, k in enumerate(ERROR_ORDER)}  # then any other state key alphabetically
+    errors = sorted({k for r in results for k in r.errors}, key=lambda k: (order.get(k, len(order)), k))
+    log = common.CsvLog(out, "check", env, [*env, *FIELDS, *errors, "ratio", "verdict", "worst", "notes"])
+    rows = []
+    for r in results:
+        row = {k: getattr(r, k) for k in FIELDS} | r.errors
+        row.update(ratio=None if r.error else r.ratio, verdict=r.verdict, worst=r.worst)
+        row["notes"] = "; ".join([*r.notes, *([r.error] if r.error else [])])
+        log.writerow(env | row)
+        rows.append(row)
+    log.file.close()
     panels = []
     for kind, (plural, what, table) in KINDS.items():
         mine = [row for row in rows if row["kind"] == kind]
         if not mine:
             continue
-        optional = [("steps", "steps", "d"), ("shape", "input", "")]
-        optional += [(k, "params" if k == "param" else k, ".1e") for k in errors]
         columns = [("name", kind, ""), ("options", "options", ""), ("dtype", "dtype", "")]
-        columns += [c for c in optional if any(row.get(c[0]) not in (None, "") for row in mine)]
+        columns += [("steps", "steps", "d"), ("shape", "input", "")]
+        columns += [(k, "params" if k == "param" else k, ".1e") for k in errors]
         columns += [("ratio", "err/tol", ".2f"), ("verdict", "verdict", "")]
         print(common.table_text(mine, columns))
         print(
             f"columns: max|ours - torch| / max|torch| {what}.\ntolerance: {tolerance_text(table, dtypes)}\n"
         )
-        groups = list(dict.fromkeys(f"{row['name']} {row['options']}" for row in mine))
-        series = {dtype: [None] * len(groups) for dtype in dict.fromkeys(row["dtype"] for row in mine)}
-        for row in mine:
-            series[row["dtype"]][groups.index(f"{row['name']} {row['options']}")] = row["ratio"]
+        bars = [(f"{row['name']} {row['options']}", row["dtype"], row["ratio"]) for row in mine]
         title = f"{plural}: the largest element error / what the tolerance allows there, {env['gpu']}"
-        panels.append((title, "err/tol (<= 1 passes)", groups, series, (1.0, "tolerance")))
+        panels.append((title, "err/tol (<= 1 passes)", bars, (1.0, "tolerance")))
     print("err/tol: the largest element error divided by what the tolerance allows there (<= 1 passes).")
     failed = [r for r in results if r.verdict != "PASS"]
     for r in failed:

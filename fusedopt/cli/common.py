@@ -1,5 +1,5 @@
-"""What ``check`` and ``bench`` share: dtypes and option lists by name, the header, the table,
-CSV and bar-plot writers, a progress bar and timing."""
+"""What ``check`` and ``bench`` share: dtypes by name, the header, name-list options, the table,
+CSV and bar-plot writers, progress lines; the bench suites' record."""
 
 from __future__ import annotations
 
@@ -22,11 +22,9 @@ from fusedopt import _multi_tensor, testing
 DTYPE_NAMES = testing.DTYPE_NAMES
 DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 Column = tuple[str, str, str]  # (row key, header, format spec; "" for text)
-Panel = tuple[str, str, list[str], dict[str, list], tuple | None]  # title, y label, groups, series, line
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+Job = tuple[dict, Callable[..., dict]]  # a bench row's fixed columns, and run(ctx) -> the rest
+# A bar chart: title, y label, its bars as (group, series, height; None: no bar), a dashed line (y, label).
+Panel = tuple[str, str, list[tuple[str, str, float | None]], tuple | None]
 
 
 def environment() -> dict[str, str]:
@@ -77,22 +75,15 @@ class Names(argparse.Action):
 
 def add_names(parser, flag: str, names, default, what: str, nargs: str = "+") -> None:
     """A ``flag`` taking names from ``names`` (``nargs="*"``: none given selects none)."""
+    help = f"{what}; from: {', '.join(names)} (default: {' '.join(default) or 'none'})"
     parser.add_argument(
-        flag,
-        nargs=nargs,
-        action=Names,
-        names=names,
-        default=list(default),
-        metavar="NAME",
-        help=f"{what}; from: {', '.join(names)} (default: {' '.join(default) or 'none'})",
+        flag, nargs=nargs, action=Names, names=names, default=list(default), metavar="NAME", help=help
     )
 
 
-# Writers --------------------------------------------------------------------------------------
-
-
 def table_text(rows: list[dict], columns: Sequence[Column], markdown: bool = False) -> str:
-    """``rows`` as a fixed-width text table or a Markdown table; missing values as '-'."""
+    """``rows`` as a fixed-width text table or a Markdown table: the columns some row fills, a
+    missing value as '-'."""
 
     def cell(value, spec: str) -> str:
         if value is None or value == "":
@@ -101,6 +92,7 @@ def table_text(rows: list[dict], columns: Sequence[Column], markdown: bool = Fal
             return str(value)
         return format(value, spec)
 
+    columns = [c for c in columns if any(r.get(c[0]) not in (None, "") for r in rows)]
     cells = [[cell(r.get(k), f) for k, _, f in columns] for r in rows]
     headers = [h for _, h, _ in columns]
     if markdown:
@@ -110,52 +102,50 @@ def table_text(rows: list[dict], columns: Sequence[Column], markdown: bool = Fal
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
 
     def line(values: list[str]) -> str:
-        aligned = [
-            v.rjust(w) if f else v.ljust(w) for v, w, (_, _, f) in zip(values, widths, columns, strict=True)
-        ]
-        return "  ".join(aligned).rstrip()
+        padded = (v.rjust(w) if c[2] else v.ljust(w) for v, w, c in zip(values, widths, columns, strict=True))
+        return "  ".join(padded).rstrip()
 
     return "\n".join([line(headers), *(line(c) for c in cells)])
 
 
-class CsvLog:
-    """``folder/<name>_<UTC time of env>.csv``, written row by row (a run cut short leaves its rows)."""
+class CsvLog(csv.DictWriter):
+    """``folder/<name>_<UTC time of env>.csv``, line-buffered: a run cut short leaves its rows."""
 
     def __init__(self, folder: str, name: str, env: dict, fields: Sequence[str]):
         stamp = env["timestamp_utc"].replace("-", "").replace(":", "")
         self.path = Path(folder) / f"{name}_{stamp}.csv"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=list(fields), extrasaction="ignore")
-        self._writer.writeheader()
-
-    def write(self, row: dict) -> None:
-        self._writer.writerow({k: "" if v is None else v for k, v in row.items()})
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+        self.file = self.path.open("w", newline="", buffering=1)
+        super().__init__(self.file, list(fields), extrasaction="ignore")
+        self.writeheader()
 
 
-def bar_plot(path: Path, panels: list[Panel]) -> str | None:
-    """One bar chart per panel: a bar per series in each group (``None``: no bar), and a dashed
-    line at ``(y, label)`` if given. Returns why no PNG was written, or None. Uses matplotlib's
-    object API (Agg), so the process's pyplot backend is left alone."""
+def save_plot(csv_path: Path, panels: list[Panel]) -> Path | None:
+    """A bar chart per panel in a PNG next to the CSV (a bar per series in each group), a line
+    for each file; the PNG's path if written. matplotlib's object API: pyplot is left alone."""
+    png = csv_path.with_suffix(".png")
+    print(f"CSV: {csv_path}")
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        return "matplotlib is not installed"
+        print("PNG: not written (matplotlib is not installed)")
+        return None
     if not panels:
-        return "no rows to plot"
-    bars = max(len(groups) * max(len(series), 1) for _, _, groups, series, _ in panels)
-    fig = Figure(figsize=(min(24.0, max(8.0, 0.25 * bars)), 4.8 * len(panels)), layout="constrained")
+        print("PNG: not written (no rows to plot)")
+        return None
+    most = max(sum(v is not None for _, _, v in bars) for _, _, bars, _ in panels)
+    fig = Figure(figsize=(min(24.0, max(8.0, 0.25 * most)), 4.8 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    for ax, (title, ylabel, groups, series, line) in zip(axes, panels, strict=True):
+    for ax, (title, ylabel, bars, line) in zip(axes, panels, strict=True):
+        groups = list(dict.fromkeys(group for group, _, _ in bars))
+        series: dict[str, list[tuple[int, float]]] = {}
+        for group, label, value in bars:
+            if value is not None:
+                series.setdefault(label, []).append((groups.index(group), value))
         width = 0.8 / max(len(series), 1)
-        for i, (label, values) in enumerate(series.items()):
+        for i, (label, points) in enumerate(series.items()):
             offset = (i - (len(series) - 1) / 2) * width
-            points = [(g + offset, v) for g, v in enumerate(values) if v is not None]
-            ax.bar([x for x, _ in points], [v for _, v in points], width, label=label)
+            ax.bar([x + offset for x, _ in points], [v for _, v in points], width, label=label)
         if line:
             ax.axhline(line[0], linestyle="--", color="gray", label=line[1])
         ax.set_xticks(range(len(groups)))
@@ -163,64 +153,16 @@ def bar_plot(path: Path, panels: list[Panel]) -> str | None:
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
-    return None
+    fig.savefig(png, dpi=110)
+    print(f"PNG: {png}")
+    return png
 
 
-def save_plot(csv_path: Path, panels: list[Panel]) -> Path | None:
-    """The PNG of ``panels`` next to the CSV, and a line for each; the PNG's path if written."""
-    png = csv_path.with_suffix(".png")
-    problem = bar_plot(png, panels)
-    print(f"CSV: {csv_path}")
-    print(f"PNG: {png}" if not problem else f"PNG: not written ({problem})")
-    return None if problem else png
-
-
-class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, a line per tenth otherwise."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total = max(total, 1)
-        self.label = label
-        self.enabled = enabled
-        self.done = 0
-        self.tenth = -1
-        self.start = time.perf_counter()
-
-    def advance(self, what: str = "") -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        if sys.stderr.isatty():
-            bar = ("#" * (30 * self.done // self.total)).ljust(30, ".")
-            text = f"\r{self.label} [{bar}] {self.done}/{self.total} {elapsed:5.1f}s {what}"[:150]
-            sys.stderr.write(text.ljust(150) if self.done < self.total else text + "\n")
-        elif 10 * self.done // self.total != self.tenth:
-            self.tenth = 10 * self.done // self.total
-            sys.stderr.write(f"{self.label}: {self.done}/{self.total} ({elapsed:.1f}s) {what}\n")
-        sys.stderr.flush()
-
-
-# Timing (CUDA) --------------------------------------------------------------------------------
-
-
-def do_bench(fn: Callable[[], object], warmup: int, rep: int) -> dict[str, float]:
-    """``triton.testing.do_bench`` (L2 flushed before each run): median, p20 and p80, in ms."""
-    import triton.testing
-
-    median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    return {"ms": median, "ms_p20": p20, "ms_p80": p80}
-
-
-def peak_extra_mib(fn: Callable[[], object]) -> float:
-    """Memory one call of ``fn`` allocates above what was allocated before it, in MiB (CUDA)."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+def progress(label: str, done: int, total: int, start: float, what: str) -> None:
+    """A line on stderr after the first item and at each tenth of ``total``."""
+    if done == 1 or 10 * done // total > 10 * (done - 1) // total:
+        elapsed = time.perf_counter() - start
+        print(f"{label}: {done}/{total} ({elapsed:.1f}s) {what}", file=sys.stderr, flush=True)
 
 
 def compiled(fn: Callable, backend: str) -> Callable:
@@ -234,21 +176,10 @@ def short_error(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# Bench suites ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    """One bench row: its fixed columns, and what measures it (``run(ctx)`` returns the rest)."""
-
-    row: dict
-    run: Callable[..., dict]
-
-
 @dataclass(frozen=True)
 class Suite:
-    """A bench suite: its table's title, what its case and layout columns hold, its
-    implementations (fusedopt first), its rows, and its byte-floor table (host: none)."""
+    """A bench suite: its table's title, the headers of its case and layout columns, its
+    implementations (fusedopt first), its rows and its byte-floor table (host: none)."""
 
     title: str
     headers: tuple[str, str]
