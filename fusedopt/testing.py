@@ -360,7 +360,9 @@ def compare_optimizer(
     for step in range(steps):
         for p, q, g in zip(ours, theirs, grads(ours, step), strict=True):
             p.grad, q.grad = g, g.to(q.dtype)
-        opt.step()
+        with torch.random.fork_rng(devices=[]):  # stochastic rounding's seeds: the same every run
+            torch.manual_seed(step)
+            opt.step()
         if "max_grad_norm" in case.kwargs:
             torch.nn.utils.clip_grad_norm_(theirs, case.kwargs["max_grad_norm"], foreach=False)
         ref.step()
