@@ -8,11 +8,11 @@
 # Everything (one log per step, check's CSV/PNG, each bench step's CSV/PNG/Markdown, summary.txt) goes to
 # $OUT/<card>/, <card> being the GPU's name as a slug (e.g. nvidia-h100-80gb-hbm3). The benchmarks
 # run even when the tests fail; the script exits non-zero at the end if any step failed or timed
-# out. Time limits per step (seconds; worst case 570 s in all): TEST_TIMEOUT (200), CHECK_TIMEOUT
-# (50), INT64_TIMEOUT (40), BENCH_TIMEOUT (120), LOSS_TIMEOUT (70), AMP_TIMEOUT (60), HOST_TIMEOUT
-# (30). The optim, losses and amp steps get a --budget 30 s under their limit: rows not started
-# by then are written as skipped (the torch.compile rows run last), so the CSV, table and plot
-# are always written.
+# out. Time limits per step (seconds; worst case 590 s in all): TEST_TIMEOUT (190), CHECK_TIMEOUT
+# (45), INT64_TIMEOUT (35), BENCH_TIMEOUT (120), PRECISION_TIMEOUT (40: the low-precision rows),
+# LOSS_TIMEOUT (70), AMP_TIMEOUT (60), HOST_TIMEOUT (30). The optim, losses and amp steps get a
+# --budget under their limit: rows not started by then are written as skipped (the
+# torch.compile rows run last), so the CSV, table and plot are always written.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,10 +81,12 @@ bench() {
 bench_timeout=${BENCH_TIMEOUT:-120}
 loss_timeout=${LOSS_TIMEOUT:-70}
 amp_timeout=${AMP_TIMEOUT:-60}
-step tests "${TEST_TIMEOUT:-200}" $PY -m pytest -q --maxfail=20 tests
-step check "${CHECK_TIMEOUT:-50}" $PY -m fusedopt check --no-progress --out "$results"
-step check_int64 "${INT64_TIMEOUT:-40}" $PY benchmarks/check_int64.py
+step tests "${TEST_TIMEOUT:-190}" $PY -m pytest -q --maxfail=20 tests
+step check "${CHECK_TIMEOUT:-45}" $PY -m fusedopt check --no-progress --out "$results"
+step check_int64 "${INT64_TIMEOUT:-35}" $PY benchmarks/check_int64.py
 bench optim "$bench_timeout" --layouts single64m gpt2 many4k --dtypes fp32 bf16 --budget $((bench_timeout - 30))
+bench optim "${PRECISION_TIMEOUT:-40}" --optimizers adamw adamw-master adamw-kahan adamw-sr adamw-bf16state \
+    --layouts gpt2 --dtypes bf16 --impls fusedopt torch-fused --budget 20
 bench losses "$loss_timeout" --dtypes fp32 bf16 --budget $((loss_timeout - 30))
 bench amp "$amp_timeout" --budget $((amp_timeout - 30))
 bench host "${HOST_TIMEOUT:-30}" --optimizers adam sgd --layouts many4k gpt2 --dtypes fp32

@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = functools.partial(common.add_names, parser)
     optimizers, layouts = bench_optim.OPTIMIZERS, bench_optim.LAYOUTS
     names("--suites", SUITES, SUITES, "what to run (space- or comma-separated, as every list here)")
-    names("--optimizers", optimizers, optimizers, "optim, host: optimizers (sgd: momentum=0.9)")
+    help_ = "optim, host: optimizers (sgd: momentum=0.9; adamw-*: low-precision options, not by default)"
+    names("--optimizers", optimizers, bench_optim.DEFAULT_OPTIMIZERS, help_)
     names("--layouts", layouts, layouts, f"optim, host: layouts ({bench_optim.LAYOUT_HELP})")
     names("--losses", bench_losses.LOSSES, bench_losses.LOSSES, "losses: cases, <loss>-<shape>")
     names("--dtypes", common.DTYPES, ["fp32", "bf16"], "param and input dtypes (amp: fp32 master params)")

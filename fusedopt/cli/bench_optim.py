@@ -19,6 +19,7 @@ import torch
 import fusedopt
 from fusedopt import _multi_tensor, floors, testing
 from fusedopt.cli.common import DTYPES, Job, Suite, compiled, short_error
+from fusedopt.optim._fused import EXTENSIONS
 from fusedopt.testing import OptimCase
 
 IMPLS = ("fusedopt", "torch-forloop", "torch-foreach", "torch-fused", "torch-compile")
@@ -35,7 +36,15 @@ OPTIMIZERS: dict[str, OptimCase] = {
     "sgd": OptimCase(fusedopt.FusedSGD, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
     "rmsprop": OptimCase(fusedopt.FusedRMSprop, torch.optim.RMSprop, {"lr": 1e-3}),
     "adagrad": OptimCase(fusedopt.FusedAdagrad, torch.optim.Adagrad, {"lr": 1e-3}),
+    # Low-precision options (not run by default; torch's rows run its plain step on the same params).
+    "adamw-master": OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3, "master_weights": True}),
+    "adamw-kahan": OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3, "kahan_summation": True}),
+    "adamw-sr": OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3, "stochastic_rounding": True}),
+    "adamw-bf16state": OptimCase(
+        fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3, "state_dtype": torch.bfloat16}
+    ),
 }
+DEFAULT_OPTIMIZERS = ["adam", "adamw", "sgd", "rmsprop", "adagrad"]
 
 
 def gpt2_small_shapes(d: int = 768, vocab: int = 50257, context: int = 1024, layers: int = 12):
@@ -87,6 +96,7 @@ def make(case: OptimCase, impl: str, params: list[torch.Tensor], capturable: boo
         kwargs["capturable"] = True
     if impl == "fusedopt":
         return case.fused_cls(params, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in EXTENSIONS}
     return case.torch_cls(params, **kwargs, **TORCH_FLAGS[impl])
 
 
@@ -126,7 +136,7 @@ def base_row(suite: str, name: str, layout: str, dtype: str, impl: str | None) -
     row = {"suite": suite, "case": label(case), "impl": impl, "layout": layout, "dtype": dtype}
     row.update(tensors=len(shapes), numel=numel)
     if suite == "optim":  # host rows move no bytes
-        per_elt = floors.step(case.fused_cls, **case.kwargs).bytes_per_element(DTYPES[dtype])
+        per_elt = floors.step(case.fused_cls, DTYPES[dtype], **case.kwargs).bytes_per_element(DTYPES[dtype])
         row.update(bytes_per_elt=per_elt, bytes=per_elt * numel)
     return row
 
