@@ -60,7 +60,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def launch_config(total_numel: int) -> tuple[int, int]:
-    """Block size and warps, by a size rule (in-place steps cannot be autotuned at run time)."""
+    """Block size and warps, by a size rule (in-place steps cannot be autotuned at run time).
+
+    The block size is a multiple of 256 (``fusedopt.kernels.common.QBLOCK``): blocks start at
+    multiples of it within each tensor, so every absmax block of 8-bit state lies in one program.
+    """
     return (4096, 8) if total_numel >= 1 << 22 else (1024, 4)
 
 
@@ -77,6 +81,11 @@ def _dense(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """True if ``t`` covers its memory exactly once, in some order."""
+    return _dense(tuple(t.shape), t.stride())
+
+
 def shares_dense_layout(tensors: Sequence[torch.Tensor]) -> bool:
     """True if all tensors have one dense layout, so they can be walked in memory order."""
     first = tensors[0]
@@ -85,9 +94,9 @@ def shares_dense_layout(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def dense_copy(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` in ``like``'s layout if that is dense, else contiguous."""
+    """A copy of ``t`` (in ``t``'s dtype) in ``like``'s layout if that is dense, else contiguous."""
     if _dense(tuple(like.shape), like.stride()):
-        return torch.empty_like(like).copy_(t)
+        return torch.empty_like(like, dtype=t.dtype).copy_(t)
     return t.contiguous()
 
 

@@ -53,19 +53,24 @@ print(json.dumps(out))
 
 TABLES = {"ptrs": "*i64", "grad_ptrs": "*i64", "meta": "*i64", "owner": "*i32", "scalars": "*fp64"}
 AMP = {"grad_scale": "*fp32", "found_inf": "*fp32", "clip_coef": "*fp32"}
+STATE = {"seeds": "*i64", "absmax_ptrs": "*i64", "codebook": "*fp32"}
 SIGNATURES = {
-    "adam": dict(TABLES, steps="*fp32", seeds="*i64", **AMP),
-    "sgd": dict(TABLES, taken="*fp32", seeds="*i64", **AMP),
-    "rmsprop": dict(TABLES, steps="*fp32", seeds="*i64", **AMP),
-    "adagrad": dict(TABLES, steps="*fp32", seeds="*i64", **AMP),
+    "adam": dict(TABLES, steps="*fp32", **STATE, **AMP),
+    "sgd": dict(TABLES, taken="*fp32", **STATE, **AMP),
+    "rmsprop": dict(TABLES, steps="*fp32", **STATE, **AMP),
+    "adagrad": dict(TABLES, steps="*fp32", **STATE, **AMP),
 }
-# Low-precision storage (fusedopt.optim._precision): (param dtype, state dtype, MODE, SR).
+# Low-precision storage (fusedopt.optim._precision): (param dtype, state dtype, MODE, SR, Q8).
 PRECISION = [
-    ("bfloat16", "float32", 1, False),  # master weights
-    ("float16", "float16", 2, False),  # Kahan summation
-    ("bfloat16", "bfloat16", 0, True),  # stochastic rounding
-    ("float16", "float16", 0, True),
-    ("float32", "bfloat16", 0, True),  # bf16 state of fp32 params
+    ("bfloat16", "float32", 1, False, False),  # master weights
+    ("float16", "float16", 2, False, False),  # Kahan summation
+    ("bfloat16", "bfloat16", 0, True, False),  # stochastic rounding
+    ("float16", "float16", 0, True, False),
+    ("float32", "bfloat16", 0, True, False),  # bf16 state of fp32 params
+    ("float32", "float32", 0, False, True),  # 8-bit state (state_dtype="int8")
+    ("bfloat16", "float32", 1, False, True),  # 8-bit state with master weights
+    ("bfloat16", "float32", 0, True, True),  # 8-bit state, stochastically rounded bf16 params
+    ("float16", "float32", 2, False, True),  # 8-bit state with Kahan summation
 ]
 PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float64": "*fp64"}
 
@@ -75,15 +80,18 @@ def _optimizer_variants(name: str, flags: list[str]) -> list:
     sets = [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
     sets += [dict(dict.fromkeys(flags, False), **{f: True}) for f in flags]
 
-    def constexprs(dtype, chosen, aligned, state=None, mode=0, sr=False):
+    def constexprs(dtype, chosen, aligned, state=None, mode=0, sr=False, q8=False):
         compute = "tl.float64" if dtype == "float64" else "tl.float32"
-        return dict(DTYPE=f"tl.{dtype}", SDTYPE=f"tl.{state or dtype}", COMPUTE=compute, MODE=mode, SR=sr,
+        return dict(DTYPE=f"tl.{dtype}", SDTYPE=f"tl.{state or dtype}", COMPUTE=compute, MODE=mode, SR=sr, Q8=q8,
                     BLOCK=4096, ALIGNED=aligned, **chosen)  # fmt: skip
 
     signature = SIGNATURES[name]
     out = [[name, signature, constexprs(dtype, chosen, True)] for dtype in DTYPES for chosen in sets]
     out.append([name, signature, constexprs("float32", dict.fromkeys(flags, False), False)])
     out += [[name, signature, constexprs(d, sets[1], True, *rest)] for d, *rest in PRECISION]
+    # 8-bit state with every flag off, unaligned (the 1024-element blocks of smaller launches).
+    off = dict.fromkeys(flags, False)
+    out.append([name, signature, dict(constexprs("float32", off, False, q8=True), BLOCK=1024)])
     return out
 
 

@@ -19,8 +19,10 @@ from fusedopt.testing import OPTIM_CASES
 SPECS = [(3, 4), (5,), (), (4097,), (0,)]
 # GradScaler's verdicts: the first step is skipped (a momentum buffer must stay new), then one more.
 FOUND_INF = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
-# Every option set fusedopt check runs (SGD's include dampening != 0; max_grad_norm ones too).
-CASES = OPTIM_CASES
+# Every option set fusedopt check runs (SGD's include dampening != 0; max_grad_norm ones too),
+# but the low-precision ones: the compiled op does not take them (the step runs eagerly, a graph
+# break: docs/low-precision.md; tests/test_precision.py compiles one without fullgraph).
+CASES = [c for c in OPTIM_CASES if not c.fused_cls([torch.zeros(1)], **c.kwargs).precision.active]
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -14,6 +14,9 @@ reads nothing from the host: it can be captured in a CUDA graph.
 
 Bytes per element (fp32): read p, g, s and write p, s = 20 B.
 When ``found_inf`` is non-zero nothing is read or written.
+
+With 8-bit state (``state_dtype="int8"``, Q8) a state element is read and written as 1 byte,
+plus a 4-byte absmax for every 256 of them (``fusedopt.optim._quantize``).
 """
 
 import triton
@@ -25,6 +28,7 @@ from fusedopt.kernels.common import (
     fma,
     load_grad,
     load_param,
+    load_state,
     locate_block,
     mul_ieee,
     named,
@@ -32,7 +36,7 @@ from fusedopt.kernels.common import (
     sqrt_ieee,
     step_taken,
     store_param,
-    store_rounded,
+    store_state,
 )
 
 # The spec shared with the launcher (fusedopt.optim.adagrad): table columns (state keys), float64
@@ -40,6 +44,8 @@ from fusedopt.kernels.common import (
 COLUMNS = ("param", "sum")
 SCALARS = ("lr", "lr_decay", "weight_decay", "eps")
 FLAGS = ("MAXIMIZE", "HAS_WD")
+# State never below 0 (with initial_accumulator_value >= 0): the unsigned 8-bit code map.
+NONNEGATIVE = ("sum",)
 PARAM, SUM = named(COLUMNS)
 K = tl.constexpr(len(COLUMNS) + 1)  # and the precision column (a master or a compensation)
 LR, LR_DECAY, WEIGHT_DECAY, EPS = named(SCALARS)
@@ -52,6 +58,8 @@ def _adagrad_block(
     scalars,
     steps,
     seeds,
+    absmax_ptrs,
+    codebook,
     grad_scale,
     clip_coef,
     t,
@@ -62,13 +70,14 @@ def _adagrad_block(
     COMPUTE: tl.constexpr,
     MODE: tl.constexpr,
     SR: tl.constexpr,
+    Q8: tl.constexpr,
+    BLOCK: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    s_ptr = address(ptrs, t, SUM, K, SDTYPE, ALIGNED) + offs
     g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
 
     # clr in fp64, rounded as torch's Python floats: (t - 1) * lr_decay, then 1 + that, then lr / it.
@@ -81,7 +90,7 @@ def _adagrad_block(
     p = load_param(ptrs, t, offs, mask, K, DTYPE, COMPUTE, ALIGNED, MODE)
     r_p, r_s, _, _ = random_bits(seeds, t, offs, SR)
     g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
-    s = tl.load(s_ptr, mask=mask).to(COMPUTE)
+    s = load_state(ptrs, absmax_ptrs, codebook, t, SUM, offs, mask, K, SDTYPE, COMPUTE, ALIGNED, Q8)
     # fma exactly where torch's add(alpha=) / addcmul round once; addcdiv divides (IEEE) and
     # adds with separate roundings (CPU), so fp32 results follow torch's for-loop step.
     if HAS_WD:
@@ -90,7 +99,7 @@ def _adagrad_block(
     std = sqrt_ieee(s, COMPUTE) + eps
     p = p + div_ieee(minus_clr * g, std, COMPUTE)
     store_param(ptrs, t, offs, mask, p, r_p, K, DTYPE, ALIGNED, MODE, SR)
-    store_rounded(s_ptr, s, mask, r_s, SDTYPE, SR)
+    store_state(ptrs, absmax_ptrs, codebook, t, SUM, offs, mask, s, r_s, K, SDTYPE, ALIGNED, SR, Q8, BLOCK)
 
 
 @triton.jit
@@ -102,6 +111,8 @@ def adagrad_kernel(
     scalars,  # float64 [len(SCALARS)]: SCALARS
     steps,  # float32 or float64 [T]: each tensor's step count, this step included
     seeds,  # int64 [T]: each tensor's stochastic-rounding seed (read if SR)
+    absmax_ptrs,  # int64 [T, K - 2]: address of each state column's absmax, 0: fp32 state (read if Q8)
+    codebook,  # float32 [K - 2, 2, 256]: each state column's code values and boundaries (read if Q8)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
@@ -110,6 +121,7 @@ def adagrad_kernel(
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
     MODE: tl.constexpr,  # MODE_PLAIN, MODE_MASTER or MODE_KAHAN (fusedopt.kernels.common)
     SR: tl.constexpr,  # stochastic rounding of low-precision stores
+    Q8: tl.constexpr,  # state columns may be 8-bit (per tensor: absmax_ptrs); SDTYPE is then fp32
     BLOCK: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr,
@@ -121,10 +133,10 @@ def adagrad_kernel(
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
     if step_taken(found_inf, HAS_FOUND_INF):
         if full:
-            _adagrad_block(ptrs, grad_ptrs, scalars, steps, seeds, grad_scale, clip_coef, t, offs, None, DTYPE,
-                           SDTYPE, COMPUTE, MODE, SR, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
-                           ALIGNED)  # fmt: skip
+            _adagrad_block(ptrs, grad_ptrs, scalars, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t,
+                           offs, None, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, MAXIMIZE, HAS_WD,
+                           HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         else:
-            _adagrad_block(ptrs, grad_ptrs, scalars, steps, seeds, grad_scale, clip_coef, t, offs, mask, DTYPE,
-                           SDTYPE, COMPUTE, MODE, SR, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
-                           ALIGNED)  # fmt: skip
+            _adagrad_block(ptrs, grad_ptrs, scalars, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t,
+                           offs, mask, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, MAXIMIZE, HAS_WD,
+                           HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip

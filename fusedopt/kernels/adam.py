@@ -14,6 +14,9 @@ step reads nothing from the host: it can be captured in a CUDA graph.
 
 Bytes per element (fp32, no amsgrad): read p, g, m, v and write p, m, v = 28 B.
 When ``found_inf`` is non-zero nothing is read or written.
+
+With 8-bit state (``state_dtype="int8"``, Q8) a state element is read and written as 1 byte,
+plus a 4-byte absmax for every 256 of them (``fusedopt.optim._quantize``).
 """
 
 import triton
@@ -25,13 +28,14 @@ from fusedopt.kernels.common import (
     fma,
     load_grad,
     load_param,
+    load_state,
     locate_block,
     named,
     random_bits,
     sqrt_ieee,
     step_taken,
     store_param,
-    store_rounded,
+    store_state,
 )
 
 # The spec shared with the launcher (fusedopt.optim.adam): table columns (state keys), float64
@@ -39,6 +43,7 @@ from fusedopt.kernels.common import (
 COLUMNS = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 SCALARS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 FLAGS = ("AMSGRAD", "MAXIMIZE", "DECOUPLED", "HAS_WD")
+NONNEGATIVE = ("exp_avg_sq", "max_exp_avg_sq")  # state never below 0: the unsigned 8-bit code map
 PARAM, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ = named(COLUMNS)
 K = tl.constexpr(len(COLUMNS) + 1)  # and the precision column (a master or a compensation)
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY = named(SCALARS)
@@ -51,6 +56,8 @@ def _adam_block(
     scalars,
     steps,
     seeds,
+    absmax_ptrs,
+    codebook,
     grad_scale,
     clip_coef,
     t,
@@ -61,6 +68,8 @@ def _adam_block(
     COMPUTE: tl.constexpr,
     MODE: tl.constexpr,
     SR: tl.constexpr,
+    Q8: tl.constexpr,
+    BLOCK: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     DECOUPLED: tl.constexpr,
@@ -69,8 +78,6 @@ def _adam_block(
     HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    m_ptr = address(ptrs, t, EXP_AVG, K, SDTYPE, ALIGNED) + offs
-    v_ptr = address(ptrs, t, EXP_AVG_SQ, K, SDTYPE, ALIGNED) + offs
     g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
 
     lr = tl.load(scalars + LR)
@@ -92,8 +99,8 @@ def _adam_block(
     p = load_param(ptrs, t, offs, mask, K, DTYPE, COMPUTE, ALIGNED, MODE)
     r_p, r_m, r_v, r_vm = random_bits(seeds, t, offs, SR)
     g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
-    m = tl.load(m_ptr, mask=mask).to(COMPUTE)
-    v = tl.load(v_ptr, mask=mask).to(COMPUTE)
+    m = load_state(ptrs, absmax_ptrs, codebook, t, EXP_AVG, offs, mask, K, SDTYPE, COMPUTE, ALIGNED, Q8)
+    v = load_state(ptrs, absmax_ptrs, codebook, t, EXP_AVG_SQ, offs, mask, K, SDTYPE, COMPUTE, ALIGNED, Q8)
     if HAS_WD:
         if DECOUPLED:
             p = p * (1.0 - lr * wd).to(COMPUTE)
@@ -104,16 +111,23 @@ def _adam_block(
     m = tl.where(w1 < 0.5, fma(w1, g - m, m), fma(w1 - 1.0, g - m, g))
     v = fma(w2 * g, g, v * b2)
     if AMSGRAD:
-        vm_ptr = address(ptrs, t, MAX_EXP_AVG_SQ, K, SDTYPE, ALIGNED) + offs
-        vm = tl.maximum(tl.load(vm_ptr, mask=mask).to(COMPUTE), v)
-        store_rounded(vm_ptr, vm, mask, r_vm, SDTYPE, SR)
+        vm = load_state(
+            ptrs, absmax_ptrs, codebook, t, MAX_EXP_AVG_SQ, offs, mask, K, SDTYPE, COMPUTE, ALIGNED, Q8
+        )
+        vm = tl.maximum(vm, v)
+        store_state(ptrs, absmax_ptrs, codebook, t, MAX_EXP_AVG_SQ, offs, mask, vm, r_vm, K, SDTYPE, ALIGNED,
+                    SR, Q8, BLOCK)  # fmt: skip
         denom = div_ieee(sqrt_ieee(vm, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
     else:
         denom = div_ieee(sqrt_ieee(v, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
     p = p + div_ieee(-step_size * m, denom, COMPUTE)
     store_param(ptrs, t, offs, mask, p, r_p, K, DTYPE, ALIGNED, MODE, SR)
-    store_rounded(m_ptr, m, mask, r_m, SDTYPE, SR)
-    store_rounded(v_ptr, v, mask, r_v, SDTYPE, SR)
+    store_state(
+        ptrs, absmax_ptrs, codebook, t, EXP_AVG, offs, mask, m, r_m, K, SDTYPE, ALIGNED, SR, Q8, BLOCK
+    )
+    store_state(
+        ptrs, absmax_ptrs, codebook, t, EXP_AVG_SQ, offs, mask, v, r_v, K, SDTYPE, ALIGNED, SR, Q8, BLOCK
+    )
 
 
 @triton.jit
@@ -125,6 +139,8 @@ def adam_kernel(
     scalars,  # float64 [len(SCALARS)]: SCALARS
     steps,  # float32 or float64 [T]: each tensor's step count, this step included
     seeds,  # int64 [T]: each tensor's stochastic-rounding seed (read if SR)
+    absmax_ptrs,  # int64 [T, K - 2]: address of each state column's absmax, 0: fp32 state (read if Q8)
+    codebook,  # float32 [K - 2, 2, 256]: each state column's code values and boundaries (read if Q8)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
@@ -133,6 +149,7 @@ def adam_kernel(
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
     MODE: tl.constexpr,  # MODE_PLAIN, MODE_MASTER or MODE_KAHAN (fusedopt.kernels.common)
     SR: tl.constexpr,  # stochastic rounding of low-precision stores
+    Q8: tl.constexpr,  # state columns may be 8-bit (per tensor: absmax_ptrs); SDTYPE is then fp32
     BLOCK: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -146,10 +163,10 @@ def adam_kernel(
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
     if step_taken(found_inf, HAS_FOUND_INF):
         if full:
-            _adam_block(ptrs, grad_ptrs, scalars, steps, seeds, grad_scale, clip_coef, t, offs, None, DTYPE,
-                        SDTYPE, COMPUTE, MODE, SR, AMSGRAD, MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
-                        ALIGNED)  # fmt: skip
+            _adam_block(ptrs, grad_ptrs, scalars, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef,
+                        t, offs, None, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, AMSGRAD, MAXIMIZE, DECOUPLED,
+                        HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         else:
-            _adam_block(ptrs, grad_ptrs, scalars, steps, seeds, grad_scale, clip_coef, t, offs, mask, DTYPE,
-                        SDTYPE, COMPUTE, MODE, SR, AMSGRAD, MAXIMIZE, DECOUPLED, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
-                        ALIGNED)  # fmt: skip
+            _adam_block(ptrs, grad_ptrs, scalars, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef,
+                        t, offs, mask, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, AMSGRAD, MAXIMIZE, DECOUPLED,
+                        HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip

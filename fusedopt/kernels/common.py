@@ -10,7 +10,8 @@ elements and hands the kernel two small tables:
 Program ``pid`` handles block ``pid``: it looks up its tensor and its element offsets, then
 loads that tensor's addresses from the kernel's own pointer table. Full blocks run without a
 mask, so loads and stores are vectorized when the launcher vouches that every address is
-16-byte aligned (``ALIGNED``); only the last block of each tensor is masked.
+16-byte aligned (``ALIGNED``); only the last block of each tensor is masked. A block starts at
+a multiple of ``BLOCK`` within its tensor (``BLOCK`` a multiple of ``QBLOCK``).
 """
 
 import os
@@ -251,3 +252,91 @@ def store_param(ptrs, t, offs, mask, p, r, K: tl.constexpr, DTYPE: tl.constexpr,
         tl.store(address(ptrs, t, K - 1, K, DTYPE, ALIGNED) + offs, to_storage(low, DTYPE), mask=mask)
     else:
         store_rounded(p_ptr, p, mask, r, DTYPE, SR)
+
+
+# Blockwise 8-bit state (state_dtype="int8"; the torch side and the code maps are in
+# fusedopt.optim._quantize). With Q8 each state column of each tensor is either fp32 or uint8
+# codes with one fp32 absmax per QBLOCK elements, as the tensor's row of ``absmax_ptrs`` says
+# (int64 [T, K - 2]: the address of each state column's absmax, 0 for fp32): a runtime branch,
+# uniform over a program since a block belongs to one tensor. A block starts at a multiple of
+# BLOCK, itself a multiple of QBLOCK, so every absmax block lies in one program: no extra pass.
+# ``codebook`` (float32 [K - 2, 2, CODES]) holds, for each state column, its code values
+# (ascending) and the decision boundaries between neighbours (CODES - 1 of them, then +inf).
+QBLOCK = tl.constexpr(256)  # elements per absmax
+CODES = tl.constexpr(256)  # entries of a code map (uint8 codes)
+
+
+@triton.jit
+def _absmax_address(absmax_ptrs, t, c, K: tl.constexpr):
+    """The address of state column ``c``'s absmax for tensor ``t`` (int64; 0: fp32 state)."""
+    return tl.load(absmax_ptrs + t * (K - 2) + (c - 1))
+
+
+@triton.jit
+def load_state(ptrs, absmax_ptrs, codebook, t, c: tl.constexpr, offs, mask, K: tl.constexpr, SDTYPE: tl.constexpr,
+               COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, Q8: tl.constexpr):  # fmt: skip
+    """State column ``c`` of tensor ``t`` in COMPUTE: stored in SDTYPE; with Q8 stored in fp32
+    or as 8-bit codes, read as ``value[code] * absmax[offs // QBLOCK]``."""
+    if Q8:
+        scales = _absmax_address(absmax_ptrs, t, c, K)
+        if scales != 0:
+            codes = tl.load(address(ptrs, t, c, K, tl.uint8, ALIGNED) + offs, mask=mask)
+            value = tl.load(codebook + (c - 1) * 2 * CODES + codes.to(tl.int32))
+            absmax = tl.load(scales.to(tl.pointer_type(tl.float32)) + offs // QBLOCK, mask=mask)
+            x = mul_ieee(value, absmax)  # rounded on its own, as torch's dequantization
+        else:
+            x = tl.load(address(ptrs, t, c, K, tl.float32, ALIGNED) + offs, mask=mask)
+    else:
+        x = tl.load(address(ptrs, t, c, K, SDTYPE, ALIGNED) + offs, mask=mask).to(COMPUTE)
+    return x
+
+
+@triton.jit
+def store_state(ptrs, absmax_ptrs, codebook, t, c: tl.constexpr, offs, mask, x, r, K: tl.constexpr,
+                SDTYPE: tl.constexpr, ALIGNED: tl.constexpr, SR: tl.constexpr, Q8: tl.constexpr,
+                BLOCK: tl.constexpr):  # fmt: skip
+    """Store ``x`` as state column ``c`` of tensor ``t``: in SDTYPE (rounded stochastically with
+    SR); with Q8 in fp32, or quantized (:func:`quantize`; 8-bit codes never round
+    stochastically)."""
+    if Q8:
+        scales = _absmax_address(absmax_ptrs, t, c, K)
+        if scales != 0:
+            quantize(address(ptrs, t, c, K, tl.uint8, ALIGNED) + offs, scales.to(tl.pointer_type(tl.float32)),
+                     codebook + (c - 1) * 2 * CODES, offs, mask, x, BLOCK)  # fmt: skip
+        else:
+            tl.store(address(ptrs, t, c, K, tl.float32, ALIGNED) + offs, x, mask=mask)
+    else:
+        store_rounded(address(ptrs, t, c, K, SDTYPE, ALIGNED) + offs, x, mask, r, SDTYPE, SR)
+
+
+@triton.jit
+def quantize(
+    code_ptr,  # uint8 [BLOCK]: where the codes go (offs applied)
+    absmax_ptr,  # float32 [ceil(numel / QBLOCK)]: the tensor's absmax
+    book,  # float32 [2, CODES]: code values, then decision boundaries
+    offs,
+    mask,  # None for a full block
+    x,  # float32 [BLOCK]
+    BLOCK: tl.constexpr,
+):
+    """Blockwise 8-bit quantization of fp32 ``x`` (the semantics of
+    ``fusedopt.optim._quantize.quantize_``): per QBLOCK elements, ``absmax = max |x|``, then
+    each element's code is the number of decision boundaries strictly below ``x / absmax``
+    (the nearest code value; a block of zeros divides by 1), found by binary search."""
+    tl.static_assert(BLOCK // QBLOCK * QBLOCK == BLOCK)  # blocks hold whole absmax blocks
+    if mask is not None:
+        x = tl.where(mask, x, 0.0)
+    blocks = tl.reshape(x, (BLOCK // QBLOCK, QBLOCK))
+    absmax = tl.max(tl.abs(blocks), axis=1)
+    normalized = div_ieee(blocks, tl.where(absmax > 0, absmax, 1.0)[:, None], tl.float32)
+    code = tl.zeros((BLOCK // QBLOCK, QBLOCK), tl.int32)
+    for i in tl.static_range(8):  # CODES == 2**8
+        probe = code + (128 >> i)
+        code = tl.where(tl.load(book + CODES + probe - 1) < normalized, probe, code)
+    tl.store(code_ptr, tl.reshape(code, (BLOCK,)).to(tl.uint8), mask=mask)
+    block = tl.min(tl.reshape(offs // QBLOCK, (BLOCK // QBLOCK, QBLOCK)), axis=1)  # absmax index
+    if mask is not None:
+        inside = tl.max(tl.reshape(mask.to(tl.int32), (BLOCK // QBLOCK, QBLOCK)), axis=1) > 0
+        tl.store(absmax_ptr + block, absmax, mask=inside)
+    else:
+        tl.store(absmax_ptr + block, absmax)

@@ -11,6 +11,9 @@ For each element (fp32 math, fp64 for fp64 params):
 
 Bytes per element (fp32, momentum): read p, g, b and write p, b = 20 B (12 B without momentum).
 When ``found_inf`` is non-zero nothing is read or written.
+
+With 8-bit state (``state_dtype="int8"``, Q8) a state element is read and written as 1 byte,
+plus a 4-byte absmax for every 256 of them (``fusedopt.optim._quantize``).
 """
 
 import triton
@@ -21,18 +24,20 @@ from fusedopt.kernels.common import (
     fma,
     load_grad,
     load_param,
+    load_state,
     locate_block,
     named,
     random_bits,
     step_taken,
     store_param,
-    store_rounded,
+    store_state,
 )
 
 # The spec shared with the launcher (fusedopt.optim.sgd).
 COLUMNS = ("param", "momentum_buffer")
 SCALARS = ("lr", "momentum", "dampening", "weight_decay")
 FLAGS = ("HAS_MOMENTUM", "NESTEROV", "MAXIMIZE", "HAS_WD")
+NONNEGATIVE = ()  # state never below 0 (the unsigned 8-bit code map): none
 PARAM, MOMENTUM_BUFFER = named(COLUMNS)
 K = tl.constexpr(len(COLUMNS) + 1)  # and the precision column (a master or a compensation)
 LR, MOMENTUM, DAMPENING, WEIGHT_DECAY = named(SCALARS)
@@ -45,6 +50,8 @@ def _sgd_block(
     scalars,
     taken,
     seeds,
+    absmax_ptrs,
+    codebook,
     grad_scale,
     clip_coef,
     t,
@@ -55,6 +62,8 @@ def _sgd_block(
     COMPUTE: tl.constexpr,
     MODE: tl.constexpr,
     SR: tl.constexpr,
+    Q8: tl.constexpr,
+    BLOCK: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -75,12 +84,14 @@ def _sgd_block(
     if HAS_MOMENTUM:
         momentum = tl.load(scalars + MOMENTUM).to(COMPUTE)
         keep = (1.0 - tl.load(scalars + DAMPENING)).to(COMPUTE)
-        b_ptr = address(ptrs, t, MOMENTUM_BUFFER, K, SDTYPE, ALIGNED) + offs
         if tl.load(taken + t) == 1:  # the buffer's first step: it takes the grad
             b = g
         else:
-            b = fma(g, keep, tl.load(b_ptr, mask=mask).to(COMPUTE) * momentum)
-        store_rounded(b_ptr, b, mask, r_b, SDTYPE, SR)
+            b = load_state(ptrs, absmax_ptrs, codebook, t, MOMENTUM_BUFFER, offs, mask, K, SDTYPE, COMPUTE,
+                           ALIGNED, Q8)  # fmt: skip
+            b = fma(g, keep, b * momentum)
+        store_state(ptrs, absmax_ptrs, codebook, t, MOMENTUM_BUFFER, offs, mask, b, r_b, K, SDTYPE, ALIGNED, SR,
+                    Q8, BLOCK)  # fmt: skip
         if NESTEROV:
             g = fma(b, momentum, g)
         else:
@@ -98,6 +109,8 @@ def sgd_kernel(
     scalars,  # float64 [len(SCALARS)]: SCALARS
     taken,  # float32 [T]: steps each momentum buffer has taken, this one included (read if HAS_MOMENTUM)
     seeds,  # int64 [T]: each tensor's stochastic-rounding seed (read if SR)
+    absmax_ptrs,  # int64 [T, K - 2]: address of each state column's absmax, 0: fp32 state (read if Q8)
+    codebook,  # float32 [K - 2, 2, 256]: each state column's code values and boundaries (read if Q8)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
@@ -106,6 +119,7 @@ def sgd_kernel(
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 params
     MODE: tl.constexpr,  # MODE_PLAIN, MODE_MASTER or MODE_KAHAN (fusedopt.kernels.common)
     SR: tl.constexpr,  # stochastic rounding of low-precision stores
+    Q8: tl.constexpr,  # state columns may be 8-bit (per tensor: absmax_ptrs); SDTYPE is then fp32
     BLOCK: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
@@ -119,10 +133,10 @@ def sgd_kernel(
     t, offs, mask, full = locate_block(meta, owner, BLOCK)
     if step_taken(found_inf, HAS_FOUND_INF):
         if full:
-            _sgd_block(ptrs, grad_ptrs, scalars, taken, seeds, grad_scale, clip_coef, t, offs, None, DTYPE, SDTYPE,
-                       COMPUTE, MODE, SR, HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
-                       ALIGNED)  # fmt: skip
+            _sgd_block(ptrs, grad_ptrs, scalars, taken, seeds, absmax_ptrs, codebook, grad_scale, clip_coef,
+                       t, offs, None, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, HAS_MOMENTUM, NESTEROV,
+                       MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         else:
-            _sgd_block(ptrs, grad_ptrs, scalars, taken, seeds, grad_scale, clip_coef, t, offs, mask, DTYPE, SDTYPE,
-                       COMPUTE, MODE, SR, HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP,
-                       ALIGNED)  # fmt: skip
+            _sgd_block(ptrs, grad_ptrs, scalars, taken, seeds, absmax_ptrs, codebook, grad_scale, clip_coef,
+                       t, offs, mask, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, HAS_MOMENTUM, NESTEROV,
+                       MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip

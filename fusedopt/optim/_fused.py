@@ -36,7 +36,7 @@ _EXTENSIONS = (  # (name, default, annotation) of the keyword-only arguments tor
     ("master_weights", False, "bool"),
     ("kahan_summation", False, "bool"),
     ("stochastic_rounding", False, "bool"),
-    ("state_dtype", None, "torch.dtype | None"),
+    ("state_dtype", None, "torch.dtype | str | None"),
 )
 
 
@@ -66,9 +66,13 @@ class FusedStep:
             (``"kahan_compensation"``) that carries the rounding error to the next step.
         stochastic_rounding (bool): round bf16/fp16 stores (params, and state stored in
             bf16/fp16) up or down at random, unbiased (Philox keyed by ``"rounding_seed"``).
-        state_dtype (torch.dtype, optional): storage dtype of the algorithm's state: None (the
-            param's dtype, fp32 with ``master_weights``), ``torch.float32``, ``torch.bfloat16``
-            or ``torch.float16``; the math stays fp32.
+        state_dtype (torch.dtype or str, optional): storage dtype of the algorithm's state:
+            None (the param's dtype, fp32 with ``master_weights``), ``torch.float32``,
+            ``torch.bfloat16``, ``torch.float16``, or ``"int8"``: blockwise 8-bit state for
+            params of at least 4,096 elements (``uint8`` codes under torch's key, e.g.
+            ``"exp_avg"``, and one fp32 absmax per 256 elements under ``"exp_avg_absmax"``;
+            smaller params keep fp32 state; about 2 bytes per param for Adam). The math stays
+            fp32.
 
     At most one of ``master_weights``, ``kahan_summation`` and ``stochastic_rounding``; they do
     nothing for fp32/fp64 params. See :mod:`fusedopt.optim._precision`.
@@ -253,16 +257,18 @@ class FusedStep:
         exact = exact_entries(self, state_dict)
         super().load_state_dict(state_dict)
         restore(self, exact)
-        if self.precision.active:  # a torch-format state dict: converted to our options now
-            for p, state in self.state.items():
-                if state and walkable_dtype(p):
-                    self.precision.complete(p, state, self.algorithm.columns)
+        # Converted to our options now: a torch-format state dict, or one saved with others
+        # (8-bit state into other options is dequantized).
+        for p, state in self.state.items():
+            if state and walkable_dtype(p):
+                self.precision.complete(p, state, self.algorithm)
         self._reset_plans(counters=True)
 
     def torch_state_dict(self) -> dict:
         """``state_dict()`` in the format of the ``torch.optim`` class this one replaces: the
         entries of ``master_weights``, ``kahan_summation`` and ``stochastic_rounding`` dropped,
-        the state in each param's dtype. Load it into the torch class to go back to it."""
+        8-bit state dequantized (its absmax entries dropped), the state in each param's dtype.
+        Load it into the torch class to go back to it."""
         return torch_state_dict(self)
 
     def add_param_group(self, param_group: dict) -> None:

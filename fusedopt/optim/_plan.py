@@ -26,9 +26,11 @@ from fusedopt._multi_tensor import (
     dense_copy,
     runs_triton,
     shares_dense_layout,
+    to_device,
 )
 from fusedopt._norm import NormSource
 from fusedopt.optim._precision import PLAIN, SEED, Precision
+from fusedopt.optim._quantize import absmax_key, codebook
 
 
 def real_view(t: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,11 @@ class Bucket:
         self.counters: list[torch.Tensor] = []
         self.resident: torch.Tensor | None = None  # one tensor whose elements are the counters
         self.seeds: torch.Tensor | None = None  # stochastic rounding's seeds (views kept in the state)
+        # 8-bit state: each state column's absmax, per tensor (None: fp32 state), their addresses
+        # (int64 [T, S], 0 for None) and the columns' code maps (float32 [S, 2, 256]).
+        self.absmax: list[list[torch.Tensor | None]] | None = None
+        self.absmax_ptrs: torch.Tensor | None = None
+        self.codebook: torch.Tensor | None = None
         self.unique = True  # no param of this bucket is listed twice in its group
         self.complex = False
         self.irregular: list[int] = []  # tensors whose operands do not share one dense layout
@@ -315,6 +322,7 @@ def plan_groups(opt, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, S
             for p in group["params"]:
                 if p.grad is not None:
                     check_param(p, p.grad)
+                    opt.precision.check(p)
                     opt._check(p, p.grad, group)
                     check_state(opt, p, group)
     out = []
@@ -359,7 +367,7 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, layer: int):
     precision = opt.precision
     if precision.active and walkable(p) and (state or precision.needs_state(real_view(p).dtype)):
         state = opt.state[p]
-        precision.complete(p, state, spec.columns)
+        precision.complete(p, state, spec)
     aux = precision.aux_key(real_view(p).dtype)
     columns = [state.get(name) for name in (*spec.columns, aux)]  # aux None: no precision column
     if spec.counter is not None:
@@ -391,9 +399,24 @@ def _build(opt, group: dict, key: tuple | None, grads: StepGrads) -> Plan:
                 opt._taken[(id(p), bucket.layer)] = view
             else:
                 opt.state[p][counter] = view
+        if bucket.walkable and bucket.precision.quantizes(bucket.dtype):
+            _absmax_tables(opt, bucket)
         if bucket.kind == "triton" and bucket.precision.rounds_stochastically(bucket.dtype):
             bucket.seeds = torch.stack([opt.state[p][SEED].to(bucket.device) for p in bucket.params])
             if bucket.unique:  # the state keeps views: the step advances them all with one op
                 for p, view in zip(bucket.params, bucket.seeds.unbind(), strict=True):
                     opt.state[p][SEED] = view
     return plan
+
+
+def _absmax_tables(opt, bucket: Bucket) -> None:
+    """8-bit state: the absmax of each state column of each tensor (None where the state is
+    fp32: small or complex params, absent columns) and, for the kernel, their addresses and the
+    columns' code maps."""
+    spec = opt.algorithm
+    state = [opt.state.get(p, {}) for p in bucket.params]
+    bucket.absmax = [[s.get(absmax_key(key)) for s in state] for key in spec.columns]
+    if bucket.kind == "triton":
+        rows = [[0 if a is None else a.data_ptr() for a in row] for row in zip(*bucket.absmax, strict=True)]
+        bucket.absmax_ptrs = to_device(torch.tensor(rows, dtype=torch.int64), bucket.device)
+        bucket.codebook = to_device(codebook(spec.signed), bucket.device)

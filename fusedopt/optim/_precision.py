@@ -15,10 +15,18 @@ Each changes what the step kernel loads and stores, never the number of passes
   device every step: reproducible after ``torch.manual_seed``, resumable from a checkpoint).
 * ``state_dtype``: the storage dtype of the algorithm's state (None: the param's dtype, or fp32
   with ``master_weights``); the math stays fp32.
+* ``state_dtype="int8"``: blockwise 8-bit state (:mod:`fusedopt.optim._quantize`): each state
+  tensor of a param with at least 4,096 elements (``_quantize.MIN_NUMEL``) is kept as ``uint8``
+  codes under torch's key (``"exp_avg"``: the param's shape) and one fp32 absmax per 256
+  elements under ``key + "_absmax"`` (``"exp_avg_absmax"``: ``ceil(numel / 256)``); smaller and
+  complex params keep fp32 state. The kernel dequantizes on load and requantizes on store, in
+  the same pass and launch (a per-tensor branch); the plain-torch step does the same on fp32
+  copies. 8-bit codes are rounded to nearest even with ``stochastic_rounding`` (which then rounds
+  the bf16/fp16 params only). DTensor params are refused (the blocks would not follow shards).
 
 fp32 and fp64 params have no low bits to lose: ``master_weights``, ``kahan_summation`` and their
 stochastic rounding do nothing for them (``state_dtype`` applies to fp32 params too; fp64 params
-keep fp64 state).
+keep fp64 state, also with ``"int8"``).
 """
 
 from __future__ import annotations
@@ -28,15 +36,30 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedopt._dist import local
+from fusedopt._dist import is_dtensor, local
 from fusedopt.kernels import common as kernels
+from fusedopt.optim._quantize import (
+    MIN_NUMEL,
+    SUFFIX,
+    absmax_key,
+    codes_stride,
+    dequantize,
+    quantize,
+    quantize_,
+)
 
 LOW = (torch.bfloat16, torch.float16)
 MASTER = "master_weight"
 KAHAN = "kahan_compensation"
 SEED = "rounding_seed"
-EXTRA_KEYS = (MASTER, KAHAN, SEED)
-STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+EXTRA_KEYS = (MASTER, KAHAN, SEED)  # and the absmax of 8-bit state: see ours()
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, "int8")
+QUANTIZED = (torch.float32, torch.bfloat16, torch.float16)  # param dtypes whose state may be 8-bit
+
+
+def ours(key: str) -> bool:
+    """Whether a state key is one of our extensions (torch's classes have no such key)."""
+    return key in EXTRA_KEYS or key.endswith(SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -46,7 +69,7 @@ class Precision:
     master_weights: bool = False
     kahan_summation: bool = False
     stochastic_rounding: bool = False
-    state_dtype: torch.dtype | None = None
+    state_dtype: torch.dtype | str | None = None
 
     def __post_init__(self):
         chosen = [
@@ -59,11 +82,10 @@ class Precision:
                 f"{' and '.join(chosen)} are alternative ways to keep the low bits of a bf16/fp16 "
                 "param's updates (an fp32 copy, a compensation buffer, unbiased rounding): choose one"
             )
-        if self.state_dtype == "int8":
-            raise NotImplementedError("state_dtype='int8' (blockwise 8-bit state) is not implemented yet")
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(
-                f"Invalid state_dtype: {self.state_dtype!r} (None, torch.float32, torch.bfloat16 or torch.float16)"
+                f"Invalid state_dtype: {self.state_dtype!r} (None, torch.float32, torch.bfloat16, "
+                "torch.float16 or 'int8')"
             )
 
     @property
@@ -77,15 +99,50 @@ class Precision:
             return kernels.MODE_KAHAN.value
         return kernels.MODE_PLAIN.value
 
+    @property
+    def quantized(self) -> bool:
+        """Blockwise 8-bit state (``state_dtype="int8"``)."""
+        return self.state_dtype == "int8"
+
+    def quantizes(self, dtype: torch.dtype) -> bool:
+        """Whether a launch over params of ``dtype`` may hold 8-bit state (the kernels' Q8)."""
+        return self.quantized and dtype in QUANTIZED
+
+    def quantizes_param(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s state is 8-bit: a float param of at least MIN_NUMEL elements."""
+        return self.quantizes(p.dtype) and p.numel() >= MIN_NUMEL and not is_dtensor(p)
+
+    def check(self, p: torch.Tensor) -> None:
+        """Refuse, before anything changes, a param these options cannot step."""
+        if self.quantized and is_dtensor(p):
+            raise NotImplementedError(
+                "state_dtype='int8' does not support DTensor params (FSDP2, tensor parallel): the "
+                "absmax blocks would not follow the shards; use torch.bfloat16 state"
+            )
+
     def state_dtype_for(self, dtype: torch.dtype) -> torch.dtype:
+        """The storage dtype of the state of params of ``dtype`` (8-bit: of the fp32 state of
+        small params, and the dtype the kernels compute 8-bit state in)."""
         if dtype == torch.float64 or not dtype.is_floating_point:
             return dtype
+        if self.quantized:
+            return torch.float32
         if self.state_dtype is not None:
             return self.state_dtype
         return torch.float32 if self.mode(dtype) == kernels.MODE_MASTER.value else dtype
 
     def rounds_stochastically(self, dtype: torch.dtype) -> bool:
         return self.stochastic_rounding and (dtype in LOW or self.state_dtype_for(dtype) in LOW)
+
+    def affects(self, dtype: torch.dtype) -> bool:
+        """Whether a step over params of ``dtype`` loads or stores anything differently (fp64
+        params, and fp32 ones with master weights or Kahan summation, step as without)."""
+        return (
+            self.mode(dtype) != kernels.MODE_PLAIN.value
+            or self.rounds_stochastically(dtype)
+            or self.state_dtype_for(dtype) != dtype
+            or self.quantizes(dtype)
+        )
 
     def needs_state(self, dtype: torch.dtype) -> bool:
         """Whether params of ``dtype`` keep state of ours (even where the algorithm keeps none)."""
@@ -95,15 +152,27 @@ class Precision:
         """The state key of the table's precision column for params of ``dtype``, if any."""
         return {kernels.MODE_MASTER.value: MASTER, kernels.MODE_KAHAN.value: KAHAN}.get(self.mode(dtype))
 
-    def complete(self, p: torch.Tensor, state: dict, algorithm_keys) -> None:
-        """Bring a param's state to these options: the algorithm's state in its storage dtype
-        (a torch-format state dict loads converted), and the extension entries it lacks (a
-        master from the param, a zero compensation, a seed from torch's generator)."""
+    def complete(self, p: torch.Tensor, state: dict, algorithm) -> None:
+        """Bring a param's state to these options: the algorithm's state (``algorithm``: an
+        ``fusedopt.optim._step.Algorithm``) in its storage dtype or 8-bit (a torch-format state
+        dict loads converted, 8-bit state into other options dequantized), and the extension
+        entries it lacks (a master from the param, a zero compensation, a seed from torch's
+        generator)."""
         wanted = self.state_dtype_for(p.dtype)
-        for key in algorithm_keys:
+        eight = self.quantizes_param(p)
+        for key, signed in zip(algorithm.columns, algorithm.signed, strict=True):
             v = state.get(key)
-            if isinstance(v, torch.Tensor) and v.dtype != wanted and v.is_floating_point():
-                state[key] = v.to(wanted)
+            if not isinstance(v, torch.Tensor):
+                continue
+            scale = absmax_key(key)
+            if scale in state:
+                if eight and v.stride() == codes_stride(p) and v.device == p.device:
+                    continue
+                v = dequantize(v, state.pop(scale).to(v.device), signed)
+            if eight:
+                state[key], state[scale] = quantize(v, p, signed)
+            else:
+                state[key] = v.to(wanted) if v.is_floating_point() else v
         aux = self.aux_key(p.dtype)
         if aux == MASTER and MASTER not in state:
             state[MASTER] = p.detach().to(torch.float32, copy=True)
@@ -120,6 +189,7 @@ class Precision:
             "SDTYPE": TL_DTYPE[self.state_dtype_for(dtype)],
             "MODE": self.mode(dtype),
             "SR": self.rounds_stochastically(dtype),
+            "Q8": self.quantizes(dtype),
         }
 
 
@@ -139,7 +209,7 @@ def exact_entries(optimizer, state_dict: dict) -> list[tuple[torch.Tensor, str, 
         for key, v in state_dict["state"].get(i, {}).items():
             if key == "step" or not isinstance(v, torch.Tensor):
                 continue
-            if key in EXTRA_KEYS or v.dtype != p.dtype:
+            if ours(key) or v.dtype != p.dtype:
                 out.append((p, key, v))
     return out
 
@@ -151,20 +221,25 @@ def restore(optimizer, entries) -> None:
 
 
 def torch_state_dict(optimizer) -> dict:
-    """The optimizer's state dict in torch's format: our entries dropped, the state in the
-    param's dtype (``torch.optim``'s class loads it as its own)."""
+    """The optimizer's state dict in torch's format: our entries dropped, 8-bit state
+    dequantized, the state in the param's dtype (``torch.optim``'s class loads it as its own)."""
     out = optimizer.state_dict()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in out["param_groups"] for i in g["params"]]
     by_id = dict(zip(ids, params, strict=True))
+    signed = dict(zip(optimizer.algorithm.columns, optimizer.algorithm.signed, strict=True))
     state = {}
     for i, entries in out["state"].items():
         p = by_id[i]
-        state[i] = {
-            k: (v.to(p.dtype) if isinstance(v, torch.Tensor) and k != "step" and v.is_floating_point() else v)
-            for k, v in entries.items()
-            if k not in EXTRA_KEYS
-        }
+        state[i] = {}
+        for k, v in entries.items():
+            if ours(k):
+                continue
+            if absmax_key(k) in entries:
+                v = dequantize(v, entries[absmax_key(k)], signed[k])
+            if isinstance(v, torch.Tensor) and k != "step" and v.is_floating_point():
+                v = v.to(p.dtype)
+            state[i][k] = v
     return {**out, "state": state}
 
 
@@ -172,8 +247,9 @@ def torch_state_dict(optimizer) -> dict:
 
 
 def eager_step(algorithm, hyper: dict, flags: dict, bucket, grads, amp, state, precision: Precision) -> None:
-    """The algorithm's non-Triton step on fp32 working copies, stored back as the kernel stores
-    (master, compensation, stochastic or nearest rounding)."""
+    """The algorithm's non-Triton step on fp32 working copies (8-bit state dequantized), stored
+    back as the kernel stores (master, compensation, stochastic or nearest rounding, 8-bit
+    codes and absmax)."""
     dtype = bucket.dtype
     mode = precision.mode(dtype)
     aux = bucket.columns[-1]
@@ -184,7 +260,11 @@ def eager_step(algorithm, hyper: dict, flags: dict, bucket, grads, amp, state, p
         values = [p.float() + c.float() for p, c in zip(params, aux, strict=True)]
     else:
         values = [p.float() for p in params]
-    states = [[t.float() for t in column] for column in bucket.columns[1:-1]]
+    absmax = bucket.absmax or [[None] * len(params) for _ in algorithm.columns]
+    states = [
+        [t.float() if a is None else dequantize(t, a, signed) for t, a in zip(column, scales, strict=True)]
+        for column, scales, signed in zip(bucket.columns[1:-1], absmax, algorithm.signed, strict=True)
+    ]
     mine = [g.float() for g in bucket.grads(grads)]
     shadow = copy.copy(bucket)
     shadow.columns = [values, *states, values]
@@ -192,9 +272,13 @@ def eager_step(algorithm, hyper: dict, flags: dict, bucket, grads, amp, state, p
     shadow.grads = lambda _: mine
     algorithm.eager(hyper, flags, shadow, grads, amp, state)
     generators = _generators(bucket, state) if precision.rounds_stochastically(dtype) else None
-    for column, work in zip(bucket.columns[1:-1], states, strict=True):
-        for i, (t, w) in enumerate(zip(column, work, strict=True)):
-            if t is not params[i]:  # an absent state column repeats the params
+    for column, work, scales, signed in zip(
+        bucket.columns[1:-1], states, absmax, algorithm.signed, strict=True
+    ):
+        for i, (t, w, a) in enumerate(zip(column, work, scales, strict=True)):
+            if a is not None:
+                quantize_(t, a, w, signed)  # 8-bit codes: to nearest, never stochastically
+            elif t is not params[i]:  # an absent state column repeats the params
                 _store(t, w, generators and generators[i])
     for i, (p, x) in enumerate(zip(params, values, strict=True)):
         if mode == kernels.MODE_MASTER.value:

@@ -3,8 +3,9 @@ bucket with it, reached the same way from the eager step, the compiled step (thr
 ``fusedopt::step_`` custom op) and a captured step.
 
 An algorithm is declared once, in an :class:`Algorithm`: its kernel module names the table
-columns (``COLUMNS``: "param" then the state keys), the float64 scalar slots (``SCALARS``) and
-the constexpr switches (``FLAGS``) the kernel reads by named index; the spec says how a param
+columns (``COLUMNS``: "param" then the state keys), the float64 scalar slots (``SCALARS``), the
+constexpr switches (``FLAGS``) the kernel reads by named index and the state that is never
+negative (``NONNEGATIVE``: its 8-bit codes use the unsigned map); the spec says how a param
 group fills them and how torch initializes the state.
 """
 
@@ -28,7 +29,8 @@ class Algorithm:
 
     Args:
         name: the key of the compiled step's op (``torch.ops.fusedopt.step_``).
-        kernels: the kernel module: ``<name>_kernel``, ``COLUMNS``, ``SCALARS``, ``FLAGS``.
+        kernels: the kernel module: ``<name>_kernel``, ``COLUMNS``, ``SCALARS``, ``FLAGS``,
+            ``NONNEGATIVE``.
         state: ``group -> {state key: init}``, ``init(param)`` the key's initial tensor: the
             state torch creates lazily for a param (the step counter excluded), in torch's key
             order.
@@ -76,6 +78,11 @@ class Algorithm:
         """The state columns of the table, after the param."""
         return self.kernels.COLUMNS[1:]
 
+    @property
+    def signed(self) -> tuple[bool, ...]:
+        """For each state column, whether it may be negative (8-bit: the signed code map)."""
+        return tuple(name not in self.kernels.NONNEGATIVE for name in self.columns)
+
     def scalar_values(self, group: dict) -> list:
         """The group's values of the kernel's scalar slots, in slot order."""
         values = self.hyper(group)
@@ -108,7 +115,7 @@ def run_bucket(
     counters and does nothing when ``found_inf`` is set."""
     if bucket.kind != "triton":
         hyper = dict(zip(algorithm.kernels.SCALARS, scalars, strict=True))
-        if bucket.precision.active and bucket.walkable:
+        if bucket.walkable and bucket.precision.affects(bucket.dtype):
             eager_step(algorithm, hyper, flags, bucket, grads, amp, state, bucket.precision)
         else:
             algorithm.eager(hyper, flags, bucket, grads, amp, state)
@@ -123,9 +130,12 @@ def run_bucket(
         counters.add_(1)
     vector = bucket.scalars(scalars)
     seeds = vector if bucket.seeds is None else bucket.seeds
+    absmax = vector if bucket.absmax_ptrs is None else bucket.absmax_ptrs
+    codebook = vector if bucket.codebook is None else bucket.codebook
     bucket.launch(
-        grads, algorithm.kernel, amp, vector, vector if counters is None else counters, seeds, **flags
-    )
+        grads, algorithm.kernel, amp, vector, vector if counters is None else counters, seeds, absmax, codebook,
+        **flags,
+    )  # fmt: skip
     bucket.write_back(counters)
     if bucket.seeds is not None:  # stochastic rounding: the next step draws new bits
         bucket.seeds.add_(1)
