@@ -120,20 +120,31 @@ CASES = [
 ]
 
 
+def _side_by_side(models, optimizers, count, rank: int, clip=None, step=None, expect=(1, None)) -> None:
+    """STEPS steps of ours and torch's optimizer on the same batches (torch's clip_grad_norm_
+    to ``clip`` before its step); each of our steps (``step``: how to call it) must make
+    ``expect`` = (launches, all-reduces; None: not counted)."""
+    a, b = models
+    ours, theirs = optimizers
+    for i in range(STEPS):
+        for model in (a, b):
+            _backward(model, i, rank)
+        counts = count.during(step or ours.step)
+        assert all(e is None or c == e for c, e in zip(counts, expect, strict=True)), f"step {i}: {counts}"
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(b.parameters(), clip)
+        theirs.step()
+        ours.zero_grad()
+        theirs.zero_grad()
+
+
 def check_fsdp_parity(rank, mesh, count, workdir):
     """FSDP2 (Shard(0), uneven and empty shards): every fused optimizer against torch's, one
     launch per step for the 6 local shards, state DTensors placed as their params."""
     for fused_cls, torch_cls, kwargs in CASES:
         a, b = _sharded(mesh), _sharded(mesh)
         ours, theirs = fused_cls(a.parameters(), **kwargs), torch_cls(b.parameters(), **kwargs)
-        for step in range(STEPS):
-            for model in (a, b):
-                _backward(model, step, rank)
-            launches, _ = count.during(ours.step)
-            theirs.step()
-            assert launches == 1, f"{fused_cls.__name__}: {launches} launches for one step of 6 shards"
-            ours.zero_grad()
-            theirs.zero_grad()
+        _side_by_side((a, b), (ours, theirs), count, rank)  # one launch for the 6 shards
         _same(ours, theirs, fused_cls.__name__)
 
 
@@ -149,15 +160,7 @@ def check_clipping(rank, mesh, count, workdir):
     a, b = _sharded(mesh), _sharded(mesh)
     ours = fusedopt.FusedAdamW(a.parameters(), lr=0.01, max_grad_norm=0.05)
     theirs = torch.optim.AdamW(b.parameters(), lr=0.01)
-    for step in range(STEPS):
-        for model in (a, b):
-            _backward(model, step, rank)
-        _, reduces = count.during(ours.step)
-        assert reduces == 1, f"max_grad_norm: {reduces} all-reduces in one step"
-        torch.nn.utils.clip_grad_norm_(b.parameters(), 0.05)
-        theirs.step()
-        ours.zero_grad()
-        theirs.zero_grad()
+    _side_by_side((a, b), (ours, theirs), count, rank, clip=0.05, expect=(1, 1))
     _same(ours, theirs, "max_grad_norm")
     for model in (a, b):
         _backward(model, STEPS, rank, scale=100.0)
@@ -330,15 +333,7 @@ def check_compiled_step(rank, mesh, count, workdir):
     torch's AdamW."""
     a, b = _sharded(mesh), _sharded(mesh)
     ours, theirs = fusedopt.FusedAdamW(a.parameters(), lr=0.01), torch.optim.AdamW(b.parameters(), lr=0.01)
-    step = torch.compile(ours.step, backend="eager")
-    for i in range(2):
-        for model in (a, b):
-            _backward(model, i, rank)
-        launches, _ = count.during(step)
-        assert launches == 1, f"compiled step: {launches} launches"
-        theirs.step()
-        ours.zero_grad()
-        theirs.zero_grad()
+    _side_by_side((a, b), (ours, theirs), count, rank, step=torch.compile(ours.step, backend="eager"))
     _same(ours, theirs, "compiled step")
 
 
@@ -385,15 +380,7 @@ def check_ddp(rank, mesh, count, workdir):
         a, b = DDP(_model(), **options), DDP(_model(), **options)
         ours = fusedopt.FusedAdamW(a.parameters(), lr=0.01, max_grad_norm=0.1)
         theirs = torch.optim.AdamW(b.parameters(), lr=0.01)
-        for step in range(STEPS):
-            for model in (a, b):
-                _backward(model, step, rank)
-            launches, _ = count.during(ours.step)
-            assert launches == 1, f"DDP {options}: {launches} launches"
-            torch.nn.utils.clip_grad_norm_(b.parameters(), 0.1)
-            theirs.step()
-            ours.zero_grad()
-            theirs.zero_grad()
+        _side_by_side((a, b), (ours, theirs), count, rank, clip=0.1)
         _same(ours, theirs, f"DDP {options}")
 
 
@@ -406,14 +393,7 @@ def check_zero(rank, mesh, count, workdir):
     a, b = DDP(_model()), DDP(_model())
     ours = ZeroRedundancyOptimizer(a.parameters(), optimizer_class=fusedopt.FusedAdamW, lr=0.01)
     theirs = ZeroRedundancyOptimizer(b.parameters(), optimizer_class=torch.optim.AdamW, lr=0.01)
-    for step in range(STEPS):
-        for model in (a, b):
-            _backward(model, step, rank)
-        launches, _ = count.during(ours.step)
-        theirs.step()
-        assert launches == 1, f"ZeRO: {launches} launches on rank {rank}"
-        ours.zero_grad()
-        theirs.zero_grad()
+    _side_by_side((a, b), (ours, theirs), count, rank)
     for i, (p, q) in enumerate(zip(a.parameters(), b.parameters(), strict=True)):
         close(p.detach(), q.detach(), f"ZeRO: param {i}")
     _same(ours.optim, theirs.optim, "ZeRO's local optimizer")
@@ -450,15 +430,8 @@ def check_2d_mesh(rank, mesh, count, workdir):
     a, b = _tensor_parallel(mesh2d), _tensor_parallel(mesh2d)
     ours = fusedopt.FusedAdamW(a.parameters(), lr=0.01, max_grad_norm=0.05)
     theirs = torch.optim.AdamW(b.parameters(), lr=0.01)
-    for step in range(STEPS):
-        for model in (a, b):
-            _backward(model, step, dp_rank)  # a tp group sees one batch
-        launches, reduces = count.during(ours.step)
-        assert (launches, reduces) == (1, 2), f"(launches, all-reduces) = {(launches, reduces)}: dp, then tp"
-        torch.nn.utils.clip_grad_norm_(b.parameters(), 0.05)
-        theirs.step()
-        ours.zero_grad()
-        theirs.zero_grad()
+    # A tp group sees one batch; the norm is all-reduced over dp, then over tp.
+    _side_by_side((a, b), (ours, theirs), count, dp_rank, clip=0.05, expect=(1, 2))
     _same(ours, theirs, "2-D mesh")
     tp = [p.placements[1].is_replicate() for p in a.parameters()]
     assert any(tp) and not all(tp), "the model has params replicated and sharded on tp"
