@@ -87,7 +87,7 @@ step tests "${TEST_TIMEOUT:-190}" $PY -m pytest -q --maxfail=20 tests --ignore t
 step check "${CHECK_TIMEOUT:-45}" $PY -m fusedopt check --no-progress --out "$results"
 step check_int64 "${INT64_TIMEOUT:-35}" $PY benchmarks/check_int64.py
 bench optim "$bench_timeout" --layouts single64m gpt2 many4k --dtypes fp32 bf16 --budget $((bench_timeout - 30))
-bench optim "${PRECISION_TIMEOUT:-40}" --optimizers adamw adamw-master adamw-kahan adamw-sr adamw-bf16state \
+bench optim "${PRECISION_TIMEOUT:-40}" --optimizers adamw adamw-master adamw-kahan adamw-sr adamw-bf16state adamw-int8 \
     --layouts gpt2 --dtypes bf16 --impls fusedopt torch-fused --budget 20
 bench losses "$loss_timeout" --dtypes fp32 bf16 --budget $((loss_timeout - 30))
 bench amp "$amp_timeout" --budget $((amp_timeout - 30))

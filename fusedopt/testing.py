@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import fusedopt
 from fusedopt import functional as FF
+from fusedopt.optim import _precision, _quantize
 from fusedopt.optim._fused import EXTENSIONS
 from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE, allowed_error, round_to_storage_
 
@@ -114,6 +115,7 @@ OPTIM_CASES: list[OptimCase] = [
     *_cases(fusedopt.FusedAdamW, ADAMW, dict(lr=0.01, master_weights=True), dict(lr=0.01, state_dtype=torch.bfloat16)),
     *_cases(fusedopt.FusedAdam, ADAM, dict(lr=0.01, weight_decay=0.1, kahan_summation=True)),
     *_cases(fusedopt.FusedSGD, SGD, dict(lr=0.1, momentum=0.9, stochastic_rounding=True)),
+    *_cases(fusedopt.FusedAdamW, ADAMW, dict(lr=0.01, state_dtype="int8")),
 ]  # fmt: skip
 
 
@@ -368,14 +370,14 @@ def compare_optimizer(
         ref.step()
         if low or stored in LOW_PRECISION:  # the oracle: torch in fp32, rounded as ours is stored
             round_to_storage_(ref, theirs, *rounding)
+        if precision.quantized:  # 8-bit state: the oracle's state through the same quantizer
+            _requantize_(opt, ref, ours, theirs)
     for name, p, q in zip(names, ours, theirs, strict=True):
         result.compare("param", name, p, q, table)
         mine, expected = opt.state.get(p, {}), ref.state.get(q, {})
         if "master_weight" in mine:  # the fp32 copy: torch's fp32 param itself
             result.compare("master_weight", f"{name} master", mine["master_weight"], q, OPTIM_TOLERANCE)
-        mine = {
-            k: v for k, v in mine.items() if k not in ("master_weight", "kahan_compensation", "rounding_seed")
-        }
+        mine = {k: _dequantized(opt, p, k, v) for k, v in mine.items() if not _precision.ours(k)}
         if list(mine) != list(expected):
             result.notes.append(f"{name}: state keys {list(mine)} vs torch {list(expected)}")
         for key in expected.keys() & mine.keys():
@@ -386,8 +388,33 @@ def compare_optimizer(
                 continue
             if mine[key].dtype != precision.state_dtype_for(p.dtype):
                 result.notes.append(f"{name}: state[{key}] is {mine[key].dtype}, param {p.dtype}")
-            result.compare(key, f"{name} state[{key}]", mine[key], expected[key], table)
+            eight = _quantize.absmax_key(key) in opt.state[p]  # up to one code step of its block
+            result.compare(
+                key, f"{name} state[{key}]", mine[key], expected[key], QUANTIZED if eight else table
+            )
     return result
+
+
+# 8-bit state: one step of the code map at the top of a block (1.4 % of its absmax, signed map).
+QUANTIZED = {torch.float32: dict(rtol=0.015)}
+
+
+def _signed(opt, key: str) -> bool:
+    return dict(zip(opt.algorithm.columns, opt.algorithm.signed, strict=True))[key]
+
+
+def _dequantized(opt, p: torch.Tensor, key: str, v: torch.Tensor) -> torch.Tensor:
+    scale = opt.state[p].get(_quantize.absmax_key(key))
+    return v if scale is None else _quantize.dequantize(v, scale, _signed(opt, key))
+
+
+def _requantize_(opt, ref, ours, theirs) -> None:
+    """Round the oracle's state as ours is stored: through the 8-bit quantizer where ours is."""
+    for p, q in zip(ours, theirs, strict=True):
+        for key, v in ref.state.get(q, {}).items():
+            if _quantize.absmax_key(key) in opt.state.get(p, {}):
+                signed = _signed(opt, key)
+                v.copy_(_quantize.dequantize(*_quantize.quantize(v, q, signed), signed))
 
 
 def assert_optimizer_matches(

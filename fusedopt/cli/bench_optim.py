@@ -43,6 +43,7 @@ OPTIMIZERS: dict[str, OptimCase] = {
     "adamw-bf16state": OptimCase(
         fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3, "state_dtype": torch.bfloat16}
     ),
+    "adamw-int8": OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3, "state_dtype": "int8"}),
 }
 DEFAULT_OPTIMIZERS = ["adam", "adamw", "sgd", "rmsprop", "adagrad"]
 
