@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fusedopt._dist import Domain, check_param, domain, local
+from fusedopt._dist import Domain, any_dtensor, check_param, domain, local
 from fusedopt._multi_tensor import (
     TL_DTYPE,
     DeviceScalars,
@@ -54,23 +54,29 @@ class StepGrads(list):
     ptrs: tuple = ()
 
 
-def scan(params: list[torch.Tensor]) -> tuple[tuple | None, StepGrads]:
-    """The hot-path loop: grads of a group and the key its cached plan must match (the local
-    shards of DTensors: what the kernels read)."""
+def scan(params: list[torch.Tensor], shards: bool = False) -> tuple[tuple | None, StepGrads]:
+    """The hot-path loop: grads of a group and the key its cached plan must match, over the
+    local shards of DTensors (what the kernels read; ``shards``: the group may hold some)."""
     key: list = []
     grads = StepGrads()
     ptrs = []
     try:
         for p in params:
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 key.append(None)
                 continue
-            g = local(p.grad)
-            key.append((local(p).data_ptr(), g.stride()))
+            if shards:
+                g, p = local(g), local(p)
+            key.append((p.data_ptr(), g.stride()))
             grads.append(g)
             ptrs.append(g.data_ptr())
     except RuntimeError:  # sparse grads have no strides: the full checks will explain
         return None, StepGrads(local(p.grad) for p in params if p.grad is not None)
+    # A DTensor owns no memory (its data_ptr() is 0): seen, scan its local shards instead. (An
+    # empty plain tensor's may be 0 too: then this only costs a second look.)
+    if not shards and 0 in ptrs and any_dtensor(params):
+        return scan(params, shards=True)
     grads.ptrs = tuple(ptrs)
     return tuple(key), grads
 
