@@ -26,9 +26,10 @@ import math
 import torch
 
 from fusedopt._dist import any_dtensor
+from fusedopt._multi_tensor import runs_triton
 from fusedopt.optim import _amp
 from fusedopt.optim._plan import Amp, Plan, check_state, operands_of, plan_groups, walkable, walkable_dtype
-from fusedopt.optim._precision import PLAIN, Precision, exact_entries, restore, torch_state_dict
+from fusedopt.optim._precision import PLAIN, SEED, Precision, exact_entries, restore, torch_state_dict
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
 
 _EXTENSIONS = (  # (name, default, annotation) of the keyword-only arguments torch's classes lack
@@ -210,8 +211,8 @@ class FusedStep:
         """The step as ``torch.compile`` traces it: lazy state as eager, then one op per group
         (hyper-parameters as op arguments: a tensor lr is a graph input, so changing it never
         recompiles). What the op does not take (sparse or complex grads, non-float dtypes, a
-        param listed twice, DTensor params, low-precision options) runs the eager step outside
-        the graph."""
+        param listed twice, DTensor params, 8-bit state: see ``_op_takes``) runs the eager step
+        outside the graph."""
         groups = []
         for group in ours:
             params = [p for p in group["params"] if p.grad is not None]
@@ -219,7 +220,7 @@ class FusedStep:
                 not all(walkable(p) and not p.is_complex() for p in params)
                 or len(set(map(id, params))) != len(params)
                 or any_dtensor(params)
-                or self.precision.active
+                or not self._op_takes(params)
             ):
                 self._eager_step()
                 return
@@ -234,10 +235,25 @@ class FusedStep:
             for group, params in groups:
                 memo: dict = {}
                 operands = [operands_of(self, p, group, memo, 0) for p in params]
+                seeds = [self.state[p][SEED] for p in params if SEED in self.state.get(p, {})]
                 if params:
-                    traced_step(self.algorithm, self._op_handle, group, params, operands, amp)
+                    traced_step(
+                        self.algorithm, self._op_handle, group, params, operands, amp, self.precision, seeds
+                    )
         if theirs:
             self._torch_step(theirs)
+
+    def _op_takes(self, params: list[torch.Tensor]) -> bool:
+        """Whether the compiled op can step these params with this optimizer's low-precision
+        options: on Triton devices, no 8-bit state, and every param with a precision column and
+        a seed or none (one dtype's worth)."""
+        precision = self.precision
+        if not precision.active:
+            return True
+        if precision.quantized or not all(runs_triton(p.device) for p in params):
+            return False
+        dtypes = {p.dtype for p in params}
+        return len({(precision.aux_key(d), precision.rounds_stochastically(d)) for d in dtypes}) <= 1
 
     @torch.compiler.disable
     def _eager_step(self) -> None:

@@ -296,12 +296,12 @@ class OpPlans:
     def __init__(self):
         self.plans: dict[tuple, Plan] = {}
 
-    def get(self, columns: list[list[torch.Tensor]], grads: StepGrads) -> Plan:
-        key = (tuple(t.data_ptr() for c in columns for t in c), tuple(g.stride() for g in grads))
+    def get(self, columns: list[list[torch.Tensor]], grads: StepGrads, precision: Precision = PLAIN) -> Plan:
+        key = (tuple(t.data_ptr() for c in columns for t in c), tuple(g.stride() for g in grads), precision)
         plan = self.plans.get(key)
         if plan is None:
             entries = [(i, 0, list(operands), None) for i, operands in enumerate(zip(*columns, strict=True))]
-            plan = build(entries, grads, key)
+            plan = build(entries, grads, key, precision)
             if plan.cacheable:
                 if len(self.plans) >= self.KEPT:
                     self.plans.pop(next(iter(self.plans)))

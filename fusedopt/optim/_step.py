@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fusedopt.optim._plan import Amp, Bucket, OpPlans, StepGrads
-from fusedopt.optim._precision import SEED, eager_step
+from fusedopt.optim._precision import SEED, Precision, eager_step
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def new_op_plans() -> tuple[OpPlans, int]:
     return plans, id(plans)
 
 
-@torch.library.custom_op("fusedopt::step_", mutates_args=("params", "state", "counters"))
+@torch.library.custom_op("fusedopt::step_", mutates_args=("params", "state", "counters", "aux", "seeds"))
 def step_(
     algorithm: str,
     handle: int,
@@ -174,20 +174,28 @@ def step_(
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
     clip_coef: torch.Tensor | None,
+    precision: list[int],
+    state_dtype: str,
+    aux: list[torch.Tensor],
+    seeds: list[torch.Tensor],
 ) -> None:
     """One group's step as an op ``torch.compile`` sees: ``state`` holds the state columns
     ``columns`` (indices into ``Algorithm.columns``, each a list as long as ``params``,
     concatenated; an absent column is the params, never read), ``counters`` each param's step
     count (empty if the algorithm keeps none here); ``scalars`` the algorithm's slots, where the
-    slots ``tensor_slots`` take ``tensor_scalars`` (a tensor lr: no recompile when it changes)."""
+    slots ``tensor_slots`` take ``tensor_scalars`` (a tensor lr: no recompile when it changes).
+    ``precision``: master_weights, kahan_summation, stochastic_rounding (0/1) and ``state_dtype``
+    (a dtype's name, "" for None) of the optimizer; ``aux``: each param's precision column
+    (master or compensation; empty: none), ``seeds``: each param's rounding seed (empty: none)."""
     spec = ALGORITHMS[algorithm]
     n = len(params)
     given = {k: state[i * n : (i + 1) * n] for i, k in enumerate(columns)}
-    table = [params, *(given.get(k, params) for k in range(len(spec.columns))), params]  # no precision column
+    table = [params, *(given.get(k, params) for k in range(len(spec.columns))), aux or params]
     step_grads = StepGrads(grads)
     step_grads.ptrs = tuple(g.data_ptr() for g in grads)
     cache = _OP_PLANS.get(handle)
-    plan = (cache or OpPlans()).get(table, step_grads)
+    options = Precision(*map(bool, precision), getattr(torch, state_dtype) if state_dtype else None)
+    plan = (cache or OpPlans()).get(table, step_grads, options)
     values: list = list(scalars)
     for slot, t in zip(tensor_slots, tensor_scalars, strict=True):
         values[slot] = t
@@ -195,7 +203,11 @@ def step_(
     amp = Amp(grad_scale, found_inf, clip_coef)
     for bucket in plan.buckets:
         bucket.counters = [counters[i] for i in bucket.positions] if counters else []
+        mine = [seeds[i] for i in bucket.positions] if seeds else []
+        bucket.seeds = torch.stack(mine) if mine and options.rounds_stochastically(bucket.dtype) else None
         run_bucket(spec, bucket, step_grads, values, switches, amp)
+        if bucket.seeds is not None:  # advanced by the step
+            torch._foreach_copy_(mine, list(bucket.seeds.unbind()))
 
 
 @step_.register_fake
@@ -210,9 +222,12 @@ def traced_step(
     params: list[torch.Tensor],
     operands: list[tuple[list[torch.Tensor], torch.Tensor | None]],
     amp: Amp,
+    precision: Precision,
+    seeds: list[torch.Tensor],
 ) -> None:
     """Call the op for one group: ``operands[i]`` are ``params[i]``'s state columns (in
-    ``spec.columns`` order, None where absent) and step counter."""
+    ``spec.columns`` order, then the precision column; None where absent) and step counter;
+    ``seeds`` the params' rounding seeds (or none)."""
     present = [k for k, name in enumerate(spec.columns) if operands and operands[0][0][k] is not None]
     state = [ops[k] for k in present for ops, _ in operands]
     counters = [c for _, c in operands if c is not None]
@@ -224,4 +239,7 @@ def traced_step(
         state, counters, [0.0 if i in slots else float(v) for i, v in enumerate(scalars)], slots,
         [scalars[i] for i in slots], [flags[name] for name in spec.kernels.FLAGS],
         amp.grad_scale, amp.found_inf, amp.clip_coef,
+        [int(precision.master_weights), int(precision.kahan_summation), int(precision.stochastic_rounding)],
+        str(precision.state_dtype).removeprefix("torch.") if precision.state_dtype is not None else "",
+        [ops[-1] for ops, _ in operands if ops[-1] is not None], seeds,
     )  # fmt: skip
