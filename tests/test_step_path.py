@@ -91,25 +91,29 @@ PROBED = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["defaults", "torch-scaler", "fusedopt-scaler"])
+@pytest.mark.parametrize("mode", ["defaults", "torch-scaler", "fusedopt-scaler", "low-precision"])
 @pytest.mark.parametrize("cls", PROBED, ids=lambda c: c.__name__)
 def test_steady_state_step_makes_no_host_read(cls, mode, triton_device):
-    """Default options, or a GradScaler (torch's or ours) with max_grad_norm and a tensor lr:
-    after the first steps (state and plans created), the step (``scaler.step``/``update``)
-    makes no host read and no copy between devices (the probe sees every aten op; it is shown
-    to fire by the last lines)."""
+    """Default options, or a GradScaler (torch's or ours) with max_grad_norm and a tensor lr, or
+    bf16 params with stochastic rounding and 8-bit state: after the first steps (state and plans
+    created), the step (``scaler.step``/``update``) makes no host read and no copy between
+    devices (the probe sees every aten op; it is shown to fire by the last lines)."""
     device = triton_device
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
+    if mode == "low-precision":
+        model = nn.Sequential(nn.Linear(4, 1024), nn.Tanh(), nn.Linear(1024, 2)).to(device, torch.bfloat16)
     kwargs = {}
-    if mode != "defaults":
+    if mode == "low-precision":
+        kwargs = dict(lr=0.01, stochastic_rounding=True, state_dtype="int8")
+    elif mode != "defaults":
         kwargs = dict(lr=torch.tensor(0.01, device=device), max_grad_norm=1.0)
         kwargs.update(dict(momentum=0.9, dampening=0.5) if cls is fusedopt.FusedSGD else {})
     elif cls is fusedopt.FusedSGD:
         kwargs = dict(lr=0.01)
     opt = cls(model.parameters(), **kwargs)
     scaler = None
-    if mode != "defaults":
+    if mode not in ("defaults", "low-precision"):
         scaler = (torch.amp.GradScaler if mode == "torch-scaler" else fusedopt.GradScaler)(
             device, init_scale=16.0
         )
@@ -123,7 +127,7 @@ def test_steady_state_step_makes_no_host_read(cls, mode, triton_device):
 
     for i in range(4):
         opt.zero_grad()
-        loss = model(torch.randn(5, 4, device=device)).square().mean()
+        loss = model(torch.randn(5, 4, device=device).to(model[0].weight.dtype)).float().square().mean()
         (loss if scaler is None else scaler.scale(loss)).backward()
         if i == 3 and scaler is not None:
             model[0].weight.grad[0, 0] = float("inf")  # a skipped step too
