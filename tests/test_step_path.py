@@ -20,9 +20,8 @@ SPECS = [(3, 4), (5,), (), (4097,), (0,)]
 # GradScaler's verdicts: the first step is skipped (a momentum buffer must stay new), then one more.
 FOUND_INF = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
 # Every option set fusedopt check runs (SGD's include dampening != 0; max_grad_norm ones too;
-# the low-precision ones on bf16 params too, below), but 8-bit state, which the compiled op does
-# not take (its step runs eagerly, a graph break: docs/low-precision.md).
-CASES = [c for c in OPTIM_CASES if c.kwargs.get("state_dtype") != "int8"]
+# the low-precision ones, 8-bit state included, on bf16 params too, below).
+CASES = OPTIM_CASES
 LOW_PRECISION_CASES = [c for c in CASES if c.fused_cls([torch.zeros(1)], **c.kwargs).precision.active]
 
 

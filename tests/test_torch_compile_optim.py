@@ -155,17 +155,17 @@ def test_ops_pass_opcheck(triton_device):
                [0.01, 0.99, 1e-8, 0.1, 0.9], [], [], [True, True, False, True], scale, inf, None)  # fmt: skip
     adagrad = ("adagrad", 0, params, grads, [0], state[0], steps, [0.0, 0.01, 0.0, 1e-10], [0], [lr],
                [True, False], None, None, coef)  # fmt: skip
-    plain = ([0, 0, 0], "", [], [])  # no low-precision option, no precision column, no seeds
+    plain = ([0, 0, 0], "", [], [], [], [])  # no low-precision option, column, seeds or 8-bit state
     # bf16 params: Adam with fp32 masters and fp32 state; SGD with stochastic rounding.
     low = [p.to(torch.bfloat16) for p in params]
     masters = [p.float() for p in low]
     seeds = [torch.tensor(s, device=device) for s in (3, 4)]
     adam_master = ("adam", 0, low, [g.to(torch.bfloat16) for g in grads], [0, 1], state[0] + state[1], steps,
                    [0.01, 0.9, 0.99, 1e-8, 0.0], [], [], [False, False, True, False], None, None, None,
-                   [1, 0, 0], "", masters, [])  # fmt: skip
+                   [1, 0, 0], "", masters, [], [], [])  # fmt: skip
     sgd_sr = ("sgd", 0, low, [g.to(torch.bfloat16) for g in grads], [0], [t.to(torch.bfloat16) for t in state[0]],
               [torch.tensor(v, device=device) for v in (0.0, 1.0)], [0.1, 0.9, 0.0, 0.0], [], [],
-              [True, False, False, False], None, None, None, [0, 0, 1], "", [], seeds)  # fmt: skip
+              [True, False, False, False], None, None, None, [0, 0, 1], "", [], seeds, [], [])  # fmt: skip
     cases = [
         (torch.ops.fusedopt.step_.default, adam + plain),
         (torch.ops.fusedopt.step_.default, sgd + plain),

@@ -30,6 +30,7 @@ from fusedopt._multi_tensor import runs_triton
 from fusedopt.optim import _amp
 from fusedopt.optim._plan import Amp, Plan, check_state, operands_of, plan_groups, walkable, walkable_dtype
 from fusedopt.optim._precision import PLAIN, SEED, Precision, exact_entries, restore, torch_state_dict
+from fusedopt.optim._quantize import absmax_key
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
 
 _EXTENSIONS = (  # (name, default, annotation) of the keyword-only arguments torch's classes lack
@@ -236,21 +237,32 @@ class FusedStep:
                 memo: dict = {}
                 operands = [operands_of(self, p, group, memo, 0) for p in params]
                 seeds = [self.state[p][SEED] for p in params if SEED in self.state.get(p, {})]
+                absmax = [
+                    [self.state.get(p, {}).get(absmax_key(k)) for p in params] for k in self.algorithm.columns
+                ]
                 if params:
                     traced_step(
-                        self.algorithm, self._op_handle, group, params, operands, amp, self.precision, seeds
+                        self.algorithm,
+                        self._op_handle,
+                        group,
+                        params,
+                        operands,
+                        amp,
+                        self.precision,
+                        seeds,
+                        absmax,
                     )
         if theirs:
             self._torch_step(theirs)
 
     def _op_takes(self, params: list[torch.Tensor]) -> bool:
         """Whether the compiled op can step these params with this optimizer's low-precision
-        options: on Triton devices, no 8-bit state, and every param with a precision column and
-        a seed or none (one dtype's worth)."""
+        options: on Triton devices, and every param with a precision column and a seed or none
+        (one dtype's worth)."""
         precision = self.precision
         if not precision.active:
             return True
-        if precision.quantized or not all(runs_triton(p.device) for p in params):
+        if not all(runs_triton(p.device) for p in params):
             return False
         dtypes = {p.dtype for p in params}
         return len({(precision.aux_key(d), precision.rounds_stochastically(d)) for d in dtypes}) <= 1

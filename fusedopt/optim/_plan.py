@@ -421,7 +421,13 @@ def _absmax_tables(opt, bucket: Bucket) -> None:
     columns' code maps."""
     spec = opt.algorithm
     state = [opt.state.get(p, {}) for p in bucket.params]
-    bucket.absmax = [[s.get(absmax_key(key)) for s in state] for key in spec.columns]
+    set_absmax(bucket, [[s.get(absmax_key(key)) for s in state] for key in spec.columns], spec)
+
+
+def set_absmax(bucket: Bucket, absmax: list[list[torch.Tensor | None]], spec) -> None:
+    """Give a bucket its 8-bit state's absmax (per state column, per tensor; None: fp32 state)
+    and, for the kernel, their addresses and the columns' code maps."""
+    bucket.absmax = absmax
     if bucket.kind == "triton":
         rows = [[0 if a is None else a.data_ptr() for a in row] for row in zip(*bucket.absmax, strict=True)]
         bucket.absmax_ptrs = to_device(torch.tensor(rows, dtype=torch.int64), bucket.device)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fusedopt.optim._plan import Amp, Bucket, OpPlans, StepGrads
+from fusedopt.optim._plan import Amp, Bucket, OpPlans, StepGrads, set_absmax
 from fusedopt.optim._precision import SEED, Precision, eager_step
 
 
@@ -158,7 +158,9 @@ def new_op_plans() -> tuple[OpPlans, int]:
     return plans, id(plans)
 
 
-@torch.library.custom_op("fusedopt::step_", mutates_args=("params", "state", "counters", "aux", "seeds"))
+@torch.library.custom_op(
+    "fusedopt::step_", mutates_args=("params", "state", "counters", "aux", "seeds", "absmax")
+)
 def step_(
     algorithm: str,
     handle: int,
@@ -178,6 +180,8 @@ def step_(
     state_dtype: str,
     aux: list[torch.Tensor],
     seeds: list[torch.Tensor],
+    absmax: list[torch.Tensor],
+    absmax_index: list[int],
 ) -> None:
     """One group's step as an op ``torch.compile`` sees: ``state`` holds the state columns
     ``columns`` (indices into ``Algorithm.columns``, each a list as long as ``params``,
@@ -186,7 +190,9 @@ def step_(
     slots ``tensor_slots`` take ``tensor_scalars`` (a tensor lr: no recompile when it changes).
     ``precision``: master_weights, kahan_summation, stochastic_rounding (0/1) and ``state_dtype``
     (a dtype's name, "" for None) of the optimizer; ``aux``: each param's precision column
-    (master or compensation; empty: none), ``seeds``: each param's rounding seed (empty: none)."""
+    (master or compensation; empty: none), ``seeds``: each param's rounding seed (empty: none);
+    8-bit state: ``absmax[absmax_index[k * len(params) + i]]`` is the absmax of state column
+    ``k`` of param ``i`` (-1: fp32 state; empty: no 8-bit state)."""
     spec = ALGORITHMS[algorithm]
     n = len(params)
     given = {k: state[i * n : (i + 1) * n] for i, k in enumerate(columns)}
@@ -194,7 +200,8 @@ def step_(
     step_grads = StepGrads(grads)
     step_grads.ptrs = tuple(g.data_ptr() for g in grads)
     cache = _OP_PLANS.get(handle)
-    options = Precision(*map(bool, precision), getattr(torch, state_dtype) if state_dtype else None)
+    stored = state_dtype if state_dtype in ("", "int8") else getattr(torch, state_dtype)
+    options = Precision(*map(bool, precision), stored or None)
     plan = (cache or OpPlans()).get(table, step_grads, options)
     values: list = list(scalars)
     for slot, t in zip(tensor_slots, tensor_scalars, strict=True):
@@ -203,6 +210,9 @@ def step_(
     amp = Amp(grad_scale, found_inf, clip_coef)
     for bucket in plan.buckets:
         bucket.counters = [counters[i] for i in bucket.positions] if counters else []
+        if absmax_index and bucket.walkable and options.quantizes(bucket.dtype):
+            where = [[absmax_index[k * n + i] for i in bucket.positions] for k in range(len(spec.columns))]
+            set_absmax(bucket, [[absmax[j] if j >= 0 else None for j in row] for row in where], spec)
         mine = [seeds[i] for i in bucket.positions] if seeds else []
         bucket.seeds = torch.stack(mine) if mine and options.rounds_stochastically(bucket.dtype) else None
         run_bucket(spec, bucket, step_grads, values, switches, amp)
@@ -224,10 +234,12 @@ def traced_step(
     amp: Amp,
     precision: Precision,
     seeds: list[torch.Tensor],
+    absmax: list[list[torch.Tensor | None]],
 ) -> None:
     """Call the op for one group: ``operands[i]`` are ``params[i]``'s state columns (in
     ``spec.columns`` order, then the precision column; None where absent) and step counter;
-    ``seeds`` the params' rounding seeds (or none)."""
+    ``seeds`` the params' rounding seeds (or none); ``absmax[k][i]`` the absmax of state column
+    ``k`` of param ``i`` (None: not 8-bit)."""
     present = [k for k, name in enumerate(spec.columns) if operands and operands[0][0][k] is not None]
     state = [ops[k] for k in present for ops, _ in operands]
     counters = [c for _, c in operands if c is not None]
@@ -242,4 +254,16 @@ def traced_step(
         [int(precision.master_weights), int(precision.kahan_summation), int(precision.stochastic_rounding)],
         str(precision.state_dtype).removeprefix("torch.") if precision.state_dtype is not None else "",
         [ops[-1] for ops, _ in operands if ops[-1] is not None], seeds,
+        [a for row in absmax for a in row if a is not None], _indices(absmax),
     )  # fmt: skip
+
+
+def _indices(absmax: list[list[torch.Tensor | None]]) -> list[int]:
+    """Each (column, param)'s position in the flat list of absmax tensors, -1 for none; empty
+    when there are none at all."""
+    out, j = [], 0
+    for row in absmax:
+        for a in row:
+            out.append(-1 if a is None else j)
+            j += a is not None
+    return out if j else []
