@@ -328,6 +328,55 @@ def check_low_precision(rank, mesh, count, workdir):
             assert torch.equal(_local(ropt.state[q][key]), _local(v)), key
 
 
+def check_int8_state(rank, mesh, count, workdir):
+    """8-bit state of FSDP2 params: codes are DTensors placed as the params (each rank's blocks
+    its shard's), one launch per step; the checkpoint holds the state dequantized, so DCP saves
+    it and a resumed run continues bitwise (the same codes again), also into torch's AdamW."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    def build(cls, seed, **options):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 2048), torch.nn.Tanh(), torch.nn.Linear(2048, 1))
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh)
+        return model, cls(model.parameters(), lr=0.01, **options)
+
+    def train(model, opt, steps, expect=1):
+        for step in steps:
+            _backward(model, step, rank)
+            launches, _ = count.during(opt.step)
+            assert expect is None or launches == expect, launches
+            opt.zero_grad()
+
+    model, opt = build(fusedopt.FusedAdamW, 0, state_dtype="int8")
+    train(model, opt, range(2))
+    weight = model[0].weight  # 12,288 elements: 6,144 per rank, 8-bit
+    codes = opt.state[weight]["exp_avg"]
+    assert codes.dtype == torch.uint8 and codes.placements == weight.placements
+    assert opt.state[weight]["exp_avg_absmax"].numel() == -(-weight.to_local().numel() // 256)
+    path = os.path.join(workdir, "ckpt-int8")
+    msd, osd = get_state_dict(model, opt)
+    saved = osd["state"]["0.weight"]["exp_avg"]
+    assert saved.dtype == torch.float32 and saved.placements == weight.placements  # dequantized
+    saved = saved.to_local().clone()
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    train(model, opt, range(2, 4))
+    for cls, options in ((fusedopt.FusedAdamW, {"state_dtype": "int8"}), (torch.optim.AdamW, {})):
+        resumed, ropt = build(cls, 1, **options)
+        msd, osd = get_state_dict(resumed, ropt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(resumed, ropt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if cls is torch.optim.AdamW:  # torch's class takes the dequantized state as its own
+            assert torch.equal(ropt.state[resumed[0].weight]["exp_avg"].to_local(), saved)
+            continue
+        train(resumed, ropt, range(2, 4))
+        for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+            assert torch.equal(p.to_local(), q.to_local()), "resumed 8-bit run"
+
+
 def check_compiled_step(rank, mesh, count, workdir):
     """torch.compile(opt.step) over DTensor params: the eager step runs (one launch), as
     torch's AdamW."""
@@ -447,6 +496,7 @@ CHECKS = [
     check_zero,
     check_compiled_step,
     check_low_precision,
+    check_int8_state,
 ]
 GROUPS = {  # (world size, device): the checks its ranks run
     (WORLD, "cpu"): CHECKS,

@@ -29,7 +29,15 @@ from fusedopt._dist import any_dtensor
 from fusedopt._multi_tensor import runs_triton
 from fusedopt.optim import _amp
 from fusedopt.optim._plan import Amp, Plan, check_state, operands_of, plan_groups, walkable, walkable_dtype
-from fusedopt.optim._precision import PLAIN, SEED, Precision, exact_entries, restore, torch_state_dict
+from fusedopt.optim._precision import (
+    PLAIN,
+    SEED,
+    Precision,
+    exact_entries,
+    portable,
+    restore,
+    torch_state_dict,
+)
 from fusedopt.optim._quantize import absmax_key
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
 
@@ -279,6 +287,12 @@ class FusedStep:
             super().step()
         finally:
             self.param_groups = everything
+
+    def state_dict(self) -> dict:
+        """torch's ``state_dict()``; the 8-bit state of DTensor params dequantized (see
+        :func:`fusedopt.optim._precision.portable`)."""
+        out = super().state_dict()
+        return portable(self, out) if self.precision.quantized else out
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts every state tensor but ``step`` to its param's dtype: keep ours exact.

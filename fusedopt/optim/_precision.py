@@ -22,7 +22,9 @@ Each changes what the step kernel loads and stores, never the number of passes
   complex params keep fp32 state. The kernel dequantizes on load and requantizes on store, in
   the same pass and launch (a per-tensor branch); the plain-torch step does the same on fp32
   copies. 8-bit codes are rounded to nearest even with ``stochastic_rounding`` (which then rounds
-  the bf16/fp16 params only). DTensor params are refused (the blocks would not follow shards).
+  the bf16/fp16 params only). A DTensor param's blocks are its local shard's: its codes are a
+  DTensor placed as the param, its absmax a plain tensor, and ``state_dict()`` holds its state
+  dequantized (:func:`portable`), which checkpoints save and reshard.
 
 fp32 and fp64 params have no low bits to lose: ``master_weights``, ``kahan_summation`` and their
 stochastic rounding do nothing for them (``state_dtype`` applies to fp32 params too; fp64 params
@@ -110,15 +112,10 @@ class Precision:
 
     def quantizes_param(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s state is 8-bit: a float param of at least MIN_NUMEL elements."""
-        return self.quantizes(p.dtype) and p.numel() >= MIN_NUMEL and not is_dtensor(p)
+        return self.quantizes(p.dtype) and p.numel() >= MIN_NUMEL
 
     def check(self, p: torch.Tensor) -> None:
-        """Refuse, before anything changes, a param these options cannot step."""
-        if self.quantized and is_dtensor(p):
-            raise NotImplementedError(
-                "state_dtype='int8' does not support DTensor params (FSDP2, tensor parallel): the "
-                "absmax blocks would not follow the shards; use torch.bfloat16 state"
-            )
+        """Refuse, before anything changes, a param these options cannot step (none yet)."""
 
     def state_dtype_for(self, dtype: torch.dtype) -> torch.dtype:
         """The storage dtype of the state of params of ``dtype`` (8-bit: of the fp32 state of
@@ -166,7 +163,7 @@ class Precision:
                 continue
             scale = absmax_key(key)
             if scale in state:
-                if eight and v.stride() == codes_stride(p) and v.device == p.device:
+                if eight and local(v).stride() == codes_stride(local(p)) and v.device == p.device:
                     continue
                 v = dequantize(v, state.pop(scale).to(v.device), signed)
             if eight:
@@ -218,6 +215,26 @@ def restore(optimizer, entries) -> None:
     """Put back, bit for bit, what :func:`exact_entries` saw (on the param's device)."""
     for p, key, v in entries:
         optimizer.state[p][key] = v.to(device=p.device, copy=True)
+
+
+def portable(optimizer, state_dict: dict) -> dict:
+    """``state_dict`` with the 8-bit state of DTensor params dequantized (fp32 DTensors, no
+    absmax): its blocks follow a rank's shard, so only the values can be saved and resharded
+    (``torch.distributed.checkpoint``); loading quantizes them again, to the same codes."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    signed = dict(zip(optimizer.algorithm.columns, optimizer.algorithm.signed, strict=True))
+    state = dict(state_dict["state"])
+    for i, p in zip(ids, params, strict=True):
+        entries = state.get(i, {})
+        if not is_dtensor(p) or not any(k.endswith(SUFFIX) for k in entries):
+            continue
+        state[i] = {
+            k: dequantize(v, entries[absmax_key(k)], signed[k]) if absmax_key(k) in entries else v
+            for k, v in entries.items()
+            if not k.endswith(SUFFIX)
+        }
+    return {**state_dict, "state": state}
 
 
 def torch_state_dict(optimizer) -> dict:

@@ -41,6 +41,7 @@ import functools
 
 import torch
 
+from fusedopt._dist import is_dtensor, local
 from fusedopt._multi_tensor import is_dense
 from fusedopt.kernels import common as kernels
 
@@ -105,8 +106,26 @@ def _chunks(n: int):
         yield start, min(n, start + CHUNK)
 
 
+def _like(local_tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``local_tensor`` as ``like``'s local shard if ``like`` is a DTensor (same mesh and
+    placements), else itself."""
+    if not is_dtensor(like):
+        return local_tensor
+    return type(like).from_local(
+        local_tensor,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+
+
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    """fp32 values of 8-bit state, in the codes' layout."""
+    """fp32 values of 8-bit state, in the codes' layout (a DTensor's codes: a DTensor placed
+    alike; its absmax are those of its local shard)."""
+    if is_dtensor(codes):
+        return _like(dequantize(local(codes), absmax, signed), codes)
     values = _book(signed)[0].to(codes.device)
     flat = _memory(codes)
     out = torch.empty_like(codes, dtype=torch.float32)
@@ -133,7 +152,13 @@ def quantize_(codes: torch.Tensor, absmax: torch.Tensor, x: torch.Tensor, signed
 
 def quantize(x: torch.Tensor, like: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """New 8-bit state ``(codes, absmax)`` holding ``x``, on ``like``'s (the param's) device,
-    the codes laid out as :func:`codes_stride` says."""
+    the codes laid out as :func:`codes_stride` says. A DTensor param's codes are a DTensor placed
+    as the param, over its local shard's codes; the absmax, of the local shard's blocks, stay a
+    plain tensor (the portable state dict holds the dequantized state instead: see
+    ``fusedopt.optim._precision.portable``)."""
+    if is_dtensor(like):
+        codes, absmax = quantize(local(x), local(like), signed)
+        return _like(codes, like), absmax
     codes = torch.empty_strided(like.shape, codes_stride(like), dtype=torch.uint8, device=like.device)
     absmax = torch.empty(-(-like.numel() // QBLOCK), dtype=torch.float32, device=like.device)
     quantize_(codes, absmax, x.to(like.device), signed)
