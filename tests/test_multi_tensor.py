@@ -28,9 +28,19 @@ OPTIMIZERS = [
 ]
 
 
-def _params(n: int, device: str) -> list[torch.Tensor]:
+def _params(n: int, device: str, dtype: torch.dtype = torch.float32, size: int = 17) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(n)
-    return [torch.randn(17 + i % 5, generator=gen).to(device).requires_grad_() for i in range(n)]
+    return [torch.randn(size + i % 5, generator=gen).to(device, dtype).requires_grad_() for i in range(n)]
+
+
+# Low-precision cases of the CUDA tests: (cls, kwargs, params' dtype, params' size).
+LOW_PRECISION = [
+    (fusedopt.FusedAdamW, dict(master_weights=True), torch.bfloat16, 17),
+    (fusedopt.FusedAdam, dict(kahan_summation=True), torch.float16, 17),
+    (fusedopt.FusedSGD, dict(momentum=0.9, stochastic_rounding=True), torch.bfloat16, 17),
+    (fusedopt.FusedAdamW, dict(state_dtype="int8"), torch.float32, 5000),
+]
+LOW_PRECISION_IDS = ["adamw-master-bf16", "adam-kahan-fp16", "sgd-sr-bf16", "adamw-int8"]
 
 
 def _set_grads(params: list[torch.Tensor]) -> None:
@@ -187,6 +197,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
         (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, max_grad_norm=1.0, amp=True)),
         (fusedopt.FusedRMSprop, dict(momentum=0.9, centered=True, max_grad_norm=1.0, amp=True)),
         (fusedopt.FusedAdagrad, dict(lr_decay=0.01, max_grad_norm=1.0, amp=True)),
+        *[(cls, dict(kwargs, dtype=dtype, size=size)) for cls, kwargs, dtype, size in LOW_PRECISION],
     ],
     ids=[
         "adam",
@@ -197,10 +208,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
         "sgd-clip-amp",
         "rmsprop-clip-amp",
         "adagrad-clip-amp",
+        *LOW_PRECISION_IDS,
     ],
 )
 def test_cuda_step_has_no_host_sync(cls, kwargs):
-    params = _params(8, "cuda")
+    params = _params(8, "cuda", kwargs.pop("dtype", torch.float32), kwargs.pop("size", 17))
     if isinstance(kwargs.get("lr"), torch.Tensor):
         kwargs = dict(kwargs, lr=kwargs["lr"].cuda())
     amp = kwargs.pop("amp", False)
@@ -228,13 +240,23 @@ def test_cuda_step_has_no_host_sync(cls, kwargs):
         (fusedopt.FusedSGD, dict(momentum=0.9, nesterov=True, max_grad_norm=0.5)),
         (fusedopt.FusedRMSprop, dict(capturable=True, momentum=0.9, centered=True)),
         (fusedopt.FusedAdagrad, dict(lr_decay=0.01, max_grad_norm=0.5)),
+        *[(cls, dict(kwargs, dtype=dtype, size=size)) for cls, kwargs, dtype, size in LOW_PRECISION],
     ],
-    ids=["adam-capturable", "adamw-capturable-clip", "sgd-clip", "rmsprop-capturable", "adagrad-clip"],
+    ids=[
+        "adam-capturable",
+        "adamw-capturable-clip",
+        "sgd-clip",
+        "rmsprop-capturable",
+        "adagrad-clip",
+        *LOW_PRECISION_IDS,
+    ],
 )
 def test_cuda_graph_capture_and_replay_match_eager(cls, kwargs):
     """torch's CUDA-graph recipe: warm up on a side stream, capture one step on static grads,
-    replay with new grads and a tensor lr changed in place: identical to eager steps."""
-    params = _params(6, "cuda")
+    replay with new grads and a tensor lr changed in place: identical to eager steps
+    (stochastic rounding: the same seeds, advanced on the device by every replay)."""
+    kwargs = dict(kwargs)
+    params = _params(6, "cuda", kwargs.pop("dtype", torch.float32), kwargs.pop("size", 17))
     twins = [p.detach().clone().requires_grad_() for p in params]
     lr, twin_lr = torch.tensor(1e-2, device="cuda"), torch.tensor(1e-2, device="cuda")
     opt, ref = cls(params, lr=lr, **kwargs), cls(twins, lr=twin_lr, **kwargs)
@@ -253,7 +275,9 @@ def test_cuda_graph_capture_and_replay_match_eager(cls, kwargs):
     with torch.cuda.stream(side):
         for i in range(3):
             new_grads(i)
+            torch.manual_seed(i)  # rounding seeds are drawn when the state is created
             opt.step()
+            torch.manual_seed(i)
             ref.step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
