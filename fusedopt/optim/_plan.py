@@ -117,7 +117,8 @@ class Bucket:
         self.domains: list[Domain] = []  # where each grad's norm is reduced (fusedopt._dist)
         self.counters: list[torch.Tensor] = []
         self.resident: torch.Tensor | None = None  # one tensor whose elements are the counters
-        self.seeds: torch.Tensor | None = None  # stochastic rounding's seeds (views kept in the state)
+        self.seed_list: list[torch.Tensor] = []  # stochastic rounding's seeds (0-d int64), if it rounds
+        self.seeds: torch.Tensor | None = None  # one tensor whose elements are the seeds
         # 8-bit state: each state column's absmax, per tensor (None: fp32 state), their addresses
         # (int64 [T, S], 0 for None) and the columns' code maps (float32 [S, 2, 256]).
         self.absmax: list[list[torch.Tensor | None]] | None = None
@@ -163,30 +164,58 @@ class Bucket:
         if not self.irregular:
             self.table = TensorTable(self.columns, self.device)
 
+    # Per-tensor 0-d values a step advances with one op: the step counters, stochastic rounding's
+    # seeds. Where the bucket owns them (each param once, our kernel), they are views of one
+    # resident tensor on its device; else they are gathered into one and copied back.
+
+    def _resident(self, values: list[torch.Tensor]) -> torch.Tensor | None:
+        if not values or not self.unique or self.kind != "triton":
+            return None
+        return torch.stack([v.to(self.device, values[0].dtype) for v in values])
+
+    def _vector(self, values: list[torch.Tensor], resident: torch.Tensor | None) -> torch.Tensor | None:
+        if resident is not None:
+            return resident
+        return torch.stack([v.to(self.device) for v in values]) if values else None
+
+    @staticmethod
+    def _write_back(values: list[torch.Tensor], vector: torch.Tensor | None, resident) -> None:
+        if vector is not None and vector is not resident:
+            torch._foreach_copy_(values, list(vector.unbind()))
+
     def make_resident(self) -> list[torch.Tensor] | None:
         """Make the counters 0-d views of one tensor on the bucket's device (same values and
         dtype): a step then advances them all with one op. Returns the views, which must replace
         the counters where they are kept; None where the bucket cannot (a param listed twice
         shares one counter between buckets)."""
-        if not self.counters or not self.unique or self.kind != "triton":
+        self.resident = self._resident(self.counters)
+        if self.resident is None:
             return None
-        dtype = self.counters[0].dtype
-        self.resident = torch.stack([c.to(self.device, dtype) for c in self.counters])
         self.counters = list(self.resident.unbind())
         return self.counters
+
+    def make_seeds_resident(self) -> list[torch.Tensor] | None:
+        """:meth:`make_resident` for the rounding seeds (``seed_list``)."""
+        self.seeds = self._resident(self.seed_list)
+        if self.seeds is None:
+            return None
+        self.seed_list = list(self.seeds.unbind())
+        return self.seed_list
 
     def counter_vector(self) -> torch.Tensor | None:
         """The counters as one tensor on the device: the resident one, or a gathered copy that
         :meth:`write_back` returns to the counters."""
-        if self.resident is not None:
-            return self.resident
-        if not self.counters:
-            return None
-        return torch.stack([c.to(self.device) for c in self.counters])
+        return self._vector(self.counters, self.resident)
 
     def write_back(self, vector: torch.Tensor | None) -> None:
-        if vector is not None and vector is not self.resident:
-            torch._foreach_copy_(self.counters, list(vector.unbind()))
+        self._write_back(self.counters, vector, self.resident)
+
+    def seed_vector(self) -> torch.Tensor | None:
+        """The rounding seeds as one tensor (as :meth:`counter_vector`; None without)."""
+        return self._vector(self.seed_list, self.seeds)
+
+    def write_back_seeds(self, vector: torch.Tensor | None) -> None:
+        self._write_back(self.seed_list, vector, self.seeds)
 
     def dynamic(self, grads: StepGrads) -> torch.Tensor:
         # The grads' table changes only when the group's grad addresses do.
@@ -408,10 +437,9 @@ def _build(opt, group: dict, key: tuple | None, grads: StepGrads) -> Plan:
         if bucket.walkable and bucket.precision.quantizes(bucket.dtype):
             _absmax_tables(opt, bucket)
         if bucket.kind == "triton" and bucket.precision.rounds_stochastically(bucket.dtype):
-            bucket.seeds = torch.stack([opt.state[p][SEED].to(bucket.device) for p in bucket.params])
-            if bucket.unique:  # the state keeps views: the step advances them all with one op
-                for p, view in zip(bucket.params, bucket.seeds.unbind(), strict=True):
-                    opt.state[p][SEED] = view
+            bucket.seed_list = [opt.state[p][SEED] for p in bucket.params]
+            for p, view in zip(bucket.params, bucket.make_seeds_resident() or [], strict=False):
+                opt.state[p][SEED] = view
     return plan
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fusedopt.optim._plan import Amp, Bucket, OpPlans, StepGrads, set_absmax
-from fusedopt.optim._precision import SEED, Precision, eager_step
+from fusedopt.optim._precision import Precision, eager_step
 
 
 @dataclass(frozen=True)
@@ -129,19 +129,17 @@ def run_bucket(
             bucket.memo["taken"] = sure + 1
         counters.add_(1)
     vector = bucket.scalars(scalars)
-    seeds = vector if bucket.seeds is None else bucket.seeds
+    seeds = bucket.seed_vector()
     absmax = vector if bucket.absmax_ptrs is None else bucket.absmax_ptrs
     codebook = vector if bucket.codebook is None else bucket.codebook
     bucket.launch(
-        grads, algorithm.kernel, amp, vector, vector if counters is None else counters, seeds, absmax, codebook,
-        **flags,
+        grads, algorithm.kernel, amp, vector, vector if counters is None else counters,
+        vector if seeds is None else seeds, absmax, codebook, **flags,
     )  # fmt: skip
     bucket.write_back(counters)
-    if bucket.seeds is not None:  # stochastic rounding: the next step draws new bits
-        bucket.seeds.add_(1)
-        if not bucket.unique and state is not None:  # the state keeps copies, not views
-            for p, seed in zip(bucket.params, bucket.seeds.unbind(), strict=True):
-                state[p][SEED].copy_(seed)
+    if seeds is not None:  # stochastic rounding: the next step draws new bits
+        seeds.add_(1)
+        bucket.write_back_seeds(seeds)
 
 
 # The compiled step ------------------------------------------------------------------------------
@@ -213,11 +211,9 @@ def step_(
         if absmax_index and bucket.walkable and options.quantizes(bucket.dtype):
             where = [[absmax_index[k * n + i] for i in bucket.positions] for k in range(len(spec.columns))]
             set_absmax(bucket, [[absmax[j] if j >= 0 else None for j in row] for row in where], spec)
-        mine = [seeds[i] for i in bucket.positions] if seeds else []
-        bucket.seeds = torch.stack(mine) if mine and options.rounds_stochastically(bucket.dtype) else None
+        rounds = seeds and options.rounds_stochastically(bucket.dtype)
+        bucket.seed_list = [seeds[i] for i in bucket.positions] if rounds else []
         run_bucket(spec, bucket, step_grads, values, switches, amp)
-        if bucket.seeds is not None:  # advanced by the step
-            torch._foreach_copy_(mine, list(bucket.seeds.unbind()))
 
 
 @step_.register_fake
