@@ -399,13 +399,9 @@ def compare_optimizer(
 QUANTIZED = {torch.float32: dict(rtol=0.015)}
 
 
-def _signed(opt, key: str) -> bool:
-    return dict(zip(opt.algorithm.columns, opt.algorithm.signed, strict=True))[key]
-
-
 def _dequantized(opt, p: torch.Tensor, key: str, v: torch.Tensor) -> torch.Tensor:
     scale = opt.state[p].get(_quantize.absmax_key(key))
-    return v if scale is None else _quantize.dequantize(v, scale, _signed(opt, key))
+    return v if scale is None else _quantize.dequantize(v, scale, _precision.signed_keys(opt)[key])
 
 
 def _requantize_(opt, ref, ours, theirs) -> None:
@@ -413,7 +409,7 @@ def _requantize_(opt, ref, ours, theirs) -> None:
     for p, q in zip(ours, theirs, strict=True):
         for key, v in ref.state.get(q, {}).items():
             if _quantize.absmax_key(key) in opt.state.get(p, {}):
-                signed = _signed(opt, key)
+                signed = _precision.signed_keys(opt)[key]
                 v.copy_(_quantize.dequantize(*_quantize.quantize(v, q, signed), signed))
 
 

@@ -357,7 +357,6 @@ def plan_groups(opt, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, S
             for p in group["params"]:
                 if p.grad is not None:
                     check_param(p, p.grad)
-                    opt.precision.check(p)
                     opt._check(p, p.grad, group)
                     check_state(opt, p, group)
     out = []

@@ -114,9 +114,6 @@ class Precision:
         """Whether ``p``'s state is 8-bit: a float param of at least MIN_NUMEL elements."""
         return self.quantizes(p.dtype) and p.numel() >= MIN_NUMEL
 
-    def check(self, p: torch.Tensor) -> None:
-        """Refuse, before anything changes, a param these options cannot step (none yet)."""
-
     def state_dtype_for(self, dtype: torch.dtype) -> torch.dtype:
         """The storage dtype of the state of params of ``dtype`` (8-bit: of the fp32 state of
         small params, and the dtype the kernels compute 8-bit state in)."""
@@ -196,13 +193,22 @@ PLAIN = Precision()
 # Checkpoints ---------------------------------------------------------------------------------
 
 
+def _params_by_id(optimizer, state_dict: dict) -> dict[int, torch.Tensor]:
+    """The optimizer's params by their ids in ``state_dict`` (group by group, as torch maps them)."""
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    return dict(zip(ids, (p for g in optimizer.param_groups for p in g["params"]), strict=False))
+
+
+def signed_keys(optimizer) -> dict[str, bool]:
+    """Each state key of the optimizer's algorithm: whether its 8-bit codes use the signed map."""
+    return dict(zip(optimizer.algorithm.columns, optimizer.algorithm.signed, strict=True))
+
+
 def exact_entries(optimizer, state_dict: dict) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
     """``(param, key, value)`` for every saved state tensor that torch's ``load_state_dict``
     would convert (to the param's dtype): ours, and state stored in another dtype."""
-    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     out = []
-    for i, p in zip(saved_ids, params, strict=False):
+    for i, p in _params_by_id(optimizer, state_dict).items():
         for key, v in state_dict["state"].get(i, {}).items():
             if key == "step" or not isinstance(v, torch.Tensor):
                 continue
@@ -221,11 +227,9 @@ def portable(optimizer, state_dict: dict) -> dict:
     """``state_dict`` with the 8-bit state of DTensor params dequantized (fp32 DTensors, no
     absmax): its blocks follow a rank's shard, so only the values can be saved and resharded
     (``torch.distributed.checkpoint``); loading quantizes them again, to the same codes."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    signed = dict(zip(optimizer.algorithm.columns, optimizer.algorithm.signed, strict=True))
+    signed = signed_keys(optimizer)
     state = dict(state_dict["state"])
-    for i, p in zip(ids, params, strict=True):
+    for i, p in _params_by_id(optimizer, state_dict).items():
         entries = state.get(i, {})
         if not is_dtensor(p) or not any(k.endswith(SUFFIX) for k in entries):
             continue
@@ -241,10 +245,8 @@ def torch_state_dict(optimizer) -> dict:
     """The optimizer's state dict in torch's format: our entries dropped, 8-bit state
     dequantized, the state in the param's dtype (``torch.optim``'s class loads it as its own)."""
     out = optimizer.state_dict()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    ids = [i for g in out["param_groups"] for i in g["params"]]
-    by_id = dict(zip(ids, params, strict=True))
-    signed = dict(zip(optimizer.algorithm.columns, optimizer.algorithm.signed, strict=True))
+    by_id = _params_by_id(optimizer, out)
+    signed = signed_keys(optimizer)
     state = {}
     for i, entries in out["state"].items():
         p = by_id[i]
