@@ -222,6 +222,62 @@ def _launch_rows(
     )
 
 
+def _targets(
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    num_classes: int,
+    ignore_index: int,
+    compute: torch.dtype,
+) -> torch.Tensor:
+    """Launch 1 of a forward on the flat targets ``[R]``: the stats ``[3]`` (compute dtype) the
+    row kernel reads, and the device-side check that every target is in range or ignored."""
+    num_rows = target.numel()
+    stats = torch.empty(3, dtype=compute, device=target.device)
+    ok = torch.empty((), dtype=torch.int32, device=target.device)
+    kernels.cross_entropy_targets_kernel[(1,)](
+        target,
+        weight if weight is not None else stats,
+        stats,
+        ok,
+        num_rows,
+        num_classes,
+        target.stride(0) if num_rows else 1,
+        ignore_index,
+        COMPUTE=TL_DTYPE[compute],
+        HAS_WEIGHT=weight is not None,
+        BLOCK=_small_block(max(num_rows, num_classes if weight is not None else 0)),
+        num_warps=4,
+    )
+    torch._assert_async(
+        ok,
+        f"fusedopt.cross_entropy: target out of range: every target must be in [0, C) = "
+        f"[0, {num_classes}) or equal ignore_index ({ignore_index})",
+    )
+    return stats
+
+
+def _total(
+    row_loss: torch.Tensor, stats: torch.Tensor, reduction: str, out_dtype: torch.dtype, shape: torch.Size
+) -> torch.Tensor:
+    """Launch 3 of a forward: the loss as torch returns it from the row losses ``[R]``:
+    ``row_loss`` viewed as ``shape`` for ``none``, else their sum (or mean) in ``out_dtype``."""
+    if reduction == "none":
+        return row_loss.view(shape)
+    loss = torch.empty((), dtype=out_dtype, device=row_loss.device)
+    kernels.cross_entropy_sum_kernel[(1,)](
+        row_loss,
+        stats,
+        loss,
+        row_loss.numel(),
+        DTYPE=TL_DTYPE[out_dtype],
+        COMPUTE=TL_DTYPE[stats.dtype],
+        MEAN=reduction == "mean",
+        BLOCK=_small_block(row_loss.numel()),
+        num_warps=4,
+    )
+    return loss
+
+
 def _forward(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -239,28 +295,8 @@ def _forward(
     rows = _rows(input, n, spatial, num_classes)
     flat_target = target.reshape(-1)
     num_rows = n * spatial
-    stats = torch.empty(3, dtype=compute, device=device)
-    ok = torch.empty((), dtype=torch.int32, device=device)
     with _guard(device):
-        kernels.cross_entropy_targets_kernel[(1,)](
-            flat_target,
-            weight if weight is not None else stats,
-            stats,
-            ok,
-            num_rows,
-            num_classes,
-            flat_target.stride(0) if num_rows else 1,
-            ignore_index,
-            COMPUTE=TL_DTYPE[compute],
-            HAS_WEIGHT=weight is not None,
-            BLOCK=_small_block(max(num_rows, num_classes if weight is not None else 0)),
-            num_warps=4,
-        )
-        torch._assert_async(
-            ok,
-            f"fusedopt.cross_entropy: target out of range: every target must be in [0, C) = "
-            f"[0, {num_classes}) or equal ignore_index ({ignore_index})",
-        )
+        stats = _targets(flat_target, weight, num_classes, ignore_index, compute)
         grad = grad_rows = lse = None
         if need_grad and reduction != "none":
             grad, grad_rows = _empty_grad(input, n, spatial, num_classes)
@@ -280,21 +316,8 @@ def _forward(
             save_lse=lse is not None,
             divide_by_total=reduction == "mean",
         )
-        if reduction == "none":  # the target's shape; () for 1-D input, as torch
-            loss = row_loss.view(target.shape if input.dim() > 1 else ())
-        else:
-            loss = torch.empty((), dtype=out_dtype, device=device)
-            kernels.cross_entropy_sum_kernel[(1,)](
-                row_loss,
-                stats,
-                loss,
-                num_rows,
-                DTYPE=TL_DTYPE[out_dtype],
-                COMPUTE=TL_DTYPE[compute],
-                MEAN=reduction == "mean",
-                BLOCK=_small_block(num_rows),
-                num_warps=4,
-            )
+        # the target's shape for none; () for 1-D input, as torch
+        loss = _total(row_loss, stats, reduction, out_dtype, target.shape if input.dim() > 1 else ())
     return _Forward(loss, grad, rows, flat_target, stats, lse)
 
 

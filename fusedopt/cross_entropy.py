@@ -97,21 +97,27 @@ class _CrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def arguments(weight, ignore_index, reduction, label_smoothing) -> tuple[str, int, float]:
+    """torch's handling of cross-entropy's scalar arguments: ``(reduction, ignore_index,
+    label_smoothing)`` normalized (reduction a name; smoothing 0 unless > 0, as torch: negative
+    or NaN is none, > 1 raises in the launcher's check), and the error torch gives for a class
+    ``weight`` that requires grad."""
+    reduction = REDUCTIONS[_reduction.get_enum(reduction)]  # torch's check and message
+    if torch.is_grad_enabled() and weight is not None and weight.requires_grad:
+        raise RuntimeError(
+            "fusedopt.cross_entropy is not differentiable with respect to argument 'weight'. "
+            "This input cannot have requires_grad True."
+        )
+    return reduction, int(ignore_index), float(label_smoothing) if label_smoothing > 0.0 else 0.0
+
+
 def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing) -> torch.Tensor:
     """torch's handling of the arguments, then the autograd Function when autograd records
     (grad mode on and ``input.requires_grad``), else the forward alone (no gradient buffer).
 
     A function rather than an override of ``apply``: dynamo calls an autograd Function's own
     ``apply`` and never an override."""
-    reduction = REDUCTIONS[_reduction.get_enum(reduction)]  # torch's check and message
-    ignore_index = int(ignore_index)
-    # as torch: smoothing only when > 0 (negative or NaN is none); > 1 raises in _check
-    label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0
-    if torch.is_grad_enabled() and weight is not None and weight.requires_grad:
-        raise RuntimeError(
-            "fusedopt.cross_entropy is not differentiable with respect to argument 'weight'. "
-            "This input cannot have requires_grad True."
-        )
+    reduction, ignore_index, label_smoothing = arguments(weight, ignore_index, reduction, label_smoothing)
     # Under autocast torch computes cross-entropy in fp32 and returns an fp32 loss; the math
     # here is fp32 anyway, so only the loss's dtype changes (the gradient keeps the logits').
     out_dtype = input.dtype

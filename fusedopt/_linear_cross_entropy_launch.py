@@ -1,0 +1,313 @@
+"""Launchers of the fused linear + cross-entropy (checks, chunk rule, the chunk loop), the layer
+under the autograd Function of ``fusedopt.linear_cross_entropy``, and its custom ops for
+torch.compile (``fusedopt::linear_cross_entropy``, ``fusedopt::linear_cross_entropy_backward``).
+
+The tokens ``X`` [N, H] are taken in chunks of ``c`` rows; one buffer of ``c x V`` logits is
+reused by every chunk. Per chunk ``k``:
+
+1. ``Z_k = X_k Wᵀ (+ b)`` into the buffer (cuBLAS through torch, the matmul dtype);
+2. ``cross_entropy_kernel`` (``fusedopt.kernels.cross_entropy``) reads the buffer, writes the
+   rows' losses and, when gradients are wanted, overwrites the buffer with ``dZ_k`` (the
+   gradient of the reduced loss for a ``grad_output`` of 1, or of each row's ``grad_output``
+   for the backward of ``none``);
+3. ``grad_X_k = dZ_k W`` into its rows of ``grad_input``; ``grad_W += dZ_kᵀ X_k`` in fp32
+   (``addmm_`` when the matmul dtype is fp32/fp64, else ``matmul_accumulate_kernel``);
+   ``grad_b += Σ_rows dZ_k`` in fp32.
+
+Before the chunks, ``cross_entropy_targets_kernel`` computes the ``mean`` divisor and checks
+the targets (one launch over all N); after them, ``cross_entropy_sum_kernel`` reduces the row
+losses (fixed order). No host sync, no float atomics: the result does not depend on
+scheduling, and the chunk order is fixed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from fusedopt._cross_entropy_launch import _check as _check_cross_entropy
+from fusedopt._cross_entropy_launch import _guard, _launch_rows, _scalar_name, _targets, _total
+from fusedopt._multi_tensor import INTERPRET, compute_dtype
+from fusedopt.kernels import linear_cross_entropy as kernels
+from fusedopt.losses import compilable
+
+CHUNK_MULTIPLE = 256  # chunks are whole multiples of this many rows (but the last)
+HALF = (torch.float16, torch.bfloat16)
+
+
+def chunk_rows(num_rows: int, hidden: int, vocab: int) -> int:
+    """Default rows per chunk: the chunk's logits about the size of the input (``c V ≈ N H``),
+    rounded up to a multiple of ``CHUNK_MULTIPLE`` (matmuls of fewer rows run far below peak),
+    at most ``N``."""
+    wanted = -(-num_rows * hidden // max(vocab, 1))
+    return max(1, min(num_rows, -(-wanted // CHUNK_MULTIPLE) * CHUNK_MULTIPLE))
+
+
+def check(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    label_smoothing: float,
+    autocast: bool,
+    chunk: int | None,
+) -> None:
+    """Raise what ``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` raises (the
+    logits' class dim moved to dim 1 for inputs of 3 or more dims). Under ``autocast`` the
+    operands may differ in dtype (autocast casts them) and cross-entropy runs in fp32, as in
+    torch."""
+    if input.dim() == 0 or weight.dim() == 0:
+        raise RuntimeError(
+            f"both arguments to linear need to be at least 1D, but they are {input.dim()}D and {weight.dim()}D"
+        )
+    if weight.dim() != 2:
+        raise RuntimeError(f"linear_cross_entropy: linear_weight must be 2-D (V, H), got {weight.dim()}-D")
+    vocab, hidden = weight.shape
+    if input.shape[-1] != hidden:
+        rows = math.prod(input.shape[:-1])
+        raise RuntimeError(
+            f"mat1 and mat2 shapes cannot be multiplied ({rows}x{input.shape[-1]} and {hidden}x{vocab})"
+        )
+    if not autocast and input.dtype != weight.dtype:
+        raise RuntimeError(
+            f"expected m1 and m2 to have the same dtype, but got: {_scalar_name(input.dtype)} != "
+            f"{_scalar_name(weight.dtype)}"
+        )
+    if bias is not None:
+        if bias.shape != (vocab,):
+            raise RuntimeError(
+                f"linear_cross_entropy: linear_bias must have shape ({vocab},), got {list(bias.shape)}"
+            )
+        if not autocast and bias.dtype != weight.dtype:
+            raise RuntimeError(
+                f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and "
+                f"{_scalar_name(weight.dtype)}"
+            )
+    for name, t in (("linear_weight", weight), ("linear_bias", bias)):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but {name} is on {t.device} and input "
+                f"on {input.device}"
+            )
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be a positive int or None, got {chunk!r}")
+    # cross-entropy's checks on logits of the composed shape (a zero-stride view: no memory)
+    logits_dtype = torch.float32 if autocast else input.dtype
+    lead = input.shape[:-1]
+    shape = (*lead, vocab) if input.dim() <= 2 else (lead[0], vocab, *lead[1:])
+    logits = torch.empty((), dtype=logits_dtype, device=input.device).expand(shape)
+    if autocast and class_weight is not None and class_weight.dtype in HALF:
+        class_weight = class_weight.float()  # autocast runs cross-entropy in fp32
+    _check_cross_entropy(logits, target, class_weight, label_smoothing)
+
+
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty(0)
+
+
+def _chunks(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    stats: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk: int,
+    grads: tuple[bool, bool, bool],
+    grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+    *,
+    row_loss: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    save_lse: bool = False,
+    divide_by_total: bool = False,
+    grad_output: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk loop over ``x`` [N, H] and ``weight`` [V, H] (both in the matmul dtype). Writes
+    ``row_loss`` (and ``lse`` when ``save_lse``) if given, else reads ``lse``; returns the
+    gradients asked by ``grads`` (input, weight, bias) in ``grad_dtypes``, empty otherwise."""
+    n, vocab = x.shape[0], weight.shape[0]
+    want_input, want_weight, want_bias = grads
+    any_grad = any(grads)
+    acc_dtype = compute_dtype(x.dtype)
+    grad_input = x.new_empty(x.shape, dtype=grad_dtypes[0]) if want_input else _empty(x)
+    grad_weight = (
+        weight.new_zeros(weight.shape, dtype=grad_dtypes[1] if grad_dtypes[1] == acc_dtype else acc_dtype)
+        if want_weight
+        else _empty(x)
+    )
+    grad_bias = x.new_zeros(vocab, dtype=acc_dtype) if want_bias else _empty(x)
+    buffer = x.new_empty((min(chunk, n), vocab))
+    weight_t = weight.t()
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        x_k = x[start:stop]
+        z = buffer[: stop - start]
+        if bias is not None:
+            torch.addmm(bias, x_k, weight_t, out=z)
+        else:
+            torch.mm(x_k, weight_t, out=z)
+        rows = z.unsqueeze(1)
+        _launch_rows(
+            rows,
+            target[start:stop],
+            class_weight,
+            stats,
+            ignore_index,
+            label_smoothing,
+            lse=lse[start:stop] if lse is not None else None,
+            loss=row_loss[start:stop] if row_loss is not None else None,
+            grad_rows=rows if any_grad else None,
+            grad_output=grad_output[start:stop] if grad_output is not None else None,
+            save_lse=save_lse,
+            divide_by_total=divide_by_total,
+        )
+        if want_input:
+            if grad_input.dtype == z.dtype:
+                torch.mm(z, weight, out=grad_input[start:stop])
+            else:
+                grad_input[start:stop] = z @ weight
+        if want_weight:
+            _accumulate(grad_weight, z.t(), x_k)
+        if want_bias:
+            grad_bias += z.sum(0, dtype=acc_dtype)
+    if want_weight and grad_weight.dtype != grad_dtypes[1]:
+        grad_weight = grad_weight.to(grad_dtypes[1])
+    if want_bias and grad_bias.dtype != grad_dtypes[2]:
+        grad_bias = grad_bias.to(grad_dtypes[2])
+    return grad_input, grad_weight, grad_bias
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in fp32 (fp64 for fp64 operands), summed in it."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0 or k == 0:
+        return
+    block_m, block_n, block_k = 128, 128, 64
+    kernels.matmul_accumulate_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+        acc,
+        a,
+        b,
+        m,
+        n,
+        k,
+        *acc.stride(),
+        *a.stride(),
+        *b.stride(),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=8,
+        UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+        num_warps=8,
+        num_stages=3,
+    )
+
+
+def _operands(x, weight, bias, mm_dtype):
+    """The matmul operands in ``mm_dtype`` (autocast's casts; no copy when already in it)."""
+    return x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None
+
+
+def _grad_dtypes(x, weight, bias):
+    return x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype
+
+
+def _forward_fake(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, chunk,
+                  need_input, need_weight, need_bias, mm_dtype, out_dtype):  # fmt: skip
+    compute, none = compute_dtype(mm_dtype), reduction == "none"
+    loss = x.new_empty(target.shape if none else (), dtype=out_dtype)
+    grad_input = x.new_empty(x.shape) if need_input and not none else _empty(x)
+    grad_weight = weight.new_empty(weight.shape) if need_weight and not none else _empty(x)
+    grad_bias = bias.new_empty(bias.shape) if need_bias and not none else _empty(x)
+    lse = x.new_empty(x.shape[0] if none and (need_input or need_weight or need_bias) else 0, dtype=compute)
+    return loss, grad_input, grad_weight, grad_bias, x.new_empty(3, dtype=compute), lse
+
+
+@compilable("linear_cross_entropy", _forward_fake)
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    chunk: int,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+    mm_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward over ``x`` [N, H] and flat ``target`` [N] (arguments checked by
+    :func:`check`): ``(loss, grad_input, grad_weight, grad_bias, stats, lse)``. For ``mean`` /
+    ``sum`` the asked gradients are those of the loss for a ``grad_output`` of 1; for ``none``
+    none is computed here, and ``lse`` (each row's log-sum-exp) is kept for the backward when
+    any is asked. Tensors not computed are empty (an op returns no None). ``target`` keeps the
+    caller's shape for the loss of ``none``."""
+    none = reduction == "none"
+    grads = (need_input, need_weight, need_bias)
+    flat_target = target.reshape(-1)
+    n = x.shape[0]
+    compute = compute_dtype(mm_dtype)
+    xm, wm, bm = _operands(x, weight, bias, mm_dtype)
+    with _guard(x.device), torch.autocast(x.device.type, enabled=False):
+        stats = _targets(flat_target, class_weight, weight.shape[0], ignore_index, compute)
+        row_loss = x.new_empty(n, dtype=out_dtype if none else compute)
+        lse = x.new_empty(n, dtype=compute) if none and any(grads) else None
+        gi, gw, gb = _chunks(
+            xm, wm, bm, flat_target, class_weight, stats, ignore_index, label_smoothing, chunk,
+            (False, False, False) if none else grads, _grad_dtypes(x, weight, bias),
+            row_loss=row_loss, lse=lse, save_lse=lse is not None, divide_by_total=reduction == "mean",
+        )  # fmt: skip
+        loss = _total(row_loss, stats, reduction, out_dtype, target.shape)
+    return loss, gi, gw, gb, stats, lse if lse is not None else _empty(stats)
+
+
+def _backward_fake(x, weight, bias, *args):
+    need_input, need_weight, need_bias = args[-4:-1]
+    return (
+        x.new_empty(x.shape) if need_input else _empty(x),
+        weight.new_empty(weight.shape) if need_weight else _empty(x),
+        bias.new_empty(bias.shape) if need_bias else _empty(x),
+    )
+
+
+@compilable("linear_cross_entropy_backward", _backward_fake)
+def backward_none(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    stats: torch.Tensor,
+    lse: torch.Tensor,
+    grad_output: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk: int,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+    mm_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``reduction="none"``: the chunks' logits recomputed, turned into their
+    gradient times each row's ``grad_output`` from the forward's log-sum-exp, then the same
+    matmuls as the forward of ``mean``/``sum``."""
+    xm, wm, bm = _operands(x, weight, bias, mm_dtype)
+    with _guard(x.device), torch.autocast(x.device.type, enabled=False):
+        return _chunks(
+            xm, wm, bm, target.reshape(-1), class_weight, stats, ignore_index, label_smoothing, chunk,
+            (need_input, need_weight, need_bias), _grad_dtypes(x, weight, bias),
+            lse=lse, grad_output=grad_output.reshape(-1),
+        )  # fmt: skip

@@ -1,0 +1,189 @@
+"""Fused linear + cross-entropy: the language-model loss
+``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without ever
+holding the logits of all the tokens.
+
+Layers: the chunk loop and its custom ops in ``fusedopt._linear_cross_entropy_launch`` (which
+reuses the cross-entropy kernels of ``fusedopt.kernels.cross_entropy`` and adds
+``fusedopt.kernels.linear_cross_entropy``) → :class:`_LinearCrossEntropy` →
+:func:`linear_cross_entropy` (and ``fusedopt.functional`` / ``fusedopt.nn``).
+
+**When the gradients are computed.** For ``mean`` and ``sum`` the forward computes the
+gradients autograd will need (of the input, the linear weight, the bias: those that require
+grad, none under ``no_grad``), chunk by chunk, while the chunk's logits are in the buffer; the
+backward only multiplies them by ``grad_output`` (on the device, in place the first time, no
+work when it is 1). For ``none`` the gradient of the weight is ``Σ_i g_i dz_iᵀ x_i`` with each
+row's ``grad_output`` ``g_i``, which only the backward knows: the forward keeps each row's
+log-sum-exp (4 B per token) and the backward recomputes the chunks' logits (one matmul more).
+
+**Memory model** (N tokens, hidden size H, vocabulary V, chunk of c rows; ``s`` the bytes of
+the matmul dtype, 2 for bf16). Held at the peak of the forward of ``mean``/``sum``, beyond the
+inputs:
+
+=================================  ==================================  ==========================
+tensor                             fused (this op)                     composition (eager torch)
+=================================  ==================================  ==========================
+logits                             one chunk: c V s                    N V s (and, for fp32
+                                                                       loss math, N V 4 more)
+log-softmax kept for the backward  none                                N V s
+gradient of the logits             in place in the chunk               N V s (and N V s for the
+                                                                       zeroed nll gradient)
+grad of the input                  N H (input dtype)                   N H, in the backward
+grad of the weight                 V H 4 (fp32 accumulator; it is the  V H s, in the backward
+                                   gradient itself for fp32 weights)
+=================================  ==================================  ==========================
+
+with ``c`` chosen so that ``c V ≈ N H`` (``chunk_rows``). The chunk buffer and the accumulator
+are freed when the forward returns; what is kept until the backward is the gradients (N H + V H
+in their dtypes), no logits. A bf16 weight gets its gradient summed over the chunks in fp32
+and rounded once, as the composition's single matmul does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.overrides import has_torch_function_variadic
+
+from fusedopt import _linear_cross_entropy_launch as launch
+from fusedopt._cross_entropy_launch import _scale_grad
+from fusedopt._multi_tensor import TL_DTYPE, runs_triton
+from fusedopt.cross_entropy import arguments
+from fusedopt.losses import scaled_copy
+
+AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward and backward of :func:`linear_cross_entropy`, with the arguments as it leaves
+    them: ``x`` the input as [N, H], ``needs`` the gradients to compute (input, weight, bias)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, class_weight, options, needs):
+        ignore_index, reduction, label_smoothing, chunk, mm_dtype, out_dtype = options
+        loss, gi, gw, gb, stats, lse = launch.forward(
+            x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, chunk,
+            *needs, mm_dtype, out_dtype,
+        )  # fmt: skip
+        ctx.needs, ctx.reduction = needs, reduction
+        if reduction == "none":
+            ctx.save_for_backward(x, weight, bias, target, class_weight, stats, lse)
+            ctx.options = options
+        else:
+            ctx.grads = tuple(g if need else None for g, need in zip((gi, gw, gb), needs, strict=True))
+            ctx.applied = torch.empty((), dtype=stats.dtype, device=x.device)
+            ctx.first = True
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.reduction == "none":
+            x, weight, bias, target, class_weight, stats, lse = ctx.saved_tensors
+            ignore_index, _, label_smoothing, chunk, mm_dtype, _ = ctx.options
+            grads = launch.backward_none(
+                x, weight, bias, target, class_weight, stats, lse, grad_output, ignore_index,
+                label_smoothing, chunk, *ctx.needs, mm_dtype,
+            )  # fmt: skip
+            grads = tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True))
+        elif torch.compiler.is_compiling():
+            grads = tuple(g if g is None else scaled_copy(g, grad_output) for g in ctx.grads)
+        else:
+            grads = tuple(
+                g if g is None else _scale_grad(g, grad_output, ctx.applied, ctx.first) for g in ctx.grads
+            )
+            ctx.first = False
+        return *grads, None, None, None, None
+
+
+def linear_cross_entropy_reference(
+    input, linear_weight, target, linear_bias=None, weight=None, ignore_index=-100, reduction="mean",
+    label_smoothing=0.0,
+) -> torch.Tensor:  # fmt: skip
+    """The composition this op equals, in plain torch: its fallback and its test oracle. The
+    logits' class dim (last, as ``F.linear`` makes them) is moved to dim 1 for inputs of three or
+    more dims, where ``F.cross_entropy`` expects it."""
+    logits = F.linear(input, linear_weight, linear_bias)
+    if logits.dim() > 2:
+        logits = logits.movedim(-1, 1)
+    return F.cross_entropy(
+        logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing,
+    )  # fmt: skip
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the logits ``F.linear(input, linear_weight, linear_bias)`` without
+    materializing them: same value, dtype, shape, gradients and errors as
+    :func:`linear_cross_entropy_reference`.
+
+    Args:
+        input: hidden states (H,), (N, H) or (B, T, ..., H); fp32, fp64, fp16, bf16.
+        linear_weight: (V, H), the input's dtype (under autocast: any of fp32/fp16/bf16).
+        target: class indices of the input's leading shape ((), (N,), (B, T, ...)), int64 or
+            uint8.
+        linear_bias: (V,) or None.
+        weight: (V,) class weights or None.
+        ignore_index, reduction, label_smoothing: as ``torch.nn.functional.cross_entropy``.
+        chunk_rows: tokens per chunk (default: about ``N H / V``, rounded up to a multiple of
+            256, so that a chunk's logits are about the size of the input). A larger chunk is
+            faster and holds more; it does not change the result beyond rounding.
+
+    Returns:
+        The loss: a scalar, or the target's shape for ``reduction="none"``; fp32 under
+        autocast, else the input's dtype.
+
+    Under autocast the matmuls run in autocast's dtype (the operands cast as torch casts them)
+    and the loss in fp32, as the composition does. Tensors the Triton kernels do not run on (CPU
+    without ``TRITON_INTERPRET=1``, tensor subclasses such as DTensor) go to the composition;
+    there ``chunk_rows`` is checked and has nothing to choose.
+    """
+    present = [t for t in (input, linear_weight, linear_bias, weight) if t is not None]
+    fusable = not has_torch_function_variadic(*present, target) and all(
+        runs_triton(t.device) and t.dtype in TL_DTYPE for t in present
+    )
+    reduction, ignore_index, label_smoothing = arguments(weight, ignore_index, reduction, label_smoothing)
+    device_type = input.device.type
+    autocast = (
+        torch.is_autocast_enabled(device_type)
+        and input.dtype in AUTOCAST_INPUTS
+        and linear_weight.dtype in AUTOCAST_INPUTS
+    )
+    mm_dtype = torch.get_autocast_dtype(device_type) if autocast else input.dtype
+    if not fusable:
+        if chunk_rows is not None:
+            launch.check(
+                input, linear_weight, linear_bias, target, weight, label_smoothing, autocast, chunk_rows
+            )
+        return linear_cross_entropy_reference(
+            input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing
+        )
+    launch.check(input, linear_weight, linear_bias, target, weight, label_smoothing, autocast, chunk_rows)
+    if autocast and weight is not None and weight.dtype != torch.float32:
+        weight = weight.float()  # autocast runs cross-entropy in fp32
+    out_dtype = torch.float32 if autocast else input.dtype
+    hidden, vocab = input.shape[-1], linear_weight.shape[0]
+    x = input.reshape(-1, hidden)
+    if input.dim() == 1:
+        target = target.reshape(())  # torch: the loss of a 1-D input is 0-d, also for "none"
+    chunk = chunk_rows if chunk_rows is not None else launch.chunk_rows(x.shape[0], hidden, vocab)
+    options = (ignore_index, reduction, label_smoothing, chunk, mm_dtype, out_dtype)
+    grad = torch.is_grad_enabled()
+    needs = tuple(grad and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    if any(needs):
+        return _LinearCrossEntropy.apply(x, linear_weight, linear_bias, target, weight, options, needs)
+    return launch.forward(
+        x, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, chunk,
+        False, False, False, mm_dtype, out_dtype,
+    )[0]  # fmt: skip
