@@ -19,9 +19,18 @@ from torch.overrides import has_torch_function_variadic
 from fusedopt._multi_tensor import TL_DTYPE, runs_triton
 from fusedopt.cross_entropy import cross_entropy as _fused_cross_entropy
 from fusedopt.kernels import losses as kernels
+from fusedopt.linear_cross_entropy import linear_cross_entropy
 from fusedopt.losses import MeanFunction, PointwiseLossFunction
 
-__all__ = ["cross_entropy", "huber_loss", "l1_loss", "mean", "mse_loss", "smooth_l1_loss"]
+__all__ = [
+    "cross_entropy",
+    "huber_loss",
+    "l1_loss",
+    "linear_cross_entropy",
+    "mean",
+    "mse_loss",
+    "smooth_l1_loss",
+]
 
 
 def _fusable(*tensors: torch.Tensor | None) -> bool:

@@ -4,10 +4,19 @@ same constructor arguments; only ``forward`` changes."""
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn.modules.loss import _WeightedLoss
 
 from fusedopt import functional as F
 
-__all__ = ["FusedCrossEntropyLoss", "FusedHuberLoss", "FusedL1Loss", "FusedMSELoss", "FusedSmoothL1Loss"]
+__all__ = [
+    "FusedCrossEntropyLoss",
+    "FusedHuberLoss",
+    "FusedL1Loss",
+    "FusedLinearCrossEntropyHead",
+    "FusedLinearCrossEntropyLoss",
+    "FusedMSELoss",
+    "FusedSmoothL1Loss",
+]
 
 
 class FusedMSELoss(nn.MSELoss):
@@ -49,4 +58,88 @@ class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+        )
+
+
+class FusedLinearCrossEntropyLoss(_WeightedLoss):
+    """Cross-entropy of ``F.linear(input, linear_weight, linear_bias)`` computed by
+    :func:`fusedopt.functional.linear_cross_entropy`, the logits never held whole.
+
+    Constructor as ``nn.CrossEntropyLoss`` (``weight`` a buffer of class weights), plus the
+    keyword ``chunk_rows`` (tokens per chunk, default from the shapes).
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        chunk_rows: int | None = None,
+    ) -> None:
+        super().__init__(weight, None, None, reduction)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.chunk_rows = chunk_rows
+
+    def forward(
+        self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None = None
+    ) -> Tensor:
+        return F.linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            chunk_rows=self.chunk_rows,
+        )
+
+
+class FusedLinearCrossEntropyHead(nn.Linear):
+    """A language model's output layer and its loss in one module: an ``nn.Linear`` (same
+    constructor, parameters and ``state_dict``) whose ``forward(input, target)`` returns the
+    cross-entropy of its logits through :func:`fusedopt.functional.linear_cross_entropy`, and
+    ``forward(input)`` the logits, as ``nn.Linear`` (generation).
+
+    The loss reads the weight inside the module's own ``forward``, so sharding wrappers that
+    gather parameters around it (FSDP2's ``fully_shard``) gather this weight as for any layer.
+    Keywords: ``ignore_index``, ``reduction``, ``label_smoothing`` as ``nn.CrossEntropyLoss``,
+    and ``chunk_rows``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        chunk_rows: int | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.chunk_rows = chunk_rows
+
+    def forward(self, input: Tensor, target: Tensor | None = None) -> Tensor:
+        if target is None:
+            return super().forward(input)
+        return F.linear_cross_entropy(
+            input,
+            self.weight,
+            target,
+            self.bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            chunk_rows=self.chunk_rows,
         )

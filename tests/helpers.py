@@ -7,7 +7,8 @@ from the fixture file, which keeps only fixtures).
   :func:`run_parity` (:func:`fusedopt.testing.compare_optimizer` on odd layouts) and
   :func:`parity_params` (its ``(case, dtype)`` parameters).
 * Probes: :class:`Launches` / :func:`record_launches` (Triton kernel launches),
-  :class:`CountOps` (aten ops), :class:`Graphs` (a recording ``torch.compile`` backend),
+  :class:`CountOps` (aten ops), :class:`Graphs` and :class:`Recorder` (recording ``torch.compile``
+  backends: the dynamo graphs; the fusedopt ops of the AOT forward and backward graphs),
   :func:`compile_in_child` (sm_90 compilation without a GPU).
 * Small things: :func:`outcome`, :func:`roundtrip`, :func:`case_id`, :func:`kernel_name`.
 
@@ -22,10 +23,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedopt.testing import OptimCase, assert_close, compare_optimizer, odd_params
@@ -240,6 +244,25 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+class Recorder:
+    """A torch.compile backend: ``aot_eager`` that keeps the fusedopt ops of each graph."""
+
+    def __init__(self):
+        self.graphs: list[frozenset[str]] = []  # forward first, then backward
+        self.backend = aot_autograd(fw_compiler=self._compile, bw_compiler=self._compile)
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
+        targets = (n.target for n in gm.graph.nodes if n.op == "call_function")
+        self.graphs.append(
+            frozenset(
+                t.name()
+                for t in targets
+                if isinstance(t, torch._ops.OpOverload) and t.namespace == "fusedopt"
+            )
+        )
+        return make_boxed_func(gm.forward)
 
 
 class Graphs(list):

@@ -15,10 +15,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as TF
-from functorch.compile import make_boxed_func
-from helpers import record_launches
+from helpers import Recorder, record_launches
 from torch import nn
-from torch._dynamo.backends.common import aot_autograd
 from torch.library import opcheck
 
 from fusedopt import functional as F
@@ -98,25 +96,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-class Recorder:
-    """A torch.compile backend: ``aot_eager`` that keeps the fusedopt ops of each graph."""
-
-    def __init__(self):
-        self.graphs: list[frozenset[str]] = []  # forward first, then backward
-        self.backend = aot_autograd(fw_compiler=self._compile, bw_compiler=self._compile)
-
-    def _compile(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
-        targets = (n.target for n in gm.graph.nodes if n.op == "call_function")
-        self.graphs.append(
-            frozenset(
-                t.name()
-                for t in targets
-                if isinstance(t, torch._ops.OpOverload) and t.namespace == "fusedopt"
-            )
-        )
-        return make_boxed_func(gm.forward)
 
 
 class Inputs:

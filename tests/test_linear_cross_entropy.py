@@ -1,0 +1,537 @@
+"""Fused linear + cross-entropy against the composition it replaces,
+``F.cross_entropy(F.linear(input, W, b), target, ...)`` (``linear_cross_entropy_reference``).
+
+The oracle is the composition in fp64 from the same values; fp32 results must be within the
+loss contract of it, bf16/fp16 results within twice the composition's own error in that dtype
+(``fusedopt.tolerance.LINEAR_CE_TOLERANCE``). On CPU the kernels run through the Triton
+interpreter: shapes stay small, and ``chunk_rows`` is set low so that every case runs several
+chunks (and a last, shorter one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import CountOps, Recorder
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedopt._cross_entropy_launch as ce_launch
+import fusedopt._linear_cross_entropy_launch as launch
+from fusedopt import functional as FF
+from fusedopt import nn as fnn
+from fusedopt.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+# The interpreter computes with numpy, which warns about the intended inf - inf and 1 / 0.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+HIDDEN, VOCAB = 24, 157  # V: no power of two, several column blocks of 64 (see the fixture below)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    bias: bool = False
+    weight: bool = False  # class weights
+    ignore_index: int = -100
+    ignore_hits: bool = False  # some targets equal ignore_index
+    label_smoothing: float = 0.0
+
+
+OPTIONS = {
+    "plain": Options(),
+    "bias_ignore": Options(bias=True, ignore_hits=True),
+    "weight": Options(weight=True, ignore_hits=True),
+    "smooth": Options(label_smoothing=0.1, ignore_hits=True, bias=True),
+    # a real class as ignore_index, with class weights, smoothing and bias together
+    "all": Options(bias=True, weight=True, ignore_index=3, ignore_hits=True, label_smoothing=0.25),
+}
+
+
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+def assert_linear_ce_close(ours, theirs, oracle, what):
+    """max|ours - oracle| <= 2 max|theirs - oracle| + rtol max|oracle| (TODO: one table)."""
+    if oracle.numel() == 0:
+        return
+    err = (ours.double() - oracle).abs().nan_to_num(0).max()
+    base = (theirs.double() - oracle).abs().nan_to_num(0).max()
+    scale = oracle.abs().nan_to_num(0).max()
+    assert err <= 2 * base + RTOL[ours.dtype] * scale, (what, err.item(), base.item(), scale.item())
+    assert torch.equal(ours.isnan(), oracle.isnan()), what
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Column blocks of 64 in the cross-entropy row kernel: rows of V = 157 span three."""
+    monkeypatch.setattr(ce_launch, "MAX_BLOCK", 64)
+
+
+def make(lead, dtype, options: Options, device, seed=0, vocab=VOCAB, hidden=HIDDEN):
+    """Inputs of the op: ``(input, linear_weight, target, linear_bias, kwargs)``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, hidden, generator=gen).to(device, dtype)
+    w = (torch.randn(vocab, hidden, generator=gen) * 2 / hidden**0.5).to(device, dtype)
+    b = torch.randn(vocab, generator=gen).to(device, dtype) if options.bias else None
+    target = torch.randint(0, vocab, lead, generator=gen)
+    if options.ignore_hits:
+        target.view(-1)[::4] = options.ignore_index
+    kwargs = dict(ignore_index=options.ignore_index, label_smoothing=options.label_smoothing)
+    if options.weight:
+        kwargs["weight"] = (torch.rand(vocab, generator=gen) + 0.5).to(device, dtype)
+    return x, w, target.to(device), b, kwargs
+
+
+def run(fn, x, w, target, b, grad_output=None, **kwargs):
+    """Loss and gradients (input, weight, bias) of ``fn`` on leaf copies of the inputs."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+    if b is not None:
+        leaves.append(b.detach().clone().requires_grad_())
+    loss = fn(leaves[0], leaves[1], target, leaves[2] if b is not None else None, **kwargs)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype)
+    return loss, torch.autograd.grad(loss, leaves, go)
+
+
+def check(x, w, target, b, grad_output=None, **kwargs):
+    """Ours against the composition: value and every gradient, and their dtypes."""
+    ours = run(linear_cross_entropy, x, w, target, b, grad_output, **kwargs)
+    kwargs.pop("chunk_rows", None)
+    theirs = run(linear_cross_entropy_reference, x, w, target, b, grad_output, **kwargs)
+    up = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    b64 = b.double() if b is not None else None
+    go64 = grad_output.double() if grad_output is not None else None
+    oracle = run(linear_cross_entropy_reference, x.double(), w.double(), target, b64, go64, **up)
+    names = ["value", "grad input", "grad weight", "grad bias"]
+    for name, o, t, r in zip(
+        names, [ours[0], *ours[1]], [theirs[0], *theirs[1]], [oracle[0], *oracle[1]], strict=False
+    ):
+        assert o.dtype == t.dtype and o.shape == t.shape, name
+        assert_linear_ce_close(o, t, r, name)
+
+
+CASES = [
+    (lead, dtype, reduction, options)
+    for lead in [(19,), (3, 7)]
+    for dtype in [torch.float32, torch.bfloat16]
+    for reduction in ["mean", "sum", "none"]
+    for options in OPTIONS
+    if dtype == torch.float32 or options in ("plain", "all")
+] + [((19,), torch.float16, reduction, "all") for reduction in ["mean", "none"]]
+
+
+@pytest.mark.parametrize(
+    "lead, dtype, reduction, options",
+    CASES,
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).removeprefix("torch."),
+)
+def test_matches_composition(lead, dtype, reduction, options, triton_device, small_blocks):
+    x, w, target, b, kwargs = make(lead, dtype, OPTIONS[options], triton_device)
+    gen = torch.Generator().manual_seed(5)
+    go = torch.randn(lead, generator=gen).to(triton_device) if reduction == "none" else None
+    check(x, w, target, b, go, reduction=reduction, chunk_rows=4, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_output_not_one(reduction, dtype, triton_device, small_blocks):
+    x, w, target, b, kwargs = make((13,), dtype, OPTIONS["all"], triton_device)
+    go = torch.tensor(-1.25, device=triton_device)
+    check(x, w, target, b, go, reduction=reduction, chunk_rows=4, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_fp64(reduction, triton_device, small_blocks):
+    x, w, target, b, kwargs = make((7,), torch.float64, OPTIONS["all"], triton_device, vocab=67, hidden=5)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+
+    def fn(x, w, b):
+        return linear_cross_entropy(x, w, target, b, reduction=reduction, chunk_rows=3, **kwargs)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_chunk_equals_many(reduction, dtype, triton_device):
+    """The chunk size changes the order of the weight gradient's fp32 sum, nothing else."""
+    x, w, target, b, kwargs = make((37,), dtype, OPTIONS["all"], triton_device)
+    go = torch.randn(37).to(triton_device) if reduction == "none" else None
+    results = [
+        run(linear_cross_entropy, x, w, target, b, go, reduction=reduction, chunk_rows=c, **kwargs)
+        for c in (37, 5, 1)
+    ]
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(
+            loss, results[0][0], rtol=1e-6, atol=1e-6
+        )  # the logits' matmuls differ in shape
+        for g, g0 in zip(grads, results[0][1], strict=True):
+            if dtype == torch.float32:
+                torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-6)
+            else:  # the fp32 sums differ in order; their bf16 rounding by at most one step
+                torch.testing.assert_close(g, g0, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_tokens_ignored(reduction, triton_device):
+    x, w, target, b, kwargs = make((6,), torch.float32, OPTIONS["all"], triton_device)
+    target.fill_(kwargs["ignore_index"])
+    ours = run(linear_cross_entropy, x, w, target, b, reduction=reduction, chunk_rows=4, **kwargs)
+    theirs = run(linear_cross_entropy_reference, x, w, target, b, reduction=reduction, **kwargs)
+    torch.testing.assert_close(ours[0], theirs[0], equal_nan=True)  # mean: 0 / 0 = NaN, as torch
+    for g, r in zip(ours[1], theirs[1], strict=True):
+        torch.testing.assert_close(g, r, equal_nan=True)
+
+
+@pytest.mark.parametrize("lead", [(), (0,), (2, 0)], ids=["1d", "empty", "empty3d"])
+def test_degenerate_inputs(lead, triton_device):
+    """A single token (1-D input, 0-d target) and no token at all."""
+    for reduction in ("mean", "sum", "none"):
+        x, w, target, b, kwargs = make(lead, torch.float32, OPTIONS["bias_ignore"], triton_device)
+        check(x, w, target, b, reduction=reduction, **kwargs)
+
+
+def test_non_contiguous_operands(triton_device, small_blocks):
+    x, w, target, b, kwargs = make((9, 2), torch.float32, OPTIONS["all"], triton_device)
+    x = x.transpose(0, 1)  # (2, 9, H) with strided rows
+    w = torch.cat([w, w], 1)[:, ::2]  # strided columns
+    check(x, w, target.t(), b, chunk_rows=4, **kwargs)
+
+
+def test_deterministic(triton_device):
+    x, w, target, b, kwargs = make((29,), torch.bfloat16, OPTIONS["all"], triton_device)
+    first, again = (run(linear_cross_entropy, x, w, target, b, chunk_rows=4, **kwargs) for _ in range(2))
+    assert torch.equal(first[0], again[0])
+    assert all(torch.equal(g, h) for g, h in zip(first[1], again[1], strict=True))
+
+
+def test_weight_gradient_accumulates_in_fp32(triton_device):
+    """bf16 weights: the gradient is the fp32 sum over the chunks rounded once, not a bf16 sum
+    rounded at every chunk (which a 1-row chunk would make 16 roundings)."""
+    x, w, target, _b, _kwargs = make((16,), torch.bfloat16, Options(), triton_device)
+    _, (_, gw) = run(linear_cross_entropy, x, w, target, None, chunk_rows=1)
+    _, (_, gw_one) = run(linear_cross_entropy, x, w, target, None, chunk_rows=16)
+    exact = run(linear_cross_entropy_reference, x.double(), w.double(), target, None)[1][1]
+    err_many = (gw.double() - exact).abs().max()
+    err_one = (gw_one.double() - exact).abs().max()
+    assert err_many <= 1.5 * err_one + 1e-6, (err_many, err_one)
+
+
+class CountMatmuls(CountOps):
+    def matmuls(self) -> int:
+        return sum(op.split(".")[1] in ("mm", "addmm", "addmm_") for op in self.ops)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradients_only_when_autograd_records(reduction, triton_device):
+    """Per chunk: one matmul for the logits; two more for the gradients only when autograd
+    records, and only those of the tensors that require grad."""
+    x, w, target, _b, _kwargs = make((12,), torch.float32, OPTIONS["plain"], triton_device)
+    chunks = 3
+
+    def count(grad_mode: bool, *requires: bool) -> tuple[int, torch.Tensor]:
+        xs, ws = (t.detach().clone().requires_grad_(r) for t, r in zip((x, w), requires, strict=True))
+        with torch.set_grad_enabled(grad_mode), CountMatmuls() as ops:
+            loss = linear_cross_entropy(xs, ws, target, reduction=reduction, chunk_rows=4)
+            if loss.requires_grad:
+                loss.sum().backward()
+        return ops.matmuls()
+
+    assert count(False, True, True) == chunks
+    assert count(True, False, False) == chunks
+    backward_logits = chunks if reduction == "none" else 0  # none recomputes them in the backward
+    assert count(True, True, True) == 3 * chunks + backward_logits
+    assert count(True, False, True) == 2 * chunks + backward_logits
+
+
+def test_autocast_matches_the_composition(triton_device):
+    """Under autocast: bf16 matmuls, fp32 loss, gradients in the params' dtype (fp32)."""
+    x, w, target, b, kwargs = make((3, 5), torch.float32, OPTIONS["all"], triton_device)
+    with torch.autocast(triton_device, dtype=torch.bfloat16):
+        ours = run(linear_cross_entropy, x, w, target, b, chunk_rows=4, **kwargs)
+        theirs = run(linear_cross_entropy_reference, x, w, target, b, **kwargs)
+    assert ours[0].dtype == theirs[0].dtype == torch.float32
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)  # same bf16 logits, fp32 loss
+    for g, r in zip(ours[1], theirs[1], strict=True):
+        assert g.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=2**-7, atol=2**-7 * r.abs().max().item())
+
+
+def test_autocast_with_bf16_hidden_states(triton_device):
+    x, w, target, b, kwargs = make((11,), torch.float32, OPTIONS["weight"], triton_device)
+    x = x.bfloat16()
+    with torch.autocast(triton_device, dtype=torch.bfloat16):
+        ours = run(linear_cross_entropy, x, w, target, b, chunk_rows=4, **kwargs)
+        theirs = run(linear_cross_entropy_reference, x, w, target, b, **kwargs)
+    assert ours[0].dtype == theirs[0].dtype == torch.float32
+    assert [g.dtype for g in ours[1]] == [g.dtype for g in theirs[1]] == [torch.bfloat16, torch.float32]
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_backward_twice_with_retain_graph(triton_device):
+    x, w, target, _b, kwargs = make((10,), torch.float32, OPTIONS["all"], triton_device)
+    for reduction in ("mean", "none"):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = linear_cross_entropy(xs, ws, target, reduction=reduction, chunk_rows=4, **kwargs)
+        go = torch.full_like(loss, 0.5)
+        first = torch.autograd.grad(loss, (xs, ws), go, retain_graph=True)
+        first = [g.clone() for g in first]
+        second = torch.autograd.grad(loss, (xs, ws), 2 * go)
+        for g1, g2 in zip(first, second, strict=True):
+            torch.testing.assert_close(g2, 2 * g1)
+
+
+@pytest.mark.parametrize(
+    "make_args, error",
+    [
+        (lambda d: (torch.randn(4, 5), torch.randn(7, 6), torch.zeros(4, dtype=torch.long)), RuntimeError),
+        (
+            lambda d: (torch.randn(4, 5), torch.randn(7, 5).bfloat16(), torch.zeros(4, dtype=torch.long)),
+            RuntimeError,
+        ),
+        (lambda d: (torch.randn(4, 5), torch.randn(7, 5), torch.zeros(3, dtype=torch.long)), ValueError),
+        (
+            lambda d: (torch.randn(2, 3, 5), torch.randn(7, 5), torch.zeros(2, 4, dtype=torch.long)),
+            RuntimeError,
+        ),
+        (lambda d: (torch.randn(4, 5), torch.randn(7, 5), torch.zeros(4)), RuntimeError),
+        (lambda d: (torch.randn(()), torch.randn(7, 5), torch.zeros((), dtype=torch.long)), RuntimeError),
+    ],
+    ids=["hidden-mismatch", "dtype-mismatch", "batch-mismatch", "target-shape", "float-target", "0d-input"],
+)
+def test_invalid_arguments_raise_as_the_composition(make_args, error, triton_device):
+    args = [t.to(triton_device) for t in make_args(triton_device)]
+    with pytest.raises(error):
+        linear_cross_entropy_reference(*args)
+    with pytest.raises(error):
+        linear_cross_entropy(*args)
+
+
+def test_invalid_options(triton_device):
+    x, w, target, _b, _kwargs = make((4,), torch.float32, Options(), triton_device)
+    with pytest.raises(ValueError, match="is not a valid value for reduction"):
+        linear_cross_entropy(x, w, target, reduction="avg")
+    with pytest.raises(RuntimeError, match="label_smoothing must be between"):
+        linear_cross_entropy(x, w, target, label_smoothing=1.5)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_rows"):
+            linear_cross_entropy(x, w, target, chunk_rows=bad)
+
+
+def test_target_out_of_range_raises(triton_device):
+    x, w, target, _b, _kwargs = make((4,), torch.float32, Options(), triton_device)
+    target[1] = VOCAB
+    with pytest.raises(RuntimeError, match="target out of range"):
+        linear_cross_entropy(x, w, target)
+        torch.cuda.synchronize() if triton_device == "cuda" else None
+
+
+def test_default_chunk_rule():
+    """About N H / V rows (the chunk's logits the size of the input), in multiples of 256."""
+    assert launch.chunk_rows(8192, 4096, 128256) == 512
+    assert launch.chunk_rows(8192, 4096, 32000) == 1280
+    assert launch.chunk_rows(100, 64, 50000) == 100  # never more than N
+    assert launch.chunk_rows(4096, 16, 32000) == 256
+
+
+def test_other_devices_use_the_composition(monkeypatch, device):
+    """Where the kernels do not run, the op is the composition (and takes its errors)."""
+    import fusedopt.linear_cross_entropy as module
+
+    monkeypatch.setattr(module, "runs_triton", lambda device: False)
+    x, w, target, b, kwargs = make((5,), torch.float32, OPTIONS["all"], device)
+    with CountOps() as ops:
+        ours = run(linear_cross_entropy, x, w, target, b, **kwargs)
+    assert any("log_softmax" in op for op in ops.ops)
+    theirs = run(linear_cross_entropy_reference, x, w, target, b, **kwargs)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+# Faces ---------------------------------------------------------------------------------------
+
+
+def test_loss_module(triton_device):
+    x, w, target, b, kwargs = make((8,), torch.float32, OPTIONS["all"], triton_device)
+    module = fnn.FusedLinearCrossEntropyLoss(
+        kwargs["weight"], ignore_index=kwargs["ignore_index"], label_smoothing=kwargs["label_smoothing"],
+        reduction="sum", chunk_rows=3,
+    )  # fmt: skip
+    stock = torch.nn.CrossEntropyLoss(
+        kwargs["weight"], ignore_index=kwargs["ignore_index"], label_smoothing=kwargs["label_smoothing"],
+        reduction="sum",
+    )  # fmt: skip
+    assert dict(module.named_buffers()).keys() == dict(stock.named_buffers()).keys()
+    torch.testing.assert_close(module(x, w, target, b), stock(F.linear(x, w, b), target))
+    assert FF.linear_cross_entropy is linear_cross_entropy
+
+
+def test_head_module_is_a_linear(triton_device):
+    torch.manual_seed(0)
+    head = fnn.FusedLinearCrossEntropyHead(
+        HIDDEN, VOCAB, device=triton_device, label_smoothing=0.1, chunk_rows=5
+    )
+    linear = torch.nn.Linear(HIDDEN, VOCAB, device=triton_device)
+    linear.load_state_dict(head.state_dict())  # same parameters and keys
+    x = torch.randn(2, 6, HIDDEN, device=triton_device)
+    target = torch.randint(0, VOCAB, (2, 6), device=triton_device)
+    torch.testing.assert_close(head(x), linear(x))  # no target: the logits
+    ref = F.cross_entropy(linear(x).movedim(-1, 1), target, label_smoothing=0.1)
+    torch.testing.assert_close(head(x, target), ref)
+
+
+def test_small_language_model_trains_like_the_unfused_one(triton_device, small_blocks):
+    """Embedding → MLP → head, AdamW for 6 steps: losses and every parameter as the unfused
+    model (nn.Linear + nn.CrossEntropyLoss)."""
+    vocab, width = 97, 16
+
+    def model(head):
+        torch.manual_seed(0)
+        trunk = torch.nn.Sequential(
+            torch.nn.Embedding(vocab, width), torch.nn.Linear(width, width), torch.nn.GELU()
+        )
+        return trunk.to(triton_device), head.to(triton_device)
+
+    torch.manual_seed(0)
+    fused = model(fnn.FusedLinearCrossEntropyHead(width, vocab, chunk_rows=7))
+    plain = model(torch.nn.Linear(width, vocab))
+    plain[1].load_state_dict(fused[1].state_dict())
+    plain[0].load_state_dict(fused[0].state_dict())
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, vocab, (4, 9), generator=gen).to(triton_device)
+    losses = {}
+    for name, (trunk, head) in {"fused": fused, "plain": plain}.items():
+        params = [*trunk.parameters(), *head.parameters()]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        losses[name] = []
+        for _ in range(6):
+            hidden = trunk(tokens[:, :-1])
+            if name == "fused":
+                loss = head(hidden, tokens[:, 1:])
+            else:
+                loss = F.cross_entropy(head(hidden).movedim(-1, 1), tokens[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    torch.testing.assert_close(losses["fused"], losses["plain"], rtol=1e-5, atol=1e-5)
+    assert losses["fused"][-1] < losses["fused"][0] - 0.1  # it trains
+    for p, q in zip(
+        [*fused[0].parameters(), *fused[1].parameters()],
+        [*plain[0].parameters(), *plain[1].parameters()],
+        strict=True,
+    ):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+# Memory --------------------------------------------------------------------------------------
+
+
+class PeakMemory(TorchDispatchMode):
+    """Bytes of the storages created by ops inside the block that are alive at once: the peak
+    and the largest single storage. A storage counts from the op that created it until Python
+    frees it (a finalizer on the storage object, which torch keeps unique per storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = self.largest = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self.seen or storage.nbytes() == 0:
+                continue
+            self.seen.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            self.largest = max(self.largest, storage.nbytes())
+            weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+
+def test_never_holds_more_than_a_chunk_of_logits(triton_device, monkeypatch, capsys):
+    """N = 4096 tokens, V = 32000 classes, fp32: the composition holds its N x V logits (and
+    their log-softmax and gradient); the fused op one chunk of them (the default chunk: 256
+    rows here), plus the gradients it returns. Whole column rows per program in the interpreter
+    (one block of 32768) keep this test to seconds."""
+    monkeypatch.setattr(ce_launch, "MAX_BLOCK", 32768)
+    monkeypatch.setattr(ce_launch, "MAX_TILE", 32768)
+    n, hidden, vocab = 4096, 16, 32000
+    x, w, target, b, kwargs = make(
+        (n,), torch.float32, OPTIONS["bias_ignore"], triton_device, vocab=vocab, hidden=hidden
+    )
+    logits_bytes = n * vocab * 4
+    chunk = launch.chunk_rows(n, hidden, vocab)
+    peaks = {}
+    for name, fn in (("fused", linear_cross_entropy), ("composition", linear_cross_entropy_reference)):
+        with PeakMemory() as mem:
+            loss, grads = run(fn, x, w, target, b, **kwargs)
+            del loss, grads
+        peaks[name] = mem.peak
+    grads_bytes = (n * hidden + vocab * hidden + vocab) * 4
+    assert peaks["fused"] <= 1.25 * chunk * vocab * 4 + 2 * grads_bytes + 8 * n * 4, peaks
+    assert peaks["composition"] >= 2 * logits_bytes
+    with capsys.disabled():
+        print(
+            f"\npeak memory, N={n} H={hidden} V={vocab} fp32: fused {peaks['fused'] / 2**20:.1f} MiB "
+            f"(chunk {chunk} rows: {chunk * vocab * 4 / 2**20:.1f} MiB of logits), composition "
+            f"{peaks['composition'] / 2**20:.1f} MiB; ratio {peaks['fused'] / peaks['composition']:.3f}"
+        )
+
+
+# torch.compile ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph(reduction, triton_device):
+    """No graph break; the forward (and none's backward) run as the fusedopt ops; loss and
+    gradients as eager."""
+    torch._dynamo.reset()
+    x, w, target, b, kwargs = make((2, 5), torch.float32, OPTIONS["all"], triton_device)
+
+    def fn(x, w, target, b):
+        return FF.linear_cross_entropy(x, w, target, b, reduction=reduction, chunk_rows=4, **kwargs)
+
+    recorder = Recorder()
+    compiled = torch.compile(fn, backend=recorder.backend, fullgraph=True)
+    go = torch.randn(2, 5).to(triton_device) if reduction == "none" else None
+    ours = run(compiled, x, w, target, b, go)
+    eager = run(fn, x, w, target, b, go)
+    backward = {"fusedopt::linear_cross_entropy_backward"} if reduction == "none" else set()
+    assert recorder.graphs == [{"fusedopt::linear_cross_entropy"}, backward]
+    torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_opcheck(triton_device):
+    x, w, target, b, kwargs = make((6,), torch.float32, OPTIONS["all"], triton_device)
+    args = (
+        x,
+        w,
+        b,
+        target,
+        kwargs["weight"],
+        3,
+        "mean",
+        0.25,
+        4,
+        True,
+        True,
+        True,
+        torch.float32,
+        torch.float32,
+    )
+    torch.library.opcheck(launch.forward.op, args, test_utils=("test_schema", "test_faketensor"))
+    _, _, _, _, stats, lse = launch.forward(*args[:6], "none", *args[7:])
+    go = torch.randn(6).to(triton_device)
+    back = (x, w, b, target, kwargs["weight"], stats, lse, go, 3, 0.25, 4, True, True, True, torch.float32)
+    torch.library.opcheck(launch.backward_none.op, back, test_utils=("test_schema", "test_faketensor"))
