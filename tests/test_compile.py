@@ -30,13 +30,14 @@ CHILD = r"""
 import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from fusedopt.kernels import adagrad, adam, clip, losses, rmsprop, sgd
+from fusedopt.kernels import adagrad, adam, clip, linear_cross_entropy, losses, rmsprop, sgd
 
 KERNELS = {"adam": adam.adam_kernel, "sgd": sgd.sgd_kernel, "rmsprop": rmsprop.rmsprop_kernel,
            "adagrad": adagrad.adagrad_kernel, "pointwise_loss": losses.pointwise_loss_kernel,
            "sum_rows": losses.sum_rows_kernel, "pointwise_loss_backward": losses.pointwise_loss_backward_kernel,
            "scale_grad": losses.scale_grad_kernel, "norm_partials": clip.norm_partials_kernel,
-           "norm_finish": clip.norm_finish_kernel, "scale": clip.scale_kernel}
+           "norm_finish": clip.norm_finish_kernel, "scale": clip.scale_kernel,
+           "matmul_accumulate": linear_cross_entropy.matmul_accumulate_kernel}
 out = []
 for name, signature, constexprs in json.loads(sys.argv[1]):
     constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
@@ -162,6 +163,19 @@ def _loss_variants() -> list:
     return out
 
 
+def _matmul_variants() -> list:
+    """The fp32 accumulation of a linear cross-entropy's weight gradient: bf16 and fp16
+    operands (tensor-core dots), the launcher's block sizes, a transposed first operand."""
+    out = []
+    for dtype in ("bf16", "fp16"):
+        signature = dict(acc="*fp32", a=f"*{dtype}", b=f"*{dtype}", M="i32", N="i32", K="i32",
+                         stride_cm="i32", stride_cn="i32", stride_am="i32", stride_ak="i32",
+                         stride_bk="i32", stride_bn="i32")  # fmt: skip
+        constexprs = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, UPCAST=False)
+        out.append(["matmul_accumulate", signature, constexprs])
+    return out
+
+
 VARIANTS = (
     _optimizer_variants("adam", ADAM_FLAGS)
     + _optimizer_variants("sgd", SGD_FLAGS)
@@ -169,6 +183,7 @@ VARIANTS = (
     + _optimizer_variants("adagrad", ADAGRAD_FLAGS)
     + _loss_variants()
     + _clip_variants()
+    + _matmul_variants()
 )
 
 

@@ -486,6 +486,56 @@ def check_2d_mesh(rank, mesh, count, workdir):
     assert any(tp) and not all(tp), "the model has params replicated and sharded on tp"
 
 
+def check_linear_cross_entropy_head(rank, mesh, count, workdir):
+    """A small language model under FSDP2 whose head is FusedLinearCrossEntropyHead: its weight
+    is gathered by fully_shard's hooks like any layer's, the fused op runs on the gathered
+    weight, and losses and sharded gradients match the same model with nn.Linear and the
+    composition, for 2 AdamW steps."""
+    from torch.distributed.fsdp import fully_shard
+
+    import fusedopt._linear_cross_entropy_launch as launch
+
+    vocab, width = 31, 8
+
+    def build(head):
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(vocab, width), "head": head})
+        model.head.weight.data.normal_(0, 0.5)
+        model.head.bias.data.uniform_(-0.5, 0.5)
+        for part in model.values():  # each an FSDP unit (a ModuleDict has no forward to hook)
+            fully_shard(part, mesh=mesh)
+        return model
+
+    fused = build(fusedopt.nn.FusedLinearCrossEntropyHead(width, vocab, chunk_rows=3))
+    plain = build(torch.nn.Linear(width, vocab))
+    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=0.05) for m in (fused, plain)}
+    calls = []
+    forward = launch.forward
+    launch.forward = lambda *args: calls.append(1) or forward(*args)
+    try:
+        for step in range(2):
+            gen = torch.Generator().manual_seed(10 * step + rank)
+            tokens = torch.randint(0, vocab, (2, 6), generator=gen)
+            losses = []
+            for model in (fused, plain):
+                hidden = model.embed(tokens[:, :-1])
+                if model is fused:
+                    loss = model.head(hidden, tokens[:, 1:])
+                else:
+                    loss = torch.nn.functional.cross_entropy(model.head(hidden).movedim(-1, 1), tokens[:, 1:])
+                loss.backward()
+                losses.append(loss.detach())
+            close(losses[0], losses[1], f"loss, step {step}")
+            for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+                close(_local(p.grad), _local(q.grad), f"grad of {name}, step {step}")
+            for opt in opts.values():
+                opt.step()
+                opt.zero_grad()
+    finally:
+        launch.forward = forward
+    assert len(calls) == 2, calls  # the fused op ran, on the gathered (plain tensor) weight
+
+
 CHECKS = [
     check_fsdp_parity,
     check_clipping,
@@ -497,11 +547,12 @@ CHECKS = [
     check_compiled_step,
     check_low_precision,
     check_int8_state,
+    check_linear_cross_entropy_head,
 ]
 GROUPS = {  # (world size, device): the checks its ranks run
     (WORLD, "cpu"): CHECKS,
     (4, "cpu"): [check_2d_mesh],
-    (1, "cuda"): [check_fsdp_parity, check_clipping],  # the compiled kernels, where a GPU exists
+    (1, "cuda"): [check_fsdp_parity, check_clipping, check_linear_cross_entropy_head],  # where a GPU exists
 }
 
 
