@@ -101,13 +101,18 @@ def _check(
             raise RuntimeError(
                 f"expected scalar type {_scalar_name(input.dtype)} but found {_scalar_name(weight.dtype)}"
             )
-    for name, t in (("target", target), ("weight", weight)):
+    same_device(input, target=target, weight=weight)
+    return n, spatial, num_classes
+
+
+def same_device(input: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """torch's error for a tensor argument on another device than ``input``."""
+    for name, t in others.items():
         if t is not None and t.device != input.device:
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but {name} is on {t.device} and input "
                 f"on {input.device}"
             )
-    return n, spatial, num_classes
 
 
 _SCALAR_NAMES = {

@@ -28,7 +28,7 @@ import torch
 import triton
 
 from fusedopt._cross_entropy_launch import _check as _check_cross_entropy
-from fusedopt._cross_entropy_launch import _guard, _launch_rows, _scalar_name, _targets, _total
+from fusedopt._cross_entropy_launch import _guard, _launch_rows, _scalar_name, _targets, _total, same_device
 from fusedopt._multi_tensor import INTERPRET, compute_dtype
 from fusedopt.kernels import linear_cross_entropy as kernels
 from fusedopt.losses import compilable
@@ -86,12 +86,7 @@ def check(
                 f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and "
                 f"{_scalar_name(weight.dtype)}"
             )
-    for name, t in (("linear_weight", weight), ("linear_bias", bias)):
-        if t is not None and t.device != input.device:
-            raise RuntimeError(
-                f"Expected all tensors to be on the same device, but {name} is on {t.device} and input "
-                f"on {input.device}"
-            )
+    same_device(input, linear_weight=weight, linear_bias=bias)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"linear_cross_entropy: chunk_rows must be a positive int or None, got {chunk!r}")
     # cross-entropy's checks on logits of the composed shape (a zero-stride view: no memory)
