@@ -123,4 +123,8 @@ LOSSES: dict[str, Floor] = {
     "smooth_l1_loss": _POINTWISE,
     "huber_loss": _POINTWISE,
     "cross_entropy": Floor((Pass("loss + grad", ("logits",), ("grad",)),)),
+    # Per element of the input [N, H] and the linear weight [V, H], (N + V) H in all: each read, its
+    # gradient written; the logits [N, V] need never reach memory (the fused op holds one chunk).
+    # The op is matmul-bound (6 N H V FLOPs: logits, input and weight gradients), far from this floor.
+    "linear_cross_entropy": Floor((Pass("loss + grads", ("x/W",), ("dx/dW",)),)),
 }

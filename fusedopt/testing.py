@@ -1,7 +1,8 @@
 """Parity with torch, as the tests and ``fusedopt check`` run it, for your own options too.
 
 * **Cases**: :class:`OptimCase` (a fused optimizer, the torch class it replaces, options) and
-  :data:`OPTIM_CASES`; :class:`LossCase` and :data:`LOSS_CASES`.
+  :data:`OPTIM_CASES`; :class:`LossCase` and :data:`LOSS_CASES`; :class:`LinearCECase` and
+  :data:`LINEAR_CE_CASES` (the fused linear cross-entropy).
 * **Layouts**: :func:`odd_params` (0-d, empty, 1, 7, 4097 elements, 3-d, a strided slice, a
   transposed matrix), :func:`gpt_shapes` (a small GPT's params), :func:`many_small_shapes`,
   :func:`one_large_shape`.
@@ -9,7 +10,9 @@
   :class:`Result`, which folds many tensors into one verdict with its worst element.
 * **The runners**: :func:`compare_optimizer` steps a fused optimizer and torch's (its for-loop
   path) side by side and compares every param and state tensor; :func:`compare_loss` compares a
-  fused loss's value and input gradient. :func:`assert_optimizer_matches` is the one-call form::
+  fused loss's value and input gradient; :func:`compare_linear_cross_entropy` the fused linear
+  cross-entropy's value and gradients of input, weight and bias.
+  :func:`assert_optimizer_matches` is the one-call form::
 
       import torch, fusedopt
       from fusedopt.testing import assert_optimizer_matches
@@ -17,7 +20,9 @@
       assert_optimizer_matches(fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=1e-3, amsgrad=True))
 
 Oracles: fp32/fp64 against torch on the same tensors; bf16/fp16 against torch in fp32 from the
-same values, params and every state tensor rounded to the dtype after each step.
+same values, params and every state tensor rounded to the dtype after each step. The linear
+cross-entropy: against the composition in fp64, within twice the composition's own error in the
+dtype (``LINEAR_CE_TOLERANCE``).
 """
 
 from __future__ import annotations
@@ -31,18 +36,28 @@ import torch.nn.functional as F
 
 import fusedopt
 from fusedopt import functional as FF
+from fusedopt.linear_cross_entropy import linear_cross_entropy_reference
 from fusedopt.optim import _precision, _quantize
 from fusedopt.optim._fused import EXTENSIONS
-from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE, allowed_error, round_to_storage_
+from fusedopt.tolerance import (
+    LOSS_TOLERANCE,
+    OPTIM_TOLERANCE,
+    allowed_error,
+    linear_ce_allowed_error,
+    round_to_storage_,
+)
 
 __all__ = [
+    "LINEAR_CE_CASES",
     "LOSS_CASES",
     "OPTIM_CASES",
+    "LinearCECase",
     "LossCase",
     "OptimCase",
     "Result",
     "assert_close",
     "assert_optimizer_matches",
+    "compare_linear_cross_entropy",
     "compare_loss",
     "compare_optimizer",
     "describe",
@@ -168,6 +183,38 @@ LOSS_CASES: list[LossCase] = [
 ]
 
 
+@dataclass(frozen=True)
+class LinearCECase:
+    """The fused linear cross-entropy (``fused``) and the composition it replaces
+    (``reference``: ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), ...)``), with
+    one set of options: ``kwargs`` of ``F.cross_entropy``, a class weight (``weighted``), a bias.
+    A 0-d result is back-propagated with ``grad_output``, any other with a random tensor."""
+
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    grad_output: float = 1.0
+    weighted: bool = False
+    bias: bool = True
+    fused: Callable[..., torch.Tensor] = FF.linear_cross_entropy
+    reference: Callable[..., torch.Tensor] = linear_cross_entropy_reference
+
+    @property
+    def options(self) -> str:
+        extra = " ".join(e for e, on in (("weight", self.weighted), ("bias", self.bias)) if on)
+        return describe(self.kwargs, extra)
+
+
+LINEAR_CE_CASES: list[LinearCECase] = [
+    LinearCECase("linear_cross_entropy"),
+    LinearCECase(
+        "linear_cross_entropy",
+        dict(reduction="sum", label_smoothing=0.1, ignore_index=3),
+        grad_output=-1.25,
+        bias=False,
+    ),
+    LinearCECase("linear_cross_entropy", dict(reduction="none"), weighted=True),
+]
+
 SHORT = {"momentum": "mom", "dampening": "damp", "weight_decay": "wd", "decoupled_weight_decay": "decoupled"}
 
 
@@ -252,7 +299,7 @@ class Result:
     """One comparison: the largest relative error of each compared tensor kind, the largest
     ratio of an element's error to what the contract allows there, and where it was."""
 
-    kind: str  # "optimizer" or "loss"
+    kind: str  # "optimizer", "loss" or "linear_ce"
     name: str
     options: str = ""
     dtype: str = ""
@@ -487,4 +534,59 @@ def compare_loss(
             result.notes.append(f"{what} dtype {t.dtype} for {dtype} inputs (torch: {dtype})")
     result.compare("value", "value", ours, theirs, LOSS_TOLERANCE)
     result.compare("grad", "grad", grad, grad_ref, LOSS_TOLERANCE)
+    return result
+
+
+def compare_linear_cross_entropy(
+    case: LinearCECase,
+    dtype: torch.dtype,
+    device: str,
+    rows: int,
+    hidden: int,
+    vocab: int,
+    seed: int = 0,
+    *,
+    chunk_rows: int | None = None,
+) -> Result:
+    """Value and gradients of input, linear_weight (and linear_bias) of ``case.fused`` (with
+    ``chunk_rows``) against ``case.reference`` on ``rows`` tokens of ``hidden`` features and a
+    vocabulary of ``vocab``, under :data:`fusedopt.tolerance.LINEAR_CE_TOLERANCE`: the oracle
+    is the composition in fp64 from the same values, the bound twice the composition's own
+    error in ``dtype``."""
+    result = Result("linear_ce", case.name, case.options, DTYPE_NAMES.get(dtype, str(dtype)))
+    result.shape = f"{rows}x{hidden}x{vocab}"
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x, w = rnd(rows, hidden), rnd(vocab, hidden, scale=2 / hidden**0.5)  # logits of order 1
+    b = rnd(vocab) if case.bias else None
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    if "ignore_index" in case.kwargs:
+        target[::5] = case.kwargs["ignore_index"]
+    target = target.to(device)
+    kwargs = dict(case.kwargs)
+    if case.weighted:
+        kwargs["weight"] = (torch.rand(vocab, generator=gen) + 0.5).to(device=device, dtype=dtype)
+    go = None if kwargs.get("reduction", "mean") != "none" else torch.randn(rows, generator=gen)
+
+    def run(fn, to: torch.dtype, **extra):
+        """Loss and gradients (input, weight, bias) of ``fn`` on leaf copies in ``to``."""
+        up = {k: v.to(to) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        leaves = [t.detach().to(to).clone().requires_grad_() for t in (x, w, b) if t is not None]
+        loss = fn(leaves[0], leaves[1], target, leaves[2] if b is not None else None, **up, **extra)
+        grad = torch.full((), case.grad_output) if go is None else go.to(dtype)
+        return [loss, *torch.autograd.grad(loss, leaves, grad.to(device=device, dtype=loss.dtype))]
+
+    ours = run(case.fused, dtype, chunk_rows=chunk_rows)
+    in_dtype = run(case.reference, dtype)
+    oracle = run(case.reference, torch.float64)
+    names = ["value", "grad_input", "grad_weight", "grad_bias"]
+    for name, mine, theirs, exact in zip(names, ours, in_dtype, oracle, strict=False):  # no bias: 3
+        if mine.dtype != theirs.dtype:
+            result.notes.append(f"{name} dtype {mine.dtype} (torch: {theirs.dtype})")
+        bound = linear_ce_allowed_error(exact, theirs, dtype)
+        table = {torch.float64: dict(atol=bound, rtol=0.0)}  # compared in fp64, not rounded
+        result.compare(name, name, mine.double(), exact, table)
     return result

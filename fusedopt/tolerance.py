@@ -10,6 +10,9 @@ the tests and by ``python -m fusedopt check``:
   dtype (optimizers: after every step, params and every state tensor). Allowed: ``ulps``
   rounding steps of the dtype at the expected value, plus fp32 rounding noise
   (``8 * 2**-24 * max|expected|``), visible only where a result cancels to near zero.
+* The fused linear cross-entropy (:data:`LINEAR_CE_TOLERANCE`): per tensor (the loss, each
+  gradient), against the composition in fp64, within twice the composition's own error in the
+  dtype plus ``rtol`` of the largest magnitude.
 """
 
 from __future__ import annotations
@@ -32,6 +35,24 @@ LOSS_TOLERANCE: dict[torch.dtype, dict[str, float]] = {
 }
 
 FP32_NOISE = 8 * 2.0**-24  # relative to the largest expected magnitude
+
+# torch: the factor on the composition's own error; rtol: of the oracle's largest magnitude.
+LINEAR_CE_TOLERANCE: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: dict(torch=2.0, rtol=1e-5),
+    torch.float64: dict(torch=2.0, rtol=1e-12),
+    torch.bfloat16: dict(torch=2.0, rtol=2.0**-8),
+    torch.float16: dict(torch=2.0, rtol=2.0**-11),
+}
+"""The fused linear cross-entropy against ``F.cross_entropy(F.linear(...))``. Its logits and
+their gradient are rounded to the dtype like the composition's, but at other points (chunk by
+chunk; the weight's gradient summed over the chunks in fp32), so no element-wise bound in
+rounding steps holds. The oracle is the composition in fp64 from the same (dtype) values, and
+for each tensor::
+
+    max|ours - oracle| <= torch * max|composition in the dtype - oracle| + rtol * max|oracle|
+
+(:func:`linear_ce_allowed_error`). ``rtol``: half a rounding step of bf16 / fp16 at the largest
+magnitude, fp32 / fp64 as the losses' table."""
 
 
 def spacing(x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +77,25 @@ def allowed_error(expected: torch.Tensor, dtype: torch.dtype, table: dict) -> to
         return tol["ulps"] * spacing(e) + FP32_NOISE * scale
     atol = tol["atol"] if "atol" in tol else tol["rtol"] * scale
     return atol + tol["rtol"] * e.double().abs()
+
+
+def linear_ce_allowed_error(oracle: torch.Tensor, in_dtype: torch.Tensor, dtype: torch.dtype) -> float:
+    """The largest ``max|ours - oracle|`` :data:`LINEAR_CE_TOLERANCE` allows for one tensor.
+
+    Args:
+        oracle: the composition in fp64, any shape.
+        in_dtype: the composition run in ``dtype`` on the same values, ``oracle``'s shape.
+        dtype: the dtype of the result under test (selects the row of the table).
+    """
+    tol = LINEAR_CE_TOLERANCE[dtype]
+    o = oracle.detach().double()
+    if o.numel() == 0:
+        return 0.0
+    finite = o.isfinite()
+    own = (in_dtype.detach().double() - o).abs()
+    own = torch.where(finite & own.isfinite(), own, torch.zeros((), dtype=own.dtype, device=own.device))
+    scale = torch.where(finite, o.abs(), torch.zeros((), dtype=o.dtype, device=o.device))
+    return float(tol["torch"] * own.max() + tol["rtol"] * scale.max())
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedopt
+from fusedopt import floors, testing
 from fusedopt import functional as FF
-from fusedopt import testing
 from fusedopt.__main__ import main
 from fusedopt.cli import bench, bench_amp, bench_losses, bench_optim, check
 
@@ -124,9 +124,10 @@ def wrong_grad_mse(input, target, **kwargs):
     return FF.mse_loss(scaled, target, **kwargs)
 
 
-def run_check(monkeypatch, capsys, tmp_path, *argv: str, optim=(), losses=()) -> tuple[int, str]:
+def run_check(monkeypatch, capsys, tmp_path, *argv: str, optim=(), losses=(), linear=()) -> tuple[int, str]:
     monkeypatch.setattr(check, "OPTIM_CASES", [*check.OPTIM_CASES, *optim])
     monkeypatch.setattr(check, "LOSS_CASES", [*check.LOSS_CASES, *losses])
+    monkeypatch.setattr(check, "LINEAR_CE_CASES", [*check.LINEAR_CE_CASES, *linear])
     status = main(["check", *argv, *TINY, "--out", str(tmp_path)])
     return status, capsys.readouterr().out
 
@@ -205,6 +206,56 @@ def test_check_flags_a_wrong_loss_and_an_exception(monkeypatch, capsys, tmp_path
     assert verdicts(out, "mse_loss") == ["PASS"] * 6
     assert "ERROR: raising_mse (defaults) fp32: RuntimeError: kernel exploded" in out
     assert "FAIL: wrong_mse (defaults) bf16: worst grad" in out
+
+
+def wrong_weight_grad_linear_ce(input, linear_weight, target, *args, **kwargs):
+    """Linear cross-entropy with about the right value and a weight gradient 5 % too large."""
+    scaled = linear_weight * 1.05 - (linear_weight * 0.05).detach()
+    return FF.linear_cross_entropy(input, scaled, target, *args, **kwargs)
+
+
+# 5 tokens x 8 features -> 37 classes in chunks of 2 rows: three chunks, the last of one row.
+LINEAR_TINY = ["--hidden", "8", "--chunk-rows", "2"]
+
+
+def test_check_linear_cross_entropy_passes(monkeypatch, capsys, tmp_path):
+    argv = ["--optimizers", "--losses", "linear_cross_entropy", *LINEAR_TINY, "--dtypes", "fp32", "bf16"]
+    status, out = run_check(monkeypatch, capsys, tmp_path, *argv)
+    assert status == 0, out
+    count = len(testing.LINEAR_CE_CASES)
+    assert count == 3 and verdicts(out, "linear_cross_entropy") == ["PASS"] * 2 * count
+    assert "5 tokens x 8 features -> 37 classes in chunks of 2" in out
+    assert "bf16: 2·max|torch in bf16 - torch| + 0.00391·max|torch|" in out
+    assert f"OK: all {2 * count} checks within tolerance" in out
+    (csv_path,) = tmp_path.glob("check_*.csv")
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["kind"] for r in rows} == {"linear_ce"} and {r["shape"] for r in rows} == {"5x8x37"}
+    for r in rows:
+        assert r["verdict"] == "PASS" and 0 <= float(r["ratio"]) <= 1, r
+        # the bias gradient is compared where the case has a bias
+        fields = ["value", "grad_input", "grad_weight", *(["grad_bias"] if "bias" in r["options"] else [])]
+        assert all(r[k] != "" for k in fields), r
+    assert {r["options"] for r in rows} == {case.options for case in testing.LINEAR_CE_CASES}
+    assert any(r["grad_bias"] == "" for r in rows) and any(r["grad_bias"] for r in rows)
+
+
+def test_check_flags_a_wrong_linear_cross_entropy(monkeypatch, capsys, tmp_path):
+    def raises(*args, **kwargs):
+        raise RuntimeError("chunk exploded")
+
+    cases = [
+        testing.LinearCECase("wrong_lce", fused=wrong_weight_grad_linear_ce),
+        testing.LinearCECase("raising_lce", dict(reduction="none"), weighted=True, fused=raises),
+    ]
+    argv = ["--optimizers", "--losses", "wrong_lce", "raising_lce", *LINEAR_TINY, "--dtypes", "fp32", "bf16"]
+    status, out = run_check(monkeypatch, capsys, tmp_path, *argv, linear=cases)
+    assert status == 1, out
+    assert verdicts(out, "wrong_lce") == ["FAIL", "FAIL"]  # fp32 and bf16
+    assert verdicts(out, "raising_lce") == ["ERROR", "ERROR"]
+    assert "FAIL: wrong_lce (bias) bf16: worst grad_weight[" in out
+    assert "ERROR: raising_lce (reduction=none weight bias) fp32: RuntimeError: chunk exploded" in out
+    assert "FAILED: 4 of 4 checks" in out
 
 
 def test_check_compares_every_state_tensor():
@@ -363,3 +414,68 @@ def test_bench_report_with_timings(tmp_path, capsys, monkeypatch):
     assert float(foreach["fusedopt_speedup"]) > float(forloop["fusedopt_speedup"]) > 1
     text = md.read_text()
     assert "fusedopt and its speed-up over each other path" in text and "x vs foreach" in text
+
+
+LINEAR_CE = ["lce-8192x4096x128256", "lce-8192x4096x128256-chunk2048"]
+
+
+def test_bench_smoke_linear_cross_entropy_rows(tmp_path, capsys, monkeypatch):
+    """The fused linear cross-entropy's bf16 rows: fusedopt (default chunk, and 16 rows in the
+    smoke run of the chunk2048 row), the eager and the compiled composition; its byte floor.
+    (One dtype: the compiled row is an inductor build on CUDA.)"""
+    chunks = []
+
+    def recording(*args, chunk_rows=None, **kwargs):
+        chunks.append(chunk_rows)
+        return FF.linear_cross_entropy(*args, chunk_rows=chunk_rows, **kwargs)
+
+    monkeypatch.setattr(bench_losses, "FF", argparse.Namespace(linear_cross_entropy=recording))
+    argv = ["--suites", "losses", "--losses", *LINEAR_CE, "--dtypes", "bf16", "--no-progress"]
+    status = main(["bench", "--smoke", "--out", str(tmp_path), *argv])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    rows, _, _ = outputs(tmp_path)
+    got = [(r["layout"], r["impl"]) for r in rows]
+    default = [("64x32x257", impl) for impl in bench_losses.IMPLS]
+    assert sorted(got) == sorted([*default, ("64x32x257-chunk16", "fusedopt")])
+    assert sorted(chunks, key=str) == [16, 16, None, None]  # each row: warm-up, run
+    for r in rows:
+        assert r["case"] == "linear_cross_entropy" and r["status"] == "smoke" and r["dtype"] == "bf16", r
+        assert int(r["numel"]) == (64 + 257) * 32 and r["tensors"] == "2", r  # input and weight
+        assert int(r["bytes_per_elt"]) == 4, r  # each read, its gradient written
+        assert int(r["bytes"]) == int(r["numel"]) * 4 and r["impl_bytes_per_elt"] == "", r
+    assert floors.LOSSES["linear_cross_entropy"].bytes_per_element() == 8  # fp32
+    assert "linear cross-entropy: read x, W, write dx, dW" in out
+    assert "8192x4096x128256-chunk2048" in out and "558,891,008" in out  # the floor table: (N + V) H
+
+
+def test_bench_linear_cross_entropy_timed_report(tmp_path, capsys, monkeypatch):
+    """Timed rows (a fake clock) note the TFLOP/s of 6 N H V and fusedopt's speed-up."""
+    clock = itertools.count(1)
+
+    def fake_measure(ctx, fn, memory=True):
+        fn()
+        ms = float(next(clock))
+        return {"ms": ms, "ms_p20": 0.9 * ms, "ms_p80": 1.1 * ms, "peak_extra_mib": 1.0}
+
+    context = bench.Context
+    monkeypatch.setattr(context, "measure", fake_measure)
+    monkeypatch.setattr(bench, "Context", lambda *a, **k: dataclasses.replace(context(*a, **k), timed=True))
+    monkeypatch.setattr(bench, "COPY_NUMEL", 1000)
+    argv = ["--suites", "losses", "--losses", *LINEAR_CE, "--dtypes", "bf16", "--no-progress"]
+    argv += ["--impls", "fusedopt", "torch-eager"]
+    status = main(["bench", "--smoke", "--out", str(tmp_path), *argv])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    rows, _, md = outputs(tmp_path)
+    by = {(r["layout"], r["impl"]): r for r in rows if r["suite"] == "losses"}
+    assert len(by) == 3
+    flops = 6 * 64 * 32 * 257
+    for r in by.values():
+        tflops = flops / (float(r["ms"]) * 1e-3) / 1e12
+        assert r["note"] == f"{tflops:.3g} TFLOP/s (6NHV = {flops / 1e12:.3g} TFLOP)", r
+        assert r["status"] == "timed" and float(r["peak_extra_mib"]) == 1.0, r
+    ours, eager = by[("64x32x257", "fusedopt")], by[("64x32x257", "torch-eager")]
+    assert float(eager["fusedopt_speedup"]) == pytest.approx(float(eager["ms"]) / float(ours["ms"]))
+    assert by[("64x32x257-chunk16", "fusedopt")]["fusedopt_speedup"] == "1.0"
+    assert "x vs eager" in md.read_text()

@@ -1,34 +1,62 @@
 """Suite ``losses`` of ``python -m fusedopt bench``: ``torch.autograd.grad(loss(input, ...), input)``
-for fusedopt's op, torch's and ``torch.compile`` of torch's (``fusedopt.testing.LOSS_CASES``).
+for fusedopt's op, torch's and ``torch.compile`` of torch's (``fusedopt.testing.LOSS_CASES``); the
+fused linear cross-entropy: ``torch.autograd.grad(loss, [input, linear_weight])`` of
+``fusedopt.functional.linear_cross_entropy`` against the composition
+``F.cross_entropy(F.linear(input, linear_weight), target)``, eager and compiled.
 ``bytes_per_elt``: the op's floor (``fusedopt.floors.LOSSES``); ``impl_bytes_per_elt``: what each
-implementation moves.
+implementation moves (none given for the linear cross-entropy, which is matmul-bound: its rows
+note TFLOP/s of ``6 N H V`` instead).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from fusedopt import floors, testing
+from fusedopt import functional as FF
 from fusedopt.cli.common import DTYPES, Job, Suite, compiled
+from fusedopt.linear_cross_entropy import linear_cross_entropy_reference
 
 TITLE = "loss forward + backward, every row"
 FLOOR_TITLE = (
     "byte floor of loss forward + backward (mean: read x; pointwise: read x, y, write dx; "
-    "cross-entropy: read z, write dz)"
+    "cross-entropy: read z, write dz; linear cross-entropy: read x, W, write dx, dW)"
 )
 IMPLS = ("fusedopt", "torch-eager", "torch-compile")
+LINEAR = "linear_cross_entropy"
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A row group: the op (a name of ``fusedopt.testing.LOSS_CASES``, or ``LINEAR``), its input
+    shape timed on CUDA and its smoke shape (linear cross-entropy: tokens N, hidden H,
+    vocabulary V), ``chunk_rows`` of the linear cross-entropy (CUDA, smoke; None: its default)
+    and the implementations run."""
+
+    op: str
+    shape: tuple[int, ...]
+    smoke: tuple[int, ...]
+    chunk_rows: tuple[int, int] | None = None
+    impls: tuple[str, ...] = IMPLS
+
+
 _N = 64 * 2**20
-LOSSES = {  # name: (op, shape, smoke shape)
-    "mean-64m": ("mean", (_N,), (1000,)),
-    "mse-64m": ("mse_loss", (_N,), (1000,)),
-    "l1-64m": ("l1_loss", (_N,), (1000,)),
-    "smooth_l1-64m": ("smooth_l1_loss", (_N,), (1000,)),
-    "huber-64m": ("huber_loss", (_N,), (1000,)),
-    "ce-8192x50257": ("cross_entropy", (8192, 50257), (8, 129)),
-    "ce-4096x128256": ("cross_entropy", (4096, 128256), (8, 257)),
+_LCE, _LCE_SMOKE = (8192, 4096, 128256), (64, 32, 257)  # N x H x V: 8k tokens, Llama 3 8B's head
+LOSSES = {
+    "mean-64m": Loss("mean", (_N,), (1000,)),
+    "mse-64m": Loss("mse_loss", (_N,), (1000,)),
+    "l1-64m": Loss("l1_loss", (_N,), (1000,)),
+    "smooth_l1-64m": Loss("smooth_l1_loss", (_N,), (1000,)),
+    "huber-64m": Loss("huber_loss", (_N,), (1000,)),
+    "ce-8192x50257": Loss("cross_entropy", (8192, 50257), (8, 129)),
+    "ce-4096x128256": Loss("cross_entropy", (4096, 128256), (8, 257)),
+    # The default chunk (c V ~ N H: 512 rows here) holds the least; 2048 rows: fewer, larger matmuls.
+    "lce-8192x4096x128256": Loss(LINEAR, _LCE, _LCE_SMOKE),
+    "lce-8192x4096x128256-chunk2048": Loss(LINEAR, _LCE, _LCE_SMOKE, (2048, 16), ("fusedopt",)),
 }
 POINTWISE = ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
 IMPL_BYTES_FP32 = {  # op: bytes per fp32 element each implementation moves (scaled by the element size)
@@ -38,23 +66,37 @@ IMPL_BYTES_FP32 = {  # op: bytes per fp32 element each implementation moves (sca
 }
 
 
+def sizes(loss: Loss, tiny: bool) -> tuple[tuple[int, ...], int | None]:
+    """The shape and the linear cross-entropy's chunk_rows of a CUDA (or a smoke) run."""
+    chunk = loss.chunk_rows[1 if tiny else 0] if loss.chunk_rows else None
+    return (loss.smoke if tiny else loss.shape), chunk
+
+
 def base_row(name: str, dtype: str, impl: str | None, smoke: bool) -> dict:
-    op, shape, smoke_shape = LOSSES[name]
-    shape = smoke_shape if smoke else shape
-    numel, itemsize = math.prod(shape), DTYPES[dtype].itemsize
-    per_elt = floors.LOSSES[op].bytes_per_element(DTYPES[dtype])
+    loss = LOSSES[name]
+    shape, chunk = sizes(loss, smoke)
+    itemsize = DTYPES[dtype].itemsize
+    per_elt = floors.LOSSES[loss.op].bytes_per_element(DTYPES[dtype])
     layout = "x".join(f"{n >> 20}M" if n >= 2**20 and n % 2**20 == 0 else str(n) for n in shape)
-    row = {"suite": "losses", "case": op, "impl": impl, "layout": layout, "dtype": dtype}
-    row.update(tensors=1, numel=numel, bytes_per_elt=per_elt, bytes=per_elt * numel)
-    impl_fp32 = IMPL_BYTES_FP32[op].get(impl)
+    layout += f"-chunk{chunk}" if chunk else ""
+    row = {"suite": "losses", "case": loss.op, "impl": impl, "layout": layout, "dtype": dtype}
+    if loss.op == LINEAR:  # the floor's elements: the input's and the weight's
+        tokens, hidden, vocab = shape
+        row.update(tensors=2, numel=(tokens + vocab) * hidden)
+    else:
+        row.update(tensors=1, numel=math.prod(shape))
+    row.update(bytes_per_elt=per_elt, bytes=per_elt * row["numel"])
+    impl_fp32 = IMPL_BYTES_FP32.get(loss.op, {}).get(impl)
     return {**row, "impl_bytes_per_elt": impl_fp32 * itemsize // 4 if impl_fp32 else None}
 
 
 def time_loss(name: str, dtype: str, impl: str, ctx) -> dict:
     """Forward + backward timed (a smoke run: only run) and its peak memory."""
-    op, shape, smoke_shape = LOSSES[name]
-    case = next(c for c in testing.LOSS_CASES if c.name == op)
-    shape = smoke_shape if ctx.tiny else shape
+    loss = LOSSES[name]
+    if loss.op == LINEAR:
+        return time_linear_cross_entropy(loss, dtype, impl, ctx)
+    case = next(c for c in testing.LOSS_CASES if c.name == loss.op)
+    shape, _ = sizes(loss, ctx.tiny)
     gen = torch.Generator(ctx.device).manual_seed(0)
     x = torch.randn(shape, device=ctx.device, dtype=DTYPES[dtype], generator=gen).requires_grad_()
     if case.inputs == "reduce":
@@ -74,9 +116,36 @@ def time_loss(name: str, dtype: str, impl: str, ctx) -> dict:
     return ctx.measure(step)
 
 
+def time_linear_cross_entropy(loss: Loss, dtype: str, impl: str, ctx) -> dict:
+    """Forward + backward of the linear cross-entropy (gradients of the input and the weight),
+    as :func:`time_loss`; a timed row notes its TFLOP/s (``6 N H V``: three matmuls)."""
+    (tokens, hidden, vocab), chunk = sizes(loss, ctx.tiny)
+    gen = torch.Generator(ctx.device).manual_seed(0)
+    like = dict(device=ctx.device, dtype=DTYPES[dtype])
+    x = torch.randn(tokens, hidden, generator=gen, **like).requires_grad_()
+    w = torch.randn(vocab, hidden, generator=gen, **like).mul_(hidden**-0.5).requires_grad_()
+    target = torch.randint(0, vocab, (tokens,), device=ctx.device, generator=gen)
+    if impl == "fusedopt":
+        fn = functools.partial(FF.linear_cross_entropy, chunk_rows=chunk)
+    elif impl == "torch-compile":
+        fn = compiled(linear_cross_entropy_reference, ctx.compile_backend)
+    else:
+        fn = linear_cross_entropy_reference
+
+    def step():
+        return torch.autograd.grad(fn(x, w, target), [x, w])
+
+    step()  # compile / warm up
+    out = ctx.measure(step)
+    if out.get("ms"):
+        flops = 6 * tokens * hidden * vocab
+        out["note"] = f"{flops / (out['ms'] * 1e-3) / 1e12:.3g} TFLOP/s (6NHV = {flops / 1e12:.3g} TFLOP)"
+    return out
+
+
 def jobs(args, ctx) -> list[Job]:
-    impls = [i for i in IMPLS if i in args.impls]
-    keys = [(name, d, i) for name in args.losses for d in args.dtypes for i in impls]
+    keys = [(name, d, i) for name in args.losses for d in args.dtypes for i in LOSSES[name].impls]
+    keys = [key for key in keys if key[2] in args.impls]
     return [(base_row(*key, ctx.tiny), functools.partial(time_loss, *key)) for key in keys]
 
 

@@ -1,6 +1,7 @@
-"""``python -m fusedopt check``: every fused optimizer (each param and state tensor, step after step)
-and loss (value and input gradient) against torch on this machine, with verdicts. The cases,
-runners and tolerances are ``fusedopt.testing``'s."""
+"""``python -m fusedopt check``: every fused optimizer (each param and state tensor, step after step),
+loss (value and input gradient) and the fused linear cross-entropy (value and gradients of input,
+weight, bias) against torch on this machine, with verdicts. The cases, runners and tolerances are
+``fusedopt.testing``'s."""
 
 from __future__ import annotations
 
@@ -14,40 +15,51 @@ import torch
 
 from fusedopt import testing
 from fusedopt.cli import common
-from fusedopt.testing import OptimCase, Result, describe
-from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE
+from fusedopt.testing import LinearCECase, OptimCase, Result, describe
+from fusedopt.tolerance import LINEAR_CE_TOLERANCE, LOSS_TOLERANCE, OPTIM_TOLERANCE
 
 # The registries: testing's lists themselves, so appending a case here checks it.
 OPTIM_CASES: list[OptimCase] = testing.OPTIM_CASES
 LOSS_CASES: list[testing.LossCase] = testing.LOSS_CASES
-# CPU (the interpreter): 28 tensors (~9k elements, ragged blocks), 33 x 1000 loss inputs: about
-# half a minute on two cores. CUDA: ~5.2M elements (the large-block launch), GPT-2's vocabulary.
+LINEAR_CE_CASES: list[LinearCECase] = testing.LINEAR_CE_CASES
+# CPU (the interpreter): 28 tensors (~9k elements, ragged blocks), 33 x 1000 loss inputs, linear
+# cross-entropy 33 x 24 -> 1000 classes in chunks of 8 rows (five, the last of one row): about a
+# minute on two cores. CUDA: ~5.2M elements (the large-block launch), GPT-2's vocabulary.
 SIZES = {  # flag: (CPU, CUDA, help)
     "width": (16, 256, "d_model of the GPT-shaped params"),
     "layers": (2, 4, "transformer blocks of the GPT-shaped params"),
     "vocab": (97, 8191, "rows of its embedding matrix"),
-    "rows": (33, 256, "rows of the loss inputs"),
+    "rows": (33, 256, "rows of the loss inputs (linear cross-entropy: tokens)"),
     "classes": (1000, 50257, "columns of the loss inputs (cross-entropy classes)"),
+    "hidden": (24, 256, "hidden size of the linear cross-entropy's input"),
+    "chunk_rows": (8, 64, "tokens per chunk of the linear cross-entropy"),
 }
 OPTIM_ERRORS = "per tensor, the largest over the param list; step counters compared exactly"
 KINDS = {  # kind: (plural, what its error columns are, its tolerance table)
     "optimizer": ("optimizers", OPTIM_ERRORS, OPTIM_TOLERANCE),
     "loss": ("losses", "of the loss value and of the input gradient", LOSS_TOLERANCE),
+    "linear_ce": (
+        "linear cross-entropy",
+        "of the loss value and of the gradients of input, linear_weight, linear_bias, torch = the "
+        "composition F.cross_entropy(F.linear(...)) in fp64 from the same values",
+        LINEAR_CE_TOLERANCE,
+    ),
 }
-ERROR_ORDER = ["param", "value", "grad", "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+ERROR_ORDER = ["param", "value", "grad", "grad_input", "grad_weight", "grad_bias"]
+ERROR_ORDER += ["momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
 FIELDS = ["kind", "name", "options", "dtype", "steps", "shape"]  # then the errors, ratio, verdict ...
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     groups = list(dict.fromkeys(c.group for c in OPTIM_CASES))
-    losses = list(dict.fromkeys(c.name for c in LOSS_CASES))
+    losses = list(dict.fromkeys(c.name for c in [*LOSS_CASES, *LINEAR_CE_CASES]))
     common.add_names(parser, "--optimizers", groups, groups, "optimizers (none given: skip them)", "*")
     common.add_names(parser, "--losses", losses, losses, "losses (none given: skip them)", "*")
     common.add_names(parser, "--dtypes", common.DTYPES, ["fp32", "bf16"], "param and input dtypes")
     parser.add_argument("--steps", type=int, default=5, metavar="N", help="optimizer steps (default: 5)")
     for flag, (cpu, cuda, what) in SIZES.items():
         help = f"{what} (default: {cpu} on CPU, {cuda} with CUDA)"
-        parser.add_argument(f"--{flag}", type=int, metavar="N", help=help)
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, metavar="N", help=help)
     out = "folder of check_<UTC time>.csv and .png (default: %(default)s)"
     parser.add_argument("--out", default="fusedopt-check", metavar="DIR", help=out)
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -71,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     size = {k: v[column] if getattr(args, k) is None else getattr(args, k) for k, v in SIZES.items()}
     optim_cases = [c for c in OPTIM_CASES if c.group in args.optimizers]
     loss_cases = [c for c in LOSS_CASES if c.name in args.losses]
+    linear_cases = [c for c in LINEAR_CE_CASES if c.name in args.losses]
     dtypes = [common.DTYPES[d] for d in args.dtypes]
     shapes = testing.gpt_shapes(size["width"], size["layers"], size["vocab"])
     numel = sum(math.prod(s) for _, s in shapes)
@@ -81,36 +94,58 @@ def run(args: argparse.Namespace) -> int:
         f"vocab {size['vocab']}, a 0-d scalar), against torch.optim's for-loop path (foreach=False)\n"
         f"losses: {len(loss_cases)} cases x {len(dtypes)} dtypes, inputs {size['rows']}x{size['classes']}, "
         "value and input gradient against torch.nn.functional\n"
+        f"linear cross-entropy: {len(linear_cases)} cases x {len(dtypes)} dtypes, {size['rows']} tokens x "
+        f"{size['hidden']} features -> {size['classes']} classes in chunks of {size['chunk_rows']}, value and "
+        "gradients of input, linear_weight, linear_bias against the composition in fp64\n"
     )
     jobs = [*itertools.product(optim_cases, dtypes), *itertools.product(loss_cases, dtypes)]
+    jobs += itertools.product(linear_cases, dtypes)
     start = time.perf_counter()
     results = []
     with warnings.catch_warnings():
         # The interpreter evaluates masked-off lanes too (inf - inf there is harmless).
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
         for done, (case, dtype) in enumerate(jobs, 1):
-            optim = isinstance(case, OptimCase)
             try:
-                if optim:
+                if isinstance(case, OptimCase):
                     result = optimizer_result(case, dtype, device, shapes, args.steps)
+                elif isinstance(case, LinearCECase):
+                    result = testing.compare_linear_cross_entropy(
+                        case, dtype, device, size["rows"], size["hidden"], size["classes"],
+                        chunk_rows=size["chunk_rows"],
+                    )  # fmt: skip
                 else:
                     result = testing.compare_loss(case, dtype, device, size["rows"], size["classes"])
             except Exception as e:
-                name = case.fused_cls.__name__ if optim else case.name
-                options = describe(case.kwargs, "" if optim or not case.weighted else "weight")
-                result = Result("optimizer" if optim else "loss", name, options, common.DTYPE_NAMES[dtype])
-                result.steps, result.error = args.steps if optim else None, common.short_error(e)
+                result = failed_result(case, dtype, args.steps)
+                result.error = common.short_error(e)
             results.append(result)
             if not args.no_progress:
                 common.progress("fusedopt check", done, len(jobs), start, f"{result.name} {result.dtype}")
     return report(results, dtypes, time.perf_counter() - start, env, args.out)
 
 
+def failed_result(case, dtype: torch.dtype, steps: int) -> Result:
+    """The row of a case whose run raised."""
+    dtype_name = common.DTYPE_NAMES[dtype]
+    if isinstance(case, OptimCase):
+        result = Result("optimizer", case.fused_cls.__name__, describe(case.kwargs), dtype_name)
+        result.steps = steps
+        return result
+    if isinstance(case, LinearCECase):
+        return Result("linear_ce", case.name, case.options, dtype_name)
+    return Result("loss", case.name, describe(case.kwargs, "weight" if case.weighted else ""), dtype_name)
+
+
 def tolerance_text(table: dict, dtypes: list[torch.dtype]) -> str:
     parts = []
     for dt in dtypes:
         tol, name = table[dt], common.DTYPE_NAMES[dt]
-        if "ulps" in tol:
+        if "torch" in tol:
+            parts.append(
+                f"{name}: {tol['torch']:g}·max|torch in {name} - torch| + {tol['rtol']:.3g}·max|torch|"
+            )
+        elif "ulps" in tol:
             parts.append(f"{name}: {tol['ulps']:g} rounding step(s) of the dtype + 8·2⁻²⁴·max|torch|")
         elif "atol" in tol:
             parts.append(f"{name}: rtol {tol['rtol']:g}, atol {tol['atol']:g}")
