@@ -509,6 +509,30 @@ def test_compile_fullgraph(reduction, triton_device):
     torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-6)
 
 
+def test_compiled_head_module(triton_device):
+    """A model whose head is FusedLinearCrossEntropyHead compiles whole (fullgraph), as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {
+            "embed": torch.nn.Embedding(VOCAB, HIDDEN),
+            "head": fnn.FusedLinearCrossEntropyHead(HIDDEN, VOCAB, chunk_rows=5),
+        }
+    ).to(triton_device)
+    tokens = torch.randint(0, VOCAB, (2, 9), device=triton_device)
+
+    def step(tokens):
+        return model["head"](model["embed"](tokens[:, :-1]), tokens[:, 1:])
+
+    recorder = Recorder()
+    results = []
+    for fn in (torch.compile(step, backend=recorder.backend, fullgraph=True), step):
+        loss = fn(tokens)
+        results.append([loss, *torch.autograd.grad(loss, list(model.parameters()))])
+    assert recorder.graphs == [{"fusedopt::linear_cross_entropy"}, set()]
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
+
+
 def test_opcheck(triton_device):
     x, w, target, b, kwargs = make((6,), torch.float32, OPTIONS["all"], triton_device)
     args = (
