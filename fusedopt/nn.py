@@ -130,6 +130,10 @@ class FusedLinearCrossEntropyHead(nn.Linear):
         self.label_smoothing = label_smoothing
         self.chunk_rows = chunk_rows
 
+    def extra_repr(self) -> str:
+        loss = f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
+        return f"{super().extra_repr()}, {loss}, chunk_rows={self.chunk_rows}"
+
     def forward(self, input: Tensor, target: Tensor | None = None) -> Tensor:
         if target is None:
             return super().forward(input)
