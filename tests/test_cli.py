@@ -381,19 +381,25 @@ def test_bench_cut_short_still_writes_the_report(tmp_path, capsys, monkeypatch, 
     assert "byte floor of one optimizer step" in md.read_text()
 
 
-def test_bench_report_with_timings(tmp_path, capsys, monkeypatch):
-    """The timed report (GB/s, % of copy, speed-ups, plot) on a fake clock: no GPU needed."""
+def on_a_fake_clock(monkeypatch, peak_mib: float) -> None:
+    """bench's timed path with ``measure`` on a fake clock (1, 2, 3 ... ms a row, ``peak_mib``
+    of peak memory): the timed report without a GPU."""
     clock = itertools.count(1)
 
     def fake_measure(ctx, fn, memory=True):
         fn()
         ms = float(next(clock))
-        return {"ms": ms, "ms_p20": 0.9 * ms, "ms_p80": 1.1 * ms, "peak_extra_mib": 0.0}
+        return {"ms": ms, "ms_p20": 0.9 * ms, "ms_p80": 1.1 * ms, "peak_extra_mib": peak_mib}
 
     context = bench.Context
     monkeypatch.setattr(context, "measure", fake_measure)
     monkeypatch.setattr(bench, "Context", lambda *a, **k: dataclasses.replace(context(*a, **k), timed=True))
     monkeypatch.setattr(bench, "COPY_NUMEL", 1000)
+
+
+def test_bench_report_with_timings(tmp_path, capsys, monkeypatch):
+    """The timed report (GB/s, % of copy, speed-ups, plot) on a fake clock: no GPU needed."""
+    on_a_fake_clock(monkeypatch, peak_mib=0.0)
     argv = ["--suites", "optim", "--optimizers", "sgd", "--dtypes", "fp32", "--no-progress"]
     argv += ["--impls", "fusedopt", "torch-forloop", "torch-foreach"]
     status = main(["bench", "--smoke", "--out", str(tmp_path), *argv])
@@ -451,17 +457,7 @@ def test_bench_smoke_linear_cross_entropy_rows(tmp_path, capsys, monkeypatch):
 
 def test_bench_linear_cross_entropy_timed_report(tmp_path, capsys, monkeypatch):
     """Timed rows (a fake clock) note the TFLOP/s of 6 N H V and fusedopt's speed-up."""
-    clock = itertools.count(1)
-
-    def fake_measure(ctx, fn, memory=True):
-        fn()
-        ms = float(next(clock))
-        return {"ms": ms, "ms_p20": 0.9 * ms, "ms_p80": 1.1 * ms, "peak_extra_mib": 1.0}
-
-    context = bench.Context
-    monkeypatch.setattr(context, "measure", fake_measure)
-    monkeypatch.setattr(bench, "Context", lambda *a, **k: dataclasses.replace(context(*a, **k), timed=True))
-    monkeypatch.setattr(bench, "COPY_NUMEL", 1000)
+    on_a_fake_clock(monkeypatch, peak_mib=1.0)
     argv = ["--suites", "losses", "--losses", *LINEAR_CE, "--dtypes", "bf16", "--no-progress"]
     argv += ["--impls", "fusedopt", "torch-eager"]
     status = main(["bench", "--smoke", "--out", str(tmp_path), *argv])
