@@ -67,6 +67,7 @@ __all__ = [
     "odd_grads",
     "odd_params",
     "one_large_shape",
+    "run_linear_cross_entropy",
 ]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -569,19 +570,13 @@ def compare_linear_cross_entropy(
     kwargs = dict(case.kwargs)
     if case.weighted:
         kwargs["weight"] = (torch.rand(vocab, generator=gen) + 0.5).to(device=device, dtype=dtype)
-    go = None if kwargs.get("reduction", "mean") != "none" else torch.randn(rows, generator=gen)
-
-    def run(fn, to: torch.dtype, **extra):
-        """Loss and gradients (input, weight, bias) of ``fn`` on leaf copies in ``to``."""
-        up = {k: v.to(to) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        leaves = [t.detach().to(to).clone().requires_grad_() for t in (x, w, b) if t is not None]
-        loss = fn(leaves[0], leaves[1], target, leaves[2] if b is not None else None, **up, **extra)
-        grad = torch.full((), case.grad_output) if go is None else go.to(dtype)
-        return [loss, *torch.autograd.grad(loss, leaves, grad.to(device=device, dtype=loss.dtype))]
-
-    ours = run(case.fused, dtype, chunk_rows=chunk_rows)
-    in_dtype = run(case.reference, dtype)
-    oracle = run(case.reference, torch.float64)
+    if kwargs.get("reduction", "mean") == "none":
+        grad = torch.randn(rows, generator=gen).to(device)
+    else:
+        grad = torch.full((), case.grad_output, device=device)
+    ours = run_linear_cross_entropy(case.fused, x, w, target, b, grad, chunk_rows=chunk_rows, **kwargs)
+    in_dtype = run_linear_cross_entropy(case.reference, x, w, target, b, grad, **kwargs)
+    oracle = run_linear_cross_entropy(case.reference, x, w, target, b, grad, torch.float64, **kwargs)
     names = ["value", "grad_input", "grad_weight", "grad_bias"]
     for name, mine, theirs, exact in zip(names, ours, in_dtype, oracle, strict=False):  # no bias: 3
         if mine.dtype != theirs.dtype:
@@ -590,3 +585,18 @@ def compare_linear_cross_entropy(
         table = {torch.float64: dict(atol=bound, rtol=0.0)}  # compared in fp64, not rounded
         result.compare(name, name, mine.double(), exact, table)
     return result
+
+
+def run_linear_cross_entropy(fn, x, w, target, b=None, grad_output=None, dtype=None, **kwargs) -> list:
+    """``[loss, grad_input, grad_weight(, grad_bias)]`` of ``fn(x, w, target, b, **kwargs)`` (the
+    fused op or the composition) on leaf copies of ``x``, ``w``, ``b``, cast to ``dtype`` if
+    given, tensor ``kwargs`` too; back-propagated with ``grad_output`` (None: ones)."""
+
+    def cast(t):
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    leaves = [cast(t).detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+    kwargs = {k: cast(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    loss = fn(leaves[0], leaves[1], target, leaves[2] if b is not None else None, **kwargs)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, loss.dtype)
+    return [loss, *torch.autograd.grad(loss, leaves, go)]

@@ -24,6 +24,7 @@ import fusedopt._linear_cross_entropy_launch as launch
 from fusedopt import functional as FF
 from fusedopt import nn as fnn
 from fusedopt.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from fusedopt.testing import run_linear_cross_entropy
 from fusedopt.tolerance import linear_ce_allowed_error
 
 # The interpreter computes with numpy, which warns about the intended inf - inf and 1 / 0.
@@ -84,27 +85,20 @@ def make(lead, dtype, options: Options, device, seed=0, vocab=VOCAB, hidden=HIDD
 
 def run(fn, x, w, target, b, grad_output=None, **kwargs):
     """Loss and gradients (input, weight, bias) of ``fn`` on leaf copies of the inputs."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
-    if b is not None:
-        leaves.append(b.detach().clone().requires_grad_())
-    loss = fn(leaves[0], leaves[1], target, leaves[2] if b is not None else None, **kwargs)
-    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype)
-    return loss, torch.autograd.grad(loss, leaves, go)
+    loss, *grads = run_linear_cross_entropy(fn, x, w, target, b, grad_output, **kwargs)
+    return loss, grads
 
 
 def check(x, w, target, b, grad_output=None, **kwargs):
     """Ours against the composition: value and every gradient, and their dtypes."""
-    ours = run(linear_cross_entropy, x, w, target, b, grad_output, **kwargs)
+    ours = run_linear_cross_entropy(linear_cross_entropy, x, w, target, b, grad_output, **kwargs)
     kwargs.pop("chunk_rows", None)
-    theirs = run(linear_cross_entropy_reference, x, w, target, b, grad_output, **kwargs)
-    up = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    b64 = b.double() if b is not None else None
-    go64 = grad_output.double() if grad_output is not None else None
-    oracle = run(linear_cross_entropy_reference, x.double(), w.double(), target, b64, go64, **up)
+    theirs = run_linear_cross_entropy(linear_cross_entropy_reference, x, w, target, b, grad_output, **kwargs)
+    oracle = run_linear_cross_entropy(
+        linear_cross_entropy_reference, x, w, target, b, grad_output, torch.float64, **kwargs
+    )
     names = ["value", "grad input", "grad weight", "grad bias"]
-    for name, o, t, r in zip(
-        names, [ours[0], *ours[1]], [theirs[0], *theirs[1]], [oracle[0], *oracle[1]], strict=False
-    ):
+    for name, o, t, r in zip(names, ours, theirs, oracle, strict=False):  # no bias: 3
         assert o.dtype == t.dtype and o.shape == t.shape, name
         assert_linear_ce_close(o, t, r, name)
 
