@@ -53,7 +53,6 @@ def check(
     class_weight: torch.Tensor | None,
     label_smoothing: float,
     autocast: bool,
-    chunk: int | None,
 ) -> None:
     """Raise what ``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` raises (the
     logits' class dim moved to dim 1 for inputs of 3 or more dims). Under ``autocast`` the
@@ -87,8 +86,6 @@ def check(
                 f"{_scalar_name(weight.dtype)}"
             )
     same_device(input, linear_weight=weight, linear_bias=bias)
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"linear_cross_entropy: chunk_rows must be a positive int or None, got {chunk!r}")
     # cross-entropy's checks on logits of the composed shape (a zero-stride view: no memory)
     logits_dtype = torch.float32 if autocast else input.dtype
     lead = input.shape[:-1]
@@ -97,6 +94,12 @@ def check(
     if autocast and class_weight is not None and class_weight.dtype in HALF:
         class_weight = class_weight.float()  # autocast runs cross-entropy in fp32
     _check_cross_entropy(logits, target, class_weight, label_smoothing)
+
+
+def check_chunk(chunk: int | None) -> None:
+    """``chunk_rows``: a positive int, or None for :func:`chunk_rows`."""
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be a positive int or None, got {chunk!r}")
 
 
 def _empty(t: torch.Tensor) -> torch.Tensor:

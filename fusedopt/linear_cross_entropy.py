@@ -147,7 +147,7 @@ def linear_cross_entropy(
     Under autocast the matmuls run in autocast's dtype (the operands cast as torch casts them)
     and the loss in fp32, as the composition does. Tensors the Triton kernels do not run on (CPU
     without ``TRITON_INTERPRET=1``, tensor subclasses such as DTensor) go to the composition;
-    there ``chunk_rows`` is checked and has nothing to choose.
+    there ``chunk_rows`` is validated and has nothing to choose.
     """
     present = [t for t in (input, linear_weight, linear_bias, weight) if t is not None]
     fusable = not has_torch_function_variadic(*present, target) and all(
@@ -161,15 +161,12 @@ def linear_cross_entropy(
         and linear_weight.dtype in AUTOCAST_INPUTS
     )
     mm_dtype = torch.get_autocast_dtype(device_type) if autocast else input.dtype
+    launch.check_chunk(chunk_rows)
     if not fusable:
-        if chunk_rows is not None:
-            launch.check(
-                input, linear_weight, linear_bias, target, weight, label_smoothing, autocast, chunk_rows
-            )
         return linear_cross_entropy_reference(
             input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing
         )
-    launch.check(input, linear_weight, linear_bias, target, weight, label_smoothing, autocast, chunk_rows)
+    launch.check(input, linear_weight, linear_bias, target, weight, label_smoothing, autocast)
     if autocast and weight is not None and weight.dtype != torch.float32:
         weight = weight.float()  # autocast runs cross-entropy in fp32
     out_dtype = torch.float32 if autocast else input.dtype
