@@ -179,9 +179,12 @@ def _launch_rows(
     grad_output: torch.Tensor | None = None,
     save_lse: bool = False,
     divide_by_total: bool = False,
+    col0: int = 0,
+    classes: int | None = None,
 ) -> None:
     """One ``cross_entropy_kernel`` launch over every row: pass 1 if ``loss`` is given (else the
-    log-sum-exp is read from ``lse``), pass 2 if ``grad_rows`` is given."""
+    log-sum-exp is read from ``lse``), pass 2 if ``grad_rows`` is given. Without ``loss`` the
+    rows may be a window of the classes: ``classes`` in all, the rows' first being ``col0``."""
     n, spatial, num_classes = rows.shape
     num_rows = n * spatial
     if num_rows == 0:
@@ -205,6 +208,8 @@ def _launch_rows(
         num_rows,
         spatial,
         num_classes,
+        col0,
+        classes if classes is not None else num_classes,
         *x_strides,
         *g_strides,
         target.stride(0),

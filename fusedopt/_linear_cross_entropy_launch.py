@@ -27,9 +27,10 @@ import math
 import torch
 import triton
 
+from fusedopt import _cross_entropy_launch as ce_launch
 from fusedopt._cross_entropy_launch import _check as _check_cross_entropy
 from fusedopt._cross_entropy_launch import _guard, _launch_rows, _scalar_name, _targets, _total, same_device
-from fusedopt._multi_tensor import INTERPRET, compute_dtype
+from fusedopt._multi_tensor import INTERPRET, TL_DTYPE, compute_dtype
 from fusedopt.kernels import linear_cross_entropy as kernels
 from fusedopt.losses import compilable
 
@@ -96,10 +97,15 @@ def check(
     _check_cross_entropy(logits, target, class_weight, label_smoothing)
 
 
-def check_chunk(chunk: int | None) -> None:
-    """``chunk_rows``: a positive int, or None for :func:`chunk_rows`."""
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"linear_cross_entropy: chunk_rows must be a positive int or None, got {chunk!r}")
+def check_chunk(chunk_rows: int | None, chunk_classes: int | None) -> None:
+    """``chunk_rows`` and ``chunk_classes``: each a positive int or None, not both given."""
+    for name, value in (("chunk_rows", chunk_rows), ("chunk_classes", chunk_classes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"linear_cross_entropy: {name} must be a positive int or None, got {value!r}")
+    if chunk_rows is not None and chunk_classes is not None:
+        raise ValueError(
+            "linear_cross_entropy: give chunk_rows (token chunks) or chunk_classes (vocabulary blocks), not both"
+        )
 
 
 def _empty(t: torch.Tensor) -> torch.Tensor:
@@ -133,11 +139,7 @@ def _chunks(
     any_grad = any(grads)
     acc_dtype = compute_dtype(x.dtype)
     grad_input = x.new_empty(x.shape, dtype=grad_dtypes[0]) if want_input else _empty(x)
-    grad_weight = (
-        weight.new_zeros(weight.shape, dtype=grad_dtypes[1] if grad_dtypes[1] == acc_dtype else acc_dtype)
-        if want_weight
-        else _empty(x)
-    )
+    grad_weight = _zeros_for(weight, weight.shape, grad_dtypes[1], acc_dtype) if want_weight else _empty(x)
     grad_bias = x.new_zeros(vocab, dtype=acc_dtype) if want_bias else _empty(x)
     buffer = x.new_empty((min(chunk, n), vocab))
     weight_t = weight.t()
@@ -173,11 +175,7 @@ def _chunks(
             _accumulate(grad_weight, z.t(), x_k)
         if want_bias:
             grad_bias += z.sum(0, dtype=acc_dtype)
-    if want_weight and grad_weight.dtype != grad_dtypes[1]:
-        grad_weight = grad_weight.to(grad_dtypes[1])
-    if want_bias and grad_bias.dtype != grad_dtypes[2]:
-        grad_bias = grad_bias.to(grad_dtypes[2])
-    return grad_input, grad_weight, grad_bias
+    return grad_input, _finish(grad_weight, grad_dtypes[1]), _finish(grad_bias, grad_dtypes[2])
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -210,6 +208,91 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     )
 
 
+def _blocks(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    stats: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    block: int,
+    grads: tuple[bool, bool, bool],
+    grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+    *,
+    lse: torch.Tensor,
+    row_loss: torch.Tensor | None = None,
+    divide_by_total: bool = False,
+    grad_output: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vocabulary order, as :func:`_chunks` but over blocks of ``block`` classes with all
+    the tokens: if ``row_loss`` is given, pass 1 (the blocks' logits into the rows' running
+    log-sum-exp, then ``lse`` and the row losses); if gradients are asked, pass 2 (the logits
+    again, their gradient from ``lse``, then ``grad_W[block] = dZᵀ X`` written once, with the
+    matmul's own fp32 accumulation over all N tokens, and ``grad_X += dZ W[block]`` in fp32)."""
+    n, vocab = x.shape[0], weight.shape[0]
+    want_input, want_weight, want_bias = grads
+    acc_dtype = stats.dtype
+    buffer = x.new_empty(n * min(block, vocab))
+    step = min(triton.next_power_of_2(block), ce_launch.MAX_BLOCK)  # the row kernel's size rule
+    rows = max(1, ce_launch.MAX_TILE // step)
+
+    def logits(v0: int, v1: int) -> torch.Tensor:
+        z = buffer[: n * (v1 - v0)].view(n, v1 - v0)
+        if bias is not None:
+            return torch.addmm(bias[v0:v1], x, weight[v0:v1].t(), out=z)
+        return torch.mm(x, weight[v0:v1].t(), out=z)
+
+    if row_loss is not None:
+        state = x.new_empty((4, n), dtype=acc_dtype)
+        for v0 in range(0, vocab, block):
+            v1 = min(v0 + block, vocab)
+            z = logits(v0, v1)
+            if n == 0:
+                continue
+            kernels.logsumexp_block_kernel[(triton.cdiv(n, rows),)](
+                z, target, class_weight if class_weight is not None else stats, stats, state, lse, row_loss,
+                n, v1 - v0, v0, vocab, z.stride(0), target.stride(0), ignore_index, label_smoothing,
+                DTYPE=TL_DTYPE[z.dtype], COMPUTE=TL_DTYPE[acc_dtype], LOSS_DTYPE=TL_DTYPE[row_loss.dtype],
+                ROWS=rows, BLOCK=step, HAS_WEIGHT=class_weight is not None,
+                SMOOTHING=label_smoothing > 0.0, FIRST=v0 == 0, LAST=v1 == vocab, num_warps=8,
+            )  # fmt: skip
+    grad_input = _zeros_for(x, x.shape, grad_dtypes[0], acc_dtype) if want_input else _empty(x)
+    grad_weight = weight.new_empty(weight.shape, dtype=grad_dtypes[1]) if want_weight else _empty(x)
+    grad_bias = x.new_empty(vocab, dtype=acc_dtype) if want_bias else _empty(x)
+    if any(grads):
+        for v0 in range(0, vocab, block):
+            v1 = min(v0 + block, vocab)
+            z = logits(v0, v1)
+            rows_view = z.unsqueeze(1)
+            _launch_rows(
+                rows_view, target, class_weight, stats, ignore_index, label_smoothing, lse=lse, grad_rows=rows_view,
+                grad_output=grad_output, divide_by_total=divide_by_total, col0=v0, classes=vocab,
+            )  # fmt: skip
+            if want_weight:
+                if grad_weight.dtype == z.dtype:
+                    torch.mm(z.t(), x, out=grad_weight[v0:v1])
+                else:
+                    grad_weight[v0:v1] = 0
+                    _accumulate(grad_weight[v0:v1], z.t(), x)
+            if want_input:
+                _accumulate(grad_input, z, weight[v0:v1])
+            if want_bias:
+                torch.sum(z, 0, dtype=acc_dtype, out=grad_bias[v0:v1])
+    return _finish(grad_input, grad_dtypes[0]), grad_weight, _finish(grad_bias, grad_dtypes[2])
+
+
+def _zeros_for(like: torch.Tensor, shape, dtype: torch.dtype, acc_dtype: torch.dtype) -> torch.Tensor:
+    """Zeros to sum a gradient of ``dtype`` into: itself when it is the accumulation dtype."""
+    return like.new_zeros(shape, dtype=dtype if dtype == acc_dtype else acc_dtype)
+
+
+def _finish(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An accumulated gradient in its own dtype (rounded once)."""
+    return grad.to(dtype) if grad.numel() and grad.dtype != dtype else grad
+
+
 def _operands(x, weight, bias, mm_dtype):
     """The matmul operands in ``mm_dtype`` (autocast's casts; no copy when already in it)."""
     return x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None
@@ -219,14 +302,15 @@ def _grad_dtypes(x, weight, bias):
     return x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype
 
 
-def _forward_fake(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, chunk,
+def _forward_fake(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, chunk, block,
                   need_input, need_weight, need_bias, mm_dtype, out_dtype):  # fmt: skip
     compute, none = compute_dtype(mm_dtype), reduction == "none"
     loss = x.new_empty(target.shape if none else (), dtype=out_dtype)
     grad_input = x.new_empty(x.shape) if need_input and not none else _empty(x)
     grad_weight = weight.new_empty(weight.shape) if need_weight and not none else _empty(x)
     grad_bias = bias.new_empty(bias.shape) if need_bias and not none else _empty(x)
-    lse = x.new_empty(x.shape[0] if none and (need_input or need_weight or need_bias) else 0, dtype=compute)
+    keep = none and (need_input or need_weight or need_bias)
+    lse = x.new_empty(x.shape[0] if keep else 0, dtype=compute)
     return loss, grad_input, grad_weight, grad_bias, x.new_empty(3, dtype=compute), lse
 
 
@@ -241,6 +325,7 @@ def forward(
     reduction: str,
     label_smoothing: float,
     chunk: int,
+    block: int,
     need_input: bool,
     need_weight: bool,
     need_bias: bool,
@@ -252,7 +337,8 @@ def forward(
     ``sum`` the asked gradients are those of the loss for a ``grad_output`` of 1; for ``none``
     none is computed here, and ``lse`` (each row's log-sum-exp) is kept for the backward when
     any is asked. Tensors not computed are empty (an op returns no None). ``target`` keeps the
-    caller's shape for the loss of ``none``."""
+    caller's shape for the loss of ``none``. ``block`` > 0 selects the vocabulary order (blocks
+    of that many classes, :func:`_blocks`), else tokens go in chunks of ``chunk`` rows."""
     none = reduction == "none"
     grads = (need_input, need_weight, need_bias)
     flat_target = target.reshape(-1)
@@ -262,12 +348,21 @@ def forward(
     with _guard(x.device), torch.autocast(x.device.type, enabled=False):
         stats = _targets(flat_target, class_weight, weight.shape[0], ignore_index, compute)
         row_loss = x.new_empty(n, dtype=out_dtype if none else compute)
-        lse = x.new_empty(n, dtype=compute) if none and any(grads) else None
-        gi, gw, gb = _chunks(
-            xm, wm, bm, flat_target, class_weight, stats, ignore_index, label_smoothing, chunk,
-            (False, False, False) if none else grads, _grad_dtypes(x, weight, bias),
-            row_loss=row_loss, lse=lse, save_lse=lse is not None, divide_by_total=reduction == "mean",
-        )  # fmt: skip
+        lse = x.new_empty(n, dtype=compute) if (none and any(grads)) or block else None
+        forward_grads = (False, False, False) if none else grads
+        common = (xm, wm, bm, flat_target, class_weight, stats, ignore_index, label_smoothing)
+        if block:
+            gi, gw, gb = _blocks(
+                *common, block, forward_grads, _grad_dtypes(x, weight, bias), lse=lse, row_loss=row_loss,
+                divide_by_total=reduction == "mean",
+            )  # fmt: skip
+        else:
+            gi, gw, gb = _chunks(
+                *common, chunk, forward_grads, _grad_dtypes(x, weight, bias), row_loss=row_loss, lse=lse,
+                save_lse=lse is not None, divide_by_total=reduction == "mean",
+            )  # fmt: skip
+        if not (none and any(grads)):
+            lse = None
         loss = _total(row_loss, stats, reduction, out_dtype, target.shape)
     return loss, gi, gw, gb, stats, lse if lse is not None else _empty(stats)
 
@@ -294,6 +389,7 @@ def backward_none(
     ignore_index: int,
     label_smoothing: float,
     chunk: int,
+    block: int,
     need_input: bool,
     need_weight: bool,
     need_bias: bool,
@@ -303,9 +399,9 @@ def backward_none(
     gradient times each row's ``grad_output`` from the forward's log-sum-exp, then the same
     matmuls as the forward of ``mean``/``sum``."""
     xm, wm, bm = _operands(x, weight, bias, mm_dtype)
+    common = (xm, wm, bm, target.reshape(-1), class_weight, stats, ignore_index, label_smoothing)
+    grads, dtypes = (need_input, need_weight, need_bias), _grad_dtypes(x, weight, bias)
     with _guard(x.device), torch.autocast(x.device.type, enabled=False):
-        return _chunks(
-            xm, wm, bm, target.reshape(-1), class_weight, stats, ignore_index, label_smoothing, chunk,
-            (need_input, need_weight, need_bias), _grad_dtypes(x, weight, bias),
-            lse=lse, grad_output=grad_output.reshape(-1),
-        )  # fmt: skip
+        if block:
+            return _blocks(*common, block, grads, dtypes, lse=lse, grad_output=grad_output.reshape(-1))
+        return _chunks(*common, chunk, grads, dtypes, lse=lse, grad_output=grad_output.reshape(-1))

@@ -60,9 +60,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, options, needs):
-        ignore_index, reduction, label_smoothing, chunk, mm_dtype, out_dtype = options
+        ignore_index, reduction, label_smoothing, chunk, block, mm_dtype, out_dtype = options
         loss, gi, gw, gb, stats, lse = launch.forward(
-            x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, chunk,
+            x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, chunk, block,
             *needs, mm_dtype, out_dtype,
         )  # fmt: skip
         ctx.needs, ctx.reduction = needs, reduction
@@ -80,10 +80,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         if ctx.reduction == "none":
             x, weight, bias, target, class_weight, stats, lse = ctx.saved_tensors
-            ignore_index, _, label_smoothing, chunk, mm_dtype, _ = ctx.options
+            ignore_index, _, label_smoothing, chunk, block, mm_dtype, _ = ctx.options
             grads = launch.backward_none(
                 x, weight, bias, target, class_weight, stats, lse, grad_output, ignore_index,
-                label_smoothing, chunk, *ctx.needs, mm_dtype,
+                label_smoothing, chunk, block, *ctx.needs, mm_dtype,
             )  # fmt: skip
             grads = tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         elif torch.compiler.is_compiling():
@@ -123,6 +123,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     *,
     chunk_rows: int | None = None,
+    chunk_classes: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the logits ``F.linear(input, linear_weight, linear_bias)`` without
     materializing them: same value, dtype, shape, gradients and errors as
@@ -139,6 +140,10 @@ def linear_cross_entropy(
         chunk_rows: tokens per chunk (default: about ``N H / V``, rounded up to a multiple of
             256, so that a chunk's logits are about the size of the input). A larger chunk is
             faster and holds more; it does not change the result beyond rounding.
+        chunk_classes: the vocabulary order instead of token chunks: all the tokens, in blocks
+            of this many classes, and one matmul more (the logits twice: their log-sum-exp
+            first). No ``V x H`` fp32 accumulator: each block's weight gradient is one matmul
+            over all the tokens, written once. Exclusive with ``chunk_rows``.
 
     Returns:
         The loss: a scalar, or the target's shape for ``reduction="none"``; fp32 under
@@ -161,7 +166,7 @@ def linear_cross_entropy(
         and linear_weight.dtype in AUTOCAST_INPUTS
     )
     mm_dtype = torch.get_autocast_dtype(device_type) if autocast else input.dtype
-    launch.check_chunk(chunk_rows)
+    launch.check_chunk(chunk_rows, chunk_classes)
     if not fusable:
         return linear_cross_entropy_reference(
             input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing
@@ -175,12 +180,12 @@ def linear_cross_entropy(
     if input.dim() == 1:
         target = target.reshape(())  # torch: the loss of a 1-D input is 0-d, also for "none"
     chunk = chunk_rows if chunk_rows is not None else launch.chunk_rows(x.shape[0], hidden, vocab)
-    options = (ignore_index, reduction, label_smoothing, chunk, mm_dtype, out_dtype)
+    options = (ignore_index, reduction, label_smoothing, chunk, chunk_classes or 0, mm_dtype, out_dtype)
     grad = torch.is_grad_enabled()
     needs = tuple(grad and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
     if any(needs):
         return _LinearCrossEntropy.apply(x, linear_weight, linear_bias, target, weight, options, needs)
     return launch.forward(
         x, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, chunk,
-        False, False, False, mm_dtype, out_dtype,
+        chunk_classes or 0, False, False, False, mm_dtype, out_dtype,
     )[0]  # fmt: skip

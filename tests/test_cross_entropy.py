@@ -519,6 +519,7 @@ def _compile_variants() -> list:
             signature = {
                 "logits": f"*{dt}", "target": "*i64", "weight": f"*{dt}", "stats": f"*{ct}", "lse": f"*{ct}",
                 "loss": f"*{loss_dtype}", "grad": f"*{dt}", "grad_output": f"*{dt}", "R": "i32", "C": "i32",
+                "col0": "i64", "K": "i32",
                 "stride_xn": "i32", "stride_gn": "i32", "stride_t": "i32", "stride_go": "i32",
                 "ignore_index": "i64", "label_smoothing": "fp64",
             }  # fmt: skip

@@ -62,6 +62,16 @@ def assert_linear_ce_close(ours, theirs, oracle, what):
     assert err <= allowed, (what, err, allowed)
 
 
+# Token chunks of 4 rows, or the vocabulary order in blocks of 100 classes (two steps of the
+# 64-column blocks of ``small_blocks``; V = 157: a second, shorter block).
+ORDERS = {"tokens": dict(chunk_rows=4), "vocab": dict(chunk_classes=100)}
+
+
+@pytest.fixture(params=list(ORDERS))
+def order(request) -> dict:
+    return ORDERS[request.param]
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Column blocks of 64 in the cross-entropy row kernel: rows of V = 157 span three."""
@@ -92,7 +102,7 @@ def run(fn, x, w, target, b, grad_output=None, **kwargs):
 def check(x, w, target, b, grad_output=None, **kwargs):
     """Ours against the composition: value and every gradient, and their dtypes."""
     ours = run_linear_cross_entropy(linear_cross_entropy, x, w, target, b, grad_output, **kwargs)
-    kwargs.pop("chunk_rows", None)
+    kwargs.pop("chunk_rows", None), kwargs.pop("chunk_classes", None)
     theirs = run_linear_cross_entropy(linear_cross_entropy_reference, x, w, target, b, grad_output, **kwargs)
     oracle = run_linear_cross_entropy(
         linear_cross_entropy_reference, x, w, target, b, grad_output, torch.float64, **kwargs
@@ -118,28 +128,29 @@ CASES = [
     CASES,
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).removeprefix("torch."),
 )
-def test_matches_composition(lead, dtype, reduction, options, triton_device, small_blocks):
+def test_matches_composition(lead, dtype, reduction, options, order, triton_device, small_blocks):
     x, w, target, b, kwargs = make(lead, dtype, OPTIONS[options], triton_device)
     gen = torch.Generator().manual_seed(5)
     go = torch.randn(lead, generator=gen).to(triton_device) if reduction == "none" else None
-    check(x, w, target, b, go, reduction=reduction, chunk_rows=4, **kwargs)
+    check(x, w, target, b, go, reduction=reduction, **order, **kwargs)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grad_output_not_one(reduction, dtype, triton_device, small_blocks):
+def test_grad_output_not_one(reduction, dtype, order, triton_device, small_blocks):
     x, w, target, b, kwargs = make((13,), dtype, OPTIONS["all"], triton_device)
     go = torch.tensor(-1.25, device=triton_device)
-    check(x, w, target, b, go, reduction=reduction, chunk_rows=4, **kwargs)
+    check(x, w, target, b, go, reduction=reduction, **order, **kwargs)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gradcheck_fp64(reduction, triton_device, small_blocks):
+@pytest.mark.parametrize("chunks", [dict(chunk_rows=3), dict(chunk_classes=30)], ids=["tokens", "vocab"])
+def test_gradcheck_fp64(reduction, chunks, triton_device, small_blocks):
     x, w, target, b, kwargs = make((7,), torch.float64, OPTIONS["all"], triton_device, vocab=67, hidden=5)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
 
     def fn(x, w, b):
-        return linear_cross_entropy(x, w, target, b, reduction=reduction, chunk_rows=3, **kwargs)
+        return linear_cross_entropy(x, w, target, b, reduction=reduction, **chunks, **kwargs)
 
     # fast mode: the Jacobian checked along random directions (2 evaluations per direction in
     # the interpreter, instead of one per input element)
@@ -152,9 +163,9 @@ def test_one_chunk_equals_many(reduction, dtype, triton_device):
     """The chunk size changes the order of the weight gradient's fp32 sum, nothing else."""
     x, w, target, b, kwargs = make((37,), dtype, OPTIONS["all"], triton_device)
     go = torch.randn(37).to(triton_device) if reduction == "none" else None
+    chunks = [dict(chunk_rows=37), dict(chunk_rows=5), dict(chunk_rows=1), dict(chunk_classes=37)]
     results = [
-        run(linear_cross_entropy, x, w, target, b, go, reduction=reduction, chunk_rows=c, **kwargs)
-        for c in (37, 5, 1)
+        run(linear_cross_entropy, x, w, target, b, go, reduction=reduction, **c, **kwargs) for c in chunks
     ]
     for loss, grads in results[1:]:
         torch.testing.assert_close(
@@ -168,10 +179,10 @@ def test_one_chunk_equals_many(reduction, dtype, triton_device):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_tokens_ignored(reduction, triton_device):
+def test_all_tokens_ignored(reduction, order, triton_device):
     x, w, target, b, kwargs = make((6,), torch.float32, OPTIONS["all"], triton_device)
     target.fill_(kwargs["ignore_index"])
-    ours = run(linear_cross_entropy, x, w, target, b, reduction=reduction, chunk_rows=4, **kwargs)
+    ours = run(linear_cross_entropy, x, w, target, b, reduction=reduction, **order, **kwargs)
     theirs = run(linear_cross_entropy_reference, x, w, target, b, reduction=reduction, **kwargs)
     torch.testing.assert_close(ours[0], theirs[0], equal_nan=True)  # mean: 0 / 0 = NaN, as torch
     for g, r in zip(ours[1], theirs[1], strict=True):
@@ -179,23 +190,23 @@ def test_all_tokens_ignored(reduction, triton_device):
 
 
 @pytest.mark.parametrize("lead", [(), (0,), (2, 0)], ids=["1d", "empty", "empty3d"])
-def test_degenerate_inputs(lead, triton_device):
+def test_degenerate_inputs(lead, order, triton_device):
     """A single token (1-D input, 0-d target) and no token at all."""
     for reduction in ("mean", "sum", "none"):
         x, w, target, b, kwargs = make(lead, torch.float32, OPTIONS["bias_ignore"], triton_device)
-        check(x, w, target, b, reduction=reduction, **kwargs)
+        check(x, w, target, b, reduction=reduction, **order, **kwargs)
 
 
-def test_non_contiguous_operands(triton_device, small_blocks):
+def test_non_contiguous_operands(order, triton_device, small_blocks):
     x, w, target, b, kwargs = make((9, 2), torch.float32, OPTIONS["all"], triton_device)
     x = x.transpose(0, 1)  # (2, 9, H) with strided rows
     w = torch.cat([w, w], 1)[:, ::2]  # strided columns
-    check(x, w, target.t(), b, chunk_rows=4, **kwargs)
+    check(x, w, target.t(), b, **order, **kwargs)
 
 
-def test_deterministic(triton_device):
+def test_deterministic(order, triton_device):
     x, w, target, b, kwargs = make((29,), torch.bfloat16, OPTIONS["all"], triton_device)
-    first, again = (run(linear_cross_entropy, x, w, target, b, chunk_rows=4, **kwargs) for _ in range(2))
+    first, again = (run(linear_cross_entropy, x, w, target, b, **order, **kwargs) for _ in range(2))
     assert torch.equal(first[0], again[0])
     assert all(torch.equal(g, h) for g, h in zip(first[1], again[1], strict=True))
 
@@ -309,6 +320,10 @@ def test_invalid_options(triton_device):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="chunk_rows"):
             linear_cross_entropy(x, w, target, chunk_rows=bad)
+        with pytest.raises(ValueError, match="chunk_classes"):
+            linear_cross_entropy(x, w, target, chunk_classes=bad)
+    with pytest.raises(ValueError, match="not both"):
+        linear_cross_entropy(x, w, target, chunk_rows=2, chunk_classes=8)
 
 
 def test_target_out_of_range_raises(triton_device):
@@ -529,27 +544,15 @@ def test_compiled_head_module(triton_device):
 
 def test_opcheck(triton_device):
     x, w, target, b, kwargs = make((6,), torch.float32, OPTIONS["all"], triton_device)
-    args = (
-        x,
-        w,
-        b,
-        target,
-        kwargs["weight"],
-        3,
-        "mean",
-        0.25,
-        4,
-        True,
-        True,
-        True,
-        torch.float32,
-        torch.float32,
-    )
-    torch.library.opcheck(launch.forward.op, args, test_utils=("test_schema", "test_faketensor"))
-    _, _, _, _, stats, lse = launch.forward(*args[:6], "none", *args[7:])
-    go = torch.randn(6).to(triton_device)
-    back = (x, w, b, target, kwargs["weight"], stats, lse, go, 3, 0.25, 4, True, True, True, torch.float32)
-    torch.library.opcheck(launch.backward_none.op, back, test_utils=("test_schema", "test_faketensor"))
+    utils = ("test_schema", "test_faketensor")
+    f32 = torch.float32
+    for block in (0, 100):  # token chunks of 4 rows; blocks of 100 classes
+        args = (x, w, b, target, kwargs["weight"], 3, "mean", 0.25, 4, block, True, True, True, f32, f32)
+        torch.library.opcheck(launch.forward.op, args, test_utils=utils)
+        _, _, _, _, stats, lse = launch.forward(*args[:6], "none", *args[7:])
+        go = torch.randn(6).to(triton_device)
+        back = (x, w, b, target, kwargs["weight"], stats, lse, go, 3, 0.25, 4, block, True, True, True, f32)
+        torch.library.opcheck(launch.backward_none.op, back, test_utils=utils)
 
 
 # CUDA only -------------------------------------------------------------------------------------

@@ -86,7 +86,9 @@ def cross_entropy_kernel(
     grad_output,  # [R]: upstream grad of each row's loss (read if ROW_GRAD_OUTPUT)
     R,
     S,
-    C,
+    C,  # columns of a row of `logits`: classes col0 .. col0 + C - 1 of the K classes
+    col0: tl.int64,  # first class of the rows (> 0 only for a window of the classes, without LOSS)
+    K,  # classes
     stride_xn,
     stride_xs,
     stride_xc,
@@ -119,7 +121,7 @@ def cross_entropy_kernel(
 
     y = tl.load(target + rows * stride_t, mask=row_mask, other=0).to(tl.int64)
     # Out-of-range targets are reported by the caller's device assert; here they read nothing.
-    valid = row_mask & (y != ignore_index) & (y >= 0) & (y < C)
+    valid = row_mask & (y != ignore_index) & (y >= 0) & (y < K)
     eps = tl.full([], label_smoothing, COMPUTE)
     if HAS_WEIGHT:
         w_y = tl.load(weight + y, mask=valid, other=0).to(COMPUTE)
@@ -162,7 +164,7 @@ def cross_entropy_kernel(
         if SMOOTHING:
             d = tl.sum(d + tl.where(w_seen == 0, 0, w_seen * (m[:, None] - m_lane)), 1)
             # Σ_c w_c (lse - z_c) = W log s + Σ_c w_c (m - z_c)
-            row_loss = (1 - eps) * row_loss + eps / C * (tl.sum(w_seen, 1) * log_s + d)
+            row_loss = (1 - eps) * row_loss + eps / K * (tl.sum(w_seen, 1) * log_s + d)
         row_loss = tl.where(valid, row_loss, 0)
         if LOSS_DTYPE == tl.bfloat16:
             tl.store(loss + rows, to_storage(row_loss, LOSS_DTYPE), mask=row_mask)
@@ -187,8 +189,8 @@ def cross_entropy_kernel(
             if HAS_WEIGHT:
                 w_total = tl.load(stats + 1)
             else:
-                w_total = C
-            p_factor = (1 - eps) * w_y + eps / C * w_total
+                w_total = K
+            p_factor = (1 - eps) * w_y + eps / K * w_total
             hit = (1 - eps) * w_y
         else:
             p_factor = w_y
@@ -196,16 +198,16 @@ def cross_entropy_kernel(
         # g = (p_j p_factor - hit [j == y] - ε / C w_j) * scale, the factors premultiplied per row
         p_factor = (p_factor * inv_s * scale)[:, None]
         hit = (hit * scale)[:, None]
-        eps_w = (eps / C * scale)[:, None]
+        eps_w = (eps / K * scale)[:, None]
         m = m[:, None]
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
             mask = row_mask[:, None] & (cols < C)[None, :]
             z = tl.load(x_rows + cols[None, :] * stride_xc, mask=mask, other=0).to(COMPUTE)
-            g = tl.exp(z - m) * p_factor - tl.where(cols[None, :] == y[:, None], hit, 0)
+            g = tl.exp(z - m) * p_factor - tl.where(col0 + cols[None, :] == y[:, None], hit, 0)
             if SMOOTHING:
                 if HAS_WEIGHT:
-                    g -= eps_w * tl.load(weight + cols, mask=cols < C, other=0).to(COMPUTE)[None, :]
+                    g -= eps_w * tl.load(weight + col0 + cols, mask=cols < C, other=0).to(COMPUTE)[None, :]
                 else:
                     g -= eps_w
             g = tl.where(valid[:, None], g, 0)  # exact zeros for ignored rows, whatever the logits

@@ -1,5 +1,6 @@
-"""The one kernel of the fused linear + cross-entropy that is not cross-entropy's: the fp32
-accumulation of the weight's gradient over token chunks.
+"""The kernels of the fused linear + cross-entropy that are not cross-entropy's: the fp32
+accumulation of a matmul over chunks (the weight's gradient over token chunks, the input's over
+vocabulary blocks), and the log-sum-exp of rows seen one window of classes at a time.
 
 Chunk ``k`` of the tokens contributes ``dZ_kᵀ X_k`` to ``grad_W`` (``dZ_k`` [c, V] the logits'
 gradient, ``X_k`` [c, H] the chunk's input). cuBLAS, through torch, only adds a product into a
@@ -12,6 +13,8 @@ on scheduling.
 
 import triton
 import triton.language as tl
+
+from fusedopt.kernels.common import to_storage
 
 
 @triton.jit
@@ -65,3 +68,97 @@ def matmul_accumulate_kernel(
             b_tile = b_tile.to(tl.float32)
         total = tl.dot(a_tile, b_tile, total)
     tl.store(c_ptrs, total, mask=c_mask)
+
+
+@triton.jit
+def logsumexp_block_kernel(
+    logits,  # DTYPE [R, C] (row stride stride_x): classes col0 .. col0 + C - 1 of every row
+    target,  # int64 or uint8 [R]: class index of each row
+    weight,  # [K]: class weights (read if HAS_WEIGHT)
+    stats,  # COMPUTE [3]: Σ w[target] over the rows not ignored, Σ w (read if LAST and SMOOTHING), ...
+    state,  # COMPUTE [4, R]: per row, over the classes seen: max m, Σ exp(z - m), z_y, Σ w z (read unless FIRST; written unless LAST)
+    lse,  # COMPUTE [R]: each row's log-sum-exp (written if LAST)
+    loss,  # LOSS_DTYPE [R]: each row's loss, 0 if ignored (written if LAST)
+    R,
+    C,
+    col0: tl.int64,
+    K,
+    stride_x,
+    stride_t,
+    ignore_index: tl.int64,
+    label_smoothing: tl.float64,
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,  # float32, or float64 for fp64 logits
+    LOSS_DTYPE: tl.constexpr,
+    ROWS: tl.constexpr,  # rows per program
+    BLOCK: tl.constexpr,  # columns per step
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,  # label_smoothing > 0: keep Σ_c w_c z_c
+    FIRST: tl.constexpr,  # the first window of the classes: no state to read
+    LAST: tl.constexpr,  # the last: write lse and the loss instead of the state
+):
+    """One window of the classes of every row (the vocabulary order of the linear
+    cross-entropy): the window's max and sum of exponentials (an online softmax per lane, as
+    ``cross_entropy_kernel``) merged into the rows' running ones, ``z_y`` when the target is in
+    the window, and ``Σ w_c z_c`` for label smoothing (its loss term is
+    ``ε / K (W lse - Σ_c w_c z_c)``: a cancellation of ``|z| / 2^24`` relative, times ``ε / K``).
+    After the last window, ``lse = m + log Σ exp(z - m)`` and the row's loss."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < R
+    x_base = logits + rows * stride_x
+    y = tl.load(target + rows * stride_t, mask=row_mask, other=0).to(tl.int64)
+
+    m = tl.full([ROWS, BLOCK], -float("inf"), COMPUTE)
+    s = tl.zeros([ROWS, BLOCK], COMPUTE)
+    wz = tl.zeros([ROWS, BLOCK], COMPUTE)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = row_mask[:, None] & (cols < C)[None, :]
+        z = tl.load(x_base[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(COMPUTE)
+        gap = z - m
+        gap = tl.where(gap == gap, gap, -float("inf"))  # -inf - (-inf): nothing to add
+        e = tl.exp(-tl.abs(gap))
+        s = tl.where(gap > 0, s * e + 1, s + e)
+        m = tl.maximum(m, z)
+        if SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight + col0 + cols, mask=cols < C, other=0).to(COMPUTE)[None, :]
+            else:
+                w = tl.full([1, BLOCK], 1, COMPUTE)
+            wz += tl.where(mask, w * z, 0)
+    m_block = tl.max(m, 1)
+    s_block = tl.sum(tl.where(m == -float("inf"), 0, s * tl.exp(m - m_block[:, None])), 1)
+    here = row_mask & (y >= col0) & (y < col0 + C)
+    z_y = tl.load(x_base + (y - col0), mask=here, other=0).to(COMPUTE)
+    wz_row = tl.sum(wz, 1)
+    if not FIRST:
+        m_old = tl.load(state + rows, mask=row_mask, other=0)
+        s_old = tl.load(state + R + rows, mask=row_mask, other=0)
+        m_new = tl.maximum(m_old, m_block)
+        s_block = tl.where(s_block == 0, 0, s_block * tl.exp(m_block - m_new))
+        s_block += tl.where(s_old == 0, 0, s_old * tl.exp(m_old - m_new))
+        m_block = m_new
+        z_y += tl.load(state + 2 * R + rows, mask=row_mask, other=0)
+        wz_row += tl.load(state + 3 * R + rows, mask=row_mask, other=0)
+    if LAST:
+        row_lse = m_block + tl.log(s_block)
+        valid = row_mask & (y != ignore_index) & (y >= 0) & (y < K)
+        if HAS_WEIGHT:
+            w_y = tl.load(weight + y, mask=valid, other=0).to(COMPUTE)
+        else:
+            w_y = valid.to(COMPUTE)
+        row_loss = w_y * (row_lse - z_y)
+        if SMOOTHING:
+            eps = tl.full([], label_smoothing, COMPUTE)
+            row_loss = (1 - eps) * row_loss + eps / K * (tl.load(stats + 1) * row_lse - wz_row)
+        row_loss = tl.where(valid, row_loss, 0)
+        if LOSS_DTYPE == tl.bfloat16:
+            tl.store(loss + rows, to_storage(row_loss, LOSS_DTYPE), mask=row_mask)
+        else:
+            tl.store(loss + rows, row_loss.to(LOSS_DTYPE), mask=row_mask)
+        tl.store(lse + rows, row_lse, mask=row_mask)
+    else:
+        tl.store(state + rows, m_block, mask=row_mask)
+        tl.store(state + R + rows, s_block, mask=row_mask)
+        tl.store(state + 2 * R + rows, z_y, mask=row_mask)
+        tl.store(state + 3 * R + rows, wz_row, mask=row_mask)
