@@ -229,25 +229,28 @@ class CountMatmuls(CountOps):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradients_only_when_autograd_records(reduction, triton_device):
-    """Per chunk: one matmul for the logits; two more for the gradients only when autograd
-    records, and only those of the tensors that require grad."""
+@pytest.mark.parametrize("chunks", [dict(chunk_rows=4), dict(chunk_classes=60)], ids=["tokens", "vocab"])
+def test_gradients_only_when_autograd_records(reduction, chunks, triton_device):
+    """Per chunk (of 4 rows, or of 60 classes): one matmul for the logits; two more for the
+    gradients only when autograd records, and only those of the tensors that require grad.
+    Recomputed logits: one more per chunk in the backward of none (token order), and in the
+    gradient pass of the vocabulary order."""
     x, w, target, _b, _kwargs = make((12,), torch.float32, OPTIONS["plain"], triton_device)
-    chunks = 3
+    chunks_run = 3  # 12 rows / 4, or 157 classes / 60
 
     def count(grad_mode: bool, *requires: bool) -> tuple[int, torch.Tensor]:
         xs, ws = (t.detach().clone().requires_grad_(r) for t, r in zip((x, w), requires, strict=True))
         with torch.set_grad_enabled(grad_mode), CountMatmuls() as ops:
-            loss = linear_cross_entropy(xs, ws, target, reduction=reduction, chunk_rows=4)
+            loss = linear_cross_entropy(xs, ws, target, reduction=reduction, **chunks)
             if loss.requires_grad:
                 loss.sum().backward()
         return ops.matmuls()
 
-    assert count(False, True, True) == chunks
-    assert count(True, False, False) == chunks
-    backward_logits = chunks if reduction == "none" else 0  # none recomputes them in the backward
-    assert count(True, True, True) == 3 * chunks + backward_logits
-    assert count(True, False, True) == 2 * chunks + backward_logits
+    assert count(False, True, True) == chunks_run
+    assert count(True, False, False) == chunks_run
+    recomputed = chunks_run if reduction == "none" or "chunk_classes" in chunks else 0
+    assert count(True, True, True) == 3 * chunks_run + recomputed
+    assert count(True, False, True) == 2 * chunks_run + recomputed
 
 
 @pytest.mark.parametrize(
@@ -450,12 +453,17 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
         for t in out if isinstance(out, tuple | list) else [out]:
             if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
-            if key in self.seen or storage.nbytes() == 0:
+            if key in self.seen or key in inputs or storage.nbytes() == 0:  # views, in-place ops
                 continue
             self.seen.add(key)
             self.live += storage.nbytes()
@@ -495,18 +503,45 @@ def test_never_holds_more_than_a_chunk_of_logits(triton_device, monkeypatch, cap
         )
 
 
+def test_vocabulary_order_holds_no_weight_sized_fp32_buffer(triton_device, capsys):
+    """bf16, N = 512, H = 128, V = 4096: token chunks sum the weight's gradient in a V x H fp32
+    buffer (twice the bf16 gradient); the vocabulary order writes each block's gradient once and
+    holds at most N x block logits and an N x H fp32 sum of the input's gradient."""
+    n, hidden, vocab, block = 512, 128, 4096, 256
+    x, w, target, _b, _kwargs = make(
+        (n,), torch.bfloat16, Options(), triton_device, vocab=vocab, hidden=hidden
+    )
+    peaks, largest = {}, {}
+    for name, chunks in (("tokens", {}), ("vocab", dict(chunk_classes=block))):
+        with PeakMemory() as mem:
+            loss, grads = run(linear_cross_entropy, x, w, target, None, **chunks)
+            del loss, grads
+        peaks[name], largest[name] = mem.peak, mem.largest
+    accumulator = vocab * hidden * 4
+    assert largest["tokens"] == accumulator
+    assert largest["vocab"] == vocab * hidden * 2  # the bf16 gradient itself
+    leaves = grads = (n * hidden + vocab * hidden) * 2  # the copies run() differentiates; the gradients
+    assert peaks["vocab"] <= leaves + grads + n * block * 2 + n * hidden * 4 + 16 * n * 4, peaks
+    assert peaks["vocab"] < peaks["tokens"] - accumulator / 2, peaks
+    with capsys.disabled():
+        print(
+            f"\npeak memory, N={n} H={hidden} V={vocab} bf16: token chunks {peaks['tokens'] / 2**20:.1f} MiB, "
+            f"vocabulary order (blocks of {block}) {peaks['vocab'] / 2**20:.1f} MiB"
+        )
+
+
 # torch.compile ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compile_fullgraph(reduction, triton_device):
+def test_compile_fullgraph(reduction, order, triton_device):
     """No graph break; the forward (and none's backward) run as the fusedopt ops; loss and
     gradients as eager."""
     torch._dynamo.reset()
     x, w, target, b, kwargs = make((2, 5), torch.float32, OPTIONS["all"], triton_device)
 
     def fn(x, w, target, b):
-        return FF.linear_cross_entropy(x, w, target, b, reduction=reduction, chunk_rows=4, **kwargs)
+        return FF.linear_cross_entropy(x, w, target, b, reduction=reduction, **order, **kwargs)
 
     recorder = Recorder()
     compiled = torch.compile(fn, backend=recorder.backend, fullgraph=True)
