@@ -66,7 +66,8 @@ class FusedLinearCrossEntropyLoss(_WeightedLoss):
     :func:`fusedopt.functional.linear_cross_entropy`, the logits never held whole.
 
     Constructor as ``nn.CrossEntropyLoss`` (``weight`` a buffer of class weights), plus the
-    keyword ``chunk_rows`` (tokens per chunk, default from the shapes).
+    keywords ``chunk_rows`` (tokens per chunk, default from the shapes) and ``chunk_classes``
+    (the vocabulary order instead, in blocks of that many classes).
     """
 
     def __init__(
@@ -77,11 +78,13 @@ class FusedLinearCrossEntropyLoss(_WeightedLoss):
         label_smoothing: float = 0.0,
         *,
         chunk_rows: int | None = None,
+        chunk_classes: int | None = None,
     ) -> None:
         super().__init__(weight, None, None, reduction)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.chunk_rows = chunk_rows
+        self.chunk_classes = chunk_classes
 
     def forward(
         self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None = None
@@ -96,6 +99,7 @@ class FusedLinearCrossEntropyLoss(_WeightedLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             chunk_rows=self.chunk_rows,
+            chunk_classes=self.chunk_classes,
         )
 
 
@@ -108,7 +112,7 @@ class FusedLinearCrossEntropyHead(nn.Linear):
     The loss reads the weight inside the module's own ``forward``, so sharding wrappers that
     gather parameters around it (FSDP2's ``fully_shard``) gather this weight as for any layer.
     Keywords: ``ignore_index``, ``reduction``, ``label_smoothing`` as ``nn.CrossEntropyLoss``,
-    and ``chunk_rows``.
+    ``chunk_rows`` and ``chunk_classes`` as :func:`fusedopt.functional.linear_cross_entropy`.
     """
 
     def __init__(
@@ -123,16 +127,19 @@ class FusedLinearCrossEntropyHead(nn.Linear):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         chunk_rows: int | None = None,
+        chunk_classes: int | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.chunk_rows = chunk_rows
+        self.chunk_classes = chunk_classes
 
     def extra_repr(self) -> str:
         loss = f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
-        return f"{super().extra_repr()}, {loss}, chunk_rows={self.chunk_rows}"
+        chunks = f"chunk_rows={self.chunk_rows}, chunk_classes={self.chunk_classes}"
+        return f"{super().extra_repr()}, {loss}, {chunks}"
 
     def forward(self, input: Tensor, target: Tensor | None = None) -> Tensor:
         if target is None:
@@ -146,4 +153,5 @@ class FusedLinearCrossEntropyHead(nn.Linear):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             chunk_rows=self.chunk_rows,
+            chunk_classes=self.chunk_classes,
         )

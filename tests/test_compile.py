@@ -37,7 +37,8 @@ KERNELS = {"adam": adam.adam_kernel, "sgd": sgd.sgd_kernel, "rmsprop": rmsprop.r
            "sum_rows": losses.sum_rows_kernel, "pointwise_loss_backward": losses.pointwise_loss_backward_kernel,
            "scale_grad": losses.scale_grad_kernel, "norm_partials": clip.norm_partials_kernel,
            "norm_finish": clip.norm_finish_kernel, "scale": clip.scale_kernel,
-           "matmul_accumulate": linear_cross_entropy.matmul_accumulate_kernel}
+           "matmul_accumulate": linear_cross_entropy.matmul_accumulate_kernel,
+           "logsumexp_block": linear_cross_entropy.logsumexp_block_kernel}
 out = []
 for name, signature, constexprs in json.loads(sys.argv[1]):
     constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
@@ -173,7 +174,24 @@ def _matmul_variants() -> list:
                          stride_bk="i32", stride_bn="i32")  # fmt: skip
         constexprs = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, UPCAST=False)
         out.append(["matmul_accumulate", signature, constexprs])
+    # The vocabulary order's log-sum-exp over a window of classes: first, middle and last windows,
+    # with and without class weights and smoothing, every logits dtype.
+    for i, (dtype, compute) in enumerate(
+        [("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")]
+    ):
+        signature = dict(logits=f"*{dtype}", target="*i64", weight=f"*{dtype}", stats=f"*{compute}",
+                         state=f"*{compute}", lse=f"*{compute}", loss=f"*{compute}", R="i32", C="i32",
+                         col0="i64", K="i32", stride_x="i32", stride_t="i32", ignore_index="i64",
+                         label_smoothing="fp64")  # fmt: skip
+        for first, last in [(True, False), (False, False), (False, True), (True, True)]:
+            constexprs = dict(DTYPE=f"tl.{TL_NAMES[dtype]}", COMPUTE=f"tl.{TL_NAMES[compute]}",
+                              LOSS_DTYPE=f"tl.{TL_NAMES[compute]}", ROWS=1, BLOCK=4096, HAS_WEIGHT=i % 2 == 0,
+                              SMOOTHING=last, FIRST=first, LAST=last)  # fmt: skip
+            out.append(["logsumexp_block", signature, constexprs])
     return out
+
+
+TL_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
 VARIANTS = (

@@ -376,11 +376,10 @@ def test_loss_module(triton_device):
     assert FF.linear_cross_entropy is linear_cross_entropy
 
 
-def test_head_module_is_a_linear(triton_device):
+@pytest.mark.parametrize("chunks", [dict(chunk_rows=5), dict(chunk_classes=50)], ids=["tokens", "vocab"])
+def test_head_module_is_a_linear(chunks, triton_device):
     torch.manual_seed(0)
-    head = fnn.FusedLinearCrossEntropyHead(
-        HIDDEN, VOCAB, device=triton_device, label_smoothing=0.1, chunk_rows=5
-    )
+    head = fnn.FusedLinearCrossEntropyHead(HIDDEN, VOCAB, device=triton_device, label_smoothing=0.1, **chunks)
     linear = torch.nn.Linear(HIDDEN, VOCAB, device=triton_device)
     linear.load_state_dict(head.state_dict())  # same parameters and keys
     x = torch.randn(2, 6, HIDDEN, device=triton_device)
