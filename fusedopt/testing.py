@@ -188,21 +188,27 @@ LOSS_CASES: list[LossCase] = [
 class LinearCECase:
     """The fused linear cross-entropy (``fused``) and the composition it replaces
     (``reference``: ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), ...)``), with
-    one set of options: ``kwargs`` of ``F.cross_entropy``, a class weight (``weighted``), a bias.
-    A 0-d result is back-propagated with ``grad_output``, any other with a random tensor."""
+    one set of options: ``kwargs`` of ``F.cross_entropy``, a class weight (``weighted``), a bias;
+    ``vocab_blocks`` > 0: the vocabulary order, in that many blocks of classes. A 0-d result is
+    back-propagated with ``grad_output``, any other with a random tensor."""
 
     name: str
     kwargs: dict = field(default_factory=dict)
     grad_output: float = 1.0
     weighted: bool = False
     bias: bool = True
+    vocab_blocks: int = 0
     fused: Callable[..., torch.Tensor] = FF.linear_cross_entropy
     reference: Callable[..., torch.Tensor] = linear_cross_entropy_reference
 
     @property
     def options(self) -> str:
-        extra = " ".join(e for e, on in (("weight", self.weighted), ("bias", self.bias)) if on)
-        return describe(self.kwargs, extra)
+        flags = (
+            ("weight", self.weighted),
+            ("bias", self.bias),
+            (f"vocab/{self.vocab_blocks}", self.vocab_blocks),
+        )
+        return describe(self.kwargs, " ".join(e for e, on in flags if on))
 
 
 LINEAR_CE_CASES: list[LinearCECase] = [
@@ -214,6 +220,9 @@ LINEAR_CE_CASES: list[LinearCECase] = [
         bias=False,
     ),
     LinearCECase("linear_cross_entropy", dict(reduction="none"), weighted=True),
+    LinearCECase(
+        "linear_cross_entropy", dict(label_smoothing=0.1), grad_output=-1.25, weighted=True, vocab_blocks=3
+    ),
 ]
 
 SHORT = {"momentum": "mom", "dampening": "damp", "weight_decay": "wd", "decoupled_weight_decay": "decoupled"}
@@ -571,10 +580,15 @@ def compare_linear_cross_entropy(
     if case.weighted:
         kwargs["weight"] = (torch.rand(vocab, generator=gen) + 0.5).to(device=device, dtype=dtype)
     if kwargs.get("reduction", "mean") == "none":
-        grad = torch.randn(rows, generator=gen).to(device)
+        grad = torch.randn(rows, generator=gen).to(device, dtype)  # the same values for the oracle
     else:
         grad = torch.full((), case.grad_output, device=device)
-    ours = run_linear_cross_entropy(case.fused, x, w, target, b, grad, chunk_rows=chunk_rows, **kwargs)
+    chunks = (
+        dict(chunk_classes=-(-vocab // case.vocab_blocks))
+        if case.vocab_blocks
+        else dict(chunk_rows=chunk_rows)
+    )
+    ours = run_linear_cross_entropy(case.fused, x, w, target, b, grad, **chunks, **kwargs)
     in_dtype = run_linear_cross_entropy(case.reference, x, w, target, b, grad, **kwargs)
     oracle = run_linear_cross_entropy(case.reference, x, w, target, b, grad, torch.float64, **kwargs)
     names = ["value", "grad_input", "grad_weight", "grad_bias"]

@@ -422,18 +422,19 @@ def test_bench_report_with_timings(tmp_path, capsys, monkeypatch):
     assert "fusedopt and its speed-up over each other path" in text and "x vs foreach" in text
 
 
-LINEAR_CE = ["lce-8192x4096x128256", "lce-8192x4096x128256-chunk2048"]
+LINEAR_CE = ["lce-8192x4096x128256", "lce-8192x4096x128256-chunk2048", "lce-8192x4096x128256-vocab4096"]
 
 
 def test_bench_smoke_linear_cross_entropy_rows(tmp_path, capsys, monkeypatch):
-    """The fused linear cross-entropy's bf16 rows: fusedopt (default chunk, and 16 rows in the
-    smoke run of the chunk2048 row), the eager and the compiled composition; its byte floor.
+    """The fused linear cross-entropy's bf16 rows: fusedopt (default chunk, 16 rows in the smoke
+    run of the chunk2048 row, blocks of 100 classes in the vocab4096 row's), the eager and the
+    compiled composition; its byte floor.
     (One dtype: the compiled row is an inductor build on CUDA.)"""
     chunks = []
 
-    def recording(*args, chunk_rows=None, **kwargs):
-        chunks.append(chunk_rows)
-        return FF.linear_cross_entropy(*args, chunk_rows=chunk_rows, **kwargs)
+    def recording(*args, chunk_rows=None, chunk_classes=None, **kwargs):
+        chunks.append((chunk_rows, chunk_classes))
+        return FF.linear_cross_entropy(*args, chunk_rows=chunk_rows, chunk_classes=chunk_classes, **kwargs)
 
     monkeypatch.setattr(bench_losses, "FF", argparse.Namespace(linear_cross_entropy=recording))
     argv = ["--suites", "losses", "--losses", *LINEAR_CE, "--dtypes", "bf16", "--no-progress"]
@@ -443,8 +444,12 @@ def test_bench_smoke_linear_cross_entropy_rows(tmp_path, capsys, monkeypatch):
     rows, _, _ = outputs(tmp_path)
     got = [(r["layout"], r["impl"]) for r in rows]
     default = [("64x32x257", impl) for impl in bench_losses.IMPLS]
-    assert sorted(got) == sorted([*default, ("64x32x257-chunk16", "fusedopt")])
-    assert sorted(chunks, key=str) == [16, 16, None, None]  # each row: warm-up, run
+    assert sorted(got) == sorted(
+        [*default, ("64x32x257-chunk16", "fusedopt"), ("64x32x257-vocab100", "fusedopt")]
+    )
+    assert sorted(chunks, key=str) == sorted(
+        [(16, None)] * 2 + [(None, None)] * 2 + [(None, 100)] * 2, key=str
+    )
     for r in rows:
         assert r["case"] == "linear_cross_entropy" and r["status"] == "smoke" and r["dtype"] == "bf16", r
         assert int(r["numel"]) == (64 + 257) * 32 and r["tensors"] == "2", r  # input and weight
@@ -465,7 +470,7 @@ def test_bench_linear_cross_entropy_timed_report(tmp_path, capsys, monkeypatch):
     assert status == 0, out
     rows, _, md = outputs(tmp_path)
     by = {(r["layout"], r["impl"]): r for r in rows if r["suite"] == "losses"}
-    assert len(by) == 3
+    assert len(by) == 4
     flops = 6 * 64 * 32 * 257
     for r in by.values():
         tflops = flops / (float(r["ms"]) * 1e-3) / 1e12
@@ -473,5 +478,6 @@ def test_bench_linear_cross_entropy_timed_report(tmp_path, capsys, monkeypatch):
         assert r["status"] == "timed" and float(r["peak_extra_mib"]) == 1.0, r
     ours, eager = by[("64x32x257", "fusedopt")], by[("64x32x257", "torch-eager")]
     assert float(eager["fusedopt_speedup"]) == pytest.approx(float(eager["ms"]) / float(ours["ms"]))
-    assert by[("64x32x257-chunk16", "fusedopt")]["fusedopt_speedup"] == "1.0"
+    for layout in ("64x32x257-chunk16", "64x32x257-vocab100"):
+        assert by[(layout, "fusedopt")]["fusedopt_speedup"] == "1.0"
     assert "x vs eager" in md.read_text()

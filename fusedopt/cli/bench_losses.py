@@ -34,13 +34,14 @@ LINEAR = "linear_cross_entropy"
 class Loss:
     """A row group: the op (a name of ``fusedopt.testing.LOSS_CASES``, or ``LINEAR``), its input
     shape timed on CUDA and its smoke shape (linear cross-entropy: tokens N, hidden H,
-    vocabulary V), ``chunk_rows`` of the linear cross-entropy (CUDA, smoke; None: its default)
-    and the implementations run."""
+    vocabulary V), the linear cross-entropy's chunking for a CUDA and a smoke run (``("rows",
+    2048, 16)``: ``chunk_rows``; ``("classes", ...)``: the vocabulary order, ``chunk_classes``;
+    None: its default) and the implementations run."""
 
     op: str
     shape: tuple[int, ...]
     smoke: tuple[int, ...]
-    chunk_rows: tuple[int, int] | None = None
+    chunks: tuple[str, int, int] | None = None
     impls: tuple[str, ...] = IMPLS
 
 
@@ -54,9 +55,11 @@ LOSSES = {
     "huber-64m": Loss("huber_loss", (_N,), (1000,)),
     "ce-8192x50257": Loss("cross_entropy", (8192, 50257), (8, 129)),
     "ce-4096x128256": Loss("cross_entropy", (4096, 128256), (8, 257)),
-    # The default chunk (c V ~ N H: 512 rows here) holds the least; 2048 rows: fewer, larger matmuls.
+    # The default chunk (c V ~ N H: 512 rows here); 2048 rows: fewer passes over the fp32 sum of
+    # the weight's gradient, more memory; the vocabulary order: no such sum, one matmul more.
     "lce-8192x4096x128256": Loss(LINEAR, _LCE, _LCE_SMOKE),
-    "lce-8192x4096x128256-chunk2048": Loss(LINEAR, _LCE, _LCE_SMOKE, (2048, 16), ("fusedopt",)),
+    "lce-8192x4096x128256-chunk2048": Loss(LINEAR, _LCE, _LCE_SMOKE, ("rows", 2048, 16), ("fusedopt",)),
+    "lce-8192x4096x128256-vocab4096": Loss(LINEAR, _LCE, _LCE_SMOKE, ("classes", 4096, 100), ("fusedopt",)),
 }
 POINTWISE = ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
 IMPL_BYTES_FP32 = {  # op: bytes per fp32 element each implementation moves (scaled by the element size)
@@ -66,19 +69,23 @@ IMPL_BYTES_FP32 = {  # op: bytes per fp32 element each implementation moves (sca
 }
 
 
-def sizes(loss: Loss, tiny: bool) -> tuple[tuple[int, ...], int | None]:
-    """The shape and the linear cross-entropy's chunk_rows of a CUDA (or a smoke) run."""
-    chunk = loss.chunk_rows[1 if tiny else 0] if loss.chunk_rows else None
-    return (loss.smoke if tiny else loss.shape), chunk
+def sizes(loss: Loss, tiny: bool) -> tuple[tuple[int, ...], dict]:
+    """The shape and the linear cross-entropy's chunking keyword of a CUDA (or a smoke) run."""
+    chunks = {}
+    if loss.chunks:
+        kind, cuda, smoke = loss.chunks
+        chunks = {f"chunk_{kind}": smoke if tiny else cuda}
+    return (loss.smoke if tiny else loss.shape), chunks
 
 
 def base_row(name: str, dtype: str, impl: str | None, smoke: bool) -> dict:
     loss = LOSSES[name]
-    shape, chunk = sizes(loss, smoke)
+    shape, chunks = sizes(loss, smoke)
     itemsize = DTYPES[dtype].itemsize
     per_elt = floors.LOSSES[loss.op].bytes_per_element(DTYPES[dtype])
     layout = "x".join(f"{n >> 20}M" if n >= 2**20 and n % 2**20 == 0 else str(n) for n in shape)
-    layout += f"-chunk{chunk}" if chunk else ""
+    for key, value in chunks.items():
+        layout += f"-{'vocab' if key == 'chunk_classes' else 'chunk'}{value}"
     row = {"suite": "losses", "case": loss.op, "impl": impl, "layout": layout, "dtype": dtype}
     if loss.op == LINEAR:  # the floor's elements: the input's and the weight's
         tokens, hidden, vocab = shape
@@ -119,14 +126,14 @@ def time_loss(name: str, dtype: str, impl: str, ctx) -> dict:
 def time_linear_cross_entropy(loss: Loss, dtype: str, impl: str, ctx) -> dict:
     """Forward + backward of the linear cross-entropy (gradients of the input and the weight),
     as :func:`time_loss`; a timed row notes its TFLOP/s (``6 N H V``: three matmuls)."""
-    (tokens, hidden, vocab), chunk = sizes(loss, ctx.tiny)
+    (tokens, hidden, vocab), chunks = sizes(loss, ctx.tiny)
     gen = torch.Generator(ctx.device).manual_seed(0)
     like = dict(device=ctx.device, dtype=DTYPES[dtype])
     x = torch.randn(tokens, hidden, generator=gen, **like).requires_grad_()
     w = torch.randn(vocab, hidden, generator=gen, **like).mul_(hidden**-0.5).requires_grad_()
     target = torch.randint(0, vocab, (tokens,), device=ctx.device, generator=gen)
     if impl == "fusedopt":
-        fn = functools.partial(FF.linear_cross_entropy, chunk_rows=chunk)
+        fn = functools.partial(FF.linear_cross_entropy, **chunks)
     elif impl == "torch-compile":
         fn = compiled(linear_cross_entropy_reference, ctx.compile_backend)
     else:
