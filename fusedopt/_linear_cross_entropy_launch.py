@@ -14,6 +14,12 @@ reused by every chunk. Per chunk ``k``:
    (``addmm_`` when the matmul dtype is fp32/fp64, else ``matmul_accumulate_kernel``);
    ``grad_b += Σ_rows dZ_k`` in fp32.
 
+The vocabulary order (``block`` > 0, the public ``chunk_classes``) takes all the tokens per
+block of classes instead (:func:`_blocks`): the blocks' logits into each row's running
+log-sum-exp (``logsumexp_block_kernel``), then the logits again, their gradient (the row kernel
+on a window of classes), ``grad_W[block] = dZᵀ X`` written once and ``grad_X += dZ W[block]``
+in fp32: no ``V x H`` fp32 sum, one matmul more.
+
 Before the chunks, ``cross_entropy_targets_kernel`` computes the ``mean`` divisor and checks
 the targets (one launch over all N); after them, ``cross_entropy_sum_kernel`` reduces the row
 losses (fixed order). No host sync, no float atomics: the result does not depend on

@@ -36,6 +36,10 @@ with ``c`` chosen so that ``c V ≈ N H`` (``chunk_rows``). The chunk buffer and
 are freed when the forward returns; what is kept until the backward is the gradients (N H + V H
 in their dtypes), no logits. A bf16 weight gets its gradient summed over the chunks in fp32
 and rounded once, as the composition's single matmul does.
+
+``chunk_classes`` selects the vocabulary order (blocks of classes, all the tokens each): no
+``V x H`` fp32 accumulator (``grad_weight`` written once per block), an ``N x H`` fp32 sum of
+``grad_input`` instead, and the logits computed twice (see ``docs/losses.md``).
 """
 
 from __future__ import annotations
