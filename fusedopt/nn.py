@@ -61,6 +61,12 @@ class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
         )
 
 
+def _linear_ce_options(module: nn.Module) -> dict:
+    """The linear cross-entropy's keyword options a module keeps as attributes."""
+    names = ("ignore_index", "reduction", "label_smoothing", "chunk_rows", "chunk_classes")
+    return {name: getattr(module, name) for name in names}
+
+
 class FusedLinearCrossEntropyLoss(_WeightedLoss):
     """Cross-entropy of ``F.linear(input, linear_weight, linear_bias)`` computed by
     :func:`fusedopt.functional.linear_cross_entropy`, the logits never held whole.
@@ -90,16 +96,7 @@ class FusedLinearCrossEntropyLoss(_WeightedLoss):
         self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None = None
     ) -> Tensor:
         return F.linear_cross_entropy(
-            input,
-            linear_weight,
-            target,
-            linear_bias,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            chunk_rows=self.chunk_rows,
-            chunk_classes=self.chunk_classes,
+            input, linear_weight, target, linear_bias, weight=self.weight, **_linear_ce_options(self)
         )
 
 
@@ -144,14 +141,4 @@ class FusedLinearCrossEntropyHead(nn.Linear):
     def forward(self, input: Tensor, target: Tensor | None = None) -> Tensor:
         if target is None:
             return super().forward(input)
-        return F.linear_cross_entropy(
-            input,
-            self.weight,
-            target,
-            self.bias,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            chunk_rows=self.chunk_rows,
-            chunk_classes=self.chunk_classes,
-        )
+        return F.linear_cross_entropy(input, self.weight, target, self.bias, **_linear_ce_options(self))
