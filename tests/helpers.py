@@ -283,15 +283,16 @@ def compile_in_child(child: str, variants: list, timeout: int = 900) -> list[dic
     """Compile kernels for an H100 (sm_90) without a GPU, in a child process.
 
     The tests run under ``TRITON_INTERPRET=1``, where kernels are interpreted functions; the
-    child runs without it. ``child`` is a script that reads the JSON list of variants in
-    ``argv[1]`` and prints one JSON list of ``{"ok", "vector_loads", "error"}`` results as its
+    child runs without it. ``child`` is a script that reads the JSON list of variants on stdin
+    and prints one JSON list of ``{"ok", "vector_loads", "error"}`` results as its
     last line.
     """
     pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
     run = subprocess.run(
-        [sys.executable, "-c", child, json.dumps(variants)],
+        [sys.executable, "-c", child],
+        input=json.dumps(variants),  # on stdin: one argv string is limited to 128 KiB
         env=env,
         capture_output=True,
         text=True,

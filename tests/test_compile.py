@@ -40,7 +40,7 @@ KERNELS = {"adam": adam.adam_kernel, "sgd": sgd.sgd_kernel, "rmsprop": rmsprop.r
            "matmul_accumulate": linear_cross_entropy.matmul_accumulate_kernel,
            "logsumexp_block": linear_cross_entropy.logsumexp_block_kernel}
 out = []
-for name, signature, constexprs in json.loads(sys.argv[1]):
+for name, signature, constexprs in json.load(sys.stdin):
     constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
                   for k, v in constexprs.items()}
     signature = dict(signature, **dict.fromkeys(constexprs, "constexpr"))

@@ -485,7 +485,7 @@ from fusedopt.kernels import cross_entropy as k
 
 T = {"fp32": tl.float32, "fp64": tl.float64, "bf16": tl.bfloat16, "fp16": tl.float16}
 out = []
-for name, signature, constexprs, aligned in json.loads(sys.argv[1]):
+for name, signature, constexprs, aligned in json.load(sys.stdin):
     kernel = getattr(k, name)
     constexprs = {key: T.get(value, value) if isinstance(value, str) else value for key, value in constexprs.items()}
     # the launcher's 16-divisibility specialization of pointers, sizes and strides
