@@ -29,6 +29,7 @@ scheduling, and the chunk order is fixed.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -118,28 +119,45 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(0)
 
 
+class _Problem(NamedTuple):
+    """What both loop orders read: ``x`` [N, H], ``weight`` [V, H], ``bias`` [V] in the matmul
+    dtype, the flat targets, the class weights, the targets kernel's ``stats``, the options, and
+    the dtypes of the gradients (input, weight, bias)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    target: torch.Tensor
+    class_weight: torch.Tensor | None
+    stats: torch.Tensor
+    ignore_index: int
+    label_smoothing: float
+    grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]
+
+    def logits(
+        self, out: torch.Tensor, rows: slice = slice(None), classes: slice = slice(None)
+    ) -> torch.Tensor:
+        """``x[rows] weight[classes]ᵀ (+ bias[classes])`` into ``out`` (cuBLAS through torch)."""
+        x, w = self.x[rows], self.weight[classes].t()
+        if self.bias is not None:
+            return torch.addmm(self.bias[classes], x, w, out=out)
+        return torch.mm(x, w, out=out)
+
+
 def _chunks(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    target: torch.Tensor,
-    class_weight: torch.Tensor | None,
-    stats: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
+    p: _Problem,
     chunk: int,
     grads: tuple[bool, bool, bool],
-    grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
     *,
     row_loss: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
-    save_lse: bool = False,
     divide_by_total: bool = False,
     grad_output: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The chunk loop over ``x`` [N, H] and ``weight`` [V, H] (both in the matmul dtype). Writes
-    ``row_loss`` (and ``lse`` when ``save_lse``) if given, else reads ``lse``; returns the
-    gradients asked by ``grads`` (input, weight, bias) in ``grad_dtypes``, empty otherwise."""
+    """The token order: chunks of ``chunk`` rows. Writes ``row_loss`` if given (and ``lse``
+    with it, if given), else reads ``lse``; returns the gradients asked by ``grads`` (input,
+    weight, bias) in ``p.grad_dtypes``, empty otherwise."""
+    x, weight, grad_dtypes = p.x, p.weight, p.grad_dtypes
     n, vocab = x.shape[0], weight.shape[0]
     want_input, want_weight, want_bias = grads
     any_grad = any(grads)
@@ -148,28 +166,23 @@ def _chunks(
     grad_weight = _zeros_for(weight, weight.shape, grad_dtypes[1], acc_dtype) if want_weight else _empty(x)
     grad_bias = x.new_zeros(vocab, dtype=acc_dtype) if want_bias else _empty(x)
     buffer = x.new_empty((min(chunk, n), vocab))
-    weight_t = weight.t()
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         x_k = x[start:stop]
-        z = buffer[: stop - start]
-        if bias is not None:
-            torch.addmm(bias, x_k, weight_t, out=z)
-        else:
-            torch.mm(x_k, weight_t, out=z)
+        z = p.logits(buffer[: stop - start], rows=slice(start, stop))
         rows = z.unsqueeze(1)
         _launch_rows(
             rows,
-            target[start:stop],
-            class_weight,
-            stats,
-            ignore_index,
-            label_smoothing,
+            p.target[start:stop],
+            p.class_weight,
+            p.stats,
+            p.ignore_index,
+            p.label_smoothing,
             lse=lse[start:stop] if lse is not None else None,
             loss=row_loss[start:stop] if row_loss is not None else None,
             grad_rows=rows if any_grad else None,
             grad_output=grad_output[start:stop] if grad_output is not None else None,
-            save_lse=save_lse,
+            save_lse=row_loss is not None and lse is not None,
             divide_by_total=divide_by_total,
         )
         if want_input:
@@ -215,20 +228,12 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _blocks(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    target: torch.Tensor,
-    class_weight: torch.Tensor | None,
-    stats: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
+    p: _Problem,
     block: int,
     grads: tuple[bool, bool, bool],
-    grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
     *,
-    lse: torch.Tensor,
     row_loss: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
     divide_by_total: bool = False,
     grad_output: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -236,7 +241,11 @@ def _blocks(
     the tokens: if ``row_loss`` is given, pass 1 (the blocks' logits into the rows' running
     log-sum-exp, then ``lse`` and the row losses); if gradients are asked, pass 2 (the logits
     again, their gradient from ``lse``, then ``grad_W[block] = dZᵀ X`` written once, with the
-    matmul's own fp32 accumulation over all N tokens, and ``grad_X += dZ W[block]`` in fp32)."""
+    matmul's own fp32 accumulation over all N tokens, and ``grad_X += dZ W[block]`` in fp32).
+    ``lse`` is required: pass 1 writes it, pass 2 reads it."""
+    x, weight, grad_dtypes = p.x, p.weight, p.grad_dtypes
+    target, class_weight, stats = p.target, p.class_weight, p.stats
+    ignore_index, label_smoothing = p.ignore_index, p.label_smoothing
     n, vocab = x.shape[0], weight.shape[0]
     want_input, want_weight, want_bias = grads
     acc_dtype = stats.dtype
@@ -245,10 +254,7 @@ def _blocks(
     rows = max(1, ce_launch.MAX_TILE // step)
 
     def logits(v0: int, v1: int) -> torch.Tensor:
-        z = buffer[: n * (v1 - v0)].view(n, v1 - v0)
-        if bias is not None:
-            return torch.addmm(bias[v0:v1], x, weight[v0:v1].t(), out=z)
-        return torch.mm(x, weight[v0:v1].t(), out=z)
+        return p.logits(buffer[: n * (v1 - v0)].view(n, v1 - v0), classes=slice(v0, v1))
 
     if row_loss is not None:
         state = x.new_empty((4, n), dtype=acc_dtype)
@@ -289,6 +295,11 @@ def _blocks(
     return _finish(grad_input, grad_dtypes[0]), grad_weight, _finish(grad_bias, grad_dtypes[2])
 
 
+def _loop(p: _Problem, chunk: int, block: int, grads: tuple[bool, bool, bool], **kwargs):
+    """The vocabulary order when ``block`` > 0, else token chunks of ``chunk`` rows."""
+    return _blocks(p, block, grads, **kwargs) if block else _chunks(p, chunk, grads, **kwargs)
+
+
 def _zeros_for(like: torch.Tensor, shape, dtype: torch.dtype, acc_dtype: torch.dtype) -> torch.Tensor:
     """Zeros to sum a gradient of ``dtype`` into: itself when it is the accumulation dtype."""
     return like.new_zeros(shape, dtype=dtype if dtype == acc_dtype else acc_dtype)
@@ -299,13 +310,16 @@ def _finish(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return grad.to(dtype) if grad.numel() and grad.dtype != dtype else grad
 
 
-def _operands(x, weight, bias, mm_dtype):
-    """The matmul operands in ``mm_dtype`` (autocast's casts; no copy when already in it)."""
-    return x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None
-
-
-def _grad_dtypes(x, weight, bias):
-    return x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype
+def _problem(
+    x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, mm_dtype
+) -> _Problem:
+    """The loops' inputs: the matmul operands in ``mm_dtype`` (autocast's casts; no copy when
+    already in it), the flat targets, and the dtypes of the gradients (the tensors' own)."""
+    grad_dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype)
+    operands = (x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None)
+    return _Problem(
+        *operands, target.reshape(-1), class_weight, stats, ignore_index, label_smoothing, grad_dtypes
+    )
 
 
 def _forward_fake(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, chunk, block,
@@ -347,30 +361,22 @@ def forward(
     of that many classes, :func:`_blocks`), else tokens go in chunks of ``chunk`` rows."""
     none = reduction == "none"
     grads = (need_input, need_weight, need_bias)
-    flat_target = target.reshape(-1)
     n = x.shape[0]
     compute = compute_dtype(mm_dtype)
-    xm, wm, bm = _operands(x, weight, bias, mm_dtype)
     with _guard(x.device), torch.autocast(x.device.type, enabled=False):
-        stats = _targets(flat_target, class_weight, weight.shape[0], ignore_index, compute)
+        stats = _targets(target.reshape(-1), class_weight, weight.shape[0], ignore_index, compute)
         row_loss = x.new_empty(n, dtype=out_dtype if none else compute)
-        lse = x.new_empty(n, dtype=compute) if (none and any(grads)) or block else None
-        forward_grads = (False, False, False) if none else grads
-        common = (xm, wm, bm, flat_target, class_weight, stats, ignore_index, label_smoothing)
-        if block:
-            gi, gw, gb = _blocks(
-                *common, block, forward_grads, _grad_dtypes(x, weight, bias), lse=lse, row_loss=row_loss,
-                divide_by_total=reduction == "mean",
-            )  # fmt: skip
-        else:
-            gi, gw, gb = _chunks(
-                *common, chunk, forward_grads, _grad_dtypes(x, weight, bias), row_loss=row_loss, lse=lse,
-                save_lse=lse is not None, divide_by_total=reduction == "mean",
-            )  # fmt: skip
-        if not (none and any(grads)):
-            lse = None
+        keep_lse = none and any(grads)  # for the backward; the vocabulary order needs it anyway
+        lse = x.new_empty(n, dtype=compute) if keep_lse or block else None
+        problem = _problem(
+            x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, mm_dtype
+        )
+        gi, gw, gb = _loop(
+            problem, chunk, block, (False, False, False) if none else grads, row_loss=row_loss, lse=lse,
+            divide_by_total=reduction == "mean",
+        )  # fmt: skip
         loss = _total(row_loss, stats, reduction, out_dtype, target.shape)
-    return loss, gi, gw, gb, stats, lse if lse is not None else _empty(stats)
+    return loss, gi, gw, gb, stats, lse if keep_lse else _empty(stats)
 
 
 def _backward_fake(x, weight, bias, *args):
@@ -404,10 +410,7 @@ def backward_none(
     """The gradients of ``reduction="none"``: the chunks' logits recomputed, turned into their
     gradient times each row's ``grad_output`` from the forward's log-sum-exp, then the same
     matmuls as the forward of ``mean``/``sum``."""
-    xm, wm, bm = _operands(x, weight, bias, mm_dtype)
-    common = (xm, wm, bm, target.reshape(-1), class_weight, stats, ignore_index, label_smoothing)
-    grads, dtypes = (need_input, need_weight, need_bias), _grad_dtypes(x, weight, bias)
+    problem = _problem(x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, mm_dtype)
+    grads = (need_input, need_weight, need_bias)
     with _guard(x.device), torch.autocast(x.device.type, enabled=False):
-        if block:
-            return _blocks(*common, block, grads, dtypes, lse=lse, grad_output=grad_output.reshape(-1))
-        return _chunks(*common, chunk, grads, dtypes, lse=lse, grad_output=grad_output.reshape(-1))
+        return _loop(problem, chunk, block, grads, lse=lse, grad_output=grad_output.reshape(-1))
