@@ -61,13 +61,22 @@ class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
         )
 
 
-def _linear_ce_options(module: nn.Module) -> dict:
-    """The linear cross-entropy's keyword options a module keeps as attributes."""
-    names = ("ignore_index", "reduction", "label_smoothing", "chunk_rows", "chunk_classes")
-    return {name: getattr(module, name) for name in names}
+class _LinearCrossEntropyOptions:
+    """The keyword options of :func:`fusedopt.functional.linear_cross_entropy` a module keeps as
+    attributes (what torch's loss modules do with theirs)."""
+
+    OPTIONS = ("ignore_index", "reduction", "label_smoothing", "chunk_rows", "chunk_classes")
+
+    def _keep(self, **options) -> None:
+        assert options.keys() == set(self.OPTIONS)
+        for name, value in options.items():
+            setattr(self, name, value)
+
+    def _options(self) -> dict:
+        return {name: getattr(self, name) for name in self.OPTIONS}
 
 
-class FusedLinearCrossEntropyLoss(_WeightedLoss):
+class FusedLinearCrossEntropyLoss(_LinearCrossEntropyOptions, _WeightedLoss):
     """Cross-entropy of ``F.linear(input, linear_weight, linear_bias)`` computed by
     :func:`fusedopt.functional.linear_cross_entropy`, the logits never held whole.
 
@@ -87,20 +96,20 @@ class FusedLinearCrossEntropyLoss(_WeightedLoss):
         chunk_classes: int | None = None,
     ) -> None:
         super().__init__(weight, None, None, reduction)
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.chunk_rows = chunk_rows
-        self.chunk_classes = chunk_classes
+        self._keep(
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            chunk_rows=chunk_rows, chunk_classes=chunk_classes,
+        )  # fmt: skip
 
     def forward(
         self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None = None
     ) -> Tensor:
         return F.linear_cross_entropy(
-            input, linear_weight, target, linear_bias, weight=self.weight, **_linear_ce_options(self)
+            input, linear_weight, target, linear_bias, weight=self.weight, **self._options()
         )
 
 
-class FusedLinearCrossEntropyHead(nn.Linear):
+class FusedLinearCrossEntropyHead(_LinearCrossEntropyOptions, nn.Linear):
     """A language model's output layer and its loss in one module: an ``nn.Linear`` (same
     constructor, parameters and ``state_dict``) whose ``forward(input, target)`` returns the
     cross-entropy of its logits through :func:`fusedopt.functional.linear_cross_entropy`, and
@@ -127,18 +136,16 @@ class FusedLinearCrossEntropyHead(nn.Linear):
         chunk_classes: int | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.chunk_rows = chunk_rows
-        self.chunk_classes = chunk_classes
+        self._keep(
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            chunk_rows=chunk_rows, chunk_classes=chunk_classes,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        loss = f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
-        chunks = f"chunk_rows={self.chunk_rows}, chunk_classes={self.chunk_classes}"
-        return f"{super().extra_repr()}, {loss}, {chunks}"
+        options = ", ".join(f"{name}={value!r}" for name, value in self._options().items())
+        return f"{super().extra_repr()}, {options}"
 
     def forward(self, input: Tensor, target: Tensor | None = None) -> Tensor:
         if target is None:
             return super().forward(input)
-        return F.linear_cross_entropy(input, self.weight, target, self.bias, **_linear_ce_options(self))
+        return F.linear_cross_entropy(input, self.weight, target, self.bias, **self._options())
