@@ -27,8 +27,9 @@ dtype (``LINEAR_CE_TOLERANCE``).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,9 +38,10 @@ import torch.nn.functional as F
 import fusedopt
 from fusedopt import functional as FF
 from fusedopt.linear_cross_entropy import linear_cross_entropy_reference
-from fusedopt.optim import _precision, _quantize
+from fusedopt.optim import _amp, _precision, _quantize
 from fusedopt.optim._fused import EXTENSIONS
 from fusedopt.tolerance import (
+    CLIP_TOLERANCE,
     LOSS_TOLERANCE,
     OPTIM_TOLERANCE,
     allowed_error,
@@ -85,6 +87,9 @@ class OptimCase:
     torch_cls: type[torch.optim.Optimizer]
     kwargs: dict = field(default_factory=dict)
     group: str = ""  # the name ``fusedopt check --optimizers`` selects it by (default: "sgd", ...)
+    # Named shapes ``fusedopt check`` adds to its param list for this case (8-bit state starts
+    # at MIN_NUMEL elements, more than any tensor of the check's CPU layout holds).
+    extra_params: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self):
         if not self.group:
@@ -131,7 +136,11 @@ OPTIM_CASES: list[OptimCase] = [
     *_cases(fusedopt.FusedAdamW, ADAMW, dict(lr=0.01, master_weights=True), dict(lr=0.01, state_dtype=torch.bfloat16)),
     *_cases(fusedopt.FusedAdam, ADAM, dict(lr=0.01, weight_decay=0.1, kahan_summation=True)),
     *_cases(fusedopt.FusedSGD, SGD, dict(lr=0.1, momentum=0.9, stochastic_rounding=True)),
-    *_cases(fusedopt.FusedAdamW, ADAMW, dict(lr=0.01, state_dtype="int8")),
+    # Just over the 8-bit minimum: 16 blocks of 256 and a block of one element.
+    OptimCase(
+        fusedopt.FusedAdamW, ADAMW, dict(lr=0.01, state_dtype="int8"),
+        extra_params=(("int8.weight", (_quantize.MIN_NUMEL + 1,)),),
+    ),
 ]  # fmt: skip
 
 
@@ -419,16 +428,17 @@ def compare_optimizer(
     for step in range(steps):
         for p, q, g in zip(ours, theirs, grads(ours, step), strict=True):
             p.grad, q.grad = g, g.to(q.dtype)
-        with torch.random.fork_rng(devices=[]):  # stochastic rounding's seeds: the same every run
-            torch.manual_seed(step)
+        with torch.random.fork_rng(devices=[]), _observed_clip() as coefficients:
+            torch.manual_seed(step)  # stochastic rounding's seeds: the same every run
             opt.step()
         if "max_grad_norm" in case.kwargs:
-            torch.nn.utils.clip_grad_norm_(theirs, case.kwargs["max_grad_norm"], foreach=False)
+            _clip_as_ours_(result, step, coefficients, theirs, case.kwargs["max_grad_norm"])
         ref.step()
         if low or stored in LOW_PRECISION:  # the oracle: torch in fp32, rounded as ours is stored
             round_to_storage_(ref, theirs, *rounding)
         if precision.quantized:  # 8-bit state: the oracle's state through the same quantizer
             _requantize_(opt, ref, ours, theirs)
+    eight_bit = 0  # state tensors compared as 8-bit codes
     for name, p, q in zip(names, ours, theirs, strict=True):
         result.compare("param", name, p, q, table)
         mine, expected = opt.state.get(p, {}), ref.state.get(q, {})
@@ -446,10 +456,63 @@ def compare_optimizer(
             if mine[key].dtype != precision.state_dtype_for(p.dtype):
                 result.notes.append(f"{name}: state[{key}] is {mine[key].dtype}, param {p.dtype}")
             eight = _quantize.absmax_key(key) in opt.state[p]  # up to one code step of its block
+            eight_bit += eight
             result.compare(
                 key, f"{name} state[{key}]", mine[key], expected[key], QUANTIZED if eight else table
             )
+    if precision.quantizes(dtype) and not eight_bit:
+        result.notes.append(
+            f"state_dtype='int8' compared no 8-bit state: no param of >= {_quantize.MIN_NUMEL} elements"
+        )
     return result
+
+
+@contextlib.contextmanager
+def _observed_clip() -> Iterator[list[torch.Tensor]]:
+    """The ``max_grad_norm`` clip coefficients a fused step computes while inside (one per step)."""
+    seen: list[torch.Tensor] = []
+    original = _amp.clip_coefficient
+
+    def observed(*args, **kwargs):
+        coef = original(*args, **kwargs)
+        if coef is not None:
+            seen.append(coef.detach().clone())
+        return coef
+
+    _amp.clip_coefficient = observed
+    try:
+        yield seen
+    finally:
+        _amp.clip_coefficient = original
+
+
+@torch.no_grad()
+def _clip_as_ours_(
+    result: Result, step: int, seen: list[torch.Tensor], params: list[torch.Tensor], max_norm: float
+) -> None:
+    """``max_grad_norm`` in the oracle: check the coefficient ours used against torch's
+    ``clip_grad_norm_`` formula in fp64 on the same grads (:data:`CLIP_TOLERANCE`), then scale
+    the oracle's grads by ours. A coefficient a few fp32 roundings away from ours would flip
+    bf16/fp16 roundings of the state, and a momentum or moment that later cancels to near zero
+    keeps such a flip as many rounding steps of its own value: the element-wise contract can
+    only hold for the step after the same coefficient."""
+    grads = [q.grad for q in params if q.grad is not None]
+    norms = [torch.linalg.vector_norm(g.double()) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), dtype=torch.float64)
+    exact = torch.clamp(max_norm / (total + 1e-6), max=1.0).cpu()
+    if len(seen) != 1:
+        result.notes.append(f"step {step}: {len(seen)} max_grad_norm clip coefficients seen, not 1")
+        coef = exact
+    else:
+        coef = seen[0]
+        if coef.numel() != 1 or coef.dtype not in CLIP_TOLERANCE:
+            result.notes.append(f"step {step}: clip coefficient {coef!r}")
+        rtol = CLIP_TOLERANCE.get(coef.dtype, 0.0)
+        where = f"step {step} clip coefficient"
+        table = {torch.float64: dict(rtol=rtol, atol=0.0)}
+        result.compare("clip_coef", where, coef.detach().double().cpu().reshape(()), exact, table)
+    for g in grads:
+        g.mul_(coef.to(device=g.device, dtype=g.dtype))
 
 
 # 8-bit state: one step of the code map at the top of a block (1.4 % of its absmax, signed map).

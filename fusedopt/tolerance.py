@@ -10,6 +10,12 @@ the tests and by ``python -m fusedopt check``:
   dtype (optimizers: after every step, params and every state tensor). Allowed: ``ulps``
   rounding steps of the dtype at the expected value, plus fp32 rounding noise
   (``8 * 2**-24 * max|expected|``), visible only where a result cancels to near zero.
+* ``max_grad_norm`` (:data:`CLIP_TOLERANCE`): each step's clip coefficient, against
+  ``min(1, max_norm / (norm + 1e-6))`` with the norm in fp64 from the same grads, within
+  ``rtol`` of the dtype it is computed in (fp32; fp64 for fp64 grads). The oracle's grads are
+  then scaled by ours, and the step is held to the rows above: a coefficient a few fp32
+  roundings off (any other summation order) flips bf16/fp16 roundings of the state, which a
+  momentum cancelling to near zero keeps as many rounding steps of its own value.
 * The fused linear cross-entropy (:data:`LINEAR_CE_TOLERANCE`): per tensor (the loss, each
   gradient), against the composition in fp64, within twice the composition's own error in the
   dtype plus ``rtol`` of the largest magnitude.
@@ -35,6 +41,9 @@ LOSS_TOLERANCE: dict[torch.dtype, dict[str, float]] = {
 }
 
 FP32_NOISE = 8 * 2.0**-24  # relative to the largest expected magnitude
+
+# max_grad_norm's clip coefficient, by the dtype it is computed in: rtol against fp64.
+CLIP_TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 # torch: the factor on the composition's own error; rtol: of the oracle's largest magnitude.
 LINEAR_CE_TOLERANCE: dict[torch.dtype, dict[str, float]] = {

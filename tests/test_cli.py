@@ -11,6 +11,7 @@ import argparse
 import csv
 import dataclasses
 import itertools
+import math
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from fusedopt import floors, testing
 from fusedopt import functional as FF
 from fusedopt.__main__ import main
 from fusedopt.cli import bench, bench_amp, bench_losses, bench_optim, check
+from fusedopt.optim import _quantize
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
@@ -266,6 +268,34 @@ def test_check_compares_every_state_tensor():
     assert result.verdict == "PASS", result
     assert set(result.errors) == {"param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
     assert not result.notes and result.ratio <= 1.0
+
+
+def test_check_int8_cases_hold_8bit_state():
+    """The check's ``state_dtype="int8"`` cases, at its CPU sizes (no GPT-shaped tensor reaches
+    the 4,096 elements 8-bit state starts at), hold uint8 codes and their absmax after a step,
+    and the check compares them."""
+    cases = [c for c in check.OPTIM_CASES if c.kwargs.get("state_dtype") == "int8"]
+    assert cases
+    size = {flag: cpu for flag, (cpu, _, _) in check.SIZES.items()}
+    shapes = testing.gpt_shapes(size["width"], size["layers"], size["vocab"])
+    assert max(math.prod(s) for _, s in shapes) < _quantize.MIN_NUMEL  # else this tests nothing new
+    created = []
+
+    for case in cases:
+
+        class Recorded(case.fused_cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                created.append(self)
+
+        for dtype in (torch.float32, torch.bfloat16):
+            recorded = dataclasses.replace(case, fused_cls=Recorded)
+            result = check.optimizer_result(recorded, dtype, "cuda" if CUDA else "cpu", shapes, steps=1)
+            assert result.verdict == "PASS", result.explain()
+            state = created.pop().state
+            codes = [(s, k) for s in state.values() for k, v in s.items() if v.dtype == torch.uint8]
+            assert codes, f"{case.id} {dtype}: no 8-bit state"
+            assert all(s[_quantize.absmax_key(k)].dtype == torch.float32 for s, k in codes)
 
 
 # bench ----------------------------------------------------------------------------------------

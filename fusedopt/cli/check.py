@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def optimizer_result(case: OptimCase, dtype: torch.dtype, device: str, shapes, steps: int):
-    """``case`` on the named ``shapes`` (``testing.gpt_shapes``), random grads every step."""
+    """``case`` on the named ``shapes`` (``testing.gpt_shapes``) and its ``extra_params``,
+    random grads every step."""
+    shapes = [*shapes, *case.extra_params]
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen).to(dtype).to(device) for _, s in shapes]
 
@@ -87,11 +89,17 @@ def run(args: argparse.Namespace) -> int:
     dtypes = [common.DTYPES[d] for d in args.dtypes]
     shapes = testing.gpt_shapes(size["width"], size["layers"], size["vocab"])
     numel = sum(math.prod(s) for _, s in shapes)
+    extras = "".join(
+        f"; {case.fused_cls.__name__}({describe(case.kwargs)}) adds "
+        + ", ".join(f"{name} {tuple(shape)}" for name, shape in case.extra_params)
+        for case in optim_cases
+        if case.extra_params
+    )
     env = common.header("check", device)
     print(
         f"optimizers: {len(optim_cases)} option sets x {len(dtypes)} dtypes, {args.steps} steps on a GPT-shaped "
         f"param list ({len(shapes)} tensors, {numel:,} elements: d={size['width']}, {size['layers']} layers, "
-        f"vocab {size['vocab']}, a 0-d scalar), against torch.optim's for-loop path (foreach=False)\n"
+        f"vocab {size['vocab']}, a 0-d scalar{extras}), against torch.optim's for-loop path (foreach=False)\n"
         f"losses: {len(loss_cases)} cases x {len(dtypes)} dtypes, inputs {size['rows']}x{size['classes']}, "
         "value and input gradient against torch.nn.functional\n"
         f"linear cross-entropy: {len(linear_cases)} cases x {len(dtypes)} dtypes, {size['rows']} tokens x "
