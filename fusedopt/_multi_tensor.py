@@ -206,7 +206,7 @@ class TensorTable:
 
         Rebuilt from ``rows()`` unless ``key`` (None: always rebuild) equals the last one.
         """
-        if key is None or key != self._dynamic_key:
+        if key is None or (key is not self._dynamic_key and key != self._dynamic_key):
             _refuse_upload_while_capturing(self.device)
             built = rows()
             self._dynamic = to_device(torch.tensor(built, dtype=torch.int64), self.device)
@@ -228,6 +228,8 @@ class TensorTable:
         """
         if self.num_blocks == 0 or _dry_run:
             return
+        if self.num_blocks >= 2**31:  # CUDA's grid limit (axis 0): a clear error, not a failed launch
+            raise RuntimeError(f"fusedopt: {self.num_blocks} blocks exceed CUDA's limit of 2**31 - 1")
         guard = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with guard:
             kernel[(self.num_blocks,)](

@@ -61,12 +61,14 @@ def _grads_of(groups: list[dict]) -> list[torch.Tensor]:
 def find_inf(optimizer, grad_scale: torch.Tensor) -> torch.Tensor | None:
     """1.0 if any grad of ``optimizer`` is inf or NaN, else 0.0 (float32, on the first grad's
     device), from one read-only pass; with ``max_grad_norm`` that pass is the global norm, kept
-    for the coming step. None where torch's own check must run instead (sparse grads or integer
-    params, which torch's functional steps)."""
+    for the coming step. None where torch's own check must run instead (sparse grads, integer
+    params or grads of another dtype than their param's, which torch's functional steps)."""
     optimizer.__dict__.pop(_PENDING, None)
     with torch.no_grad():
         planned = plan_groups(optimizer, list(enumerate(optimizer.param_groups)))
-        if not all(b.walkable for _, plan, _ in planned for b in plan.buckets):
+        if not all(b.walkable for _, plan, _ in planned for b in plan.buckets) or any(
+            plan.foreign for _, plan, _ in planned
+        ):
             return None
         parts = _norm_parts(planned, [])
         if _empty(parts):  # no grads: nothing found
@@ -90,7 +92,8 @@ def clip_coefficient(optimizer, planned: list, theirs: list[dict], amp) -> torch
         return None
     if amp.found_inf is None:
         pending = None
-    torch_grads = _grads_of(theirs)
+    # torch's step reads these grads: they are clipped in place (fusedopt.optim._fused).
+    torch_grads = _grads_of(theirs) + [p.grad for _, plan, _ in planned for p in plan.foreign]
     total = pending
     if total is None:
         parts = _norm_parts(planned, torch_grads)

@@ -12,23 +12,36 @@ A fused optimizer is ``class FusedX(FusedStep, torch.optim.X)`` with an ``algori
 4. *run* each bucket (:func:`fusedopt.optim._step.run_bucket`): the one implementation of the
    step, which ``torch.compile`` reaches through the ``fusedopt::step_`` op instead.
 
-Groups whose flags ask for torch's own implementation (``differentiable=True``,
-``fused=False`` or ``foreach=True``) run torch's step unchanged. ``max_grad_norm`` and
+Groups with ``differentiable=True`` run torch's step unchanged (autograd through the step is
+torch's); torch's speed hints ``foreach`` and ``fused=False`` choose among torch's own
+implementations and change nothing here: the kernel runs (docs/options.md). ``max_grad_norm`` and
 GradScaler are handled in :mod:`fusedopt.optim._amp`. Step counters live on the param's
 device, so no step reads anything on the host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import weakref
 
 import torch
 
 from fusedopt._dist import any_dtensor
 from fusedopt._multi_tensor import runs_triton
 from fusedopt.optim import _amp
-from fusedopt.optim._plan import Amp, Plan, check_state, operands_of, plan_groups, walkable, walkable_dtype
+from fusedopt.optim._plan import (
+    Amp,
+    Plan,
+    check_group,
+    counter_device,
+    foreign,
+    operands_of,
+    plan_groups,
+    walkable,
+    walkable_dtype,
+)
 from fusedopt.optim._precision import (
     PLAIN,
     SEED,
@@ -39,6 +52,7 @@ from fusedopt.optim._precision import (
     torch_state_dict,
 )
 from fusedopt.optim._quantize import absmax_key
+from fusedopt.optim._state import OptimizerState
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
 
 _EXTENSIONS = (  # (name, default, annotation) of the keyword-only arguments torch's classes lack
@@ -51,6 +65,29 @@ _EXTENSIONS = (  # (name, default, annotation) of the keyword-only arguments tor
 
 
 EXTENSIONS = frozenset(name for name, _, _ in _EXTENSIONS)
+
+
+def _clone(v):
+    return v.clone() if isinstance(v, torch.Tensor) else v
+
+
+class _Notify:
+    """``optimizer.state``'s change notice: tells its optimizer (a weak reference, so the state
+    keeps no optimizer alive)."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, owner):
+        self._ref = weakref.ref(owner)
+
+    @property
+    def owner(self):
+        return self._ref()
+
+    def __call__(self) -> None:
+        owner = self._ref()
+        if owner is not None:
+            owner._state_changed()
 
 
 def _torch_base(cls: type) -> type:
@@ -100,8 +137,12 @@ class FusedStep:
         state_dtype: torch.dtype | str | None = None,
         **kwargs,
     ):
+        if isinstance(max_grad_norm, torch.Tensor) and max_grad_norm.numel() == 1:
+            max_grad_norm = max_grad_norm.item()  # read once, as a number
         if max_grad_norm is not None and not (
-            isinstance(max_grad_norm, int | float) and 0.0 < max_grad_norm < math.inf
+            isinstance(max_grad_norm, int | float)
+            and not isinstance(max_grad_norm, bool)
+            and 0.0 < max_grad_norm < math.inf
         ):
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -139,13 +180,50 @@ class FusedStep:
             self._taken: dict[tuple[int, int], torch.Tensor] = {}  # private counters (counter=None)
             self._op_plans, self._op_handle = new_op_plans()
         key = self.algorithm.counter
-        for group in self.param_groups:
-            if key is None or self._uses_torch_impl(group):
-                continue
-            for p in group["params"]:
-                step = self.state.get(p, {}).get(key)
-                if isinstance(step, torch.Tensor) and step.device != p.device:
-                    self.state[p][key] = step.to(p.device)
+        with self._own_writes():
+            for group in self.param_groups:
+                if key is None or self._uses_torch_impl(group):
+                    continue
+                for p in group["params"]:
+                    step = self.state.get(p, {}).get(key)
+                    if isinstance(step, torch.Tensor) and step.device != counter_device(p):
+                        self.state[p][key] = step.to(counter_device(p))
+
+    # optimizer.state ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> OptimizerState:
+        """torch's ``state`` (a ``defaultdict(dict)``, same keys and values), which drops the
+        launch plans holding its tensors whenever an entry is replaced (:mod:`._state`)."""
+        state = self.__dict__.get("state")
+        if type(state) is not OptimizerState or getattr(state.on_change, "owner", None) is not self:
+            state = OptimizerState(_Notify(self), state or {})
+            self.__dict__["state"] = state
+            self._state_changed()
+        return state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.__dict__["state"] = value
+        self._state_changed()
+
+    def _state_changed(self) -> None:
+        """An entry of ``state`` was replaced (not by the step itself): no plan may keep the
+        tensors it held, in use or alive."""
+        if self.__dict__.get("_writing", 0) or "_plans" not in self.__dict__:
+            return
+        self._plans = {}
+        self._op_plans.plans.clear()
+
+    @contextlib.contextmanager
+    def _own_writes(self):
+        """The step's own writes to ``state`` (lazy state, counters made resident): plans
+        being built hold the new tensors, none is dropped."""
+        self.__dict__["_writing"] = self.__dict__.get("_writing", 0) + 1
+        try:
+            yield
+        finally:
+            self.__dict__["_writing"] -= 1
 
     # GradScaler hands grad_scale / found_inf to the step (unscale and skip in the kernel, no
     # host sync) whenever every group runs our step; torch's own step (a group with fused=False,
@@ -185,7 +263,10 @@ class FusedStep:
     # The step -------------------------------------------------------------------------------
 
     def _uses_torch_impl(self, group: dict) -> bool:
-        return bool(group["differentiable"] or group["foreach"] or group.get("fused") is False)
+        """Whether a group runs torch's own step: ``differentiable=True`` (autograd through the
+        step). ``foreach`` and ``fused`` pick among torch's implementations: ours runs for any
+        value of them (``fused=True`` also makes torch's device and dtype checks)."""
+        return bool(group["differentiable"])
 
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -208,6 +289,9 @@ class FusedStep:
         with torch.no_grad():
             planned = plan_groups(self, ours)
             amp.clip_coef = _amp.clip_coefficient(self, planned, theirs, amp)
+            others = [(group, plan.foreign) for group, plan, _ in planned if plan.foreign]
+            if others:
+                self._foreign_step(others, amp)
             for group, plan, grads in planned:
                 scalars = spec.scalar_values(group)
                 for bucket in plan.buckets:
@@ -226,7 +310,7 @@ class FusedStep:
         for group in ours:
             params = [p for p in group["params"] if p.grad is not None]
             if (
-                not all(walkable(p) and not p.is_complex() for p in params)
+                not all(walkable(p) and not p.is_complex() and not foreign(p) for p in params)
                 or len(set(map(id, params))) != len(params)
                 or any_dtensor(params)
                 or not self._op_takes(params)
@@ -234,11 +318,9 @@ class FusedStep:
                 self._eager_step()
                 return
             groups.append((group, params))
-        for group, params in groups:  # validate everything before anything changes
-            for p in params:
-                self._check(p, p.grad, group)
-                check_state(self, p, group)
-        with torch.no_grad():
+        for group, _ in groups:  # validate everything before anything changes
+            check_group(self, group)
+        with torch.no_grad(), self._own_writes():
             grads = [p.grad for _, params in groups for p in params]
             amp.clip_coef = _amp.traced_clip_coefficient(self, grads, theirs, amp)
             for group, params in groups:
@@ -279,6 +361,43 @@ class FusedStep:
     def _eager_step(self) -> None:
         FusedStep.step(self)  # the mixin's own step: torch's step hooks already ran
 
+    def _foreign_step(self, items: list[tuple[dict, list[torch.Tensor]]], amp: Amp) -> None:
+        """torch's own step for the params whose grad has another dtype than theirs
+        (``p.grad_dtype``; ``items``: ``(group, params)``), so they get torch's numerics, state
+        and errors, all or nothing: a refused step puts them and their state back. It runs
+        before any kernel. GradScaler's verdict is read on the host on this path (torch's step
+        needs it) and the grads are unscaled for torch's step (``max_grad_norm`` has already
+        clipped them in place, as it does for torch's groups); they are given back after."""
+        if amp.found_inf is not None and bool(amp.found_inf.item()):
+            return
+        params = [p for _, ps in items for p in ps]
+        grads = [p.grad for p in params]
+        saved = [
+            (
+                p.detach().clone(),
+                {k: _clone(v) for k, v in self.state[p].items()} if p in self.state else None,
+            )
+            for p in params
+        ]
+        hidden = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        try:
+            if amp.grad_scale is not None:
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g / amp.grad_scale.to(g.device)
+            self._torch_step([{**group, "params": ps} for group, ps in items])
+        except BaseException:
+            for p, (data, state) in zip(params, saved, strict=True):
+                p.detach().copy_(data)
+                if state is None:
+                    self.state.pop(p, None)
+                else:
+                    self.state[p] = state
+            raise
+        finally:
+            self.__dict__.update(hidden)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+
     def _torch_step(self, groups: list[dict]) -> None:
         """Torch's own step, over the groups whose flags ask for it."""
         everything = self.param_groups
@@ -290,20 +409,51 @@ class FusedStep:
 
     def state_dict(self) -> dict:
         """torch's ``state_dict()``; the 8-bit state of DTensor params dequantized (see
-        :func:`fusedopt.optim._precision.portable`)."""
+        :func:`fusedopt.optim._precision.portable`); without the state torch would not have
+        yet (:meth:`_untaken`)."""
         out = super().state_dict()
+        # torch's dict holds the state's own entry dicts: plain dicts, as torch's (torch.load with
+        # weights_only=True knows no other class).
+        out["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in out["state"].items()}
+        out = self._untaken(out)
         return portable(self, out) if self.precision.quantized else out
+
+    def _untaken(self, state_dict: dict) -> dict:
+        """``state_dict`` without the state our step created for a step that GradScaler then
+        skipped, where torch creates none (SGD's momentum buffer: torch makes it from the first
+        grad, our kernel creates it zeroed and counts its steps on the device). Saved, a zero
+        buffer would resume as one that took a step. Reads those counters on the host."""
+        if self.algorithm.counter is not None or not self._taken:
+            return state_dict
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        taken = [
+            (i, t) for i, p in zip(ids, params, strict=True) if (t := self._taken.get((id(p), 0))) is not None
+        ]
+        if not taken:
+            return state_dict
+        counts = torch.stack([t.to("cpu", torch.float32).reshape(()) for _, t in taken]).tolist()
+        untaken = {i for (i, _), n in zip(taken, counts, strict=True) if n == 0}
+        state = {}
+        for i, entries in state_dict["state"].items():
+            if i in untaken:
+                entries = {k: v for k, v in entries.items() if k not in self.algorithm.columns}
+            if entries:
+                state[i] = entries
+        return {**state_dict, "state": state}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts every state tensor but ``step`` to its param's dtype: keep ours exact.
         exact = exact_entries(self, state_dict)
-        super().load_state_dict(state_dict)
-        restore(self, exact)
-        # Converted to our options now: a torch-format state dict, or one saved with others
-        # (8-bit state into other options is dequantized).
-        for p, state in self.state.items():
-            if state and walkable_dtype(p):
-                self.precision.complete(p, state, self.algorithm)
+        with self._own_writes():
+            super().load_state_dict(state_dict)
+            restore(self, exact)
+            # Converted to our options now: a torch-format state dict, or one saved with others
+            # (8-bit state into other options is dequantized). Keys that are not params (torch
+            # keeps them) are left alone.
+            for p, state in self.state.items():
+                if isinstance(p, torch.Tensor) and state and walkable_dtype(p):
+                    self.precision.complete(p, state, self.algorithm)
         self._reset_plans(counters=True)
 
     def torch_state_dict(self) -> dict:

@@ -12,6 +12,7 @@ Plans are held by the optimizer that built them (eager steps) or by a cache the 
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from typing import Any
 
@@ -30,7 +31,7 @@ from fusedopt._multi_tensor import (
 )
 from fusedopt._norm import NormSource
 from fusedopt.optim._precision import PLAIN, SEED, Precision
-from fusedopt.optim._quantize import absmax_key, codebook
+from fusedopt.optim._quantize import QBLOCK, absmax_key, codebook
 
 
 def real_view(t: torch.Tensor) -> torch.Tensor:
@@ -49,36 +50,50 @@ def walkable(p: torch.Tensor) -> bool:
 
 
 class StepGrads(list):
-    """The grads of a group's params that have one, in order, and their addresses."""
+    """The grads of a group's params, one per param in order (None: no grad; for a DTensor, its
+    local shard), and ``token``: an object that is another one whenever their addresses may
+    have changed (the grads' device tables are rebuilt then)."""
 
-    ptrs: tuple = ()
+    token: object = None
 
 
-def scan(params: list[torch.Tensor], shards: bool = False) -> tuple[tuple | None, StepGrads]:
-    """The hot-path loop: grads of a group and the key its cached plan must match, over the
-    local shards of DTensors (what the kernels read; ``shards``: the group may hold some)."""
-    key: list = []
-    grads = StepGrads()
-    ptrs = []
+# A param's key (see scan) and the index in it of the one part that may change every step.
+GRAD_ADDRESS = 2
+
+
+def scan(params: list[torch.Tensor], shards: bool = False) -> tuple[list | None, StepGrads]:
+    """The hot-path loop: a group's grads and the key its cached plan must match.
+
+    A param's key is ``(address, shape, grad address, grad strides, grad dtype)`` (None without
+    a grad): what the plan's tables were built from that can change while the objects stay the
+    same (``p.data = ...``, a new grad buffer, ``p.grad_dtype``). torch makes a grad the shape of
+    its param whenever one is set, so the param's shape stands for the grad's. ``shards``: read
+    the local shards of DTensors (what the kernels walk; a DTensor's own address is 0). The key
+    is None where it cannot be taken (sparse grads): no plan is cached then.
+    """
+    if shards:
+        grads = StepGrads([None if p.grad is None else local(p.grad) for p in params])
+        params = [local(p) for p in params]
+    else:
+        grads = StepGrads([p.grad for p in params])
     try:
-        for p in params:
-            g = p.grad
-            if g is None:
-                key.append(None)
-                continue
-            if shards:
-                g, p = local(g), local(p)
-            key.append((p.data_ptr(), g.stride()))
-            grads.append(g)
-            ptrs.append(g.data_ptr())
-    except RuntimeError:  # sparse grads have no strides: the full checks will explain
-        return None, StepGrads(local(p.grad) for p in params if p.grad is not None)
-    # A DTensor owns no memory (its data_ptr() is 0): seen, scan its local shards instead. (An
-    # empty plain tensor's may be 0 too: then this only costs a second look.)
-    if not shards and 0 in ptrs and any_dtensor(params):
-        return scan(params, shards=True)
-    grads.ptrs = tuple(ptrs)
-    return tuple(key), grads
+        key = [
+            None if g is None else (p.data_ptr(), p.shape, g.data_ptr(), g.stride(), g.dtype)
+            for p, g in zip(params, grads)  # noqa: B905 (same length: the hot path)
+        ]
+    except RuntimeError:  # sparse grads have no strides
+        return None, grads
+    grads.token = key
+    return key, grads
+
+
+def same_layout(key: list, other: list) -> bool:
+    """Whether two scan keys differ at most in their grads' addresses."""
+    g = GRAD_ADDRESS
+    return len(key) == len(other) and all(
+        a == b or (a is not None and b is not None and a[:g] == b[:g] and a[g + 1 :] == b[g + 1 :])
+        for a, b in zip(key, other, strict=True)
+    )
 
 
 class Amp:
@@ -219,7 +234,7 @@ class Bucket:
 
     def dynamic(self, grads: StepGrads) -> torch.Tensor:
         # The grads' table changes only when the group's grad addresses do.
-        return self.table.dynamic(grads.ptrs, lambda: _dynamic_rows(self.grads(grads)))
+        return self.table.dynamic(grads.token, lambda: _dynamic_rows(self.grads(grads)))
 
     def norm_source(self, grads: StepGrads) -> NormSource | None:
         """This bucket's grads as a source for the fused global norm (None: take it with torch)."""
@@ -280,24 +295,29 @@ def _dynamic_rows(grads: list[torch.Tensor]) -> list[tuple[int, ...]]:
 
 
 class Plan:
-    """The buckets of one group for one scan key (None: not cacheable) and the algorithm's
-    switches it was built for (a switch that adds state, e.g. amsgrad, needs a new plan)."""
+    """The buckets of one group for one scan key (None: not cacheable), the algorithm's switches
+    it was built for (a switch that adds state, e.g. amsgrad, needs a new plan), whether it
+    read DTensors' local shards (``shards``) and the params whose grad has another dtype than
+    theirs (``foreign``: torch's own step takes them, see ``FusedStep._foreign_step``)."""
 
-    def __init__(self, key: tuple | None, buckets: list[Bucket]):
+    def __init__(self, key: list | None, buckets: list[Bucket], foreign: list[torch.Tensor] | None = None):
         self.key = key
         self.buckets = buckets
+        self.foreign = foreign or []
         self.flags: dict | None = None  # set by plan_groups
+        self.shards = False
         self.cacheable = key is not None and all(not b.irregular for b in buckets)
 
 
 def build(
     entries: list[tuple[int, int, list[torch.Tensor], Any]],
     grads: StepGrads,
-    key: tuple | None,
+    key: list | None,
     precision: Precision = PLAIN,
 ) -> Plan:
     """A plan from ``(position, layer, operands, counter)`` entries: ``operands`` are the param
-    and its state columns, ``position`` indexes ``grads``."""
+    and its state columns, ``position`` indexes ``grads``; a layer is launched after the layers
+    before it (a param listed twice, or one whose memory overlaps an earlier one's)."""
     buckets: dict[tuple, Bucket] = {}
     for position, layer, operands, counter in entries:
         p = operands[0]
@@ -308,11 +328,55 @@ def build(
             bucket.layer = layer
         bucket.add(position, operands, counter)
     ordered = [buckets[k] for k in sorted(buckets, key=lambda k: k[0])]
-    repeated = {id(operands[0]) for _, layer, operands, _ in entries if layer > 0}
+    counts: dict[int, int] = defaultdict(int)
+    for _, _, operands, _ in entries:
+        counts[id(operands[0])] += 1
     for bucket in ordered:
-        bucket.unique = not any(id(p) in repeated for p in bucket.params)
+        bucket.unique = all(counts[id(p)] == 1 for p in bucket.params)
         bucket.finish(grads)
     return Plan(key, ordered)
+
+
+def _span(t: torch.Tensor) -> tuple | None:
+    """``(device, first byte, end byte)`` of the memory ``t`` may touch; None if empty."""
+    t = local(t)
+    if t.numel() == 0 or t.layout != torch.strided or t.is_meta:
+        return None
+    start = t.data_ptr()
+    extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True))
+    return str(t.device), start, start + extent * t.element_size()
+
+
+def overlapping(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
+    """The indices of two distinct tensors of ``tensors`` whose memory may overlap, or None."""
+    unique = {id(t): i for i, t in reversed(list(enumerate(tensors)))}  # first of each object
+    spans = sorted((s, i) for i in unique.values() if (s := _span(tensors[i])) is not None)
+    for (a, i), (b, j) in itertools.pairwise(spans):
+        if a[0] == b[0] and b[1] < a[2]:
+            return min(i, j), max(i, j)
+    return None
+
+
+def layers(written: list[list[torch.Tensor]]) -> list[int]:
+    """The launch layer of each entry (a param and the state its step writes): one after every
+    earlier entry whose memory may overlap its own (a param listed twice, views of one tensor),
+    so that one launch never writes a place another of its programs reads, and overlapping
+    params are stepped in list order, as torch steps them."""
+    spans = sorted(
+        (s, i) for i, tensors in enumerate(written) for t in tensors if (s := _span(t)) is not None
+    )
+    earlier: dict[int, set[int]] = defaultdict(set)  # entry -> earlier entries it overlaps
+    active: list[tuple] = []  # spans that may still overlap the next ones
+    for span, i in spans:
+        active = [(a, j) for a, j in active if a[0] == span[0] and a[2] > span[1]]
+        for _, j in active:
+            if j != i:
+                earlier[max(i, j)].add(min(i, j))
+        active.append((span, i))
+    out = [0] * len(written)
+    for i in range(len(written)):
+        out[i] = max((out[j] + 1 for j in earlier.get(i, ())), default=0)
+    return out
 
 
 class OpPlans:
@@ -326,10 +390,16 @@ class OpPlans:
         self.plans: dict[tuple, Plan] = {}
 
     def get(self, columns: list[list[torch.Tensor]], grads: StepGrads, precision: Precision = PLAIN) -> Plan:
-        key = (tuple(t.data_ptr() for c in columns for t in c), tuple(g.stride() for g in grads), precision)
+        key = (
+            tuple((t.data_ptr(), t.shape, t.dtype) for c in columns for t in c),
+            tuple((g.stride(), g.dtype) for g in grads),
+            precision,
+        )
         plan = self.plans.get(key)
         if plan is None:
-            entries = [(i, 0, list(operands), None) for i, operands in enumerate(zip(*columns, strict=True))]
+            rows = [list(operands) for operands in zip(*columns, strict=True)]
+            depth = layers(rows)
+            entries = [(i, depth[i], row, None) for i, row in enumerate(rows)]
             plan = build(entries, grads, key, precision)
             if plan.cacheable:
                 if len(self.plans) >= self.KEPT:
@@ -342,28 +412,38 @@ class OpPlans:
 
 
 def plan_groups(opt, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, StepGrads]]:
-    """The plan and grads of each ``(index, group)`` of ``opt`` (a FusedStep): cached plans
-    whose scan key matches, new ones for the others, after checking their params."""
+    """The plan and grads of each ``(index, group)`` of ``opt`` (a FusedStep): the cached plan
+    while the scan key matches it (with new grad tables where only the grads' addresses
+    changed), else a new one, after checking every param of the group."""
     scans = []
     for i, group in groups:
-        key, grads = scan(group["params"])
-        flags = opt.algorithm.flag_values(group)
+        params = group["params"]
         plan = opt._plans.get(i)
-        valid = plan is not None and plan.key == key and plan.flags == flags
-        scans.append((i, group, key, grads, flags, plan if valid else None))
+        key, grads = scan(params, plan is not None and plan.shards)
+        flags = opt.algorithm.flag_values(group)
+        if plan is not None and plan.flags == flags and key is not None:
+            if key == plan.key:
+                grads.token = plan.key  # the same object: the grads' tables are current
+            elif same_layout(key, plan.key) and _new_grads_fit(params, key, plan.key):
+                plan.key = key  # new grad buffers: their tables are rebuilt at the launch
+            else:
+                plan = None
+        else:
+            plan = None
+        if plan is None and key is not None and any_dtensor(params):
+            key, grads = scan(params, shards=True)
+        scans.append((i, group, key, grads, flags, plan))
     # Check every group that needs a new plan before any state is created or changed.
     for _, group, _, _, _, plan in scans:
         if plan is None:
-            for p in group["params"]:
-                if p.grad is not None:
-                    check_param(p, p.grad)
-                    opt._check(p, p.grad, group)
-                    check_state(opt, p, group)
+            check_group(opt, group)
     out = []
     for i, group, key, grads, flags, plan in scans:
         if plan is None:
-            plan = _build(opt, group, key, grads)
+            with opt._own_writes():
+                plan = _build(opt, group, key, grads)
             plan.flags = flags
+            plan.shards = any_dtensor(group["params"])
             if plan.cacheable:
                 opt._plans[i] = plan
             else:
@@ -372,34 +452,168 @@ def plan_groups(opt, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, S
     return out
 
 
-def check_state(opt, p: torch.Tensor, group: dict) -> None:
-    """Refuse, as torch does (``KeyError``), a param whose state lacks a key the group's options
-    need (e.g. amsgrad switched on after the first steps): never step a missing buffer."""
+def _new_grads_fit(params: list[torch.Tensor], key: list, planned: list) -> bool:
+    """Whether the grads whose address changed have their param's shape (torch makes them so
+    when they are set; a param whose ``data`` changed since is caught by its own key)."""
+    g = GRAD_ADDRESS
+    return all(
+        a is None or a[g] == b[g] or p.grad.shape == p.shape
+        for p, a, b in zip(params, key, planned, strict=True)
+    )
+
+
+def _name(opt) -> str:
+    return type(opt).__name__
+
+
+def check_group(opt, group: dict) -> None:
+    """Refuse, before anything changes, every param with a grad of ``group`` that the step
+    cannot take: torch's errors (its type and, where it has one, its message) where torch
+    refuses the same at its step, naming the param and the state key."""
+    for index, p in enumerate(group["params"]):
+        g = p.grad
+        if g is None:
+            continue
+        check_param(p, g)
+        opt._check(p, g, group)
+        if not g.is_sparse:
+            check_grad(opt, p, g, index)
+        check_state(opt, p, group, index)
+
+
+def check_grad(opt, p: torch.Tensor, g: torch.Tensor, index: int) -> None:
+    """A dense grad the kernels can pair with its param: its shape and device (a grad set
+    before ``p.data`` was replaced may have neither)."""
+    lp, lg = local(p), local(g)
+    if g.shape != p.shape or lg.shape != lp.shape:
+        raise RuntimeError(
+            f"{_name(opt)}: the grad of param {index} has shape {tuple(g.shape)}, but the param has "
+            f"shape {tuple(p.shape)}"
+        )
+    if lg.device != lp.device:
+        raise RuntimeError(
+            f"{_name(opt)}: the grad of param {index} is on {lg.device}, but the param is on {lp.device}"
+        )
+
+
+def foreign(p: torch.Tensor) -> bool:
+    """Whether ``p``'s dense grad has another dtype than ``p`` (``p.grad_dtype``): torch's own
+    step takes such a param (see ``FusedStep._foreign_step``)."""
+    g = p.grad
+    return g is not None and not g.is_sparse and g.dtype != p.dtype
+
+
+def check_state(opt, p: torch.Tensor, group: dict, index: int = 0) -> None:
+    """Refuse, as torch's step would (``KeyError`` for a missing key, ``RuntimeError`` for a
+    tensor of the wrong shape, dtype or device), state the kernel cannot walk with its param:
+    e.g. a state dict of another model, state assigned by hand, amsgrad switched on after the
+    first steps. Keys torch treats as new when absent or None (SGD's ``momentum_buffer``) may
+    be either. Nothing is changed here."""
     state = opt.state.get(p)
-    if state and walkable(p):
-        for key in opt.algorithm.state(group):
-            if key not in state:
-                raise KeyError(key)
+    if not state or not walkable(p) or foreign(p):
+        return
+    spec = opt.algorithm
+    written = [p]
+    for key in spec.state(group):
+        v = state.get(key)
+        if v is None and key in spec.optional:
+            continue
+        if key not in state:
+            raise KeyError(key)
+        if v is None:
+            raise AttributeError(f"{_name(opt)}: state[{key!r}] of param {index} is None, not a tensor")
+        _check_state_tensor(opt, p, index, key, v, state)
+        written.append(v)
+    if spec.counter is not None:
+        step = state.get(spec.counter)
+        if spec.counter not in state:
+            raise KeyError(spec.counter)
+        if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.is_complex():
+            raise RuntimeError(
+                "API has changed, `state_steps` argument must contain a list of singleton tensors "
+                f"({_name(opt)}: state[{spec.counter!r}] of param {index} is {step!r})"
+            )
+    aux = state.get(opt.precision.aux_key(real_view(p).dtype))
+    if isinstance(aux, torch.Tensor) and aux.shape == p.shape:
+        written.append(aux)
+    pair = overlapping(written)
+    if pair is not None:
+        names = ["the param", *(f"state[{k!r}]" for k in spec.state(group) if state.get(k) is not None)]
+        names.append("its precision state")
+        raise RuntimeError(
+            f"{_name(opt)}: {names[pair[0]]} and {names[pair[1]]} of param {index} share memory: "
+            "unsupported operation: more than one element of the written-to tensor refers to a single "
+            "memory location. Please clone() the tensor before performing the operation."
+        )
 
 
-def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, layer: int):
+def _check_state_tensor(opt, p: torch.Tensor, index: int, key: str, v: Any, state: dict) -> None:
+    name = f"{_name(opt)}: state[{key!r}] of param {index}"
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} is a {type(v).__name__}, not a tensor")
+    lp, lv = local(p), local(v)
+    if lv.device != lp.device:
+        raise RuntimeError(f"{name} is on {lv.device}, but the param is on {lp.device}")
+    if v.shape != p.shape or lv.shape != lp.shape:
+        raise RuntimeError(
+            f"{name} has shape {tuple(v.shape)}, but the param has shape {tuple(p.shape)}: the size of "
+            "a state tensor must match the size of its param (a state dict of another model?)"
+        )
+    scale = state.get(absmax_key(key))
+    precision = opt.precision
+    if scale is not None:  # 8-bit state: uint8 codes and one fp32 absmax per block
+        blocks = -(-lp.numel() // QBLOCK)
+        if not (precision.quantizes_param(p) and v.dtype == torch.uint8):
+            raise RuntimeError(f"{name} holds 8-bit codes ({v.dtype}), which these options do not step")
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != blocks:
+            raise RuntimeError(
+                f"{_name(opt)}: state[{absmax_key(key)!r}] of param {index} must be {blocks} float32 "
+                f"values (one per {QBLOCK} elements), got {scale!r:.80}"
+            )
+        if scale.device != lp.device or not scale.is_contiguous():
+            raise RuntimeError(
+                f"{_name(opt)}: state[{absmax_key(key)!r}] of param {index} must be contiguous on {lp.device}"
+            )
+        return
+    want = precision.state_dtype_for(real_view(p).dtype)
+    if real_view(v).dtype != want:
+        raise RuntimeError(f"{name} is {v.dtype}: expected dtype {want} (the param is {p.dtype})")
+    if torch._debug_has_internal_overlap(lv) == 1:
+        raise RuntimeError(
+            f"{name}: unsupported operation: more than one element of the written-to tensor refers to a "
+            "single memory location. Please clone() the tensor before performing the operation."
+        )
+
+
+def counter_device(p: torch.Tensor) -> torch.device:
+    """Where a param's step counter lives: its device (a meta param's on the CPU, as torch's)."""
+    return torch.device("cpu") if p.is_meta else p.device
+
+
+def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, occurrence: int):
     """Create missing state as torch would; return the param's state columns (in the
     algorithm's column order, None where absent) and its step counter (or None).
 
     ``memo`` lives for one plan build: whether a param's state was created by it (a state
-    created now is new for every occurrence of a param listed twice, as in torch)."""
+    created now is new for every occurrence of a param listed twice, as in torch).
+    ``occurrence``: 0 for the first listing of ``p`` in its group, 1 for the second, ..."""
     spec = opt.algorithm
     state = opt.state.get(p, {})  # no entry for a param torch keeps no state for
     if id(p) not in memo:
-        new = opt._new_state(p, group) if len(state) == 0 else {}
+        if len(state) == 0:
+            new = opt._new_state(p, group)
+        else:  # keys torch treats as new when absent or None (SGD's momentum_buffer)
+            missing = [k for k in spec.optional if k in spec.state(group) and state.get(k) is None]
+            new = {k: v for k, v in opt._new_state(p, group).items() if k in missing} if missing else {}
         memo[id(p)] = fresh = bool(new)
         if fresh:  # lazy state initialization, as torch's _init_group
+            fresh_state = len(state) == 0
             state = opt.state[p]
-            if spec.counter is not None:
-                state[spec.counter] = torch.zeros((), dtype=spec.step_dtype(group), device=p.device)
+            if spec.counter is not None and fresh_state:
+                state[spec.counter] = torch.zeros((), dtype=spec.step_dtype(group), device=counter_device(p))
             state.update(new)
     precision = opt.precision
-    if precision.active and walkable(p) and (state or precision.needs_state(real_view(p).dtype)):
+    if walkable(p) and (state or precision.needs_state(real_view(p).dtype)):
         state = opt.state[p]
         precision.complete(p, state, spec)
     aux = precision.aux_key(real_view(p).dtype)
@@ -408,29 +622,39 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, layer: int):
         return columns, state.get(spec.counter)
     if not walkable(p) or not spec.state(group):
         return columns, None
-    key = (id(p), layer)
+    key = (id(p), occurrence)
     if memo[id(p)] or key not in opt._taken:  # SGD: a buffer created now has taken no step
         opt._taken[key] = torch.full((), 0.0 if memo[id(p)] else 1.0, dtype=torch.float32, device=p.device)
     return columns, opt._taken[key]
 
 
-def _build(opt, group: dict, key: tuple | None, grads: StepGrads) -> Plan:
+def _build(opt, group: dict, key: list | None, grads: StepGrads) -> Plan:
     seen: dict[int, int] = defaultdict(int)
     memo: dict = {}
-    entries = []
-    params = [p for p in group["params"] if p.grad is not None]
-    for position, p in enumerate(params):
-        layer = seen[id(p)]
+    rows, others = [], []
+    for position, p in enumerate(group["params"]):
+        if grads[position] is None:
+            continue
+        if foreign(p):
+            others.append(p)
+            continue
+        occurrence = seen[id(p)]
         seen[id(p)] += 1
-        columns, counter = operands_of(opt, p, group, memo, layer)
-        entries.append((position, layer, [p, *(p if c is None else c for c in columns)], counter))
+        columns, counter = operands_of(opt, p, group, memo, occurrence)
+        rows.append((position, [p, *(p if c is None else c for c in columns)], counter, columns))
+    written = [[operands[0], *(c for c in columns if c is not None)] for _, operands, _, columns in rows]
+    depth = layers(written)
+    entries = [
+        (position, depth[i], operands, counter) for i, (position, operands, counter, _) in enumerate(rows)
+    ]
     plan = build(entries, grads, key, opt.precision)
+    plan.foreign = others
     counter = opt.algorithm.counter
     for bucket in plan.buckets:
         views = bucket.make_resident()
         for p, view in zip(bucket.params, views or [], strict=False):
             if counter is None:
-                opt._taken[(id(p), bucket.layer)] = view
+                opt._taken[(id(p), 0)] = view
             else:
                 opt.state[p][counter] = view
         if bucket.walkable and bucket.precision.quantizes(bucket.dtype):

@@ -42,6 +42,7 @@ from fusedopt._dist import is_dtensor, local
 from fusedopt.kernels import common as kernels
 from fusedopt.optim._quantize import (
     MIN_NUMEL,
+    QBLOCK,
     SUFFIX,
     absmax_key,
     codes_stride,
@@ -150,31 +151,49 @@ class Precision:
         """Bring a param's state to these options: the algorithm's state (``algorithm``: an
         ``fusedopt.optim._step.Algorithm``) in its storage dtype or 8-bit (a torch-format state
         dict loads converted, 8-bit state into other options dequantized), and the extension
-        entries it lacks (a master from the param, a zero compensation, a seed from torch's
-        generator)."""
+        entries (a master from the param, a zero compensation, a seed from torch's generator)
+        where they are absent or unusable: a master that is not fp32 of the param's shape, or no
+        longer rounds to the param (e.g. cast to bf16 by torch's ``load_state_dict``, or left
+        behind while torch stepped the param), is re-seeded from the param. State tensors that
+        are not the param's shape are left as they are: the step refuses them, as torch's does."""
         wanted = self.state_dtype_for(p.dtype)
         eight = self.quantizes_param(p)
         for key, signed in zip(algorithm.columns, algorithm.signed, strict=True):
             v = state.get(key)
-            if not isinstance(v, torch.Tensor):
+            if not isinstance(v, torch.Tensor) or v.shape != p.shape:
                 continue
             scale = absmax_key(key)
             if scale in state:
-                if eight and local(v).stride() == codes_stride(local(p)) and v.device == p.device:
+                codes, absmax = _codes(v), state[scale]
+                if codes is None or not _absmax_of(absmax, p):
+                    continue  # not 8-bit state of this param: the step refuses it
+                absmax = absmax.to(local(codes).device, torch.float32)
+                if eight and local(codes).stride() == codes_stride(local(p)) and codes.device == p.device:
+                    state[key], state[scale] = codes, absmax
                     continue
-                v = dequantize(v, state.pop(scale).to(v.device), signed)
+                del state[scale]
+                v = dequantize(codes, absmax, signed)
             if eight:
                 state[key], state[scale] = quantize(v, p, signed)
             else:
                 state[key] = v.to(wanted) if v.is_floating_point() else v
         aux = self.aux_key(p.dtype)
-        if aux == MASTER and MASTER not in state:
+        if aux == MASTER and not _master_of(state.get(MASTER), p):
             state[MASTER] = p.detach().to(torch.float32, copy=True)
-        if aux == KAHAN and KAHAN not in state:
+        if aux == KAHAN and not _like_param(state.get(KAHAN), p, p.dtype):
             state[KAHAN] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if self.rounds_stochastically(p.dtype) and SEED not in state:
-            seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's default generator
-            state[SEED] = seed.to(local(p).device)
+        if self.rounds_stochastically(p.dtype):
+            seed = state.get(SEED)
+            device = local(p).device
+            if not (
+                isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.shape == ()
+                and seed.device == device
+            ):  # fmt: skip
+                if isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.isfinite().all():
+                    seed = torch.tensor(int(seed.item()), dtype=torch.int64)  # cast by torch's load
+                else:
+                    seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's default generator
+                state[SEED] = seed.to(device)
 
     def constexprs(self, dtype: torch.dtype) -> dict:
         from fusedopt._multi_tensor import TL_DTYPE
@@ -188,6 +207,44 @@ class Precision:
 
 
 PLAIN = Precision()
+
+
+def _like_param(t, p: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``t`` is a tensor of ``dtype`` with ``p``'s shape, on its device."""
+    return (
+        isinstance(t, torch.Tensor)
+        and t.dtype == dtype
+        and t.shape == p.shape
+        and local(t).shape == local(p).shape
+        and local(t).device == local(p).device
+    )
+
+
+def _master_of(master, p: torch.Tensor) -> bool:
+    """Whether ``master`` is an fp32 master weight of ``p``: ``p`` is its rounding (a pass over
+    the param, made when a plan is built or a state dict loaded, never per step)."""
+    return _like_param(master, p, torch.float32) and torch.equal(local(master).to(p.dtype), local(p))
+
+
+def _codes(v: torch.Tensor) -> torch.Tensor | None:
+    """``v`` as 8-bit codes: itself if ``uint8``; the codes back if torch's ``load_state_dict``
+    cast them to the param's dtype (whole numbers 0..255); else None."""
+    if v.dtype == torch.uint8:
+        return v
+    if v.is_floating_point() and v.numel():
+        lv = local(v)
+        if torch.equal(lv, lv.round()) and lv.min() >= 0 and lv.max() <= 255:
+            return v.to(torch.uint8)
+    return None
+
+
+def _absmax_of(absmax, p: torch.Tensor) -> bool:
+    """Whether ``absmax`` can be the block scales of ``p``'s 8-bit state: one per block."""
+    return (
+        isinstance(absmax, torch.Tensor)
+        and absmax.is_floating_point()
+        and absmax.numel() == -(-local(p).numel() // QBLOCK)
+    )
 
 
 # Checkpoints ---------------------------------------------------------------------------------

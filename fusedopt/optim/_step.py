@@ -44,6 +44,8 @@ class Algorithm:
         saturates: the kernel only tells counts below this apart (SGD: 2, "is this the first
             step"): once every counter of a bucket has surely reached it (that many steps
             without GradScaler), steps stop advancing them. None: the count itself is read.
+        optional: state keys torch treats as new when absent or None (SGD's
+            ``momentum_buffer``: older torch saved None); other keys must be present.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Algorithm:
     eager: Callable[..., None]
     counter: str | None = "step"
     saturates: int | None = None
+    optional: frozenset[str] = frozenset()
 
     def step_dtype(self, group: dict) -> torch.dtype:
         """The dtype of a new step counter, as torch's ``_get_scalar_dtype(is_fused=...)``."""
@@ -196,7 +199,7 @@ def step_(
     given = {k: state[i * n : (i + 1) * n] for i, k in enumerate(columns)}
     table = [params, *(given.get(k, params) for k in range(len(spec.columns))), aux or params]
     step_grads = StepGrads(grads)
-    step_grads.ptrs = tuple(g.data_ptr() for g in grads)
+    step_grads.token = tuple(g.data_ptr() for g in grads)
     cache = _OP_PLANS.get(handle)
     stored = state_dtype if state_dtype in ("", "int8") else getattr(torch, state_dtype)
     options = Precision(*map(bool, precision), stored or None)
@@ -208,8 +211,13 @@ def step_(
     amp = Amp(grad_scale, found_inf, clip_coef)
     for bucket in plan.buckets:
         bucket.counters = [counters[i] for i in bucket.positions] if counters else []
-        if absmax_index and bucket.walkable and options.quantizes(bucket.dtype):
-            where = [[absmax_index[k * n + i] for i in bucket.positions] for k in range(len(spec.columns))]
+        if bucket.walkable and options.quantizes(bucket.dtype):
+            # Every launch that may hold 8-bit state gets its absmax table, all zeros (fp32 state
+            # only) where no param of the group has 8-bit state: the kernel reads it either way.
+            where = [
+                [absmax_index[k * n + i] if absmax_index else -1 for i in bucket.positions]
+                for k in range(len(spec.columns))
+            ]
             set_absmax(bucket, [[absmax[j] if j >= 0 else None for j in row] for row in where], spec)
         rounds = seeds and options.rounds_stochastically(bucket.dtype)
         bucket.seed_list = [seeds[i] for i in bucket.positions] if rounds else []

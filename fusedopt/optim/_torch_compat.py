@@ -33,3 +33,17 @@ def capture_health_check(optimizer: torch.optim.Optimizer) -> None:
     )
     if check is not None:
         check()
+
+
+def check_capturable_device(p: torch.Tensor) -> None:
+    """torch's refusal of ``capturable=True`` for a param on a device whose steps cannot be
+    captured (the CPU): the same error type and message as torch's step, raised before anything
+    changes (torch raises it after creating the state)."""
+    if torch.compiler.is_compiling():  # torch leaves that check to the compiler too
+        return
+    supported = getattr(_optimizer, "_get_capturable_supported_devices", None)
+    devices = supported() if supported is not None else ["cuda", "xpu", "hpu", "xla"]
+    if p.device.type not in devices:
+        raise AssertionError(
+            f"If capturable=True, params and state_steps must be on supported devices: {devices}."
+        )

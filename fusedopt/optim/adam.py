@@ -10,7 +10,11 @@ from fusedopt.kernels import adam as kernels
 from fusedopt.optim._fused import FusedStep
 from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm
-from fusedopt.optim._torch_compat import capture_health_check, check_fused_device_dtype
+from fusedopt.optim._torch_compat import (
+    capture_health_check,
+    check_capturable_device,
+    check_fused_device_dtype,
+)
 from fusedopt.optim.reference import adam_reference, dense_cpu_fused_ok, eager_grads
 
 _torch_adam = importlib.import_module("torch.optim.adam")
@@ -122,6 +126,8 @@ class FusedAdam(FusedStep, torch.optim.Adam):
             # torch's message, word for word (AdamW's step is Adam's)
             raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
         self._refuse_integer(p)
+        if group["capturable"]:
+            check_capturable_device(p)
         if group["fused"] and not self.state.get(p):
             check_fused_device_dtype(p)
 

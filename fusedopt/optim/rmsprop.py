@@ -10,7 +10,7 @@ from fusedopt.kernels import rmsprop as kernels
 from fusedopt.optim._fused import FusedStep
 from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm
-from fusedopt.optim._torch_compat import capture_health_check
+from fusedopt.optim._torch_compat import capture_health_check, check_capturable_device
 from fusedopt.optim.reference import eager_grads, rmsprop_reference
 
 _torch_rmsprop = importlib.import_module("torch.optim.rmsprop")
@@ -110,3 +110,5 @@ class FusedRMSprop(FusedStep, torch.optim.RMSprop):
         if g.is_sparse:
             raise RuntimeError("RMSprop does not support sparse gradients")  # torch's message
         self._refuse_integer(p)
+        if group["capturable"]:
+            check_capturable_device(p)

@@ -90,7 +90,10 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
         bucket.memo["taken"] = taken + 1
 
 
-SGD = Algorithm("sgd", kernels, _state, _hyper, _switches, _eager, counter=None, saturates=2)
+SGD = Algorithm(
+    "sgd", kernels, _state, _hyper, _switches, _eager, counter=None, saturates=2,
+    optional=frozenset({"momentum_buffer"}),
+)  # fmt: skip
 
 
 class FusedSGD(FusedStep, torch.optim.SGD):
