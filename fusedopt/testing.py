@@ -408,10 +408,11 @@ def compare_optimizer(
     )
     low = dtype in LOW_PRECISION
     ours, theirs = leaves(params), leaves(params, torch.float32 if low else None)
-    opt = case.fused_cls(ours, **case.kwargs)
-    torch_kwargs = {k: v for k, v in case.kwargs.items() if k not in EXTENSIONS}
-    if device.type == "cpu":  # torch refuses capturable on CPU; the algorithm is the same
-        torch_kwargs.pop("capturable", None)
+    kwargs = dict(case.kwargs)
+    if device.type == "cpu":  # torch refuses capturable on CPU, and so do we; the algorithm is the same
+        kwargs.pop("capturable", None)
+    opt = case.fused_cls(ours, **kwargs)
+    torch_kwargs = {k: v for k, v in kwargs.items() if k not in EXTENSIONS}
     ref = case.torch_cls(theirs, foreach=False, **torch_kwargs)
     # The oracle is torch in fp32 whose params and state are rounded as ours are stored:
     # params kept whole where master weights or a compensation keep their low bits (or where

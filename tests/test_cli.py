@@ -380,6 +380,23 @@ def test_bench_smoke_writes_csv_and_png(tmp_path, capsys):
     assert "no device timings" in md.read_text()
 
 
+def test_bench_smoke_marks_what_torch_lacks_n_a(tmp_path, capsys):
+    """torch has no fused RMSprop: its torch-fused row says n/a, not error; the others run."""
+    argv = ["--optimizers", "rmsprop", "adagrad", "--dtypes", "fp32", "--impls", "fusedopt", "torch-fused"]
+    status = main(["bench", "--smoke", "--suites", "optim", "--out", str(tmp_path), "--no-progress", *argv])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    rows, _, md = outputs(tmp_path)
+    by_row = {(r["case"], r["impl"]): r for r in rows}
+    assert set(by_row) == {
+        (c, i) for c in ("FusedRMSprop", "FusedAdagrad") for i in ("fusedopt", "torch-fused")
+    }
+    rmsprop = by_row["FusedRMSprop", "torch-fused"]
+    assert rmsprop["status"] == "n/a" and "RMSprop has no fused implementation" in rmsprop["note"], rmsprop
+    assert {r["status"] for k, r in by_row.items() if r is not rmsprop} == {"smoke"}
+    assert "error" not in out and "error" not in md.read_text()
+
+
 def test_bench_host_suite_times_the_step_without_its_kernel(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench_optim, "HOST_STEPS", 3)
     argv = ["--suites", "host", "--optimizers", "sgd", "--layouts", "many4k", "--dtypes", "fp32"]

@@ -35,10 +35,11 @@ RECIPES = {  # (case, impl): its recipe in fusedopt.floors.amp_phase
 def phase(case: str, impl: str, params: list[torch.Tensor], device: str) -> Callable[[], object]:
     """One call of ``impl``'s optimizer phase over ``params`` (grads already set)."""
     if case == GRAPH:
+        capturable = device == "cuda"  # torch's for-loop and foreach steps refuse it on CPU, and so do we
         if impl == "fusedopt":
-            step = fusedopt.FusedAdamW(params, lr=1e-3, capturable=True, max_grad_norm=MAX_NORM).step
+            step = fusedopt.FusedAdamW(params, lr=1e-3, capturable=capturable, max_grad_norm=MAX_NORM).step
         else:
-            opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
+            opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=capturable)
 
             def step() -> None:
                 torch.nn.utils.clip_grad_norm_(params, MAX_NORM)

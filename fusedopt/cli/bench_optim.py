@@ -185,11 +185,31 @@ def time_host(name: str, layout: str, dtype: str, impl: str, ctx) -> dict:
     return out
 
 
+def torch_lacks(case: OptimCase, impl: str) -> str | None:
+    """Why torch has no ``impl`` of ``case``'s optimizer (torch.optim.RMSprop takes no
+    ``fused``), or None."""
+    flags = TORCH_FLAGS.get(impl, {})
+    missing = [k for k in flags if k not in inspect.signature(case.torch_cls).parameters]
+    if not missing:
+        return None
+    name, what = case.torch_cls.__name__, "/".join(missing)
+    return f"torch.optim.{name} has no {what} implementation (it takes no {what}=)"
+
+
+def not_applicable(note: str, ctx) -> dict:
+    return {"status": "n/a", "note": note}
+
+
 def jobs(suite: str, args, layouts: list[str], impls: list[str]) -> list[Job]:
-    """Rows in the order they run: dtype, layout, optimizer, implementation."""
+    """Rows in the order they run: dtype, layout, optimizer, implementation (an implementation
+    torch lacks: a row marked n/a, nothing run)."""
     run = time_step if suite == "optim" else time_host
-    keys = itertools.product(args.dtypes, layouts, args.optimizers, impls)
-    return [(base_row(suite, o, lay, d, i), functools.partial(run, o, lay, d, i)) for d, lay, o, i in keys]
+    out = []
+    for d, lay, o, i in itertools.product(args.dtypes, layouts, args.optimizers, impls):
+        lacks = i and torch_lacks(OPTIMIZERS[o], i)
+        measure = functools.partial(not_applicable, lacks) if lacks else functools.partial(run, o, lay, d, i)
+        out.append((base_row(suite, o, lay, d, i), measure))
+    return out
 
 
 def optim_jobs(args, ctx) -> list[Job]:
