@@ -38,7 +38,8 @@ def clip_grad_norm_(
         error_if_nonfinite: if True, raise an error if the total norm is nan, inf or -inf (this
             reads the norm on the host, as torch does).
         foreach: ``None`` (default) runs the fused kernels (torch's implementation where they do
-            not apply: a CPU tensor without ``TRITON_INTERPRET=1``, sparse or integer grads);
+            not apply: a CPU tensor without ``TRITON_INTERPRET=1``, sparse, complex or integer
+            grads);
             ``True``/``False`` run torch's own foreach / per-tensor implementation.
 
     DTensor gradients (FSDP2, tensor parallel) give the norm of the whole gradients: local
@@ -55,7 +56,7 @@ def clip_grad_norm_(
         foreach is None
         and norm_order(norm_type) is not None
         and any(runs_triton(g.device) for g in grads)
-        and not any(g.is_sparse for g in grads)
+        and not any(g.is_sparse or g.is_complex() for g in grads)
         # torch refuses the infinity norm of an empty tensor (no identity): let it say so.
         and not (float(norm_type) == math.inf and any(g.numel() == 0 for g in grads))
     )

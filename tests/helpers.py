@@ -83,6 +83,14 @@ def run_parity(case: OptimCase, device: str, dtype: torch.dtype, steps: int = 7)
 # Params, grads, steps --------------------------------------------------------------------------
 
 
+def for_device(kwargs: dict, device) -> dict:
+    """An optimizer's kwargs for ``device``: without ``capturable`` on CPU, where torch (and
+    fusedopt) refuse it (the algorithm is the same)."""
+    if torch.device(device).type == "cpu":
+        return {k: v for k, v in kwargs.items() if k != "capturable"}
+    return kwargs
+
+
 def make(device, specs=((3, 4), (5,), ()), seed=0, requires_grad=True) -> list[torch.Tensor]:
     """Leaf params; ``specs`` are shapes or (shape, dtype) pairs (default dtype fp32)."""
     gen = torch.Generator().manual_seed(seed)

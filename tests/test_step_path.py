@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import Graphs, case_id, grads_for, make, parity_params, run_parity
+from helpers import Graphs, case_id, for_device, grads_for, make, parity_params, run_parity
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -37,7 +37,9 @@ def test_compiled_step_is_bit_identical_to_eager(case, dtype, triton_device):
     torch._dynamo.reset()
     device = triton_device
     ours, twins = make(device, [(s, dtype) for s in SPECS]), make(device, [(s, dtype) for s in SPECS])
-    kwargs = dict(case.kwargs, lr=torch.tensor(case.kwargs.get("lr", 0.01), device=device))
+    kwargs = dict(
+        for_device(case.kwargs, device), lr=torch.tensor(case.kwargs.get("lr", 0.01), device=device)
+    )
     opt, ref = case.fused_cls(ours, **kwargs), case.fused_cls(twins, **kwargs)
     step = torch.compile(opt.step, fullgraph=True, backend=Graphs())
     for i, bad in enumerate(FOUND_INF):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import Graphs, case_id, check_same, give, grads_for, make
+from helpers import Graphs, case_id, check_same, for_device, give, grads_for, make
 
 import fusedopt
 from fusedopt.testing import OptimCase
@@ -34,8 +34,9 @@ def test_compiled_step_matches_eager_without_recompiling(case, max_grad_norm, tr
     device = triton_device
     ours, twins = make(device, SPECS), make(device, SPECS)
     lr, twin_lr = torch.tensor(0.05, device=device), torch.tensor(0.05, device=device)
-    opt = case.fused_cls(ours, lr=lr, max_grad_norm=max_grad_norm, **case.kwargs)
-    ref = case.fused_cls(twins, lr=twin_lr, max_grad_norm=max_grad_norm, **case.kwargs)
+    kwargs = for_device(case.kwargs, device)
+    opt = case.fused_cls(ours, lr=lr, max_grad_norm=max_grad_norm, **kwargs)
+    ref = case.fused_cls(twins, lr=twin_lr, max_grad_norm=max_grad_norm, **kwargs)
     graphs = Graphs()
     # Compiled before the scheduler wraps opt.step in its (untraceable) call counter.
     step = torch.compile(opt.step, fullgraph=True, backend=graphs)
@@ -187,7 +188,8 @@ def test_eager_then_compiled_then_eager_steps(case, triton_device):
     torch._dynamo.reset()
     device = triton_device
     ours, twins = make(device, SPECS), make(device, SPECS)
-    opt, ref = case.fused_cls(ours, lr=0.05, **case.kwargs), case.fused_cls(twins, lr=0.05, **case.kwargs)
+    kwargs = for_device(case.kwargs, device)
+    opt, ref = case.fused_cls(ours, lr=0.05, **kwargs), case.fused_cls(twins, lr=0.05, **kwargs)
     compiled = torch.compile(opt.step, fullgraph=True, backend=Graphs())
     for i in range(8):
         grads = grads_for(ours, i)

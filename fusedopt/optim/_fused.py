@@ -291,7 +291,11 @@ class FusedStep:
             amp.clip_coef = _amp.clip_coefficient(self, planned, theirs, amp)
             others = [(group, plan.foreign) for group, plan, _ in planned if plan.foreign]
             if others:
-                self._foreign_step(others, amp)
+                try:
+                    self._foreign_step(others, amp)
+                except BaseException:
+                    self._undo_created(planned)
+                    raise
             for group, plan, grads in planned:
                 scalars = spec.scalar_values(group)
                 for bucket in plan.buckets:
@@ -397,6 +401,16 @@ class FusedStep:
             self.__dict__.update(hidden)
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
+
+    def _undo_created(self, planned) -> None:
+        """A refused step changes nothing: remove the state its plans created."""
+        for _, plan, _ in planned:
+            for p, before in plan.created:
+                if before is None:
+                    self.state.pop(p, None)
+                else:
+                    self.state[p].update(before)
+        self._plans = {}
 
     def _torch_step(self, groups: list[dict]) -> None:
         """Torch's own step, over the groups whose flags ask for it."""

@@ -304,6 +304,9 @@ class Plan:
         self.key = key
         self.buckets = buckets
         self.foreign = foreign or []
+        # State this plan's build created: (param, None) for a new state, (param, {key: old
+        # value}) for keys added to one (undone if the step is refused before any launch).
+        self.created: list[tuple[torch.Tensor, dict | None]] = []
         self.flags: dict | None = None  # set by plan_groups
         self.shards = False
         self.cacheable = key is not None and all(not b.irregular for b in buckets)
@@ -348,9 +351,9 @@ def _span(t: torch.Tensor) -> tuple | None:
 
 
 def overlapping(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
-    """The indices of two distinct tensors of ``tensors`` whose memory may overlap, or None."""
-    unique = {id(t): i for i, t in reversed(list(enumerate(tensors)))}  # first of each object
-    spans = sorted((s, i) for i in unique.values() if (s := _span(tensors[i])) is not None)
+    """The indices of two of ``tensors`` whose memory may overlap (the same tensor twice
+    included), or None."""
+    spans = sorted((s, i) for i, t in enumerate(tensors) if (s := _span(t)) is not None)
     for (a, i), (b, j) in itertools.pairwise(spans):
         if a[0] == b[0] and b[1] < a[2]:
             return min(i, j), max(i, j)
@@ -398,6 +401,16 @@ class OpPlans:
         plan = self.plans.get(key)
         if plan is None:
             rows = [list(operands) for operands in zip(*columns, strict=True)]
+            for i, row in enumerate(rows):  # an absent column repeats the param: not an operand
+                given = [t for k, t in enumerate(row) if k == 0 or t is not row[0]]
+                if overlapping(given) is not None or any(
+                    torch._debug_has_internal_overlap(t) == 1 for t in given[1:]
+                ):
+                    raise RuntimeError(
+                        f"the state of param {i} shares memory with itself or its param: unsupported "
+                        "operation: more than one element of the written-to tensor refers to a single "
+                        "memory location. Please clone() the tensor before performing the operation."
+                    )
             depth = layers(rows)
             entries = [(i, depth[i], row, None) for i, row in enumerate(rows)]
             plan = build(entries, grads, key, precision)
@@ -503,6 +516,21 @@ def foreign(p: torch.Tensor) -> bool:
     return g is not None and not g.is_sparse and g.dtype != p.dtype
 
 
+def foreign_state(opt, p: torch.Tensor, group: dict) -> bool:
+    """Whether a state tensor of ``p`` has another dtype than the step stores it in (assigned by
+    hand): torch's own step takes it too, with torch's result or error (SGD computes with it,
+    Adam refuses it)."""
+    state = opt.state.get(p)
+    if not state:
+        return False
+    want = opt.precision.state_dtype_for(real_view(p).dtype)
+    for key in opt.algorithm.state(group):
+        v = state.get(key)
+        if isinstance(v, torch.Tensor) and absmax_key(key) not in state and real_view(v).dtype != want:
+            return True
+    return False
+
+
 def check_state(opt, p: torch.Tensor, group: dict, index: int = 0) -> None:
     """Refuse, as torch's step would (``KeyError`` for a missing key, ``RuntimeError`` for a
     tensor of the wrong shape, dtype or device), state the kernel cannot walk with its param:
@@ -510,7 +538,7 @@ def check_state(opt, p: torch.Tensor, group: dict, index: int = 0) -> None:
     first steps. Keys torch treats as new when absent or None (SGD's ``momentum_buffer``) may
     be either. Nothing is changed here."""
     state = opt.state.get(p)
-    if not state or not walkable(p) or foreign(p):
+    if not state or not walkable(p):
         return
     spec = opt.algorithm
     written = [p]
@@ -536,7 +564,8 @@ def check_state(opt, p: torch.Tensor, group: dict, index: int = 0) -> None:
     aux = state.get(opt.precision.aux_key(real_view(p).dtype))
     if isinstance(aux, torch.Tensor) and aux.shape == p.shape:
         written.append(aux)
-    pair = overlapping(written)
+    # Memory is read by address: in a compiled step, the op checks it (OpPlans.get).
+    pair = None if torch.compiler.is_compiling() else overlapping(written)
     if pair is not None:
         names = ["the param", *(f"state[{k!r}]" for k in spec.state(group) if state.get(k) is not None)]
         names.append("its precision state")
@@ -575,10 +604,9 @@ def _check_state_tensor(opt, p: torch.Tensor, index: int, key: str, v: Any, stat
                 f"{_name(opt)}: state[{absmax_key(key)!r}] of param {index} must be contiguous on {lp.device}"
             )
         return
-    want = precision.state_dtype_for(real_view(p).dtype)
-    if real_view(v).dtype != want:
-        raise RuntimeError(f"{name} is {v.dtype}: expected dtype {want} (the param is {p.dtype})")
-    if torch._debug_has_internal_overlap(lv) == 1:
+    if not (v.is_floating_point() or v.is_complex()):
+        raise RuntimeError(f"{name} is {v.dtype}, not a floating-point tensor")
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(lv) == 1:
         raise RuntimeError(
             f"{name}: unsupported operation: more than one element of the written-to tensor refers to a "
             "single memory location. Please clone() the tensor before performing the operation."
@@ -608,6 +636,9 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, occurrence: int):
         memo[id(p)] = fresh = bool(new)
         if fresh:  # lazy state initialization, as torch's _init_group
             fresh_state = len(state) == 0
+            memo.setdefault("created", []).append(
+                (p, None if fresh_state else {k: state.get(k) for k in new})
+            )
             state = opt.state[p]
             if spec.counter is not None and fresh_state:
                 state[spec.counter] = torch.zeros((), dtype=spec.step_dtype(group), device=counter_device(p))
@@ -624,7 +655,9 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, occurrence: int):
         return columns, None
     key = (id(p), occurrence)
     if memo[id(p)] or key not in opt._taken:  # SGD: a buffer created now has taken no step
-        opt._taken[key] = torch.full((), 0.0 if memo[id(p)] else 1.0, dtype=torch.float32, device=p.device)
+        opt._taken[key] = torch.full(
+            (), 0.0 if memo[id(p)] else 1.0, dtype=torch.float32, device=counter_device(p)
+        )
     return columns, opt._taken[key]
 
 
@@ -635,7 +668,7 @@ def _build(opt, group: dict, key: list | None, grads: StepGrads) -> Plan:
     for position, p in enumerate(group["params"]):
         if grads[position] is None:
             continue
-        if foreign(p):
+        if foreign(p) or foreign_state(opt, p, group):
             others.append(p)
             continue
         occurrence = seen[id(p)]
@@ -649,6 +682,7 @@ def _build(opt, group: dict, key: list | None, grads: StepGrads) -> Plan:
     ]
     plan = build(entries, grads, key, opt.precision)
     plan.foreign = others
+    plan.created = memo.get("created", [])
     counter = opt.algorithm.counter
     for bucket in plan.buckets:
         views = bucket.make_resident()

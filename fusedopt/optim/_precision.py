@@ -33,12 +33,13 @@ keep fp64 state, also with ``"int8"``).
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fusedopt._dist import is_dtensor, local
+from fusedopt._multi_tensor import shares_dense_layout
 from fusedopt.kernels import common as kernels
 from fusedopt.optim._quantize import (
     MIN_NUMEL,
@@ -50,6 +51,7 @@ from fusedopt.optim._quantize import (
     quantize,
     quantize_,
 )
+from fusedopt.optim.reference import CHUNK, Batch, Storage
 
 LOW = (torch.bfloat16, torch.float16)
 MASTER = "master_weight"
@@ -306,7 +308,10 @@ def torch_state_dict(optimizer) -> dict:
     signed = signed_keys(optimizer)
     state = {}
     for i, entries in out["state"].items():
-        p = by_id[i]
+        p = by_id.get(i)
+        if p is None:  # not a param's (torch keeps such keys as they are)
+            state[i] = entries
+            continue
         state[i] = {}
         for k, v in entries.items():
             if ours(k):
@@ -323,76 +328,250 @@ def torch_state_dict(optimizer) -> dict:
 
 
 def eager_step(algorithm, hyper: dict, flags: dict, bucket, grads, amp, state, precision: Precision) -> None:
-    """The algorithm's non-Triton step on fp32 working copies (8-bit state dequantized), stored
-    back as the kernel stores (master, compensation, stochastic or nearest rounding, 8-bit
-    codes and absmax)."""
-    dtype = bucket.dtype
-    mode = precision.mode(dtype)
-    aux = bucket.columns[-1]
-    params = bucket.columns[0]
-    if mode == kernels.MODE_MASTER.value:
-        values = [a.clone() for a in aux]
-    elif mode == kernels.MODE_KAHAN.value:
-        values = [p.float() + c.float() for p, c in zip(params, aux, strict=True)]
-    else:
-        values = [p.float() for p in params]
-    absmax = bucket.absmax or [[None] * len(params) for _ in algorithm.columns]
-    states = [
-        [t.float() if a is None else dequantize(t, a, signed) for t, a in zip(column, scales, strict=True)]
-        for column, scales, signed in zip(bucket.columns[1:-1], absmax, algorithm.signed, strict=True)
-    ]
-    mine = [g.float() for g in bucket.grads(grads)]
-    shadow = copy.copy(bucket)
-    shadow.columns = [values, *states, values]
-    shadow.dtype = torch.float32
-    shadow.grads = lambda _: mine
-    algorithm.eager(hyper, flags, shadow, grads, amp, state)
-    generators = _generators(bucket, state) if precision.rounds_stochastically(dtype) else None
-    for column, work, scales, signed in zip(
-        bucket.columns[1:-1], states, absmax, algorithm.signed, strict=True
-    ):
-        for i, (t, w, a) in enumerate(zip(column, work, scales, strict=True)):
-            if a is not None:
-                quantize_(t, a, w, signed)  # 8-bit codes: to nearest, never stochastically
-            elif t is not params[i]:  # an absent state column repeats the params
-                _store(t, w, generators and generators[i])
-    for i, (p, x) in enumerate(zip(params, values, strict=True)):
-        if mode == kernels.MODE_MASTER.value:
-            aux[i].copy_(x)
-            p.copy_(x)
-        elif mode == kernels.MODE_KAHAN.value:
-            p.copy_(x)
-            aux[i].copy_(x - p.float())
+    """The algorithm's non-Triton step (its ``eager``) on fp32 working copies read and stored
+    as the kernel reads and stores them with these options (:class:`Stored`). The rounding
+    seeds advance also on a step GradScaler skips, as the kernels' do."""
+    stored = Stored(bucket, state, precision, algorithm.signed)
+    stored.begin()
+    algorithm.eager(hyper, flags, bucket, grads, amp, state, storage=stored)
+
+
+class Stored(Storage):
+    """How a step with the low-precision options reads a bucket's tensors and stores them back
+    (the kernels' loads and stores, in torch): the param from its fp32 master (master weights)
+    or as param plus compensation (Kahan), the state from its storage dtype or its 8-bit codes;
+    stored as the master and its rounding, as the rounding and its error, to nearest even or
+    stochastically (:func:`stochastic_round`), as 8-bit codes and absmax (to nearest, never
+    stochastically). The fp32 math is torch's fused CPU step where the fp32 copies of a
+    tensor's operands share one dense layout (as whole copies do: :meth:`fused`), else its
+    for-loop one.
+
+    Args:
+        bucket: the bucket (:class:`fusedopt.optim.reference.Storage`).
+        state: the optimizer's state (the rounding seeds).
+        precision: the optimizer's options.
+        signed: per state column, whether its 8-bit codes use the signed map.
+    """
+
+    def __init__(self, bucket, state, precision: Precision, signed: Sequence[bool]):
+        super().__init__(bucket)
+        self.dtype = torch.float32
+        self.mode = precision.mode(bucket.dtype)
+        self.signed = signed
+        self.absmax = bucket.absmax  # per state column, per tensor: None where the state is not 8-bit
+        self.state = state
+        self.rounds = precision.rounds_stochastically(bucket.dtype)
+        self.bits: list[_RandomBits] = []
+
+    def begin(self) -> None:
+        if self.rounds:
+            generators = _generators(self.bucket, self.state)
+            self.bits = [_RandomBits(g, p.numel()) for g, p in zip(generators, self.columns[0], strict=True)]
+
+    def fused(self, grads: list[torch.Tensor]) -> bool:
+        """Whether each tensor's fp32 copies of param, state and grad, made whole as ``.float()``
+        (a master ``.clone()``, Kahan's sum, 8-bit state dequantized) makes them, would share one
+        dense layout: then torch's fused CPU step is right for them (kept for the bucket)."""
+        ok = self.memo.get("options_fused")
+        if ok is None:
+            ok = self.memo["options_fused"] = self.bucket.device.type == "cpu" and all(
+                shares_dense_layout([x, *states, x, g]) for x, states, g in self._copies(grads)
+            )
+        return ok
+
+    def _copies(self, grads):
+        """Per tensor, stand-ins of the fp32 copies' layouts (meta tensors where a copy is new)."""
+
+        def f32(t: torch.Tensor) -> torch.Tensor:  # t.float(): t itself if fp32, else a new copy
+            return t if t.dtype == torch.float32 else torch.empty_like(t, dtype=torch.float32, device="meta")
+
+        def new(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty_like(t, dtype=torch.float32, device="meta")
+
+        params, aux = self.columns[0], self.columns[-1]
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if self.mode == kernels.MODE_MASTER.value:
+                x = new(aux[i])
+            elif self.mode == kernels.MODE_KAHAN.value:
+                x = new(p) + new(aux[i])
+            else:
+                x = f32(p)
+            states = [
+                new(column[i])
+                if self.absmax is not None and self.absmax[j][i] is not None
+                else f32(column[i])
+                for j, column in enumerate(self.columns[1:-1])
+            ]
+            yield x, states, f32(g)
+
+    def operands(self, i: int, used: Sequence[bool]) -> list[torch.Tensor]:
+        return [*super().operands(i, used), self.columns[-1][i]]
+
+    # Reads -------------------------------------------------------------------------------------
+
+    def load_param(self, batch: Batch) -> torch.Tensor:
+        if self.mode == kernels.MODE_MASTER.value:
+            return self.copy_in(batch, "x", -1)
+        x = self.copy_in(batch, "x", 0)
+        if self.mode == kernels.MODE_KAHAN.value:
+            x.add_(self.copy_in(batch, "k", -1))
+        return x
+
+    def load_state(self, batch: Batch, j: int) -> torch.Tensor:
+        eight = self._eight(batch, j)
+        if not eight:
+            return self.copy_in(batch, f"s{j}", 1 + j)
+        w = self.work(batch, f"s{j}")
+        views, parts = self.views(batch, f"s{j}", w), self.parts(batch, 1 + j)
+        rest = []
+        for k, (view, part) in enumerate(zip(views, parts, strict=True)):
+            if eight[k] is None:
+                rest.append(k)
+            else:
+                view.copy_(dequantize(part, eight[k], self.signed[j]))
+        if rest:
+            torch._foreach_copy_([views[k] for k in rest], [parts[k] for k in rest])
+        return w
+
+    # Stores ------------------------------------------------------------------------------------
+
+    def store_state(self, batch: Batch, j: int, w: torch.Tensor) -> None:
+        eight = self._eight(batch, j)
+        if not eight:
+            self._store(batch, f"s{j}", w, 1 + j, j)
+            return
+        views, parts = self.views(batch, f"s{j}", w), self.parts(batch, 1 + j)
+        rest = []
+        for k, (view, part) in enumerate(zip(views, parts, strict=True)):
+            if eight[k] is None:
+                rest.append(k)
+            else:
+                quantize_(part, eight[k], view, self.signed[j])  # 8-bit codes: to nearest
+        if rest:  # fp32 state (small params)
+            torch._foreach_copy_([parts[k] for k in rest], [views[k] for k in rest])
+
+    def store_param(self, batch: Batch, x: torch.Tensor) -> None:
+        if self.mode == kernels.MODE_MASTER.value:
+            self.copy_out(batch, "x", x, -1)
+            self.copy_out(batch, "x", x, 0)
+        elif self.mode == kernels.MODE_KAHAN.value:
+            self.copy_out(batch, "x", x, 0)
+            stored = self.copy_in(batch, "k", 0)  # the param as stored, in fp32
+            self.copy_out(batch, "k", torch.sub(x, stored, out=stored), -1)
         else:
-            _store(p, x, generators and generators[i])
+            self._store(batch, "x", x, 0, len(self.columns))
+
+    def _eight(self, batch: Batch, j: int) -> list | None:
+        """Per piece, the absmax of its 8-bit state in column ``j`` (None: not 8-bit); None if
+        no piece has any."""
+        if self.absmax is None:
+            return None
+        eight = batch.cache.get(("absmax", j))
+        if eight is None:
+            scales = self.absmax[j]
+            eight = batch.cache[("absmax", j)] = [
+                None if scales[i] is None else scales[i][start // QBLOCK : -(-stop // QBLOCK)]
+                for i, start, stop in batch.pieces
+            ]
+        return eight if any(a is not None for a in eight) else None
+
+    def _store(self, batch: Batch, name: str, w: torch.Tensor, column: int, key: int) -> None:
+        """``w`` into the column's pieces: stochastically rounded (random words ``key`` of each
+        tensor) where the options round so and the column is bf16/fp16, else by ``copy_``."""
+        dtype = self.columns[column][batch.pieces[0][0]].dtype
+        if not (self.rounds and dtype in LOW):
+            self.copy_out(batch, name, w, column)
+            return
+        r = self.work(batch, "r", torch.int32)
+        mask = 0xFFFF if dtype == torch.bfloat16 else 0xFFFFFF
+        for (i, start, _), (a, b) in zip(batch.pieces, batch.spans, strict=True):
+            self.bits[i].fill(key, mask, start, r[a:b])
+        bits = batch.cache.get(("int16", column))
+        if bits is None:
+            bits = batch.cache[("int16", column)] = [t.view(torch.int16) for t in self.parts(batch, column)]
+        torch._foreach_copy_(bits, self.views(batch, "r", stochastic_round(w, dtype, r)))
+
+
+class _RandomBits:
+    """The random words of one tensor's stochastically rounded stores in one step, drawn from
+    its generator (seeded by its ``"rounding_seed"``) as the stores first ask for them. Word
+    ``e`` of store ``key`` depends on the seed, the tensor's size and the order of the stores
+    only (not on how the step batches the tensor): a tensor of at most ``POOL[0]`` elements
+    draws one word per element and store; a larger one draws two pools of ``POOL`` words
+    (sizes coprime) and reads element ``e`` as ``pool0[(e + o0) % 8192] ^ pool1[(e + o1) %
+    8191]``, with offsets drawn per store: every word is uniform (the rounding unbiased), and
+    two elements of a store share both pool words only if they are a multiple of 67,100,672
+    elements apart. (Drawing a word per element from torch's CPU generator, a Mersenne
+    twister, would cost more than the rest of the step.)"""
+
+    POOL = (8192, 8191)
+
+    def __init__(self, generator: torch.Generator, numel: int):
+        self.generator = generator
+        self.numel = numel
+        self.words: dict = {}  # store key -> its words (small tensor) or its two pool offsets
+        self.pools: dict = {}  # mask -> the two pools, repeated to cover a window
+
+    def fill(self, key: int, mask: int, start: int, out: torch.Tensor) -> None:
+        """``out`` (int32, ``n`` elements): the words of elements ``start .. start + n``."""
+        n = out.numel()
+        if self.numel <= self.POOL[0]:
+            words = self.words.get((key, mask))
+            if words is None:
+                words = self.words[(key, mask)] = self._draw(self.numel).bitwise_and_(mask)
+            out.copy_(words[start : start + n])
+            return
+        offsets = self.words.get((key, mask))
+        if offsets is None:
+            offsets = self.words[(key, mask)] = [
+                int(torch.randint(0, size, (), generator=self.generator)) for size in self.POOL
+            ]
+        pools = self.pools.get(mask)
+        if pools is None:
+            pools = self.pools[mask] = [self._draw(size).bitwise_and_(mask) for size in self.POOL]
+        windows = []
+        for k, (size, offset) in enumerate(zip(self.POOL, offsets, strict=True)):
+            a = (start + offset) % size
+            if pools[k].numel() < a + n:  # repeat the pool to cover the window
+                pools[k] = pools[k][:size].repeat(-(-(size + max(n, CHUNK)) // size))
+            windows.append(pools[k][a : a + n])
+        torch.bitwise_xor(*windows, out=out)
+
+    def _draw(self, n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.int32).random_(generator=self.generator)  # 31 uniform bits
 
 
 def _generators(bucket, state) -> list[torch.Generator]:
-    out = []
-    for p in bucket.params:
-        seed = state[p][SEED]
-        out.append(torch.Generator().manual_seed(int(seed)))
-        seed.add_(1)
+    """Each param's generator for this step, seeded by its ``"rounding_seed"``; the seeds
+    advance by one."""
+    seeds = [state[p][SEED] for p in bucket.params]
+    out = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    if seeds:
+        torch._foreach_add_(seeds, 1)
     return out
 
 
-def _store(dst: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None) -> None:
-    if generator is None or dst.dtype not in LOW:
-        dst.copy_(x)
-    else:
-        dst.copy_(stochastic_round(x, dst.dtype, generator))
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to bf16/fp16 up or down with the probabilities that make the result's
+    expectation ``x`` (the kernels' ``stochastic_round``, in torch). ``r``: int32 of ``x``'s
+    shape, uniform random bits (16 for bf16, 24 for fp16); it is overwritten with the result,
+    the bit patterns of ``dtype`` as int32 (stored through an int16 view of the destination).
 
-
-def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """fp32 ``x`` rounded to bf16/fp16 up or down with the probabilities that make its
-    expectation ``x`` (the kernels' ``stochastic_round`` in torch, with torch's generator)."""
-    u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+    bf16 is fp32's upper half: 16 random bits added to the lower half carry into the upper one
+    with probability (lower half) / 2**16, exactly the distance to the value below over the
+    spacing. fp16 takes the neighbour on ``x``'s other side with probability (distance) /
+    (spacing), from a uniform ``u`` of 24 bits. NaN stays NaN, infinities stay."""
+    if dtype == torch.bfloat16:
+        r.add_(x.view(torch.int32)).bitwise_right_shift_(16)
+        if not torch.isfinite(x.sum()):  # a NaN's bits plus the random ones may leave NaN
+            r.masked_fill_(x.isnan(), 0x7FC0)  # bf16's NaN, as torch rounds a NaN to nearest
+        return r
     near = x.to(dtype)
     nf = near.float()
-    # The neighbour on x's other side: one step (of the raw bits: sign and magnitude) smaller
-    # in magnitude if near overshot, else larger.
-    step = torch.where(nf.abs() > x.abs(), -1, 1).to(torch.int16)
-    other = (near.view(torch.int16) + step).view(dtype).float()
-    p_other = ((x - nf) / (other - nf)).nan_to_num(0.0)
-    take = (u < p_other) & (nf != x) & nf.isfinite()
-    return torch.where(take, other, nf).to(dtype)
+    bits = near.view(torch.int16).to(torch.int32)
+    # The neighbour on x's other side: one step (of the raw bits: sign and magnitude) smaller in
+    # magnitude if near overshot, else larger.
+    other = torch.where(nf.abs() > x.abs(), bits - 1, bits + 1)
+    p_other = (x - nf) / (other.to(torch.int16).view(dtype).float() - nf)  # NaN only where x is
+    take = (r.float().mul_(2.0**-24) < p_other) & (nf != x) & (nf.abs() != float("inf"))
+    return torch.where(take, other, bits, out=r)

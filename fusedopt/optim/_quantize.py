@@ -37,8 +37,6 @@ value near a tenth of it (the test bound is :func:`half_gaps`).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from fusedopt._dist import is_dtensor, local
@@ -69,14 +67,22 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float64).to(torch.float32)
 
 
-@functools.cache
-def _book(signed: bool) -> torch.Tensor:
+def _make_book(signed: bool) -> torch.Tensor:
     """float32 [2, CODES]: the code values, then the boundaries between neighbours (fp32
     midpoints) and +inf."""
     values = dynamic_map(signed)
     wide = values.double()
     bounds = ((wide[:-1] + wide[1:]) / 2).to(torch.float32)
     return torch.stack([values, torch.cat([bounds, torch.tensor([float("inf")])])])
+
+
+# Built once at import, not behind functools.cache: torch.compile traces the quantizer (lazy
+# 8-bit state) and warns about every lru_cache-wrapped call it meets.
+_BOOKS = {signed: _make_book(signed) for signed in (False, True)}
+
+
+def _book(signed: bool) -> torch.Tensor:
+    return _BOOKS[bool(signed)]
 
 
 def codebook(signed: tuple[bool, ...]) -> torch.Tensor:

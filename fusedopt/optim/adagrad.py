@@ -11,7 +11,7 @@ from fusedopt.optim._fused import FusedStep
 from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm
 from fusedopt.optim._torch_compat import check_fused_device_dtype
-from fusedopt.optim.reference import adagrad_reference, dense_cpu_fused_ok, eager_grads
+from fusedopt.optim.reference import Storage, adagrad_reference, dense_cpu_fused_ok, eager_grads, skipped
 
 _torch_adagrad = importlib.import_module("torch.optim.adagrad")
 
@@ -43,11 +43,20 @@ def _torch_functional(params, grads, sums, steps, hyper: dict, flags: dict, **ho
     )  # fmt: skip
 
 
-def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state) -> None:
+def _eager(
+    hyper: dict,
+    flags: dict,
+    bucket: Bucket,
+    grads: StepGrads,
+    amp: Amp,
+    state,
+    storage: Storage | None = None,
+) -> None:
     """Without Triton: sparse grads run torch's for-loop Adagrad (its only sparse path;
     GradScaler's skip read on the host, as torch's own path does); other CPU tensors torch's
-    fused CPU Adagrad where it is right, its for-loop Adagrad for other fp32/fp64 layouts, the
-    fp32-math reference for bf16/fp16."""
+    fused CPU Adagrad where it is right, its for-loop Adagrad for other fp32/fp64 layouts; for
+    bf16/fp16 and the low-precision options (``storage``: see
+    ``fusedopt.optim._precision.eager_step``) the fp32-math reference on working copies."""
     hyper = {k: float(v) for k, v in hyper.items()}  # CPU tensors or a sparse step: host values
     if not bucket.walkable:
         mine = eager_grads(bucket.grads(grads), amp, fused=False)
@@ -60,22 +69,27 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
             has_sparse_grad=any(g.is_sparse for g in mine), has_complex=any(p.is_complex() for p in params),
         )  # fmt: skip
         return
-    fused = dense_cpu_fused_ok(bucket, bucket.grads(grads))
-    mine = eager_grads(bucket.grads(grads), amp, fused)
-    if mine is None:
-        return
     params, sums, _ = bucket.columns  # the last: the precision column
-    if bucket.dtype in (torch.float32, torch.float64):
+    mine = bucket.grads(grads)
+    if storage is None and bucket.dtype in (torch.float32, torch.float64):
+        fused = dense_cpu_fused_ok(bucket, mine)
+        mine = eager_grads(mine, amp, fused)
+        if mine is None:
+            return
         _torch_functional(
             params, mine, sums, bucket.counters, hyper, flags, foreach=False, fused=fused,
             grad_scale=amp.grad_scale if fused else None, found_inf=amp.found_inf if fused else None,
         )  # fmt: skip
         return
+    if skipped(amp.found_inf):
+        return
+    storage = storage or Storage(bucket)
     torch._foreach_add_(bucket.counters, 1)
     lr, lr_decay = hyper["lr"], hyper["lr_decay"]
     adagrad_reference(
-        params, mine, sums, [lr / (1 + (t - 1) * lr_decay) for t in torch.stack(bucket.counters).tolist()],
+        storage, mine, amp, [lr / (1 + (t - 1) * lr_decay) for t in torch.stack(bucket.counters).tolist()],
         weight_decay=hyper["weight_decay"], eps=hyper["eps"], maximize=flags["MAXIMIZE"],
+        fused=storage.fused(mine), lr=lr, lr_decay=lr_decay, steps=bucket.counters,
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from fusedopt.optim._torch_compat import (
     check_capturable_device,
     check_fused_device_dtype,
 )
-from fusedopt.optim.reference import adam_reference, dense_cpu_fused_ok, eager_grads
+from fusedopt.optim.reference import Storage, adam_reference, dense_cpu_fused_ok, eager_grads, skipped
 
 _torch_adam = importlib.import_module("torch.optim.adam")
 
@@ -48,16 +48,27 @@ def _switches(group: dict) -> dict:
     )
 
 
-def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state) -> None:
+def _eager(
+    hyper: dict,
+    flags: dict,
+    bucket: Bucket,
+    grads: StepGrads,
+    amp: Amp,
+    state,
+    storage: Storage | None = None,
+) -> None:
     """Without Triton: torch's fused CPU Adam where it is right, its for-loop Adam for other
-    fp32/fp64 layouts, the fp32-math reference for bf16/fp16 (torch computes those in bf16)."""
+    fp32/fp64 layouts; for bf16/fp16 (torch computes those in bf16) and the low-precision
+    options (``storage``: see ``fusedopt.optim._precision.eager_step``) the fp32-math
+    reference on working copies."""
     params, exp_avgs, exp_avg_sqs, vmax, _ = bucket.columns  # the last: the precision column
-    fused = dense_cpu_fused_ok(bucket, bucket.grads(grads))
-    mine = eager_grads(bucket.grads(grads), amp, fused)
-    if mine is None:
-        return
+    mine = bucket.grads(grads)
     hyper = {k: float(v) for k, v in hyper.items()}  # CPU tensors: no sync to speak of
-    if bucket.dtype in (torch.float32, torch.float64):
+    if storage is None and bucket.dtype in (torch.float32, torch.float64):
+        fused = dense_cpu_fused_ok(bucket, mine)
+        mine = eager_grads(mine, amp, fused)
+        if mine is None:
+            return
         _torch_adam.adam(
             params, mine, exp_avgs, exp_avg_sqs, vmax if flags["AMSGRAD"] else [], bucket.counters,
             foreach=False, fused=fused, grad_scale=amp.grad_scale if fused else None,
@@ -66,13 +77,16 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
             maximize=flags["MAXIMIZE"], decoupled_weight_decay=flags["DECOUPLED"],
         )  # fmt: skip
         return
+    if skipped(amp.found_inf):
+        return
+    storage = storage or Storage(bucket)
     torch._foreach_add_(bucket.counters, 1)
     beta1, beta2 = hyper["beta1"], hyper["beta2"]
     adam_reference(
-        params, mine, exp_avgs, exp_avg_sqs, vmax if flags["AMSGRAD"] else None,
-        [(1 - beta1**t, (1 - beta2**t) ** 0.5) for t in torch.stack(bucket.counters).tolist()],
-        lr=hyper["lr"], beta1=beta1, beta2=beta2, eps=hyper["eps"], weight_decay=hyper["weight_decay"],
-        decoupled_weight_decay=flags["DECOUPLED"], maximize=flags["MAXIMIZE"],
+        storage, mine, amp, [(1 - beta1**t, (1 - beta2**t) ** 0.5) for t in torch.stack(bucket.counters).tolist()],
+        amsgrad=flags["AMSGRAD"], lr=hyper["lr"], beta1=beta1, beta2=beta2, eps=hyper["eps"],
+        weight_decay=hyper["weight_decay"], decoupled_weight_decay=flags["DECOUPLED"], maximize=flags["MAXIMIZE"],
+        fused=storage.fused(mine), steps=bucket.counters,
     )  # fmt: skip
 
 

@@ -1,16 +1,36 @@
 """The algorithms in plain torch: the CPU fallback and the test oracle of the kernels.
 
-Each function steps a list of tensors of one dtype in place, computing in fp32 (fp64 for
-fp64 tensors) with torch's own ops in torch's order, and storing the results in the tensors'
-dtype. For fp32 it is torch.optim's for-loop implementation; for bf16/fp16 it is "torch's
-algorithm in fp32, rounded to the dtype after each step".
+Each ``*_reference`` function steps one bucket's tensors in place with torch's own ops in the
+order of torch.optim's for-loop implementation, computing in fp32 (fp64 for fp64 tensors) and
+storing the results in the tensors' dtype: for bf16/fp16, "torch's algorithm in fp32, rounded
+to the dtype after each step". (fp32/fp64 tensors take torch's own step: see each optimizer's
+``_eager``; with ``fused=True`` a function runs torch's fused CPU step on the fp32 copies
+instead, as the low-precision options have since they first ran without Triton.)
+
+The fp32 copies are made a batch at a time (:class:`Batch`): at most ``CHUNK`` elements,
+small tensors packed end to end, large ones cut at multiples of ``CHUNK``, so the working
+tensors are reused from step to step and stay in cache, and each op of the algorithm runs once
+per batch instead of once per tensor. Every op is elementwise and torch computes an element
+alike wherever it sits in a tensor, so the results are those of the ops on whole tensors, bit
+for bit. How a bucket's tensors are read into the working copies and stored back is its
+:class:`Storage`: in their own dtype to nearest even here; with the low-precision options
+(master weights, Kahan, stochastic rounding, 8-bit state) see
+:class:`fusedopt.optim._precision.Stored`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterator, Sequence
+
 import torch
 
 from fusedopt._multi_tensor import compute_dtype, shares_dense_layout
+
+CHUNK = 1 << 16
+"""Elements of a batch's working copies (256 KiB a column in fp32: a step's few columns stay
+in a core's L2). A multiple of 4096: a cut tensor's pieces start where torch's fused CPU steps
+start a unit of work and where 8-bit state starts a block, so either sees the same elements
+together as in the whole tensor."""
 
 
 def skipped(found_inf: torch.Tensor | None) -> bool:
@@ -44,48 +64,233 @@ def dense_cpu_fused_ok(bucket, grads: list[torch.Tensor]) -> bool:
 
 
 def eager_grads(grads: list[torch.Tensor], amp, fused: bool) -> list[torch.Tensor] | None:
-    """The grads a non-Triton step uses: None when GradScaler found an inf (a host read: these
-    steps run on the CPU or are torch's own sparse ones), else unscaled and clipped copies
-    (torch's fused step unscales by itself: only the clip is applied then; bf16/fp16 grads come
-    back in fp32)."""
+    """The grads torch's own fp32/fp64 step takes: None when GradScaler found an inf (a host
+    read: these steps run on the CPU or are torch's own sparse ones), else unscaled and clipped
+    copies (torch's fused step unscales by itself: only the clip is applied then)."""
     if not fused and skipped(amp.found_inf):
         return None
     scale = None if fused else amp.grad_scale
     if scale is None and amp.clip_coef is None:
         return grads
-    # Unscaled and clipped in the arithmetic dtype (bf16/fp16 in fp32, as the references compute).
     return [
         unscale_and_clip(g.to(compute_dtype(g.dtype)) if g.is_floating_point() else g, scale, amp.clip_coef)
         for g in grads
     ]
 
 
-def _grad(
-    g: torch.Tensor,
-    ct: torch.dtype,
+# Batches of working copies ---------------------------------------------------------------------
+
+
+class Batch:
+    """Elements of a bucket's tensors stepped together: pieces ``(tensor, start, stop)`` laid
+    end to end in flat working tensors of ``n`` elements. A tensor whose operands are all
+    contiguous is cut into flat slices; another is one piece, in its own shape."""
+
+    __slots__ = ("cache", "cut", "n", "pieces", "shapes", "spans")
+
+    def __init__(self, pieces: list[tuple[int, int, int]], cut: list[bool], shapes: list[torch.Size]):
+        self.pieces = pieces
+        self.cut = [cut[i] for i, _, _ in pieces]
+        self.shapes = [shapes[i] for i, _, _ in pieces]
+        self.spans = []
+        n = 0
+        for _, start, stop in pieces:
+            self.spans.append((n, n + stop - start))
+            n += stop - start
+        self.n = n
+        self.cache: dict = {}  # views of the bucket's tensors and of the scratch, by name
+
+    def parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The pieces of ``tensors`` (a column: one tensor per tensor of the bucket)."""
+        return [
+            tensors[i].view(-1)[start:stop] if cut else tensors[i]
+            for (i, start, stop), cut in zip(self.pieces, self.cut, strict=True)
+        ]
+
+    def views(self, work: torch.Tensor) -> list[torch.Tensor]:
+        """The pieces' places in ``work`` (flat, ``n`` elements), shaped as :meth:`parts`."""
+        return [
+            work[a:b] if cut else work[a:b].view(shape)
+            for (a, b), cut, shape in zip(self.spans, self.cut, self.shapes, strict=True)
+        ]
+
+    def each(self, values: Sequence) -> list:
+        """``values`` (one per tensor of the bucket) for each piece."""
+        return [values[i] for i, _, _ in self.pieces]
+
+
+def layout(
+    numels: list[int], cut: list[bool], shapes: list[torch.Size], keys: Sequence[Hashable]
+) -> list[Batch]:
+    """Batches of at most CHUNK elements (a tensor that cannot be cut may make a larger one of
+    its own) whose tensors share a key (their scalars: a batch is stepped with one value of
+    each): a tensor of ``cut`` is cut at multiples of CHUNK from its start, its last piece
+    packed with the tensors that follow. Empty tensors take no part."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    batches = []
+    for members in groups.values():
+        pieces: list[tuple[int, int, int]] = []
+        n = 0
+        for i in members:
+            numel, start = numels[i], 0
+            if numel == 0:
+                continue
+            if numel > CHUNK and not cut[i]:
+                batches.append(Batch([(i, 0, numel)], cut, shapes))
+                continue
+            while numel - start > CHUNK:
+                batches.append(Batch([(i, start, start + CHUNK)], cut, shapes))
+                start += CHUNK
+            if n + numel - start > CHUNK:
+                batches.append(Batch(pieces, cut, shapes))
+                pieces, n = [], 0
+            pieces.append((i, start, numel))
+            n += numel - start
+        if pieces:
+            batches.append(Batch(pieces, cut, shapes))
+    return batches
+
+
+class Storage:
+    """How a step reads a bucket's tensors into working copies and stores them back: in their
+    own dtype, rounded to nearest even (torch's ``copy_``). The working tensors (the bucket's
+    scratch: one of CHUNK elements per name) and the layout of the batches are kept by the
+    bucket (its ``memo``) from step to step.
+
+    Args:
+        bucket: a :class:`fusedopt.optim._plan.Bucket`; ``columns``: the params, the
+            algorithm's state columns (an absent one repeats the params), the precision column.
+    """
+
+    def __init__(self, bucket):
+        self.bucket = bucket
+        self.columns = bucket.columns
+        self.memo = bucket.memo
+        self.dtype = compute_dtype(bucket.dtype)
+
+    def fused(self, grads: list[torch.Tensor]) -> bool:
+        """Whether the algorithm's fp32 math is torch's fused CPU step (see ``Stored``)."""
+        return False
+
+    def begin(self) -> None:
+        """Once per step, before the algorithm runs (also a step GradScaler skips)."""
+
+    def operands(self, i: int, used: Sequence[bool]) -> list[torch.Tensor]:
+        """Tensor ``i``'s param and used state: what a cut must find contiguous."""
+        return [self.columns[0][i], *(c[i] for c, u in zip(self.columns[1:-1], used, strict=True) if u)]
+
+    def batches(
+        self, keys: Sequence[Hashable], used: Sequence[bool], grads: list[torch.Tensor]
+    ) -> list[Batch]:
+        """The layout for tensors grouped as ``keys`` groups them (kept: the groups change
+        rarely, and the layouts not for a bucket: its plan key has the grads' strides)."""
+        first: dict = {}
+        signature = (tuple(first.setdefault(k, i) for i, k in enumerate(keys)), tuple(used))
+        cache = self.memo.setdefault("layouts", {})
+        batches = cache.get(signature)
+        if batches is None:
+            cut = [all(t.is_contiguous() for t in (*self.operands(i, used), g)) for i, g in enumerate(grads)]
+            params = self.columns[0]
+            batches = cache[signature] = layout(
+                [p.numel() for p in params], cut, [p.shape for p in params], keys
+            )
+        return batches
+
+    def work(self, batch: Batch, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Working tensor ``name`` of the batch's ``n`` elements (of ``dtype``, by default the
+        compute dtype): the bucket's scratch, or a new tensor for a batch larger than CHUNK."""
+        dtype = dtype or self.dtype
+        if batch.n > CHUNK:
+            return torch.empty(batch.n, dtype=dtype, device=self.bucket.device)
+        scratch = self.memo.setdefault("scratch", {})
+        buffer = scratch.get((name, dtype))
+        if buffer is None:
+            buffer = scratch[(name, dtype)] = torch.empty(CHUNK, dtype=dtype, device=self.bucket.device)
+        return buffer[: batch.n]
+
+    def views(self, batch: Batch, name: str, w: torch.Tensor) -> list[torch.Tensor]:
+        """The pieces' places in working tensor ``name`` (``w``), kept by the batch when ``w``
+        is the scratch."""
+        if batch.n > CHUNK:
+            return batch.views(w)
+        views = batch.cache.get(name)
+        if views is None or views[0].dtype != w.dtype:
+            views = batch.cache[name] = batch.views(w)
+        return views
+
+    def parts(self, batch: Batch, column: int) -> list[torch.Tensor]:
+        """The batch's pieces of ``bucket.columns[column]`` (kept: views of the bucket's
+        tensors are as valid as the bucket)."""
+        parts = batch.cache.get(column)
+        if parts is None:
+            parts = batch.cache[column] = batch.parts(self.columns[column])
+        return parts
+
+    def copy_in(self, batch: Batch, name: str, column: int) -> torch.Tensor:
+        """Working tensor ``name`` holding the batch's pieces of ``bucket.columns[column]``."""
+        w = self.work(batch, name)
+        torch._foreach_copy_(self.views(batch, name, w), self.parts(batch, column))
+        return w
+
+    def copy_out(self, batch: Batch, name: str, w: torch.Tensor, column: int) -> None:
+        """Working tensor ``name`` (``w``) into the batch's pieces of ``bucket.columns[column]``."""
+        torch._foreach_copy_(self.parts(batch, column), self.views(batch, name, w))
+
+    def load_param(self, batch: Batch) -> torch.Tensor:
+        return self.copy_in(batch, "x", 0)
+
+    def load_state(self, batch: Batch, j: int) -> torch.Tensor:
+        return self.copy_in(batch, f"s{j}", 1 + j)
+
+    def store_state(self, batch: Batch, j: int, w: torch.Tensor) -> None:
+        self.copy_out(batch, f"s{j}", w, 1 + j)
+
+    def store_param(self, batch: Batch, x: torch.Tensor) -> None:
+        self.copy_out(batch, "x", x, 0)
+
+
+def working(
+    storage: Storage,
+    grads: list[torch.Tensor],
+    amp,
+    keys: Sequence[Hashable],
+    used: Sequence[bool],
+    *,
     maximize: bool,
-    grad_scale: torch.Tensor | None,
-    clip_coef: torch.Tensor | None,
-) -> torch.Tensor:
-    d = unscale_and_clip(g.to(ct), grad_scale, clip_coef)
-    return -d if maximize else d
+    fused: bool,
+) -> Iterator[tuple[Batch, Hashable, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]]:
+    """Each batch with its key and working copies ``(batch, key, x, d, states)``: the param,
+    the grad the update uses (unscaled, clipped and negated for ``maximize`` in torch's order;
+    for torch's fused step only clipped: it unscales and negates by itself) and the state
+    columns (None where not ``used``), loaded before the batch is yielded and stored after."""
+    for batch in storage.batches(keys, used, grads):
+        x = storage.load_param(batch)
+        d = storage.work(batch, "d")
+        torch._foreach_copy_(storage.views(batch, "d", d), batch.parts(grads))
+        if amp.grad_scale is not None and not fused:
+            d.div_(amp.grad_scale.to(d.device))
+        if amp.clip_coef is not None:
+            d.mul_(amp.clip_coef.to(d.device))
+        if maximize and not fused:
+            d.neg_()
+        states = [storage.load_state(batch, j) if u else None for j, u in enumerate(used)]
+        yield batch, keys[batch.pieces[0][0]], x, d, states
+        for j, w in enumerate(states):
+            if w is not None:
+                storage.store_state(batch, j, w)
+        storage.store_param(batch, x)
 
 
-def _tensors(params, grads, maximize: bool, grad_scale, found_inf, clip_coef):
-    """What every reference step loops over: ``(i, param, compute dtype, param copy in it, the
-    grad the step uses in it)``; nothing when GradScaler found an inf."""
-    if skipped(found_inf):
-        return
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        ct = compute_dtype(p.dtype)
-        yield i, p, ct, p.to(ct, copy=True), _grad(g, ct, maximize, grad_scale, clip_coef)
+# The algorithms --------------------------------------------------------------------------------
 
 
 def sgd_reference(
-    params: list[torch.Tensor],
+    storage: Storage,
     grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    fresh: list[int],
+    amp,
+    fresh: list[bool],
     *,
     lr: float,
     momentum: float,
@@ -93,32 +298,37 @@ def sgd_reference(
     weight_decay: float,
     nesterov: bool,
     maximize: bool,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    clip_coef: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> None:
     """SGD step. ``fresh[i]`` marks a momentum buffer created this step (it takes the grad)."""
-    for i, p, ct, x, d in _tensors(params, grads, maximize, grad_scale, found_inf, clip_coef):
+    used = [momentum != 0]
+    for batch, new, x, d, (b,) in working(storage, grads, amp, fresh, used, maximize=maximize, fused=fused):
+        if fused:  # never with a fresh buffer (torch's fused SGD takes them all fresh or none)
+            torch._fused_sgd_(
+                storage.views(batch, "x", x), storage.views(batch, "d", d), [] if b is None else storage.views(batch, "s0", b), weight_decay=weight_decay,
+                momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov, maximize=maximize,
+                is_first_step=False, grad_scale=amp.grad_scale,
+            )  # fmt: skip
+            continue
         if weight_decay != 0:
-            d = d.add(x, alpha=weight_decay)
-        if momentum != 0:
-            if fresh[i]:
-                b = d.clone()
+            d.add_(x, alpha=weight_decay)
+        if b is not None:
+            if new:
+                b.copy_(d)
             else:
-                b = momentum_buffers[i].to(ct, copy=True).mul_(momentum).add_(d, alpha=1 - dampening)
-            momentum_buffers[i].copy_(b)
-            d = d.add(b, alpha=momentum) if nesterov else b
-        p.copy_(x.add_(d, alpha=-lr))
+                b.mul_(momentum).add_(d, alpha=1 - dampening)
+            if nesterov:
+                d.add_(b, alpha=momentum)
+        x.add_(d if b is None or nesterov else b, alpha=-lr)
 
 
 def adam_reference(
-    params: list[torch.Tensor],
+    storage: Storage,
     grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    max_exp_avg_sqs: list[torch.Tensor] | None,
+    amp,
     bias_corrections: list[tuple[float, float]],
     *,
+    amsgrad: bool,
     lr: float,
     beta1: float,
     beta2: float,
@@ -126,93 +336,104 @@ def adam_reference(
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    clip_coef: torch.Tensor | None = None,
+    fused: bool = False,
+    steps: list[torch.Tensor] | None = None,
 ) -> None:
-    """Adam/AdamW step; ``bias_corrections[i] = (1 - beta1**t, sqrt(1 - beta2**t))`` for tensor i."""
-    for i, p, ct, x, d in _tensors(params, grads, maximize, grad_scale, found_inf, clip_coef):
-        bias_correction1, bias_correction2_sqrt = bias_corrections[i]
-        m = exp_avgs[i].to(ct, copy=True)
-        v = exp_avg_sqs[i].to(ct, copy=True)
+    """Adam/AdamW step; ``bias_corrections[i] = (1 - beta1**t, sqrt(1 - beta2**t))`` for tensor
+    i (``fused``: torch's fused step reads ``t`` from ``steps[i]``)."""
+    used = [True, True, amsgrad]
+    for batch, (bc1, bc2_sqrt), x, d, (m, v, vmax) in working(
+        storage, grads, amp, bias_corrections, used, maximize=maximize, fused=fused
+    ):
+        if fused:
+            step = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+            step(
+                storage.views(batch, "x", x), storage.views(batch, "d", d), storage.views(batch, "s0", m),
+                storage.views(batch, "s1", v), storage.views(batch, "s2", vmax) if amsgrad else [],
+                batch.each(steps), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                amsgrad=amsgrad, maximize=maximize, grad_scale=amp.grad_scale,
+            )  # fmt: skip
+            continue
         if weight_decay != 0:
             if decoupled_weight_decay:
                 x.mul_(1 - lr * weight_decay)
             else:
-                d = d.add(x, alpha=weight_decay)
+                d.add_(x, alpha=weight_decay)
         m.lerp_(d, 1 - beta1)
         v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
-        if max_exp_avg_sqs is not None:
-            vm = torch.maximum(max_exp_avg_sqs[i].to(ct), v)
-            max_exp_avg_sqs[i].copy_(vm)
-            denom = (vm.sqrt() / bias_correction2_sqrt).add_(eps)
+        denom = storage.work(batch, "t")
+        if vmax is not None:
+            torch.maximum(vmax, v, out=vmax)
+            torch.sqrt(vmax, out=denom)
         else:
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        x.addcdiv_(m, denom, value=-(lr / bias_correction1))
-        p.copy_(x)
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
+            torch.sqrt(v, out=denom)
+        denom.div_(bc2_sqrt).add_(eps)
+        x.addcdiv_(m, denom, value=-(lr / bc1))
 
 
 def rmsprop_reference(
-    params: list[torch.Tensor],
+    storage: Storage,
     grads: list[torch.Tensor],
-    square_avgs: list[torch.Tensor],
-    grad_avgs: list[torch.Tensor] | None,
-    momentum_buffers: list[torch.Tensor] | None,
+    amp,
     *,
+    centered: bool,
     lr: float,
     alpha: float,
     eps: float,
     weight_decay: float,
     momentum: float,
     maximize: bool,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    clip_coef: torch.Tensor | None = None,
 ) -> None:
-    """RMSprop step; ``grad_avgs`` given: centered, ``momentum_buffers`` given: momentum > 0."""
-    for i, p, ct, x, d in _tensors(params, grads, maximize, grad_scale, found_inf, clip_coef):
-        v = square_avgs[i].to(ct, copy=True)
+    """RMSprop step (state columns: square_avg, momentum_buffer if momentum > 0, grad_avg if
+    centered)."""
+    used = [True, momentum > 0, centered]
+    keys = [None] * len(grads)  # no per-tensor scalar
+    for batch, _, x, d, (v, b, ga) in working(
+        storage, grads, amp, keys, used, maximize=maximize, fused=False
+    ):
         if weight_decay != 0:
-            d = d.add(x, alpha=weight_decay)
+            d.add_(x, alpha=weight_decay)
         v.mul_(alpha).addcmul_(d, d, value=1 - alpha)
-        if grad_avgs is not None:
-            ga = grad_avgs[i].to(ct, copy=True).lerp_(d, 1 - alpha)
-            grad_avgs[i].copy_(ga)
-            avg = v.addcmul(ga, ga, value=-1).sqrt_()
+        avg = storage.work(batch, "t")
+        if ga is not None:
+            ga.lerp_(d, 1 - alpha)
+            torch.addcmul(v, ga, ga, value=-1, out=avg).sqrt_()
         else:
-            avg = v.sqrt()
+            torch.sqrt(v, out=avg)
         avg.add_(eps)
-        if momentum_buffers is not None:
-            b = momentum_buffers[i].to(ct, copy=True).mul_(momentum).addcdiv_(d, avg)
-            momentum_buffers[i].copy_(b)
+        if b is not None:
+            b.mul_(momentum).addcdiv_(d, avg)
             x.add_(b, alpha=-lr)
         else:
             x.addcdiv_(d, avg, value=-lr)
-        p.copy_(x)
-        square_avgs[i].copy_(v)
 
 
 def adagrad_reference(
-    params: list[torch.Tensor],
+    storage: Storage,
     grads: list[torch.Tensor],
-    state_sums: list[torch.Tensor],
+    amp,
     clrs: list[float],
     *,
     weight_decay: float,
     eps: float,
     maximize: bool,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    clip_coef: torch.Tensor | None = None,
+    fused: bool = False,
+    lr: float = 0.0,
+    lr_decay: float = 0.0,
+    steps: list[torch.Tensor] | None = None,
 ) -> None:
-    """Adagrad step (dense grads); ``clrs[i] = lr / (1 + (t - 1) * lr_decay)`` for tensor i."""
-    for i, p, ct, x, d in _tensors(params, grads, maximize, grad_scale, found_inf, clip_coef):
-        s = state_sums[i].to(ct, copy=True)
+    """Adagrad step (dense grads); ``clrs[i] = lr / (1 + (t - 1) * lr_decay)`` for tensor i
+    (``fused``: torch's fused step computes it from ``lr``, ``lr_decay`` and ``steps[i]``)."""
+    for batch, clr, x, d, (s,) in working(storage, grads, amp, clrs, [True], maximize=maximize, fused=fused):
+        if fused:
+            torch._fused_adagrad_(
+                storage.views(batch, "x", x), storage.views(batch, "d", d), storage.views(batch, "s0", s), batch.each(steps), lr=lr, lr_decay=lr_decay,
+                weight_decay=weight_decay, eps=eps, maximize=maximize, grad_scale=amp.grad_scale,
+            )  # fmt: skip
+            continue
         if weight_decay != 0:
-            d = d.add(x, alpha=weight_decay)
+            d.add_(x, alpha=weight_decay)
         s.addcmul_(d, d, value=1)
-        x.addcdiv_(d, s.sqrt().add_(eps), value=-clrs[i])
-        p.copy_(x)
-        state_sums[i].copy_(s)
+        std = storage.work(batch, "t")
+        torch.sqrt(s, out=std)
+        x.addcdiv_(d, std.add_(eps), value=-clr)

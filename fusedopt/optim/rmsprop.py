@@ -11,7 +11,7 @@ from fusedopt.optim._fused import FusedStep
 from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm
 from fusedopt.optim._torch_compat import capture_health_check, check_capturable_device
-from fusedopt.optim.reference import eager_grads, rmsprop_reference
+from fusedopt.optim.reference import Storage, eager_grads, rmsprop_reference, skipped
 
 _torch_rmsprop = importlib.import_module("torch.optim.rmsprop")
 
@@ -43,25 +43,38 @@ def _switches(group: dict) -> dict:
     )
 
 
-def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state) -> None:
+def _eager(
+    hyper: dict,
+    flags: dict,
+    bucket: Bucket,
+    grads: StepGrads,
+    amp: Amp,
+    state,
+    storage: Storage | None = None,
+) -> None:
     """Without Triton: torch's for-loop RMSprop for fp32/fp64 (torch has no fused RMSprop, and
-    its foreach one is slower on CPU), the fp32-math reference for bf16/fp16 (torch computes
-    those in bf16)."""
+    its foreach one is slower on CPU); for bf16/fp16 (torch computes those in bf16) and the
+    low-precision options (``storage``: see ``fusedopt.optim._precision.eager_step``) the
+    fp32-math reference on working copies."""
     params, square_avgs, buffers, grad_avgs, _ = bucket.columns  # the last: the precision column
-    mine = eager_grads(bucket.grads(grads), amp, fused=False)
-    if mine is None:
-        return
     hyper = {k: float(v) for k, v in hyper.items()}  # CPU tensors: no sync to speak of
-    buffers = buffers if flags["HAS_MOMENTUM"] else None
-    grad_avgs = grad_avgs if flags["CENTERED"] else None
-    if bucket.dtype in (torch.float32, torch.float64):
+    if storage is None and bucket.dtype in (torch.float32, torch.float64):
+        mine = eager_grads(bucket.grads(grads), amp, fused=False)
+        if mine is None:
+            return
         _torch_rmsprop.rmsprop(
-            params, mine, square_avgs, grad_avgs or [], buffers or [], bucket.counters, foreach=False,
+            params, mine, square_avgs, grad_avgs if flags["CENTERED"] else [],
+            buffers if flags["HAS_MOMENTUM"] else [], bucket.counters, foreach=False,
             maximize=flags["MAXIMIZE"], centered=flags["CENTERED"], **hyper,
         )  # fmt: skip
         return
+    if skipped(amp.found_inf):
+        return
     torch._foreach_add_(bucket.counters, 1)
-    rmsprop_reference(params, mine, square_avgs, grad_avgs, buffers, maximize=flags["MAXIMIZE"], **hyper)
+    rmsprop_reference(
+        storage or Storage(bucket), bucket.grads(grads), amp, centered=flags["CENTERED"],
+        maximize=flags["MAXIMIZE"], **hyper,
+    )  # fmt: skip
 
 
 RMSPROP = Algorithm("rmsprop", kernels, _state, _hyper, _switches, _eager)

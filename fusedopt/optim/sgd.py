@@ -11,7 +11,7 @@ from fusedopt.optim._fused import FusedStep
 from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm
 from fusedopt.optim._torch_compat import check_fused_device_dtype
-from fusedopt.optim.reference import dense_cpu_fused_ok, eager_grads, sgd_reference
+from fusedopt.optim.reference import Storage, dense_cpu_fused_ok, eager_grads, sgd_reference, skipped
 
 # torch.optim does not export the module name on every version.
 _torch_sgd = importlib.import_module("torch.optim.sgd")
@@ -47,11 +47,20 @@ def _torch_functional(params, grads, buffers, hyper: dict, flags: dict, **how) -
     )  # fmt: skip
 
 
-def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state) -> None:
+def _eager(
+    hyper: dict,
+    flags: dict,
+    bucket: Bucket,
+    grads: StepGrads,
+    amp: Amp,
+    state,
+    storage: Storage | None = None,
+) -> None:
     """Without Triton: sparse grads and integer params run torch's for-loop SGD (its behaviour
     for them; GradScaler's skip read on the host, as torch's own path does); other CPU tensors
-    torch's fused CPU SGD where it is right, its for-loop SGD for other fp32/fp64 layouts, the
-    fp32-math reference for bf16/fp16."""
+    torch's fused CPU SGD where it is right, its for-loop SGD for other fp32/fp64 layouts; for
+    bf16/fp16 and the low-precision options (``storage``: see
+    ``fusedopt.optim._precision.eager_step``) the fp32-math reference on working copies."""
     momentum = flags["HAS_MOMENTUM"]
     if not bucket.walkable:
         mine = eager_grads(bucket.grads(grads), amp, fused=False)
@@ -66,13 +75,14 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
     # Once a step was taken no buffer of the bucket is new again (a new plan starts over).
     taken = bucket.memo.get("taken", 0)
     fresh = [not taken and c.item() == 0 for c in bucket.counters]
-    fused = dense_cpu_fused_ok(bucket, bucket.grads(grads)) and not any(fresh)
-    mine = eager_grads(bucket.grads(grads), amp, fused)
-    if mine is None:
-        return
     params, buffers, _ = bucket.columns  # the last: the precision column
+    mine = bucket.grads(grads)
     hyper = {k: float(v) for k, v in hyper.items()}  # CPU tensors: no sync to speak of
-    if bucket.dtype in (torch.float32, torch.float64):
+    if storage is None and bucket.dtype in (torch.float32, torch.float64):
+        fused = dense_cpu_fused_ok(bucket, mine) and not any(fresh)
+        mine = eager_grads(mine, amp, fused)
+        if mine is None:
+            return
         given = [None if f else b for f, b in zip(fresh, buffers, strict=True)] if momentum else []
         _torch_functional(
             params, mine, given, hyper, flags, foreach=False, fused=fused,
@@ -82,9 +92,13 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
             if f:
                 b.copy_(new)
     else:
+        if skipped(amp.found_inf):
+            return
+        storage = storage or Storage(bucket)
         sgd_reference(
-            params, mine, buffers, fresh, nesterov=flags["NESTEROV"], maximize=flags["MAXIMIZE"], **hyper
-        )
+            storage, mine, amp, fresh if momentum else [False] * len(params), nesterov=flags["NESTEROV"],
+            maximize=flags["MAXIMIZE"], fused=storage.fused(mine) and not any(fresh), **hyper,
+        )  # fmt: skip
     if momentum:
         torch._foreach_add_(bucket.counters, 1)
         bucket.memo["taken"] = taken + 1
