@@ -7,14 +7,20 @@ A forward is three launches, no host sync and no float atomics:
 
 1. ``cross_entropy_targets_kernel`` (one program): Σ weight[target] over the rows not ignored
    (the ``mean`` divisor, torch's definition), Σ weight, and a flag that every target is in
-   ``[0, C)`` or ``ignore_index``; the flag feeds ``torch._assert_async`` (a device-side
-   assert on CUDA, as torch's own CUDA kernels; a ``RuntimeError`` at once on CPU).
+   ``[0, C)`` or ``ignore_index``; on CUDA the flag feeds ``torch._assert_async`` (a
+   device-side assert, as torch's own CUDA kernels: no host sync); on CPU it is read at once
+   (no device to wait for) and a target out of range raises torch's ``IndexError``.
 2. ``cross_entropy_kernel`` (a tile of rows per program: one row of up to 4096-column blocks
    for vocabularies, many rows when C is small): online softmax over column blocks (pass 1),
    the row's loss and, when the input needs a gradient, the gradient of the reduced loss (pass
    2), already divided by the divisor of step 1, which it reads from device memory.
 3. ``cross_entropy_sum_kernel`` (one program, fixed order, deterministic): the row losses
    summed, divided for ``mean``, written in the input's dtype (not for ``reduction="none"``).
+
+Grids: launches 1 and 3 are one program; the row kernel's ``ceil(R / rows per program)``
+programs, with ``rows per program * block >= MAX_TILE`` (halved for fp64) whenever there are that
+many rows and ``block < 2 C``, number at most ``N S C / 1024 + 1``: under CUDA's 2^31 - 1 for
+any tensor below 2^41 elements (:func:`checked_grid` refuses more rather than launching it).
 """
 
 from __future__ import annotations
@@ -33,6 +39,20 @@ from fusedopt.kernels import cross_entropy as kernels
 # over blocks) and elements per tile (rows narrower than that share a program).
 MAX_BLOCK = 4096
 MAX_TILE = 4096
+
+
+MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid axis 0 (every launch here is 1-D)
+
+
+def checked_grid(programs: int) -> tuple[int]:
+    """The 1-D grid of a kernel that takes one work item per program, whose size rule bounds
+    ``programs`` far below CUDA's limit for any tensor that fits in memory; a clear error, not a
+    failed launch, if it ever did not."""
+    if programs > MAX_PROGRAMS:
+        raise RuntimeError(
+            f"fusedopt: a launch of {programs} programs exceeds CUDA's grid limit ({MAX_PROGRAMS})"
+        )
+    return (programs,)
 
 
 def _guard(device: torch.device) -> contextlib.AbstractContextManager:
@@ -55,10 +75,16 @@ def _row_tile(num_rows: int, num_classes: int, dtype: torch.dtype) -> tuple[int,
 
 
 def _check(
-    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, label_smoothing: float
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    label_smoothing: float,
+    logits_dtype: torch.dtype | None = None,
 ) -> tuple[int, int, int]:
     """Validate as torch does; return ``(N, S, C)``: batch, spatial size (product of d1, ...,
-    1 without spatial dims) and classes."""
+    1 without spatial dims) and classes. ``logits_dtype`` is the dtype the class weight must
+    have: the logits' as cross-entropy sees them (fp32 under autocast; default the input's)."""
+    logits_dtype = input.dtype if logits_dtype is None else logits_dtype
     if input.dim() == 0:
         raise RuntimeError("fusedopt.cross_entropy: input must have at least 1 dimension (classes), got 0-d")
     if target.is_floating_point() and target.shape == input.shape:
@@ -97,9 +123,9 @@ def _check(
                 f"weight tensor should be defined either for all {num_classes} classes or no classes "
                 f"but got weight tensor of shape: {list(weight.shape)}"
             )
-        if weight.dtype != input.dtype:
+        if weight.dtype != logits_dtype:
             raise RuntimeError(
-                f"expected scalar type {_scalar_name(input.dtype)} but found {_scalar_name(weight.dtype)}"
+                f"expected scalar type {_scalar_name(logits_dtype)} but found {_scalar_name(weight.dtype)}"
             )
     same_device(input, target=target, weight=weight)
     return n, spatial, num_classes
@@ -196,7 +222,7 @@ def _launch_rows(
     g_strides = list(grad_rows.stride()) if grad_rows is not None else [0, 0, 0]
     if spatial == 1:  # no spatial dims: stride 0 lets the compiler see aligned rows
         x_strides[1] = g_strides[1] = 0
-    kernels.cross_entropy_kernel[(triton.cdiv(num_rows, tile_rows),)](
+    kernels.cross_entropy_kernel[checked_grid(triton.cdiv(num_rows, tile_rows))](
         rows,
         target,
         weight if weight is not None else unused,
@@ -258,11 +284,17 @@ def _targets(
         BLOCK=_small_block(max(num_rows, num_classes if weight is not None else 0)),
         num_warps=4,
     )
-    torch._assert_async(
-        ok,
-        f"fusedopt.cross_entropy: target out of range: every target must be in [0, C) = "
-        f"[0, {num_classes}) or equal ignore_index ({ignore_index})",
-    )
+    if target.device.type == "cpu":  # nothing to wait for: torch's error, at once
+        if not ok.item():
+            flat = target.long()
+            bad = flat[(flat != ignore_index) & ((flat < 0) | (flat >= num_classes))]
+            raise IndexError(f"Target {int(bad[0])} is out of bounds.")
+    else:  # a device-side assert, as torch's CUDA kernels: no host sync
+        torch._assert_async(
+            ok,
+            f"fusedopt.cross_entropy: target out of range: every target must be in [0, C) = "
+            f"[0, {num_classes}) or equal ignore_index ({ignore_index})",
+        )
     return stats
 
 
@@ -300,7 +332,7 @@ def _forward(
 ) -> _Forward:
     """Loss (as torch returns it) and, if ``need_grad``, what the backward needs. Arguments
     as ``fusedopt.cross_entropy._cross_entropy`` leaves them (reduction a name, smoothing >= 0)."""
-    n, spatial, num_classes = _check(input, target, weight, label_smoothing)
+    n, spatial, num_classes = _check(input, target, weight, label_smoothing, out_dtype)
     device, compute = input.device, compute_dtype(input.dtype)
     rows = _rows(input, n, spatial, num_classes)
     flat_target = target.reshape(-1)
@@ -343,7 +375,7 @@ def _scale_grad(
         return out
     block, num_warps = launch_config(numel)
     with _guard(grad.device):
-        kernels.cross_entropy_scale_kernel[(triton.cdiv(numel, block),)](
+        kernels.cross_entropy_scale_kernel[checked_grid(triton.cdiv(numel, block))](
             grad,
             out,
             grad_output,

@@ -23,7 +23,7 @@ from fusedopt.losses import compilable
 
 
 def _forward_fake(input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype):
-    n, spatial, num_classes = _check(input, target, weight, label_smoothing)
+    n, spatial, num_classes = _check(input, target, weight, label_smoothing, out_dtype)
     compute, none = compute_dtype(input.dtype), reduction == "none"
     loss = input.new_empty(target.shape if none and input.dim() > 1 else (), dtype=out_dtype)
     grad = _empty_grad(input, n, spatial, num_classes)[0] if need_grad and not none else input.new_empty(0)
@@ -58,7 +58,7 @@ def _forward_traced(
     """:func:`_forward` while torch.compile traces: the kernels run in the op
     ``fusedopt::cross_entropy``; the views of the inputs (an op's outputs cannot alias its
     inputs) are taken outside it."""
-    n, spatial, num_classes = _check(input, target, weight, label_smoothing)  # torch's errors, here
+    n, spatial, num_classes = _check(input, target, weight, label_smoothing, out_dtype)  # torch's errors
     loss, grad, stats, lse = _forward_op(
         input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype
     )

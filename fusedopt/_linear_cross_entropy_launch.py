@@ -24,6 +24,10 @@ Before the chunks, ``cross_entropy_targets_kernel`` computes the ``mean`` diviso
 the targets (one launch over all N); after them, ``cross_entropy_sum_kernel`` reduces the row
 losses (fixed order). No host sync, no float atomics: the result does not depend on
 scheduling, and the chunk order is fixed.
+
+Grids are 1-D and below CUDA's limit of 2^31 - 1 programs by their size rules (128 x 128
+tiles of a matmul; at most one program per token, or per 2048 logits, for the row kernels):
+``checked_grid`` refuses a launch that would exceed it rather than failing on the device.
 """
 
 from __future__ import annotations
@@ -36,7 +40,15 @@ import triton
 
 from fusedopt import _cross_entropy_launch as ce_launch
 from fusedopt._cross_entropy_launch import _check as _check_cross_entropy
-from fusedopt._cross_entropy_launch import _guard, _launch_rows, _scalar_name, _targets, _total, same_device
+from fusedopt._cross_entropy_launch import (
+    _guard,
+    _launch_rows,
+    _scalar_name,
+    _targets,
+    _total,
+    checked_grid,
+    same_device,
+)
 from fusedopt._multi_tensor import INTERPRET, TL_DTYPE, compute_dtype
 from fusedopt.kernels import linear_cross_entropy as kernels
 from fusedopt.losses import compilable
@@ -207,7 +219,7 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if m == 0 or n == 0 or k == 0:
         return
     block_m, block_n, block_k = 128, 128, 64
-    kernels.matmul_accumulate_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+    kernels.matmul_accumulate_kernel[checked_grid(triton.cdiv(m, block_m) * triton.cdiv(n, block_n))](
         acc,
         a,
         b,
@@ -263,7 +275,7 @@ def _blocks(
             z = logits(v0, v1)
             if n == 0:
                 continue
-            kernels.logsumexp_block_kernel[(triton.cdiv(n, rows),)](
+            kernels.logsumexp_block_kernel[checked_grid(triton.cdiv(n, rows))](
                 z, target, class_weight if class_weight is not None else stats, stats, state, lse, row_loss,
                 n, v1 - v0, v0, vocab, z.stride(0), target.stride(0), ignore_index, label_smoothing,
                 DTYPE=TL_DTYPE[z.dtype], COMPUTE=TL_DTYPE[acc_dtype], LOSS_DTYPE=TL_DTYPE[row_loss.dtype],

@@ -45,21 +45,47 @@ input two or three times, and label smoothing adds a weighted sum over log p in 
 directions (8+ B more). Memory held from forward to backward: eager keeps log p (N×C),
 fusedopt (``mean``/``sum``) keeps the gradient (N×C, input dtype) instead of the logits;
 torch.compile and fusedopt's ``none`` keep the logits.
+
+A backward that autograd records (``create_graph=True``: double backward, Hessian-vector
+products, MAML) needs the logits: ``none`` has them and differentiates torch's composition
+(``F.cross_entropy`` on them), so its second derivatives are torch's; ``mean``/``sum`` do not
+keep them (that is their memory saving) and raise a ``RuntimeError`` that says what to do
+instead of returning a first-order-only gradient.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from torch.nn import _reduction
 
 from fusedopt._cross_entropy_launch import _forward, _scale_grad
 from fusedopt._cross_entropy_ops import _backward_none, _forward_traced
 from fusedopt._multi_tensor import TL_DTYPE, runs_triton
-from fusedopt.losses import scaled_copy
+from fusedopt.losses import differentiable_grads, scaled_copy
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # torch's Reduction enum
+AUTOCAST_TO_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # what autocast's fp32 ops cast
+
+NO_DOUBLE_BACKWARD = (
+    "fusedopt.cross_entropy: a backward with create_graph=True (double backward, Hessian-vector "
+    "products) is not supported for reduction='{reduction}': its forward keeps the gradient, not "
+    "the logits. Use reduction='none' and reduce the losses yourself (for 'mean': sum them and "
+    "divide by the number, or total weight, of the targets not ignored), or "
+    "torch.nn.functional.cross_entropy."
+)
+
+
+def torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, out_dtype):
+    """``F.cross_entropy`` as the fused op computes it: the logits (and weight) in ``out_dtype``
+    (fp32 under autocast, as autocast casts them; else the input's): the composition a backward
+    with ``create_graph=True`` differentiates."""
+    weight = weight.to(out_dtype) if weight is not None else None
+    with torch.autocast(input.device.type, enabled=False):
+        return F.cross_entropy(
+            input.to(out_dtype), target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing,
+        )  # fmt: skip
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -67,7 +93,8 @@ class _CrossEntropy(torch.autograd.Function):
     :func:`_cross_entropy` leaves them and ``out_dtype`` last. While torch.compile traces, the
     kernels run as ``torch.ops.fusedopt`` ops and the backward of ``mean``/``sum`` returns
     ``stored * grad_output`` as a new tensor, every time (a compiled backward cannot keep the
-    first-backward state)."""
+    first-backward state). A backward that autograd records (``create_graph=True``)
+    differentiates :func:`torch_cross_entropy` for ``none`` and raises for ``mean``/``sum``."""
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, out_dtype):
@@ -78,6 +105,7 @@ class _CrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(input, out.rows, out.target, weight, out.stats, out.lse)
             ctx.ignore_index = ignore_index
             ctx.label_smoothing = label_smoothing
+            ctx.out_dtype = out_dtype
         else:
             ctx.grad = out.grad
             ctx.applied = torch.empty((), dtype=out.stats.dtype, device=input.device)
@@ -85,9 +113,21 @@ class _CrossEntropy(torch.autograd.Function):
         return out.loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
-        if ctx.reduction == "none":
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
+            if ctx.reduction != "none":
+                raise RuntimeError(NO_DOUBLE_BACKWARD.format(reduction=ctx.reduction))
+            input, _, target, weight, _, _ = ctx.saved_tensors
+            (grad,) = differentiable_grads(
+                lambda input: torch_cross_entropy(
+                    input, target.reshape(grad_output.shape), weight, ctx.ignore_index, "none",
+                    ctx.label_smoothing, ctx.out_dtype,
+                ),
+                (input,),
+                (True,),
+                grad_output,
+            )  # fmt: skip
+        elif ctx.reduction == "none":
             grad = _backward_none(*ctx.saved_tensors, grad_output, ctx.ignore_index, ctx.label_smoothing)
         elif torch.compiler.is_compiling():
             grad = scaled_copy(ctx.grad, grad_output)
@@ -118,11 +158,15 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     A function rather than an override of ``apply``: dynamo calls an autograd Function's own
     ``apply`` and never an override."""
     reduction, ignore_index, label_smoothing = arguments(weight, ignore_index, reduction, label_smoothing)
-    # Under autocast torch computes cross-entropy in fp32 and returns an fp32 loss; the math
-    # here is fp32 anyway, so only the loss's dtype changes (the gradient keeps the logits').
+    # Under autocast torch computes cross-entropy in fp32 (it casts fp16/bf16 logits and class
+    # weights to fp32) and returns an fp32 loss; the math here is fp32 anyway, so only the loss's
+    # dtype changes (the gradient keeps the logits') and the kernels read the logits as they are.
     out_dtype = input.dtype
-    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
-        out_dtype = torch.float32
+    if torch.is_autocast_enabled(input.device.type):
+        if input.dtype in AUTOCAST_TO_FP32:
+            out_dtype = torch.float32
+        if weight is not None and weight.dtype in AUTOCAST_TO_FP32:
+            weight = weight.float()
     args = (input, target, weight, ignore_index, reduction, label_smoothing)
     if torch.is_grad_enabled() and input.requires_grad:
         return _CrossEntropy.apply(*args, out_dtype)
@@ -179,8 +223,11 @@ def cross_entropy(
             weights of the targets not ignored) or ``"sum"``.
         label_smoothing: ε in ``(1 - ε) onehot + ε / C``; torch applies it only when ε > 0.
 
-    Targets outside ``[0, C)`` that are not ``ignore_index`` raise a ``RuntimeError`` (CPU) or
-    trigger a device-side assert (CUDA), without a host sync. Tensors on devices the Triton
+    Targets outside ``[0, C)`` that are not ``ignore_index`` raise torch's ``IndexError`` (CPU)
+    or trigger a device-side assert (CUDA, as torch's; no host sync). Non-finite logits give
+    torch's results: a row with a NaN or +inf logit (or only -inf ones) has a NaN loss and NaN
+    gradients. ``create_graph=True`` works for ``reduction="none"`` (torch's second
+    derivatives) and raises for ``mean``/``sum`` (see the module docstring). Tensors on devices the Triton
     kernels do not run on (CPU without ``TRITON_INTERPRET=1``), and dtypes they do not
     support, go to torch's own implementation.
     """

@@ -45,10 +45,16 @@ def _fusable(*tensors: torch.Tensor | None) -> bool:
 def mean(
     input: torch.Tensor, dim=None, keepdim: bool = False, *, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """``torch.mean`` in one deterministic pass; its backward writes no memory."""
+    """``torch.mean`` in one deterministic pass; its backward writes no memory.
+
+    As torch, ``dtype`` casts the input before the mean: a ``dtype`` that holds every value of
+    the input's (fp32 for bf16) is only the precision of the sum and of the result, a narrower
+    one (bf16 for fp32 or fp64) rounds the values first (one cast, as torch's)."""
     out_dtype = dtype if dtype is not None else input.dtype
     if not _fusable(input) or out_dtype not in TL_DTYPE:
         return torch.mean(input, dim=dim, keepdim=keepdim, dtype=dtype)
+    if torch.promote_types(input.dtype, out_dtype) != out_dtype:
+        input = input.to(out_dtype)
     nd = input.dim()
     if dim is None or (isinstance(dim, tuple | list) and len(dim) == 0):  # torch: () reduces all
         dims = list(range(nd))
@@ -79,13 +85,32 @@ def _result_type(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
     return a.dtype if b.dim() == 0 else b.dtype
 
 
+AUTOCAST_TO_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # what autocast's fp32 ops cast
+
+
+def _autocast_dtypes(input, target, weight) -> tuple[torch.dtype, torch.dtype] | None:
+    """Under autocast torch runs the four losses in fp32 (they are on autocast's fp32 list on
+    CPU and CUDA): fp16/bf16/fp32 operands are cast to fp32, fp64 ones kept. Return ``(storage
+    dtype, loss dtype)`` for the kernels when autocast is on and every operand is cast: the
+    operands' own dtype when input and target share it (the kernels upcast on load, no copy),
+    else fp32; the loss fp32. None otherwise (no autocast, or an fp64 operand: the operands are
+    cast as autocast casts them and the usual rule applies)."""
+    if not torch.is_autocast_enabled(input.device.type):
+        return None
+    present = [t for t in (input, target, weight) if t is not None]
+    if any(t.dtype not in AUTOCAST_TO_FP32 for t in present):
+        return None
+    return (input.dtype if input.dtype == target.dtype else torch.float32), torch.float32
+
+
 def _pointwise(
     input, target, weight, reduction, loss, param, torch_op, *, same_dtype_as_input=False, **kwargs
 ):
     """Run a pointwise loss through the kernels when they can take it, else through torch.
 
     ``kwargs`` are the torch op's own extra arguments; weighted MSE/L1 means divide by the sum of
-    the weights (torch's definition), the weighted Huber mean by N.
+    the weights (torch's definition), the weighted Huber mean by N. Under autocast the loss is
+    fp32, as torch's (:func:`_autocast_dtypes`); weighted MSE / L1 under autocast run torch's op.
     """
     if weight is not None:
         kwargs["weight"] = weight
@@ -93,6 +118,13 @@ def _pointwise(
         reduction not in ("none", "mean", "sum")  # torch's deprecation path or its error
         or not _fusable(input, target, weight)
         or (weight is not None and weight.requires_grad)
+        # torch's weighted MSE / L1 are compositions of ops autocast keeps in the inputs' dtype
+        # (not the fp32 loss ops): its own op gives its dtypes (and its fp16 overflow)
+        or (
+            weight is not None
+            and torch_op is not F.huber_loss
+            and torch.is_autocast_enabled(input.device.type)
+        )
     ):
         return torch_op(input, target, reduction=reduction, **kwargs)
     if target.size() != input.size():
@@ -104,15 +136,28 @@ def _pointwise(
         )
     if weight is not None and weight.size() != input.size():
         raise ValueError("Weights and input must have the same size.")
-    dtype = input.dtype if same_dtype_as_input else _result_type(input, target)
-    if weight is not None:
-        dtype = torch.promote_types(dtype, weight.dtype)
+    autocast = _autocast_dtypes(input, target, weight)
+    if autocast is not None:
+        dtype, out_dtype = autocast
+        weight_dtype = torch.float32
+    else:
+        if torch.is_autocast_enabled(input.device.type):  # fp64 among the operands: cast the others
+            input, target, weight = (
+                t.float() if t is not None and t.dtype in AUTOCAST_TO_FP32 else t
+                for t in (input, target, weight)
+            )
+        dtype = input.dtype if same_dtype_as_input else _result_type(input, target)
+        if weight is not None:
+            dtype = torch.promote_types(dtype, weight.dtype)
+        out_dtype = weight_dtype = dtype
     x, y = torch.broadcast_tensors(input.to(dtype), target.to(dtype))  # autograd sums back
     x, y = x.contiguous(), y.contiguous()
-    w = None if weight is None else torch.broadcast_to(weight.to(dtype), x.shape).contiguous()
+    w = None if weight is None else torch.broadcast_to(weight.to(weight_dtype), x.shape).contiguous()
     want_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     mean_by_weight = w is not None and torch_op in (F.mse_loss, F.l1_loss)
-    return PointwiseLossFunction.apply(x, y, w, int(loss), float(param), reduction, want_grad, mean_by_weight)
+    return PointwiseLossFunction.apply(
+        x, y, w, int(loss), float(param), reduction, want_grad, mean_by_weight, out_dtype
+    )
 
 
 def _legacy(size_average, reduce, reduction: str) -> str:
@@ -142,7 +187,7 @@ def smooth_l1_loss(
 ) -> torch.Tensor:
     """``torch.nn.functional.smooth_l1_loss``; the gradient is written while the loss is reduced."""
     reduction = _legacy(size_average, reduce, reduction)
-    if beta < 0:
+    if not beta >= 0:  # negative or NaN
         return F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)  # torch's error
     if beta == 0:  # torch: smooth L1 with beta 0 is L1
         return _pointwise(input, target, None, reduction, kernels.L1, 0.0, F.smooth_l1_loss, beta=beta)
@@ -151,7 +196,7 @@ def smooth_l1_loss(
 
 def huber_loss(input, target, reduction: str = "mean", delta: float = 1.0, weight=None) -> torch.Tensor:
     """``torch.nn.functional.huber_loss``; the gradient is written while the loss is reduced."""
-    if delta <= 0:
+    if not delta > 0:  # zero, negative or NaN
         return F.huber_loss(input, target, reduction=reduction, delta=delta)  # torch's error
     return _pointwise(
         input,

@@ -37,6 +37,12 @@ are freed when the forward returns; what is kept until the backward is the gradi
 in their dtypes), no logits. A bf16 weight gets its gradient summed over the chunks in fp32
 and rounded once, as the composition's single matmul does.
 
+**create_graph.** A backward that autograd records (``create_graph=True``: double backward,
+Hessian-vector products, MAML) differentiates the composition instead (the matmul in the same
+dtype, the loss in fp32 under autocast), from the inputs the forward keeps for it (references to
+``input``, the weight and the bias: no copy; ``input`` held until the backward, ``N x H``), so
+second derivatives are torch's. Every other backward is the fused one.
+
 ``chunk_classes`` selects the vocabulary order (blocks of classes, all the tokens each): no
 ``V x H`` fp32 accumulator (``grad_weight`` written once per block), an ``N x H`` fp32 sum of
 ``grad_input`` instead, and the logits computed twice (see ``docs/losses.md``).
@@ -46,14 +52,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from torch.overrides import has_torch_function_variadic
 
 from fusedopt import _linear_cross_entropy_launch as launch
 from fusedopt._cross_entropy_launch import _scale_grad
 from fusedopt._multi_tensor import TL_DTYPE, runs_triton
 from fusedopt.cross_entropy import arguments
-from fusedopt.losses import scaled_copy
+from fusedopt.losses import differentiable_grads, scaled_copy
 
 AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts
 
@@ -69,19 +74,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
             x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, chunk, block,
             *needs, mm_dtype, out_dtype,
         )  # fmt: skip
-        ctx.needs, ctx.reduction = needs, reduction
+        ctx.needs, ctx.reduction, ctx.options = needs, reduction, options
         if reduction == "none":
             ctx.save_for_backward(x, weight, bias, target, class_weight, stats, lse)
-            ctx.options = options
-        else:
+        else:  # the operands only for a backward with create_graph (references, no copy)
+            ctx.save_for_backward(x, weight, bias, target, class_weight)
             ctx.grads = tuple(g if need else None for g, need in zip((gi, gw, gb), needs, strict=True))
             ctx.applied = torch.empty((), dtype=stats.dtype, device=x.device)
             ctx.first = True
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
+            x, weight, bias, target, class_weight = ctx.saved_tensors[:5]
+            ignore_index, reduction, label_smoothing, _, _, mm_dtype, out_dtype = ctx.options
+
+            def composition(x, weight, bias):
+                with torch.autocast(x.device.type, enabled=False):
+                    logits = F.linear(
+                        x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None
+                    )
+                    return F.cross_entropy(
+                        logits.to(out_dtype), target.reshape(-1), weight=class_weight, ignore_index=ignore_index,
+                        reduction=reduction, label_smoothing=label_smoothing,
+                    )  # fmt: skip
+
+            go = grad_output.reshape(-1) if reduction == "none" else grad_output
+            grads = differentiable_grads(composition, (x, weight, bias), ctx.needs, go)
+            return *grads, None, None, None, None
         if ctx.reduction == "none":
             x, weight, bias, target, class_weight, stats, lse = ctx.saved_tensors
             ignore_index, _, label_smoothing, chunk, block, mm_dtype, _ = ctx.options

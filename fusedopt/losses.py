@@ -12,6 +12,19 @@ A weight adds 4 B read per pass that reads it. With reduction "none" nothing is 
 ahead: forward reads x, y and writes the loss (12 B), backward reads x, y and grad_output and
 writes g (16 B), as torch.compile does.
 
+Every launch is a 1-D grid of at most :data:`MAX_PROGRAMS` programs (:func:`grid`), each looping
+over its work items: CUDA's limits (2^31 - 1 programs on axis 0, 65,535 on axes 1 and 2) hold
+for any input size.
+
+Under autocast (any device whose autocast is on) the four losses run in fp32, as torch's autocast
+runs them: fp16/bf16 operands of one dtype are read as they are (the math is fp32 anyway), the
+loss comes out fp32 and the gradient in the operands' dtype; other mixes are cast to fp32 first.
+
+``create_graph=True`` (a backward that autograd records: double backward, Hessian-vector
+products, MAML) takes a differentiable torch composition of the same loss
+(:func:`differentiable_grads`), so second derivatives are torch's; the fused path is the
+backward of every other call.
+
 Under ``torch.compile`` the launchers run as custom ops (``fusedopt::mean``,
 ``fusedopt::pointwise_loss``, ``fusedopt::pointwise_loss_reduced``,
 ``fusedopt::pointwise_loss_backward``; see :func:`compilable`), and the backward of a reduced
@@ -24,11 +37,20 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 import triton
-from torch.autograd.function import once_differentiable
 
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, float64_vector
 from fusedopt.kernels import losses as kernels
+
+# CUDA's limit on grid axis 0 (axes 1 and 2: 65,535). The kernels here loop over their work
+# items (program p takes items p, p + grid, ...), so the grid is capped, never the input.
+MAX_PROGRAMS = 2**31 - 1
+
+
+def grid(items: int) -> tuple[int]:
+    """The 1-D grid for ``items`` work items: one program each, at most :data:`MAX_PROGRAMS`."""
+    return (min(items, MAX_PROGRAMS),)
 
 
 def _config(k: int) -> tuple[int, int]:
@@ -84,7 +106,7 @@ def reduce_rows(
     out = torch.empty(m, dtype=out_dtype, device=x.device)
     scalars = float64_vector([param, scale], x.device)
     if p and m:
-        kernels.pointwise_loss_kernel[(p, m)](
+        kernels.pointwise_loss_kernel[grid(p * m)](
             x,
             x if y is None else y,
             x if w is None else w,
@@ -94,6 +116,7 @@ def reduce_rows(
             scalars,
             k,
             p,
+            p * m,
             LOSS=loss,
             COMPUTE=TL_DTYPE[ct],
             BLOCK=block,
@@ -103,13 +126,17 @@ def reduce_rows(
             num_warps=warps,
         )
     if m:
-        kernels.sum_rows_kernel[(m,)](partial, out, scalars, p, COMPUTE=TL_DTYPE[ct], BLOCK=1024)
+        kernels.sum_rows_kernel[grid(m)](partial, out, scalars, m, p, COMPUTE=TL_DTYPE[ct], BLOCK=1024)
     return out
 
 
 def _like_x(x: torch.Tensor, *args) -> torch.Tensor:
     """Fake of the ops whose output is a tensor like ``x``."""
     return torch.empty_like(x)
+
+
+def _elementwise_fake(x, y, w, loss, param, out_dtype):
+    return torch.empty_like(x, dtype=out_dtype)
 
 
 @compilable("mean", lambda x, out_dtype: x.new_empty(x.shape[0], dtype=out_dtype))
@@ -119,16 +146,17 @@ def mean_rows(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return reduce_rows(x, None, None, kernels.MEAN, 0.0, 1.0 / k if k else float("nan"), out_dtype, None)
 
 
-@compilable("pointwise_loss", _like_x)
+@compilable("pointwise_loss", _elementwise_fake)
 def elementwise(
-    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, loss: int, param: float
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, loss: int, param: float, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """The unreduced loss of contiguous tensors, in x's dtype."""
+    """The unreduced loss of contiguous tensors, in ``out_dtype``."""
     n = x.numel()
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=out_dtype)
     block, warps = _config(n)
     if n:
-        kernels.pointwise_loss_kernel[(-(-n // block), 1)](
+        blocks = -(-n // block)
+        kernels.pointwise_loss_kernel[grid(blocks)](
             x,
             y,
             x if w is None else w,
@@ -137,7 +165,8 @@ def elementwise(
             out,
             float64_vector([param, 1.0], x.device),
             n,
-            1,
+            blocks,
+            blocks,
             LOSS=loss,
             COMPUTE=TL_DTYPE[compute_dtype(x.dtype)],
             BLOCK=block,
@@ -162,8 +191,8 @@ def _reduction_scale(
     return 1.0 / n if n else float("nan")
 
 
-def _reduced_fake(x, y, w, loss, param, reduction, mean_by_weight, want_grad):
-    return x.new_empty(()), torch.empty_like(x) if want_grad else x.new_empty(0)
+def _reduced_fake(x, y, w, loss, param, reduction, mean_by_weight, want_grad, out_dtype):
+    return x.new_empty((), dtype=out_dtype), torch.empty_like(x) if want_grad else x.new_empty(0)
 
 
 @compilable("pointwise_loss_reduced", _reduced_fake)
@@ -176,13 +205,14 @@ def reduced_loss(
     reduction: str,
     mean_by_weight: bool,
     want_grad: bool,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The "mean" or "sum" loss of contiguous tensors (0-d, x's dtype) and, if ``want_grad``,
-    its gradient w.r.t. ``x`` written in the same pass (else an empty tensor)."""
+    """The "mean" or "sum" loss of contiguous tensors (0-d, ``out_dtype``) and, if ``want_grad``,
+    its gradient w.r.t. ``x`` (x's dtype) written in the same pass (else an empty tensor)."""
     grad = torch.empty_like(x) if want_grad else x.new_empty(0)
     scale = _reduction_scale(x, w, reduction, mean_by_weight)
     out = reduce_rows(
-        x.reshape(1, -1), y.reshape(1, -1), w, loss, param, scale, x.dtype, grad if want_grad else None
+        x.reshape(1, -1), y.reshape(1, -1), w, loss, param, scale, out_dtype, grad if want_grad else None
     )
     return out.reshape(()), grad
 
@@ -207,7 +237,7 @@ def pointwise_grad(
     block, warps = _config(n)
     go = grad_output.contiguous()
     if n:
-        kernels.pointwise_loss_backward_kernel[(-(-n // block),)](
+        kernels.pointwise_loss_backward_kernel[grid(-(-n // block))](
             x,
             y,
             x if w is None else w,
@@ -232,7 +262,7 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
     n = grad.numel()
     block, warps = _config(n)
     if n:
-        kernels.scale_grad_kernel[(-(-n // block),)](
+        kernels.scale_grad_kernel[grid(-(-n // block))](
             grad, grad_output, n, COMPUTE=TL_DTYPE[compute_dtype(grad.dtype)], BLOCK=block, num_warps=warps
         )
     return grad
@@ -244,6 +274,38 @@ def scaled_copy(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     (``retain_graph=True``), so it must not scale the forward's buffer in place as eager does;
     plain torch ops let inductor fuse the product (one pass: 8 B per fp32 element)."""
     return (grad * grad_output).to(grad.dtype)
+
+
+def differentiable_grads(
+    loss: Callable[..., torch.Tensor],
+    inputs: tuple[torch.Tensor | None, ...],
+    needs: tuple[bool, ...],
+    grad_output: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of ``loss(*inputs)`` (a plain torch composition) for the inputs in
+    ``needs``, with ``create_graph``: the backward of a fused loss when autograd records it
+    (``create_graph=True``), so that second derivatives are torch's. ``inputs`` are the saved
+    tensors, still attached to the caller's graph."""
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+    with torch.enable_grad():
+        grads = iter(
+            torch.autograd.grad(loss(*inputs), wanted, grad_output, create_graph=True, allow_unused=True)
+        )
+    return tuple(next(grads) if need else None for need in needs)
+
+
+def torch_loss(x, y, w, loss: int, param: float, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """The pointwise loss in plain torch, in ``out_dtype`` (fp32 under autocast, else the
+    operands' dtype): the composition :func:`differentiable_grads` differentiates."""
+    x, y = x.to(out_dtype), y.to(out_dtype)
+    weight = {} if w is None else {"weight": w.to(out_dtype)}
+    if loss == int(kernels.MSE):
+        return F.mse_loss(x, y, reduction=reduction, **weight)
+    if loss == int(kernels.L1):
+        return F.l1_loss(x, y, reduction=reduction, **weight)
+    if loss == int(kernels.SMOOTH_L1):
+        return F.smooth_l1_loss(x, y, reduction=reduction, beta=param)
+    return F.huber_loss(x, y, reduction=reduction, delta=param, **weight)
 
 
 class MeanFunction(torch.autograd.Function):
@@ -264,7 +326,8 @@ class MeanFunction(torch.autograd.Function):
 
 class PointwiseLossFunction(torch.autograd.Function):
     """MSE / L1 / SmoothL1 / Huber of same-shape contiguous ``input`` and ``target`` (and an
-    optional ``weight`` that does not require grad).
+    optional ``weight`` that does not require grad), the loss in ``out_dtype`` (fp32 under
+    autocast for fp16/bf16 operands; their gradient keeps their dtype).
 
     For "mean"/"sum", forward writes the gradient w.r.t. ``input`` while it reduces (only if
     ``want_grad``), and the first backward scales that buffer in place (no work when
@@ -274,24 +337,38 @@ class PointwiseLossFunction(torch.autograd.Function):
 
     While torch.compile traces, the kernels run as ``torch.ops.fusedopt`` ops and the backward
     of "mean"/"sum" returns ``stored gradient * grad_output`` as a new tensor, every time.
+
+    A backward that autograd records (``create_graph=True``) differentiates :func:`torch_loss`
+    instead (:func:`differentiable_grads`): torch's second derivatives.
     """
 
     @staticmethod
     def forward(
-        ctx, input, target, weight, loss: int, param: float, reduction: str, want_grad: bool, mean_by_weight
-    ):
+        ctx, input, target, weight, loss: int, param: float, reduction: str, want_grad: bool, mean_by_weight,
+        out_dtype: torch.dtype,
+    ):  # fmt: skip
         ctx.loss, ctx.param, ctx.reduction, ctx.mean_by_weight = loss, param, reduction, mean_by_weight
+        ctx.out_dtype = out_dtype
         ctx.save_for_backward(input, target, weight)
         if reduction == "none":
-            return elementwise(input, target, weight, loss, param)
-        out, grad = reduced_loss(input, target, weight, loss, param, reduction, mean_by_weight, want_grad)
+            return elementwise(input, target, weight, loss, param, out_dtype)
+        out, grad = reduced_loss(
+            input, target, weight, loss, param, reduction, mean_by_weight, want_grad, out_dtype
+        )
         ctx.grad = grad if want_grad else None
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         x, y, w = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
+            grads = differentiable_grads(
+                lambda x, y: torch_loss(x, y, w, ctx.loss, ctx.param, ctx.reduction, ctx.out_dtype),
+                (x, y),
+                tuple(ctx.needs_input_grad[:2]),
+                grad_output,
+            )
+            return *grads, None, None, None, None, None, None, None
         if ctx.reduction == "none":
             grad = pointwise_grad(x, y, w, grad_output, ctx.loss, ctx.param)
         elif ctx.grad is not None and torch.compiler.is_compiling():
@@ -302,4 +379,14 @@ class PointwiseLossFunction(torch.autograd.Function):
             scale = _reduction_scale(x, w, ctx.reduction, ctx.mean_by_weight)
             grad = pointwise_grad(x, y, w, grad_output, ctx.loss, ctx.param, scale)
         grad_target = -grad if ctx.needs_input_grad[1] else None
-        return (grad if ctx.needs_input_grad[0] else None), grad_target, None, None, None, None, None, None
+        return (
+            (grad if ctx.needs_input_grad[0] else None),
+            grad_target,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )

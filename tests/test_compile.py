@@ -128,7 +128,7 @@ def _loss_variants() -> list:
             for reduce, grad, weight in [(True, True, False), (True, False, True), (False, False, True)]:
                 signature = dict(
                     x_ptr=ptr, y_ptr=ptr, w_ptr=ptr, out_ptr=ptr, partial_ptr=cptr, grad_ptr=ptr,
-                    scalars="*fp64", K="i64", P="i32",
+                    scalars="*fp64", K="i64", P="i32", ITEMS="i64",
                 )  # fmt: skip
                 constexprs = dict(
                     LOSS=loss, COMPUTE=compute, BLOCK=1024, HAS_WEIGHT=weight, REDUCE=reduce, WRITE_GRAD=grad
@@ -150,7 +150,7 @@ def _loss_variants() -> list:
         out.append(
             [
                 "sum_rows",
-                dict(partial_ptr=cptr, out_ptr=ptr, scalars="*fp64", P="i32"),
+                dict(partial_ptr=cptr, out_ptr=ptr, scalars="*fp64", M="i64", P="i32"),
                 dict(COMPUTE=compute, BLOCK=1024),
             ]
         )

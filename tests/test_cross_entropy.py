@@ -9,6 +9,7 @@ tolerance is the loss contract (``fusedopt.tolerance.LOSS_TOLERANCE``).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -363,18 +364,27 @@ def test_gradient_buffer_only_when_autograd_records(reduction, triton_device):
         assert recorded < numel  # none recomputes in backward: nothing (N, C) in the forward
 
 
-def test_target_out_of_range_raises(triton_device):
-    x, target, _ = make_inputs((5, 33), torch.float32, OPTIONS["plain"], triton_device)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_target_out_of_range_raises_index_error_as_torch(reduction, options, triton_device):
+    """Issue 18: an out-of-range target raised ``RuntimeError`` where torch raises
+    ``IndexError``: torch's type and message (the bad target); uint8 targets too (torch
+    prints those as a character, and fails to decode one above 127: the number here)."""
+    x, target, kwargs = make_inputs((5, 33), torch.float32, OPTIONS[options], triton_device)
     if triton_device == "cuda":
-        pytest.skip("a triton_device-side assert poisons the CUDA context")
-    for bad in (33, -1, 1000):
+        pytest.skip("a device-side assert (torch's CUDA behaviour too) poisons the CUDA context")
+    for bad, dtype in ((33, torch.int64), (-1, torch.int64), (1000, torch.int64), (200, torch.uint8)):
         wrong = target.clone()
         wrong[2] = bad
-        with pytest.raises(RuntimeError, match=r"target out of range.*\[0, 33\)"):
-            cross_entropy(x.clone().requires_grad_(), wrong)
+        wrong = wrong.to(dtype) if dtype == torch.int64 else wrong.clamp(0).to(dtype)
+        if dtype == torch.int64:
+            expected = raised(F.cross_entropy, x, wrong, reduction=reduction, **kwargs)
+            assert isinstance(expected, IndexError) and str(expected) == f"Target {bad} is out of bounds."
+        with pytest.raises(IndexError, match=rf"^Target {bad} is out of bounds\.$"):
+            cross_entropy(x.clone().requires_grad_(), wrong, reduction=reduction, **kwargs)
     wrong = target.clone()
-    wrong[1] = -100  # ignore_index is not out of range
-    cross_entropy(x, wrong)
+    wrong[1] = kwargs["ignore_index"]  # ignore_index is not out of range
+    cross_entropy(x, wrong, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -401,6 +411,12 @@ def test_invalid_arguments_raise_as_torch(make_args, error, device):
     with pytest.raises(error) as torch_info:
         F.cross_entropy(**args)
     assert str(ours_info.value) == str(torch_info.value)
+
+
+def raised(fn, *args, **kwargs) -> BaseException:
+    with pytest.raises(Exception) as info:  # the oracle's error, whatever it is
+        fn(*args, **kwargs)
+    return info.value
 
 
 def test_probability_targets_are_refused(triton_device):
@@ -624,3 +640,123 @@ def test_module_face_trains_like_the_stock_module(triton_device):
         torch.testing.assert_close(ours(model(x), target), theirs(twin(x), target), rtol=1e-5, atol=1e-6)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert_close(p, q, "param", OPTIM_TOLERANCE)
+
+
+# Issue 18: non-finite logits, create_graph, autocast with class weights, interpreter warnings --
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_non_finite_logits_give_torch_nan(options, reduction, dtype, triton_device, sizes):
+    """Issue 18: a NaN logit that was not the target was dropped from the log-sum-exp (a finite
+    loss where torch's is NaN: a diverged model looked fine). Rows with a NaN (in the first and
+    in the last of three column blocks), a +inf, only -inf, -inf beside finite logits, and a
+    NaN in an ignored row: torch's loss and gradient, NaN exactly where torch's are."""
+    sizes(16)  # rows of 37 classes span three column blocks
+    x, target, kwargs = make_inputs((9, 37), dtype, OPTIONS[options], triton_device)
+    target[[1, 2, 3, 5, 6, 7]] = torch.tensor([20, 4, 0, 30, 2, 9], device=triton_device)
+    target[4] = kwargs["ignore_index"]
+    x[1, 2], x[6, 36] = NAN, NAN  # not the target
+    x[2, 30] = INF
+    x[3] = -INF
+    x[4, 11] = NAN  # an ignored row: loss 0, gradient NaN (torch's softmax backward)
+    x[5, :10] = -INF  # masked classes: finite loss (inf with smoothing, as torch)
+    grad_output = None
+    if reduction == "none":
+        grad_output = torch.randn(target.shape, generator=torch.Generator().manual_seed(1)).to(triton_device)
+    loss, grad = check_against_torch(x.requires_grad_(), target, grad_output, reduction, **kwargs)
+    assert loss.isnan().any() and grad[[1, 2, 3, 4, 6]].isnan().all()
+    assert grad[[0, 5, 7, 8]].isfinite().all()
+
+
+def hessian_vector_product(fn, x, v, grad_output):
+    """The gradient with ``create_graph=True``, then the gradient of ``<gradient, v>``."""
+    x = x.detach().clone().requires_grad_()
+    (g,) = torch.autograd.grad(fn(x), x, grad_output, create_graph=True)
+    (hv,) = torch.autograd.grad((g * v).sum(), x)
+    return g, hv
+
+
+@pytest.mark.parametrize("options", ["plain", "all"])
+@pytest.mark.parametrize("shape", [(6, 37), (3, 37, 2)], ids=str)
+def test_create_graph_none_gives_torch_second_derivatives(shape, options, triton_device, sizes):
+    """Issue 18: ``create_graph=True`` through the fused loss silently gave a first-order-only
+    gradient (double backward, MAML, Hessian-vector products wrong). ``reduction="none"`` keeps
+    the logits: its gradient and a Hessian-vector product are torch's."""
+    sizes(16)
+    x, target, kwargs = make_inputs(shape, torch.float32, OPTIONS[options], triton_device)
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(shape, generator=gen).to(triton_device)
+    go = torch.randn(target.shape, generator=gen).to(triton_device)
+    ours = hessian_vector_product(lambda z: cross_entropy(z, target, reduction="none", **kwargs), x, v, go)
+    theirs = hessian_vector_product(
+        lambda z: F.cross_entropy(z, target, reduction="none", **kwargs), x, v, go
+    )
+    assert_close(ours[0], theirs[0], "grad", LOSS_TOLERANCE)
+    assert_close(ours[1], theirs[1], "Hv", LOSS_TOLERANCE)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_create_graph_mean_or_sum_raises(reduction, triton_device):
+    """Issue 18: with ``mean``/``sum`` the forward keeps the gradient, not the logits, so a
+    second derivative cannot be had: a clear error instead of a first-order-only gradient. The
+    first-order backward of the same graph still works."""
+    x, target, kwargs = make_inputs((6, 37), torch.float32, OPTIONS["all"], triton_device)
+    x.requires_grad_()
+    loss = cross_entropy(x, target, reduction=reduction, **kwargs)
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*reduction='none'"):
+        torch.autograd.grad(loss, x, create_graph=True, retain_graph=True)
+    (grad,) = torch.autograd.grad(loss, x)
+    _, ref_grad = reference(x, target, None, reduction, **kwargs)
+    assert_close(grad, ref_grad, "grad", LOSS_TOLERANCE)
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_class_weight_under_autocast_as_torch(weight_dtype, logits_dtype, triton_device):
+    """Issue 18: class-weighted ``FusedCrossEntropyLoss`` raised under autocast ("expected
+    scalar type BFloat16 but found Float") where torch casts logits and weight to fp32. torch's
+    value, dtype and gradient, or its error (an fp64 weight)."""
+    import fusedopt.nn
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 37, generator=gen).to(triton_device, logits_dtype).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    target = torch.randint(0, 37, (8,), generator=gen).to(triton_device)
+    weight = (torch.rand(37, generator=gen) + 0.5).to(triton_device, weight_dtype)
+    kwargs = dict(weight=weight, ignore_index=3, label_smoothing=0.1)
+    with torch.autocast(triton_device, dtype=torch.bfloat16):
+        if weight_dtype == torch.float64:
+            expected = raised(torch.nn.CrossEntropyLoss(**kwargs), xr, target)
+            with pytest.raises(type(expected), match=str(expected)):
+                fusedopt.nn.FusedCrossEntropyLoss(**kwargs)(x, target)
+            return
+        ours = fusedopt.nn.FusedCrossEntropyLoss(**kwargs)(x, target)
+        theirs = torch.nn.CrossEntropyLoss(**kwargs)(xr, target)
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert_close(ours, theirs, "loss", LOSS_TOLERANCE)
+    ours.backward()
+    theirs.backward()
+    assert x.grad.dtype == xr.grad.dtype == logits_dtype
+    assert_close(x.grad, xr.grad, "grad", LOSS_TOLERANCE)
+
+
+def test_kernels_raise_no_runtime_warning(triton_device, sizes):
+    """Issue 18: the interpreter printed "RuntimeWarning: invalid value encountered in subtract"
+    from the cross-entropy kernels (-inf - (-inf) on masked lanes) in user code. Ordinary
+    calls, masked (-inf) classes and a partly masked last tile included, forward and backward,
+    with RuntimeWarning an error."""
+    sizes(16, 64)  # rows of 37 classes: three column blocks; 2 rows per program, 7 rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for options in OPTIONS:
+            for reduction in ("mean", "sum", "none"):
+                x, target, kwargs = make_inputs((7, 37), torch.float32, OPTIONS[options], triton_device)
+                x[:, 33:] = -INF  # masked classes, no target among them
+                target[target >= 33] = 1
+                loss = cross_entropy(x.requires_grad_(), target, reduction=reduction, **kwargs)
+                loss.sum().backward()
+                assert x.grad.isfinite().all()

@@ -698,3 +698,160 @@ def test_deterministic(device):
     for fn in (lambda: F.mse_loss(x, y), lambda: F.mean(x)):
         first, second = fn(), fn()
         assert torch.equal(first.view(torch.int32), second.view(torch.int32))
+
+
+# 14. Non-finite values, loss parameters, create_graph, autocast, dtype= (issue 18) -------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("huber_loss", {}),
+        ("huber_loss", dict(delta=0.5)),
+        ("smooth_l1_loss", dict(beta=0.5)),
+        ("mse_loss", {}),
+        ("l1_loss", {}),
+    ],
+    ids=str,
+)
+def test_nan_input_gets_torch_gradient_not_delta(name, kwargs, reduction, triton_device):
+    """Issue 18: the Huber loss gave a NaN input the gradient ±delta (its clamp was a min/max,
+    which drops NaN); torch's is NaN. NaN and ±inf inputs and targets: torch's loss and both
+    gradients, for every loss."""
+    x = torch.tensor([0.5, NAN, -3.0, INF, 2.0, -INF, NAN, 0.25], device=triton_device)
+    y = torch.tensor([0.0, 1.0, NAN, 0.0, INF, 1.0, -2.0, 0.0], device=triton_device)
+    compare_loss(name, x.requires_grad_(), y.requires_grad_(), reduction, f"{name} {reduction}", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("huber_loss", dict(delta=NAN)),
+        ("smooth_l1_loss", dict(beta=NAN)),
+        ("huber_loss", dict(delta=-0.5)),
+        ("smooth_l1_loss", dict(beta=-0.5)),
+    ],
+    ids=str,
+)
+def test_nan_or_negative_delta_or_beta_raises_as_torch(name, kwargs, device):
+    """Issue 18: ``delta=nan`` (Huber) and ``beta=nan`` (SmoothL1) were accepted (a NaN loss);
+    torch raises. The functional and the module faces raise torch's error type and message."""
+    x, y = make_pair((3,), torch.float32, device)
+    assert_same_error(getattr(F, name), getattr(TF, name), x, y, **kwargs)
+    fused, stock = {"huber_loss": (fnn.FusedHuberLoss, nn.HuberLoss)}.get(
+        name, (fnn.FusedSmoothL1Loss, nn.SmoothL1Loss)
+    )
+    assert_same_error(fused(**kwargs), stock(**kwargs), x, y)
+
+
+HVP_CASES = [
+    ("mse_loss", {}),
+    ("mse_loss", dict(weight=True)),
+    ("l1_loss", {}),
+    ("smooth_l1_loss", dict(beta=0.5)),
+    ("huber_loss", dict(delta=0.7)),
+    ("huber_loss", dict(delta=0.7, weight=True)),
+]
+
+
+def hessian_vector_products(op, x, y, v, grad_output, **kwargs):
+    """``(g_x, g_y, H v)``: both gradients with ``create_graph=True``, then the gradient of
+    ``<g_x, v> + <g_y, -v>`` w.r.t. both (a Hessian-vector product)."""
+    x, y = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    gx, gy = torch.autograd.grad(op(x, y, **kwargs), (x, y), grad_output, create_graph=True)
+    hx, hy = torch.autograd.grad((gx * v).sum() - (gy * v).sum(), (x, y))
+    return gx, gy, hx, hy
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name,kwargs", HVP_CASES, ids=str)
+def test_create_graph_hessian_vector_product_matches_torch(name, kwargs, reduction, triton_device):
+    """Issue 18: ``create_graph=True`` through a fused loss gave first-order-only gradients (no
+    graph: double backward, MAML and Hessian-vector products went wrong or raised). The
+    gradients and a Hessian-vector product w.r.t. input and target, against torch's."""
+    gen = torch.Generator().manual_seed(18)
+    x, y, v = (torch.randn(5, 7, generator=gen).to(triton_device) for _ in range(3))
+    kwargs = dict(kwargs, reduction=reduction)
+    if kwargs.pop("weight", False):
+        kwargs["weight"] = torch.rand(5, 7, generator=gen).to(triton_device) + 0.5
+    go = (
+        torch.randn(5, 7, generator=gen).to(triton_device)
+        if reduction == "none"
+        else torch.tensor(GRAD_SCALE)
+    )
+    ours = hessian_vector_products(getattr(F, name), x, y, v, go, **kwargs)
+    theirs = hessian_vector_products(getattr(TF, name), x, y, v, go, **kwargs)
+    for o, t, what in zip(ours, theirs, ("grad input", "grad target", "Hv input", "Hv target"), strict=True):
+        assert_close(o, t, f"{name} {reduction} {what}", LOSS_TOLERANCE)
+
+
+AUTOCAST_PAIRS = {"same": (None, None), "target fp32": (None, torch.float32), "weighted": (None, None)}
+
+
+@pytest.mark.parametrize("pair", list(AUTOCAST_PAIRS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", OPS)
+def test_autocast_runs_the_loss_in_fp32_as_torch(name, reduction, dtype, pair, triton_device):
+    """Issue 18: under autocast mse/l1/smooth_l1/huber returned bf16/fp16 where torch (they are
+    on autocast's fp32 list) returns fp32, and an fp16 ``reduction="sum"`` overflowed to inf.
+    Loss dtype and value as torch's under the same autocast; gradients in the inputs' dtypes,
+    torch's fp32 gradient rounded to them."""
+    if pair == "weighted" and name == "smooth_l1_loss":
+        pytest.skip("smooth_l1_loss takes no weight")
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(33, 65, generator=gen) * 300).to(triton_device, dtype)  # squares beyond fp16
+    y = torch.randn(33, 65, generator=gen).to(triton_device, AUTOCAST_PAIRS[pair][1] or dtype)
+    kwargs = dict(reduction=reduction)
+    if pair == "weighted":
+        kwargs["weight"] = (torch.rand(33, 65, generator=gen) + 0.5).to(triton_device)  # fp32
+    x, y = x.requires_grad_(), y.requires_grad_()
+    xr, yr = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    with torch.autocast(triton_device, dtype=dtype):
+        ours = getattr(F, name)(x, y, **kwargs)
+        theirs = getattr(TF, name)(xr, yr, **kwargs)
+    assert ours.dtype == theirs.dtype == torch.float32 and ours.shape == theirs.shape
+    if pair != "weighted" or name == "huber_loss":  # torch's weighted MSE / L1 overflow in fp16
+        assert ours.isfinite().all()
+    assert_close(ours, theirs, "loss", LOSS_TOLERANCE)
+    g = torch.randn(ours.shape, generator=gen).to(triton_device) if reduction == "none" else GRAD_SCALE
+    (ours * g).sum().backward()
+    (theirs * g).sum().backward()
+    for mine, ref, which in ((x, xr, "input"), (y, yr, "target")):
+        assert mine.grad.dtype == mine.dtype, which
+        assert_close(mine.grad, ref.grad, f"{which} grad", LOSS_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "in_dtype,dtype",
+    [
+        (torch.float64, torch.bfloat16),
+        (torch.float64, torch.float16),
+        (torch.float64, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.bfloat16),
+    ],
+    ids=str,
+)
+def test_mean_dtype_narrower_than_input_as_torch(in_dtype, dtype, device):
+    """Issue 18: ``mean(fp64_tensor, dtype=torch.bfloat16)`` failed in the kernel (an fp64
+    sum stored as bf16). torch casts the input to ``dtype`` first, so the values are rounded
+    before the sum: torch's dtype, shape and gradient; the value within the contract of the
+    fp32 mean of the cast values (torch's own bf16 sum over dim 0 rounds as it goes)."""
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(5, 37, generator=gen, dtype=torch.float64) * 3).to(device, in_dtype).requires_grad_()
+    for kwargs in ({}, dict(dim=1), dict(dim=0, keepdim=True)):
+        xr = x.detach().clone().requires_grad_()
+        ours, theirs = F.mean(x, dtype=dtype, **kwargs), torch.mean(xr, dtype=dtype, **kwargs)
+        assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape, kwargs
+        oracle = torch.mean(x.detach().to(dtype).to(oracle_dtype(dtype)), **kwargs)
+        assert_close(ours, oracle, f"mean {kwargs}", LOSS_TOLERANCE)
+        g = torch.randn(ours.shape, generator=gen).to(device, dtype)
+        x.grad = None
+        (ours * g).sum().backward()
+        (theirs * g).sum().backward()
+        assert x.grad.dtype == in_dtype
+        assert torch.equal(x.grad, xr.grad), kwargs

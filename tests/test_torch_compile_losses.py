@@ -200,19 +200,24 @@ def test_inductor(triton_device, monkeypatch):
     assert_within(ours, _loss_and_grads(step, model, x, target), "inductor vs eager fusedopt")
 
 
-def test_autocast_under_compile(triton_device):
-    """CrossEntropyFunction's autocast rule holds while compiling: an fp32 loss from bf16 logits."""
-    case = CASES["cross_entropy"]
-    model, x, target, _ = _problem(case, triton_device)
+@pytest.mark.parametrize("name", ["cross_entropy", "cross_entropy_options", "mse", "huber_none"])
+def test_autocast_under_compile(name, triton_device):
+    """The autocast rules hold while compiling: an fp32 loss from bf16 model outputs, class
+    weights cast to fp32 (issue 18: weighted cross-entropy raised under autocast), the
+    regression losses in fp32 (issue 18: they returned bf16)."""
+    case = CASES[name]
+    model, x, target, kwargs = _problem(case, triton_device)
 
     def step(loss_fn, x, target):
         with torch.autocast(triton_device, dtype=torch.bfloat16):
-            return loss_fn(model(x), target)
+            loss = loss_fn(model(x), target, **kwargs)
+        return loss.sum() if loss.dim() else loss
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     ours = _loss_and_grads(compiled, model, case.ours, x, target)
     assert ours[0].dtype == torch.float32
     assert_within(ours, _loss_and_grads(step, model, case.ours, x, target), "compiled vs eager, autocast")
+    assert_within(ours, _loss_and_grads(step, model, case.theirs, x, target), "compiled vs torch, autocast")
 
 
 def test_dynamic_shapes(triton_device):
@@ -254,13 +259,24 @@ def _ce_backward_args(r: Inputs) -> tuple:
 # opcheck runs each op several times.
 OPCHECK_CASES: dict[str, Callable[[Inputs], tuple]] = {
     "mean": lambda r: ("mean", r.randn(3, 5), torch.float64),
-    "pointwise_loss": lambda r: ("pointwise_loss", r.randn(3, 5), r.randn(3, 5), r.randn(3, 5).abs(), 1, 0.0),
-    "pointwise_loss-unweighted": lambda r: ("pointwise_loss", r.randn(7), r.randn(7), None, 3, 0.5),
+    "pointwise_loss": lambda r: (
+        "pointwise_loss", r.randn(3, 5), r.randn(3, 5), r.randn(3, 5).abs(), 1, 0.0, torch.float32
+    ),
+    "pointwise_loss-unweighted": lambda r: ("pointwise_loss", r.randn(7), r.randn(7), None, 3, 0.5, torch.float32),
+    # under autocast: bf16 operands read as they are, the loss in fp32
+    "pointwise_loss-autocast": lambda r: (
+        "pointwise_loss", r.randn(7).bfloat16(), r.randn(7).bfloat16(), None, 1, 0.0, torch.float32
+    ),
     "pointwise_loss_reduced-mean_by_weight": lambda r: (
-        "pointwise_loss_reduced", r.randn(3, 5), r.randn(3, 5), r.randn(3, 5).abs(), 1, 0.0, "mean", True, True
+        "pointwise_loss_reduced", r.randn(3, 5), r.randn(3, 5), r.randn(3, 5).abs(), 1, 0.0, "mean", True, True,
+        torch.float32,
     ),
     "pointwise_loss_reduced-no_grad": lambda r: (
-        "pointwise_loss_reduced", r.randn(7), r.randn(7), None, 4, 0.7, "sum", False, False
+        "pointwise_loss_reduced", r.randn(7), r.randn(7), None, 4, 0.7, "sum", False, False, torch.float32
+    ),
+    "pointwise_loss_reduced-autocast": lambda r: (
+        "pointwise_loss_reduced", r.randn(3, 5).half(), r.randn(3, 5).half(), None, 1, 0.0, "sum", False,
+        True, torch.float32,
     ),
     "pointwise_loss_backward": lambda r: (
         "pointwise_loss_backward", r.randn(3, 5), r.randn(3, 5), None, r.randn(3, 5), 2, 0.0

@@ -19,15 +19,30 @@ i + BLOCK, ...; no reduction until the row ends): the running max ``m``, the sum
 ``s = Σ exp(z_c - m)`` rescaled whenever ``m`` grows and, for label smoothing,
 ``d = Σ_c w_c (m - z_c) >= 0`` (so ``Σ_c w_c (lse - z_c) = W log s + d``, without the
 cancellation of ``W lse - Σ w_c z_c`` at large logits). Pass 2 reads the rows again and writes
-the gradient. fp32 math (fp64 for fp64 logits); storage dtype only on load and store. Logits of
--inf (masked classes) are fine; a row of only -inf gives NaN, as torch. No atomics: every sum
-has a fixed order, so results are deterministic.
+the gradient. fp32 math (fp64 for fp64 logits); storage dtype only on load and store. No atomics:
+every sum has a fixed order, so results are deterministic.
+
+Non-finite logits, as torch: -inf logits (masked classes) are fine; a row with a NaN or +inf
+logit, or of only -inf, has a NaN log-sum-exp, so a NaN loss (0 if ignored) and a NaN gradient
+(ignored or not: torch's softmax backward multiplies its NaNs by 0). The running max starts at
+the lowest finite value (``LOWEST``), not -inf, and NaN/+inf logits enter the online softmax as
+-inf while they turn their lane's sum NaN: no step computes -inf - (-inf) or 0 * inf (which
+would warn under the interpreter), and a NaN is never dropped by a max.
 """
 
 import triton
 import triton.language as tl
 
 from fusedopt.kernels.common import div_ieee, to_storage
+
+
+@triton.jit
+def lowest(ROWS: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+    """[ROWS, BLOCK] of the lowest finite value of the compute dtype: the start of a running max."""
+    if COMPUTE == tl.float64:
+        return tl.full([ROWS, BLOCK], -1.7976931348623157e308, COMPUTE)
+    else:
+        return tl.full([ROWS, BLOCK], -3.4028234663852886e38, COMPUTE)
 
 
 @triton.jit
@@ -133,54 +148,61 @@ def cross_entropy_kernel(
         # Per-lane online softmax: lane i of a row sees columns i, i + BLOCK, ...; one exp per
         # element (exp(-|z - m|) rescales either the old sum or the new term); the lanes are
         # reduced once, after the last block.
-        m = tl.full([ROWS, BLOCK], -float("inf"), COMPUTE)  # running max of the lane
-        s = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ exp(z - m) of the lane
+        floor = lowest(ROWS, BLOCK, COMPUTE)
+        m = floor  # running max of the lane (finite)
+        s = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ exp(z - m) of the lane; NaN after a NaN or +inf
         d = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w (m - z) of the lane (label smoothing)
         w_seen = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w of the lane (label smoothing)
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
             mask = row_mask[:, None] & (cols < C)[None, :]
             z = tl.load(x_rows + cols[None, :] * stride_xc, mask=mask, other=-float("inf")).to(COMPUTE)
-            gap = z - m
-            gap = tl.where(gap == gap, gap, -float("inf"))  # -inf - (-inf): nothing to add
+            below_inf = z < float("inf")  # false for NaN and +inf: the row's lse is NaN
+            z = tl.where(below_inf, z, -float("inf"))
+            gap = z - m  # m is finite: -inf at worst, never NaN
             up = gap > 0  # the lane's max grows to z
             e = tl.exp(-tl.abs(gap))
-            s = tl.where(up, s * e + 1, s + e)
+            s = tl.where(below_inf, tl.where(up, s * e + 1, s + e), float("nan"))
             if SMOOTHING:
                 if HAS_WEIGHT:
                     w = tl.load(weight + cols, mask=cols < C, other=0).to(COMPUTE)[None, :]
                 else:
                     w = (cols < C).to(COMPUTE)[None, :]
                 w = tl.where(mask, w, 0)
-                grow = tl.where(w_seen == 0, 0, w_seen * gap)  # every earlier term gains m_new - m
-                d = tl.where(up, d + grow, d + tl.where(mask, w * -gap, 0))
+                # when m grows, every earlier term gains m_new - m (none to gain while the lane's
+                # terms are all -inf: d is inf already); else the new term w (m - z)
+                grow = w_seen * tl.where(up & (m > floor), gap, 0)
+                d = tl.where(up, d + grow, d + w * tl.where(mask & ~up, -gap, 0))
                 w_seen += w
             m = tl.maximum(m, z)
         m_lane = m
         m = tl.max(m_lane, 1)
         s = tl.sum(s * tl.exp(m_lane - m[:, None]), 1)
+        bad = (s != s) | (s == 0)  # a NaN or +inf logit, or none above -inf (or a masked row)
+        s = tl.where(bad, 1, s)
         log_s = tl.log(s)
         row_loss = w_y * (m - z_y + log_s)  # w_y (lse - z_y)
         if SMOOTHING:
-            d = tl.sum(d + tl.where(w_seen == 0, 0, w_seen * (m[:, None] - m_lane)), 1)
+            d = tl.sum(d + w_seen * tl.where(m_lane > floor, m[:, None] - m_lane, 0), 1)
             # Σ_c w_c (lse - z_c) = W log s + Σ_c w_c (m - z_c)
             row_loss = (1 - eps) * row_loss + eps / K * (tl.sum(w_seen, 1) * log_s + d)
-        row_loss = tl.where(valid, row_loss, 0)
+        row_loss = tl.where(valid, tl.where(bad, float("nan"), row_loss), 0)
         if LOSS_DTYPE == tl.bfloat16:
             tl.store(loss + rows, to_storage(row_loss, LOSS_DTYPE), mask=row_mask)
         else:
             tl.store(loss + rows, row_loss.to(LOSS_DTYPE), mask=row_mask)
         if SAVE_LSE:
-            tl.store(lse + rows, m + log_s, mask=row_mask)
+            tl.store(lse + rows, tl.where(bad, float("nan"), m + log_s), mask=row_mask)
         inv_s = 1 / s
     else:
         m = tl.load(lse + rows, mask=row_mask, other=0)
+        bad = m != m
         inv_s = tl.full([ROWS], 1, COMPUTE)
 
     if GRAD:
         g_rows = (grad + n * stride_gn + (rows - n * S) * stride_gs)[:, None]
-        if DIVIDE_BY_TOTAL:  # 1 / Σ w[target] (inf when every row is ignored)
-            scale = tl.zeros([ROWS], COMPUTE) + tl.load(stats + 2)
+        if DIVIDE_BY_TOTAL:  # 1 / Σ w[target] (inf when every row is ignored: no valid row)
+            scale = tl.where(valid, tl.load(stats + 2), 0)
         elif ROW_GRAD_OUTPUT:
             scale = tl.load(grad_output + rows * stride_go, mask=row_mask, other=0).to(COMPUTE)
         else:
@@ -195,22 +217,24 @@ def cross_entropy_kernel(
         else:
             p_factor = w_y
             hit = w_y
-        # g = (p_j p_factor - hit [j == y] - ε / C w_j) * scale, the factors premultiplied per row
-        p_factor = (p_factor * inv_s * scale)[:, None]
+        # g = (p_j p_factor - hit [j == y] - ε / C w_j) * scale, the factors premultiplied per row;
+        # NaN for a row whose lse is NaN
+        p_factor = tl.where(bad, float("nan"), p_factor * inv_s * scale)[:, None]
         hit = (hit * scale)[:, None]
         eps_w = (eps / K * scale)[:, None]
+        keep = (valid | bad)[:, None]
         m = m[:, None]
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
             mask = row_mask[:, None] & (cols < C)[None, :]
-            z = tl.load(x_rows + cols[None, :] * stride_xc, mask=mask, other=0).to(COMPUTE)
+            z = tl.load(x_rows + cols[None, :] * stride_xc, mask=mask, other=-float("inf")).to(COMPUTE)
             g = tl.exp(z - m) * p_factor - tl.where(col0 + cols[None, :] == y[:, None], hit, 0)
             if SMOOTHING:
                 if HAS_WEIGHT:
                     g -= eps_w * tl.load(weight + col0 + cols, mask=cols < C, other=0).to(COMPUTE)[None, :]
                 else:
                     g -= eps_w
-            g = tl.where(valid[:, None], g, 0)  # exact zeros for ignored rows, whatever the logits
+            g = tl.where(keep, g, 0)  # exact zeros for ignored rows (NaN where torch's are NaN)
             # to_storage only where it rounds differently from .to (a call per block is slow
             # in the interpreter).
             if DTYPE == tl.bfloat16:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from fusedopt.kernels.common import to_storage
+from fusedopt.kernels.cross_entropy import lowest
 
 
 @triton.jit
@@ -102,46 +103,51 @@ def logsumexp_block_kernel(
     ``cross_entropy_kernel``) merged into the rows' running ones, ``z_y`` when the target is in
     the window, and ``Σ w_c z_c`` for label smoothing (its loss term is
     ``ε / K (W lse - Σ_c w_c z_c)``: a cancellation of ``|z| / 2^24`` relative, times ``ε / K``).
-    After the last window, ``lse = m + log Σ exp(z - m)`` and the row's loss."""
+    After the last window, ``lse = m + log Σ exp(z - m)`` and the row's loss.
+
+    Non-finite logits as ``cross_entropy_kernel``: maxima start at the lowest finite value, a
+    NaN or +inf logit makes the row's sum NaN (carried through the state), and a row whose sum
+    is NaN or 0 (only -inf logits) gets a NaN lse, as torch."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < R
     x_base = logits + rows * stride_x
     y = tl.load(target + rows * stride_t, mask=row_mask, other=0).to(tl.int64)
 
-    m = tl.full([ROWS, BLOCK], -float("inf"), COMPUTE)
-    s = tl.zeros([ROWS, BLOCK], COMPUTE)
+    m = lowest(ROWS, BLOCK, COMPUTE)  # finite: no -inf - (-inf)
+    s = tl.zeros([ROWS, BLOCK], COMPUTE)  # NaN after a NaN or +inf logit
     wz = tl.zeros([ROWS, BLOCK], COMPUTE)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = row_mask[:, None] & (cols < C)[None, :]
         z = tl.load(x_base[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(COMPUTE)
+        below_inf = z < float("inf")  # false for NaN and +inf: the row's lse is NaN
+        z = tl.where(below_inf, z, -float("inf"))
         gap = z - m
-        gap = tl.where(gap == gap, gap, -float("inf"))  # -inf - (-inf): nothing to add
         e = tl.exp(-tl.abs(gap))
-        s = tl.where(gap > 0, s * e + 1, s + e)
+        s = tl.where(below_inf, tl.where(gap > 0, s * e + 1, s + e), float("nan"))
         m = tl.maximum(m, z)
         if SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(weight + col0 + cols, mask=cols < C, other=0).to(COMPUTE)[None, :]
             else:
                 w = tl.full([1, BLOCK], 1, COMPUTE)
-            wz += tl.where(mask, w * z, 0)
+            wz += w * tl.where(mask, z, 0)
     m_block = tl.max(m, 1)
-    s_block = tl.sum(tl.where(m == -float("inf"), 0, s * tl.exp(m - m_block[:, None])), 1)
+    s_block = tl.sum(s * tl.exp(m - m_block[:, None]), 1)
     here = row_mask & (y >= col0) & (y < col0 + C)
     z_y = tl.load(x_base + (y - col0), mask=here, other=0).to(COMPUTE)
     wz_row = tl.sum(wz, 1)
     if not FIRST:
         m_old = tl.load(state + rows, mask=row_mask, other=0)
         s_old = tl.load(state + R + rows, mask=row_mask, other=0)
-        m_new = tl.maximum(m_old, m_block)
-        s_block = tl.where(s_block == 0, 0, s_block * tl.exp(m_block - m_new))
-        s_block += tl.where(s_old == 0, 0, s_old * tl.exp(m_old - m_new))
+        m_new = tl.maximum(m_old, m_block)  # both finite
+        s_block = s_block * tl.exp(m_block - m_new) + s_old * tl.exp(m_old - m_new)
         m_block = m_new
         z_y += tl.load(state + 2 * R + rows, mask=row_mask, other=0)
         wz_row += tl.load(state + 3 * R + rows, mask=row_mask, other=0)
     if LAST:
-        row_lse = m_block + tl.log(s_block)
+        bad = (s_block != s_block) | (s_block == 0)  # a NaN or +inf logit, or none above -inf
+        row_lse = tl.where(bad, float("nan"), m_block + tl.log(tl.where(bad, 1, s_block)))
         valid = row_mask & (y != ignore_index) & (y >= 0) & (y < K)
         if HAS_WEIGHT:
             w_y = tl.load(weight + y, mask=valid, other=0).to(COMPUTE)

@@ -1,7 +1,10 @@
 """Mean and pointwise regression losses with their gradient in the same pass.
 
-Input viewed as ``[M, K]`` (M = 1 for a full reduction): program ``(b, r)`` handles block ``b``
-of row ``r``. For each element, with ``d = x - y``:
+Input viewed as ``[M, K]`` (M = 1 for a full reduction), in ``P`` blocks per row: work item
+``i`` is block ``i % P`` of row ``i // P``. Every kernel runs on a 1-D grid of at most
+``fusedopt.losses.MAX_PROGRAMS`` programs and program ``p`` takes the items ``p, p + grid,
+...`` (one each unless the input is huge), so no input size asks CUDA for more programs than it
+launches. For each element, with ``d = x - y``:
 
     MEAN      l = x
     MSE       l = d*d                                     dl/dx = 2 d
@@ -9,6 +12,8 @@ of row ``r``. For each element, with ``d = x - y``:
     SMOOTH_L1 l = 0.5 d*d / beta if |d| < beta else |d| - 0.5 beta    dl/dx = clamp(d / beta, -1, 1)
     HUBER     l = 0.5 d*d if |d| < delta else delta (|d| - 0.5 delta)  dl/dx = clamp(d, -delta, delta)
 
+(a NaN ``d`` has a NaN slope, as torch's: the clamps are written as comparisons, which a NaN
+fails, not as min/max, which drop it);
 times ``w`` when weighted. A reducing launch stores each program's fp32 (fp64) partial sum;
 ``sum_rows_kernel`` adds the partials of each row in a fixed order (deterministic, no atomics)
 and ``WRITE_GRAD`` stores ``scale * dl/dx`` (scale = 1/N for a mean) in the input's dtype,
@@ -40,7 +45,7 @@ def _loss_and_slope(d, param, LOSS: tl.constexpr):
     else:  # HUBER
         ad = tl.abs(d)
         loss = tl.where(ad < param, 0.5 * d * d, param * (ad - 0.5 * param))
-        return loss, tl.minimum(tl.maximum(d, -param), param)
+        return loss, tl.where(d < -param, -param, tl.where(d > param, param, d))
 
 
 @triton.jit
@@ -53,7 +58,8 @@ def pointwise_loss_kernel(
     grad_ptr,  # [M, K] scale * dl/dx in the input's dtype (written if WRITE_GRAD)
     scalars,  # float64 [2]: loss parameter (beta, delta), gradient scale
     K,  # elements per row
-    P,  # programs per row
+    P,  # blocks per row
+    ITEMS,  # M * P work items: block i % P of row i // P
     LOSS: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -61,30 +67,30 @@ def pointwise_loss_kernel(
     REDUCE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
-    cols = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < K
-    offs = row * K + cols
-    x = tl.load(x_ptr + offs, mask=mask, other=0).to(COMPUTE)
     param = tl.load(scalars + PARAM).to(COMPUTE)
-    if LOSS == MEAN:
-        loss = x
-        slope = tl.full(x.shape, 1.0, COMPUTE)
-    else:
-        d = x - tl.load(y_ptr + offs, mask=mask, other=0).to(COMPUTE)
-        loss, slope = _loss_and_slope(d, param, LOSS)
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + offs, mask=mask, other=0).to(COMPUTE)
-        loss = loss * w
-        slope = slope * w
-    if REDUCE:
-        tl.store(partial_ptr + row * P + block, tl.sum(tl.where(mask, loss, 0.0), axis=0))
-    else:
-        tl.store(out_ptr + offs, to_storage(loss, out_ptr.dtype.element_ty), mask=mask)
-    if WRITE_GRAD:
-        grad = slope * tl.load(scalars + SCALE).to(COMPUTE)
-        tl.store(grad_ptr + offs, to_storage(grad, grad_ptr.dtype.element_ty), mask=mask)
+    for item in range(tl.program_id(0).to(tl.int64), ITEMS, tl.num_programs(0)):
+        row = item // P
+        cols = (item - row * P) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < K
+        offs = row * K + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0).to(COMPUTE)
+        if LOSS == MEAN:
+            loss = x
+            slope = tl.full(x.shape, 1.0, COMPUTE)
+        else:
+            d = x - tl.load(y_ptr + offs, mask=mask, other=0).to(COMPUTE)
+            loss, slope = _loss_and_slope(d, param, LOSS)
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + offs, mask=mask, other=0).to(COMPUTE)
+            loss = loss * w
+            slope = slope * w
+        if REDUCE:
+            tl.store(partial_ptr + item, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+        else:
+            tl.store(out_ptr + offs, to_storage(loss, out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_GRAD:
+            grad = slope * tl.load(scalars + SCALE).to(COMPUTE)
+            tl.store(grad_ptr + offs, to_storage(grad, grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -92,18 +98,20 @@ def sum_rows_kernel(
     partial_ptr,  # COMPUTE [M, P]: partial sums
     out_ptr,  # [M] result, in the output dtype
     scalars,  # float64 [2]: SCALE multiplies each row's sum (1/N for a mean)
+    M,
     P,
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """out[r] = scale * sum(partial[r, :]), summed in a fixed order."""
-    row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros([BLOCK], COMPUTE)
-    for start in range(0, P, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        acc += tl.load(partial_ptr + row * P + idx, mask=idx < P, other=0).to(COMPUTE)
-    total = tl.sum(acc, axis=0) * tl.load(scalars + SCALE).to(COMPUTE)
-    tl.store(out_ptr + row, to_storage(total, out_ptr.dtype.element_ty))
+    """out[r] = scale * sum(partial[r, :]), summed in a fixed order; one row per work item."""
+    scale = tl.load(scalars + SCALE).to(COMPUTE)
+    for row in range(tl.program_id(0).to(tl.int64), M, tl.num_programs(0)):
+        acc = tl.zeros([BLOCK], COMPUTE)
+        for start in range(0, P, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            acc += tl.load(partial_ptr + row * P + idx, mask=idx < P, other=0).to(COMPUTE)
+        total = tl.sum(acc, axis=0) * scale
+        tl.store(out_ptr + row, to_storage(total, out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -121,16 +129,19 @@ def pointwise_loss_backward_kernel(
     BLOCK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(x_ptr + offs, mask=mask, other=0).to(COMPUTE)
-    d = x - tl.load(y_ptr + offs, mask=mask, other=0).to(COMPUTE)
-    _, slope = _loss_and_slope(d, tl.load(scalars + PARAM).to(COMPUTE), LOSS)
-    go = tl.load(grad_output_ptr + offs * go_stride, mask=mask, other=0).to(COMPUTE)
-    slope = slope * go * tl.load(scalars + SCALE).to(COMPUTE)
-    if HAS_WEIGHT:
-        slope = slope * tl.load(w_ptr + offs, mask=mask, other=0).to(COMPUTE)
-    tl.store(grad_ptr + offs, to_storage(slope, grad_ptr.dtype.element_ty), mask=mask)
+    param = tl.load(scalars + PARAM).to(COMPUTE)
+    scale = tl.load(scalars + SCALE).to(COMPUTE)
+    for block in range(tl.program_id(0).to(tl.int64), tl.cdiv(N, BLOCK), tl.num_programs(0)):
+        offs = block * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(x_ptr + offs, mask=mask, other=0).to(COMPUTE)
+        d = x - tl.load(y_ptr + offs, mask=mask, other=0).to(COMPUTE)
+        _, slope = _loss_and_slope(d, param, LOSS)
+        go = tl.load(grad_output_ptr + offs * go_stride, mask=mask, other=0).to(COMPUTE)
+        slope = slope * go * scale
+        if HAS_WEIGHT:
+            slope = slope * tl.load(w_ptr + offs, mask=mask, other=0).to(COMPUTE)
+        tl.store(grad_ptr + offs, to_storage(slope, grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -144,7 +155,8 @@ def scale_grad_kernel(
     """grad *= grad_output; every program returns at once when grad_output is 1."""
     go = tl.load(grad_output_ptr).to(COMPUTE)
     if go != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        g = tl.load(grad_ptr + offs, mask=mask, other=0).to(COMPUTE)
-        tl.store(grad_ptr + offs, to_storage(g * go, grad_ptr.dtype.element_ty), mask=mask)
+        for block in range(tl.program_id(0).to(tl.int64), tl.cdiv(N, BLOCK), tl.num_programs(0)):
+            offs = block * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < N
+            g = tl.load(grad_ptr + offs, mask=mask, other=0).to(COMPUTE)
+            tl.store(grad_ptr + offs, to_storage(g * go, grad_ptr.dtype.element_ty), mask=mask)
