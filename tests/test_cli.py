@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -529,3 +530,54 @@ def test_bench_linear_cross_entropy_timed_report(tmp_path, capsys, monkeypatch):
     for layout in ("64x32x257-chunk16", "64x32x257-vocab100"):
         assert by[(layout, "fusedopt")]["fusedopt_speedup"] == "1.0"
     assert "x vs eager" in md.read_text()
+
+
+# The docs say what the code has --------------------------------------------------------------
+
+
+def python_block(path: str, after: str) -> str:
+    """The first ```python block after the line holding ``after`` in ``path``."""
+    text = (ROOT / path).read_text()
+    block = re.search(r"```python\n(.*?)```", text[text.index(after) :], re.S)
+    assert block, f"no python block after {after!r} in {path}"
+    return block.group(1)
+
+
+def test_docs_sample_check_output_counts_what_the_code_runs():
+    """docs/testing.md's sample of ``fusedopt check`` (default flags, CPU) has the case counts,
+    the param list and the total that ``make check`` runs now."""
+    text = (ROOT / "docs/testing.md").read_text()
+    size = {flag: cpu for flag, (cpu, _, _) in check.SIZES.items()}
+    shapes = testing.gpt_shapes(size["width"], size["layers"], size["vocab"])
+    numel = sum(math.prod(s) for _, s in shapes)
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    dtypes = len(parser.parse_args([]).dtypes)
+    optim, losses, linear = len(check.OPTIM_CASES), len(check.LOSS_CASES), len(check.LINEAR_CE_CASES)
+    assert f"optimizers: {optim} option sets x {dtypes} dtypes" in text
+    assert f"({len(shapes)} tensors, {numel:,} elements: d={size['width']}, {size['layers']} layers" in text
+    assert f"losses: {losses} cases x {dtypes} dtypes" in text
+    assert f"linear cross-entropy: {linear} cases x {dtypes} dtypes" in text
+    assert f"OK: all {dtypes * (optim + losses + linear)} checks within tolerance" in text
+    for case in check.OPTIM_CASES:  # each option set's extra tensors are named in the header
+        for name, shape in case.extra_params:
+            assert f"adds {name} {tuple(shape)}" in text
+
+
+def test_docs_testing_snippet_runs_here():
+    """The ``assert_optimizer_matches`` snippet of docs/testing.md runs on this machine (CPU:
+    through the interpreter), not only on CUDA."""
+    code = python_block("docs/testing.md", "## Testing your own options")
+    exec(compile(code, "docs/testing.md", "exec"), {})
+
+
+def test_supported_torch_versions_agree():
+    """pyproject's torch range is the one README and docs/install.md state."""
+    (spec,) = re.findall(r'"(torch[<>=!~][^"]*)"', (ROOT / "pyproject.toml").read_text())
+    low = re.search(r">=\s*(\d+\.\d+)", spec).group(1)
+    below = re.search(r"<\s*(\d+)\.(\d+)", spec)
+    assert low and below, f"torch must have a lower and an upper bound: {spec}"
+    high = f"{below.group(1)}.{int(below.group(2)) - 1}"
+    for doc in ("README.md", "docs/install.md"):
+        text = " ".join((ROOT / doc).read_text().split())
+        assert f"Supported: torch {low} + triton" in text and f"up to torch {high}" in text, doc
