@@ -12,10 +12,10 @@ launches. For each element, with ``d = x - y``:
     SMOOTH_L1 l = 0.5 d*d / beta if |d| < beta else |d| - 0.5 beta    dl/dx = clamp(d / beta, -1, 1)
     HUBER     l = 0.5 d*d if |d| < delta else delta (|d| - 0.5 delta)  dl/dx = clamp(d, -delta, delta)
 
-(a NaN ``d`` has a NaN slope, as torch's: the clamps are written as comparisons, which a NaN
-fails, not as min/max, which drop it);
-times ``w`` when weighted. A reducing launch stores each program's fp32 (fp64) partial sum;
-``sum_rows_kernel`` adds the partials of each row in a fixed order (deterministic, no atomics)
+times ``w`` when weighted. A NaN ``d`` has torch's slope: NaN (the clamps are comparisons,
+which a NaN fails, not min/max, which would drop it), 0 for L1 (torch's sign of NaN). A reducing
+launch stores each work item's fp32 (fp64) partial sum; ``sum_rows_kernel`` adds the partials
+of each row in a fixed order (deterministic, no atomics)
 and ``WRITE_GRAD`` stores ``scale * dl/dx`` (scale = 1/N for a mean) in the input's dtype,
 so that backward has nothing left to compute.
 """
