@@ -13,6 +13,7 @@ Plans are held by the optimizer that built them (eager steps) or by a cache the 
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import defaultdict
 from typing import Any
 
@@ -57,43 +58,58 @@ class StepGrads(list):
     token: object = None
 
 
-# A param's key (see scan) and the index in it of the one part that may change every step.
-GRAD_ADDRESS = 2
+# What the step's key reads of each param and grad: C-level calls mapped over the lists, the
+# cheapest way Python has to read them (the scan is most of a steady-state step's host time).
+_address = torch._C.TensorBase.data_ptr
+_strides = torch._C.TensorBase.stride
+_nbytes = operator.attrgetter("nbytes")
+_dtype = operator.attrgetter("dtype")
+GRAD_ADDRESSES = 2  # the part of the key that may change every step (new grad buffers)
 
 
-def scan(params: list[torch.Tensor], shards: bool = False) -> tuple[list | None, StepGrads]:
+def scan(params: list[torch.Tensor], shards: bool = False) -> tuple[tuple | None, StepGrads]:
     """The hot-path loop: a group's grads and the key its cached plan must match.
 
-    A param's key is ``(address, shape, grad address, grad strides, grad dtype)`` (None without
-    a grad): what the plan's tables were built from that can change while the objects stay the
-    same (``p.data = ...``, a new grad buffer, ``p.grad_dtype``). torch makes a grad the shape of
-    its param whenever one is set, so the param's shape stands for the grad's. ``shards``: read
-    the local shards of DTensors (what the kernels walk; a DTensor's own address is 0). The key
-    is None where it cannot be taken (sparse grads): no plan is cached then.
+    The key holds, for the params with a grad, their addresses and sizes in bytes and their
+    grads' addresses, strides and dtypes (and which params have a grad, when not all do): what
+    the plan's tables were built from that can change while the objects stay the same
+    (``p.data = ...``, new grad buffers, ``p.grad_dtype``). torch makes a grad the shape of its
+    param when it is set, so the param's size stands for the grad's. ``shards``: read the local
+    shards of DTensors (what the kernels walk; a DTensor's own address is 0). The key is None
+    where it cannot be taken (sparse grads): no plan is cached then.
     """
     if shards:
         grads = StepGrads([None if p.grad is None else local(p.grad) for p in params])
         params = [local(p) for p in params]
     else:
         grads = StepGrads([p.grad for p in params])
+    present, mask = grads, None
     try:
-        key = [
-            None if g is None else (p.data_ptr(), p.shape, g.data_ptr(), g.stride(), g.dtype)
-            for p, g in zip(params, grads)  # noqa: B905 (same length: the hot path)
-        ]
+        try:
+            addresses = list(map(_address, grads))
+        except TypeError:  # params without a grad (None)
+            mask = tuple(g is not None for g in grads)
+            params = [p for p, g in zip(params, grads) if g is not None]  # noqa: B905
+            present = [g for g in grads if g is not None]
+            addresses = list(map(_address, present))
+        key = (
+            list(map(_address, params)),
+            list(map(_nbytes, params)),
+            addresses,
+            list(map(_strides, present)),
+            list(map(_dtype, present)),
+            mask,
+        )
     except RuntimeError:  # sparse grads have no strides
         return None, grads
     grads.token = key
     return key, grads
 
 
-def same_layout(key: list, other: list) -> bool:
+def same_layout(key: tuple, other: tuple) -> bool:
     """Whether two scan keys differ at most in their grads' addresses."""
-    g = GRAD_ADDRESS
-    return len(key) == len(other) and all(
-        a == b or (a is not None and b is not None and a[:g] == b[:g] and a[g + 1 :] == b[g + 1 :])
-        for a, b in zip(key, other, strict=True)
-    )
+    g = GRAD_ADDRESSES
+    return key[:g] == other[:g] and key[g + 1 :] == other[g + 1 :]
 
 
 class Amp:
@@ -300,7 +316,7 @@ class Plan:
     read DTensors' local shards (``shards``) and the params whose grad has another dtype than
     theirs (``foreign``: torch's own step takes them, see ``FusedStep._foreign_step``)."""
 
-    def __init__(self, key: list | None, buckets: list[Bucket], foreign: list[torch.Tensor] | None = None):
+    def __init__(self, key: tuple | None, buckets: list[Bucket], foreign: list[torch.Tensor] | None = None):
         self.key = key
         self.buckets = buckets
         self.foreign = foreign or []
@@ -315,7 +331,7 @@ class Plan:
 def build(
     entries: list[tuple[int, int, list[torch.Tensor], Any]],
     grads: StepGrads,
-    key: list | None,
+    key: tuple | None,
     precision: Precision = PLAIN,
 ) -> Plan:
     """A plan from ``(position, layer, operands, counter)`` entries: ``operands`` are the param
@@ -437,7 +453,7 @@ def plan_groups(opt, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, S
         if plan is not None and plan.flags == flags and key is not None:
             if key == plan.key:
                 grads.token = plan.key  # the same object: the grads' tables are current
-            elif same_layout(key, plan.key) and _new_grads_fit(params, key, plan.key):
+            elif same_layout(key, plan.key) and _new_grads_fit(params):
                 plan.key = key  # new grad buffers: their tables are rebuilt at the launch
             else:
                 plan = None
@@ -465,14 +481,10 @@ def plan_groups(opt, groups: list[tuple[int, dict]]) -> list[tuple[dict, Plan, S
     return out
 
 
-def _new_grads_fit(params: list[torch.Tensor], key: list, planned: list) -> bool:
-    """Whether the grads whose address changed have their param's shape (torch makes them so
-    when they are set; a param whose ``data`` changed since is caught by its own key)."""
-    g = GRAD_ADDRESS
-    return all(
-        a is None or a[g] == b[g] or p.grad.shape == p.shape
-        for p, a, b in zip(params, key, planned, strict=True)
-    )
+def _new_grads_fit(params: list[torch.Tensor]) -> bool:
+    """Whether new grad buffers have their param's shape (torch makes them so when they are set;
+    a param whose ``data`` changed since is caught by its own part of the key)."""
+    return all(p.grad is None or p.grad.shape == p.shape for p in params)
 
 
 def _name(opt) -> str:
@@ -661,7 +673,7 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, occurrence: int):
     return columns, opt._taken[key]
 
 
-def _build(opt, group: dict, key: list | None, grads: StepGrads) -> Plan:
+def _build(opt, group: dict, key: tuple | None, grads: StepGrads) -> Plan:
     seen: dict[int, int] = defaultdict(int)
     memo: dict = {}
     rows, others = [], []
