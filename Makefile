@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint format check demo bench bench-smoke gpu-check clean
+.PHONY: setup test fuzz lint format check demo bench bench-smoke gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -17,6 +17,11 @@ setup: $(PY)
 # Without a GPU the kernels run on CPU through the Triton interpreter (tests/conftest.py).
 test: setup
 	$(PY) -m pytest -q tests
+
+# The differential fuzzer against torch (tests/test_fuzz.py) for a release: new random sequences
+# for FUSEDOPT_FUZZ_MINUTES (default 10) instead of the fixed ones `make test` runs (~1.5 min).
+fuzz: setup
+	FUSEDOPT_FUZZ=long $(PY) -m pytest -q -s tests/test_fuzz.py
 
 lint: setup
 	$(PY) -m ruff check fusedopt tests benchmarks
