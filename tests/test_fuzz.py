@@ -133,6 +133,28 @@ KNOWN_BROKEN: set[str] = {
     # "CPU path": the interpreter converts bf16 subnormals wrongly (grads of 1e-39 and below).
     "bf16_subnormal",
 }
+# Defects this fuzzer found that issue 18 does not list (reported to the issue; not yet triaged):
+# switched off the same way until they are fixed or declared the contract.
+KNOWN_BROKEN |= {
+    # amsgrad: torch's max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq) keeps a NaN; ours
+    # keeps the old maximum (a NaN grad leaves a finite max where torch's is NaN).
+    "amsgrad_nan",
+    # state_dtype="int8": the kernel's quantizer stores +inf as -inf and NaN as a finite code
+    # (the NaN left out of the block's absmax); the torch quantizer gives +inf and a NaN block.
+    "int8_nonfinite",
+    # FusedAdagrad with state_dtype: the "sum" torch's constructor creates keeps the param's
+    # dtype (bf16/fp16 state_dtype: never converted; int8: small params' sum stays bf16).
+    "adagrad_state_dtype",
+    # master_weights: a master holding a NaN is never "the param's master" (torch.equal):
+    # re-seeded from the bf16 param when a plan is built (every step for a strided param).
+    "master_nan_reseeded",
+    # kahan_summation: a param element that became +-inf has a NaN compensation and turns NaN
+    # at the next step, where torch's stays +-inf.
+    "kahan_nonfinite",
+    # fp64 params with a tensor lr: the step is computed from fp32 scalars (relative error
+    # ~2e-9 against torch, whose fp64 step reads lr.item(); the fp64 contract is 1e-12).
+    "fp64_tensor_lr",
+}
 if "FUSEDOPT_FUZZ_KNOWN" in os.environ:  # e.g. "" to run everything, "state_reset,ce_nan_logit" to skip two
     KNOWN_BROKEN = {name for name in os.environ["FUSEDOPT_FUZZ_KNOWN"].split(",") if name}
 
@@ -419,6 +441,8 @@ class OptimizerMachine(RuleBasedStateMachine):
         self.log = []
         self.name, self.mode = name, mode
         self.fused_cls, self.torch_cls = CLASSES[name]
+        if name == "Adagrad" and "state_dtype" in MODES[mode][1] and "adagrad_state_dtype" in KNOWN_BROKEN:
+            mode = self.mode = "fp32"
         self.dtype, self.extensions = MODES[mode]
         self.quantized = self.extensions.get("state_dtype") == "int8"
         self.low = self.dtype in LOW
@@ -477,11 +501,22 @@ class OptimizerMachine(RuleBasedStateMachine):
         p = self.P[i]
         state = self.ours.state.get(p, {})
         master, comp = state.get(MASTER), state.get(KAHAN)
-        if isinstance(master, torch.Tensor) and master.shape == p.shape and master.dtype == F32:
+        if self._is_master(master, p):
             return master.detach()
+        value = p.detach().to(self.twin_dtype)
         if isinstance(comp, torch.Tensor) and comp.shape == p.shape and comp.dtype == p.dtype:
-            return p.detach().to(self.twin_dtype) + comp.to(self.twin_dtype)
-        return p.detach().to(self.twin_dtype)
+            return torch.where(value.isfinite(), value + comp.to(self.twin_dtype), value)
+        return value
+
+    @staticmethod
+    def _is_master(master, p: torch.Tensor) -> bool:
+        """An fp32 master that ``p`` is the rounding of (else stale: re-seeded at the next step)."""
+        return (
+            isinstance(master, torch.Tensor)
+            and master.shape == p.shape
+            and master.dtype == F32
+            and same_bits(master.to(p.dtype), p.detach())
+        )
 
     def _state_value(self, p: torch.Tensor, key: str) -> torch.Tensor:
         """State ``key`` of ours, dequantized where it is 8-bit."""
@@ -551,7 +586,10 @@ class OptimizerMachine(RuleBasedStateMachine):
             return {**OPTIM_TOLERANCE, **{d: dict(rtol=2 * torch.finfo(d).eps) for d in LOW}}
         return OPTIM_TOLERANCE
 
-    def compare(self) -> Result:
+    def compare(self, stepped: bool = False) -> Result:
+        """Params, state, hyper-parameters against the twin's. ``stepped``: after a step, where
+        a master must be the twin's param and the param its rounding (elsewhere a master the
+        param no longer rounds to may wait for the next step to be re-seeded)."""
         result = Result("optimizer", self.name, self.mode)
         table = self._table()
         for i, (p, q) in enumerate(zip(self.P, self.Q, strict=True)):
@@ -560,10 +598,10 @@ class OptimizerMachine(RuleBasedStateMachine):
             mine = self.ours.state.get(p, {})
             theirs = self.twin.state.get(q, {})
             master = mine.get(MASTER)
-            if isinstance(master, torch.Tensor) and master.shape == p.shape:
-                result.compare("master", f"{where} master", master, self._twin_param(i), OPTIM_TOLERANCE)
-                if master.dtype == F32 and not same_bits(p.detach(), master.to(p.dtype)):
-                    result.notes.append(f"{where}: the param is not its master rounded")
+            if stepped and MASTER in mine and not self._is_master(master, p):
+                result.notes.append(f"{where}: the param is not the rounding of its fp32 master")
+            elif self._is_master(master, p):
+                result.compare("master", f"{where} master", master, self.Q[i], OPTIM_TOLERANCE)
             keys = {k for k in mine if not is_extension(k)}
             if keys != set(theirs):
                 result.notes.append(f"{where}: state keys {sorted(keys)} vs torch {sorted(theirs)}")
@@ -612,11 +650,8 @@ class OptimizerMachine(RuleBasedStateMachine):
             result.notes.append("the number of param groups differs")
         return result
 
-    def _twin_param(self, i: int) -> torch.Tensor:
-        return self.Q[i].detach()
-
-    def check(self, what: str) -> None:
-        result = self.compare()
+    def check(self, what: str, stepped: bool = False) -> None:
+        result = self.compare(stepped)
         if result.verdict != "PASS":
             raise Failure(f"after {what}: {result.explain()}")
         self._reanchor()
@@ -677,16 +712,16 @@ class OptimizerMachine(RuleBasedStateMachine):
                     k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s0.items()
                 }
 
-    def both(self, what: str, ours_fn, twin_fn, after_twin=None) -> bool:
+    def both(self, what: str, ours_fn, twin_fn, after_twin=None, stepped: bool = False) -> bool:
         """Run an action on both; True if both went through (then compared), False if both
-        raised (ours changed nothing; the twin is put back)."""
+        raised (ours changed nothing; the twin is put back). ``stepped``: a step (see compare)."""
         OPTIM_TALLY.actions += 1
         mine, theirs = self._snapshot(self.ours, self.P), self._snapshot(self.twin, self.Q)
         e_ours, e_twin = outcome(ours_fn), outcome(twin_fn)
         if e_ours is None and e_twin is None:
             if after_twin is not None:
                 after_twin()
-            self.check(what)
+            self.check(what, stepped)
             return True
         if e_ours is not None and e_twin is not None:
             OPTIM_TALLY.raised += 1
@@ -704,10 +739,23 @@ class OptimizerMachine(RuleBasedStateMachine):
 
     # Grads and steps ---------------------------------------------------------------------------
 
+    def _finite_only(self) -> bool:
+        """Whether a defect in KNOWN_BROKEN rules out non-finite grads for this optimizer."""
+        amsgrad = any(g.get("amsgrad") for g in self.ours.param_groups)
+        return (
+            (amsgrad and "amsgrad_nan" in KNOWN_BROKEN)
+            or (self.quantized and "int8_nonfinite" in KNOWN_BROKEN)
+            or (self._master_mode() and "master_nan_reseeded" in KNOWN_BROKEN)
+            or (self.extensions.get("kahan_summation") and "kahan_nonfinite" in KNOWN_BROKEN)
+        )
+
     def _give(self, kinds, seed: int, scale: float = 1.0) -> None:
+        finite = self._finite_only()
         for i, (p, q) in enumerate(zip(self.P, self.Q, strict=True)):
             kind = kinds[i % len(kinds)]
             if kind == "tiny" and self.dtype == BF16 and "bf16_subnormal" in KNOWN_BROKEN:
+                kind = "normal"
+            if finite and kind in ("nan", "inf", "-inf"):
                 kind = "normal"
             g = grad_values(p.shape, kind, seed + 7919 * i, self.dtype)
             if g is None:
@@ -767,7 +815,7 @@ class OptimizerMachine(RuleBasedStateMachine):
     def _step(self, grads, seed):
         def action():
             self._give(grads, seed)
-            self.both("step", self.ours.step, self._twin_step, self._round_twin)
+            self.both("step", self.ours.step, self._twin_step, self._round_twin, stepped=True)
 
         self._guarded("step", action)
 
@@ -780,7 +828,7 @@ class OptimizerMachine(RuleBasedStateMachine):
             return
         self._guarded(
             "step with the same grads",
-            lambda: self.both("step", self.ours.step, self._twin_step, self._round_twin),
+            lambda: self.both("step", self.ours.step, self._twin_step, self._round_twin, stepped=True),
         )
 
     @rule(grads=GRADS, seed=SEEDS, inf=st.booleans())
@@ -811,7 +859,7 @@ class OptimizerMachine(RuleBasedStateMachine):
                     if p.grad is not None and p.numel():
                         p.grad.view(-1)[0] = q.grad.view(-1)[0] = float("inf")
                         break
-            went = self.both("GradScaler step", ours, twin, self._round_twin)
+            went = self.both("GradScaler step", ours, twin, self._round_twin, stepped=True)
             if not went:  # start both scalers again at the same scale
                 self.scaler = type(self.scaler)("cpu", init_scale=scale, growth_interval=2)
                 self.twin_scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=2)
@@ -837,7 +885,7 @@ class OptimizerMachine(RuleBasedStateMachine):
         self.risky = True
         self._guarded(
             "step with a grad of another dtype",
-            lambda: self.both("step", self.ours.step, self._twin_step, self._round_twin),
+            lambda: self.both("step", self.ours.step, self._twin_step, self._round_twin, stepped=True),
         )
 
     @rule(set_to_none=st.booleans())
@@ -859,7 +907,7 @@ class OptimizerMachine(RuleBasedStateMachine):
         self.log[-1] += f" [{key}={value!r}]"
         groups = list(zip(self.ours.param_groups, self.twin.param_groups, strict=True))
         a, b = groups[group % len(groups)]
-        if key == "lr" and tensor_lr:
+        if key == "lr" and tensor_lr and not (self.dtype == F64 and "fp64_tensor_lr" in KNOWN_BROKEN):
             a[key], b[key] = torch.tensor(value), torch.tensor(value)
         else:
             a[key] = b[key] = value
@@ -897,8 +945,8 @@ class OptimizerMachine(RuleBasedStateMachine):
     def load(self, direction, fresh):
         """torch -> fused, fused -> torch (``torch_state_dict()``), or both at once; into the
         same optimizer or a fresh one (a resumed run)."""
-        if direction != "to_ours" and self._master_mode():
-            direction = "to_ours"  # fused -> torch rounds the fp32 moments: see ``trip``
+        if direction != "to_ours" and self.low and self.precision.state_dtype_for(self.dtype) == F32:
+            direction = "to_ours"  # torch_state_dict() rounds fp32 state to the param's dtype: see trip
         ours_sd = roundtrip(self.ours.torch_state_dict())
         twin_sd = roundtrip(self.twin.state_dict())
 
@@ -1087,6 +1135,9 @@ class OptimizerMachine(RuleBasedStateMachine):
                 shape = (p.numel() + 1,)
         elif how == "other_dtype":
             dtype = F64 if self.dtype != F64 else F32
+            tensor_lr = any(isinstance(g["lr"], torch.Tensor) for g in self.ours.param_groups)
+            if dtype == F64 and tensor_lr and "fp64_tensor_lr" in KNOWN_BROKEN:
+                dtype = F32
         values = randn(shape, seed).to(dtype)
         twin_dtype = dtype if how == "other_dtype" else self.twin_dtype
 
