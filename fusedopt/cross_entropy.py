@@ -42,15 +42,16 @@ fusedopt, ``none``     reads z (4), keeps lse per row                  reads z (
 
 Eager numbers are floors: for wide rows (C > 1024) torch's CUDA softmax kernels read their
 input two or three times, and label smoothing adds a weighted sum over log p in both
-directions (8+ B more). Memory held from forward to backward: eager keeps log p (N×C),
-fusedopt (``mean``/``sum``) keeps the gradient (N×C, input dtype) instead of the logits;
-torch.compile and fusedopt's ``none`` keep the logits.
+directions (8+ B more). Memory held from forward to backward: eager keeps log p (N×C; fp32
+under autocast), torch.compile and fusedopt's ``none`` keep the logits; fusedopt (``mean``/
+``sum``) keeps the gradient (N×C, input dtype) and a reference to the logits, for a backward
+with ``create_graph``: no copy, nothing more when the caller keeps the logits anyway (a model
+output object that returns them), else the logits stay alive until the backward (N×C more; bf16
+logits and gradient under autocast take what torch's fp32 log p takes).
 
 A backward that autograd records (``create_graph=True``: double backward, Hessian-vector
-products, MAML) needs the logits: ``none`` has them and differentiates torch's composition
-(``F.cross_entropy`` on them), so its second derivatives are torch's; ``mean``/``sum`` do not
-keep them (that is their memory saving) and raise a ``RuntimeError`` that says what to do
-instead of returning a first-order-only gradient.
+products, MAML, gradient penalties) differentiates torch's composition (``F.cross_entropy`` on
+the saved logits) instead of returning the stored gradient, so second derivatives are torch's.
 """
 
 from __future__ import annotations
@@ -61,29 +62,22 @@ from torch.nn import _reduction
 
 from fusedopt._cross_entropy_launch import _forward, _scale_grad
 from fusedopt._cross_entropy_ops import _backward_none, _forward_traced
-from fusedopt._multi_tensor import TL_DTYPE, runs_triton
+from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, runs_triton
 from fusedopt.losses import differentiable_grads, scaled_copy
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # torch's Reduction enum
 AUTOCAST_TO_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # what autocast's fp32 ops cast
 
-NO_DOUBLE_BACKWARD = (
-    "fusedopt.cross_entropy: a backward with create_graph=True (double backward, Hessian-vector "
-    "products) is not supported for reduction='{reduction}': its forward keeps the gradient, not "
-    "the logits. Use reduction='none' and reduce the losses yourself (for 'mean': sum them and "
-    "divide by the number, or total weight, of the targets not ignored), or "
-    "torch.nn.functional.cross_entropy."
-)
 
-
-def torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, out_dtype):
-    """``F.cross_entropy`` as the fused op computes it: the logits (and weight) in ``out_dtype``
-    (fp32 under autocast, as autocast casts them; else the input's): the composition a backward
-    with ``create_graph=True`` differentiates."""
-    weight = weight.to(out_dtype) if weight is not None else None
+def torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
+    """``F.cross_entropy`` as the fused op computes it: the logits (and weight) upcast to the
+    kernels' arithmetic dtype (fp32, fp64 for fp64; what autocast casts them to as well): the
+    composition a backward with ``create_graph=True`` differentiates."""
+    math = compute_dtype(input.dtype)
+    weight = weight.to(math) if weight is not None else None
     with torch.autocast(input.device.type, enabled=False):
         return F.cross_entropy(
-            input.to(out_dtype), target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            input.to(math), target, weight=weight, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing,
         )  # fmt: skip
 
@@ -94,19 +88,17 @@ class _CrossEntropy(torch.autograd.Function):
     kernels run as ``torch.ops.fusedopt`` ops and the backward of ``mean``/``sum`` returns
     ``stored * grad_output`` as a new tensor, every time (a compiled backward cannot keep the
     first-backward state). A backward that autograd records (``create_graph=True``)
-    differentiates :func:`torch_cross_entropy` for ``none`` and raises for ``mean``/``sum``."""
+    differentiates :func:`torch_cross_entropy` on the saved logits instead."""
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, out_dtype):
         forward = _forward_traced if torch.compiler.is_compiling() else _forward
         out = forward(input, target, weight, ignore_index, reduction, label_smoothing, True, out_dtype)
-        ctx.reduction = reduction
+        ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
         if reduction == "none":
             ctx.save_for_backward(input, out.rows, out.target, weight, out.stats, out.lse)
-            ctx.ignore_index = ignore_index
-            ctx.label_smoothing = label_smoothing
-            ctx.out_dtype = out_dtype
-        else:
+        else:  # the logits only for a backward with create_graph (a reference, no copy)
+            ctx.save_for_backward(input, target, weight)
             ctx.grad = out.grad
             ctx.applied = torch.empty((), dtype=out.stats.dtype, device=input.device)
             ctx.first = True
@@ -115,13 +107,14 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
-            if ctx.reduction != "none":
-                raise RuntimeError(NO_DOUBLE_BACKWARD.format(reduction=ctx.reduction))
-            input, _, target, weight, _, _ = ctx.saved_tensors
+            if ctx.reduction == "none":
+                input, _, target, weight, _, _ = ctx.saved_tensors
+                target = target.reshape(grad_output.shape)  # kept flat
+            else:
+                input, target, weight = ctx.saved_tensors
             (grad,) = differentiable_grads(
                 lambda input: torch_cross_entropy(
-                    input, target.reshape(grad_output.shape), weight, ctx.ignore_index, "none",
-                    ctx.label_smoothing, ctx.out_dtype,
+                    input, target, weight, ctx.ignore_index, ctx.reduction, ctx.label_smoothing
                 ),
                 (input,),
                 (True,),
@@ -226,10 +219,9 @@ def cross_entropy(
     Targets outside ``[0, C)`` that are not ``ignore_index`` raise torch's ``IndexError`` (CPU)
     or trigger a device-side assert (CUDA, as torch's; no host sync). Non-finite logits give
     torch's results: a row with a NaN or +inf logit (or only -inf ones) has a NaN loss and NaN
-    gradients. ``create_graph=True`` works for ``reduction="none"`` (torch's second
-    derivatives) and raises for ``mean``/``sum`` (see the module docstring). Tensors on devices the Triton
-    kernels do not run on (CPU without ``TRITON_INTERPRET=1``), and dtypes they do not
-    support, go to torch's own implementation.
+    gradients. ``create_graph=True`` gives torch's second derivatives (see the module
+    docstring). Tensors on devices the Triton kernels do not run on (CPU without
+    ``TRITON_INTERPRET=1``), and dtypes they do not support, go to torch's own implementation.
     """
     if not runs_triton(input.device) or input.dtype not in TL_DTYPE:
         return F.cross_entropy(

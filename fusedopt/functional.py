@@ -47,14 +47,12 @@ def mean(
 ) -> torch.Tensor:
     """``torch.mean`` in one deterministic pass; its backward writes no memory.
 
-    As torch, ``dtype`` casts the input before the mean: a ``dtype`` that holds every value of
-    the input's (fp32 for bf16) is only the precision of the sum and of the result, a narrower
-    one (bf16 for fp32 or fp64) rounds the values first (one cast, as torch's)."""
+    ``dtype`` as torch computes it: the mean of the input's values in fp32 (fp64 for fp64
+    inputs or a fp64 ``dtype``), rounded once to ``dtype`` (fp64 to bf16 by way of fp32); the
+    gradient is ``grad_output / K`` in ``dtype``, cast to the input's dtype."""
     out_dtype = dtype if dtype is not None else input.dtype
     if not _fusable(input) or out_dtype not in TL_DTYPE:
         return torch.mean(input, dim=dim, keepdim=keepdim, dtype=dtype)
-    if torch.promote_types(input.dtype, out_dtype) != out_dtype:
-        input = input.to(out_dtype)
     nd = input.dim()
     if dim is None or (isinstance(dim, tuple | list) and len(dim) == 0):  # torch: () reduces all
         dims = list(range(nd))

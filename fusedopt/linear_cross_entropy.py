@@ -56,7 +56,7 @@ from torch.overrides import has_torch_function_variadic
 
 from fusedopt import _linear_cross_entropy_launch as launch
 from fusedopt._cross_entropy_launch import _scale_grad
-from fusedopt._multi_tensor import TL_DTYPE, runs_triton
+from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, runs_triton
 from fusedopt.cross_entropy import arguments
 from fusedopt.losses import differentiable_grads, scaled_copy
 
@@ -88,15 +88,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
             x, weight, bias, target, class_weight = ctx.saved_tensors[:5]
-            ignore_index, reduction, label_smoothing, _, _, mm_dtype, out_dtype = ctx.options
+            ignore_index, reduction, label_smoothing, _, _, mm_dtype, _ = ctx.options
 
             def composition(x, weight, bias):
                 with torch.autocast(x.device.type, enabled=False):
                     logits = F.linear(
                         x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None
                     )
+                    math = compute_dtype(logits.dtype)  # fp32 softmax math from the logits, as the kernels
                     return F.cross_entropy(
-                        logits.to(out_dtype), target.reshape(-1), weight=class_weight, ignore_index=ignore_index,
+                        logits.to(math), target.reshape(-1),
+                        weight=class_weight.to(math) if class_weight is not None else None, ignore_index=ignore_index,
                         reduction=reduction, label_smoothing=label_smoothing,
                     )  # fmt: skip
 

@@ -285,20 +285,23 @@ def differentiable_grads(
     """The gradients of ``loss(*inputs)`` (a plain torch composition) for the inputs in
     ``needs``, with ``create_graph``: the backward of a fused loss when autograd records it
     (``create_graph=True``), so that second derivatives are torch's. ``inputs`` are the saved
-    tensors, still attached to the caller's graph."""
+    tensors, still attached to the caller's graph. The composition computes in fp32 (fp64 for
+    fp64) as the kernels do, so ``grad_output`` is cast to its loss's dtype (differentiably)."""
     wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
     with torch.enable_grad():
+        out = loss(*inputs)
         grads = iter(
-            torch.autograd.grad(loss(*inputs), wanted, grad_output, create_graph=True, allow_unused=True)
+            torch.autograd.grad(out, wanted, grad_output.to(out.dtype), create_graph=True, allow_unused=True)
         )
     return tuple(next(grads) if need else None for need in needs)
 
 
-def torch_loss(x, y, w, loss: int, param: float, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
-    """The pointwise loss in plain torch, in ``out_dtype`` (fp32 under autocast, else the
-    operands' dtype): the composition :func:`differentiable_grads` differentiates."""
-    x, y = x.to(out_dtype), y.to(out_dtype)
-    weight = {} if w is None else {"weight": w.to(out_dtype)}
+def torch_loss(x, y, w, loss: int, param: float, reduction: str) -> torch.Tensor:
+    """The pointwise loss in plain torch, from the operands upcast to the kernels' arithmetic
+    dtype (fp32, fp64 for fp64): the composition :func:`differentiable_grads` differentiates."""
+    math = compute_dtype(x.dtype)
+    x, y = x.to(math), y.to(math)
+    weight = {} if w is None else {"weight": w.to(math)}
     if loss == int(kernels.MSE):
         return F.mse_loss(x, y, reduction=reduction, **weight)
     if loss == int(kernels.L1):
@@ -310,7 +313,8 @@ def torch_loss(x, y, w, loss: int, param: float, reduction: str, out_dtype: torc
 
 class MeanFunction(torch.autograd.Function):
     """``mean`` of contiguous ``x`` [M, K] over K in one deterministic pass; backward returns
-    ``grad_output / K`` expanded to the input's shape (no memory written)."""
+    ``grad_output / K`` expanded to the input's shape (no memory written), divided in the
+    output's dtype and then cast to the input's, as torch's."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, shape: torch.Size, out_dtype: torch.dtype) -> torch.Tensor:
@@ -320,7 +324,7 @@ class MeanFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         m, k = ctx.in_shape
-        g = (grad_output.reshape(m, 1).to(ctx.dtype) / k).expand(m, k)
+        g = (grad_output.reshape(m, 1) / k).to(ctx.dtype).expand(m, k)
         return g, None, None
 
 
@@ -348,7 +352,6 @@ class PointwiseLossFunction(torch.autograd.Function):
         out_dtype: torch.dtype,
     ):  # fmt: skip
         ctx.loss, ctx.param, ctx.reduction, ctx.mean_by_weight = loss, param, reduction, mean_by_weight
-        ctx.out_dtype = out_dtype
         ctx.save_for_backward(input, target, weight)
         if reduction == "none":
             return elementwise(input, target, weight, loss, param, out_dtype)
@@ -363,7 +366,7 @@ class PointwiseLossFunction(torch.autograd.Function):
         x, y, w = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
             grads = differentiable_grads(
-                lambda x, y: torch_loss(x, y, w, ctx.loss, ctx.param, ctx.reduction, ctx.out_dtype),
+                lambda x, y: torch_loss(x, y, w, ctx.loss, ctx.param, ctx.reduction),
                 (x, y),
                 tuple(ctx.needs_input_grad[:2]),
                 grad_output,

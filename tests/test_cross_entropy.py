@@ -680,38 +680,32 @@ def hessian_vector_product(fn, x, v, grad_output):
     return g, hv
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", ["plain", "all"])
 @pytest.mark.parametrize("shape", [(6, 37), (3, 37, 2)], ids=str)
-def test_create_graph_none_gives_torch_second_derivatives(shape, options, triton_device, sizes):
+def test_create_graph_gives_torch_second_derivatives(shape, options, reduction, triton_device, sizes):
     """Issue 18: ``create_graph=True`` through the fused loss silently gave a first-order-only
-    gradient (double backward, MAML, Hessian-vector products wrong). ``reduction="none"`` keeps
-    the logits: its gradient and a Hessian-vector product are torch's."""
+    gradient (double backward, MAML, Hessian-vector products wrong). The gradient and a
+    Hessian-vector product are torch's; the first-order backward of the same graph still runs
+    the fused path (its stored gradient)."""
     sizes(16)
     x, target, kwargs = make_inputs(shape, torch.float32, OPTIONS[options], triton_device)
     gen = torch.Generator().manual_seed(2)
     v = torch.randn(shape, generator=gen).to(triton_device)
-    go = torch.randn(target.shape, generator=gen).to(triton_device)
-    ours = hessian_vector_product(lambda z: cross_entropy(z, target, reduction="none", **kwargs), x, v, go)
+    go = torch.randn(target.shape if reduction == "none" else (), generator=gen).to(triton_device)
+    ours = hessian_vector_product(lambda z: cross_entropy(z, target, reduction=reduction, **kwargs), x, v, go)
     theirs = hessian_vector_product(
-        lambda z: F.cross_entropy(z, target, reduction="none", **kwargs), x, v, go
+        lambda z: F.cross_entropy(z, target, reduction=reduction, **kwargs), x, v, go
     )
     assert_close(ours[0], theirs[0], "grad", LOSS_TOLERANCE)
     assert_close(ours[1], theirs[1], "Hv", LOSS_TOLERANCE)
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_create_graph_mean_or_sum_raises(reduction, triton_device):
-    """Issue 18: with ``mean``/``sum`` the forward keeps the gradient, not the logits, so a
-    second derivative cannot be had: a clear error instead of a first-order-only gradient. The
-    first-order backward of the same graph still works."""
-    x, target, kwargs = make_inputs((6, 37), torch.float32, OPTIONS["all"], triton_device)
-    x.requires_grad_()
-    loss = cross_entropy(x, target, reduction=reduction, **kwargs)
-    with pytest.raises(RuntimeError, match=r"create_graph=True.*reduction='none'"):
-        torch.autograd.grad(loss, x, create_graph=True, retain_graph=True)
-    (grad,) = torch.autograd.grad(loss, x)
-    _, ref_grad = reference(x, target, None, reduction, **kwargs)
-    assert_close(grad, ref_grad, "grad", LOSS_TOLERANCE)
+    z = x.clone().requires_grad_()
+    loss = cross_entropy(z, target, reduction=reduction, **kwargs)
+    torch.autograd.grad(loss, z, go, create_graph=True, retain_graph=True)
+    (grad,) = torch.autograd.grad(loss, z, go)
+    if reduction != "none":
+        assert grad.data_ptr() == loss.grad_fn.grad.data_ptr()  # the stored gradient, scaled
+    assert_close(grad, theirs[0], "first-order grad after a create_graph one", LOSS_TOLERANCE)
 
 
 @pytest.mark.parametrize("logits_dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -111,6 +111,8 @@ def sum_rows_kernel(
             idx = start + tl.arange(0, BLOCK)
             acc += tl.load(partial_ptr + row * P + idx, mask=idx < P, other=0).to(COMPUTE)
         total = tl.sum(acc, axis=0) * scale
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            total = total.to(tl.float32)  # an fp64 mean: to_storage rounds fp32 to bf16
         tl.store(out_ptr + row, to_storage(total, out_ptr.dtype.element_ty))
 
 
