@@ -9,7 +9,6 @@ grads' table is refreshed when autograd hands out new grad buffers.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -68,9 +67,20 @@ def launch_config(total_numel: int) -> tuple[int, int]:
     return (4096, 8) if total_numel >= 1 << 22 else (1024, 4)
 
 
-@functools.lru_cache(maxsize=4096)
+_DENSE: dict[tuple, bool] = {}  # a plain dict: dynamo warns about tracing an lru_cache
+
+
 def _dense(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """True if a tensor of this size and stride covers its memory exactly once, in some order."""
+    known = _DENSE.get((size, stride))
+    if known is None:
+        if len(_DENSE) >= 4096:
+            _DENSE.clear()
+        known = _DENSE[(size, stride)] = _covers_once(size, stride)
+    return known
+
+
+def _covers_once(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     if 0 in size:
         return True
     expected = 1

@@ -44,17 +44,22 @@ Eager numbers are floors: for wide rows (C > 1024) torch's CUDA softmax kernels 
 input two or three times, and label smoothing adds a weighted sum over log p in both
 directions (8+ B more). Memory held from forward to backward: eager keeps log p (N×C; fp32
 under autocast), torch.compile and fusedopt's ``none`` keep the logits; fusedopt (``mean``/
-``sum``) keeps the gradient (N×C, input dtype) and a reference to the logits, for a backward
-with ``create_graph``: no copy, nothing more when the caller keeps the logits anyway (a model
-output object that returns them), else the logits stay alive until the backward (N×C more; bf16
-logits and gradient under autocast take what torch's fp32 log p takes).
+``sum``) keeps the gradient (N×C, input dtype) and nothing else: the logits are freed as soon
+as the caller drops them.
 
 A backward that autograd records (``create_graph=True``: double backward, Hessian-vector
-products, MAML, gradient penalties) differentiates torch's composition (``F.cross_entropy`` on
-the saved logits) instead of returning the stored gradient, so second derivatives are torch's.
+products, MAML, gradient penalties) differentiates torch's composition (``F.cross_entropy``)
+instead of returning the stored gradient, so second derivatives are torch's. ``none`` saves the
+logits. ``mean``/``sum`` keep only a weak reference to them (to the tensor that owns their
+memory, for a view such as ``logits.view(-1, C)``): the caller's logits, alive and unchanged
+at the backward, are differentiated (``logits = model(x); loss = cross_entropy(logits, y)``);
+logits the caller no longer holds raise a clear error (use ``F.cross_entropy`` there) rather
+than keeping N×C alive for every training step.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +102,9 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
         if reduction == "none":
             ctx.save_for_backward(input, out.rows, out.target, weight, out.stats, out.lse)
-        else:  # the logits only for a backward with create_graph (a reference, no copy)
-            ctx.save_for_backward(input, target, weight)
+        else:  # the logits only for a backward with create_graph: weakly (see the module)
+            ctx.save_for_backward(target, weight)
+            ctx.logits = None if torch.compiler.is_compiling() else _weak_logits(input)
             ctx.grad = out.grad
             ctx.applied = torch.empty((), dtype=out.stats.dtype, device=input.device)
             ctx.first = True
@@ -111,7 +117,8 @@ class _CrossEntropy(torch.autograd.Function):
                 input, _, target, weight, _, _ = ctx.saved_tensors
                 target = target.reshape(grad_output.shape)  # kept flat
             else:
-                input, target, weight = ctx.saved_tensors
+                target, weight = ctx.saved_tensors
+                input = _held_logits(ctx.logits)
             (grad,) = differentiable_grads(
                 lambda input: torch_cross_entropy(
                     input, target, weight, ctx.ignore_index, ctx.reduction, ctx.label_smoothing
@@ -128,6 +135,36 @@ class _CrossEntropy(torch.autograd.Function):
             grad = _scale_grad(ctx.grad, grad_output, ctx.applied, ctx.first)
             ctx.first = False
         return grad, None, None, None, None, None, None
+
+
+def _weak_logits(input: torch.Tensor) -> tuple:
+    """A weak reference to the tensor that owns ``input``'s memory (its base, for a view), with
+    its version and how to view ``input`` in it again."""
+    base = input if input._base is None else input._base
+    return weakref.ref(base), base._version, (input.shape, input.stride(), input.storage_offset())
+
+
+def _held_logits(held: tuple | None) -> torch.Tensor:
+    """The logits of a ``mean``/``sum`` forward for a backward with ``create_graph``: the
+    caller's tensor if it is still alive and unchanged, else a clear error."""
+    base = None
+    if held is not None:
+        ref, version, view = held
+        base = ref()
+        if base is not None and base._version != version:
+            base = None
+    if base is None:
+        raise RuntimeError(
+            "fusedopt cross_entropy (reduction 'mean' or 'sum') keeps the gradient it computed in "
+            "the forward, not the logits: a backward with create_graph=True (a second derivative) "
+            "needs the logits alive and unchanged until then. Keep a reference to them "
+            "(logits = model(x); loss = cross_entropy(logits, target)), or use "
+            "torch.nn.functional.cross_entropy."
+        )
+    shape, stride, offset = view
+    if base.shape == shape and base.stride() == stride and base.storage_offset() == offset:
+        return base
+    return base.as_strided(shape, stride, offset)
 
 
 def arguments(weight, ignore_index, reduction, label_smoothing) -> tuple[str, int, float]:

@@ -708,6 +708,29 @@ def test_create_graph_gives_torch_second_derivatives(shape, options, reduction, 
     assert_close(grad, theirs[0], "first-order grad after a create_graph one", LOSS_TOLERANCE)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_create_graph_without_the_logits_raises_and_keeps_no_logits(reduction, triton_device):
+    """mean/sum keep no logits alive (only the gradient): a second derivative through logits the
+    caller no longer holds raises a clear error; through a view of held logits it is torch's."""
+    x, target, _ = make_inputs((6, 5), torch.float32, OPTIONS["plain"], triton_device)
+    x = x.detach()
+    w = torch.randn(5, 5, device=triton_device, requires_grad=True)
+    loss = cross_entropy(x @ w, target, reduction=reduction)  # x @ w: held by nobody
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss, w, create_graph=True)
+    logits = (x @ w).view(2, 3, 5)
+    ours = torch.autograd.grad(
+        cross_entropy(logits.view(6, 5), target, reduction=reduction), w, create_graph=True
+    )
+    theirs = torch.autograd.grad(
+        F.cross_entropy(logits.view(6, 5), target, reduction=reduction), w, create_graph=True
+    )
+    assert_close(ours[0], theirs[0], "grad", LOSS_TOLERANCE)
+    (ours_hv,) = torch.autograd.grad(ours[0].square().sum(), w, retain_graph=True)
+    (theirs_hv,) = torch.autograd.grad(theirs[0].square().sum(), w)
+    assert_close(ours_hv, theirs_hv, "second derivative", LOSS_TOLERANCE)
+
+
 @pytest.mark.parametrize("logits_dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_class_weight_under_autocast_as_torch(weight_dtype, logits_dtype, triton_device):

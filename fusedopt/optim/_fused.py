@@ -196,6 +196,8 @@ class FusedStep:
         """torch's ``state`` (a ``defaultdict(dict)``, same keys and values), which drops the
         launch plans holding its tensors whenever an entry is replaced (:mod:`._state`)."""
         state = self.__dict__.get("state")
+        if torch.compiler.is_compiling():  # the eager steps around it keep it ours
+            return state
         if type(state) is not OptimizerState or getattr(state.on_change, "owner", None) is not self:
             state = OptimizerState(_Notify(self), state or {})
             self.__dict__["state"] = state

@@ -529,16 +529,18 @@ def foreign(p: torch.Tensor) -> bool:
 
 
 def foreign_state(opt, p: torch.Tensor, group: dict) -> bool:
-    """Whether a state tensor of ``p`` has another dtype than the step stores it in (assigned by
-    hand): torch's own step takes it too, with torch's result or error (SGD computes with it,
-    Adam refuses it)."""
+    """Whether a state tensor of ``p`` has a dtype that is neither the one the step stores it in
+    nor the param's (torch's, which the options convert: e.g. Adagrad's ``sum``, made by torch's
+    constructor): assigned by hand. torch's own step takes such a param, with torch's result or
+    error (SGD computes with it, Adam refuses it)."""
     state = opt.state.get(p)
     if not state:
         return False
-    want = opt.precision.state_dtype_for(real_view(p).dtype)
+    dtype = real_view(p).dtype
+    ours = (opt.precision.state_dtype_for(dtype), dtype)
     for key in opt.algorithm.state(group):
         v = state.get(key)
-        if isinstance(v, torch.Tensor) and absmax_key(key) not in state and real_view(v).dtype != want:
+        if isinstance(v, torch.Tensor) and absmax_key(key) not in state and real_view(v).dtype not in ours:
             return True
     return False
 

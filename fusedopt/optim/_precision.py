@@ -225,7 +225,11 @@ def _like_param(t, p: torch.Tensor, dtype: torch.dtype) -> bool:
 def _master_of(master, p: torch.Tensor) -> bool:
     """Whether ``master`` is an fp32 master weight of ``p``: ``p`` is its rounding (a pass over
     the param, made when a plan is built or a state dict loaded, never per step)."""
-    return _like_param(master, p, torch.float32) and torch.equal(local(master).to(p.dtype), local(p))
+    if not _like_param(master, p, torch.float32):
+        return False
+    # A compiled step traces this on fake tensors: the values were checked by the eager plan
+    # or load that made the state.
+    return torch.compiler.is_compiling() or torch.equal(local(master).to(p.dtype), local(p))
 
 
 def _codes(v: torch.Tensor) -> torch.Tensor | None:
@@ -352,6 +356,8 @@ class Stored(Storage):
         precision: the optimizer's options.
         signed: per state column, whether its 8-bit codes use the signed map.
     """
+
+    options = True
 
     def __init__(self, bucket, state, precision: Precision, signed: Sequence[bool]):
         super().__init__(bucket)

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
+import torch
+
 _MISSING = object()
 
 
@@ -102,7 +104,9 @@ class OptimizerState(defaultdict):
         return _plain_state(dict(self))
 
     def changed(self) -> None:
-        if self.on_change is not None:
+        # A compiled step's own lazy state is traced here: its op keys plans on the tensors it
+        # is given, so there is nothing to drop (and a traced notice would hold the optimizer).
+        if self.on_change is not None and not torch.compiler.is_compiling():
             self.on_change()
 
     def __setitem__(self, key, value) -> None:

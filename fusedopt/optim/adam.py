@@ -58,9 +58,11 @@ def _eager(
     storage: Storage | None = None,
 ) -> None:
     """Without Triton: torch's fused CPU Adam where it is right, its for-loop Adam for other
-    fp32/fp64 layouts; for bf16/fp16 (torch computes those in bf16) and the low-precision
-    options (``storage``: see ``fusedopt.optim._precision.eager_step``) the fp32-math
-    reference on working copies."""
+    fp32/fp64 layouts. bf16/fp16 (torch's for-loop computes those in bf16): torch's fused CPU
+    Adam in fp32, each result rounded once (on the tensors themselves where their layouts
+    allow, else on fp32 working copies); the low-precision options (``storage``: see
+    ``fusedopt.optim._precision.eager_step``): torch's fp32 step on working copies, fused
+    where the fp32 copies would share a dense layout."""
     params, exp_avgs, exp_avg_sqs, vmax, _ = bucket.columns  # the last: the precision column
     mine = bucket.grads(grads)
     hyper = {k: float(v) for k, v in hyper.items()}  # CPU tensors: no sync to speak of
@@ -86,7 +88,7 @@ def _eager(
         storage, mine, amp, [(1 - beta1**t, (1 - beta2**t) ** 0.5) for t in torch.stack(bucket.counters).tolist()],
         amsgrad=flags["AMSGRAD"], lr=hyper["lr"], beta1=beta1, beta2=beta2, eps=hyper["eps"],
         weight_decay=hyper["weight_decay"], decoupled_weight_decay=flags["DECOUPLED"], maximize=flags["MAXIMIZE"],
-        fused=storage.fused(mine), steps=bucket.counters,
+        fused=not storage.options or storage.fused(mine), steps=bucket.counters,
     )  # fmt: skip
 
 

@@ -86,7 +86,7 @@ class Batch:
     end to end in flat working tensors of ``n`` elements. A tensor whose operands are all
     contiguous is cut into flat slices; another is one piece, in its own shape."""
 
-    __slots__ = ("cache", "cut", "n", "pieces", "shapes", "spans")
+    __slots__ = ("cache", "cut", "n", "pieces", "shapes", "single", "spans")
 
     def __init__(self, pieces: list[tuple[int, int, int]], cut: list[bool], shapes: list[torch.Size]):
         self.pieces = pieces
@@ -98,6 +98,7 @@ class Batch:
             self.spans.append((n, n + stop - start))
             n += stop - start
         self.n = n
+        self.single = len(pieces) == 1 and self.cut[0]  # one flat slice: its views are itself
         self.cache: dict = {}  # views of the bucket's tensors and of the scratch, by name
 
     def parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -170,9 +171,22 @@ class Storage:
         self.memo = bucket.memo
         self.dtype = compute_dtype(bucket.dtype)
 
+    options = False  # whether the low-precision options read and store (``Stored``)
+
     def fused(self, grads: list[torch.Tensor]) -> bool:
         """Whether the algorithm's fp32 math is torch's fused CPU step (see ``Stored``)."""
         return False
+
+    def dense(self, grads: list[torch.Tensor], used: Sequence[bool]) -> bool:
+        """Whether each tensor's param, used state and grad share one dense layout (kept for
+        the bucket: its layouts are fixed)."""
+        key = ("dense", tuple(used))
+        ok = self.memo.get(key)
+        if ok is None:
+            ok = self.memo[key] = all(
+                shares_dense_layout([*self.operands(i, used), g]) for i, g in enumerate(grads)
+            )
+        return ok
 
     def begin(self) -> None:
         """Once per step, before the algorithm runs (also a step GradScaler skips)."""
@@ -200,24 +214,30 @@ class Storage:
 
     def work(self, batch: Batch, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Working tensor ``name`` of the batch's ``n`` elements (of ``dtype``, by default the
-        compute dtype): the bucket's scratch, or a new tensor for a batch larger than CHUNK."""
-        dtype = dtype or self.dtype
-        if batch.n > CHUNK:
-            return torch.empty(batch.n, dtype=dtype, device=self.bucket.device)
-        scratch = self.memo.setdefault("scratch", {})
-        buffer = scratch.get((name, dtype))
-        if buffer is None:
-            buffer = scratch[(name, dtype)] = torch.empty(CHUNK, dtype=dtype, device=self.bucket.device)
-        return buffer[: batch.n]
+        compute dtype): its part of the bucket's scratch, or a new tensor for a batch larger
+        than CHUNK."""
+        key = (name, dtype or self.dtype)
+        w = batch.cache.get(key)
+        if w is None:
+            if batch.n > CHUNK:
+                return torch.empty(batch.n, dtype=key[1], device=self.bucket.device)
+            scratch = self.memo.setdefault("scratch", {})
+            buffer = scratch.get(key)
+            if buffer is None:
+                buffer = scratch[key] = torch.empty(CHUNK, dtype=key[1], device=self.bucket.device)
+            w = batch.cache[key] = buffer[: batch.n]
+        return w
 
     def views(self, batch: Batch, name: str, w: torch.Tensor) -> list[torch.Tensor]:
-        """The pieces' places in working tensor ``name`` (``w``), kept by the batch when ``w``
-        is the scratch."""
+        """The pieces' places in working tensor ``name`` (``w``)."""
+        if batch.single:
+            return [w]
         if batch.n > CHUNK:
             return batch.views(w)
-        views = batch.cache.get(name)
-        if views is None or views[0].dtype != w.dtype:
-            views = batch.cache[name] = batch.views(w)
+        key = ("views", name, w.dtype)
+        views = batch.cache.get(key)
+        if views is None:
+            views = batch.cache[key] = batch.views(w)
         return views
 
     def parts(self, batch: Batch, column: int) -> list[torch.Tensor]:
@@ -229,14 +249,20 @@ class Storage:
         return parts
 
     def copy_in(self, batch: Batch, name: str, column: int) -> torch.Tensor:
-        """Working tensor ``name`` holding the batch's pieces of ``bucket.columns[column]``."""
+        """Working tensor ``name`` holding the batch's pieces of ``bucket.columns[column]``; a
+        batch of one slice of a tensor in the compute dtype works on the tensor itself."""
+        parts = self.parts(batch, column)
+        if batch.single and parts[0].dtype == self.dtype:
+            return parts[0]
         w = self.work(batch, name)
-        torch._foreach_copy_(self.views(batch, name, w), self.parts(batch, column))
+        torch._foreach_copy_(self.views(batch, name, w), parts)
         return w
 
     def copy_out(self, batch: Batch, name: str, w: torch.Tensor, column: int) -> None:
         """Working tensor ``name`` (``w``) into the batch's pieces of ``bucket.columns[column]``."""
-        torch._foreach_copy_(self.parts(batch, column), self.views(batch, name, w))
+        parts = self.parts(batch, column)
+        if parts[0] is not w:  # else the step worked on the tensor itself
+            torch._foreach_copy_(parts, self.views(batch, name, w))
 
     def load_param(self, batch: Batch) -> torch.Tensor:
         return self.copy_in(batch, "x", 0)
@@ -340,8 +366,27 @@ def adam_reference(
     steps: list[torch.Tensor] | None = None,
 ) -> None:
     """Adam/AdamW step; ``bias_corrections[i] = (1 - beta1**t, sqrt(1 - beta2**t))`` for tensor
-    i (``fused``: torch's fused step reads ``t`` from ``steps[i]``)."""
+    i (``fused``: torch's fused step reads ``t`` from ``steps[i]``).
+
+    torch's fused CPU Adam computes bf16/fp16 tensors in fp32 and rounds each result once, bit
+    for bit as it steps fp32 copies that are rounded afterwards: with the plain storage, dense
+    layouts and grads that need no unscaling or clipping it steps the tensors themselves, in
+    one pass."""
     used = [True, True, amsgrad]
+    if (
+        fused
+        and not storage.options
+        and amp.grad_scale is None
+        and amp.clip_coef is None
+        and storage.dense(grads, used)
+    ):
+        params, exp_avgs, exp_avg_sqs, vmax = storage.columns[:4]
+        step = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+        step(
+            params, grads, exp_avgs, exp_avg_sqs, vmax if amsgrad else [], steps, lr=lr, beta1=beta1,
+            beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
+        )  # fmt: skip
+        return
     for batch, (bc1, bc2_sqrt), x, d, (m, v, vmax) in working(
         storage, grads, amp, bias_corrections, used, maximize=maximize, fused=fused
     ):
