@@ -33,6 +33,7 @@ keep fp64 state, also with ``"int8"``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -569,7 +570,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> to
     (spacing), from a uniform ``u`` of 24 bits. NaN stays NaN, infinities stay."""
     if dtype == torch.bfloat16:
         r.add_(x.view(torch.int32)).bitwise_right_shift_(16)
-        if not torch.isfinite(x.sum()):  # a NaN's bits plus the random ones may leave NaN
+        if not math.isfinite(x.sum().item()):  # a NaN's bits plus the random ones may leave NaN
             r.masked_fill_(x.isnan(), 0x7FC0)  # bf16's NaN, as torch rounds a NaN to nearest
         return r
     near = x.to(dtype)

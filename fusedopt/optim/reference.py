@@ -1,11 +1,15 @@
-"""The algorithms in plain torch: the CPU fallback and the test oracle of the kernels.
+"""The algorithms in plain torch: the step of bf16/fp16 tensors (and of the low-precision
+options) without Triton, torch's algorithm in fp32 rounded to the storage dtype after each step.
 
 Each ``*_reference`` function steps one bucket's tensors in place with torch's own ops in the
 order of torch.optim's for-loop implementation, computing in fp32 (fp64 for fp64 tensors) and
-storing the results in the tensors' dtype: for bf16/fp16, "torch's algorithm in fp32, rounded
-to the dtype after each step". (fp32/fp64 tensors take torch's own step: see each optimizer's
-``_eager``; with ``fused=True`` a function runs torch's fused CPU step on the fp32 copies
-instead, as the low-precision options have since they first ran without Triton.)
+storing the results in the tensors' dtype. (fp32/fp64 tensors take torch's own step: see each
+optimizer's ``_eager``.) With ``fused=True`` a function runs torch's fused CPU step in fp32
+instead: Adam/AdamW's bf16/fp16 step always (torch's fused CPU Adam computes bf16/fp16 in fp32
+and rounds each result once, in one pass: on the tensors themselves where their layouts allow),
+and the low-precision options' step where the fp32 copies share a dense layout (as they have
+since the options first ran without Triton). Either stays within the tolerance contract of
+:mod:`fusedopt.tolerance`; the for-loop order is the contract's oracle itself.
 
 The fp32 copies are made a batch at a time (:class:`Batch`): at most ``CHUNK`` elements,
 small tensors packed end to end, large ones cut at multiples of ``CHUNK``, so the working
@@ -13,9 +17,9 @@ tensors are reused from step to step and stay in cache, and each op of the algor
 per batch instead of once per tensor. Every op is elementwise and torch computes an element
 alike wherever it sits in a tensor, so the results are those of the ops on whole tensors, bit
 for bit. How a bucket's tensors are read into the working copies and stored back is its
-:class:`Storage`: in their own dtype to nearest even here; with the low-precision options
-(master weights, Kahan, stochastic rounding, 8-bit state) see
-:class:`fusedopt.optim._precision.Stored`.
+:class:`Storage`: in their own dtype to nearest even here (a batch of one slice of an fp32
+tensor works on the tensor itself); with the low-precision options (master weights, Kahan,
+stochastic rounding, 8-bit state) see :class:`fusedopt.optim._precision.Stored`.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import torch
 
 from fusedopt._multi_tensor import compute_dtype, shares_dense_layout
 
-CHUNK = 1 << 16
-"""Elements of a batch's working copies (256 KiB a column in fp32: a step's few columns stay
-in a core's L2). A multiple of 4096: a cut tensor's pieces start where torch's fused CPU steps
-start a unit of work and where 8-bit state starts a block, so either sees the same elements
-together as in the whole tensor."""
+CHUNK = 1 << 18
+"""Elements of a batch's working copies (1 MiB a column in fp32: a step's few columns stay in
+cache; ops this long keep the per-op cost of torch's dispatch and of its threads small). A
+multiple of 4096: a cut tensor's pieces start where torch's fused CPU steps start a unit of
+work and where 8-bit state starts a block, so either sees the same elements together as in
+the whole tensor."""
 
 
 def skipped(found_inf: torch.Tensor | None) -> bool:
