@@ -368,12 +368,26 @@ class Stored(Storage):
         self.absmax = bucket.absmax  # per state column, per tensor: None where the state is not 8-bit
         self.state = state
         self.rounds = precision.rounds_stochastically(bucket.dtype)
-        self.bits: list[_RandomBits] = []
+        self.words: _RandomWords | None = None
 
     def begin(self) -> None:
         if self.rounds:
-            generators = _generators(self.bucket, self.state)
-            self.bits = [_RandomBits(g, p.numel()) for g, p in zip(generators, self.columns[0], strict=True)]
+            numels = [p.numel() for p in self.columns[0]]
+            self.words = _RandomWords(_generators(self.bucket, self.state), numels)
+
+    def prepare(self, used: Sequence[bool]) -> None:
+        """Draw each tensor's random words, store by store (its used bf16/fp16 state columns in
+        order, then the param), before threads step the batches in any order."""
+        if not self.rounds:
+            return
+        params = self.columns[0]
+        for i, p in enumerate(params):
+            for j, u in enumerate(used):
+                t = self.columns[1 + j][i]
+                if u and t.dtype in LOW:
+                    self.words.prepare(i, j, t.dtype)
+            if self.mode == kernels.MODE_PLAIN.value and p.dtype in LOW:
+                self.words.prepare(i, len(self.columns), p.dtype)
 
     def fused(self, grads: list[torch.Tensor]) -> bool:
         """Whether each tensor's fp32 copies of param, state and grad, made whole as ``.float()``
@@ -490,62 +504,67 @@ class Stored(Storage):
             self.copy_out(batch, name, w, column)
             return
         r = self.work(batch, "r", torch.int32)
-        mask = 0xFFFF if dtype == torch.bfloat16 else 0xFFFFFF
         for (i, start, _), (a, b) in zip(batch.pieces, batch.spans, strict=True):
-            self.bits[i].fill(key, mask, start, r[a:b])
+            self.words.fill(i, key, start, r[a:b])
         bits = batch.cache.get(("int16", column))
         if bits is None:
             bits = batch.cache[("int16", column)] = [t.view(torch.int16) for t in self.parts(batch, column)]
         torch._foreach_copy_(bits, self.views(batch, "r", stochastic_round(w, dtype, r)))
 
 
-class _RandomBits:
-    """The random words of one tensor's stochastically rounded stores in one step, drawn from
-    its generator (seeded by its ``"rounding_seed"``) as the stores first ask for them. Word
-    ``e`` of store ``key`` depends on the seed, the tensor's size and the order of the stores
-    only (not on how the step batches the tensor): a tensor of at most ``POOL[0]`` elements
-    draws one word per element and store; a larger one draws two pools of ``POOL`` words
-    (sizes coprime) and reads element ``e`` as ``pool0[(e + o0) % 8192] ^ pool1[(e + o1) %
-    8191]``, with offsets drawn per store: every word is uniform (the rounding unbiased), and
-    two elements of a store share both pool words only if they are a multiple of 67,100,672
-    elements apart. (Drawing a word per element from torch's CPU generator, a Mersenne
-    twister, would cost more than the rest of the step.)"""
+class _RandomWords:
+    """The random words of a bucket's stochastically rounded stores in one step, drawn from
+    each param's generator (seeded by its ``"rounding_seed"``) store by store, in the order of
+    :meth:`Stored.prepare`, before any batch is stepped. Word ``e`` of a store of a param
+    depends on the seeds, the param's size and the order of the stores only (not on how the
+    step batches the tensors): a param of at most ``SMALL`` elements draws one word per element
+    and store; a larger one reads element ``e`` as ``pool0[(e + o0) % CHUNK] ^ pool1[(e + o1)
+    % (CHUNK - 1)]``, from two pools of the bucket (drawn by the first param that needs them)
+    and two offsets drawn per store: every word is uniform (the rounding unbiased), and two
+    elements share both pool words only if their stores' offsets make them so (for any two
+    stores, each element of one shares them with at most one element of the other in
+    68,719,214,592). A word per element from torch's CPU generator (a Mersenne twister) would
+    cost more than the rest of the step. Words have 16 random bits for bf16, 24 for fp16."""
 
-    POOL = (8192, 8191)
+    SMALL = 4096
+    SIZES = (CHUNK, CHUNK - 1)  # coprime
 
-    def __init__(self, generator: torch.Generator, numel: int):
-        self.generator = generator
-        self.numel = numel
-        self.words: dict = {}  # store key -> its words (small tensor) or its two pool offsets
-        self.pools: dict = {}  # mask -> the two pools, repeated to cover a window
+    def __init__(self, generators: list[torch.Generator], numels: list[int]):
+        self.generators = generators
+        self.numels = numels
+        self.words: dict = {}  # (param, store) -> its words (a small param) or (mask, offsets)
+        self.pools: dict = {}  # mask -> the two pools, each repeated once (a window wraps once)
 
-    def fill(self, key: int, mask: int, start: int, out: torch.Tensor) -> None:
+    def prepare(self, i: int, key: int, dtype: torch.dtype) -> None:
+        mask = 0xFFFF if dtype == torch.bfloat16 else 0xFFFFFF
+        generator, numel = self.generators[i], self.numels[i]
+        if numel <= self.SMALL:
+            self.words[(i, key)] = _draw(numel, generator).bitwise_and_(mask)
+            return
+        if mask not in self.pools:
+            self.pools[mask] = [_draw(size, generator).bitwise_and_(mask).repeat(2) for size in self.SIZES]
+        offsets = [int(torch.randint(0, size, (), generator=generator)) for size in self.SIZES]
+        self.words[(i, key)] = (mask, offsets)
+
+    def fill(self, i: int, key: int, start: int, out: torch.Tensor) -> None:
         """``out`` (int32, ``n`` elements): the words of elements ``start .. start + n``."""
         n = out.numel()
-        if self.numel <= self.POOL[0]:
-            words = self.words.get((key, mask))
-            if words is None:
-                words = self.words[(key, mask)] = self._draw(self.numel).bitwise_and_(mask)
+        words = self.words[(i, key)]
+        if isinstance(words, torch.Tensor):
             out.copy_(words[start : start + n])
             return
-        offsets = self.words.get((key, mask))
-        if offsets is None:
-            offsets = self.words[(key, mask)] = [
-                int(torch.randint(0, size, (), generator=self.generator)) for size in self.POOL
-            ]
-        pools = self.pools.get(mask)
-        if pools is None:
-            pools = self.pools[mask] = [self._draw(size).bitwise_and_(mask) for size in self.POOL]
+        mask, offsets = words
         windows = []
-        for k, (size, offset) in enumerate(zip(self.POOL, offsets, strict=True)):
+        for pool, size, offset in zip(self.pools[mask], self.SIZES, offsets, strict=True):
             a = (start + offset) % size
-            if pools[k].numel() < a + n:  # repeat the pool to cover the window
-                pools[k] = pools[k][:size].repeat(-(-(size + max(n, CHUNK)) // size))
-            windows.append(pools[k][a : a + n])
+            if pool.numel() < a + n:  # a batch larger than CHUNK: a longer repeat of the pool
+                pool = pool[:size].repeat(-(-(a + n) // size))
+            windows.append(pool[a : a + n])
         torch.bitwise_xor(*windows, out=out)
 
-    def _draw(self, n: int) -> torch.Tensor:
-        return torch.empty(n, dtype=torch.int32).random_(generator=self.generator)  # 31 uniform bits
+
+def _draw(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.int32).random_(generator=generator)  # 31 uniform bits
 
 
 def _generators(bucket, state) -> list[torch.Generator]:

@@ -24,7 +24,10 @@ stochastic rounding, 8-bit state) see :class:`fusedopt.optim._precision.Stored`.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+import os
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -196,6 +199,9 @@ class Storage:
     def begin(self) -> None:
         """Once per step, before the algorithm runs (also a step GradScaler skips)."""
 
+    def prepare(self, used: Sequence[bool]) -> None:
+        """Once per step, before the batches are stepped (by several threads)."""
+
     def operands(self, i: int, used: Sequence[bool]) -> list[torch.Tensor]:
         """Tensor ``i``'s param and used state: what a cut must find contiguous."""
         return [self.columns[0][i], *(c[i] for c, u in zip(self.columns[1:-1], used, strict=True) if u)]
@@ -221,7 +227,7 @@ class Storage:
         """Working tensor ``name`` of the batch's ``n`` elements (of ``dtype``, by default the
         compute dtype): its part of the bucket's scratch, or a new tensor for a batch larger
         than CHUNK."""
-        key = (name, dtype or self.dtype)
+        key = (name, dtype or self.dtype, getattr(_WORKER, "index", 0))  # each thread its own
         w = batch.cache.get(key)
         if w is None:
             if batch.n > CHUNK:
@@ -239,7 +245,7 @@ class Storage:
             return [w]
         if batch.n > CHUNK:
             return batch.views(w)
-        key = ("views", name, w.dtype)
+        key = ("views", name, w.dtype, getattr(_WORKER, "index", 0))
         views = batch.cache.get(key)
         if views is None:
             views = batch.cache[key] = batch.views(w)
@@ -282,21 +288,68 @@ class Storage:
         self.copy_out(batch, "x", x, 0)
 
 
-def working(
+_WORKER = threading.local()  # ``index``: which of the threads stepping batches this is
+_HELPERS: dict = {}  # (process id, threads) -> the pool of helper threads
+
+
+def each(batches: list[Batch], step: Callable[[Batch], None]) -> None:
+    """``step(batch)`` for every batch, by as many threads as torch uses (this one included):
+    each takes the next batch when done with one and runs its ops on one core. (One op at a
+    time over both cores would make hundreds of rounds of torch's thread team a step, each
+    waiting for its slowest thread: on a machine shared with other work, many times the
+    step's own time.) A thread ``index`` (``_WORKER``) has its own working tensors."""
+    threads = torch.get_num_threads()
+    n = min(threads, len(batches))
+    if n <= 1:
+        for batch in batches:
+            step(batch)
+        return
+    queue = iter(batches)  # shared: a list iterator hands each batch out once
+
+    def drain(index: int) -> None:
+        _WORKER.index = index
+        with torch.no_grad():  # grad mode is per thread
+            for batch in queue:
+                step(batch)
+
+    key = (os.getpid(), n - 1)  # a forked child has none of its parent's threads
+    pool = _HELPERS.get(key)
+    if pool is None:
+        pool = _HELPERS[key] = ThreadPoolExecutor(
+            n - 1, "fusedopt-cpu-step", initializer=torch.set_num_threads, initargs=(1,)
+        )
+    helpers = [pool.submit(drain, i) for i in range(1, n)]
+    torch.set_num_threads(1)  # this thread's setting only
+    try:
+        drain(0)
+    finally:
+        torch.set_num_threads(threads)
+        _WORKER.index = 0
+        errors = [e for e in (h.exception() for h in helpers) if e is not None]
+    if errors:
+        raise errors[0]
+
+
+Math = Callable[[Batch, Hashable, torch.Tensor, torch.Tensor, list], None]
+
+
+def run(
     storage: Storage,
     grads: list[torch.Tensor],
     amp,
     keys: Sequence[Hashable],
     used: Sequence[bool],
+    math: Math,
     *,
     maximize: bool,
     fused: bool,
-) -> Iterator[tuple[Batch, Hashable, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]]:
-    """Each batch with its key and working copies ``(batch, key, x, d, states)``: the param,
-    the grad the update uses (unscaled, clipped and negated for ``maximize`` in torch's order;
-    for torch's fused step only clipped: it unscales and negates by itself) and the state
-    columns (None where not ``used``), loaded before the batch is yielded and stored after."""
-    for batch in storage.batches(keys, used, grads):
+) -> None:
+    """``math(batch, key, x, d, states)`` for each batch (:func:`each`) on its working copies:
+    the param, the grad the update uses (unscaled, clipped and negated for ``maximize`` in
+    torch's order; for torch's fused step only clipped: it unscales and negates by itself) and
+    the state columns (None where not ``used``), loaded before and stored after."""
+
+    def step(batch: Batch) -> None:
         x = storage.load_param(batch)
         d = storage.work(batch, "d")
         torch._foreach_copy_(storage.views(batch, "d", d), batch.parts(grads))
@@ -307,11 +360,15 @@ def working(
         if maximize and not fused:
             d.neg_()
         states = [storage.load_state(batch, j) if u else None for j, u in enumerate(used)]
-        yield batch, keys[batch.pieces[0][0]], x, d, states
+        math(batch, keys[batch.pieces[0][0]], x, d, states)
         for j, w in enumerate(states):
             if w is not None:
                 storage.store_state(batch, j, w)
         storage.store_param(batch, x)
+
+    batches = storage.batches(keys, used, grads)
+    storage.prepare(used)
+    each(batches, step)
 
 
 # The algorithms --------------------------------------------------------------------------------
@@ -332,15 +389,17 @@ def sgd_reference(
     fused: bool = False,
 ) -> None:
     """SGD step. ``fresh[i]`` marks a momentum buffer created this step (it takes the grad)."""
-    used = [momentum != 0]
-    for batch, new, x, d, (b,) in working(storage, grads, amp, fresh, used, maximize=maximize, fused=fused):
+
+    def math(batch: Batch, new: bool, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        (b,) = states
         if fused:  # never with a fresh buffer (torch's fused SGD takes them all fresh or none)
             torch._fused_sgd_(
-                storage.views(batch, "x", x), storage.views(batch, "d", d), [] if b is None else storage.views(batch, "s0", b), weight_decay=weight_decay,
+                storage.views(batch, "x", x), storage.views(batch, "d", d),
+                [] if b is None else storage.views(batch, "s0", b), weight_decay=weight_decay,
                 momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov, maximize=maximize,
                 is_first_step=False, grad_scale=amp.grad_scale,
             )  # fmt: skip
-            continue
+            return
         if weight_decay != 0:
             d.add_(x, alpha=weight_decay)
         if b is not None:
@@ -351,6 +410,8 @@ def sgd_reference(
             if nesterov:
                 d.add_(b, alpha=momentum)
         x.add_(d if b is None or nesterov else b, alpha=-lr)
+
+    run(storage, grads, amp, fresh, [momentum != 0], math, maximize=maximize, fused=fused)
 
 
 def adam_reference(
@@ -392,9 +453,9 @@ def adam_reference(
             beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
         )  # fmt: skip
         return
-    for batch, (bc1, bc2_sqrt), x, d, (m, v, vmax) in working(
-        storage, grads, amp, bias_corrections, used, maximize=maximize, fused=fused
-    ):
+
+    def math(batch: Batch, key: tuple, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        m, v, vmax = states
         if fused:
             step = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
             step(
@@ -403,7 +464,8 @@ def adam_reference(
                 batch.each(steps), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                 amsgrad=amsgrad, maximize=maximize, grad_scale=amp.grad_scale,
             )  # fmt: skip
-            continue
+            return
+        bc1, bc2_sqrt = key
         if weight_decay != 0:
             if decoupled_weight_decay:
                 x.mul_(1 - lr * weight_decay)
@@ -419,6 +481,8 @@ def adam_reference(
             torch.sqrt(v, out=denom)
         denom.div_(bc2_sqrt).add_(eps)
         x.addcdiv_(m, denom, value=-(lr / bc1))
+
+    run(storage, grads, amp, bias_corrections, used, math, maximize=maximize, fused=fused)
 
 
 def rmsprop_reference(
@@ -436,11 +500,9 @@ def rmsprop_reference(
 ) -> None:
     """RMSprop step (state columns: square_avg, momentum_buffer if momentum > 0, grad_avg if
     centered)."""
-    used = [True, momentum > 0, centered]
-    keys = [None] * len(grads)  # no per-tensor scalar
-    for batch, _, x, d, (v, b, ga) in working(
-        storage, grads, amp, keys, used, maximize=maximize, fused=False
-    ):
+
+    def math(batch: Batch, _, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        v, b, ga = states
         if weight_decay != 0:
             d.add_(x, alpha=weight_decay)
         v.mul_(alpha).addcmul_(d, d, value=1 - alpha)
@@ -456,6 +518,9 @@ def rmsprop_reference(
             x.add_(b, alpha=-lr)
         else:
             x.addcdiv_(d, avg, value=-lr)
+
+    keys = [None] * len(grads)  # no per-tensor scalar
+    run(storage, grads, amp, keys, [True, momentum > 0, centered], math, maximize=maximize, fused=False)
 
 
 def adagrad_reference(
@@ -474,16 +539,21 @@ def adagrad_reference(
 ) -> None:
     """Adagrad step (dense grads); ``clrs[i] = lr / (1 + (t - 1) * lr_decay)`` for tensor i
     (``fused``: torch's fused step computes it from ``lr``, ``lr_decay`` and ``steps[i]``)."""
-    for batch, clr, x, d, (s,) in working(storage, grads, amp, clrs, [True], maximize=maximize, fused=fused):
+
+    def math(batch: Batch, clr: float, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        (s,) = states
         if fused:
             torch._fused_adagrad_(
-                storage.views(batch, "x", x), storage.views(batch, "d", d), storage.views(batch, "s0", s), batch.each(steps), lr=lr, lr_decay=lr_decay,
-                weight_decay=weight_decay, eps=eps, maximize=maximize, grad_scale=amp.grad_scale,
+                storage.views(batch, "x", x), storage.views(batch, "d", d), storage.views(batch, "s0", s),
+                batch.each(steps), lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+                maximize=maximize, grad_scale=amp.grad_scale,
             )  # fmt: skip
-            continue
+            return
         if weight_decay != 0:
             d.add_(x, alpha=weight_decay)
         s.addcmul_(d, d, value=1)
         std = storage.work(batch, "t")
         torch.sqrt(s, out=std)
         x.addcdiv_(d, std.add_(eps), value=-clr)
+
+    run(storage, grads, amp, clrs, [True], math, maximize=maximize, fused=fused)
