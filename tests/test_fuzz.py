@@ -105,7 +105,8 @@ KNOWN_BROKEN: set[str] = {
     # 8-bit codes of a smaller param) loads, then the step walks past the buffers.
     "foreign_state_dict",
     # "Memory corruption": p.data = a tensor of another size after a step: the cached plan is reused.
-    "data_other_shape",
+    # (Of another dtype: the step must check "dtype ... against the param", item 1.)
+    "data_other_dtype",
     # "Memory corruption": master_weights state dict -> torch's load_state_dict (bf16 master) -> ours.
     "raw_trip_through_torch",
     # "Memory corruption": a grad whose dtype differs from its param's (p.grad_dtype = None).
@@ -142,6 +143,9 @@ KNOWN_BROKEN |= {
     # fp64 params with a tensor lr: the step is computed from fp32 scalars (relative error
     # ~2e-9 against torch, whose fp64 step reads lr.item(); the fp64 contract is 1e-12).
     "fp64_tensor_lr",
+    # Two problems at once (a state key deleted, a state tensor of another size): torch raises
+    # KeyError (it collects the state before any math), ours RuntimeError (sizes checked first).
+    "error_precedence",
 }
 if "FUSEDOPT_FUZZ_KNOWN" in os.environ:  # e.g. "" to run everything, "state_reset,bf16_subnormal" to skip two
     KNOWN_BROKEN = {name for name in os.environ["FUSEDOPT_FUZZ_KNOWN"].split(",") if name}
@@ -535,7 +539,8 @@ class OptimizerMachine(RuleBasedStateMachine):
                 if params_to is not None:
                     q.copy_(q.to(params_to))
                 for key, v in self.twin.state.get(q, {}).items():
-                    if key != "step" and isinstance(v, torch.Tensor) and v.is_floating_point():
+                    fits = isinstance(v, torch.Tensor) and v.shape == q.shape  # ours converts no other
+                    if key != "step" and fits and v.is_floating_point():
                         v.copy_(v.to(state_to))
         if self.quantized:
             signed = signed_keys(self.ours)
@@ -716,7 +721,10 @@ class OptimizerMachine(RuleBasedStateMachine):
             return True
         if e_ours is not None and e_twin is not None:
             OPTIM_TALLY.raised += 1
-            if not isinstance(e_ours, type(e_twin)):
+            precedence = {type(e_ours), type(e_twin)} == {KeyError, RuntimeError}
+            if not isinstance(e_ours, type(e_twin)) and not (
+                precedence and "error_precedence" in KNOWN_BROKEN
+            ):
                 raise Failure(f"{what}: torch raised {describe_exc(e_twin)}; ours {describe_exc(e_ours)}")
             changed = self._unchanged(mine)
             if changed:
@@ -1031,8 +1039,8 @@ class OptimizerMachine(RuleBasedStateMachine):
         params than ours: both refuse), stepped once; 8-bit codes of another size with int8."""
         if "foreign_state_dict" in KNOWN_BROKEN:
             count = count or 1  # only the refusal of another param count
-        if self._lossy():
-            source = "torch"  # ours' fp32 state would reach the twin rounded to the param's dtype
+        if self._lossy() or self.extensions.get("kahan_summation"):
+            source = "torch"  # fp32 state would reach the twin rounded; a compensation not at all
         groups = [len(g["params"]) for g in self.twin.param_groups]
         groups[-1] += count if groups[-1] + count > 0 else 1
         shapes = [SHAPES[(seed + j) % len(SHAPES)] for j in range(sum(groups))]
@@ -1147,7 +1155,9 @@ class OptimizerMachine(RuleBasedStateMachine):
     @logged
     def swap_data(self, seed, how):
         """``p.data = `` a new tensor: same shape (or another layout), another shape or dtype."""
-        if how in ("other_shape", "other_dtype") and "data_other_shape" in KNOWN_BROKEN:
+        if how == "other_shape" and "data_other_shape" in KNOWN_BROKEN:
+            how = "same"
+        if how == "other_dtype" and "data_other_dtype" in KNOWN_BROKEN:
             how = "same"
         i = seed % len(self.P)
         p, q = self.P[i], self.Q[i]
