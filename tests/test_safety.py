@@ -211,6 +211,7 @@ def test_compiled_int8_step_without_an_8bit_param(triton_device):
     """``torch.compile(opt.step)`` with ``state_dtype="int8"`` and a group with no param of >= 4096
     elements: the op never filled the absmax table and the kernel read the lr vector as a pointer
     table. Now it steps as the eager step does."""
+    torch._dynamo.reset()
     device = triton_device
     specs = [(100,), (7, 3)]
     ours, eager = twins(device, specs)

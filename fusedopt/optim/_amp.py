@@ -64,6 +64,7 @@ def find_inf(optimizer, grad_scale: torch.Tensor) -> torch.Tensor | None:
     for the coming step. None where torch's own check must run instead (sparse grads, integer
     params or grads of another dtype than their param's, which torch's functional steps)."""
     optimizer.__dict__.pop(_PENDING, None)
+    optimizer._own_state()
     with torch.no_grad():
         planned = plan_groups(optimizer, list(enumerate(optimizer.param_groups)))
         if not all(b.walkable for _, plan, _ in planned for b in plan.buckets) or any(

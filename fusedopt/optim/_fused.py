@@ -150,6 +150,7 @@ class FusedStep:
             bool(master_weights), bool(kahan_summation), bool(stochastic_rounding), state_dtype
         )
         super().__init__(*args, **kwargs)
+        self._own_state()
         self._reset_plans(counters=True)
 
     def __init_subclass__(cls, **kwargs):
@@ -169,6 +170,7 @@ class FusedStep:
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("precision", PLAIN)
+        self._own_state()
         self._reset_plans(counters=True)
 
     def _reset_plans(self, counters: bool = False) -> None:
@@ -191,23 +193,17 @@ class FusedStep:
 
     # optimizer.state ------------------------------------------------------------------------
 
-    @property
-    def state(self) -> OptimizerState:
-        """torch's ``state`` (a ``defaultdict(dict)``, same keys and values), which drops the
-        launch plans holding its tensors whenever an entry is replaced (:mod:`._state`)."""
+    def _own_state(self) -> None:
+        """Make ``self.state`` (torch's ``defaultdict(dict)``, same keys and values) one that
+        drops the launch plans holding its tensors whenever an entry is replaced
+        (:mod:`._state`): after torch's constructor, ``__setstate__`` (``load_state_dict``,
+        unpickling, a copy) and before each eager step (``optimizer.state = ...`` by hand). A
+        plain attribute, not a property: ``torch.compile`` traces optimizers' ``state`` as
+        torch's."""
         state = self.__dict__.get("state")
-        if torch.compiler.is_compiling():  # the eager steps around it keep it ours
-            return state
         if type(state) is not OptimizerState or getattr(state.on_change, "owner", None) is not self:
-            state = OptimizerState(_Notify(self), state or {})
-            self.__dict__["state"] = state
+            self.__dict__["state"] = OptimizerState(_Notify(self), state or {})
             self._state_changed()
-        return state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.__dict__["state"] = value
-        self._state_changed()
 
     def _state_changed(self) -> None:
         """An entry of ``state`` was replaced (not by the step itself): no plan may keep the
@@ -287,6 +283,7 @@ class FusedStep:
         if torch.compiler.is_compiling():
             self._traced_step([g for _, g in ours], theirs, amp)
             return loss
+        self._own_state()
         spec = self.algorithm
         with torch.no_grad():
             planned = plan_groups(self, ours)
@@ -326,7 +323,7 @@ class FusedStep:
             groups.append((group, params))
         for group, _ in groups:  # validate everything before anything changes
             check_group(self, group)
-        with torch.no_grad(), self._own_writes():
+        with torch.no_grad():
             grads = [p.grad for _, params in groups for p in params]
             amp.clip_coef = _amp.traced_clip_coefficient(self, grads, theirs, amp)
             for group, params in groups:

@@ -658,7 +658,7 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, occurrence: int):
                 state[spec.counter] = torch.zeros((), dtype=spec.step_dtype(group), device=counter_device(p))
             state.update(new)
     precision = opt.precision
-    if walkable(p) and (state or precision.needs_state(real_view(p).dtype)):
+    if precision.active and walkable(p) and (state or precision.needs_state(real_view(p).dtype)):
         state = opt.state[p]
         precision.complete(p, state, spec)
     aux = precision.aux_key(real_view(p).dtype)

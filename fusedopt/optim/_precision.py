@@ -170,16 +170,17 @@ class Precision:
                 codes, absmax = _codes(v), state[scale]
                 if codes is None or not _absmax_of(absmax, p):
                     continue  # not 8-bit state of this param: the step refuses it
-                absmax = absmax.to(local(codes).device, torch.float32)
+                if absmax.dtype != torch.float32 or absmax.device != local(codes).device:
+                    absmax = absmax.to(local(codes).device, torch.float32)
                 if eight and local(codes).stride() == codes_stride(local(p)) and codes.device == p.device:
-                    state[key], state[scale] = codes, absmax
+                    state[key], state[scale] = codes, absmax  # the same objects, unless converted
                     continue
                 del state[scale]
                 v = dequantize(codes, absmax, signed)
             if eight:
                 state[key], state[scale] = quantize(v, p, signed)
-            else:
-                state[key] = v.to(wanted) if v.is_floating_point() else v
+            elif v.is_floating_point() and (v.dtype != wanted or v is not state[key]):  # dequantized
+                state[key] = v.to(wanted)
         aux = self.aux_key(p.dtype)
         if aux == MASTER and not _master_of(state.get(MASTER), p):
             state[MASTER] = p.detach().to(torch.float32, copy=True)
