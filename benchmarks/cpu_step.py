@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(ms=statistics.median(every), ms_p20=p20, ms_p80=p80)
                 row.update(round_min=min(medians), round_max=max(medians))
             rows.append(row)
-        best = min((r["ms"] for r in rows[-len(group) :] if r["impl"] in yardsticks and "ms" in r), default=None)
+        best = min(
+            (r["ms"] for r in rows[-len(group) :] if r["impl"] in yardsticks and "ms" in r), default=None
+        )
         for row in rows[-len(group) :]:
             if row["impl"].startswith("fusedopt") and "ms" in row and best:
                 row["ratio"] = row["ms"] / best
