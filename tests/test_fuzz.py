@@ -50,13 +50,17 @@ other than 1, a second derivative: value, dtype and gradients against torch's (i
 bf16/fp16 inputs, as ``fusedopt.testing.compare_loss``), or both raise.
 
 **Profiles**: the default (CI) one is derandomized (the same sequences every run, no example
-database) and takes about a minute and a half on 2 CPU cores; ``FUSEDOPT_FUZZ=long`` (``make
-fuzz``) draws new random sequences for ``FUSEDOPT_FUZZ_MINUTES`` (default 10) and prints
-Hypothesis' reproduction blob on a failure. Each test prints how many sequences and actions it
-ran.
+database): 60 optimizer sequences of up to 20 actions (~1,100 actions) and 780 loss cases,
+about 70 s on this 2-core machine while others use it (45 s idle). ``FUSEDOPT_FUZZ=long``
+(``make fuzz``) draws new random sequences (up to 30 actions) for ``FUSEDOPT_FUZZ_MINUTES``
+(default 10) and prints Hypothesis' reproduction blob on a failure. Each test prints how many
+sequences and actions it ran. ``FUSEDOPT_FUZZ_EXAMPLES`` overrides the number of examples;
+``FUSEDOPT_FUZZ_COLLECT=file`` records every failure in ``file`` (JSON lines: the rule
+sequence, the error) and goes on, without shrinking (to list distinct failures).
 
-:data:`KNOWN_BROKEN` names the defects of issue 18 that are being fixed: the rules or inputs
-that hit them are skipped until the set is emptied (remove a name when its fix lands).
+:data:`KNOWN_BROKEN` names the defects that are being fixed: the rules or inputs that hit
+them are skipped until the set is emptied (remove a name when its fix lands;
+``FUSEDOPT_FUZZ_KNOWN=""`` runs everything, ``FUSEDOPT_FUZZ_KNOWN=a,b`` skips a and b only).
 """
 
 from __future__ import annotations
@@ -126,7 +130,9 @@ KNOWN_BROKEN |= {
     # (the NaN left out of the block's absmax); the torch quantizer gives +inf and a NaN block.
     "int8_nonfinite",
     # FusedAdagrad whose state dtype is not the param's (state_dtype, or master_weights: fp32):
-    # the "sum" torch's constructor creates is never converted (int8: small params' sum).
+    # the "sum" torch's constructor creates stays in the param's dtype until the first step
+    # (a state_dict() saved before it has it so; with bf16 params and fp32 state the sum
+    # starts from bf16(initial_accumulator_value)).
     "adagrad_state_dtype",
     # master_weights: a master holding a NaN is never "the param's master" (torch.equal):
     # re-seeded from the bf16 param when a plan is built (every step for a strided param).
@@ -186,7 +192,9 @@ class Tally:
         )
 
 
-def _run_for(budget_s: float, run_once: Callable[[settings], None], ci: settings, chunk: settings) -> None:
+def _run_for(
+    budget_s: float, run_once: Callable[[settings | None], None], ci: settings | None, chunk: settings | None
+) -> None:
     """CI: one derandomized run. Long: random runs of ``chunk`` until ``budget_s`` is spent."""
     if not LONG:
         run_once(ci)
@@ -627,6 +635,8 @@ class OptimizerMachine(RuleBasedStateMachine):
                     result.notes.append(f"{where}: state[{key}] is {actual.dtype}, not {stored}")
                 value = self._state_value(p, key)
                 quantized = {value.dtype: dict(rtol=0.015)}  # one code step at the top of a block
+                if eight and "int8_nonfinite" in KNOWN_BROKEN:  # (a NaN from sqrt(<0) too)
+                    expected = torch.where(expected.isfinite(), expected, value.to(expected.dtype))
                 result.compare(key, f"{where} state[{key}]", value, expected, quantized if eight else table)
         for g, (a, b) in enumerate(zip(self.ours.param_groups, self.twin.param_groups, strict=True)):
             for key, v in b.items():
@@ -1413,7 +1423,8 @@ def collected(fn):
 def _given_run(run, budget_share: float, ci_examples: int) -> None:
     start, before = time.monotonic(), (LOSS_TALLY.sequences, LOSS_TALLY.actions)
     try:
-        _run_for(budget_share * MINUTES * 60, lambda s: s(run)(), _settings(ci_examples), _settings(100))
+        test = (_settings(100) if LONG else _settings(ci_examples))(run)  # settings apply once
+        _run_for(budget_share * MINUTES * 60, lambda _: test(), None, None)
     finally:
         print(
             f"fuzz {run.__name__}: {LOSS_TALLY.sequences - before[0]} cases, "
