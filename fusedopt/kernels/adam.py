@@ -114,7 +114,7 @@ def _adam_block(
         vm = load_state(
             ptrs, absmax_ptrs, codebook, t, MAX_EXP_AVG_SQ, offs, mask, K, SDTYPE, COMPUTE, ALIGNED, Q8
         )
-        vm = tl.maximum(vm, v)
+        vm = tl.where((vm != vm) | (v != v), vm + v, tl.maximum(vm, v))  # NaN stays, as torch.maximum
         store_state(ptrs, absmax_ptrs, codebook, t, MAX_EXP_AVG_SQ, offs, mask, vm, r_vm, K, SDTYPE, ALIGNED,
                     SR, Q8, BLOCK)  # fmt: skip
         denom = div_ieee(sqrt_ieee(vm, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps

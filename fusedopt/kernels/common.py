@@ -248,7 +248,8 @@ def store_param(ptrs, t, offs, mask, p, r, K: tl.constexpr, DTYPE: tl.constexpr,
     elif MODE == MODE_KAHAN:
         high = to_storage(p, DTYPE)
         tl.store(p_ptr, high, mask=mask)
-        low = p - high.to(p.dtype)
+        stored = high.to(p.dtype)
+        low = tl.where(stored == p, 0.0, p - stored)  # an inf param keeps no (NaN) compensation
         tl.store(address(ptrs, t, K - 1, K, DTYPE, ALIGNED) + offs, to_storage(low, DTYPE), mask=mask)
     else:
         store_rounded(p_ptr, p, mask, r, DTYPE, SR)

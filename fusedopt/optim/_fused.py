@@ -151,6 +151,13 @@ class FusedStep:
         )
         super().__init__(*args, **kwargs)
         self._own_state()
+        if self.precision.active:  # state torch's constructor made (Adagrad's), in our options
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if state and walkable_dtype(p):
+                        state.update(self._new_state(p, group))
+                        self.precision.complete(p, state, self.algorithm)
         self._reset_plans(counters=True)
 
     def __init_subclass__(cls, **kwargs):

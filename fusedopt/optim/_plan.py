@@ -555,13 +555,14 @@ def check_state(opt, p: torch.Tensor, group: dict, index: int = 0) -> None:
     if not state or not walkable(p):
         return
     spec = opt.algorithm
+    for key in spec.state(group):  # torch gathers the state before any math: KeyError first
+        if key not in state and key not in spec.optional:
+            raise KeyError(key)
     written = [p]
     for key in spec.state(group):
         v = state.get(key)
         if v is None and key in spec.optional:
             continue
-        if key not in state:
-            raise KeyError(key)
         if v is None:
             raise AttributeError(f"{_name(opt)}: state[{key!r}] of param {index} is None, not a tensor")
         _check_state_tensor(opt, p, index, key, v, state)

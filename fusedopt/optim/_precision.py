@@ -231,7 +231,10 @@ def _master_of(master, p: torch.Tensor) -> bool:
         return False
     # A compiled step traces this on fake tensors: the values were checked by the eager plan
     # or load that made the state.
-    return torch.compiler.is_compiling() or torch.equal(local(master).to(p.dtype), local(p))
+    if torch.compiler.is_compiling():
+        return True
+    rounded, param = local(master).to(p.dtype), local(p)
+    return bool(((rounded == param) | (rounded.isnan() & param.isnan())).all())  # NaN rounds to NaN
 
 
 def _codes(v: torch.Tensor) -> torch.Tensor | None:
@@ -322,7 +325,7 @@ def torch_state_dict(optimizer) -> dict:
         for k, v in entries.items():
             if ours(k):
                 continue
-            if absmax_key(k) in entries:
+            if absmax_key(k) in entries and isinstance(v, torch.Tensor):
                 v = dequantize(v, entries[absmax_key(k)], signed[k])
             if isinstance(v, torch.Tensor) and k != "step" and v.is_floating_point():
                 v = v.to(p.dtype)
@@ -479,7 +482,8 @@ class Stored(Storage):
         elif self.mode == kernels.MODE_KAHAN.value:
             self.copy_out(batch, "x", x, 0)
             stored = self.copy_in(batch, "k", 0)  # the param as stored, in fp32
-            self.copy_out(batch, "k", torch.sub(x, stored, out=stored), -1)
+            exact = x == stored  # an inf param keeps no (NaN) compensation, as the kernel
+            self.copy_out(batch, "k", torch.sub(x, stored, out=stored).masked_fill_(exact, 0.0), -1)
         else:
             self._store(batch, "x", x, 0, len(self.columns))
 

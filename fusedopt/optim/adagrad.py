@@ -21,9 +21,9 @@ def _state(group: dict) -> dict:
     ``initial_accumulator_value`` (``complex(v, v)`` for complex params)."""
     value = group["initial_accumulator_value"]
 
-    def init(p: torch.Tensor) -> torch.Tensor:
+    def init(p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         fill = complex(value, value) if torch.is_complex(p) else value
-        return torch.full_like(p, fill, memory_format=torch.preserve_format)
+        return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
 
     return {"sum": init}
 
@@ -137,7 +137,10 @@ class FusedAdagrad(FusedStep, torch.optim.Adagrad):
         # add_param_group) for every grad, sparse ones too, filled with the constructor's
         # initial_accumulator_value (self.defaults), not its group's.
         defaults = dict(group, initial_accumulator_value=self.defaults["initial_accumulator_value"])
-        return {key: init(p) for key, init in self.algorithm.state(defaults).items()}
+        # Filled in the dtype the options store it in: the exact value, not its rounding to a
+        # bf16 param's dtype (8-bit state: fp32, then quantized).
+        dtype = self.precision.state_dtype_for(p.dtype)
+        return {key: init(p, dtype) for key, init in self.algorithm.state(defaults).items()}
 
     def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
         if group["fused"]:
