@@ -149,6 +149,10 @@ KNOWN_BROKEN |= {
     # FusedSGD(state_dtype="int8"): torch_state_dict() raises AttributeError ('NoneType' has
     # no attribute 'device') for a momentum_buffer of None beside its absmax.
     "int8_none_buffer",
+    # p.data = a tensor of another shape while the old grad stays: a 0-d (or broadcastable)
+    # grad and state are broadcast over the new param by torch's step; ours raises RuntimeError
+    # ("the grad of param 0 has shape ()"). A judgment call: raising may be the better contract.
+    "stale_grad_broadcast",
 }
 if "FUSEDOPT_FUZZ_KNOWN" in os.environ:  # e.g. "" to run everything, "state_reset,bf16_subnormal" to skip two
     KNOWN_BROKEN = {name for name in os.environ["FUSEDOPT_FUZZ_KNOWN"].split(",") if name}
@@ -631,7 +635,8 @@ class OptimizerMachine(RuleBasedStateMachine):
                     stored = torch.uint8 if _quantize.absmax_key(key) in mine else stored
                 else:
                     stored = expected.dtype
-                if actual.dtype != stored and p.dtype == self.dtype and actual.shape == p.shape:
+                checked = stepped and p.grad is not None and p.dtype == self.dtype and actual.shape == p.shape
+                if actual.dtype != stored and checked:
                     result.notes.append(f"{where}: state[{key}] is {actual.dtype}, not {stored}")
                 value = self._state_value(p, key)
                 quantized = {value.dtype: dict(rtol=0.015)}  # one code step at the top of a block
@@ -1189,6 +1194,8 @@ class OptimizerMachine(RuleBasedStateMachine):
 
         def swap(param, new):
             param.data = new
+            if how == "other_shape" and "stale_grad_broadcast" in KNOWN_BROKEN:
+                param.grad = None
 
         self.risky = how in ("other_shape", "other_dtype")
         self.both(
@@ -1267,10 +1274,11 @@ def run_one(fn, args: list, kwargs: dict, grad_output, create_graph: bool = Fals
         return e
 
 
-def compare_runs(ours, theirs, what: str, dtypes=None) -> None:
+def compare_runs(ours, theirs, what: str, dtypes=None, scale: float = 0.0) -> None:
     """Both raised (ours an instance of torch's type), or the same shapes, values and grads
     within LOSS_TOLERANCE; ``dtypes``: torch's run whose dtypes ours must have (default
-    ``theirs``)."""
+    ``theirs``); ``scale``: the magnitude of the terms the value sums (its absolute bound is
+    ``rtol`` of it where the sum cancels)."""
     LOSS_TALLY.actions += 1
     if isinstance(ours, Exception) or isinstance(theirs, Exception):
         if isinstance(ours, Exception) and isinstance(theirs, Exception):
@@ -1303,7 +1311,13 @@ def compare_runs(ours, theirs, what: str, dtypes=None) -> None:
         if mine.shape != expected.shape:
             result.notes.append(f"{name}: shape {tuple(mine.shape)} vs torch {tuple(expected.shape)}")
             continue
-        result.compare(name, name, mine, expected, loss_table(name, mine.dtype, expected))
+        table = loss_table(name, mine.dtype, expected)
+        if name == "value" and scale and "rtol" in table.get(mine.dtype, {}):
+            rtol = table[mine.dtype]["rtol"]
+            table = {
+                mine.dtype: dict(rtol=rtol, atol=rtol * max(scale, float(expected.abs().nan_to_num().max())))
+            }
+        result.compare(name, name, mine, expected, table)
     if result.verdict != "PASS":
         raise Failure(result.explain())
 
@@ -1327,7 +1341,16 @@ def upcast(args, dtype: torch.dtype) -> list:
 
 
 def check_loss(
-    fused, reference, args, kwargs, seed, create_graph=False, autocast=False, what="", refused=False
+    fused,
+    reference,
+    args,
+    kwargs,
+    seed,
+    create_graph=False,
+    autocast=False,
+    what="",
+    refused=False,
+    scale=0.0,
 ) -> None:
     """``fused`` against ``reference``: under autocast (CPU bf16) on the same inputs; else on
     fp32 copies of bf16/fp16 inputs (the oracle of fusedopt.testing.compare_loss), with the
@@ -1357,7 +1380,7 @@ def check_loss(
     if refused and isinstance(ours, NotImplementedError):
         return
     if not low:
-        compare_runs(ours, run_one(reference, args, kwargs, grad_output, create_graph), what)
+        compare_runs(ours, run_one(reference, args, kwargs, grad_output, create_graph), what, scale=scale)
         return
     in_dtype = run_one(reference, args, kwargs, grad_output)
     kw32 = dict(zip(kwargs, upcast(list(kwargs.values()), F32), strict=True))
@@ -1365,7 +1388,7 @@ def check_loss(
     if isinstance(ours, Exception) or isinstance(in_dtype, Exception):
         compare_runs(ours, in_dtype, what)
         return
-    compare_runs(ours, fp32, what, dtypes=in_dtype)
+    compare_runs(ours, fp32, what, dtypes=in_dtype, scale=scale)
 
 
 POINTWISE = {
@@ -1463,7 +1486,11 @@ def test_mean_matches_torch():
         )
         if dim is None:
             kwargs.pop("keepdim")
-        check_loss(FF.mean, torch.mean, [x], kwargs, seed, what=f"mean {tuple(shape)} {dtype} {kwargs}")
+        finite = x[x.isfinite()].double()
+        scale = float(finite.abs().max()) if finite.numel() else 0.0  # a mean of signed values cancels
+        check_loss(
+            FF.mean, torch.mean, [x], kwargs, seed, what=f"mean {tuple(shape)} {dtype} {kwargs}", scale=scale
+        )
 
     _given_run(mean, 0.05, 150)
 
