@@ -512,8 +512,8 @@ def _clip_as_ours_(
         where = f"step {step} clip coefficient"
         table = {torch.float64: dict(rtol=rtol, atol=0.0)}
         result.compare("clip_coef", where, coef.detach().double().cpu().reshape(()), exact, table)
-    for g in grads:
-        g.mul_(coef.to(device=g.device, dtype=g.dtype))
+    for g in grads:  # in the coefficient's dtype, rounded once to a bf16/fp16 grad's (as ours)
+        g.mul_(coef.to(device=g.device))
 
 
 # 8-bit state: one step of the code map at the top of a block (1.4 % of its absmax, signed map).

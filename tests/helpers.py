@@ -61,13 +61,6 @@ def kernel_name(case: OptimCase) -> str:
     return KERNEL_NAMES[case.torch_cls]
 
 
-# A known defect the parity runs expose, marked strict (the day it is fixed these tests fail:
-# remove the mark). max_grad_norm with bf16/fp16 grads: the norms of grads the kernels do not
-# walk (here the whole bucket of odd_params, which holds a strided slice; every grad on the CPU
-# path without the interpreter) are taken in the grads' dtype (fusedopt/_norm.py total_norm's
-# leftovers, even with exact=True), so the clip coefficient is up to ~2**-9 off torch's fp32
-# one; on the CPU path the clipped grad is also rounded to the dtype before the step
-# (fusedopt/optim/reference.py unscale_and_clip). With both done in fp32 the runs are exact.
 def parity_params(cases: list[OptimCase], dtypes: list[torch.dtype]) -> list:
     """``(case, dtype)`` parameters for :func:`run_parity`, with readable ids."""
     return [pytest.param(case, dtype, id=f"{case.id}-{dtype}") for case in cases for dtype in dtypes]

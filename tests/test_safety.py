@@ -539,3 +539,216 @@ def test_pickled_optimizer_state_is_torchs():
     state = pickle.loads(pickle.dumps(opt.state))
     assert type(state) is defaultdict and all(type(v) is dict for v in state.values())
     assert type(opt.state_dict()["state"][0]) is dict
+
+
+# Found by the differential fuzzer (tests/test_fuzz.py), not on the issue's list ------------------
+
+
+def test_amsgrad_keeps_a_nan_in_its_max_as_torch(device):
+    """torch's ``max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)`` keeps a NaN; the kernel
+    kept the old maximum (a NaN grad left a finite max where torch's is NaN)."""
+    ours, theirs = twins(device, [(5,)])
+    opt, ref = FusedAdam(ours, lr=0.01, amsgrad=True), torch.optim.Adam(theirs, lr=0.01, amsgrad=True)
+    for step in range(3):
+        grads = grads_for(ours, step)
+        if step == 1:
+            grads[0][2] = float("nan")
+        give(ours, grads)
+        give(theirs, grads)
+        opt.step()
+        ref.step()
+    assert ref.state[theirs[0]]["max_exp_avg_sq"][2].isnan()
+    check_same(opt, ref, ours, theirs)
+
+
+def test_kahan_compensation_of_an_infinite_param_stays_zero(triton_device):
+    """A bf16 param element that became +-inf had a NaN compensation (inf - inf) and turned NaN at
+    the next step, where torch's fp32 param stays +-inf."""
+    (p,) = make(triton_device, [((6,), torch.bfloat16)])
+    opt = FusedAdam([p], lr=0.01, kahan_summation=True)
+    with torch.no_grad():
+        p[1] = float("inf")
+        p[3] = -float("inf")
+    for step in range(2):
+        give([p], grads_for([p], step))
+        opt.step()
+        assert p[1] == float("inf") and p[3] == -float("inf"), f"step {step}: {p}"
+        assert opt.state[p]["kahan_compensation"][[1, 3]].eq(0).all()
+
+
+@pytest.mark.parametrize(
+    "options", [dict(state_dtype=torch.float32), dict(master_weights=True)], ids=["state_fp32", "master"]
+)
+def test_adagrad_sum_is_made_in_its_state_dtype_from_the_exact_value(options, device):
+    """FusedAdagrad's ``sum`` (made by torch's constructor) stayed in the param's dtype until the
+    first step, and started from bf16(initial_accumulator_value) with fp32 state."""
+    (p,) = make(device, [((8,), torch.bfloat16)])
+    opt = FusedAdagrad([p], lr=0.1, initial_accumulator_value=0.1, **options)
+    total = opt.state_dict()["state"][0]["sum"]
+    assert total.dtype == F32 and torch.equal(total, torch.full((8,), 0.1))
+    q = torch.nn.Parameter(p.detach().float())
+    ref = torch.optim.Adagrad([q], lr=0.1, initial_accumulator_value=0.1)
+    give([p], grads_for([p], 0))
+    give([q], [p.grad.float()])
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(opt.state[p]["sum"], ref.state[q]["sum"], rtol=0, atol=0)
+
+
+def test_a_master_holding_nan_is_still_its_params_master(triton_device):
+    """A NaN master was never "the param's master" (torch.equal), so it was re-seeded from the
+    bf16 param when a plan was built: the fp32 values torch would hold were lost."""
+    device = triton_device
+    pair = [make(device, [((6,), torch.bfloat16)])[0] for _ in range(2)]
+    opts = [FusedAdam([p], lr=0.01, master_weights=True) for p in pair]
+    for p, opt in zip(pair, opts, strict=True):
+        give([p], grads_for([p], 0))
+        opt.step()
+    with torch.no_grad():  # element 0 diverged in one of the two; elements are independent
+        opts[0].state[pair[0]]["master_weight"][0] = float("nan")
+        pair[0][0] = float("nan")
+    for p, opt in zip(pair, opts, strict=True):
+        opt.state[p]["master_weight"] = opt.state[p]["master_weight"].clone()  # a new plan
+        give([p], grads_for([p], 1))
+        opt.step()
+    masters = [opt.state[p]["master_weight"] for p, opt in zip(pair, opts, strict=True)]
+    assert masters[0][0].isnan()
+    assert torch.equal(masters[0][1:], masters[1][1:])
+    assert not torch.equal(masters[1], pair[1].float())  # fp32 values the param does not hold
+
+
+def test_a_missing_key_raises_key_error_before_a_size_error(device):
+    """Two problems at once (a state key deleted, another of the wrong size): torch raises
+    KeyError (it gathers the state before any math); fusedopt raised RuntimeError."""
+    ours, theirs = twins(device, [(6,)])
+    opt, ref = FusedAdam(ours, lr=0.01), torch.optim.Adam(theirs, lr=0.01)
+    for o, params in ((opt, ours), (ref, theirs)):
+        give(params, grads_for(params, 0))
+        o.step()
+        o.state[params[0]]["exp_avg"] = torch.zeros(3, device=device)
+        del o.state[params[0]]["exp_avg_sq"]
+        give(params, grads_for(params, 1))
+    snap = snapshot(opt, ours)
+    assert both_raise(opt.step, ref.step) is KeyError
+    assert_unchanged(snap, opt, ours)
+
+
+def test_torch_state_dict_of_an_8bit_sgd_with_a_none_buffer(device):
+    """``torch_state_dict()`` raised AttributeError for an 8-bit momentum_buffer of None (older
+    torch's format) left beside its absmax."""
+    (p,) = make(device, [(4096,)])
+    opt = FusedSGD([p], lr=0.1, momentum=0.9, state_dtype="int8")
+    give([p], grads_for([p], 0))
+    opt.step()
+    opt.state[p]["momentum_buffer"] = None
+    sd = opt.torch_state_dict()
+    assert sd["state"][0]["momentum_buffer"] is None
+    q = torch.nn.Parameter(p.detach().clone())
+    ref = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    ref.load_state_dict(sd)
+    give([p], grads_for([p], 1))
+    give([q], grads_for([q], 1))
+    opt.step()
+    ref.step()  # a None buffer is a new one, in both
+    torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("special", ["inf", "-inf", "nan"])
+def test_8bit_state_of_a_non_finite_value_is_the_torch_quantizers(special, triton_device):
+    """The kernel's quantizer stored +inf as -inf and a NaN as a finite code (the NaN left out of
+    its block's absmax); torch's quantizer (the plain-torch path's and the tests' oracle) gives a
+    NaN block. Both now keep the infinity's sign and poison the block (docs/low-precision.md)."""
+    from fusedopt.optim import _quantize
+
+    (p,) = make(triton_device, [(4096,)])
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = FusedSGD([p], lr=0.1, momentum=0.9, state_dtype="int8")
+    ref = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    (g,) = grads_for([p], 0)
+    g[5] = float(special)
+    give([p], [g])
+    give([q], [g])
+    opt.step()
+    ref.step()
+    codes, absmax = _quantize.quantize(ref.state[q]["momentum_buffer"], q, True)
+    assert torch.equal(opt.state[p]["momentum_buffer"].cpu(), codes.cpu())
+    assert torch.equal(opt.state[p]["momentum_buffer_absmax"].cpu().nan_to_num(7), absmax.cpu().nan_to_num(7))
+    value = _quantize.dequantize(codes, absmax, True)[5]
+    assert value.isnan() if special == "nan" else value == float(special)
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_fp64_params_with_an_fp32_tensor_lr_step_as_torchs_fused(cls, device):
+    """torch's for-loop step rounds the scalars it derives from an fp32 tensor lr (Adam's step
+    size, AdamW's decay factor) to fp32, its fused step does not: fusedopt is torch's
+    ``fused=True``, exactly (docs/options.md)."""
+    ours, theirs = twins(device, [((7,), torch.float64)])
+    lr = dict(lr=torch.tensor(0.0123), weight_decay=0.1)
+    opt = getattr(fusedopt, "Fused" + cls)(ours, **lr)
+    ref = getattr(torch.optim, cls)(theirs, fused=True, **lr)
+    for step in range(3):
+        give(ours, grads_for(ours, step))
+        give(theirs, grads_for(theirs, step))
+        opt.step()
+        ref.step()
+    assert torch.equal(ours[0], theirs[0])
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="p.grad_dtype: torch >= 2.13")
+@pytest.mark.parametrize(
+    "options",
+    [dict(state_dtype=torch.bfloat16), dict(state_dtype="int8"), dict(master_weights=True)],
+    ids=["state_bf16", "int8", "master"],
+)
+def test_a_grad_of_another_dtype_with_a_low_precision_option_is_refused(options, device):
+    """torch's own step (which takes a param whose grad has another dtype) keeps none of the
+    low-precision options: it stepped the bf16 state in bf16 math, the 8-bit codes as numbers,
+    where the fp32 twin raises. Now refused, nothing changed (found by the fuzzer)."""
+    (p,) = make(device, [(4096,)])
+    opt = FusedAdam([p], lr=0.01, **options)
+    give([p], grads_for([p], 0))
+    opt.step()
+    p.grad_dtype = None
+    p.grad = grads_for([p], 1)[0].to(torch.bfloat16)
+    snap = snapshot(opt, [p])
+    with pytest.raises(RuntimeError, match="param 0 has a grad of dtype torch.bfloat16"):
+        opt.step()
+    assert_unchanged(snap, opt, [p])
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="p.grad_dtype: torch >= 2.13")
+def test_a_refused_torch_step_keeps_the_state_of_cached_plans(device):
+    """A step torch's own path refuses (an fp32 grad of an fp64 Adam param) removed the state of
+    every param whose cached plan had once created it: params of other groups lost their
+    state (found by the fuzzer)."""
+    params = make(device, [((3, 4), torch.float64)] * 3)
+    opt = FusedAdam([{"params": params[:1]}, {"params": params[1:], "lr": 0.02}], lr=0.01)
+    for p in params:
+        p.grad_dtype = None
+    give(params, grads_for(params, 0))
+    opt.step()
+    params[0].grad = grads_for(params[:1], 1)[0].float()
+    snap = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="expected dtype double"):
+        opt.step()
+    assert_unchanged(snap, opt, params)
+
+
+def test_a_state_dict_of_another_dtype_loads_cast_as_torchs(device):
+    """Without low-precision options, torch's load_state_dict casts state to the param's dtype;
+    fusedopt kept the fp64 state of another model's (5,) param for an fp32 (3, 4) param: a
+    state_dict() then differed from torch's (found by the fuzzer). Both refuse the step."""
+    (src,) = make(device, [((5,), torch.float64)])
+    source = torch.optim.Adam([src], lr=0.01)
+    give([src], grads_for([src], 0))
+    source.step()
+    ours, theirs = twins(device, [(3, 4)])
+    opt, ref = FusedAdam(ours, lr=0.01), torch.optim.Adam(theirs, lr=0.01)
+    opt.load_state_dict(roundtrip(source.state_dict()))
+    ref.load_state_dict(roundtrip(source.state_dict()))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert opt.state[ours[0]][key].dtype == ref.state[theirs[0]][key].dtype == F32
+        assert torch.equal(opt.state[ours[0]][key], ref.state[theirs[0]][key])
+    give(ours, grads_for(ours, 1))
+    give(theirs, grads_for(theirs, 1))
+    assert both_raise(opt.step, ref.step) is RuntimeError

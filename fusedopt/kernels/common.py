@@ -323,17 +323,23 @@ def quantize(
     """Blockwise 8-bit quantization of fp32 ``x`` (the semantics of
     ``fusedopt.optim._quantize.quantize_``): per QBLOCK elements, ``absmax = max |x|``, then
     each element's code is the number of decision boundaries strictly below ``x / absmax``
-    (the nearest code value; a block of zeros divides by 1), found by binary search."""
+    (the nearest code value; a block of zeros divides by 1), found by binary search. Non-finite
+    ``x`` as torch's ``amax``/``searchsorted``: a NaN makes its block's absmax NaN (its code is
+    the last), +-inf is code +-1 of an absmax of inf."""
     tl.static_assert(BLOCK // QBLOCK * QBLOCK == BLOCK)  # blocks hold whole absmax blocks
     if mask is not None:
         x = tl.where(mask, x, 0.0)
     blocks = tl.reshape(x, (BLOCK // QBLOCK, QBLOCK))
-    absmax = tl.max(tl.abs(blocks), axis=1)
+    magnitudes = tl.abs(blocks)
+    absmax = tl.max(magnitudes, axis=1)  # a GPU's max drops NaN: put back below
+    nan = tl.max((blocks != blocks).to(tl.int32), axis=1) > 0
+    absmax = tl.where(nan, float("nan"), absmax)
     normalized = div_ieee(blocks, tl.where(absmax > 0, absmax, 1.0)[:, None], tl.float32)
+    normalized = tl.where(magnitudes == float("inf"), tl.where(blocks > 0, 1.0, -1.0), normalized)
     code = tl.zeros((BLOCK // QBLOCK, QBLOCK), tl.int32)
     for i in tl.static_range(8):  # CODES == 2**8
-        probe = code + (128 >> i)
-        code = tl.where(tl.load(book + CODES + probe - 1) < normalized, probe, code)
+        probe = code + (128 >> i)  # not (bound >= x): a NaN goes past every bound
+        code = tl.where(tl.load(book + CODES + probe - 1) >= normalized, code, probe)
     tl.store(code_ptr, tl.reshape(code, (BLOCK,)).to(tl.uint8), mask=mask)
     block = tl.min(tl.reshape(offs // QBLOCK, (BLOCK // QBLOCK, QBLOCK)), axis=1)  # absmax index
     if mask is not None:

@@ -294,13 +294,16 @@ class FusedStep:
         spec = self.algorithm
         with torch.no_grad():
             planned = plan_groups(self, ours)
+            created = [entry for _, plan, _ in planned for entry in plan.created]
+            for _, plan, _ in planned:
+                plan.created = []  # made by this step's new plans only: a cached plan's are kept
             amp.clip_coef = _amp.clip_coefficient(self, planned, theirs, amp)
             others = [(group, plan.foreign) for group, plan, _ in planned if plan.foreign]
             if others:
                 try:
                     self._foreign_step(others, amp)
                 except BaseException:
-                    self._undo_created(planned)
+                    self._undo_created(created)
                     raise
             for group, plan, grads in planned:
                 scalars = spec.scalar_values(group)
@@ -408,14 +411,14 @@ class FusedStep:
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
 
-    def _undo_created(self, planned) -> None:
-        """A refused step changes nothing: remove the state its plans created."""
-        for _, plan, _ in planned:
-            for p, before in plan.created:
-                if before is None:
-                    self.state.pop(p, None)
-                else:
-                    self.state[p].update(before)
+    def _undo_created(self, created: list[tuple[torch.Tensor, dict | None]]) -> None:
+        """A refused step changes nothing: remove the state its new plans created (``created``:
+        each param and its entries before, None where it had none)."""
+        for p, before in created:
+            if before is None:
+                self.state.pop(p, None)
+            else:
+                self.state[p].update(before)
         self._plans = {}
 
     def _torch_step(self, groups: list[dict]) -> None:

@@ -504,6 +504,38 @@ def check_group(opt, group: dict) -> None:
         if not g.is_sparse:
             check_grad(opt, p, g, index)
         check_state(opt, p, group, index)
+        if opt.precision.active:
+            check_not_foreign(opt, p, group, index)
+
+
+def check_not_foreign(opt, p: torch.Tensor, group: dict, index: int) -> None:
+    """torch's own step takes a param whose grad or state has a dtype the kernel does not store
+    (:func:`foreign`, :func:`foreign_state`), and it keeps none of the low-precision options:
+    with them such a param is refused (RuntimeError), not stepped without them."""
+    precision, dtype = opt.precision, real_view(p).dtype
+    options = ", ".join(
+        f"{name}={value!r}" for name, value in vars(precision).items() if value != getattr(PLAIN, name)
+    )
+    what = None
+    if foreign(p):
+        what = f"has a grad of dtype {p.grad.dtype} (p.grad_dtype), but is {dtype}"
+    elif foreign_state(opt, p, group):
+        state = opt.state[p]
+        key = next(
+            k
+            for k in opt.algorithm.state(group)
+            if isinstance(state.get(k), torch.Tensor)
+            and real_view(state[k]).dtype not in (precision.state_dtype_for(dtype), dtype)
+        )
+        what = (
+            f"has state[{key!r}] of dtype {real_view(state[key]).dtype}, neither its own ({dtype}) nor "
+            f"the options' ({precision.state_dtype_for(dtype)})"
+        )
+    if what is not None:
+        raise RuntimeError(
+            f"{_name(opt)}: param {index} {what}: torch's own step would take it, which keeps none "
+            f"of the low-precision options ({options}). Give it the param's dtype."
+        )
 
 
 def check_grad(opt, p: torch.Tensor, g: torch.Tensor, index: int) -> None:

@@ -163,9 +163,14 @@ class Precision:
         eight = self.quantizes_param(p)
         for key, signed in zip(algorithm.columns, algorithm.signed, strict=True):
             v = state.get(key)
-            if not isinstance(v, torch.Tensor) or v.shape != p.shape:
+            if not isinstance(v, torch.Tensor):
                 continue
             scale = absmax_key(key)
+            if v.shape != p.shape:  # left for the step to refuse; torch-cast codes made codes again
+                codes = _codes(v) if scale in state and v.dtype != torch.uint8 else None
+                if codes is not None:
+                    state[key] = codes
+                continue
             if scale in state:
                 codes, absmax = _codes(v), state[scale]
                 if codes is None or not _absmax_of(absmax, p):
@@ -274,13 +279,18 @@ def signed_keys(optimizer) -> dict[str, bool]:
 
 def exact_entries(optimizer, state_dict: dict) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
     """``(param, key, value)`` for every saved state tensor that torch's ``load_state_dict``
-    would convert (to the param's dtype): ours, and state stored in another dtype."""
+    would convert (to the param's dtype) and the options keep as it is: ours, 8-bit codes, and
+    state in the dtype the options store it in. Other state is cast as torch casts it (a state
+    dict of fp64 state into fp32 params, without options: fp32, as torch's)."""
     out = []
     for i, p in _params_by_id(optimizer, state_dict).items():
-        for key, v in state_dict["state"].get(i, {}).items():
-            if key == "step" or not isinstance(v, torch.Tensor):
+        entries = state_dict["state"].get(i, {})
+        stored = optimizer.precision.state_dtype_for(p.dtype)
+        for key, v in entries.items():
+            if key == "step" or not isinstance(v, torch.Tensor) or v.dtype == p.dtype:
                 continue
-            if ours(key) or v.dtype != p.dtype:
+            codes = v.dtype == torch.uint8 and absmax_key(key) in entries
+            if ours(key) or codes or v.dtype == stored:
                 out.append((p, key, v))
     return out
 

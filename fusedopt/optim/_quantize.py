@@ -30,6 +30,12 @@ scale, and the largest code value is exactly 1 (the absmax of a block is stored 
   low-bit optimizer states, Li et al. 2023, "Memory Efficient Optimizers with 4-bit States").
   Values below the smallest code round up to it; an all-zero block (absmax 0) still reads 0.
 
+Non-finite state (a diverged run without GradScaler) poisons its block: a NaN makes the
+block's absmax NaN, so all its 256 values read back NaN; an infinity makes it +inf, the
+infinity reads back with its sign (code +-1) and the block's finite values as NaN (0 * inf;
+the unsigned map's smallest code: +inf). torch's fp32 state would keep the finite neighbours:
+no blockwise 8-bit code can (docs/options.md).
+
 Rounding to the nearest code loses at most half the gap to a neighbour, times the block's
 absmax: about 0.7 % (signed) or 0.35 % (unsigned) of the absmax near it, 7 % (3.5 %) of a
 value near a tenth of it (the test bound is :func:`half_gaps`).
@@ -150,8 +156,9 @@ def quantize_(codes: torch.Tensor, absmax: torch.Tensor, x: torch.Tensor, signed
     for a, b in _chunks(flat.numel()):
         blocks = -(-(b - a) // QBLOCK)
         chunk = torch.nn.functional.pad(flat[a:b], (0, blocks * QBLOCK - (b - a))).view(blocks, QBLOCK)
-        amax = chunk.abs().amax(dim=1)
+        amax = chunk.abs().amax(dim=1)  # NaN if the block holds one
         normalized = chunk / torch.where(amax > 0, amax, 1.0)[:, None]
+        normalized = torch.where(chunk.isinf(), chunk.sign(), normalized)  # +-inf: code +-1
         out[a:b] = torch.searchsorted(bounds, normalized).view(-1)[: b - a]  # boundaries strictly below
         absmax[a // QBLOCK : a // QBLOCK + blocks] = amax
 

@@ -36,9 +36,13 @@ class Algorithm:
             order.
         hyper: ``group -> {slot: value}`` for every name in ``SCALARS`` (numbers or 0-d tensors).
         switches: ``group -> {flag: bool}`` for every name in ``FLAGS``.
-        eager: ``(hyper, switches, bucket, grads, amp, state)``: the step without Triton
-            (torch's fastest correct path on CPU, sparse grads, integer params); it advances the
-            bucket's counters itself. ``state`` is the optimizer's (None inside the op).
+        eager: ``(hyper, switches, bucket, grads, amp, state, storage=None)``: the step
+            without Triton (torch's fastest correct path on CPU, sparse grads, integer params);
+            it advances the bucket's counters itself. ``state`` is the optimizer's (None inside
+            the op); ``storage`` (a ``fusedopt.optim._precision.Storage``) reads and stores the
+            bucket's tensors: None, as stored (fp32/fp64, or bf16/fp16 where the math allows,
+            else through fp32 working copies); the low-precision options pass their own
+            (``Stored``: masters, compensations, rounding, 8-bit codes).
         counter: the state key of the per-param step count (torch's ``"step"``), or None: the
             optimizer keeps a private count of steps taken (SGD's "this buffer is new").
         saturates: the kernel only tells counts below this apart (SGD: 2, "is this the first
