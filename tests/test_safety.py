@@ -711,7 +711,7 @@ def test_a_grad_of_another_dtype_with_a_low_precision_option_is_refused(options,
     p.grad_dtype = None
     p.grad = grads_for([p], 1)[0].to(torch.bfloat16)
     snap = snapshot(opt, [p])
-    with pytest.raises(RuntimeError, match="param 0 has a grad of dtype torch.bfloat16"):
+    with pytest.raises(RuntimeError, match=r"param 0 has a grad of dtype torch\.bfloat16"):
         opt.step()
     assert_unchanged(snap, opt, [p])
 
