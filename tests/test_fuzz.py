@@ -524,17 +524,20 @@ class OptimizerMachine(RuleBasedStateMachine):
                     fits = isinstance(v, torch.Tensor) and v.shape == q.shape  # ours converts no other
                     if key != "step" and fits and v.is_floating_point():
                         v.copy_(v.to(state_to))
-        if self.quantized:
-            signed = signed_keys(self.ours)
-            for p, q in zip(self.P, self.Q, strict=True):
-                mine = self.ours.state.get(p, {})
-                for key, v in self.twin.state.get(q, {}).items():
-                    if (
-                        _quantize.absmax_key(key) in mine
-                        and isinstance(v, torch.Tensor)
-                        and v.shape == q.shape
-                    ):
-                        v.copy_(_quantize.dequantize(*_quantize.quantize(v, q, signed[key]), signed[key]))
+        self._requantize_twin()
+
+    @torch.no_grad()
+    def _requantize_twin(self) -> None:
+        """The twin's state put through the 8-bit quantizer where ours holds codes: after a step,
+        and after ours loaded (quantized) state that was not codes."""
+        if not self.quantized:
+            return
+        signed = signed_keys(self.ours)
+        for p, q in zip(self.P, self.Q, strict=True):
+            mine = self.ours.state.get(p, {})
+            for key, v in self.twin.state.get(q, {}).items():
+                if _quantize.absmax_key(key) in mine and isinstance(v, torch.Tensor) and v.shape == q.shape:
+                    v.copy_(_quantize.dequantize(*_quantize.quantize(v, q, signed[key]), signed[key]))
 
     def _forget_low_bits(self, i: int | None = None) -> None:
         """What a torch-format load, a reset or a ``.data`` swap loses by design: the master
@@ -765,9 +768,12 @@ class OptimizerMachine(RuleBasedStateMachine):
     def _ours_step(self, step: Callable[[], None] | None = None) -> None:
         """Ours' step (``step``: e.g. through a GradScaler), recording the clip coefficient it
         computes (``max_grad_norm``) for :meth:`_clip_twin`."""
+        self.seen_clip = []
         with _observed_clip() as seen:
-            (step or self.ours.step)()
-        self.seen_clip = seen
+            try:
+                (step or self.ours.step)()
+            finally:
+                self.seen_clip = seen
 
     def _clip_twin(self) -> None:
         """``max_grad_norm`` on the twin: torch's ``clip_grad_norm_``, except where a grad is
@@ -775,11 +781,12 @@ class OptimizerMachine(RuleBasedStateMachine):
         that dtype: there the contract's oracle (``fusedopt.testing``, CLIP_TOLERANCE): ours'
         coefficient, checked against the formula in fp64, scales the twin's grads."""
         params = [q for q in self.Q if q.grad is not None]
-        if not any(q.grad.dtype in LOW for q in params):
+        seen = getattr(self, "seen_clip", [])
+        if not seen or not any(q.grad.dtype in LOW for q in params):  # (none seen: ours raised)
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=False)
             return
         result = Result("optimizer", self.name, self.mode)
-        _clip_as_ours_(result, 0, getattr(self, "seen_clip", []), params, self.max_grad_norm)
+        _clip_as_ours_(result, 0, seen, params, self.max_grad_norm)
         if result.verdict != "PASS":
             raise Failure(f"clip coefficient: {result.explain()}")
 
@@ -1001,6 +1008,11 @@ class OptimizerMachine(RuleBasedStateMachine):
         def after():
             if direction != "to_twin":
                 self._forget_low_bits()
+                self._requantize_twin()  # ours quantized what it loaded
+            elif not self.low:  # torch cast the state of a param of another dtype; ours kept its own
+                for i, p in enumerate(self.P):
+                    if p.dtype != self.dtype:
+                        self._twin_state_dtypes_as_ours(i)
 
         self.both(f"load ({direction}, fresh={fresh})", ours, twin, after)
 
@@ -1044,6 +1056,8 @@ class OptimizerMachine(RuleBasedStateMachine):
             if self._master_mode() or not raw:
                 self._forget_low_bits()
             self._round_twin_state_to_param_dtype()
+            if not raw:  # ours quantized the dequantized state
+                self._requantize_twin()
 
         self.risky = raw  # our entries cast by torch (a bf16 master, float codes)
         self.both(f"trip through torch (raw={raw}, fresh={fresh})", ours, twin, after)
@@ -1095,7 +1109,7 @@ class OptimizerMachine(RuleBasedStateMachine):
             "load a state dict with a stray key",
             lambda: self.ours.load_state_dict(roundtrip(sd)),
             lambda: self.twin.load_state_dict(roundtrip(sd)),
-            self._forget_low_bits,
+            lambda: (self._forget_low_bits(), self._requantize_twin()),
         )
 
     # State edits --------------------------------------------------------------------------------
@@ -1208,8 +1222,11 @@ class OptimizerMachine(RuleBasedStateMachine):
         torch's own step takes the param with the state it has: in bf16/fp16 modes ours' is in
         the old storage dtype, so the twin's (the same values, kept in fp32) is made so too."""
         self._forget_low_bits(i)
-        if how != "other_dtype" or not self.low:
-            return
+        if how == "other_dtype" and self.low:
+            self._twin_state_dtypes_as_ours(i)
+
+    def _twin_state_dtypes_as_ours(self, i: int) -> None:
+        """The twin's state of param ``i`` in the dtypes of ours' (the same values)."""
         mine, theirs = self.ours.state.get(self.P[i], {}), self.twin.state.get(self.Q[i], {})
         for key, v in theirs.items():
             w = mine.get(key)
