@@ -494,18 +494,36 @@ def _name(opt) -> str:
 def check_group(opt, group: dict) -> None:
     """Refuse, before anything changes, every param with a grad of ``group`` that the step
     cannot take: torch's errors (its type and, where it has one, its message) where torch
-    refuses the same at its step, naming the param and the state key."""
+    refuses the same at its step, naming the param and the state key. In torch's order: what
+    its ``_init_group`` raises for any param of the group (a missing state key: ``KeyError``)
+    before what its math raises (shapes, dtypes)."""
+    gathered = []
     for index, p in enumerate(group["params"]):
         g = p.grad
         if g is None:
             continue
         check_param(p, g)
         opt._check(p, g, group)
+        check_keys(opt, p, group)
+        gathered.append((index, p, g))
+    for index, p, g in gathered:
         if not g.is_sparse:
             check_grad(opt, p, g, index)
         check_state(opt, p, group, index)
         if opt.precision.active:
             check_not_foreign(opt, p, group, index)
+
+
+def check_keys(opt, p: torch.Tensor, group: dict) -> None:
+    """``KeyError`` for a state key the step needs that ``p``'s non-empty state lacks (torch
+    gathers the state of every param before any math)."""
+    state = opt.state.get(p)
+    if not state or not walkable(p):
+        return
+    spec = opt.algorithm
+    for key in spec.state(group):
+        if key not in state and key not in spec.optional:
+            raise KeyError(key)
 
 
 def check_not_foreign(opt, p: torch.Tensor, group: dict, index: int) -> None:
@@ -587,9 +605,7 @@ def check_state(opt, p: torch.Tensor, group: dict, index: int = 0) -> None:
     if not state or not walkable(p):
         return
     spec = opt.algorithm
-    for key in spec.state(group):  # torch gathers the state before any math: KeyError first
-        if key not in state and key not in spec.optional:
-            raise KeyError(key)
+    check_keys(opt, p, group)
     written = [p]
     for key in spec.state(group):
         v = state.get(key)
