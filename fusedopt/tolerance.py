@@ -12,7 +12,7 @@ the tests and by ``python -m fusedopt check``:
   (``8 * 2**-24 * max|expected|``), visible only where a result cancels to near zero.
 * ``max_grad_norm`` (:data:`CLIP_TOLERANCE`): each step's clip coefficient, against
   ``min(1, max_norm / (norm + 1e-6))`` with the norm in fp64 from the same grads, within
-  ``rtol`` of the dtype it is computed in (fp32; fp64 for fp64 grads). The oracle's grads are
+  ``rtol`` of the dtype it is computed in (fp32; fp64 where every grad is fp64). The oracle's grads are
   then scaled by ours, and the step is held to the rows above: a coefficient a few fp32
   roundings off (any other summation order) flips bf16/fp16 roundings of the state, which a
   momentum cancelling to near zero keeps as many rounding steps of its own value.
