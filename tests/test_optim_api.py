@@ -330,6 +330,50 @@ def test_step_closure_returns_loss(case, device):
     assert opt.step() is None
 
 
+def test_step_hooks_and_profiler_range_as_torch(device):
+    """The step hooks run as torch's wrapper runs them (global and the optimizer's, pre-hooks
+    before, post-hooks after, a pre-hook may replace the arguments, a bad return raises), once
+    per step; the profiler range ``Optimizer.step#<class>.step`` is recorded while a profiler
+    runs (fusedopt enters it only then: see ``_torch_compat.profiled_step``)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    ours, theirs = make(device), make(device)
+    opt, ref = FusedAdamW(ours, lr=0.01), torch.optim.AdamW(theirs, lr=0.01)
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", type(o).__name__))),
+    ]
+    closures = []
+    for o, params in ((opt, ours), (ref, theirs)):
+
+        def closure(params=params):
+            closures.append(len(params))
+            return torch.zeros(())
+
+        handles.append(o.register_step_pre_hook(lambda o, a, k, c=closure: ((o, c), {})))  # the closure
+        handles.append(o.register_step_post_hook(lambda o, a, k: calls.append(("post", len(a)))))
+    try:
+        for o, params in ((opt, ours), (ref, theirs)):
+            give(params, grads_for(params, 0))
+            o.step()
+        assert calls[:3] == [("global pre", "FusedAdamW"), ("post", 2), ("global post", "FusedAdamW")]
+        assert calls[3:] == [("global pre", "AdamW"), ("post", 2), ("global post", "AdamW")]
+        assert closures == [len(ours), len(theirs)]
+        check_same(opt, ref, ours, theirs)
+        bad = opt.register_step_pre_hook(lambda o, a, k: "bad")
+        with pytest.raises(RuntimeError, match="must return None or a tuple"):
+            opt.step()
+        bad.remove()
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#FusedAdamW.step" in {e.name for e in prof.events()}
+    assert getattr(type(opt).step, "hooked", False)
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_zero_grad(case, device):
     ours, theirs = make(device), make(device)

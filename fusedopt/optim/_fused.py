@@ -54,6 +54,7 @@ from fusedopt.optim._precision import (
 from fusedopt.optim._quantize import absmax_key
 from fusedopt.optim._state import OptimizerState
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
+from fusedopt.optim._torch_compat import profiled_step
 
 _EXTENSIONS = (  # (name, default, annotation) of the keyword-only arguments torch's classes lack
     ("max_grad_norm", None, "float | None"),
@@ -172,6 +173,15 @@ class FusedStep:
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm, "precision": self.precision}
+
+    def _patch_step_function(self) -> None:
+        """torch's (its constructor and ``__setstate__`` call it): the class's ``step`` wrapped
+        once with the step hooks, as torch wraps it, but entering the profiler range only while
+        a profiler records (:func:`fusedopt.optim._torch_compat.profiled_step`)."""
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        if not getattr(type(self).step, "hooked", None):
+            type(self).step = profiled_step(type(self).step)
+            type(self).step.hooked = True
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -62,7 +62,7 @@ class StepGrads(list):
 # cheapest way Python has to read them (the scan is most of a steady-state step's host time).
 _address = torch._C.TensorBase.data_ptr
 _strides = torch._C.TensorBase.stride
-_nbytes = operator.attrgetter("nbytes")
+_numel = torch._C.TensorBase.numel
 _dtype = operator.attrgetter("dtype")
 GRAD_ADDRESSES = 2  # the part of the key that may change every step (new grad buffers)
 
@@ -70,7 +70,7 @@ GRAD_ADDRESSES = 2  # the part of the key that may change every step (new grad b
 def scan(params: list[torch.Tensor], shards: bool = False) -> tuple[tuple | None, StepGrads]:
     """The hot-path loop: a group's grads and the key its cached plan must match.
 
-    The key holds, for the params with a grad, their addresses and sizes in bytes and their
+    The key holds, for the params with a grad, their addresses and element counts and their
     grads' addresses, strides and dtypes (and which params have a grad, when not all do): what
     the plan's tables were built from that can change while the objects stay the same
     (``p.data = ...``, new grad buffers, ``p.grad_dtype``). torch makes a grad the shape of its
@@ -94,7 +94,7 @@ def scan(params: list[torch.Tensor], shards: bool = False) -> tuple[tuple | None
             addresses = list(map(_address, present))
         key = (
             list(map(_address, params)),
-            list(map(_nbytes, params)),
+            list(map(_numel, params)),
             addresses,
             list(map(_strides, present)),
             list(map(_dtype, present)),
