@@ -478,9 +478,10 @@ class OptimizerMachine(RuleBasedStateMachine):
         master, comp = state.get(MASTER), state.get(KAHAN)
         if self._is_master(master, p):
             return master.detach()
-        value = p.detach().to(self.twin_dtype)
+        twin_dtype = self.Q[i].dtype  # (the mode's, or a swapped .data's)
+        value = p.detach().to(twin_dtype)
         if isinstance(comp, torch.Tensor) and comp.shape == p.shape and comp.dtype == p.dtype:
-            return torch.where(value.isfinite(), value + comp.to(self.twin_dtype), value)
+            return torch.where(value.isfinite(), value + comp.to(twin_dtype), value)
         return value
 
     @staticmethod
