@@ -760,8 +760,9 @@ class OptimizerMachine(RuleBasedStateMachine):
             return
         new = [q for q, p in zip(self.Q, self.P, strict=True) if q.grad is not None and p.dtype == self.dtype]
         new = [q for q in new if not self.twin.state.get(q)]
-        for group in self.twin.param_groups:
-            self.twin._init_group(group, [], [], [], [])
+        for group in self.twin.param_groups:  # only the new ones: torch's errors keep their order
+            fresh = [q for q in group["params"] if any(q is n for n in new)]
+            self.twin._init_group({**group, "params": fresh}, [], [], [], [])
         for q in new:
             total = self.twin.state[q]["sum"]
             total.copy_(total.to(state_to))
@@ -779,11 +780,14 @@ class OptimizerMachine(RuleBasedStateMachine):
     def _clip_twin(self) -> None:
         """``max_grad_norm`` on the twin: torch's ``clip_grad_norm_``, except where a grad is
         bf16/fp16 (a grad of another dtype than its fp32/fp64 param), whose norm torch takes in
-        that dtype: there the contract's oracle (``fusedopt.testing``, CLIP_TOLERANCE): ours'
-        coefficient, checked against the formula in fp64, scales the twin's grads."""
+        that dtype, or the grads' dtypes differ (fp32 and a .data swapped to fp64: torch's
+        coefficient is fp64, ours fp32): there the contract's oracle (``fusedopt.testing``,
+        CLIP_TOLERANCE): ours' coefficient, checked against the formula in fp64, scales the
+        twin's grads."""
         params = [q for q in self.Q if q.grad is not None]
         seen = getattr(self, "seen_clip", [])
-        if not seen or not any(q.grad.dtype in LOW for q in params):  # (none seen: ours raised)
+        dtypes = {q.grad.dtype for q in params}
+        if not seen or not (dtypes & set(LOW) or len(dtypes) > 1):  # (none seen: ours raised)
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=False)
             return
         result = Result("optimizer", self.name, self.mode)
@@ -933,8 +937,8 @@ class OptimizerMachine(RuleBasedStateMachine):
         self.log[-1] += f" [{key}={value!r}]"
         groups = list(zip(self.ours.param_groups, self.twin.param_groups, strict=True))
         a, b = groups[group % len(groups)]
-        if key == "lr" and tensor_lr:  # in the params' dtype: fp64 params, fp32 lr (below)
-            lr_dtype = F64 if self.dtype == F64 else F32
+        if key == "lr" and tensor_lr:  # fp64 if the group holds fp64 params (swap_data says why)
+            lr_dtype = F64 if any(p.dtype == F64 for p in a["params"]) else F32
             a[key], b[key] = torch.tensor(value, dtype=lr_dtype), torch.tensor(value, dtype=lr_dtype)
         else:
             a[key] = b[key] = value
