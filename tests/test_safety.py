@@ -769,3 +769,32 @@ def test_a_missing_key_of_a_later_param_raises_before_a_size_error(device):
     snap = snapshot(opt, ours)
     assert both_raise(opt.step, ref.step) is KeyError
     assert_unchanged(snap, opt, ours)
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "grad_scaler"])
+def test_a_grad_left_from_before_a_dtype_swap_steps_as_torch(scaler, device):
+    """``p.data`` swapped to fp64 with the fp32 grad and state of before: torch steps it (its
+    in-place ops accept the mix); fusedopt's torch step put the grad back with ``p.grad = g``,
+    which torch's setter refuses for a grad of another dtype than the param's (found by the
+    fuzzer). The grad is left as it was."""
+    ours, theirs = twins(device, [(3, 4)])
+    opt, ref = FusedAdam(ours, lr=0.01), torch.optim.Adam(theirs, lr=0.01)
+    scalers = [torch.amp.GradScaler(device, init_scale=4.0) for _ in range(2)] if scaler else None
+    for o, params in ((opt, ours), (ref, theirs)):
+        give(params, grads_for(params, 0))
+        o.step()
+        params[0].data = params[0].data.double()
+    for i, (o, params) in enumerate(((opt, ours), (ref, theirs))):
+        grad = params[0].grad
+        kept = grad.clone()
+        if scaler:
+            scalers[i].scale(torch.ones((), device=device))  # (the scale a loss would get)
+            grad.mul_(4.0)
+            scalers[i].step(o)
+            scalers[i].update()
+        else:
+            o.step()
+        assert params[0].grad is grad and params[0].grad.dtype == F32
+        if not scaler:
+            assert torch.equal(grad, kept)
+    check_same(opt, ref, ours, theirs)

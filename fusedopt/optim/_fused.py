@@ -403,10 +403,17 @@ class FusedStep:
             for p in params
         ]
         hidden = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        replaced = []  # (param, grad, its data before, or None where p.grad was reassigned)
         try:
             if amp.grad_scale is not None:
                 for p, g in zip(params, grads, strict=True):
-                    p.grad = g / amp.grad_scale.to(g.device)
+                    unscaled = g / amp.grad_scale.to(g.device)
+                    if getattr(p, "grad_dtype", p.dtype) in (None, g.dtype):
+                        p.grad = unscaled
+                        replaced.append((p, g, None))
+                    else:  # a grad left from before p.data changed dtype: torch's setter refuses it
+                        replaced.append((p, g, g.data))
+                        g.data = unscaled
             self._torch_step([{**group, "params": ps} for group, ps in items])
         except BaseException:
             for p, (data, state) in zip(params, saved, strict=True):
@@ -418,8 +425,11 @@ class FusedStep:
             raise
         finally:
             self.__dict__.update(hidden)
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
+            for p, g, data in replaced:
+                if data is None:
+                    p.grad = g
+                else:
+                    g.data = data
 
     def _undo_created(self, created: list[tuple[torch.Tensor, dict | None]]) -> None:
         """A refused step changes nothing: remove the state its new plans created (``created``:
