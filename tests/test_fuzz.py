@@ -8,7 +8,8 @@ random actions:
 
 * ``step``: random grads (NaN, +-inf, zero, huge, tiny, None for some params, another layout
   than the param's), or the grads already there; with ``max_grad_norm`` the twin clips first
-  (``clip_grad_norm_``) as the docs say; ``scaler_step``: fusedopt.GradScaler or
+  (``clip_grad_norm_`` as the docs say; where a grad's dtype is bf16/fp16 or not its param's,
+  with ours' coefficient checked against fp64, the tolerance contract's rule); ``scaler_step``: fusedopt.GradScaler or
   torch.amp.GradScaler on ours against torch.amp.GradScaler (``unscale_`` + clip + step) on the
   twin, sometimes with an inf (a skipped step); ``step_other_dtype_grads`` (``grad_dtype=None``);
 * ``zero_grad`` both ways; ``set_hyper`` (lr as a float or a tensor, momentum, betas, weight
