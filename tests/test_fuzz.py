@@ -1036,7 +1036,7 @@ class OptimizerMachine(RuleBasedStateMachine):
             if direction != "to_twin":
                 self._forget_low_bits()
                 self._requantize_twin()  # ours quantized what it loaded
-            elif not self.low:  # torch cast the state of a param of another dtype; ours kept its own
+            if not self.low:  # a load cast the state of a param of another dtype on one side
                 for i, p in enumerate(self.P):
                     if p.dtype != self.dtype:
                         self._twin_state_dtypes_as_ours(i)

@@ -433,10 +433,12 @@ class FusedStep:
 
     def _undo_created(self, created: list[tuple[torch.Tensor, dict | None]]) -> None:
         """A refused step changes nothing: remove the state its new plans created (``created``:
-        each param and its entries before, None where it had none)."""
+        each param and its entries before: None where it had no entry, {} an empty one)."""
         for p, before in created:
             if before is None:
                 self.state.pop(p, None)
+            elif not before:
+                self.state[p].clear()
             else:
                 self.state[p].update(before)
         self._plans = {}

@@ -699,9 +699,9 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, occurrence: int):
         memo[id(p)] = fresh = bool(new)
         if fresh:  # lazy state initialization, as torch's _init_group
             fresh_state = len(state) == 0
-            memo.setdefault("created", []).append(
-                (p, None if fresh_state else {k: state.get(k) for k in new})
-            )
+            # what to put back if the step is refused: no entry, an empty one, or the keys' values
+            before = ({} if p in opt.state else None) if fresh_state else {k: state.get(k) for k in new}
+            memo.setdefault("created", []).append((p, before))
             state = opt.state[p]
             if spec.counter is not None and fresh_state:
                 state[spec.counter] = torch.zeros((), dtype=spec.step_dtype(group), device=counter_device(p))
