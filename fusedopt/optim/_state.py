@@ -9,7 +9,7 @@ tensor alive, or in use, that ``optimizer.state`` no longer holds, and nothing i
 step. Writing back the object an entry already holds (``state[k] = state[k]``) changes nothing.
 In-place changes of a tensor's values (``exp_avg.zero_()``) need no new plan and tell nothing;
 changes of a tensor's shape or storage in place (``t.data = ...``, ``resize_``, ``set_``) of a
-*state* tensor are not seen (of a param they are: the step's key holds its address and shape).
+*state* tensor are not seen (of a param they are: the step's key holds its address and element count).
 
 Both classes pickle and deep-copy as the plain ``defaultdict(dict)`` / ``dict`` torch uses,
 so a pickled optimizer or state dict holds nothing of ours.
