@@ -59,6 +59,9 @@ def profiled_step(step):
     on the CPU when nothing records it, a tenth of a fused step's host time. Without the hook
     registries (another torch), torch's own wrapper."""
     hooked = torch.optim.Optimizer.profile_hook_step(step)
+    # Run eagerly (this frame not traced: dynamo fell back, e.g. at its recompile limit), the
+    # whole step stays eager: dynamo must not compile frames inside it (a kernel launch).
+    eager = torch.compiler.disable(step, recursive=True)
     pre = getattr(_optimizer, "_global_optimizer_pre_hooks", None)
     post = getattr(_optimizer, "_global_optimizer_post_hooks", None)
     recording = getattr(torch._C._autograd, "_profiler_enabled", None)
@@ -78,7 +81,7 @@ def profiled_step(step):
                         f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
                     )
                 args, kwargs = result
-        out = step(*args, **kwargs)
+        out = eager(*args, **kwargs)
         self._optimizer_step_code()
         for hook in (*self._optimizer_step_post_hooks.values(), *post.values()):
             hook(self, args, kwargs)
