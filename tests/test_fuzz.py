@@ -1036,10 +1036,9 @@ class OptimizerMachine(RuleBasedStateMachine):
             if direction != "to_twin":
                 self._forget_low_bits()
                 self._requantize_twin()  # ours quantized what it loaded
-            if not self.low:  # a load cast the state of a param of another dtype on one side
-                for i, p in enumerate(self.P):
-                    if p.dtype != self.dtype:
-                        self._twin_state_dtypes_as_ours(i)
+            for i, p in enumerate(self.P):  # a load cast the state of a .data of another dtype
+                if p.dtype != self.dtype:  # on one side
+                    self._twin_state_dtypes_as_ours(i)
 
         self.both(f"load ({direction}, fresh={fresh})", ours, twin, after)
 
