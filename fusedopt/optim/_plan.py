@@ -537,17 +537,10 @@ def check_not_foreign(opt, p: torch.Tensor, group: dict, index: int) -> None:
     what = None
     if foreign(p):
         what = f"has a grad of dtype {p.grad.dtype} (p.grad_dtype), but is {dtype}"
-    elif foreign_state(opt, p, group):
-        state = opt.state[p]
-        key = next(
-            k
-            for k in opt.algorithm.state(group)
-            if isinstance(state.get(k), torch.Tensor)
-            and real_view(state[k]).dtype not in (precision.state_dtype_for(dtype), dtype)
-        )
+    elif key := foreign_state(opt, p, group):
         what = (
-            f"has state[{key!r}] of dtype {real_view(state[key]).dtype}, neither its own ({dtype}) nor "
-            f"the options' ({precision.state_dtype_for(dtype)})"
+            f"has state[{key!r}] of dtype {real_view(opt.state[p][key]).dtype}, neither its own "
+            f"({dtype}) nor the options' ({precision.state_dtype_for(dtype)})"
         )
     if what is not None:
         raise RuntimeError(
@@ -578,34 +571,34 @@ def foreign(p: torch.Tensor) -> bool:
     return g is not None and not g.is_sparse and g.dtype != p.dtype
 
 
-def foreign_state(opt, p: torch.Tensor, group: dict) -> bool:
-    """Whether a state tensor of ``p`` has a dtype that is neither the one the step stores it in
-    nor the param's (torch's, which the options convert: e.g. Adagrad's ``sum``, made by torch's
-    constructor): assigned by hand. torch's own step takes such a param, with torch's result or
-    error (SGD computes with it, Adam refuses it)."""
+def foreign_state(opt, p: torch.Tensor, group: dict) -> str | None:
+    """The first state key of ``p`` whose tensor has a dtype that is neither the one the step
+    stores it in nor the param's (torch's, which the options convert: e.g. Adagrad's ``sum``,
+    made by torch's constructor): assigned by hand; None if there is none. torch's own step
+    takes such a param, with torch's result or error (SGD computes with it, Adam refuses it)."""
     state = opt.state.get(p)
     if not state:
-        return False
+        return None
     dtype = real_view(p).dtype
     ours = (opt.precision.state_dtype_for(dtype), dtype)
     for key in opt.algorithm.state(group):
         v = state.get(key)
         if isinstance(v, torch.Tensor) and absmax_key(key) not in state and real_view(v).dtype not in ours:
-            return True
-    return False
+            return key
+    return None
 
 
 def check_state(opt, p: torch.Tensor, group: dict, index: int = 0) -> None:
-    """Refuse, as torch's step would (``KeyError`` for a missing key, ``RuntimeError`` for a
-    tensor of the wrong shape, dtype or device), state the kernel cannot walk with its param:
-    e.g. a state dict of another model, state assigned by hand, amsgrad switched on after the
-    first steps. Keys torch treats as new when absent or None (SGD's ``momentum_buffer``) may
-    be either. Nothing is changed here."""
+    """Refuse, as torch's step would (``RuntimeError`` for a tensor of the wrong shape, dtype or
+    device), state the kernel cannot walk with its param: e.g. a state dict of another model,
+    state assigned by hand, amsgrad switched on after the first steps. Missing keys were
+    refused before (:func:`check_keys`, for every param of the group first); keys torch treats
+    as new when absent or None (SGD's ``momentum_buffer``) may be either. Nothing is changed
+    here."""
     state = opt.state.get(p)
     if not state or not walkable(p):
         return
     spec = opt.algorithm
-    check_keys(opt, p, group)
     written = [p]
     for key in spec.state(group):
         v = state.get(key)

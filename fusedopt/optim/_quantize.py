@@ -34,7 +34,7 @@ Non-finite state (a diverged run without GradScaler) poisons its block: a NaN ma
 block's absmax NaN, so all its 256 values read back NaN; an infinity makes it +inf, the
 infinity reads back with its sign (code +-1) and the block's finite values as NaN (0 * inf;
 the unsigned map's smallest code: +inf). torch's fp32 state would keep the finite neighbours:
-no blockwise 8-bit code can (docs/options.md).
+no blockwise 8-bit code can (docs/low-precision.md).
 
 Rounding to the nearest code loses at most half the gap to a neighbour, times the block's
 absmax: about 0.7 % (signed) or 0.35 % (unsigned) of the absmax near it, 7 % (3.5 %) of a

@@ -55,18 +55,18 @@ def profiled_step(step):
     optimizer's step pre-hooks (which may replace the arguments), the step, torch's
     ``_optimizer_step_code`` marker, the post-hooks, all inside a profiler range named
     ``Optimizer.step#<class>.step``; but the range is entered only while a profiler records
-    (``torch.autograd._profiler_enabled()``) or dynamo traces: entering one costs about 10 us
+    (``torch._C._autograd._profiler_enabled()``) or dynamo traces: entering one costs about 10 us
     on the CPU when nothing records it, a tenth of a fused step's host time. Without the hook
     registries (another torch), torch's own wrapper."""
     hooked = torch.optim.Optimizer.profile_hook_step(step)
-    # Run eagerly (this frame not traced: dynamo fell back, e.g. at its recompile limit), the
-    # whole step stays eager: dynamo must not compile frames inside it (a kernel launch).
-    eager = torch.compiler.disable(step, recursive=True)
     pre = getattr(_optimizer, "_global_optimizer_pre_hooks", None)
     post = getattr(_optimizer, "_global_optimizer_post_hooks", None)
     recording = getattr(torch._C._autograd, "_profiler_enabled", None)
     if pre is None or post is None or recording is None:
         return hooked
+    # Run eagerly (this frame not traced: dynamo fell back, e.g. at its recompile limit), the
+    # whole step stays eager: dynamo must not compile frames inside it (a kernel launch).
+    eager = torch.compiler.disable(step, recursive=True)
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
