@@ -75,7 +75,9 @@ def _optimizer_variants(name: str) -> list:
     def variant(dtype, chosen, aligned, state=None, mode=0, sr=False, q8=False, tail=True, block=4096):
         compute = "float64" if dtype == "float64" else "float32"
         algorithm = dict(spec.constexprs(chosen), UPDATE=name)
-        amp = dict(HAS_GRAD_SCALE=chosen is sets[1], HAS_FOUND_INF=chosen is sets[1], HAS_CLIP=chosen is sets[1])
+        amp = dict(
+            HAS_GRAD_SCALE=chosen is sets[1], HAS_FOUND_INF=chosen is sets[1], HAS_CLIP=chosen is sets[1]
+        )
         constexprs = dict(algorithm, DTYPE=f"tl.{dtype}", SDTYPE=f"tl.{state or dtype}", COMPUTE=f"tl.{compute}",
                           MODE=mode, SR=sr, Q8=q8, BLOCK=block, TAIL=tail, ALIGNED=aligned, **amp)  # fmt: skip
         signature = dict(TABLES, prepared=PTR[compute], steps="*fp32", **STATE, **AMP)

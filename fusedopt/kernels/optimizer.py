@@ -73,9 +73,15 @@ def _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebo
     r_p, r_1, r_2, r_3 = random_bits(seeds, t, offs, SR)
     g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
     g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
-    s1 = _column(ptrs, absmax_ptrs, codebook, t, 1, offs, mask, g, COLUMN_1 & STATE, K, SDTYPE, COMPUTE, ALIGNED, Q8)
-    s2 = _column(ptrs, absmax_ptrs, codebook, t, 2, offs, mask, g, COLUMN_2 & STATE, K, SDTYPE, COMPUTE, ALIGNED, Q8)
-    s3 = _column(ptrs, absmax_ptrs, codebook, t, 3, offs, mask, g, COLUMN_3 & STATE, K, SDTYPE, COMPUTE, ALIGNED, Q8)
+    s1 = _column(
+        ptrs, absmax_ptrs, codebook, t, 1, offs, mask, g, COLUMN_1 & STATE, K, SDTYPE, COMPUTE, ALIGNED, Q8
+    )
+    s2 = _column(
+        ptrs, absmax_ptrs, codebook, t, 2, offs, mask, g, COLUMN_2 & STATE, K, SDTYPE, COMPUTE, ALIGNED, Q8
+    )
+    s3 = _column(
+        ptrs, absmax_ptrs, codebook, t, 3, offs, mask, g, COLUMN_3 & STATE, K, SDTYPE, COMPUTE, ALIGNED, Q8
+    )
     p, s1, s2, s3 = UPDATE(p, g, s1, s2, s3, scalars, prepared + t * P, steps + t, SWITCHES, COMPUTE)
     store_param(ptrs, t, offs, mask, p, r_p, K, DTYPE, ALIGNED, MODE, SR)
     if COLUMN_1 & STATE:

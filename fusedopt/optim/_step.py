@@ -81,7 +81,9 @@ class Algorithm:
         if k.COLUMNS[0] != "param":
             raise ValueError(f"{self.name}: column 0 of the kernel's table must be the param")
         if len(k.COLUMNS) > 4 or "MAXIMIZE" not in k.FLAGS or not set(k.REQUIRES) <= set(k.COLUMNS[1:]):
-            raise ValueError(f"{self.name}: at most 3 state columns, a MAXIMIZE flag, REQUIRES of state columns")
+            raise ValueError(
+                f"{self.name}: at most 3 state columns, a MAXIMIZE flag, REQUIRES of state columns"
+            )
         if k.PREPARED and self.counter is None:
             raise ValueError(f"{self.name}: per-tensor values (PREPARED) are computed from a step counter")
         ALGORITHMS[self.name] = self
@@ -198,7 +200,9 @@ def _prepare(algorithm: Algorithm, bucket: Bucket, counters: torch.Tensor, scala
     prepared = bucket.memo.get("prepared")
     if prepared is None or prepared.shape[0] != n:
         dtype = compute_dtype(bucket.dtype)
-        prepared = bucket.memo["prepared"] = torch.empty(n, len(k.PREPARED), dtype=dtype, device=bucket.device)
+        prepared = bucket.memo["prepared"] = torch.empty(
+            n, len(k.PREPARED), dtype=dtype, device=bucket.device
+        )
     found = amp.found_inf
     launch_grid(
         prepare_kernel, triton.cdiv(n, _PREPARE_BLOCK), bucket.device, scalars, counters, prepared,
