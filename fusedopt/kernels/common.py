@@ -27,6 +27,10 @@ _FMA_ROUNDS_TWICE = tl.constexpr(
 )
 
 
+# The interpreter converts fp32 -> bf16 by truncation, a GPU by rounding to nearest even.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def named(names: tuple[str, ...]) -> tuple[tl.constexpr, ...]:
     """Constexpr indices ``0 .. len(names) - 1`` for a kernel's table columns or scalar slots:
     ``PARAM, EXP_AVG = named(COLUMNS)``. The names are the algorithm's spec (the launcher builds
@@ -70,14 +74,18 @@ def address(
 def to_storage(x, DTYPE: tl.constexpr):
     """Round fp32/fp64 ``x`` to the storage dtype, to nearest even.
 
-    bf16 is rounded with integer arithmetic: the Triton interpreter truncates fp32 -> bf16,
-    the GPU rounds to nearest even; this gives the GPU's answer on both.
+    Compiled, the hardware convert does it (one instruction); the Triton interpreter truncates
+    fp32 -> bf16, so there bf16 is rounded with integer arithmetic, which gives the GPU's answer
+    (NaN stays NaN; its payload may differ from the GPU's canonical NaN).
     """
     if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
-        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        if _INTERPRETED:
+            bits = x.to(tl.uint32, bitcast=True)
+            rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+            rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
+            return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(tl.bfloat16, fp_downcast_rounding="rtne")
     else:
         return x.to(DTYPE)
 
