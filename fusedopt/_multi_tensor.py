@@ -62,10 +62,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def launch_config(total_numel: int) -> tuple[int, int]:
     """Block size and warps, by a size rule (in-place steps cannot be autotuned at run time).
 
-    The block size is a multiple of 256 (``fusedopt.kernels.common.QBLOCK``): blocks start at
+    Eight elements per thread: at sixteen, the optimizer kernel's variants with five streams
+    (amsgrad, masters; AMP and clipping on) need 150-170 registers on sm_90, one CTA per SM;
+    at eight every fp32/bf16/fp16 variant fits in 128 (``fusedopt bench --suites sm90``). The
+    block size is a multiple of 256 (``fusedopt.kernels.common.QBLOCK``): blocks start at
     multiples of it within each tensor, so every absmax block of 8-bit state lies in one program.
     """
-    return (4096, 8) if total_numel >= 1 << 22 else (1024, 4)
+    return (2048, 8) if total_numel >= 1 << 22 else (1024, 4)
 
 
 _DENSE: dict[tuple, bool] = {}  # a plain dict: dynamo warns about tracing an lru_cache
@@ -247,7 +250,7 @@ class TensorTable:
         One launch; none when every tensor is empty or inside :func:`dry_run`. ``ALIGNED`` tells
         the kernel that every address is 16-byte aligned, so full blocks use vector loads and
         stores (else the kernel checks each tensor's addresses); ``TAIL`` that some tensor ends in
-        a partial block (else the kernel has no masked path).
+        a partial block (else the kernel has no masked path), walked in sub-blocks of ``TAIL_BLOCK``.
         """
         if self.num_blocks == 0 or _dry_run:
             return
@@ -265,5 +268,6 @@ class TensorTable:
                 num_warps=self.num_warps,
                 ALIGNED=self.aligned and self._dynamic_aligned,
                 TAIL=self.tail,
+                TAIL_BLOCK=min(self.block, 128 * self.num_warps),  # 4 elements per thread
                 **constexprs,
             )

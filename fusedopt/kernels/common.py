@@ -39,6 +39,19 @@ def named(names: tuple[str, ...]) -> tuple[tl.constexpr, ...]:
 
 
 @triton.jit
+def block_start(
+    meta,  # int64 [T, 2]: numel, first block of each tensor
+    owner,  # int32 [B]: tensor index of each block
+    BLOCK: tl.constexpr,
+):
+    """Return ``(t, start, numel)``: this program's tensor, the offset of its block's first
+    element (int64) and the tensor's element count."""
+    pid = tl.program_id(0)
+    t = tl.load(owner + pid).to(tl.int64)
+    return t, (pid - tl.load(meta + 2 * t + 1)) * BLOCK, tl.load(meta + 2 * t)
+
+
+@triton.jit
 def locate_block(
     meta,  # int64 [T, 2]: numel, first block of each tensor
     owner,  # int32 [B]: tensor index of each block
@@ -46,10 +59,7 @@ def locate_block(
 ):
     """Return ``(t, offs, mask, full)``: this program's tensor, int64 element offsets, their
     mask, and whether the whole block is in bounds."""
-    pid = tl.program_id(0)
-    t = tl.load(owner + pid).to(tl.int64)
-    numel = tl.load(meta + 2 * t)
-    start = (pid - tl.load(meta + 2 * t + 1)) * BLOCK
+    t, start, numel = block_start(meta, owner, BLOCK)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     return t, offs, offs < numel, start + BLOCK <= numel
 

@@ -1,7 +1,7 @@
 """The one kernel of every optimizer step: each algorithm supplies only its update.
 
 ``optimizer_kernel`` does what every step shares, once: the block's tensor and offsets
-(:func:`fusedopt.kernels.common.locate_block`), GradScaler's verdict (nothing is read or written
+(:func:`fusedopt.kernels.common.block_start`), GradScaler's verdict (nothing is read or written
 when ``found_inf`` is set), the gradient (unscaled, clipped, negated for ``maximize``), the
 param and state loads and stores in their storage (precision modes, stochastic rounding, 8-bit
 state) and the dispatch between full blocks (unmasked, 128-bit accesses on tensors whose
@@ -29,10 +29,10 @@ import triton.language as tl
 
 from fusedopt.kernels.common import (
     address,
+    block_start,
     load_grad,
     load_param,
     load_state,
-    locate_block,
     random_bits,
     step_taken,
     store_param,
@@ -102,25 +102,27 @@ def _aligned(ptrs, grad_ptrs, t, K: tl.constexpr):
 
 
 @triton.jit
-def _full(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t, offs,
+def _full(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t, start,
           UPDATE: tl.constexpr, K: tl.constexpr, STATE: tl.constexpr, SWITCHES: tl.constexpr, P: tl.constexpr,
           DTYPE: tl.constexpr, SDTYPE: tl.constexpr, COMPUTE: tl.constexpr, MODE: tl.constexpr, SR: tl.constexpr,
           Q8: tl.constexpr, BLOCK: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-          HAS_CLIP: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
-    """A full block: 16-byte-aligned (vector) accesses where the launch vouches for every
-    address (ALIGNED), else where this tensor's addresses are all aligned."""
+          HAS_CLIP: tl.constexpr, ALIGNED: tl.constexpr, TAIL_BLOCK: tl.constexpr):  # fmt: skip
+    """A full block starting at ``start``: in one piece with 16-byte-aligned (vector) accesses
+    where the launch vouches for every address (ALIGNED) or this tensor's addresses are all
+    aligned; else in sub-blocks of TAIL_BLOCK elements (scalar accesses need more registers)."""
     if ALIGNED:
         vector = True
     else:
         vector = _aligned(ptrs, grad_ptrs, t, K)
     if vector:
         _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t,
-               offs, None, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, MAXIMIZE,
-               HAS_GRAD_SCALE, HAS_CLIP, True)  # fmt: skip
+               start + tl.arange(0, BLOCK).to(tl.int64), None, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE,
+               MODE, SR, Q8, BLOCK, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP, True)  # fmt: skip
     else:
-        _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t,
-               offs, None, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, MAXIMIZE,
-               HAS_GRAD_SCALE, HAS_CLIP, False)  # fmt: skip
+        for sub in range(start, start + BLOCK, TAIL_BLOCK):
+            _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t,
+                   sub + tl.arange(0, TAIL_BLOCK).to(tl.int64), None, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE,
+                   COMPUTE, MODE, SR, Q8, TAIL_BLOCK, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP, False)  # fmt: skip
 
 
 @triton.jit
@@ -155,23 +157,26 @@ def optimizer_kernel(
     HAS_FOUND_INF: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     TAIL: tl.constexpr,  # some tensor ends in a partial block (else no masked path is compiled)
+    TAIL_BLOCK: tl.constexpr,  # elements per sub-block of a last or misaligned block (QBLOCK's multiple)
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned (else decided per tensor)
 ):
-    t, offs, mask, full = locate_block(meta, owner, BLOCK)
+    t, start, numel = block_start(meta, owner, BLOCK)
     if step_taken(found_inf, HAS_FOUND_INF):
         if TAIL:
-            if full:
+            if start + BLOCK <= numel:
                 _full(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef,
-                      t, offs, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, MAXIMIZE,
-                      HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
-            else:
-                _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale,
-                       clip_coef, t, offs, mask, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8,
-                       BLOCK, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP, False)  # fmt: skip
+                      t, start, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, MAXIMIZE,
+                      HAS_GRAD_SCALE, HAS_CLIP, ALIGNED, TAIL_BLOCK)  # fmt: skip
+            else:  # a tensor's last block, in sub-blocks (fewer registers than one masked block)
+                for sub in range(start, numel, TAIL_BLOCK):
+                    offs = sub + tl.arange(0, TAIL_BLOCK).to(tl.int64)
+                    _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale,
+                           clip_coef, t, offs, offs < numel, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE,
+                           MODE, SR, Q8, TAIL_BLOCK, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
         else:
             _full(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t,
-                  offs, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, MAXIMIZE,
-                  HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+                  start, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, MAXIMIZE,
+                  HAS_GRAD_SCALE, HAS_CLIP, ALIGNED, TAIL_BLOCK)  # fmt: skip
 
 
 @triton.jit
