@@ -341,6 +341,59 @@ class Recorder:
         return True  # skip the compilation, and so the launch
 
 
+def _serialize_jit_constants(serialize):
+    """Triton's ``serialize_specialization_data`` with ``@triton.jit`` constexprs (the optimizer
+    kernel's ``UPDATE``) written as triton 3.9 writes them, ``{"jit_function": "module:name"}``:
+    triton 3.6 cannot serialize them at all."""
+    from triton.runtime.jit import JITFunction
+
+    def wrapped(name, signature, constants, *args, **kwargs):
+        constants = {
+            k: {"jit_function": f"{v.fn.__module__}:{v.fn.__qualname__}"} if isinstance(v, JITFunction) else v
+            for k, v in constants.items()
+        }
+        return serialize(name, signature, constants, *args, **kwargs)
+
+    return wrapped
+
+
+def _preload(jit, spec: str):
+    """``jit.preload(spec)``; where this triton's preload cannot resolve a ``jit_function``
+    constexpr (3.6), the same steps with it resolved."""
+    import triton
+    import triton.language as tl
+
+    if "jit_function" not in spec or hasattr(triton.runtime.jit, "_triton_jit_function_registry"):
+        return jit.preload(spec)
+    data = json.loads(spec)
+
+    def decode(value):
+        if tl.dtype.is_dtype(value):
+            return tl.dtype(value)
+        if isinstance(value, dict) and "constexpr" in value:
+            return tl.constexpr(value["constexpr"])
+        if isinstance(value, dict) and "jit_function" in value:
+            module, name = value["jit_function"].split(":")
+            obj = importlib.import_module(module)
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            return obj
+        return value
+
+    constexprs = {
+        tuple(k): decode(v) for k, v in zip(data["constant_keys"], data["constant_vals"], strict=True)
+    }
+    attrs = dict(zip(map(tuple, data["attrs_keys"]), data["attrs_vals"], strict=True))
+    signature = {k: tuple(v) if isinstance(v, list) else v for k, v in data["signature"].items()}
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in data["options"].items()}
+    from triton.runtime.driver import driver
+
+    device = driver.active.get_current_device()
+    backend = jit.device_caches[device][3]
+    options = backend.parse_options(options)
+    return jit._do_compile(data["key"], signature, device, constexprs, options, attrs, warmup=True)
+
+
 @contextlib.contextmanager
 def capture() -> Iterator[Recorder]:
     """Within this block fusedopt's launchers take their Triton path for CPU tensors and every
@@ -364,6 +417,8 @@ def capture() -> Iterator[Recorder]:
     )
     fill = torch.utils.deterministic.fill_uninitialized_memory
     triton.knobs.runtime.jit_cache_hook = recorder
+    serialize = triton.runtime.jit.serialize_specialization_data
+    triton.runtime.jit.serialize_specialization_data = _serialize_jit_constants(serialize)
     _multi_tensor.INTERPRET = True  # runs_triton(cpu): the launchers' Triton path for CPU tensors
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
@@ -372,6 +427,7 @@ def capture() -> Iterator[Recorder]:
             yield recorder
     finally:
         triton.knobs.runtime.jit_cache_hook, _multi_tensor.INTERPRET = saved
+        triton.runtime.jit.serialize_specialization_data = serialize
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.utils.deterministic.fill_uninitialized_memory = fill
         for jit in recorder.jitted:
@@ -397,17 +453,33 @@ class Scenario:
 OPTIM_SHAPES = [(768 * 4096,), (256 * 4096,)]
 
 
-def _optimizer(cls_name: str, variant: str, dtype_name: str, amp: bool = False, **options) -> Scenario:
+# A launch with a tensor that ends in a partial block (the kernel's masked path, TAIL) and one
+# whose address is not 16-byte aligned (alignment then decided per tensor).
+TAIL_SHAPES = [*OPTIM_SHAPES, (4097,)]
+
+
+def _optimizer(
+    cls_name: str,
+    variant: str,
+    dtype_name: str,
+    amp: bool = False,
+    shapes=OPTIM_SHAPES,
+    misaligned=False,
+    **options,
+) -> Scenario:
     """Two steps of ``fusedopt.<cls_name>`` (the second one is the steady state; both are
     recorded), through ``torch.amp.GradScaler`` if ``amp`` (the step then gets grad_scale and
-    found_inf)."""
+    found_inf). The rows' variant starts with the algorithm (one kernel runs them all):
+    ``adamw fp32 amsgrad``; ``misaligned``: the last param is a view one element in."""
 
     def run(phase: Callable[[str], None]) -> None:
         import torch
 
         import fusedopt
 
-        params = [torch.zeros(s, dtype=getattr(torch, dtype_name), requires_grad=True) for s in OPTIM_SHAPES]
+        params = [torch.zeros(s, dtype=getattr(torch, dtype_name), requires_grad=True) for s in shapes]
+        if misaligned:
+            params[-1] = torch.zeros(shapes[-1][0] + 1, dtype=params[-1].dtype)[1:].requires_grad_()
         for p in params:
             p.grad = torch.full_like(p, 1e-3)
         opt = getattr(fusedopt, cls_name)(params, lr=1e-3, **options)
@@ -421,7 +493,8 @@ def _optimizer(cls_name: str, variant: str, dtype_name: str, amp: bool = False, 
                 else:
                     opt.step()
 
-    return Scenario(f"{cls_name.removeprefix('Fused')} {variant}", variant, "optimizer", run)
+    name = cls_name.removeprefix("Fused")
+    return Scenario(f"{name} {variant}", f"{name.lower()} {variant}", "optimizer", run)
 
 
 def _loss(name: str, variant: str, forward: Callable) -> Scenario:
@@ -493,6 +566,16 @@ SCENARIOS: list[Scenario] = [
     _optimizer("FusedAdamW", "fp32 int8", "float32", state_dtype="int8"),
     _optimizer("FusedAdamW", "fp32 amp", "float32", amp=True),
     _optimizer("FusedAdamW", "fp32 clip", "float32", max_grad_norm=1.0),
+    _optimizer("FusedAdamW", "fp32 amsgrad amp tail", "float32", amp=True, shapes=TAIL_SHAPES, amsgrad=True),
+    _optimizer(
+        "FusedAdamW",
+        "bf16 master amp tail misaligned",
+        "bfloat16",
+        amp=True,
+        shapes=TAIL_SHAPES,
+        misaligned=True,
+        master_weights=True,
+    ),
     _optimizer("FusedSGD", "fp32 momentum", "float32", momentum=0.9),
     _optimizer("FusedSGD", "bf16 momentum", "bfloat16", momentum=0.9),
     _optimizer("FusedRMSprop", "fp32 centered momentum", "float32", centered=True, momentum=0.9),
@@ -635,7 +718,7 @@ def analyse(launch: Launch) -> dict:
         jit = _jit(launch)
         name, block = block_constexpr(launch.constexprs)
         with sm90_driver():
-            kernel = jit.preload(launch.spec)
+            kernel = _preload(jit, launch.spec)
             listing, usage = disassemble(kernel)
             warps, smem = kernel.metadata.num_warps, kernel.metadata.shared
             row.update(num_warps=warps, block=block, regs=usage["REG"], smem_bytes=smem)
@@ -647,7 +730,7 @@ def analyse(launch: Launch) -> dict:
                 return row
             other, scale, why = None, 2, ""
             try:
-                other, other_usage = disassemble(jit.preload(_with_constexpr(launch.spec, name, 2 * block)))
+                other, other_usage = disassemble(_preload(jit, _with_constexpr(launch.spec, name, 2 * block)))
                 if other_usage.get("STACK") and not usage.get("STACK"):
                     other, why = None, "spills"  # its spills would count as per-element work
             except Exception as e:  # e.g. a static_assert on the block size: try half
@@ -656,7 +739,7 @@ def analyse(launch: Launch) -> dict:
                 row["note"] = f"per-element columns not measured (the doubled block {why})"
                 return row
             if other is None:
-                other, _ = disassemble(jit.preload(_with_constexpr(launch.spec, name, block // 2)))
+                other, _ = disassemble(_preload(jit, _with_constexpr(launch.spec, name, block // 2)))
                 scale = 0.5
                 row["note"] = f"per-element columns from the block halved (doubled, it {why})"
         row.update(per_element(launch, listing, other, scale, warps))

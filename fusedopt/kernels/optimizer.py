@@ -102,30 +102,6 @@ def _aligned(ptrs, grad_ptrs, t, K: tl.constexpr):
 
 
 @triton.jit
-def _full(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t, start,
-          UPDATE: tl.constexpr, K: tl.constexpr, STATE: tl.constexpr, SWITCHES: tl.constexpr, P: tl.constexpr,
-          DTYPE: tl.constexpr, SDTYPE: tl.constexpr, COMPUTE: tl.constexpr, MODE: tl.constexpr, SR: tl.constexpr,
-          Q8: tl.constexpr, BLOCK: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-          HAS_CLIP: tl.constexpr, ALIGNED: tl.constexpr, TAIL_BLOCK: tl.constexpr):  # fmt: skip
-    """A full block starting at ``start``: in one piece with 16-byte-aligned (vector) accesses
-    where the launch vouches for every address (ALIGNED) or this tensor's addresses are all
-    aligned; else in sub-blocks of TAIL_BLOCK elements (scalar accesses need more registers)."""
-    if ALIGNED:
-        vector = True
-    else:
-        vector = _aligned(ptrs, grad_ptrs, t, K)
-    if vector:
-        _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t,
-               start + tl.arange(0, BLOCK).to(tl.int64), None, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE,
-               MODE, SR, Q8, BLOCK, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP, True)  # fmt: skip
-    else:
-        for sub in range(start, start + BLOCK, TAIL_BLOCK):
-            _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t,
-                   sub + tl.arange(0, TAIL_BLOCK).to(tl.int64), None, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE,
-                   COMPUTE, MODE, SR, Q8, TAIL_BLOCK, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP, False)  # fmt: skip
-
-
-@triton.jit
 def optimizer_kernel(
     ptrs,  # int64 [T, K]: COLUMNS, then the precision column (absent operands: the param, never read)
     grad_ptrs,  # int64 [T, 1]: grad
@@ -162,21 +138,27 @@ def optimizer_kernel(
 ):
     t, start, numel = block_start(meta, owner, BLOCK)
     if step_taken(found_inf, HAS_FOUND_INF):
+        # A full block of a tensor whose addresses are all 16-byte aligned: one piece, vector
+        # accesses. Else (a tensor's last block, or a misaligned tensor's block) sub-blocks of
+        # TAIL_BLOCK elements with scalar accesses, which need more registers per element.
         if TAIL:
-            if start + BLOCK <= numel:
-                _full(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef,
-                      t, start, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, MAXIMIZE,
-                      HAS_GRAD_SCALE, HAS_CLIP, ALIGNED, TAIL_BLOCK)  # fmt: skip
-            else:  # a tensor's last block, in sub-blocks (fewer registers than one masked block)
-                for sub in range(start, numel, TAIL_BLOCK):
-                    offs = sub + tl.arange(0, TAIL_BLOCK).to(tl.int64)
-                    _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale,
-                           clip_coef, t, offs, offs < numel, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE,
-                           MODE, SR, Q8, TAIL_BLOCK, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP, ALIGNED)  # fmt: skip
+            whole = start + BLOCK <= numel
         else:
-            _full(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t,
-                  start, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE, MODE, SR, Q8, BLOCK, MAXIMIZE,
-                  HAS_GRAD_SCALE, HAS_CLIP, ALIGNED, TAIL_BLOCK)  # fmt: skip
+            whole = True
+        if ALIGNED:
+            vector = whole
+        else:
+            vector = whole & _aligned(ptrs, grad_ptrs, t, K)
+        if vector:
+            _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale, clip_coef, t,
+                   start + tl.arange(0, BLOCK).to(tl.int64), None, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE,
+                   COMPUTE, MODE, SR, Q8, BLOCK, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP, True)  # fmt: skip
+        else:
+            for sub in range(start, tl.minimum(start + BLOCK, numel), TAIL_BLOCK):
+                offs = sub + tl.arange(0, TAIL_BLOCK).to(tl.int64)
+                _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebook, grad_scale,
+                       clip_coef, t, offs, offs < numel, UPDATE, K, STATE, SWITCHES, P, DTYPE, SDTYPE, COMPUTE, MODE,
+                       SR, Q8, TAIL_BLOCK, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP, False)  # fmt: skip
 
 
 @triton.jit
