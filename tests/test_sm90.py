@@ -65,6 +65,10 @@ class Gap:
 
 _ODD = "a size not a multiple of 16 makes every access of the launch scalar"
 _ODD_ROWS = "an odd vocabulary: rows not 16-byte aligned"
+_MIXED = (
+    "full blocks are 128-bit now; the masked last block grows with BLOCK too, so the doubled block "
+    "mixes its scalar accesses in (0.2)"
+)
 # The rows that miss a budget today. Remove an entry when its row meets the budget (its test
 # then fails, as a strict xfail would).
 KNOWN_GAPS = [
@@ -80,7 +84,7 @@ KNOWN_GAPS = [
     Gap("cross_entropy_kernel", "fp32 V=50257 forward", "wide", _ODD_ROWS),
     Gap("cross_entropy_scale_kernel", "bf16 V=50257 backward", "wide", _ODD),
     Gap("cross_entropy_scale_kernel", "fp32 V=50257 backward", "wide", _ODD),
-    *(Gap(k, f"{loss} fp32 numel=12291 {phase}", "wide", _ODD)
+    *(Gap(k, f"{loss} fp32 numel=12291 {phase}", "wide", _MIXED)
       for loss in ("mse", "l1", "huber", "smooth_l1")
       for k, phase in (("pointwise_loss_kernel", "forward"), ("scale_grad_kernel", "backward"))),
     Gap("cross_entropy_kernel", "bf16 H=768 V=50257 forward", "wide", _ODD_ROWS),

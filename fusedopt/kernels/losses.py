@@ -49,6 +49,44 @@ def _loss_and_slope(d, param, LOSS: tl.constexpr):
 
 
 @triton.jit
+def _load(ptr, mask, COMPUTE: tl.constexpr):
+    """Load in COMPUTE: unmasked (vector accesses where the address allows) for a full block
+    (``mask`` None), else 0 outside ``mask``."""
+    if mask is None:
+        return tl.load(ptr).to(COMPUTE)
+    else:
+        return tl.load(ptr, mask=mask, other=0).to(COMPUTE)
+
+
+@triton.jit
+def _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, param, item, offs, mask,
+                     LOSS: tl.constexpr, COMPUTE: tl.constexpr, HAS_WEIGHT: tl.constexpr, REDUCE: tl.constexpr,
+                     WRITE_GRAD: tl.constexpr):  # fmt: skip
+    """One block of ``pointwise_loss_kernel`` (``mask``: None for a full block)."""
+    x = _load(x_ptr + offs, mask, COMPUTE)
+    if LOSS == MEAN:
+        loss = x
+        slope = tl.full(x.shape, 1.0, COMPUTE)
+    else:
+        d = x - _load(y_ptr + offs, mask, COMPUTE)
+        loss, slope = _loss_and_slope(d, param, LOSS)
+    if HAS_WEIGHT:
+        w = _load(w_ptr + offs, mask, COMPUTE)
+        loss = loss * w
+        slope = slope * w
+    if REDUCE:
+        if mask is None:
+            tl.store(partial_ptr + item, tl.sum(loss, axis=0))
+        else:
+            tl.store(partial_ptr + item, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+    else:
+        tl.store(out_ptr + offs, to_storage(loss, out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GRAD:
+        grad = slope * tl.load(scalars + SCALE).to(COMPUTE)
+        tl.store(grad_ptr + offs, to_storage(grad, grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def pointwise_loss_kernel(
     x_ptr,  # [M, K] input, contiguous
     y_ptr,  # [M, K] target (read unless LOSS == MEAN)
@@ -66,31 +104,23 @@ def pointwise_loss_kernel(
     HAS_WEIGHT: tl.constexpr,
     REDUCE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    ONE_ROW: tl.constexpr,  # M == 1: blocks start at multiples of BLOCK (vector accesses at any K)
 ):
     param = tl.load(scalars + PARAM).to(COMPUTE)
     for item in range(tl.program_id(0).to(tl.int64), ITEMS, tl.num_programs(0)):
-        row = item // P
-        cols = (item - row * P) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < K
-        offs = row * K + cols
-        x = tl.load(x_ptr + offs, mask=mask, other=0).to(COMPUTE)
-        if LOSS == MEAN:
-            loss = x
-            slope = tl.full(x.shape, 1.0, COMPUTE)
+        if ONE_ROW:
+            start = item * BLOCK
+            offs = start + tl.arange(0, BLOCK)
         else:
-            d = x - tl.load(y_ptr + offs, mask=mask, other=0).to(COMPUTE)
-            loss, slope = _loss_and_slope(d, param, LOSS)
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + offs, mask=mask, other=0).to(COMPUTE)
-            loss = loss * w
-            slope = slope * w
-        if REDUCE:
-            tl.store(partial_ptr + item, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+            row = item // P
+            start = (item - row * P) * BLOCK
+            offs = row * K + start + tl.arange(0, BLOCK)
+        if start + BLOCK <= K:  # a full block: unmasked
+            _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, param, item, offs, None,
+                             LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD)  # fmt: skip
         else:
-            tl.store(out_ptr + offs, to_storage(loss, out_ptr.dtype.element_ty), mask=mask)
-        if WRITE_GRAD:
-            grad = slope * tl.load(scalars + SCALE).to(COMPUTE)
-            tl.store(grad_ptr + offs, to_storage(grad, grad_ptr.dtype.element_ty), mask=mask)
+            _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, param, item, offs,
+                             start + tl.arange(0, BLOCK) < K, LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD)  # fmt: skip
 
 
 @triton.jit
@@ -159,6 +189,10 @@ def scale_grad_kernel(
     if go != 1.0:
         for block in range(tl.program_id(0).to(tl.int64), tl.cdiv(N, BLOCK), tl.num_programs(0)):
             offs = block * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < N
-            g = tl.load(grad_ptr + offs, mask=mask, other=0).to(COMPUTE)
-            tl.store(grad_ptr + offs, to_storage(g * go, grad_ptr.dtype.element_ty), mask=mask)
+            if block * BLOCK + BLOCK <= N:  # a full block: unmasked
+                g = tl.load(grad_ptr + offs).to(COMPUTE)
+                tl.store(grad_ptr + offs, to_storage(g * go, grad_ptr.dtype.element_ty))
+            else:
+                mask = offs < N
+                g = tl.load(grad_ptr + offs, mask=mask, other=0).to(COMPUTE)
+                tl.store(grad_ptr + offs, to_storage(g * go, grad_ptr.dtype.element_ty), mask=mask)
