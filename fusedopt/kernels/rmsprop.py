@@ -90,7 +90,7 @@ def _rmsprop_block(
 
     # Upcast right after loading (the interpreter computes low precision on raw bits).
     p = load_param(ptrs, t, offs, mask, K, DTYPE, COMPUTE, ALIGNED, MODE)
-    r_p, r_v, r_b, r_ga = random_bits(seeds, t, offs, SR)
+    r_p, r_v, r_b, r_ga = random_bits(seeds, t, offs, 4, DTYPE, SDTYPE, SR)
     g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
     v = load_state(ptrs, absmax_ptrs, codebook, t, SQUARE_AVG, offs, mask, K, SDTYPE, COMPUTE, ALIGNED, Q8)
     # fma exactly where torch's add(alpha=) / addcmul / lerp round once, a separate rounding
@@ -134,7 +134,7 @@ def rmsprop_kernel(
     steps,  # float32 or float64 [T]: each tensor's step count (not read: the update ignores it)
     seeds,  # int64 [T]: each tensor's stochastic-rounding seed (read if SR)
     absmax_ptrs,  # int64 [T, K - 2]: address of each state column's absmax, 0: fp32 state (read if Q8)
-    codebook,  # float32 [K - 2, 2, 256]: each state column's code values and boundaries (read if Q8)
+    codebook,  # float32 [K - 2, BOOK]: each state column's code map and bucket starts (read if Q8)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)

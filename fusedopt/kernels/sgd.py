@@ -76,7 +76,7 @@ def _sgd_block(
     lr = tl.load(scalars + LR).to(COMPUTE)
 
     p = load_param(ptrs, t, offs, mask, K, DTYPE, COMPUTE, ALIGNED, MODE)
-    r_p, r_b, _, _ = random_bits(seeds, t, offs, SR)
+    r_p, r_b, _, _ = random_bits(seeds, t, offs, 2, DTYPE, SDTYPE, SR)
     g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
     # fma where torch's add(..., alpha=) rounds once, so fp32 results match torch bit for bit.
     if HAS_WD:
@@ -110,7 +110,7 @@ def sgd_kernel(
     taken,  # float32 [T]: steps each momentum buffer has taken, this one included (read if HAS_MOMENTUM)
     seeds,  # int64 [T]: each tensor's stochastic-rounding seed (read if SR)
     absmax_ptrs,  # int64 [T, K - 2]: address of each state column's absmax, 0: fp32 state (read if Q8)
-    codebook,  # float32 [K - 2, 2, 256]: each state column's code values and boundaries (read if Q8)
+    codebook,  # float32 [K - 2, BOOK]: each state column's code map and bucket starts (read if Q8)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
