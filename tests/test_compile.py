@@ -79,7 +79,8 @@ def _optimizer_variants(name: str) -> list:
             HAS_GRAD_SCALE=chosen is sets[1], HAS_FOUND_INF=chosen is sets[1], HAS_CLIP=chosen is sets[1]
         )
         constexprs = dict(algorithm, DTYPE=f"tl.{dtype}", SDTYPE=f"tl.{state or dtype}", COMPUTE=f"tl.{compute}",
-                          MODE=mode, SR=sr, Q8=q8, BLOCK=block, TAIL=tail, ALIGNED=aligned, **amp)  # fmt: skip
+                          MODE=mode, SR=sr, Q8=q8, BLOCK=block, TAIL=tail, ALIGNED=aligned,
+                          TAIL_BLOCK=min(block, 1024), **amp)  # fmt: skip
         signature = dict(TABLES, prepared=PTR[compute], steps="*fp32", **STATE, **AMP)
         return ["optimizer", signature, constexprs]
 

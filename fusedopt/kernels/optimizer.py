@@ -70,7 +70,9 @@ def _block(ptrs, grad_ptrs, scalars, prepared, steps, seeds, absmax_ptrs, codebo
     """One block of tensor ``t`` (``mask``: None for a full block)."""
     # Upcast right after loading (the interpreter computes low precision on raw bits).
     p = load_param(ptrs, t, offs, mask, K, DTYPE, COMPUTE, ALIGNED, MODE)
-    r_p, r_1, r_2, r_3 = random_bits(seeds, t, offs, SR)
+    # One random word per stochastically rounded store: the param and each state column used.
+    WORDS: tl.constexpr = 1 + (STATE & 1) + ((STATE >> 1) & 1) + ((STATE >> 2) & 1)
+    r_p, r_1, r_2, r_3 = random_bits(seeds, t, offs, WORDS, DTYPE, SDTYPE, SR)
     g_ptr = address(grad_ptrs, t, 0, 1, DTYPE, ALIGNED) + offs
     g = load_grad(g_ptr, mask, grad_scale, clip_coef, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, HAS_CLIP)
     s1 = _column(
@@ -112,7 +114,7 @@ def optimizer_kernel(
     steps,  # float32 or float64 [T]: each tensor's step count, this step included
     seeds,  # int64 [T]: each tensor's stochastic-rounding seed (read if SR)
     absmax_ptrs,  # int64 [T, K - 2]: address of each state column's absmax, 0: fp32 state (read if Q8)
-    codebook,  # float32 [K - 2, 2, 256]: each state column's code values and boundaries (read if Q8)
+    codebook,  # float32 [K - 2, BOOK]: each state column's code map (fusedopt.kernels.common; read if Q8)
     grad_scale,  # float32 [1]: AMP scale the grads carry (read if HAS_GRAD_SCALE)
     found_inf,  # float32 [1]: non-zero skips the step (read if HAS_FOUND_INF)
     clip_coef,  # float32 [1]: min(1, max_grad_norm / (norm + 1e-6)) (read if HAS_CLIP)
