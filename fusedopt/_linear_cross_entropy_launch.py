@@ -131,6 +131,15 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(0)
 
 
+def _padded(columns: int, like: torch.Tensor) -> int:
+    """``columns`` rounded up to whole 16 bytes of ``like``'s dtype: a logits buffer with rows
+    this long starts every row on a 16-byte boundary, so the row kernels and the weight
+    gradient's matmul (``dZᵀ``, whose rows are the buffer's columns) read and write it with
+    128-bit accesses at any vocabulary size (cuBLAS writes a row stride above the width)."""
+    vec = max(1, 16 // like.element_size())
+    return -(-columns // vec) * vec
+
+
 class _Problem(NamedTuple):
     """What both loop orders read: ``x`` [N, H], ``weight`` [V, H], ``bias`` [V] in the matmul
     dtype, the flat targets, the class weights, the targets kernel's ``stats``, the options, and
@@ -177,11 +186,11 @@ def _chunks(
     grad_input = x.new_empty(x.shape, dtype=grad_dtypes[0]) if want_input else _empty(x)
     grad_weight = _zeros_for(weight, weight.shape, grad_dtypes[1], acc_dtype) if want_weight else _empty(x)
     grad_bias = x.new_zeros(vocab, dtype=acc_dtype) if want_bias else _empty(x)
-    buffer = x.new_empty((min(chunk, n), vocab))
+    buffer = x.new_empty((min(chunk, n), _padded(vocab, x)))
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         x_k = x[start:stop]
-        z = p.logits(buffer[: stop - start], rows=slice(start, stop))
+        z = p.logits(buffer[: stop - start, :vocab], rows=slice(start, stop))
         rows = z.unsqueeze(1)
         _launch_rows(
             rows,
@@ -261,12 +270,13 @@ def _blocks(
     n, vocab = x.shape[0], weight.shape[0]
     want_input, want_weight, want_bias = grads
     acc_dtype = stats.dtype
-    buffer = x.new_empty(n * min(block, vocab))
+    buffer = x.new_empty(n * _padded(min(block, vocab), x))
     step = min(triton.next_power_of_2(block), ce_launch.MAX_BLOCK)  # the row kernel's size rule
     rows = max(1, ce_launch.MAX_TILE // step)
 
     def logits(v0: int, v1: int) -> torch.Tensor:
-        return p.logits(buffer[: n * (v1 - v0)].view(n, v1 - v0), classes=slice(v0, v1))
+        width = _padded(v1 - v0, x)
+        return p.logits(buffer[: n * width].view(n, width)[:, : v1 - v0], classes=slice(v0, v1))
 
     if row_loss is not None:
         state = x.new_empty((4, n), dtype=acc_dtype)

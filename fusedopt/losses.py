@@ -53,11 +53,13 @@ def grid(items: int) -> tuple[int]:
     return (min(items, MAX_PROGRAMS),)
 
 
-def _config(k: int) -> tuple[int, int]:
-    """Block size and warps, by a size rule (a short row gets a short block)."""
+def _config(k: int) -> tuple[int, int, int]:
+    """Block size, warps and the sub-block of a masked last block (4 elements per thread, so its
+    code does not grow with the block), by a size rule (a short row gets a short block)."""
     if k >= 1 << 20:
-        return 4096, 8
-    return max(16, min(1024, triton.next_power_of_2(max(k, 1)))), 4
+        return 4096, 8, 1024
+    block = max(16, min(1024, triton.next_power_of_2(max(k, 1))))
+    return block, 4, min(block, 512)
 
 
 def compilable(name: str, fake: Callable, schema: str | None = None) -> Callable[[Callable], Callable]:
@@ -99,7 +101,7 @@ def reduce_rows(
     ``grad`` is given, also ``grad = scale * dloss/dx`` in the same pass. ``scale`` may be a
     1-element device tensor (read on the device)."""
     m, k = x.shape
-    block, warps = _config(k)
+    block, warps, tail = _config(k)
     p = -(-k // block)
     ct = compute_dtype(x.dtype if x.dtype == torch.float64 else out_dtype)
     partial = torch.empty((m, p), dtype=ct, device=x.device)
@@ -120,6 +122,7 @@ def reduce_rows(
             LOSS=loss,
             COMPUTE=TL_DTYPE[ct],
             BLOCK=block,
+            TAIL_BLOCK=tail,
             HAS_WEIGHT=w is not None,
             REDUCE=True,
             WRITE_GRAD=grad is not None,
@@ -154,7 +157,7 @@ def elementwise(
     """The unreduced loss of contiguous tensors, in ``out_dtype``."""
     n = x.numel()
     out = torch.empty_like(x, dtype=out_dtype)
-    block, warps = _config(n)
+    block, warps, tail = _config(n)
     if n:
         blocks = -(-n // block)
         kernels.pointwise_loss_kernel[grid(blocks)](
@@ -171,6 +174,7 @@ def elementwise(
             LOSS=loss,
             COMPUTE=TL_DTYPE[compute_dtype(x.dtype)],
             BLOCK=block,
+            TAIL_BLOCK=tail,
             HAS_WEIGHT=w is not None,
             REDUCE=False,
             WRITE_GRAD=False,
@@ -236,7 +240,7 @@ def pointwise_grad(
     """``scale * dloss/dx * w * grad_output`` from the inputs (grad_output elementwise or 1-element)."""
     n = x.numel()
     grad = torch.empty_like(x)
-    block, warps = _config(n)
+    block, warps, tail = _config(n)
     go = grad_output.contiguous()
     if n:
         kernels.pointwise_loss_backward_kernel[grid(-(-n // block))](
@@ -251,6 +255,7 @@ def pointwise_grad(
             LOSS=loss,
             COMPUTE=TL_DTYPE[compute_dtype(x.dtype)],
             BLOCK=block,
+            TAIL_BLOCK=tail,
             HAS_WEIGHT=w is not None,
             num_warps=warps,
         )
@@ -262,10 +267,16 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
     sync: the kernel reads ``grad_output`` on the device and every program returns at once
     when it is 1."""
     n = grad.numel()
-    block, warps = _config(n)
+    block, warps, tail = _config(n)
     if n:
         kernels.scale_grad_kernel[grid(-(-n // block))](
-            grad, grad_output, n, COMPUTE=TL_DTYPE[compute_dtype(grad.dtype)], BLOCK=block, num_warps=warps
+            grad,
+            grad_output,
+            n,
+            COMPUTE=TL_DTYPE[compute_dtype(grad.dtype)],
+            BLOCK=block,
+            TAIL_BLOCK=tail,
+            num_warps=warps,
         )
     return grad
 

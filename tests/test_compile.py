@@ -127,7 +127,7 @@ def _loss_variants() -> list:
                     scalars="*fp64", K="i64", P="i32", ITEMS="i64",
                 )  # fmt: skip
                 constexprs = dict(
-                    LOSS=loss, COMPUTE=compute, BLOCK=1024, HAS_WEIGHT=weight, REDUCE=reduce, WRITE_GRAD=grad,
+                    LOSS=loss, COMPUTE=compute, BLOCK=1024, TAIL_BLOCK=512, HAS_WEIGHT=weight, REDUCE=reduce, WRITE_GRAD=grad,
                     ONE_ROW=not weight,
                 )  # fmt: skip
                 out.append(["pointwise_loss", signature, constexprs])
@@ -142,7 +142,7 @@ def _loss_variants() -> list:
                     N="i64",
                     go_stride="i32",
                 )
-                constexprs = dict(LOSS=loss, COMPUTE=compute, BLOCK=1024, HAS_WEIGHT=True)
+                constexprs = dict(LOSS=loss, COMPUTE=compute, BLOCK=1024, TAIL_BLOCK=512, HAS_WEIGHT=True)
                 out.append(["pointwise_loss_backward", signature, constexprs])
         out.append(
             [
@@ -155,7 +155,7 @@ def _loss_variants() -> list:
             [
                 "scale_grad",
                 dict(grad_ptr=ptr, grad_output_ptr=ptr, N="i64"),
-                dict(COMPUTE=compute, BLOCK=1024),
+                dict(COMPUTE=compute, BLOCK=1024, TAIL_BLOCK=512),
             ]
         )
     return out

@@ -59,10 +59,11 @@ def _load(ptr, mask, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, param, item, offs, mask,
+def _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, grad_ptr, scalars, param, offs, mask,
                      LOSS: tl.constexpr, COMPUTE: tl.constexpr, HAS_WEIGHT: tl.constexpr, REDUCE: tl.constexpr,
                      WRITE_GRAD: tl.constexpr):  # fmt: skip
-    """One block of ``pointwise_loss_kernel`` (``mask``: None for a full block)."""
+    """One block of ``pointwise_loss_kernel`` (``mask``: None for a full block): its losses
+    (0 outside ``mask``) when REDUCE, else stored."""
     x = _load(x_ptr + offs, mask, COMPUTE)
     if LOSS == MEAN:
         loss = x
@@ -74,16 +75,15 @@ def _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalar
         w = _load(w_ptr + offs, mask, COMPUTE)
         loss = loss * w
         slope = slope * w
-    if REDUCE:
-        if mask is None:
-            tl.store(partial_ptr + item, tl.sum(loss, axis=0))
-        else:
-            tl.store(partial_ptr + item, tl.sum(tl.where(mask, loss, 0.0), axis=0))
-    else:
-        tl.store(out_ptr + offs, to_storage(loss, out_ptr.dtype.element_ty), mask=mask)
     if WRITE_GRAD:
         grad = slope * tl.load(scalars + SCALE).to(COMPUTE)
         tl.store(grad_ptr + offs, to_storage(grad, grad_ptr.dtype.element_ty), mask=mask)
+    if REDUCE:
+        if mask is not None:
+            loss = tl.where(mask, loss, 0.0)
+    else:
+        tl.store(out_ptr + offs, to_storage(loss, out_ptr.dtype.element_ty), mask=mask)
+    return loss
 
 
 @triton.jit
@@ -101,26 +101,38 @@ def pointwise_loss_kernel(
     LOSS: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
+    TAIL_BLOCK: tl.constexpr,  # the last block of a row runs in sub-blocks of this many elements
     HAS_WEIGHT: tl.constexpr,
     REDUCE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     ONE_ROW: tl.constexpr,  # M == 1: blocks start at multiples of BLOCK (vector accesses at any K)
 ):
+    """A full block runs unmasked (128-bit accesses where its start allows); the last block of a
+    row, masked, in sub-blocks of TAIL_BLOCK (its code does not grow with BLOCK), summed lane by
+    lane before one reduction."""
     param = tl.load(scalars + PARAM).to(COMPUTE)
     for item in range(tl.program_id(0).to(tl.int64), ITEMS, tl.num_programs(0)):
         if ONE_ROW:
             start = item * BLOCK
-            offs = start + tl.arange(0, BLOCK)
+            row_start = 0
         else:
             row = item // P
             start = (item - row * P) * BLOCK
-            offs = row * K + start + tl.arange(0, BLOCK)
+            row_start = row * K
         if start + BLOCK <= K:  # a full block: unmasked
-            _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, param, item, offs, None,
-                             LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD)  # fmt: skip
+            offs = row_start + start + tl.arange(0, BLOCK)
+            loss = _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, grad_ptr, scalars, param, offs, None,
+                                    LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD)  # fmt: skip
+            if REDUCE:
+                tl.store(partial_ptr + item, tl.sum(loss, axis=0))
         else:
-            _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, param, item, offs,
-                             start + tl.arange(0, BLOCK) < K, LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD)  # fmt: skip
+            acc = tl.zeros([TAIL_BLOCK], COMPUTE)
+            for sub in range(start, K, TAIL_BLOCK):
+                cols = sub + tl.arange(0, TAIL_BLOCK)
+                acc += _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, grad_ptr, scalars, param, row_start + cols,
+                                        cols < K, LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD)  # fmt: skip
+            if REDUCE:
+                tl.store(partial_ptr + item, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -147,6 +159,22 @@ def sum_rows_kernel(
 
 
 @triton.jit
+def _backward_block(x_ptr, y_ptr, w_ptr, grad_output_ptr, grad_ptr, param, scale, offs, mask, go_stride,
+                    LOSS: tl.constexpr, COMPUTE: tl.constexpr, HAS_WEIGHT: tl.constexpr):  # fmt: skip
+    """One block of ``pointwise_loss_backward_kernel`` (``mask``: None for a full block)."""
+    d = _load(x_ptr + offs, mask, COMPUTE) - _load(y_ptr + offs, mask, COMPUTE)
+    _, slope = _loss_and_slope(d, param, LOSS)
+    if go_stride == 1:  # Triton specializes a 1: an elementwise grad_output read as the others
+        go = _load(grad_output_ptr + offs, mask, COMPUTE)
+    else:  # one value for all, in d's shape (the branches' types must agree)
+        go = tl.zeros_like(d) + tl.load(grad_output_ptr).to(COMPUTE)
+    slope = slope * go * scale
+    if HAS_WEIGHT:
+        slope = slope * _load(w_ptr + offs, mask, COMPUTE)
+    tl.store(grad_ptr + offs, to_storage(slope, grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def pointwise_loss_backward_kernel(
     x_ptr,  # [N] input
     y_ptr,  # [N] target
@@ -159,21 +187,22 @@ def pointwise_loss_backward_kernel(
     LOSS: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
+    TAIL_BLOCK: tl.constexpr,  # the last block runs in sub-blocks of this many elements
     HAS_WEIGHT: tl.constexpr,
 ):
+    """Full blocks unmasked, the last one masked in sub-blocks of TAIL_BLOCK."""
     param = tl.load(scalars + PARAM).to(COMPUTE)
     scale = tl.load(scalars + SCALE).to(COMPUTE)
     for block in range(tl.program_id(0).to(tl.int64), tl.cdiv(N, BLOCK), tl.num_programs(0)):
-        offs = block * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        x = tl.load(x_ptr + offs, mask=mask, other=0).to(COMPUTE)
-        d = x - tl.load(y_ptr + offs, mask=mask, other=0).to(COMPUTE)
-        _, slope = _loss_and_slope(d, param, LOSS)
-        go = tl.load(grad_output_ptr + offs * go_stride, mask=mask, other=0).to(COMPUTE)
-        slope = slope * go * scale
-        if HAS_WEIGHT:
-            slope = slope * tl.load(w_ptr + offs, mask=mask, other=0).to(COMPUTE)
-        tl.store(grad_ptr + offs, to_storage(slope, grad_ptr.dtype.element_ty), mask=mask)
+        start = block * BLOCK
+        if start + BLOCK <= N:
+            _backward_block(x_ptr, y_ptr, w_ptr, grad_output_ptr, grad_ptr, param, scale,
+                            start + tl.arange(0, BLOCK), None, go_stride, LOSS, COMPUTE, HAS_WEIGHT)  # fmt: skip
+        else:
+            for sub in range(start, N, TAIL_BLOCK):
+                offs = sub + tl.arange(0, TAIL_BLOCK)
+                _backward_block(x_ptr, y_ptr, w_ptr, grad_output_ptr, grad_ptr, param, scale,
+                                offs, offs < N, go_stride, LOSS, COMPUTE, HAS_WEIGHT)  # fmt: skip
 
 
 @triton.jit
@@ -183,16 +212,20 @@ def scale_grad_kernel(
     N,
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
+    TAIL_BLOCK: tl.constexpr,  # the last block runs in sub-blocks of this many elements
 ):
-    """grad *= grad_output; every program returns at once when grad_output is 1."""
+    """grad *= grad_output; every program returns at once when grad_output is 1. Full blocks
+    unmasked, the last one masked in sub-blocks of TAIL_BLOCK."""
     go = tl.load(grad_output_ptr).to(COMPUTE)
     if go != 1.0:
         for block in range(tl.program_id(0).to(tl.int64), tl.cdiv(N, BLOCK), tl.num_programs(0)):
-            offs = block * BLOCK + tl.arange(0, BLOCK)
-            if block * BLOCK + BLOCK <= N:  # a full block: unmasked
+            start = block * BLOCK
+            if start + BLOCK <= N:
+                offs = start + tl.arange(0, BLOCK)
                 g = tl.load(grad_ptr + offs).to(COMPUTE)
                 tl.store(grad_ptr + offs, to_storage(g * go, grad_ptr.dtype.element_ty))
             else:
-                mask = offs < N
-                g = tl.load(grad_ptr + offs, mask=mask, other=0).to(COMPUTE)
-                tl.store(grad_ptr + offs, to_storage(g * go, grad_ptr.dtype.element_ty), mask=mask)
+                for sub in range(start, N, TAIL_BLOCK):
+                    offs = sub + tl.arange(0, TAIL_BLOCK)
+                    g = tl.load(grad_ptr + offs, mask=offs < N, other=0).to(COMPUTE)
+                    tl.store(grad_ptr + offs, to_storage(g * go, grad_ptr.dtype.element_ty), mask=offs < N)
