@@ -123,6 +123,7 @@ def reduce_rows(
             HAS_WEIGHT=w is not None,
             REDUCE=True,
             WRITE_GRAD=grad is not None,
+            FLAT=m == 1,
             num_warps=warps,
         )
     if m:
@@ -173,6 +174,7 @@ def elementwise(
             HAS_WEIGHT=w is not None,
             REDUCE=False,
             WRITE_GRAD=False,
+            FLAT=True,
             num_warps=warps,
         )
     return out

@@ -131,8 +131,9 @@ def _loss_variants() -> list:
                     scalars="*fp64", K="i64", P="i32", ITEMS="i64",
                 )  # fmt: skip
                 constexprs = dict(
-                    LOSS=loss, COMPUTE=compute, BLOCK=1024, HAS_WEIGHT=weight, REDUCE=reduce, WRITE_GRAD=grad
-                )
+                    LOSS=loss, COMPUTE=compute, BLOCK=1024, HAS_WEIGHT=weight, REDUCE=reduce, WRITE_GRAD=grad,
+                    FLAT=not weight,
+                )  # fmt: skip
                 out.append(["pointwise_loss", signature, constexprs])
             if loss:
                 signature = dict(
