@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# GPU check, under 10 minutes: the test suite on the GPU, `python -m fusedopt check`, the
+# GPU check, about 10 minutes: the test suite on the GPU, `python -m fusedopt check`, the
 # 2**31-element FusedAdam check and `python -m fusedopt bench`, one suite per step (optimizer
-# steps, losses, the fused linear cross-entropy, the AMP optimizer phase, host overhead).
+# steps, losses, the fused linear cross-entropy, the AMP optimizer phase, host overhead, and the
+# static sm_90 rows, sm90.csv, which the timings can be read beside).
 #
 #     OUT=/some/folder bash benchmarks/gpu_check.sh    # from the repository root; OUT defaults to benchmarks/results
 #
 # Everything (one log per step, check's CSV/PNG, each bench step's CSV/PNG/Markdown, summary.txt) goes to
 # $OUT/<card>/, <card> being the GPU's name as a slug (e.g. nvidia-h100-80gb-hbm3). The benchmarks
 # run even when the tests fail; the script exits non-zero at the end if any step failed or timed
-# out. Time limits per step (seconds; worst case 590 s in all): TEST_TIMEOUT (170), CHECK_TIMEOUT
+# out. Time limits per step (seconds; worst case 650 s in all): TEST_TIMEOUT (170), CHECK_TIMEOUT
 # (45), INT64_TIMEOUT (35), BENCH_TIMEOUT (105), PRECISION_TIMEOUT (35: the low-precision rows),
 # LOSS_TIMEOUT (60), LINEAR_CE_TIMEOUT (65: the fused linear cross-entropy, bf16, 8192 tokens x
 # 4096 -> 128256 classes; its eager row holds ~10 GB and takes a few hundred ms a call, its
-# compiled row is an inductor build), AMP_TIMEOUT (50), HOST_TIMEOUT (25). None of these limits
+# compiled row is an inductor build), AMP_TIMEOUT (50), HOST_TIMEOUT (25), SM90_TIMEOUT (60: ~110 s of
+# CPU spread over up to 8 processes, less with Triton's cache warm). None of these limits
 # has been measured on a GPU yet. The bench steps but host get a --budget 30 s under their
 # limit (precision: 20 s): rows not started by then are written as skipped (the torch.compile
 # rows run last), so the CSV, table and plot are always written.
@@ -86,9 +88,11 @@ precision_timeout=${PRECISION_TIMEOUT:-35}
 loss_timeout=${LOSS_TIMEOUT:-60}
 linear_ce_timeout=${LINEAR_CE_TIMEOUT:-65}
 amp_timeout=${AMP_TIMEOUT:-50}
-# tests/test_compile.py (sm_90 compilation without a GPU, ~90 s of CPU) is left out: here the CUDA
-# tests compile and run the same kernels for real.
-step tests "${TEST_TIMEOUT:-170}" $PY -m pytest -q --maxfail=20 tests --ignore tests/test_compile.py
+# tests/test_compile.py and tests/test_sm90.py (sm_90 compilation without a GPU, ~90 s and ~110 s of
+# CPU) are left out: here the CUDA tests compile and run the same kernels for real, and the sm90
+# step below writes the facts test_sm90.py checks.
+step tests "${TEST_TIMEOUT:-170}" $PY -m pytest -q --maxfail=20 tests --ignore tests/test_compile.py \
+    --ignore tests/test_sm90.py
 step check "${CHECK_TIMEOUT:-45}" $PY -m fusedopt check --no-progress --out "$results"
 step check_int64 "${INT64_TIMEOUT:-35}" $PY benchmarks/check_int64.py
 bench optim "$bench_timeout" --layouts single64m gpt2 many4k --dtypes fp32 bf16 --budget $((bench_timeout - 30))
@@ -104,6 +108,9 @@ step bench_linear_ce "$linear_ce_timeout" $PY -m fusedopt bench --suites losses 
     --dtypes bf16 --budget $((linear_ce_timeout - 30))
 bench amp "$amp_timeout" --budget $((amp_timeout - 30))
 bench host "${HOST_TIMEOUT:-25}" --optimizers adam sgd --layouts many4k gpt2 --dtypes fp32
+# Static facts of every launched kernel variant for sm_90 with this machine's Triton (no kernel
+# runs): sm90.csv/.md/.png, one row per (kernel, variant), beside the timed rows above.
+bench sm90 "${SM90_TIMEOUT:-60}"
 
 {
     echo

@@ -27,14 +27,15 @@ TL_DTYPE = {
 }
 
 
-_dry_run = False  # set by dry_run(): TensorTable.launch returns without launching
+_dry_run = False  # set by dry_run(): TensorTable.launch and launch_grid return without launching
 
 
 @contextlib.contextmanager
 def dry_run() -> Iterator[None]:
-    """Within this block, :meth:`TensorTable.launch` runs no kernel: an optimizer step on the
-    Triton path does all its host work (scan, plans, pointer tables, scalars; the step counters
-    still advance) and leaves params and the state the kernel writes unchanged. For measuring
+    """Within this block, :meth:`TensorTable.launch` and :func:`launch_grid` run no kernel: an
+    optimizer step on the Triton path does all its host work (scan, plans, pointer tables,
+    scalars; the step counters torch ops advance still advance, those ``prepare_kernel``
+    advances do not) and leaves params and the state the kernels write unchanged. For measuring
     that host work (``fusedopt bench --suites host``).
 
     The norm and clip kernels of ``max_grad_norm`` and ``clip_grad_norm_`` still run. A
@@ -61,10 +62,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def launch_config(total_numel: int) -> tuple[int, int]:
     """Block size and warps, by a size rule (in-place steps cannot be autotuned at run time).
 
-    The block size is a multiple of 256 (``fusedopt.kernels.common.QBLOCK``): blocks start at
+    Eight elements per thread: at sixteen, the optimizer kernel's variants with five streams
+    (amsgrad, masters; AMP and clipping on) need 150-170 registers on sm_90, one CTA per SM;
+    at eight every fp32/bf16/fp16 variant fits in 128 (``fusedopt bench --suites sm90``). The
+    block size is a multiple of 256 (``fusedopt.kernels.common.QBLOCK``): blocks start at
     multiples of it within each tensor, so every absmax block of 8-bit state lies in one program.
     """
-    return (4096, 8) if total_numel >= 1 << 22 else (1024, 4)
+    return (2048, 8) if total_numel >= 1 << 22 else (1024, 4)
 
 
 _DENSE: dict[tuple, bool] = {}  # a plain dict: dynamo warns about tracing an lru_cache
@@ -169,6 +173,16 @@ class DeviceScalars:
         return self.vector
 
 
+def launch_grid(kernel, programs: int, device: torch.device, *args, **kwargs) -> None:
+    """``kernel[(programs,)](*args, **kwargs)`` on ``device``; nothing when ``programs`` is 0 or
+    inside :func:`dry_run`."""
+    if programs == 0 or _dry_run:
+        return
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[(programs,)](*args, **kwargs)
+
+
 def float64_vector(values: Sequence[float | torch.Tensor], device: torch.device) -> torch.Tensor:
     """Hyper-parameters (numbers or 1-element tensors) as one float64 vector on ``device``.
 
@@ -201,6 +215,7 @@ class TensorTable:
         self.device = device
         rows = [[t.data_ptr() for t in row] for row in zip(*columns, strict=True)]
         self.aligned = all(ptr % 16 == 0 for row in rows for ptr in row)
+        self.tail = any(n % self.block for n in numels)  # some tensor ends in a partial block
         self.ptrs = to_device(torch.tensor(rows, dtype=torch.int64), device)
         self.meta = to_device(torch.tensor(list(zip(numels, firsts, strict=True)), dtype=torch.int64), device)
         owner = torch.repeat_interleave(
@@ -234,7 +249,8 @@ class TensorTable:
 
         One launch; none when every tensor is empty or inside :func:`dry_run`. ``ALIGNED`` tells
         the kernel that every address is 16-byte aligned, so full blocks use vector loads and
-        stores.
+        stores (else the kernel checks each tensor's addresses); ``TAIL`` that some tensor ends in
+        a partial block (else the kernel has no masked path), walked in sub-blocks of ``TAIL_BLOCK``.
         """
         if self.num_blocks == 0 or _dry_run:
             return
@@ -251,5 +267,7 @@ class TensorTable:
                 BLOCK=self.block,
                 num_warps=self.num_warps,
                 ALIGNED=self.aligned and self._dynamic_aligned,
+                TAIL=self.tail,
+                TAIL_BLOCK=min(self.block, 128 * self.num_warps),  # 4 elements per thread
                 **constexprs,
             )

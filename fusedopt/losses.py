@@ -123,7 +123,7 @@ def reduce_rows(
             HAS_WEIGHT=w is not None,
             REDUCE=True,
             WRITE_GRAD=grad is not None,
-            FLAT=m == 1,
+            ONE_ROW=m == 1,
             num_warps=warps,
         )
     if m:
@@ -174,7 +174,7 @@ def elementwise(
             HAS_WEIGHT=w is not None,
             REDUCE=False,
             WRITE_GRAD=False,
-            FLAT=True,
+            ONE_ROW=True,
             num_warps=warps,
         )
     return out

@@ -51,14 +51,7 @@ def plain_cpu(monkeypatch) -> None:
 @pytest.fixture
 def launches(monkeypatch) -> Launches:
     """The launches of the optimizer kernels ("adam", "sgd", "rmsprop", "adagrad")."""
-    from helpers import record_launches
+    from helpers import optimizer_kernels, record_launches
 
-    from fusedopt.kernels import adagrad, adam, rmsprop, sgd
-
-    kernels = {
-        "adam": adam.adam_kernel,
-        "sgd": sgd.sgd_kernel,
-        "rmsprop": rmsprop.rmsprop_kernel,
-        "adagrad": adagrad.adagrad_kernel,
-    }
+    kernels = optimizer_kernels()
     return record_launches(monkeypatch, kernels)

@@ -222,17 +222,33 @@ class Launches(list):
 
 
 def record_launches(monkeypatch, kernels: dict) -> Launches:
-    """Record every launch of ``kernels`` (name -> Triton kernel) for the test's duration:
+    """Record every launch of ``kernels`` (name -> Triton kernel, or ``(kernel, update)`` for the
+    optimizer kernel launched with that ``UPDATE``) for the test's duration:
     ``kernel[grid](...)`` calls ``kernel.run``, which is wrapped."""
     record = Launches()
-    for name, kernel in kernels.items():
+    named: dict[int, tuple] = {}  # id(kernel) -> (kernel, [(name, update or None)])
+    for name, entry in kernels.items():
+        kernel, update = entry if isinstance(entry, tuple) else (entry, None)
+        named.setdefault(id(kernel), (kernel, []))[1].append((name, update))
+    for kernel, names in named.values():
 
-        def run(*args, _run=kernel.run, _name=name, **kwargs):
-            record.append((_name, args, kwargs))
+        def run(*args, _run=kernel.run, _names=names, **kwargs):
+            for name, update in _names:
+                if update is None or kwargs.get("UPDATE") is update:
+                    record.append((name, args, kwargs))
+                    break
             return _run(*args, **kwargs)
 
         monkeypatch.setattr(kernel, "run", run)
     return record
+
+
+def optimizer_kernels() -> dict:
+    """The optimizer kernel, named by each algorithm's update, for :func:`record_launches`."""
+    from fusedopt.kernels import adagrad, adam, rmsprop, sgd
+    from fusedopt.kernels.optimizer import optimizer_kernel
+
+    return {m.__name__.rsplit(".", 1)[1]: (optimizer_kernel, m.update) for m in (adam, sgd, rmsprop, adagrad)}
 
 
 class CountOps(TorchDispatchMode):

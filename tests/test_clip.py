@@ -17,17 +17,14 @@ from helpers import (
     grads_for,
     kernel_name,
     make,
+    optimizer_kernels,
     record_launches,
     snapshot,
 )
 from torch import nn
 
 import fusedopt
-from fusedopt.kernels import adagrad as adagrad_kernels
-from fusedopt.kernels import adam as adam_kernels
 from fusedopt.kernels import clip as clip_kernels
-from fusedopt.kernels import rmsprop as rmsprop_kernels
-from fusedopt.kernels import sgd as sgd_kernels
 from fusedopt.optim._amp import find_inf
 from fusedopt.testing import OptimCase
 from fusedopt.tolerance import OPTIM_TOLERANCE, allowed_error
@@ -51,10 +48,7 @@ def clip_launches(monkeypatch):
             "partials": clip_kernels.norm_partials_kernel,
             "finish": clip_kernels.norm_finish_kernel,
             "scale": clip_kernels.scale_kernel,
-            "adam": adam_kernels.adam_kernel,
-            "sgd": sgd_kernels.sgd_kernel,
-            "rmsprop": rmsprop_kernels.rmsprop_kernel,
-            "adagrad": adagrad_kernels.adagrad_kernel,
+            **optimizer_kernels(),
         },
     )
 

@@ -10,30 +10,21 @@ from __future__ import annotations
 import pytest
 from helpers import compile_in_child
 
+import fusedopt  # noqa: F401  (registers the algorithms)
+from fusedopt.optim._step import ALGORITHMS
+
 pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
 
-ADAM_FLAGS = ["AMSGRAD", "MAXIMIZE", "DECOUPLED", "HAS_WD", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "HAS_CLIP"]
-SGD_FLAGS = ["HAS_MOMENTUM", "NESTEROV", "MAXIMIZE", "HAS_WD", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "HAS_CLIP"]
-RMSPROP_FLAGS = [
-    "CENTERED",
-    "HAS_MOMENTUM",
-    "MAXIMIZE",
-    "HAS_WD",
-    "HAS_GRAD_SCALE",
-    "HAS_FOUND_INF",
-    "HAS_CLIP",
-]
-ADAGRAD_FLAGS = ["MAXIMIZE", "HAS_WD", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "HAS_CLIP"]
 DTYPES = ["float32", "bfloat16", "float16", "float64"]
 
 CHILD = r"""
 import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from fusedopt.kernels import adagrad, adam, clip, linear_cross_entropy, losses, rmsprop, sgd
+from fusedopt.kernels import adagrad, adam, clip, linear_cross_entropy, losses, optimizer, rmsprop, sgd
 
-KERNELS = {"adam": adam.adam_kernel, "sgd": sgd.sgd_kernel, "rmsprop": rmsprop.rmsprop_kernel,
-           "adagrad": adagrad.adagrad_kernel, "pointwise_loss": losses.pointwise_loss_kernel,
+UPDATES = {"adam": adam.update, "sgd": sgd.update, "rmsprop": rmsprop.update, "adagrad": adagrad.update}
+KERNELS = {"optimizer": optimizer.optimizer_kernel, "pointwise_loss": losses.pointwise_loss_kernel,
            "sum_rows": losses.sum_rows_kernel, "pointwise_loss_backward": losses.pointwise_loss_backward_kernel,
            "scale_grad": losses.scale_grad_kernel, "norm_partials": clip.norm_partials_kernel,
            "norm_finish": clip.norm_finish_kernel, "scale": clip.scale_kernel,
@@ -43,6 +34,8 @@ out = []
 for name, signature, constexprs in json.load(sys.stdin):
     constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
                   for k, v in constexprs.items()}
+    if "UPDATE" in constexprs:
+        constexprs["UPDATE"] = UPDATES[constexprs["UPDATE"]]
     signature = dict(signature, **dict.fromkeys(constexprs, "constexpr"))
     try:
         source = triton.compiler.ASTSource(fn=KERNELS[name], signature=signature, constexprs=constexprs)
@@ -56,12 +49,6 @@ print(json.dumps(out))
 TABLES = {"ptrs": "*i64", "grad_ptrs": "*i64", "meta": "*i64", "owner": "*i32", "scalars": "*fp64"}
 AMP = {"grad_scale": "*fp32", "found_inf": "*fp32", "clip_coef": "*fp32"}
 STATE = {"seeds": "*i64", "absmax_ptrs": "*i64", "codebook": "*fp32"}
-SIGNATURES = {
-    "adam": dict(TABLES, steps="*fp32", **STATE, **AMP),
-    "sgd": dict(TABLES, taken="*fp32", **STATE, **AMP),
-    "rmsprop": dict(TABLES, steps="*fp32", **STATE, **AMP),
-    "adagrad": dict(TABLES, steps="*fp32", **STATE, **AMP),
-}
 # Low-precision storage (fusedopt.optim._precision): (param dtype, state dtype, MODE, SR, Q8).
 PRECISION = [
     ("bfloat16", "float32", 1, False, False),  # master weights
@@ -77,23 +64,32 @@ PRECISION = [
 PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float64": "*fp64"}
 
 
-def _optimizer_variants(name: str, flags: list[str]) -> list:
-    """All flags off, all on, and each one alone, for every dtype; plus an unaligned launch."""
+def _optimizer_variants(name: str) -> list:
+    """The optimizer kernel with this algorithm's update: all flags off, all on, and each one
+    alone, for every dtype, with and without a tail; plus launches with a misaligned tensor."""
+    spec = ALGORITHMS[name]
+    flags = spec.kernels.FLAGS
     sets = [dict.fromkeys(flags, False), dict.fromkeys(flags, True)]
     sets += [dict(dict.fromkeys(flags, False), **{f: True}) for f in flags]
 
-    def constexprs(dtype, chosen, aligned, state=None, mode=0, sr=False, q8=False):
-        compute = "tl.float64" if dtype == "float64" else "tl.float32"
-        return dict(DTYPE=f"tl.{dtype}", SDTYPE=f"tl.{state or dtype}", COMPUTE=compute, MODE=mode, SR=sr, Q8=q8,
-                    BLOCK=4096, ALIGNED=aligned, **chosen)  # fmt: skip
+    def variant(dtype, chosen, aligned, state=None, mode=0, sr=False, q8=False, tail=True, block=4096):
+        compute = "float64" if dtype == "float64" else "float32"
+        algorithm = dict(spec.constexprs(chosen), UPDATE=name)
+        amp = dict(
+            HAS_GRAD_SCALE=chosen is sets[1], HAS_FOUND_INF=chosen is sets[1], HAS_CLIP=chosen is sets[1]
+        )
+        constexprs = dict(algorithm, DTYPE=f"tl.{dtype}", SDTYPE=f"tl.{state or dtype}", COMPUTE=f"tl.{compute}",
+                          MODE=mode, SR=sr, Q8=q8, BLOCK=block, TAIL=tail, ALIGNED=aligned,
+                          TAIL_BLOCK=min(block, 1024), **amp)  # fmt: skip
+        signature = dict(TABLES, prepared=PTR[compute], steps="*fp32", **STATE, **AMP)
+        return ["optimizer", signature, constexprs]
 
-    signature = SIGNATURES[name]
-    out = [[name, signature, constexprs(dtype, chosen, True)] for dtype in DTYPES for chosen in sets]
-    out.append([name, signature, constexprs("float32", dict.fromkeys(flags, False), False)])
-    out += [[name, signature, constexprs(d, sets[1], True, *rest)] for d, *rest in PRECISION]
-    # 8-bit state with every flag off, unaligned (the 1024-element blocks of smaller launches).
-    off = dict.fromkeys(flags, False)
-    out.append([name, signature, dict(constexprs("float32", off, False, q8=True), BLOCK=1024)])
+    out = [variant(dtype, chosen, True) for dtype in DTYPES for chosen in sets]
+    out.append(variant("float32", sets[0], False))
+    out.append(variant("float32", sets[1], True, tail=False))
+    out += [variant(d, sets[1], True, *rest) for d, *rest in PRECISION]
+    # 8-bit state with every flag off, misaligned (the 1024-element blocks of smaller launches).
+    out.append(variant("float32", sets[0], False, q8=True, block=1024))
     return out
 
 
@@ -132,7 +128,7 @@ def _loss_variants() -> list:
                 )  # fmt: skip
                 constexprs = dict(
                     LOSS=loss, COMPUTE=compute, BLOCK=1024, HAS_WEIGHT=weight, REDUCE=reduce, WRITE_GRAD=grad,
-                    FLAT=not weight,
+                    ONE_ROW=not weight,
                 )  # fmt: skip
                 out.append(["pointwise_loss", signature, constexprs])
             if loss:
@@ -196,10 +192,10 @@ TL_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "f
 
 
 VARIANTS = (
-    _optimizer_variants("adam", ADAM_FLAGS)
-    + _optimizer_variants("sgd", SGD_FLAGS)
-    + _optimizer_variants("rmsprop", RMSPROP_FLAGS)
-    + _optimizer_variants("adagrad", ADAGRAD_FLAGS)
+    _optimizer_variants("adam")
+    + _optimizer_variants("sgd")
+    + _optimizer_variants("rmsprop")
+    + _optimizer_variants("adagrad")
     + _loss_variants()
     + _clip_variants()
     + _matmul_variants()
@@ -218,6 +214,10 @@ def test_kernel_compiles_for_sm90(compiled, index):
 
 
 def test_full_blocks_use_vector_accesses_only_when_aligned(compiled):
+    """The norm kernels vectorize when the launch vouches for every address; the optimizer
+    kernel always has its vector path (taken per tensor when the launch does not vouch)."""
     for variant, result in zip(VARIANTS, compiled, strict=True):
-        if variant[0] in ("adam", "sgd", "rmsprop", "adagrad", "norm_partials", "scale"):
+        if variant[0] in ("norm_partials", "scale"):
             assert (result["vector_loads"] > 0) is variant[2]["ALIGNED"], variant
+        elif variant[0] == "optimizer":
+            assert result["vector_loads"] > 0, variant

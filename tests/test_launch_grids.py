@@ -20,10 +20,11 @@ import fusedopt._cross_entropy_launch as ce_launch
 import fusedopt.losses
 from fusedopt import functional as F
 from fusedopt._multi_tensor import TensorTable
-from fusedopt.kernels import adam, clip
+from fusedopt.kernels import clip
 from fusedopt.kernels import cross_entropy as ce_kernels
 from fusedopt.kernels import linear_cross_entropy as lce_kernels
 from fusedopt.kernels import losses as loss_kernels
+from fusedopt.kernels.optimizer import optimizer_kernel, prepare_kernel
 from fusedopt.testing import assert_close
 from fusedopt.tolerance import LOSS_TOLERANCE
 
@@ -167,13 +168,14 @@ def test_cross_entropy_refuses_a_grid_beyond_the_limit(triton_device, monkeypatc
 def test_clip_and_optimizer_launches_are_one_axis(triton_device, monkeypatch):
     """``clip_grad_norm_`` and an optimizer step (``TensorTable.launch``): 1-D grids of one
     program per block of at least 1,024 elements."""
-    grids = record_grids(monkeypatch, NORM_KERNELS | {"adam_kernel": adam.adam_kernel})
+    step_kernels = {"optimizer_kernel": optimizer_kernel, "prepare_kernel": prepare_kernel}
+    grids = record_grids(monkeypatch, NORM_KERNELS | step_kernels)
     params = [torch.zeros(s, device=triton_device, requires_grad=True) for s in ((ROWS,), (3, 5), ())]
     for p in params:
         p.grad = torch.ones_like(p)
     fusedopt.clip_grad_norm_(params, 0.5)
     fusedopt.FusedAdam(params, lr=0.1).step()
-    assert {name for name, _ in grids} == set(NORM_KERNELS) | {"adam_kernel"}
+    assert {name for name, _ in grids} == set(NORM_KERNELS) | set(step_kernels)
     assert_within_cuda_limits(grids)
 
 

@@ -8,23 +8,21 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import CountOps
+from helpers import CountOps, record_launches
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedopt
 from fusedopt import _multi_tensor
-from fusedopt.kernels import adagrad as adagrad_kernels
 from fusedopt.kernels import adam as adam_kernels
-from fusedopt.kernels import rmsprop as rmsprop_kernels
-from fusedopt.kernels import sgd as sgd_kernels
 from fusedopt.kernels.common import locate_block
+from fusedopt.kernels.optimizer import prepare_kernel
 
 OPTIMIZERS = [
-    (fusedopt.FusedAdam, dict(lr=1e-3, weight_decay=0.1), adam_kernels.adam_kernel),
-    (fusedopt.FusedAdamW, dict(lr=1e-3, amsgrad=True), adam_kernels.adam_kernel),
-    (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, nesterov=True), sgd_kernels.sgd_kernel),
-    (fusedopt.FusedRMSprop, dict(lr=1e-3, momentum=0.9, centered=True), rmsprop_kernels.rmsprop_kernel),
-    (fusedopt.FusedAdagrad, dict(lr=1e-2, lr_decay=0.01), adagrad_kernels.adagrad_kernel),
+    (fusedopt.FusedAdam, dict(lr=1e-3, weight_decay=0.1), "adam"),
+    (fusedopt.FusedAdamW, dict(lr=1e-3, amsgrad=True), "adam"),
+    (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, nesterov=True), "sgd"),
+    (fusedopt.FusedRMSprop, dict(lr=1e-3, momentum=0.9, centered=True), "rmsprop"),
+    (fusedopt.FusedAdagrad, dict(lr=1e-2, lr_decay=0.01), "adagrad"),
 ]
 
 
@@ -62,11 +60,19 @@ def _count_step(cls, kwargs, n: int, device: str, launches) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize(("cls", "kwargs", "kernel"), OPTIMIZERS, ids=lambda x: getattr(x, "__name__", ""))
-def test_launches_do_not_grow_with_tensor_count(cls, kwargs, kernel, triton_device, launches):
+def test_launches_do_not_grow_with_tensor_count(cls, kwargs, kernel, triton_device, launches, monkeypatch):
+    """One launch of the optimizer kernel per device and dtype (with this algorithm's update),
+    plus one of ``prepare_kernel`` where the algorithm has per-tensor values; the same number of
+    torch ops for 4 tensors as for 64."""
+    prepares = record_launches(monkeypatch, {"prepare": prepare_kernel})
     device = triton_device
     few = _count_step(cls, kwargs, 4, device, launches)
+    assert [name for name, *_ in launches] == [kernel]
+    few_prepares = len(prepares)
+    prepares.clear()
     many = _count_step(cls, kwargs, 64, device, launches)
     assert few[0] == many[0] == 1, "one Triton launch per device and dtype"
+    assert few_prepares == len(prepares) == 3 * bool(cls.algorithm.kernels.PREPARED)  # 3 steps each
     assert few[1] == many[1], f"torch ops per step: {few[1]} for 4 tensors, {many[1]} for 64"
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import close, roundtrip
 
 import fusedopt
+from fusedopt.kernels import common as kernels
 from fusedopt.optim import _quantize
 from fusedopt.optim._precision import MASTER, SEED, ours
 
@@ -384,6 +387,72 @@ def test_int8_state_trains_as_fp32(triton_device, launches):
     assert fp32[-1] < 0.1 * fp32[0], "the fp32 run was expected to converge"
     assert abs(int8[-1] - fp32[-1]) < 0.03 * fp32[-1], (int8[-1], fp32[-1])
     assert len(launches) == 400, "one launch per step"
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, code_ptr, absmax_ptr, book, numel, BLOCK: tl.constexpr):
+    """``common.quantize`` of ``x`` in blocks of BLOCK: full blocks unmasked, the last masked."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    if (tl.program_id(0) + 1) * BLOCK <= numel:
+        x = tl.load(x_ptr + offs)
+        kernels.quantize(code_ptr + offs, absmax_ptr, book, offs, None, x, BLOCK)
+    else:
+        mask = offs < numel
+        x = tl.load(x_ptr + offs, mask=mask)
+        kernels.quantize(code_ptr + offs, absmax_ptr, book, offs, mask, x, BLOCK)
+
+
+def _hard_rows(signed: bool) -> torch.Tensor:
+    """float32 [rows, 256]: blocks whose quotients ``x / absmax`` sit on and around every code
+    boundary (one and two ulps away, and the exact products), over divisors from subnormal to
+    near the fp32 maximum, and blocks of zeros, with +-inf, and with NaN (whose divisor is 1, so
+    their finite elements quantize unnormalized, some beyond +-1)."""
+    bounds = _quantize._book(signed)[1, :-1].double()
+    up, down = torch.tensor(float("inf")), torch.tensor(-float("inf"))
+    near = [bounds.float()]
+    for _ in range(2):
+        near += [torch.nextafter(near[-2 if len(near) > 1 else 0], up), torch.nextafter(near[0], down)]
+    quotients = torch.cat([*near, -torch.cat(near)]) if signed else torch.cat(near)
+    rows = []
+    for absmax in [1.0, 3.7, 0.3, 2.0**-30, 5e-39, 2.0**-140, 7e29, 3e38]:
+        scale = torch.tensor(absmax, dtype=torch.float32)
+        products = (quotients.double() * scale.double()).float()  # x near bound * absmax
+        values = torch.cat([products, torch.nextafter(products, up), torch.nextafter(products, down)])
+        values = values[values.abs() <= scale]
+        for chunk in values.split(255):
+            rows.append(torch.cat([scale.view(1), chunk, torch.zeros(255 - chunk.numel())]))
+    special = torch.linspace(-1.0, 1.0, 256)
+    rows.append(torch.zeros(256))
+    inf_row = special * 1e30
+    inf_row[[3, 200]] = torch.tensor([float("inf"), -float("inf")])
+    nan_row = special * 3000.0
+    nan_row[[7, 100, 150]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    rows += [inf_row, nan_row, -nan_row]
+    return torch.stack(rows) if signed else torch.stack(rows).abs()
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_int8_kernel_quantizer_is_the_search_on_hard_values(triton_device, signed):
+    """The kernels' quantizer (bucket table and one boundary, the correctly rounded quotient
+    from the block's reciprocal) gives torch's codes (``searchsorted``) and absmax bit for bit
+    on values on and next to every boundary, over tiny and huge blocks, zero blocks, infinities
+    and NaN; in full blocks and in a masked last block."""
+    x = _hard_rows(signed).flatten()[:-100]  # a ragged last block
+    block = 1024
+    codes = torch.zeros(x.numel(), dtype=torch.uint8, device=triton_device)
+    absmax = torch.zeros(-(-x.numel() // 256), device=triton_device)
+    book = _quantize.codebook((signed,)).to(triton_device)
+    _quantize_kernel[(-(-x.numel() // block),)](
+        x.to(triton_device), codes, absmax, book, x.numel(), BLOCK=block
+    )
+    expected_codes = torch.empty(x.numel(), dtype=torch.uint8)
+    expected_absmax = torch.empty(absmax.numel())
+    _quantize.quantize_(expected_codes, expected_absmax, x, signed)
+    assert torch.equal(codes.cpu(), expected_codes), (codes.cpu() != expected_codes).nonzero()[:10]
+    assert torch.equal(absmax.cpu().view(torch.int32), expected_absmax.view(torch.int32)) or torch.equal(
+        absmax.cpu().nan_to_num(0.5), expected_absmax.nan_to_num(0.5)
+    )
+    assert expected_absmax.isnan().any() and expected_absmax.isinf().any() and (expected_absmax == 0).any()
 
 
 def test_int8_state_of_small_and_fp64_params_stays_full(triton_device):

@@ -1,7 +1,9 @@
 """``python -m fusedopt bench``: optimizer steps (suite ``optim``), losses, the AMP optimizer phase
 (``amp``) and the host time of a step (``host``) against torch: ms, bytes moved at least, GB/s,
 share of a device-to-device copy, fusedopt's speed-up, peak extra memory. Without CUDA only host
-time is measured; the other suites run once on tiny inputs."""
+time is measured; the other suites run once on tiny inputs. ``sm90`` (not by default): the
+compiler's facts about every launched kernel variant for an H100, on any machine (no GPU):
+``sm90.csv``, ``.md``, ``.png``."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ import torch
 import triton.testing
 
 import fusedopt
-from fusedopt.cli import bench_amp, bench_losses, bench_optim, common
+from fusedopt.cli import bench_amp, bench_losses, bench_optim, bench_sm90, common
 
 SUITES = dict(optim=bench_optim.OPTIM, losses=bench_losses.SUITE, amp=bench_amp.SUITE, host=bench_optim.HOST)
+STATIC = ("sm90",)  # compiled, not run: fusedopt.cli.bench_sm90, in a child process without the interpreter
 IMPLS = list(dict.fromkeys(impl for suite in SUITES.values() for impl in suite.impls))
 COPY_NUMEL = 256 * 2**20  # fp32 elements of the copy that "% copy" refers to
 # fmt: off
@@ -53,7 +56,8 @@ HEADLINE_COLUMNS = [  # then fusedopt's speed-up over each other implementation
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = functools.partial(common.add_names, parser)
     optimizers, layouts = bench_optim.OPTIMIZERS, bench_optim.LAYOUTS
-    names("--suites", SUITES, SUITES, "what to run (space- or comma-separated, as every list here)")
+    what = "what to run (space- or comma-separated, as every list here; sm90: sm_90 compiler facts, no GPU needed)"
+    names("--suites", [*SUITES, *STATIC], SUITES, what)
     help_ = "optim, host: optimizers (sgd: momentum=0.9; adamw-*: low-precision options, not by default)"
     names("--optimizers", optimizers, bench_optim.DEFAULT_OPTIMIZERS, help_)
     names("--layouts", layouts, layouts, f"optim, host: layouts ({bench_optim.LAYOUT_HELP})")
@@ -62,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     names("--impls", IMPLS, IMPLS, "implementations; each suite takes those it has")
     smoke = "tiny inputs, every code path once, nothing timed (implied without CUDA, host suite excepted)"
     parser.add_argument("--smoke", action="store_true", help=smoke)
-    out = "folder of bench_<UTC time>.csv, .png and .md (default: %(default)s)"
+    out = "folder of bench_<UTC time>.csv, .png and .md, and of sm90.csv, .md, .png (default: %(default)s)"
     parser.add_argument("--out", default="fusedopt-bench", metavar="DIR", help=out)
     budget = "rows not started after SECONDS are written as skipped (compiled rows run last)"
     parser.add_argument("--budget", type=float, metavar="SECONDS", help=budget)
@@ -163,14 +167,26 @@ def run_rows(jobs: list[common.Job], ctx: Context, args, env: dict, copy_gbps, l
 
 
 def run(args: argparse.Namespace) -> int:
-    """The benchmark (without CUDA or with --smoke, the smoke run); 1 if a fusedopt row failed."""
+    """The benchmark (without CUDA or with --smoke, the smoke run), then the sm90 suite if asked;
+    1 if a fusedopt row failed or a kernel did not compile for sm_90."""
+    status = run_timed(args) if set(args.suites) - set(STATIC) else 0
+    if "sm90" in args.suites:
+        print(
+            "\nsm90: compiling for sm_90 in a child process without TRITON_INTERPRET (fusedopt.cli.bench_sm90)"
+        )
+        status |= bench_sm90.run_in_child(args.out) != 0
+    return int(status)
+
+
+def run_timed(args: argparse.Namespace) -> int:
+    """The timed suites (without CUDA or with --smoke, the smoke run); 1 if a fusedopt row failed."""
     cuda, smoke = torch.cuda.is_available(), args.smoke
     device = "cuda" if cuda else "cpu"
     timed, tiny = cuda and not smoke, smoke or not cuda
     ctx = Context(device, cuda, smoke, timed, tiny, compile_backend="inductor" if cuda else "eager")
     env = common.header("bench", device)
     print(f"suites: {', '.join(args.suites)}")
-    if not ctx.cuda and set(args.suites) - {"host"}:
+    if not ctx.cuda and set(args.suites) - {"host", *STATIC}:
         print("Timings need a CUDA GPU: nothing is timed here (interpreter timings are not performance).")
         print(
             "Smoke run instead: every implementation runs once on tiny inputs; the CSV rows have no timings."
@@ -201,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print()
 
-    jobs = [job for suite in args.suites for job in SUITES[suite].jobs(args, ctx)]
+    jobs = [job for suite in args.suites if suite in SUITES for job in SUITES[suite].jobs(args, ctx)]
     # Compiled rows last (slow to compile), fewest tensors first: a run cut short has the others.
     jobs.sort(key=lambda job: (1 + job[0]["tensors"]) if job[0]["impl"] == "torch-compile" else 0)
     previous = signal.signal(signal.SIGTERM, _stop)

@@ -27,11 +27,28 @@ _FMA_ROUNDS_TWICE = tl.constexpr(
 )
 
 
+# The interpreter converts fp32 -> bf16 by truncation, a GPU by rounding to nearest even.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def named(names: tuple[str, ...]) -> tuple[tl.constexpr, ...]:
     """Constexpr indices ``0 .. len(names) - 1`` for a kernel's table columns or scalar slots:
     ``PARAM, EXP_AVG = named(COLUMNS)``. The names are the algorithm's spec (the launcher builds
     its tables from the same tuple), so an index never means something else on the other side."""
     return tuple(tl.constexpr(i) for i in range(len(names)))
+
+
+@triton.jit
+def block_start(
+    meta,  # int64 [T, 2]: numel, first block of each tensor
+    owner,  # int32 [B]: tensor index of each block
+    BLOCK: tl.constexpr,
+):
+    """Return ``(t, start, numel)``: this program's tensor, the offset of its block's first
+    element (int64) and the tensor's element count."""
+    pid = tl.program_id(0)
+    t = tl.load(owner + pid).to(tl.int64)
+    return t, (pid - tl.load(meta + 2 * t + 1)) * BLOCK, tl.load(meta + 2 * t)
 
 
 @triton.jit
@@ -42,10 +59,7 @@ def locate_block(
 ):
     """Return ``(t, offs, mask, full)``: this program's tensor, int64 element offsets, their
     mask, and whether the whole block is in bounds."""
-    pid = tl.program_id(0)
-    t = tl.load(owner + pid).to(tl.int64)
-    numel = tl.load(meta + 2 * t)
-    start = (pid - tl.load(meta + 2 * t + 1)) * BLOCK
+    t, start, numel = block_start(meta, owner, BLOCK)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     return t, offs, offs < numel, start + BLOCK <= numel
 
@@ -70,14 +84,18 @@ def address(
 def to_storage(x, DTYPE: tl.constexpr):
     """Round fp32/fp64 ``x`` to the storage dtype, to nearest even.
 
-    bf16 is rounded with integer arithmetic: the Triton interpreter truncates fp32 -> bf16,
-    the GPU rounds to nearest even; this gives the GPU's answer on both.
+    Compiled, the hardware convert does it (one instruction); the Triton interpreter truncates
+    fp32 -> bf16, so there bf16 is rounded with integer arithmetic, which gives the GPU's answer
+    (NaN stays NaN; its payload may differ from the GPU's canonical NaN).
     """
     if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
-        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        if _INTERPRETED:
+            bits = x.to(tl.uint32, bitcast=True)
+            rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+            rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
+            return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(tl.bfloat16, fp_downcast_rounding="rtne")
     else:
         return x.to(DTYPE)
 
@@ -172,20 +190,75 @@ MODE_MASTER = tl.constexpr(1)  # an fp32 copy in the table's last column; the pa
 MODE_KAHAN = tl.constexpr(2)  # param + a compensation (the param's dtype) in the last column
 
 
+# Rounds of Philox4x32 where a call serves several elements (:func:`random_bits`): 7, the fewest
+# its authors found to pass TestU01's BigCrush (Salmon et al. 2011, "Parallel random numbers: as
+# easy as 1, 2, 3"; Triton's default of 10 adds their safety margin). A round is four 32-bit
+# multiplies (high and low halves) and two XORs per call: the bulk of a stochastically rounded
+# step's extra instructions.
+PHILOX_ROUNDS = tl.constexpr(7)
+
+
+@triton.jit
+def _halves(w):
+    """``[n]`` uint32 words -> ``[n, 2]``: 16 random bits for each of two elements, the low half
+    of ``w`` for the first (:func:`stochastic_round` of bf16 reads the low 16 bits), the high
+    half for the second."""
+    return tl.join(w, w >> 16)
+
+
 @triton.jit
 def random_bits(
     seeds,  # int64 [T]: each tensor's rounding seed (read if SR)
     t,
     offs,
+    WORDS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    SDTYPE: tl.constexpr,
     SR: tl.constexpr,
 ):
-    """Four independent uint32 random words per element (Philox, keyed by the tensor's seed and
-    the element's index), for up to four stochastically rounded stores; zeros without SR."""
+    """Four uint32 words per element, random for the first ``WORDS`` (1 to 4), one for each of
+    up to ``WORDS`` stochastically rounded stores (zeros without SR; words past ``WORDS`` are
+    not for use): Philox keyed by the tensor's seed, its counter an element offset, so the bits
+    depend on the seed and the element only.
+
+    A bf16 store reads 16 bits (:func:`stochastic_round`), so one Philox call (four words)
+    serves several elements: four when ``WORDS`` is at most 2 (element ``4i + 2h + a`` takes
+    half ``h`` of word ``2s + a`` for its store ``s``), else two (element ``2i + h``: half ``h``
+    of word ``s``); the call's counter is the offset of its first element. An fp16 store reads
+    24 bits of a word: where DTYPE or SDTYPE is fp16 a call serves two elements when ``WORDS``
+    is at most 2 (element ``2i + h``: word ``2s + h``), else each element has its own call (as
+    before: Triton's 10 rounds, word ``s`` for store ``s``; a fourth store's word unused)."""
+    tl.static_assert(WORDS >= 1 and WORDS <= 4)
+    n: tl.constexpr = offs.shape[0]
     if SR:
-        return tl.randint4x(tl.load(seeds + t), offs)
+        seed = tl.load(seeds + t)
+        if DTYPE == tl.float16 or SDTYPE == tl.float16:
+            if WORDS <= 2:
+                first, _ = tl.split(tl.reshape(offs, (n // 2, 2)))  # [n / 2]: offs[2i]
+                w0, w1, w2, w3 = tl.randint4x(seed, first, PHILOX_ROUNDS)
+                r0 = tl.reshape(tl.join(w0, w1), (n,))
+                r1 = tl.reshape(tl.join(w2, w3), (n,))
+                r2, r3 = r0, r1  # (unused)
+            else:
+                r0, r1, r2, r3 = tl.randint4x(seed, offs)
+        elif WORDS <= 2:
+            first, _ = tl.split(tl.reshape(offs, (n // 4, 2, 2)))
+            first, _ = tl.split(first)  # [n / 4]: offs[4i]
+            w0, w1, w2, w3 = tl.randint4x(seed, first, PHILOX_ROUNDS)
+            r0 = tl.reshape(tl.join(_halves(w0), _halves(w1)), (n,))
+            r1 = tl.reshape(tl.join(_halves(w2), _halves(w3)), (n,))
+            r2, r3 = r0, r1  # (unused)
+        else:
+            first, _ = tl.split(tl.reshape(offs, (n // 2, 2)))  # [n / 2]: offs[2i]
+            w0, w1, w2, w3 = tl.randint4x(seed, first, PHILOX_ROUNDS)
+            r0 = tl.reshape(_halves(w0), (n,))
+            r1 = tl.reshape(_halves(w1), (n,))
+            r2 = tl.reshape(_halves(w2), (n,))
+            r3 = tl.reshape(_halves(w3), (n,))
     else:
-        zero = tl.zeros(offs.shape, tl.uint32)
-        return zero, zero, zero, zero
+        r0 = tl.zeros(offs.shape, tl.uint32)
+        r1, r2, r3 = r0, r0, r0
+    return r0, r1, r2, r3
 
 
 @triton.jit
@@ -261,16 +334,49 @@ def store_param(ptrs, t, offs, mask, p, r, K: tl.constexpr, DTYPE: tl.constexpr,
 # (int64 [T, K - 2]: the address of each state column's absmax, 0 for fp32): a runtime branch,
 # uniform over a program since a block belongs to one tensor. A block starts at a multiple of
 # BLOCK, itself a multiple of QBLOCK, so every absmax block lies in one program: no extra pass.
-# ``codebook`` (float32 [K - 2, 2, CODES]) holds, for each state column, its code values
-# (ascending) and the decision boundaries between neighbours (CODES - 1 of them, then +inf).
-QBLOCK = tl.constexpr(256)  # elements per absmax
+#
+# ``codebook`` (float32 [K - 2, BOOK]) holds, for each state column, its code map's
+# ``value`` (CODES fp32, ascending), ``bound`` (the CODES - 1 decision boundaries between
+# neighbours, then +inf) and ``start`` (2 * BUCKETS uint8, packed four to a float32 word): the
+# code of a value ``a`` is the number of boundaries strictly below it, which the kernel finds
+# without a search. The magnitude of ``a`` falls in one of BUCKETS buckets, by its fp32 bits
+# (exponent and 7 mantissa bits: ``(bits >> 16) - BUCKET_LOW``, clamped to 0 .. BUCKETS - 1);
+# ``start[bucket + BUCKETS * (a < 0)]`` is the number of boundaries below the bucket's values,
+# and a bucket's values hold at most one boundary (checked where the book is built), so the
+# code is ``start + (bound[start] < a)``. A program loads the tables of its columns once and
+# reads them with ``tl.gather`` (shared memory).
+QBLOCK_SHIFT = tl.constexpr(8)
+QBLOCK = tl.constexpr(1 << 8)  # elements per absmax
 CODES = tl.constexpr(256)  # entries of a code map (uint8 codes)
+BUCKETS = tl.constexpr(4096)  # magnitude buckets, for each sign
+BUCKET_LOW = tl.constexpr(0x3480)  # bits >> 16 of 2**-22: smaller magnitudes share bucket 0
+BOOK = tl.constexpr(2 * 256 + 2 * 4096 // 4)  # float32 words of a column's book
 
 
 @triton.jit
 def _absmax_address(absmax_ptrs, t, c, K: tl.constexpr):
     """The address of state column ``c``'s absmax for tensor ``t`` (int64; 0: fp32 state)."""
     return tl.load(absmax_ptrs + t * (K - 2) + (c - 1))
+
+
+@triton.jit
+def _keep(a, b):
+    """Reduction combine keeping its first operand: the value of a row whose elements all hold
+    it, without moving data between threads."""
+    return a
+
+
+@triton.jit
+def _max_keep(top, row, other_top, other_row):
+    """Reduction combine: the larger magnitude bits, the (common) row index kept."""
+    return tl.maximum(top, other_top), row
+
+
+@triton.jit
+def _absmax_rows(offs):
+    """``[BLOCK / QBLOCK]``: the absmax index of each absmax block of a full block (a row of
+    ``offs`` viewed as ``[BLOCK / QBLOCK, QBLOCK]``)."""
+    return tl.reduce(tl.reshape(offs >> QBLOCK_SHIFT, (offs.shape[0] // QBLOCK, QBLOCK)), 1, _keep)
 
 
 @triton.jit
@@ -282,9 +388,15 @@ def load_state(ptrs, absmax_ptrs, codebook, t, c: tl.constexpr, offs, mask, K: t
         scales = _absmax_address(absmax_ptrs, t, c, K)
         if scales != 0:
             codes = tl.load(address(ptrs, t, c, K, tl.uint8, ALIGNED) + offs, mask=mask)
-            value = tl.load(codebook + (c - 1) * 2 * CODES + codes.to(tl.int32))
-            absmax = tl.load(scales.to(tl.pointer_type(tl.float32)) + offs // QBLOCK, mask=mask)
-            x = mul_ieee(value, absmax)  # rounded on its own, as torch's dequantization
+            values = tl.load(codebook + (c - 1) * BOOK + tl.arange(0, CODES))  # once per program
+            value = tl.gather(values, codes.to(tl.int32), 0)
+            if mask is None:  # one load per row and thread, not per element
+                absmax = tl.load(scales.to(tl.pointer_type(tl.float32)) + _absmax_rows(offs))
+                value = tl.reshape(value, (offs.shape[0] // QBLOCK, QBLOCK))
+                x = tl.reshape(mul_ieee(value, absmax[:, None]), offs.shape)  # rounded on its own, as torch's
+            else:
+                absmax = tl.load(scales.to(tl.pointer_type(tl.float32)) + (offs >> QBLOCK_SHIFT), mask=mask)
+                x = mul_ieee(value, absmax)
         else:
             x = tl.load(address(ptrs, t, c, K, tl.float32, ALIGNED) + offs, mask=mask)
     else:
@@ -303,7 +415,7 @@ def store_state(ptrs, absmax_ptrs, codebook, t, c: tl.constexpr, offs, mask, x, 
         scales = _absmax_address(absmax_ptrs, t, c, K)
         if scales != 0:
             quantize(address(ptrs, t, c, K, tl.uint8, ALIGNED) + offs, scales.to(tl.pointer_type(tl.float32)),
-                     codebook + (c - 1) * 2 * CODES, offs, mask, x, BLOCK)  # fmt: skip
+                     codebook + (c - 1) * BOOK, offs, mask, x, BLOCK)  # fmt: skip
         else:
             tl.store(address(ptrs, t, c, K, tl.float32, ALIGNED) + offs, x, mask=mask)
     else:
@@ -314,7 +426,7 @@ def store_state(ptrs, absmax_ptrs, codebook, t, c: tl.constexpr, offs, mask, x, 
 def quantize(
     code_ptr,  # uint8 [BLOCK]: where the codes go (offs applied)
     absmax_ptr,  # float32 [ceil(numel / QBLOCK)]: the tensor's absmax
-    book,  # float32 [2, CODES]: code values, then decision boundaries
+    book,  # float32 [BOOK]: the column's code map (value, bound, start)
     offs,
     mask,  # None for a full block
     x,  # float32 [BLOCK]
@@ -323,27 +435,50 @@ def quantize(
     """Blockwise 8-bit quantization of fp32 ``x`` (the semantics of
     ``fusedopt.optim._quantize.quantize_``): per QBLOCK elements, ``absmax = max |x|``, then
     each element's code is the number of decision boundaries strictly below ``x / absmax``
-    (the nearest code value; a block of zeros divides by 1), found by binary search. Non-finite
-    ``x`` as torch's ``amax``/``searchsorted``: a NaN makes its block's absmax NaN (its code is
-    the last), +-inf is code +-1 of an absmax of inf."""
+    (the nearest code value; a block of zeros divides by 1). Non-finite ``x`` as torch's
+    ``amax``/``searchsorted``: a NaN makes its block's absmax NaN (and the divisor 1; its own
+    code is the last), +-inf is code +-1 of an absmax of inf.
+
+    ``x / absmax`` is torch's correctly rounded quotient, from the block's reciprocal: with
+    ``y = 1 / d`` rounded to nearest and ``q = x * y`` (within an ulp or two of ``x / d``),
+    ``e = fma(-q, d, x)`` is exact and ``fma(e, y, q)`` is ``x / d`` rounded to nearest
+    (Markstein's theorem). It needs ``d`` and the quotient's remainder in the normal range:
+    a block scales ``x`` and ``d`` by a power of two where ``d`` is tiny or huge (exact, but
+    for quotients far below every boundary, whose code does not change)."""
     tl.static_assert(BLOCK // QBLOCK * QBLOCK == BLOCK)  # blocks hold whole absmax blocks
     if mask is not None:
         x = tl.where(mask, x, 0.0)
     blocks = tl.reshape(x, (BLOCK // QBLOCK, QBLOCK))
-    magnitudes = tl.abs(blocks)
-    absmax = tl.max(magnitudes, axis=1)  # a GPU's max drops NaN: put back below
-    nan = tl.max((blocks != blocks).to(tl.int32), axis=1) > 0
-    absmax = tl.where(nan, float("nan"), absmax)
-    normalized = div_ieee(blocks, tl.where(absmax > 0, absmax, 1.0)[:, None], tl.float32)
-    normalized = tl.where(magnitudes == float("inf"), tl.where(blocks > 0, 1.0, -1.0), normalized)
-    code = tl.zeros((BLOCK // QBLOCK, QBLOCK), tl.int32)
-    for i in tl.static_range(8):  # CODES == 2**8
-        probe = code + (128 >> i)  # not (bound >= x): a NaN goes past every bound
-        code = tl.where(tl.load(book + CODES + probe - 1) >= normalized, code, probe)
-    tl.store(code_ptr, tl.reshape(code, (BLOCK,)).to(tl.uint8), mask=mask)
-    block = tl.min(tl.reshape(offs // QBLOCK, (BLOCK // QBLOCK, QBLOCK)), axis=1)  # absmax index
+    # max |x| on the bits (a NaN's bits exceed +inf's: a GPU's float max would drop the NaN),
+    # with each row's absmax index (see _absmax_rows); in a masked block the top bit of the
+    # magnitudes says which rows hold an element of the tensor
+    magnitudes = blocks.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
     if mask is not None:
-        inside = tl.max(tl.reshape(mask.to(tl.int32), (BLOCK // QBLOCK, QBLOCK)), axis=1) > 0
-        tl.store(absmax_ptr + block, absmax, mask=inside)
+        magnitudes = magnitudes | tl.where(tl.reshape(mask, blocks.shape), 0x80000000, 0).to(tl.uint32)
+    rows = tl.reshape(offs >> QBLOCK_SHIFT, blocks.shape)
+    top, row = tl.reduce((magnitudes, rows), 1, _max_keep)
+    inside = top >= 0x80000000
+    top = top & 0x7FFFFFFF
+    absmax = tl.where(top > 0x7F800000, float("nan"), top.to(tl.float32, bitcast=True))
+    d = tl.where(absmax > 0, absmax, 1.0)  # the divisor (NaN and 0: 1, as torch's)
+    huge = d == float("inf")  # x / inf: +-0 for finite x (+-inf: set below)
+    scale = tl.where(huge, 0.0, tl.where(d < 2.0**-40, 2.0**100, tl.where(d >= 2.0**100, 2.0**-64, 1.0)))
+    d = tl.where(huge, 1.0, d * scale)
+    y = div_ieee(1.0, d, tl.float32)
+    xs = blocks * scale[:, None]
+    q = xs * y[:, None]
+    q = fma(fma(-q, d[:, None], xs), y[:, None], q)
+    q = tl.where(tl.abs(blocks) == float("inf"), tl.where(blocks > 0, 1.0, -1.0), q)
+    q = tl.reshape(q, (BLOCK,))
+    magnitude = (q.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) >> 16
+    bucket = tl.minimum(tl.maximum(magnitude, BUCKET_LOW) - BUCKET_LOW, BUCKETS - 1)
+    bucket = bucket + tl.where(q < 0, BUCKETS, 0)  # NaN: the last positive bucket
+    starts = tl.load((book + 2 * CODES).to(tl.pointer_type(tl.uint8)) + tl.arange(0, 2 * BUCKETS))
+    start = tl.gather(starts, bucket.to(tl.int32), 0).to(tl.int32)
+    bounds = tl.load(book + CODES + tl.arange(0, CODES))
+    code = start + (tl.gather(bounds, start, 0) < q).to(tl.int32)
+    tl.store(code_ptr, code.to(tl.uint8), mask=mask)
+    if mask is None:
+        tl.store(absmax_ptr + row, absmax)
     else:
-        tl.store(absmax_ptr + block, absmax)
+        tl.store(absmax_ptr + row, absmax, mask=inside)

@@ -49,94 +49,20 @@ def _loss_and_slope(d, param, LOSS: tl.constexpr):
 
 
 @triton.jit
-def pointwise_loss_kernel(
-    x_ptr,  # [M, K] input, contiguous
-    y_ptr,  # [M, K] target (read unless LOSS == MEAN)
-    w_ptr,  # [M, K] weight (read if HAS_WEIGHT)
-    out_ptr,  # [M, K] elementwise loss (written unless REDUCE)
-    partial_ptr,  # COMPUTE [M, P]: each program's sum of losses (written if REDUCE)
-    grad_ptr,  # [M, K] scale * dl/dx in the input's dtype (written if WRITE_GRAD)
-    scalars,  # float64 [2]: loss parameter (beta, delta), gradient scale
-    K,  # elements per row
-    P,  # blocks per row
-    ITEMS,  # M * P work items: block i % P of row i // P
-    LOSS: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    REDUCE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
-    FLAT: tl.constexpr,  # M == 1: block i starts at element i BLOCK, which the compiler then sees
-):
-    """Blocks wholly inside their row run without a mask (128-bit accesses for every operand
-    whose pointer is 16-byte aligned, as Triton specializes it: alignment is per tensor); the
-    last block of a row is masked."""
-    param = tl.load(scalars + PARAM).to(COMPUTE)
-    pid = tl.program_id(0).to(tl.int64)
-    if FLAT:  # one row: block i starts at element i BLOCK; the full ones first, then the last
-        full = K // BLOCK
-        for item in range(pid, full, tl.num_programs(0)):
-            offs = item * BLOCK + tl.arange(0, BLOCK)
-            _pointwise_block(
-                x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, offs, None, item, param,
-                LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD,
-            )  # fmt: skip
-        if (full < ITEMS) & (pid == full % tl.num_programs(0)):
-            offs = full * BLOCK + tl.arange(0, BLOCK)
-            _pointwise_block(
-                x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, offs, offs < K, full, param,
-                LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD,
-            )  # fmt: skip
-    else:
-        for item in range(pid, ITEMS, tl.num_programs(0)):
-            row = item // P
-            block = item - row * P
-            offs = row * K + block * BLOCK + tl.arange(0, BLOCK)
-            left = K - block * BLOCK
-            if left >= BLOCK:
-                _pointwise_block(
-                    x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, offs, None, item, param,
-                    LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD,
-                )  # fmt: skip
-            else:
-                _pointwise_block(
-                    x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, offs, tl.arange(0, BLOCK) < left,
-                    item, param, LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD,
-                )  # fmt: skip
-
-
-@triton.jit
-def _load(ptrs, mask, COMPUTE: tl.constexpr):
-    """``ptrs`` upcast to COMPUTE; unmasked when ``mask`` is None, else 0 where it is false."""
+def _load(ptr, mask, COMPUTE: tl.constexpr):
+    """Load in COMPUTE: unmasked (vector accesses where the address allows) for a full block
+    (``mask`` None), else 0 outside ``mask``."""
     if mask is None:
-        return tl.load(ptrs).to(COMPUTE)
+        return tl.load(ptr).to(COMPUTE)
     else:
-        return tl.load(ptrs, mask=mask, other=0).to(COMPUTE)
+        return tl.load(ptr, mask=mask, other=0).to(COMPUTE)
 
 
 @triton.jit
-def _store(ptrs, value, mask):
-    """``value`` stored in ``ptrs``' dtype (to nearest even); unmasked when ``mask`` is None."""
-    if mask is None:
-        tl.store(ptrs, to_storage(value, ptrs.dtype.element_ty))
-    else:
-        tl.store(ptrs, to_storage(value, ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _pointwise_block(
-    x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars,
-    offs,  # [BLOCK] element offsets
-    mask,  # [BLOCK], or None: the whole block is in the row
-    item,
-    param,
-    LOSS: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    REDUCE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
-):  # fmt: skip
-    """One work item of ``pointwise_loss_kernel``."""
+def _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, param, item, offs, mask,
+                     LOSS: tl.constexpr, COMPUTE: tl.constexpr, HAS_WEIGHT: tl.constexpr, REDUCE: tl.constexpr,
+                     WRITE_GRAD: tl.constexpr):  # fmt: skip
+    """One block of ``pointwise_loss_kernel`` (``mask``: None for a full block)."""
     x = _load(x_ptr + offs, mask, COMPUTE)
     if LOSS == MEAN:
         loss = x
@@ -154,9 +80,47 @@ def _pointwise_block(
         else:
             tl.store(partial_ptr + item, tl.sum(tl.where(mask, loss, 0.0), axis=0))
     else:
-        _store(out_ptr + offs, loss, mask)
+        tl.store(out_ptr + offs, to_storage(loss, out_ptr.dtype.element_ty), mask=mask)
     if WRITE_GRAD:
-        _store(grad_ptr + offs, slope * tl.load(scalars + SCALE).to(COMPUTE), mask)
+        grad = slope * tl.load(scalars + SCALE).to(COMPUTE)
+        tl.store(grad_ptr + offs, to_storage(grad, grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def pointwise_loss_kernel(
+    x_ptr,  # [M, K] input, contiguous
+    y_ptr,  # [M, K] target (read unless LOSS == MEAN)
+    w_ptr,  # [M, K] weight (read if HAS_WEIGHT)
+    out_ptr,  # [M, K] elementwise loss (written unless REDUCE)
+    partial_ptr,  # COMPUTE [M, P]: each program's sum of losses (written if REDUCE)
+    grad_ptr,  # [M, K] scale * dl/dx in the input's dtype (written if WRITE_GRAD)
+    scalars,  # float64 [2]: loss parameter (beta, delta), gradient scale
+    K,  # elements per row
+    P,  # blocks per row
+    ITEMS,  # M * P work items: block i % P of row i // P
+    LOSS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    REDUCE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    ONE_ROW: tl.constexpr,  # M == 1: blocks start at multiples of BLOCK (vector accesses at any K)
+):
+    param = tl.load(scalars + PARAM).to(COMPUTE)
+    for item in range(tl.program_id(0).to(tl.int64), ITEMS, tl.num_programs(0)):
+        if ONE_ROW:
+            start = item * BLOCK
+            offs = start + tl.arange(0, BLOCK)
+        else:
+            row = item // P
+            start = (item - row * P) * BLOCK
+            offs = row * K + start + tl.arange(0, BLOCK)
+        if start + BLOCK <= K:  # a full block: unmasked
+            _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, param, item, offs, None,
+                             LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD)  # fmt: skip
+        else:
+            _pointwise_block(x_ptr, y_ptr, w_ptr, out_ptr, partial_ptr, grad_ptr, scalars, param, item, offs,
+                             start + tl.arange(0, BLOCK) < K, LOSS, COMPUTE, HAS_WEIGHT, REDUCE, WRITE_GRAD)  # fmt: skip
 
 
 @triton.jit
@@ -197,50 +161,19 @@ def pointwise_loss_backward_kernel(
     BLOCK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
 ):
-    """Full blocks without a mask (128-bit accesses per aligned tensor), the last one masked."""
     param = tl.load(scalars + PARAM).to(COMPUTE)
     scale = tl.load(scalars + SCALE).to(COMPUTE)
-    pid = tl.program_id(0).to(tl.int64)
-    full = N // BLOCK
-    for block in range(pid, full, tl.num_programs(0)):
+    for block in range(tl.program_id(0).to(tl.int64), tl.cdiv(N, BLOCK), tl.num_programs(0)):
         offs = block * BLOCK + tl.arange(0, BLOCK)
-        _backward_block(
-            x_ptr, y_ptr, w_ptr, grad_output_ptr, grad_ptr, offs, None, go_stride, param, scale,
-            LOSS, COMPUTE, BLOCK, HAS_WEIGHT,
-        )  # fmt: skip
-    if (full * BLOCK < N) & (pid == full % tl.num_programs(0)):
-        offs = full * BLOCK + tl.arange(0, BLOCK)
-        _backward_block(
-            x_ptr, y_ptr, w_ptr, grad_output_ptr, grad_ptr, offs, offs < N, go_stride, param, scale,
-            LOSS, COMPUTE, BLOCK, HAS_WEIGHT,
-        )  # fmt: skip
-
-
-@triton.jit
-def _backward_block(
-    x_ptr, y_ptr, w_ptr, grad_output_ptr, grad_ptr,
-    offs,  # [BLOCK] element offsets
-    mask,  # [BLOCK], or None: a full block
-    go_stride,
-    param,
-    scale,
-    LOSS: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-):  # fmt: skip
-    """One block of ``pointwise_loss_backward_kernel``."""
-    x = _load(x_ptr + offs, mask, COMPUTE)
-    d = x - _load(y_ptr + offs, mask, COMPUTE)
-    _, slope = _loss_and_slope(d, param, LOSS)
-    if go_stride == 1:  # elementwise (Triton specializes a stride of 1: decided when compiling)
-        go = _load(grad_output_ptr + offs, mask, COMPUTE)
-    else:  # 0: one value for all, loaded once
-        go = tl.zeros([BLOCK], COMPUTE) + tl.load(grad_output_ptr).to(COMPUTE)
-    slope = slope * go * scale
-    if HAS_WEIGHT:
-        slope = slope * _load(w_ptr + offs, mask, COMPUTE)
-    _store(grad_ptr + offs, slope, mask)
+        mask = offs < N
+        x = tl.load(x_ptr + offs, mask=mask, other=0).to(COMPUTE)
+        d = x - tl.load(y_ptr + offs, mask=mask, other=0).to(COMPUTE)
+        _, slope = _loss_and_slope(d, param, LOSS)
+        go = tl.load(grad_output_ptr + offs * go_stride, mask=mask, other=0).to(COMPUTE)
+        slope = slope * go * scale
+        if HAS_WEIGHT:
+            slope = slope * tl.load(w_ptr + offs, mask=mask, other=0).to(COMPUTE)
+        tl.store(grad_ptr + offs, to_storage(slope, grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -251,15 +184,15 @@ def scale_grad_kernel(
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """grad *= grad_output; every program returns at once when grad_output is 1. Full blocks
-    without a mask."""
+    """grad *= grad_output; every program returns at once when grad_output is 1."""
     go = tl.load(grad_output_ptr).to(COMPUTE)
     if go != 1.0:
-        pid = tl.program_id(0).to(tl.int64)
-        full = N // BLOCK
-        for block in range(pid, full, tl.num_programs(0)):
+        for block in range(tl.program_id(0).to(tl.int64), tl.cdiv(N, BLOCK), tl.num_programs(0)):
             offs = block * BLOCK + tl.arange(0, BLOCK)
-            _store(grad_ptr + offs, _load(grad_ptr + offs, None, COMPUTE) * go, None)
-        if (full * BLOCK < N) & (pid == full % tl.num_programs(0)):
-            offs = full * BLOCK + tl.arange(0, BLOCK)
-            _store(grad_ptr + offs, _load(grad_ptr + offs, offs < N, COMPUTE) * go, offs < N)
+            if block * BLOCK + BLOCK <= N:  # a full block: unmasked
+                g = tl.load(grad_ptr + offs).to(COMPUTE)
+                tl.store(grad_ptr + offs, to_storage(g * go, grad_ptr.dtype.element_ty))
+            else:
+                mask = offs < N
+                g = tl.load(grad_ptr + offs, mask=mask, other=0).to(COMPUTE)
+                tl.store(grad_ptr + offs, to_storage(g * go, grad_ptr.dtype.element_ty), mask=mask)

@@ -151,7 +151,7 @@ class Bucket:
         self.seed_list: list[torch.Tensor] = []  # stochastic rounding's seeds (0-d int64), if it rounds
         self.seeds: torch.Tensor | None = None  # one tensor whose elements are the seeds
         # 8-bit state: each state column's absmax, per tensor (None: fp32 state), their addresses
-        # (int64 [T, S], 0 for None) and the columns' code maps (float32 [S, 2, 256]).
+        # (int64 [T, S], 0 for None) and the columns' code maps (float32 [S, BOOK]: _quantize.codebook).
         self.absmax: list[list[torch.Tensor | None]] | None = None
         self.absmax_ptrs: torch.Tensor | None = None
         self.codebook: torch.Tensor | None = None

@@ -91,10 +91,47 @@ def _book(signed: bool) -> torch.Tensor:
     return _BOOKS[bool(signed)]
 
 
+def _bucket_starts(bounds: torch.Tensor) -> torch.Tensor:
+    """uint8 [2 * BUCKETS]: for each magnitude bucket (``fusedopt.kernels.common``: the fp32
+    bits of ``|a|`` shifted right by 16, from BUCKET_LOW, clamped to 0 .. BUCKETS - 1) of
+    positive, then of negative values, the number of ``bounds`` (ascending, fp32) strictly below
+    the bucket's smallest value; the kernels' code of ``a`` is that plus whether the next
+    boundary is below ``a``, which needs every bucket's values to hold at most one boundary
+    (checked here)."""
+    buckets = kernels.BUCKETS.value
+    key = (kernels.BUCKET_LOW.value + torch.arange(buckets + 1, dtype=torch.int64)) << 16
+    edges = key.to(torch.int32).view(torch.float32).double()  # smallest magnitude of each bucket
+    lowest = torch.cat([torch.zeros(1, dtype=torch.float64), edges[1:buckets]])  # bucket 0: from 0
+    # largest magnitude: the float below the next bucket's (the last bucket: up to inf, and NaN)
+    highest = (key[1:] - 1).to(torch.int32).view(torch.float32).double()
+    highest[-1] = float("inf")
+    wide = bounds.double()
+    out = []
+    for low, high in ((lowest, highest), (-highest, -lowest)):  # positive, then negative values
+        start = torch.searchsorted(wide, low)  # boundaries strictly below the smallest value
+        inside = torch.searchsorted(wide, high, right=True) - start  # boundaries in [low, high]
+        assert int(inside.max()) <= 1, "a magnitude bucket holds two code boundaries"
+        out.append(start)
+    return torch.cat(out).to(torch.uint8)
+
+
+def _kernel_book(signed: bool) -> torch.Tensor:
+    """float32 [BOOK]: the code values, the boundaries (then +inf) and the bucket starts
+    (uint8, packed four to a word), as the kernels read a column's book."""
+    book = _book(signed)
+    starts = _bucket_starts(book[1, :-1]).view(torch.float32)
+    out = torch.cat([book[0], book[1], starts])
+    assert out.numel() == kernels.BOOK.value
+    return out
+
+
+_KERNEL_BOOKS = {signed: _kernel_book(signed) for signed in (False, True)}
+
+
 def codebook(signed: tuple[bool, ...]) -> torch.Tensor:
-    """float32 [S, 2, CODES]: the book of each state column (its ``signed`` flag), as the
-    kernels read it."""
-    return torch.stack([_book(s) for s in signed])
+    """float32 [S, BOOK]: the book of each state column (its ``signed`` flag), as the kernels
+    read it (``fusedopt.kernels.common``: values, boundaries, bucket starts)."""
+    return torch.stack([_KERNEL_BOOKS[bool(s)] for s in signed])
 
 
 def half_gaps(signed: bool) -> torch.Tensor:

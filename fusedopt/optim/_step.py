@@ -4,9 +4,12 @@ bucket with it, reached the same way from the eager step, the compiled step (thr
 
 An algorithm is declared once, in an :class:`Algorithm`: its kernel module names the table
 columns (``COLUMNS``: "param" then the state keys), the float64 scalar slots (``SCALARS``), the
-constexpr switches (``FLAGS``) the kernel reads by named index and the state that is never
-negative (``NONNEGATIVE``: its 8-bit codes use the unsigned map); the spec says how a param
-group fills them and how torch initializes the state.
+per-tensor values its ``prepare`` computes (``PREPARED``), the constexpr switches (``FLAGS``,
+``MAXIMIZE`` among them) the kernel reads by named bit, the state columns a switch adds
+(``REQUIRES``) and the state that is never negative (``NONNEGATIVE``: its 8-bit codes use the
+unsigned map), and supplies the ``update`` the one optimizer kernel
+(:mod:`fusedopt.kernels.optimizer`) runs; the spec says how a param group fills them and how
+torch initializes the state.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import triton
 
+from fusedopt._multi_tensor import compute_dtype, launch_grid
+from fusedopt.kernels.optimizer import optimizer_kernel, prepare_kernel
 from fusedopt.optim._plan import Amp, Bucket, OpPlans, StepGrads, set_absmax
 from fusedopt.optim._precision import Precision, eager_step
 
@@ -29,8 +35,8 @@ class Algorithm:
 
     Args:
         name: the key of the compiled step's op (``torch.ops.fusedopt.step_``).
-        kernels: the kernel module: ``<name>_kernel``, ``COLUMNS``, ``SCALARS``, ``FLAGS``,
-            ``NONNEGATIVE``.
+        kernels: the kernel module: ``update`` (and ``prepare`` if ``PREPARED`` is not empty),
+            ``COLUMNS``, ``SCALARS``, ``PREPARED``, ``FLAGS``, ``REQUIRES``, ``NONNEGATIVE``.
         state: ``group -> {state key: init}``, ``init(param)`` the key's initial tensor: the
             state torch creates lazily for a param (the step counter excluded), in torch's key
             order.
@@ -69,16 +75,47 @@ class Algorithm:
         return torch.float64
 
     def __post_init__(self):
-        object.__setattr__(self, "_flag_names", frozenset(self.kernels.FLAGS))
-        object.__setattr__(self, "_kernel", getattr(self.kernels, f"{self.name}_kernel"))
-        if self.kernels.COLUMNS[0] != "param":
+        k = self.kernels
+        object.__setattr__(self, "_flag_names", frozenset(k.FLAGS))
+        object.__setattr__(self, "_launches", {})
+        if k.COLUMNS[0] != "param":
             raise ValueError(f"{self.name}: column 0 of the kernel's table must be the param")
+        if len(k.COLUMNS) > 4 or "MAXIMIZE" not in k.FLAGS or not set(k.REQUIRES) <= set(k.COLUMNS[1:]):
+            raise ValueError(
+                f"{self.name}: at most 3 state columns, a MAXIMIZE flag, REQUIRES of state columns"
+            )
+        if k.PREPARED and self.counter is None:
+            raise ValueError(f"{self.name}: per-tensor values (PREPARED) are computed from a step counter")
         ALGORITHMS[self.name] = self
 
     @property
     def kernel(self):
-        """The step kernel: ``<name>_kernel`` of the kernel module."""
-        return self._kernel
+        """The step kernel (one for every algorithm: this one's ``update`` is a constexpr)."""
+        return optimizer_kernel
+
+    @property
+    def update(self):
+        """The algorithm's update, the ``UPDATE`` constexpr of :attr:`kernel`."""
+        return self.kernels.update
+
+    def constexprs(self, flags: dict[str, bool]) -> dict:
+        """The kernel's algorithm constexprs for a group's switches: the update, the table width,
+        the state columns used (a column of ``REQUIRES`` only with its switch), the switches as
+        bits (``SWITCHES``), the per-tensor values and ``MAXIMIZE``."""
+        key = tuple(flags[name] for name in self.kernels.FLAGS)
+        known = self._launches.get(key)
+        if known is None:
+            k = self.kernels
+            used = [i for i, c in enumerate(self.columns) if c not in k.REQUIRES or flags[k.REQUIRES[c]]]
+            known = self._launches[key] = dict(
+                UPDATE=k.update,
+                K=len(k.COLUMNS) + 1,
+                STATE=sum(1 << i for i in used),
+                SWITCHES=sum(1 << i for i, name in enumerate(k.FLAGS) if flags[name]),
+                P=len(k.PREPARED),
+                MAXIMIZE=bool(flags["MAXIMIZE"]),
+            )
+        return known
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -128,25 +165,51 @@ def run_bucket(
             algorithm.eager(hyper, flags, bucket, grads, amp, state)
         return
     counters = bucket.counter_vector()
-    sure = bucket.memo.get("taken", 0)  # steps this bucket surely took (no found_inf)
-    if counters is not None and (algorithm.saturates is None or sure < algorithm.saturates):
-        if amp.found_inf is not None:
-            counters.sub_(amp.found_inf.to(counters.device))
-        else:
-            bucket.memo["taken"] = sure + 1
-        counters.add_(1)
     vector = bucket.scalars(scalars)
+    prepared = vector  # never read without PREPARED
+    if counters is not None and algorithm.kernels.PREPARED:
+        prepared = _prepare(algorithm, bucket, counters, vector, amp)
+    elif counters is not None:
+        sure = bucket.memo.get("taken", 0)  # steps this bucket surely took (no found_inf)
+        if algorithm.saturates is None or sure < algorithm.saturates:
+            if amp.found_inf is not None:
+                counters.sub_(amp.found_inf.to(counters.device))
+            else:
+                bucket.memo["taken"] = sure + 1
+            counters.add_(1)
     seeds = bucket.seed_vector()
     absmax = vector if bucket.absmax_ptrs is None else bucket.absmax_ptrs
     codebook = vector if bucket.codebook is None else bucket.codebook
     bucket.launch(
-        grads, algorithm.kernel, amp, vector, vector if counters is None else counters,
-        vector if seeds is None else seeds, absmax, codebook, **flags,
+        grads, optimizer_kernel, amp, vector, prepared, vector if counters is None else counters,
+        vector if seeds is None else seeds, absmax, codebook, **algorithm.constexprs(flags),
     )  # fmt: skip
     bucket.write_back(counters)
     if seeds is not None:  # stochastic rounding: the next step draws new bits
         seeds.add_(1)
         bucket.write_back_seeds(seeds)
+
+
+_PREPARE_BLOCK = 128  # tensors per program of prepare_kernel
+
+
+def _prepare(algorithm: Algorithm, bucket: Bucket, counters: torch.Tensor, scalars: torch.Tensor, amp: Amp):
+    """Advance the bucket's step counters (by one step taken) and compute each tensor's
+    ``PREPARED`` values in one launch; returns them (COMPUTE [T, P], kept by the bucket)."""
+    k, n = algorithm.kernels, counters.numel()
+    prepared = bucket.memo.get("prepared")
+    if prepared is None or prepared.shape[0] != n:
+        dtype = compute_dtype(bucket.dtype)
+        prepared = bucket.memo["prepared"] = torch.empty(
+            n, len(k.PREPARED), dtype=dtype, device=bucket.device
+        )
+    found = amp.found_inf
+    launch_grid(
+        prepare_kernel, triton.cdiv(n, _PREPARE_BLOCK), bucket.device, scalars, counters, prepared,
+        scalars if found is None else found.to(bucket.device), n, PREPARE=k.prepare, P=len(k.PREPARED),
+        COMPUTE=bucket.dtypes["COMPUTE"], HAS_FOUND_INF=found is not None, BLOCK_T=_PREPARE_BLOCK,
+    )  # fmt: skip
+    return prepared
 
 
 # The compiled step ------------------------------------------------------------------------------
