@@ -591,6 +591,42 @@ def test_aligned_rows_use_vector_loads(compiled):
             assert result["vector_loads"] > 0, variant
 
 
+def test_rows_of_any_length_use_vector_accesses():
+    """Rows of GPT-2's 50,257 bf16 logits (no stride or size a multiple of 16, rows off 16-byte
+    boundaries) are read and written with 128-bit accesses: before, every access was scalar."""
+    signature = {
+        "logits": "*bf16", "target": "*i64", "weight": "*bf16", "stats": "*fp32", "lse": "*fp32",
+        "loss": "*fp32", "grad": "*bf16", "grad_output": "*bf16", "R": "i32", "C": "i32", "col0": "i64",
+        "K": "i32", "stride_xn": "i32", "stride_gn": "i32", "stride_t": "i32", "stride_go": "i32",
+        "ignore_index": "i64", "label_smoothing": "fp64",
+    }  # fmt: skip
+    constexprs = dict(
+        ROW_MODES["mean_grad"], DTYPE="bf16", COMPUTE="fp32", LOSS_DTYPE="fp32", ROWS=1, BLOCK=4096,
+        HAS_WEIGHT=False, SMOOTHING=False, stride_xc=1, stride_gc=1, S=1, stride_xs=0, stride_gs=0,
+    )  # fmt: skip
+    variant = ["cross_entropy_kernel", signature, constexprs, ["logits", "grad", "weight"]]
+    (result,) = compile_in_child(CHILD, [variant])
+    assert result["ok"], result["error"]
+    assert result["vector_loads"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_result_does_not_depend_on_the_rows_alignment(options, dtype, triton_device, sizes):
+    """The same logits at any offset from a 16-byte boundary (rows read from their boundaries
+    for 128-bit loads): the same loss and gradient, bit for bit, as a chunked linear
+    cross-entropy needs (its chunks put a token's logits at different addresses)."""
+    sizes(64)  # rows of 300 classes: several column blocks
+    x, target, kwargs = make_inputs((5, 300), dtype, OPTIONS[options], triton_device)
+    runs = []
+    for offset in range(8):
+        storage = torch.zeros(x.numel() + 8, dtype=dtype, device=triton_device)
+        shifted = storage[offset : offset + x.numel()].view(x.shape).copy_(x).requires_grad_()
+        runs.append(ours(shifted, target, None, "none", **kwargs))
+    for loss, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_autocast_returns_the_dtype_torch_returns(reduction, triton_device):
     """Under autocast torch runs cross-entropy in fp32: the loss is fp32, the gradient keeps the

@@ -14,8 +14,12 @@ and an ignored row (``y == ignore_index``) 0. With ``p = softmax(z)``, ``W = Σ_
 the non-ignored rows for ``mean``, 1 for ``sum``, the row's upstream grad for ``none``.
 
 A program takes a tile of ROWS rows (one row when rows are wider than a block). Pass 1 walks
-its rows in column blocks with an online softmax kept per lane (lane i sees columns i,
-i + BLOCK, ...; no reduction until the row ends): the running max ``m``, the sum
+its rows in column blocks with an online softmax kept per lane (no reduction until the row
+ends). The blocks are those of ``fusedopt.kernels.rows``, for 128-bit loads and stores at any
+row length and alignment: lane i sees columns ``shift + i, shift + i + BLOCK, ...`` of the row's
+whole 16-byte vectors, and the at most ``2 VEC - 2`` columns outside them have a lane each in an
+edge tile (so how a row's sums associate depends on its address modulo 16, deterministically).
+Per lane: the running max ``m``, the sum
 ``s = Σ exp(z_c - m)`` rescaled whenever ``m`` grows and, for label smoothing,
 ``d = Σ_c w_c (m - z_c) >= 0`` (so ``Σ_c w_c (lse - z_c) = W log s + d``, without the
 cancellation of ``W lse - Σ w_c z_c`` at large logits). Pass 2 reads the rows again and writes
@@ -25,15 +29,31 @@ every sum has a fixed order, so results are deterministic.
 Non-finite logits, as torch: -inf logits (masked classes) are fine; a row with a NaN or +inf
 logit, or of only -inf, has a NaN log-sum-exp, so a NaN loss (0 if ignored) and a NaN gradient
 (ignored or not: torch's softmax backward multiplies its NaNs by 0). The running max starts at
-the lowest finite value (``LOWEST``), not -inf, and NaN/+inf logits enter the online softmax as
--inf while they turn their lane's sum NaN: no step computes -inf - (-inf) or 0 * inf (which
-would warn under the interpreter), and a NaN is never dropped by a max.
+the lowest finite value (``LOWEST``), not -inf; a +inf logit enters the online softmax as NaN,
+and a NaN turns its lane's sum NaN (``exp(-|NaN|)``) for good while the max ignores it (fmax):
+the running max stays finite, so no step computes -inf - (-inf) or 0 * inf (which would warn
+under the interpreter), and the row's NaN is carried by its sum.
 """
 
 import triton
 import triton.language as tl
 
 from fusedopt.kernels.common import div_ieee, to_storage
+from fusedopt.kernels.rows import (
+    HEAD,
+    INTERIOR_BLOCK,
+    TAIL,
+    block_mask,
+    edge_columns,
+    exact_sum,
+    interior_end,
+    load_block,
+    load_rotated,
+    rotated_counts,
+    row_layout,
+    row_start,
+    store_block,
+)
 
 
 @triton.jit
@@ -127,12 +147,20 @@ def cross_entropy_kernel(
     DIVIDE_BY_TOTAL: tl.constexpr,  # reduction mean: gradient times 1 / Σ w[target] (stats[2])
     ROW_GRAD_OUTPUT: tl.constexpr,  # reduction none (backward): gradient times grad_output[r]
 ):
-    """A tile of ROWS rows × BLOCK columns per step; each row's scalars are [ROWS] vectors."""
+    """A tile of ROWS rows × BLOCK columns per step; each row's scalars are [ROWS] vectors.
+    128-bit accesses at any row length and alignment (``fusedopt.kernels.rows``) for rows of
+    unit column stride (Triton specializes a stride of 1, so this is decided when compiling):
+    pass 1 reads the logits from their rows' 16-byte boundaries (:func:`_softmax_pass`), pass 2
+    splits the gradient's rows there and reads the logits alike when they split alike."""
+    VEC: tl.constexpr = 128 // DTYPE.primitive_bitwidth  # elements per 16 bytes
+    # blocks of at least 2 vectors (tiny rows: unshifted); fp64's exact sums would need more
+    # than 64-bit integers (pass 1 unshifted)
+    SPLIT: tl.constexpr = BLOCK >= 2 * VEC
+    ROTATE: tl.constexpr = SPLIT and COMPUTE != tl.float64
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < R
     n = rows // S
-    x_base = logits + n * stride_xn + (rows - n * S) * stride_xs  # [ROWS] pointers to each row
-    x_rows = x_base[:, None]
+    x_rows = logits + n * stride_xn + (rows - n * S) * stride_xs  # [ROWS] pointers to each row
 
     y = tl.load(target + rows * stride_t, mask=row_mask, other=0).to(tl.int64)
     # Out-of-range targets are reported by the caller's device assert; here they read nothing.
@@ -142,50 +170,64 @@ def cross_entropy_kernel(
         w_y = tl.load(weight + y, mask=valid, other=0).to(COMPUTE)
     else:
         w_y = valid.to(COMPUTE)
+    w_rows = weight + col0 + tl.zeros([ROWS], tl.int64)  # the rows' class weights, as rows
+    y_col = tl.where((y >= col0) & (y < col0 + C), y - col0, -1).to(tl.int32)  # the target's column, -1: none
 
     if LOSS:
-        z_y = tl.load(x_base + y * stride_xc, mask=valid, other=0).to(COMPUTE)
-        # Per-lane online softmax: lane i of a row sees columns i, i + BLOCK, ...; one exp per
-        # element (exp(-|z - m|) rescales either the old sum or the new term); the lanes are
-        # reduced once, after the last block.
-        floor = lowest(ROWS, BLOCK, COMPUTE)
-        m = floor  # running max of the lane (finite)
-        s = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ exp(z - m) of the lane; NaN after a NaN or +inf
-        d = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w (m - z) of the lane (label smoothing)
-        w_seen = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w of the lane (label smoothing)
-        for start in range(0, C, BLOCK):
-            cols = start + tl.arange(0, BLOCK).to(tl.int64)
-            mask = row_mask[:, None] & (cols < C)[None, :]
-            z = tl.load(x_rows + cols[None, :] * stride_xc, mask=mask, other=-float("inf")).to(COMPUTE)
-            below_inf = z < float("inf")  # false for NaN and +inf: the row's lse is NaN
-            z = tl.where(below_inf, z, -float("inf"))
-            gap = z - m  # m is finite: -inf at worst, never NaN
-            up = gap > 0  # the lane's max grows to z
-            e = tl.exp(-tl.abs(gap))
-            s = tl.where(below_inf, tl.where(up, s * e + 1, s + e), float("nan"))
-            if SMOOTHING:
-                if HAS_WEIGHT:
-                    w = tl.load(weight + cols, mask=cols < C, other=0).to(COMPUTE)[None, :]
-                else:
-                    w = (cols < C).to(COMPUTE)[None, :]
-                w = tl.where(mask, w, 0)
-                # when m grows, every earlier term gains m_new - m (none to gain while the lane's
-                # terms are all -inf: d is inf already); else the new term w (m - z)
-                grow = w_seen * tl.where(up & (m > floor), gap, 0)
-                d = tl.where(up, d + grow, d + w * tl.where(mask & ~up, -gap, 0))
-                w_seen += w
-            m = tl.maximum(m, z)
-        m_lane = m
-        m = tl.max(m_lane, 1)
-        s = tl.sum(s * tl.exp(m_lane - m[:, None]), 1)
+        # the row's max m, Σ exp(z - m), and for label smoothing Σ w (m - z) and Σ w
+        if ROTATE:
+            if stride_xc == 1:
+                m, s, d, w_sum = _softmax_pass(
+                    x_rows,
+                    w_rows,
+                    C,
+                    stride_xc,
+                    row_mask,
+                    COMPUTE,
+                    ROWS,
+                    VEC,
+                    BLOCK,
+                    HAS_WEIGHT,
+                    SMOOTHING,
+                    True,
+                )
+            else:
+                m, s, d, w_sum = _softmax_pass(
+                    x_rows,
+                    w_rows,
+                    C,
+                    stride_xc,
+                    row_mask,
+                    COMPUTE,
+                    ROWS,
+                    VEC,
+                    BLOCK,
+                    HAS_WEIGHT,
+                    SMOOTHING,
+                    False,
+                )
+        else:
+            m, s, d, w_sum = _softmax_pass(
+                x_rows,
+                w_rows,
+                C,
+                stride_xc,
+                row_mask,
+                COMPUTE,
+                ROWS,
+                VEC,
+                BLOCK,
+                HAS_WEIGHT,
+                SMOOTHING,
+                False,
+            )
+        z_y = tl.load(x_rows + y * stride_xc, mask=valid, other=0).to(COMPUTE)
         bad = (s != s) | (s == 0)  # a NaN or +inf logit, or none above -inf (or a masked row)
         s = tl.where(bad, 1, s)
         log_s = tl.log(s)
         row_loss = w_y * (m - z_y + log_s)  # w_y (lse - z_y)
-        if SMOOTHING:
-            d = tl.sum(d + w_seen * tl.where(m_lane > floor, m[:, None] - m_lane, 0), 1)
-            # Σ_c w_c (lse - z_c) = W log s + Σ_c w_c (m - z_c)
-            row_loss = (1 - eps) * row_loss + eps / K * (tl.sum(w_seen, 1) * log_s + d)
+        if SMOOTHING:  # Σ_c w_c (lse - z_c) = W log s + Σ_c w_c (m - z_c)
+            row_loss = (1 - eps) * row_loss + eps / K * (w_sum * log_s + d)
         row_loss = tl.where(valid, tl.where(bad, float("nan"), row_loss), 0)
         if LOSS_DTYPE == tl.bfloat16:
             tl.store(loss + rows, to_storage(row_loss, LOSS_DTYPE), mask=row_mask)
@@ -200,7 +242,7 @@ def cross_entropy_kernel(
         inv_s = tl.full([ROWS], 1, COMPUTE)
 
     if GRAD:
-        g_rows = (grad + n * stride_gn + (rows - n * S) * stride_gs)[:, None]
+        g_rows = grad + n * stride_gn + (rows - n * S) * stride_gs
         if DIVIDE_BY_TOTAL:  # 1 / Σ w[target] (inf when every row is ignored: no valid row)
             scale = tl.where(valid, tl.load(stats + 2), 0)
         elif ROW_GRAD_OUTPUT:
@@ -224,23 +266,385 @@ def cross_entropy_kernel(
         eps_w = (eps / K * scale)[:, None]
         keep = (valid | bad)[:, None]
         m = m[:, None]
-        for start in range(0, C, BLOCK):
-            cols = start + tl.arange(0, BLOCK).to(tl.int64)
-            mask = row_mask[:, None] & (cols < C)[None, :]
-            z = tl.load(x_rows + cols[None, :] * stride_xc, mask=mask, other=-float("inf")).to(COMPUTE)
-            g = tl.exp(z - m) * p_factor - tl.where(col0 + cols[None, :] == y[:, None], hit, 0)
-            if SMOOTHING:
-                if HAS_WEIGHT:
-                    g -= eps_w * tl.load(weight + col0 + cols, mask=cols < C, other=0).to(COMPUTE)[None, :]
-                else:
-                    g -= eps_w
-            g = tl.where(keep, g, 0)  # exact zeros for ignored rows (NaN where torch's are NaN)
-            # to_storage only where it rounds differently from .to (a call per block is slow
-            # in the interpreter).
-            if DTYPE == tl.bfloat16:
-                tl.store(g_rows + cols[None, :] * stride_gc, to_storage(g, DTYPE), mask=mask)
+        if SPLIT:
+            if stride_gc == 1:
+                # the logits' rows split as the gradient's (their addresses equal modulo 16)
+                same = ((grad.to(tl.int64) - logits.to(tl.int64)) % 16 == 0) & (stride_xc == 1)
+                same = same & (stride_xn == stride_gn) & (stride_xs == stride_gs)
+                _gradient_pass(
+                    x_rows, g_rows, w_rows, y_col, same, C, stride_xc, stride_gc, row_mask, m, p_factor, hit,
+                    eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, True,
+                )  # fmt: skip
             else:
-                tl.store(g_rows + cols[None, :] * stride_gc, g.to(DTYPE), mask=mask)
+                _gradient_pass(
+                    x_rows, g_rows, w_rows, y_col, False, C, stride_xc, stride_gc, row_mask, m, p_factor, hit,
+                    eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, False,
+                )  # fmt: skip
+        else:
+            _gradient_pass(
+                x_rows, g_rows, w_rows, y_col, False, C, stride_xc, stride_gc, row_mask, m, p_factor, hit,
+                eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, False,
+            )  # fmt: skip
+
+
+@triton.jit
+def _softmax_pass(
+    x_rows,  # [ROWS] pointers to each row's logits
+    w_rows,  # [ROWS] pointers to the rows' class weights
+    C,
+    stride,
+    row_mask,
+    COMPUTE: tl.constexpr,
+    ROWS: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    ALIGNED: tl.constexpr,  # read from the rows' 16-byte boundaries (unit stride)
+):
+    """Pass 1 of ``cross_entropy_kernel``: ``(m, Σ exp(z - m), Σ w (m - z), Σ w)`` of each row
+    (the last two for label smoothing). An online softmax per lane, no reduction until the row
+    ends. ALIGNED: lane i sees the columns ``i - r, i - r + BLOCK, ...`` (``r`` the elements
+    between the row and the 16-byte boundary before it), those lane ``(i - r) mod BLOCK`` of an
+    unshifted walk sees, in order; the lanes' sums are exact, so the result does not depend on
+    the row's address. Else lane i sees the columns ``i, i + BLOCK, ...``."""
+    floor = lowest(ROWS, BLOCK, COMPUTE)
+    m = floor  # running max of the lane (finite)
+    s = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ exp(z - m) of the lane; NaN after a NaN or +inf
+    d = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w (m - z) of the lane (label smoothing)
+    w_seen = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w of the lane (label smoothing with class weights)
+    r = row_start(x_rows, ALIGNED, VEC)
+    m, s, d, w_seen = _softmax_blocks(
+        x_rows, w_rows, r, C, stride, row_mask, m, s, d, w_seen, floor,
+        COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, ALIGNED,
+    )  # fmt: skip
+    m_lane = m
+    m = tl.max(m_lane, 1)
+    s = exact_sum(s * tl.exp(m_lane - m[:, None]), float("nan"), ALIGNED)
+    if SMOOTHING:
+        if not HAS_WEIGHT:  # the lanes' counts of columns
+            w_seen = rotated_counts(r, C, row_mask, BLOCK).to(COMPUTE)
+        d = exact_sum(d + w_seen * tl.where(m_lane > floor, m[:, None] - m_lane, 0), float("inf"), ALIGNED)
+        w_sum = exact_sum(w_seen, 0.0, ALIGNED)
+    else:
+        w_sum = s
+    return m, s, d, w_sum
+
+
+@triton.jit
+def _gradient_pass(
+    x_rows,  # [ROWS] pointers to each row's logits
+    g_rows,  # [ROWS] pointers to each row's gradient
+    w_rows,  # [ROWS] pointers to the rows' class weights
+    y_col,  # [ROWS] int32: the target's column, -1 if none
+    same,  # the logits' rows split as the gradient's (SPLIT)
+    C,
+    stride_x,
+    stride_g,
+    row_mask,
+    m,
+    p_factor,
+    hit,
+    eps_w,
+    keep,
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    ROWS: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    SPLIT: tl.constexpr,  # the gradient's rows split at 16-byte boundaries (unit stride)
+):
+    """Pass 2 of ``cross_entropy_kernel``: the gradient of the rows. SPLIT: its rows' whole
+    vectors stored 128-bit (the logits read 128-bit too where ``same``), the at most ``2 VEC -
+    2`` other columns as an edge tile; else every column, scalar."""
+    shift, end = row_layout(g_rows, SPLIT, C, VEC)
+    y_pos = y_col - shift  # the target's position among the whole vectors, -1 if none
+    y_pos = tl.where((y_pos >= 0) & (y_pos < end), y_pos, -1)
+    if SPLIT:
+        if same:
+            _gradient_blocks(
+                x_rows, g_rows, w_rows, shift, end, y_pos, C, stride_x, stride_g, row_mask, m, p_factor, hit,
+                eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, True, True,
+            )  # fmt: skip
+        else:  # scalar loads of the logits, in half blocks (as many registers as whole ones need)
+            _gradient_blocks(
+                x_rows, g_rows, w_rows, shift, end, y_pos, C, stride_x, stride_g, row_mask, m, p_factor, hit,
+                eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK // 2, HAS_WEIGHT, SMOOTHING, False, True,
+            )  # fmt: skip
+        e_cols, e_mask = edge_columns(shift, end, C, row_mask, VEC)
+        e_z = tl.load(x_rows[:, None] + e_cols * stride_x, mask=e_mask, other=-float("inf"))
+        if SMOOTHING and HAS_WEIGHT:
+            e_w = tl.load(w_rows[:, None] + e_cols, mask=e_mask, other=0).to(COMPUTE)
+        else:
+            e_w = e_mask.to(COMPUTE)
+        e_target = e_cols == y_col[:, None]
+        e_g = _gradient(
+            e_z, e_w, e_target, m, p_factor, hit, eps_w, keep, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING
+        )
+        tl.store(g_rows[:, None] + e_cols * stride_g, e_g, mask=e_mask)
+    else:
+        _gradient_blocks(
+            x_rows, g_rows, w_rows, shift, end, y_pos, C, stride_x, stride_g, row_mask, m, p_factor, hit,
+            eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, False, False,
+        )  # fmt: skip
+
+
+@triton.jit
+def _softmax_blocks(
+    x_rows,  # [ROWS] pointers to each row's logits
+    w_rows,  # [ROWS] pointers to the rows' class weights
+    r,  # [ROWS] int32: rows.row_start (0 unless ALIGNED)
+    C,
+    stride,
+    row_mask,
+    m,
+    s,
+    d,
+    w_seen,
+    floor,
+    COMPUTE: tl.constexpr,
+    ROWS: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    ALIGNED: tl.constexpr,  # read from the rows' 16-byte boundaries (fusedopt.kernels.rows)
+):
+    """Pass 1 of ``cross_entropy_kernel``: the lanes' online softmax over the rows. Without
+    class weights the lanes' Σ w (label smoothing) is not carried: before block ``b`` a lane in
+    the row has seen ``b`` columns (``b - 1`` for the lanes before the row in block 0), and
+    :func:`rotated_counts` gives the totals."""
+    COUNT: tl.constexpr = SMOOTHING and not HAS_WEIGHT
+    lanes = tl.arange(0, BLOCK)[None, :]
+    if ALIGNED:
+        if ROWS == 1:  # the grid makes the program's row a row of the input: no row mask
+            every = None
+        else:
+            every = row_mask
+        if C >= BLOCK:  # block 0: no column past the end; the lanes before the row masked
+            z, mask = load_rotated(x_rows, r, 0, C, stride, every, -float("inf"), VEC, BLOCK, HEAD, True)
+            w = _weights(w_rows, r, 0, C, mask, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING)
+            m, s, d, w_seen = _softmax_step(
+                z.to(COMPUTE), w, mask, m, s, d, w_seen, 0.0, floor, SMOOTHING, COUNT
+            )
+        for start in range(BLOCK, C // BLOCK * BLOCK, BLOCK):  # every column in the row: no mask
+            z, mask = load_rotated(
+                x_rows, r, start, C, stride, every, -float("inf"), VEC, BLOCK, INTERIOR_BLOCK, True
+            )
+            w = _weights(w_rows, r, start, C, mask, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING)
+            seen = start // BLOCK + ((lanes - r[:, None]) >> 31)  # one less before the row's first column
+            m, s, d, w_seen = _softmax_step(
+                z.to(COMPUTE), w, mask, m, s, d, w_seen, seen.to(COMPUTE), floor, SMOOTHING, COUNT
+            )
+        first_tail = C // BLOCK
+        last = tl.cdiv(C + VEC - 1, BLOCK)
+    else:
+        first_tail = 0
+        last = tl.cdiv(C, BLOCK)
+    for b in range(first_tail, last):
+        z, mask = load_rotated(
+            x_rows, r, b * BLOCK, C, stride, row_mask, -float("inf"), VEC, BLOCK, TAIL, ALIGNED
+        )
+        w = _weights(w_rows, r, b * BLOCK, C, mask, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING)
+        seen = b + ((lanes - r[:, None]) >> 31)
+        m, s, d, w_seen = _softmax_step(
+            z.to(COMPUTE), w, mask, m, s, d, w_seen, seen.to(COMPUTE), floor, SMOOTHING, COUNT
+        )
+    return m, s, d, w_seen
+
+
+@triton.jit
+def _gradient_blocks(
+    x_rows,  # [ROWS] pointers to each row's logits
+    g_rows,  # [ROWS] pointers to each row's gradient
+    w_rows,  # [ROWS] pointers to the rows' class weights
+    shift,  # [ROWS], end [ROWS]: the gradient rows' layout (fusedopt.kernels.rows)
+    end,
+    y_pos,  # [ROWS]: the target's position among the whole vectors, -1 if none
+    C,
+    stride_x,
+    stride_g,
+    row_mask,
+    m,
+    p_factor,
+    hit,
+    eps_w,
+    keep,
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    ROWS: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    X_ALIGNED: tl.constexpr,  # the logits' rows are split as the gradient's
+    G_ALIGNED: tl.constexpr,  # the gradient's rows are split at 16-byte boundaries (else shift 0, end C)
+):
+    """Pass 2 of ``cross_entropy_kernel`` over the gradient rows' whole vectors (all the
+    columns unless G_ALIGNED)."""
+    lanes = tl.arange(0, BLOCK)[None, :]
+    if G_ALIGNED:
+        inner = interior_end(C, True, VEC, BLOCK)
+        if ROWS == 1:  # the grid makes the program's row a row of the input: no row mask
+            every = None
+        else:
+            every = row_mask
+        in_rows = row_mask[:, None]
+        for start in range(0, inner, BLOCK):  # no column mask
+            z = load_block(
+                x_rows, shift, end, start, stride_x, every, -float("inf"), VEC, BLOCK, True, X_ALIGNED
+            )
+            w = _split_weights(
+                w_rows, shift, end, start, every, in_rows, COMPUTE, VEC, BLOCK, True, HAS_WEIGHT, SMOOTHING
+            )
+            target_lane = lanes == _lane(y_pos, start, BLOCK)[:, None]
+            g = _gradient(
+                z, w, target_lane, m, p_factor, hit, eps_w, keep, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING
+            )
+            store_block(g_rows, shift, end, start, stride_g, every, g, VEC, BLOCK, True, True)
+    else:
+        inner = 0
+    for b in range(inner // BLOCK, tl.cdiv(C, BLOCK)):
+        start = b * BLOCK
+        z = load_block(
+            x_rows, shift, end, start, stride_x, row_mask, -float("inf"), VEC, BLOCK, False, X_ALIGNED
+        )
+        mask = block_mask(end, start, row_mask, VEC, BLOCK, False, X_ALIGNED)
+        w = _split_weights(
+            w_rows, shift, end, start, row_mask, mask, COMPUTE, VEC, BLOCK, False, HAS_WEIGHT, SMOOTHING
+        )
+        target_lane = lanes == _lane(y_pos, start, BLOCK)[:, None]
+        g = _gradient(z, w, target_lane, m, p_factor, hit, eps_w, keep, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING)
+        store_block(g_rows, shift, end, start, stride_g, row_mask, g, VEC, BLOCK, False, G_ALIGNED)
+
+
+@triton.jit
+def _lane(pos, start, BLOCK: tl.constexpr):
+    """Per row (int32): the lane of position ``pos`` in the block at ``start``; -1 if elsewhere."""
+    lane = pos - start
+    return tl.where((lane >= 0) & (lane < BLOCK), lane, -1).to(tl.int32)
+
+
+@triton.jit
+def _weights(
+    w_rows,  # [ROWS] pointers: the class weights of the rows' column 0
+    r,  # [ROWS] int32: the block's columns start at start - r
+    start,
+    C,
+    mask,  # the block's columns in the rows
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+):
+    """The class weights of a block of pass 1 for label smoothing (its mask without class
+    weights; unused without smoothing). Scalar loads: the weights are not read from the rows'
+    boundaries."""
+    if SMOOTHING and HAS_WEIGHT:
+        cols = start - r[:, None] + tl.arange(0, BLOCK)[None, :]
+        return tl.load(w_rows[:, None] + cols, mask=mask & (cols >= 0) & (cols < C), other=0).to(COMPUTE)
+    else:
+        return mask.to(COMPUTE)
+
+
+@triton.jit
+def _split_weights(
+    w_rows,  # [ROWS] pointers: the class weights of the rows' column 0
+    shift,
+    end,
+    start,
+    row_mask,
+    mask,  # the block's mask
+    COMPUTE: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERIOR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+):
+    """The class weights of a block of pass 2 for label smoothing (unused otherwise). Scalar
+    loads: the weights are not split as the rows are."""
+    if SMOOTHING and HAS_WEIGHT:
+        w = load_block(w_rows, shift, end, start, 1, row_mask, 0, VEC, BLOCK, INTERIOR, False)
+        return w.to(COMPUTE)
+    else:
+        return mask.to(COMPUTE)
+
+
+@triton.jit
+def _gradient(
+    z,  # DTYPE [ROWS, BLOCK]: a block of logits
+    w,  # COMPUTE [ROWS, BLOCK] (or [ROWS, 1]): their class weights (used if SMOOTHING and HAS_WEIGHT)
+    target_lane,  # [ROWS, BLOCK]: the target's logit
+    m,
+    p_factor,
+    hit,
+    eps_w,
+    keep,
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+):
+    """One block of pass 2 of ``cross_entropy_kernel``: the gradient of the logits ``z``, in DTYPE."""
+    g = tl.exp(z.to(COMPUTE) - m) * p_factor - tl.where(target_lane, hit, 0)
+    if SMOOTHING:
+        if HAS_WEIGHT:
+            g -= eps_w * w
+        else:
+            g -= eps_w
+    g = tl.where(keep, g, 0)  # exact zeros for ignored rows (NaN where torch's are NaN)
+    # to_storage only where it rounds differently from .to (a call per block is slow in the
+    # interpreter).
+    if DTYPE == tl.bfloat16:
+        return to_storage(g, DTYPE)
+    else:
+        return g.to(DTYPE)
+
+
+@triton.jit
+def online_lse(z, m, s):
+    """One element per lane into the lanes' online log-sum-exp: ``(m, s, gap, up)``, the new
+    running max and sum ``Σ exp(z - m)``, ``z - m_old`` and whether the max grew to ``z``. One exp
+    per element: ``exp(-|z - m|)`` rescales either the old sum or the new term. A +inf ``z``
+    enters as NaN; a NaN turns the lane's sum NaN for good and leaves its max (fmax) finite."""
+    z = tl.where(z == float("inf"), float("nan"), z)
+    gap = z - m  # m is finite: -inf at worst (z = -inf), NaN only for z NaN
+    up = gap > 0  # never for NaN
+    e = tl.exp(-tl.abs(gap))
+    return tl.maximum(m, z), tl.where(up, s * e + 1, s + e), gap, up
+
+
+@triton.jit
+def _softmax_step(
+    z,  # COMPUTE [ROWS, BLOCK]: a block of logits (-inf outside the rows)
+    w,  # COMPUTE [ROWS, BLOCK] or [ROWS, 1]: their class weights (read if SMOOTHING)
+    mask,  # [ROWS, BLOCK] or [ROWS, 1]: in the rows
+    m,
+    s,
+    d,
+    w_seen,
+    seen,  # Σ w of the lanes so far when COUNT (w_seen is then not carried)
+    floor,
+    SMOOTHING: tl.constexpr,
+    COUNT: tl.constexpr,
+):
+    """One block of pass 1 of ``cross_entropy_kernel``: the lanes' ``m, s, d, w_seen`` updated."""
+    m_new, s, gap, up = online_lse(z, m, s)
+    if SMOOTHING:
+        if not COUNT:
+            seen = w_seen
+            w_seen += w
+        # when m grows, every earlier term gains m_new - m (none to gain while the lane's
+        # terms are all -inf: d is inf already); else the new term w (m - z)
+        grow = seen * tl.where(up & (m > floor), gap, 0)
+        if COUNT:  # w is the mask
+            d = tl.where(up, d + grow, d + tl.where(mask & ~up, -gap, 0))
+        else:
+            d = tl.where(up, d + grow, d + w * tl.where(mask & ~up, -gap, 0))
+    return m_new, s, d, w_seen
 
 
 @triton.jit
@@ -289,6 +693,10 @@ def cross_entropy_scale_kernel(
         factor = div_ieee(go, tl.load(applied), COMPUTE)
     if (not FIRST) or (factor != 1):
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        g = tl.load(src + offs, mask=mask).to(COMPUTE)
-        tl.store(dst + offs, to_storage(g * factor, DTYPE), mask=mask)
+        if (pid.to(tl.int64) + 1) * BLOCK <= numel:  # a full block: no mask (128-bit accesses)
+            g = tl.load(src + offs).to(COMPUTE)
+            tl.store(dst + offs, to_storage(g * factor, DTYPE))
+        else:
+            mask = offs < numel
+            g = tl.load(src + offs, mask=mask).to(COMPUTE)
+            tl.store(dst + offs, to_storage(g * factor, DTYPE), mask=mask)

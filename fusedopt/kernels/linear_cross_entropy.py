@@ -15,7 +15,36 @@ import triton
 import triton.language as tl
 
 from fusedopt.kernels.common import to_storage
-from fusedopt.kernels.cross_entropy import lowest
+from fusedopt.kernels.cross_entropy import lowest, online_lse
+from fusedopt.kernels.rows import HEAD, INTERIOR_BLOCK, TAIL, exact_sum, load_rotated, row_start
+
+
+@triton.jit
+def _window_step(
+    z,  # COMPUTE [ROWS, BLOCK]: a block of logits, -inf outside the rows
+    mask,  # their columns in the rows
+    w_rows,  # [ROWS] pointers: the class weights of the window's column 0
+    r,  # [ROWS] int32: the block's columns start at start - r
+    start,
+    C,
+    m,
+    s,
+    wz,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+):
+    """One block of ``logsumexp_block_kernel``: the lanes' online log-sum-exp and Σ w z."""
+    m_new, s, _, _ = online_lse(z, m, s)
+    if SMOOTHING:
+        if HAS_WEIGHT:  # scalar loads: the weights are not read from the rows' boundaries
+            cols = start - r[:, None] + tl.arange(0, BLOCK)[None, :]
+            w = tl.load(w_rows[:, None] + cols, mask=mask & (cols >= 0) & (cols < C), other=0).to(COMPUTE)
+            wz += w * tl.where(mask, z, 0)
+        else:
+            wz += tl.where(mask, z, 0)
+    return m_new, s, wz
 
 
 @triton.jit
@@ -105,38 +134,62 @@ def logsumexp_block_kernel(
     ``ε / K (W lse - Σ_c w_c z_c)``: a cancellation of ``|z| / 2^24`` relative, times ``ε / K``).
     After the last window, ``lse = m + log Σ exp(z - m)`` and the row's loss.
 
-    Non-finite logits as ``cross_entropy_kernel``: maxima start at the lowest finite value, a
-    NaN or +inf logit makes the row's sum NaN (carried through the state), and a row whose sum
-    is NaN or 0 (only -inf logits) gets a NaN lse, as torch."""
+    Non-finite logits as ``cross_entropy_kernel`` (:func:`online_lse`): maxima start at the
+    lowest finite value, a NaN or +inf logit makes the row's sum NaN (carried through the
+    state), and a row whose sum is NaN or 0 (only -inf logits) gets a NaN lse, as torch."""
+    VEC: tl.constexpr = 128 // DTYPE.primitive_bitwidth  # elements per 16 bytes
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < R
     x_base = logits + rows * stride_x
     y = tl.load(target + rows * stride_t, mask=row_mask, other=0).to(tl.int64)
 
+    # 128-bit loads at any window width and row alignment, and a result that does not depend on
+    # the rows' addresses: the rows read from their 16-byte boundaries, lane i seeing the
+    # columns i - r, i - r + BLOCK, ..., the lanes summed exactly (fusedopt.kernels.rows)
+    # (not for blocks of fewer than 2 vectors, nor fp64: its exact sums would need more than int64)
+    ok: tl.constexpr = BLOCK >= 2 * VEC and COMPUTE != tl.float64
+    r = row_start(x_base, ok, VEC)
+    w_rows = weight + col0 + tl.zeros([ROWS], tl.int64)  # the window's class weights, as rows
     m = lowest(ROWS, BLOCK, COMPUTE)  # finite: no -inf - (-inf)
     s = tl.zeros([ROWS, BLOCK], COMPUTE)  # NaN after a NaN or +inf logit
     wz = tl.zeros([ROWS, BLOCK], COMPUTE)
-    for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = row_mask[:, None] & (cols < C)[None, :]
-        z = tl.load(x_base[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(COMPUTE)
-        below_inf = z < float("inf")  # false for NaN and +inf: the row's lse is NaN
-        z = tl.where(below_inf, z, -float("inf"))
-        gap = z - m
-        e = tl.exp(-tl.abs(gap))
-        s = tl.where(below_inf, tl.where(gap > 0, s * e + 1, s + e), float("nan"))
-        m = tl.maximum(m, z)
-        if SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(weight + col0 + cols, mask=cols < C, other=0).to(COMPUTE)[None, :]
-            else:
-                w = tl.full([1, BLOCK], 1, COMPUTE)
-            wz += w * tl.where(mask, z, 0)
+    if ROWS == 1:  # the grid makes the program's row a row of the input: no row mask
+        every = None
+    else:
+        every = row_mask
+    if ok:
+        if C >= BLOCK:
+            z, mask = load_rotated(x_base, r, 0, C, 1, every, -float("inf"), VEC, BLOCK, HEAD, True)
+            m, s, wz = _window_step(
+                z.to(COMPUTE), mask, w_rows, r, 0, C, m, s, wz, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING
+            )
+        for start in range(BLOCK, C // BLOCK * BLOCK, BLOCK):  # every column in the row: no mask
+            z, mask = load_rotated(
+                x_base, r, start, C, 1, every, -float("inf"), VEC, BLOCK, INTERIOR_BLOCK, True
+            )
+            m, s, wz = _window_step(
+                z.to(COMPUTE), mask, w_rows, r, start, C, m, s, wz, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING
+            )
+        first_tail = C // BLOCK
+        last = tl.cdiv(C + VEC - 1, BLOCK)
+    else:
+        first_tail = 0
+        last = tl.cdiv(C, BLOCK)
+    for b in range(first_tail, last):
+        z, mask = load_rotated(x_base, r, b * BLOCK, C, 1, row_mask, -float("inf"), VEC, BLOCK, TAIL, ok)
+        m, s, wz = _window_step(
+            z.to(COMPUTE), mask, w_rows, r, b * BLOCK, C, m, s, wz, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING
+        )
     m_block = tl.max(m, 1)
-    s_block = tl.sum(s * tl.exp(m - m_block[:, None]), 1)
+    s_block = exact_sum(s * tl.exp(m - m_block[:, None]), float("nan"), ok)
     here = row_mask & (y >= col0) & (y < col0 + C)
     z_y = tl.load(x_base + (y - col0), mask=here, other=0).to(COMPUTE)
-    wz_row = tl.sum(wz, 1)
+    if SMOOTHING:  # Σ w z of either sign: its positive and negative parts summed exactly
+        wz_row = exact_sum(tl.maximum(wz, 0), float("inf"), ok) - exact_sum(
+            tl.maximum(-wz, 0), float("inf"), ok
+        )
+    else:
+        wz_row = tl.zeros([ROWS], COMPUTE)
     if not FIRST:
         m_old = tl.load(state + rows, mask=row_mask, other=0)
         s_old = tl.load(state + R + rows, mask=row_mask, other=0)
