@@ -254,6 +254,9 @@ def _launch_rows(
         GRAD=grad_rows is not None,
         DIVIDE_BY_TOTAL=divide_by_total,
         ROW_GRAD_OUTPUT=grad_output is not None,
+        SAME_SPLIT=grad_rows is not None
+        and x_strides == g_strides
+        and (rows.data_ptr() - grad_rows.data_ptr()) % 16 == 0,
         num_warps=num_warps,
     )
 
@@ -385,6 +388,7 @@ def _scale_grad(
             COMPUTE=TL_DTYPE[applied.dtype],
             FIRST=first,
             BLOCK=block,
+            TAIL_BLOCK=min(block, 128 * num_warps),
             num_warps=num_warps,
         )
     return out

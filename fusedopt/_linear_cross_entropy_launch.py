@@ -131,13 +131,12 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(0)
 
 
-def _padded(columns: int, like: torch.Tensor) -> int:
-    """``columns`` rounded up to whole 16 bytes of ``like``'s dtype: a logits buffer with rows
-    this long starts every row on a 16-byte boundary, so the row kernels and the weight
-    gradient's matmul (``dZᵀ``, whose rows are the buffer's columns) read and write it with
-    128-bit accesses at any vocabulary size (cuBLAS writes a row stride above the width)."""
-    vec = max(1, 16 // like.element_size())
-    return -(-columns // vec) * vec
+def _padded(columns: int) -> int:
+    """``columns`` rounded up to a multiple of 16: a logits buffer with rows this long starts
+    every row on a 16-byte boundary, so the row kernels read and write it with 128-bit accesses
+    at any vocabulary size (cuBLAS writes a row stride above the width), and the matmuls that
+    take it as their first operand may read its rows to the padding (``_accumulate``)."""
+    return -(-columns // 16) * 16
 
 
 class _Problem(NamedTuple):
@@ -186,7 +185,7 @@ def _chunks(
     grad_input = x.new_empty(x.shape, dtype=grad_dtypes[0]) if want_input else _empty(x)
     grad_weight = _zeros_for(weight, weight.shape, grad_dtypes[1], acc_dtype) if want_weight else _empty(x)
     grad_bias = x.new_zeros(vocab, dtype=acc_dtype) if want_bias else _empty(x)
-    buffer = x.new_empty((min(chunk, n), _padded(vocab, x)))
+    buffer = x.new_empty((min(chunk, n), _padded(vocab)))
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         x_k = x[start:stop]
@@ -212,14 +211,16 @@ def _chunks(
             else:
                 grad_input[start:stop] = z @ weight
         if want_weight:
-            _accumulate(grad_weight, z.t(), x_k)
+            _accumulate(grad_weight, z.t(), x_k, padded=True)
         if want_bias:
             grad_bias += z.sum(0, dtype=acc_dtype)
     return grad_input, _finish(grad_weight, grad_dtypes[1]), _finish(grad_bias, grad_dtypes[2])
 
 
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in fp32 (fp64 for fp64 operands), summed in it."""
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, padded: bool = False) -> None:
+    """``acc += a @ b`` with ``acc`` in fp32 (fp64 for fp64 operands), summed in it. ``padded``:
+    ``a`` is (a transpose of) logits in a buffer whose rows are :func:`_padded`, which the
+    kernel may read past the last column (128-bit loads whatever the width)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
@@ -235,6 +236,8 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         m,
         n,
         k,
+        _padded(m) if padded and a.stride(0) == 1 else m,
+        _padded(k) if padded and a.stride(0) != 1 and a.stride(1) == 1 else k,
         *acc.stride(),
         *a.stride(),
         *b.stride(),
@@ -270,12 +273,12 @@ def _blocks(
     n, vocab = x.shape[0], weight.shape[0]
     want_input, want_weight, want_bias = grads
     acc_dtype = stats.dtype
-    buffer = x.new_empty(n * _padded(min(block, vocab), x))
+    buffer = x.new_empty(n * _padded(min(block, vocab)))
     step = min(triton.next_power_of_2(block), ce_launch.MAX_BLOCK)  # the row kernel's size rule
     rows = max(1, ce_launch.MAX_TILE // step)
 
     def logits(v0: int, v1: int) -> torch.Tensor:
-        width = _padded(v1 - v0, x)
+        width = _padded(v1 - v0)
         return p.logits(buffer[: n * width].view(n, width)[:, : v1 - v0], classes=slice(v0, v1))
 
     if row_loss is not None:
@@ -309,9 +312,9 @@ def _blocks(
                     torch.mm(z.t(), x, out=grad_weight[v0:v1])
                 else:
                     grad_weight[v0:v1] = 0
-                    _accumulate(grad_weight[v0:v1], z.t(), x)
+                    _accumulate(grad_weight[v0:v1], z.t(), x, padded=True)
             if want_input:
-                _accumulate(grad_input, z, weight[v0:v1])
+                _accumulate(grad_input, z, weight[v0:v1], padded=True)
             if want_bias:
                 torch.sum(z, 0, dtype=acc_dtype, out=grad_bias[v0:v1])
     return _finish(grad_input, grad_dtypes[0]), grad_weight, _finish(grad_bias, grad_dtypes[2])

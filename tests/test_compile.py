@@ -166,7 +166,7 @@ def _matmul_variants() -> list:
     operands (tensor-core dots), the launcher's block sizes, a transposed first operand."""
     out = []
     for dtype in ("bf16", "fp16"):
-        signature = dict(acc="*fp32", a=f"*{dtype}", b=f"*{dtype}", M="i32", N="i32", K="i32",
+        signature = dict(acc="*fp32", a=f"*{dtype}", b=f"*{dtype}", M="i32", N="i32", K="i32", M_READ="i32", K_READ="i32",
                          stride_cm="i32", stride_cn="i32", stride_am="i32", stride_ak="i32",
                          stride_bk="i32", stride_bn="i32")  # fmt: skip
         constexprs = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, UPCAST=False)

@@ -546,7 +546,7 @@ def _compile_variants() -> list:
             rows = 4 if mode == "sum_grad" else 1  # a tile of several rows of 1024 (512) columns
             constexprs = dict(
                 switches, DTYPE=dt, COMPUTE=ct, LOSS_DTYPE=loss_dtype, ROWS=rows, BLOCK=block // rows,
-                HAS_WEIGHT=i % 2 == 0, SMOOTHING=i < 3, stride_xc=1, stride_gc=1,
+                HAS_WEIGHT=i % 2 == 0, SMOOTHING=i < 3, stride_xc=1, stride_gc=1, SAME_SPLIT=i % 2 == 1,
             )  # fmt: skip
             if not spatial:
                 constexprs |= {"S": 1, "stride_xs": 0, "stride_gs": 0}
@@ -567,7 +567,7 @@ def _compile_variants() -> list:
             out.append([
                 "cross_entropy_scale_kernel",
                 {"src": f"*{dt}", "dst": f"*{dt}", "grad_output": f"*{dt}", "applied": f"*{ct}", "numel": "i32"},
-                dict(DTYPE=dt, COMPUTE=ct, FIRST=first, BLOCK=4096), ["src", "dst"],
+                dict(DTYPE=dt, COMPUTE=ct, FIRST=first, BLOCK=4096, TAIL_BLOCK=1024), ["src", "dst"],
             ])  # fmt: skip
     return out
 
@@ -602,7 +602,7 @@ def test_rows_of_any_length_use_vector_accesses():
     }  # fmt: skip
     constexprs = dict(
         ROW_MODES["mean_grad"], DTYPE="bf16", COMPUTE="fp32", LOSS_DTYPE="fp32", ROWS=1, BLOCK=4096,
-        HAS_WEIGHT=False, SMOOTHING=False, stride_xc=1, stride_gc=1, S=1, stride_xs=0, stride_gs=0,
+        HAS_WEIGHT=False, SMOOTHING=False, stride_xc=1, stride_gc=1, S=1, stride_xs=0, stride_gs=0, SAME_SPLIT=True,
     )  # fmt: skip
     variant = ["cross_entropy_kernel", signature, constexprs, ["logits", "grad", "weight"]]
     (result,) = compile_in_child(CHILD, [variant])

@@ -216,6 +216,21 @@ def test_deterministic(order, triton_device):
     assert all(torch.equal(g, h) for g, h in zip(first[1], again[1], strict=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_logits_buffers_padding_never_reaches_a_result(dtype, order, triton_device, small_blocks, monkeypatch):
+    """The logits buffer's rows are padded to 16 elements and the weight-gradient matmul reads
+    them to the padding: uninitialized memory there (NaN here) must not reach any result."""
+    new_empty = torch.Tensor.new_empty
+
+    def poisoned(self, *args, **kwargs):
+        out = new_empty(self, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+    x, w, target, b, kwargs = make((11,), dtype, OPTIONS["all"], triton_device)  # V = 157: 3 padding columns
+    check(x, w, target, b, reduction="sum", **order, **kwargs)
+
+
 def test_weight_gradient_accumulates_in_fp32(triton_device):
     """bf16 weights: the gradient is the fp32 sum over the chunks rounded once, not a bf16 sum
     rounded at every chunk (which a 1-row chunk would make 16 roundings)."""

@@ -63,12 +63,6 @@ class Gap:
     triton: str = ""  # a version prefix ("3.6") where the gap is only there; "": every version
 
 
-_ODD = "a size not a multiple of 16 makes every access of the launch scalar"
-_ODD_ROWS = "an odd vocabulary: rows not 16-byte aligned"
-_MIXED = (
-    "full blocks are 128-bit now; the masked last block grows with BLOCK too, so the doubled block "
-    "mixes its scalar accesses in (0.2)"
-)
 # The rows that miss a budget today. Remove an entry when its row meets the budget (its test
 # then fails, as a strict xfail would).
 KNOWN_GAPS = [
@@ -81,21 +75,6 @@ KNOWN_GAPS = [
         "the tail's bounds are computed before the full block's first load", triton="3.6"),
     Gap("optimizer_kernel", "adamw bf16 master amp tail misaligned", "spills",
         "8 bytes of local memory at 64 registers (ptxas's choice)", triton="3.6"),
-    Gap("cross_entropy_kernel", "bf16 V=50257 forward", "wide", _ODD_ROWS),
-    Gap("cross_entropy_kernel", "fp32 V=50257 forward", "wide", _ODD_ROWS),
-    Gap("cross_entropy_scale_kernel", "bf16 V=50257 backward", "wide", _ODD),
-    Gap("cross_entropy_scale_kernel", "fp32 V=50257 backward", "wide", _ODD),
-    *(Gap(k, f"{loss} fp32 numel=12291 {phase}", "wide", _MIXED)
-      for loss in ("mse", "l1", "huber", "smooth_l1")
-      for k, phase in (("pointwise_loss_kernel", "forward"), ("scale_grad_kernel", "backward"))),
-    Gap("cross_entropy_kernel", "bf16 H=768 V=50257 forward", "wide", _ODD_ROWS),
-    Gap("matmul_accumulate_kernel", "bf16 H=768 V=50257 forward", "wide", "the transposed operand: 16-bit loads"),
-    Gap("logsumexp_block_kernel", "bf16 H=768 V=50257 chunk_classes=4096 forward FIRST=False LAST=True", "wide",
-        "the last, odd window of the classes"),
-    Gap("cross_entropy_kernel", "bf16 H=768 V=50257 chunk_classes=4096 forward BLOCK=2048 ROWS=2", "wide",
-        "the last, odd window of the classes"),
-    Gap("matmul_accumulate_kernel", "bf16 H=768 V=50257 chunk_classes=4096 forward #2", "wide",
-        "the transposed operand: 16-bit loads"),
 ]  # fmt: skip
 
 CHILD = r"""

@@ -146,6 +146,7 @@ def cross_entropy_kernel(
     GRAD: tl.constexpr,  # pass 2: write the gradient
     DIVIDE_BY_TOTAL: tl.constexpr,  # reduction mean: gradient times 1 / Σ w[target] (stats[2])
     ROW_GRAD_OUTPUT: tl.constexpr,  # reduction none (backward): gradient times grad_output[r]
+    SAME_SPLIT: tl.constexpr,  # GRAD: logits and gradient at equal addresses mod 16, equal strides
 ):
     """A tile of ROWS rows × BLOCK columns per step; each row's scalars are [ROWS] vectors.
     128-bit accesses at any row length and alignment (``fusedopt.kernels.rows``) for rows of
@@ -266,24 +267,18 @@ def cross_entropy_kernel(
         eps_w = (eps / K * scale)[:, None]
         keep = (valid | bad)[:, None]
         m = m[:, None]
-        if SPLIT:
-            if stride_gc == 1:
-                # the logits' rows split as the gradient's (their addresses equal modulo 16)
-                same = ((grad.to(tl.int64) - logits.to(tl.int64)) % 16 == 0) & (stride_xc == 1)
-                same = same & (stride_xn == stride_gn) & (stride_xs == stride_gs)
-                _gradient_pass(
-                    x_rows, g_rows, w_rows, y_col, same, C, stride_xc, stride_gc, row_mask, m, p_factor, hit,
-                    eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, True,
-                )  # fmt: skip
-            else:
-                _gradient_pass(
-                    x_rows, g_rows, w_rows, y_col, False, C, stride_xc, stride_gc, row_mask, m, p_factor, hit,
-                    eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, False,
-                )  # fmt: skip
+        # the gradient's rows split at 16-byte boundaries where its column stride is 1 (Triton
+        # specializes a 1: decided when compiling); the logits' rows read alike where the launcher
+        # found them at the gradient's addresses modulo 16 with its strides (SAME_SPLIT)
+        if SPLIT and stride_gc == 1:
+            _gradient_pass(
+                x_rows, g_rows, w_rows, y_col, C, stride_xc, stride_gc, row_mask, m, p_factor, hit, eps_w, keep,
+                DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, True, SAME_SPLIT,
+            )  # fmt: skip
         else:
             _gradient_pass(
-                x_rows, g_rows, w_rows, y_col, False, C, stride_xc, stride_gc, row_mask, m, p_factor, hit,
-                eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, False,
+                x_rows, g_rows, w_rows, y_col, C, stride_xc, stride_gc, row_mask, m, p_factor, hit, eps_w, keep,
+                DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, False, False,
             )  # fmt: skip
 
 
@@ -337,7 +332,6 @@ def _gradient_pass(
     g_rows,  # [ROWS] pointers to each row's gradient
     w_rows,  # [ROWS] pointers to the rows' class weights
     y_col,  # [ROWS] int32: the target's column, -1 if none
-    same,  # the logits' rows split as the gradient's (SPLIT)
     C,
     stride_x,
     stride_g,
@@ -355,15 +349,16 @@ def _gradient_pass(
     HAS_WEIGHT: tl.constexpr,
     SMOOTHING: tl.constexpr,
     SPLIT: tl.constexpr,  # the gradient's rows split at 16-byte boundaries (unit stride)
+    SAME: tl.constexpr,  # the logits' rows split as the gradient's (SPLIT)
 ):
     """Pass 2 of ``cross_entropy_kernel``: the gradient of the rows. SPLIT: its rows' whole
-    vectors stored 128-bit (the logits read 128-bit too where ``same``), the at most ``2 VEC -
+    vectors stored 128-bit (the logits read 128-bit too if SAME), the at most ``2 VEC -
     2`` other columns as an edge tile; else every column, scalar."""
     shift, end = row_layout(g_rows, SPLIT, C, VEC)
     y_pos = y_col - shift  # the target's position among the whole vectors, -1 if none
     y_pos = tl.where((y_pos >= 0) & (y_pos < end), y_pos, -1)
     if SPLIT:
-        if same:
+        if SAME:
             _gradient_blocks(
                 x_rows, g_rows, w_rows, shift, end, y_pos, C, stride_x, stride_g, row_mask, m, p_factor, hit,
                 eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, True, True,
@@ -680,6 +675,7 @@ def cross_entropy_scale_kernel(
     COMPUTE: tl.constexpr,
     FIRST: tl.constexpr,  # first backward: src holds the gradient for grad_output 1; scale in place
     BLOCK: tl.constexpr,
+    TAIL_BLOCK: tl.constexpr,  # the last block runs in sub-blocks of this many elements
 ):
     """``dst = src * grad_output / applied``. The first backward with grad_output 1 moves no
     bytes: every program loads the scalar and returns."""
@@ -696,7 +692,8 @@ def cross_entropy_scale_kernel(
         if (pid.to(tl.int64) + 1) * BLOCK <= numel:  # a full block: no mask (128-bit accesses)
             g = tl.load(src + offs).to(COMPUTE)
             tl.store(dst + offs, to_storage(g * factor, DTYPE))
-        else:
-            mask = offs < numel
-            g = tl.load(src + offs, mask=mask).to(COMPUTE)
-            tl.store(dst + offs, to_storage(g * factor, DTYPE), mask=mask)
+        else:  # the last block: masked, in sub-blocks (its code does not grow with BLOCK)
+            for sub in range(pid.to(tl.int64) * BLOCK, numel, TAIL_BLOCK):
+                tail = sub + tl.arange(0, TAIL_BLOCK)
+                g = tl.load(src + tail, mask=tail < numel).to(COMPUTE)
+                tl.store(dst + tail, to_storage(g * factor, DTYPE), mask=tail < numel)

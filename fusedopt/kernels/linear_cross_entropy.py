@@ -55,6 +55,8 @@ def matmul_accumulate_kernel(
     M,
     N,
     K,
+    M_READ,  # a may be read in rows < M_READ (>= M) and
+    K_READ,  # columns < K_READ (>= K): its rows padded (zeroed in registers past M and K)
     stride_cm,
     stride_cn,
     stride_am,
@@ -67,7 +69,11 @@ def matmul_accumulate_kernel(
     GROUP_M: tl.constexpr,  # programs along M that share a column of b tiles (L2 reuse)
     UPCAST: tl.constexpr,  # tiles to fp32 before the dot: the interpreter's bf16 tl.dot is wrong
 ):
-    """One BLOCK_M x BLOCK_N tile of ``acc`` per program, in grouped order."""
+    """One BLOCK_M x BLOCK_N tile of ``acc`` per program, in grouped order. ``a`` is read with
+    masks ``< M_READ`` and ``< K_READ``: a launcher that knows ``a``'s rows to be padded (the
+    linear cross-entropy's logits buffer) passes its contiguous extent rounded up to 16
+    elements, so that the mask is the same for every 16 elements and the loads are 128-bit at
+    any vocabulary size; the elements past ``M`` and ``K`` are replaced by zeros."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -88,8 +94,11 @@ def matmul_accumulate_kernel(
         rk = start + tl.arange(0, BLOCK_K).to(tl.int64)
         in_k = rk < K
         a_tile = tl.load(
-            a + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=in_m[:, None] & in_k[None, :], other=0
+            a + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+            mask=(rm < M_READ)[:, None] & (rk < K_READ)[None, :],
+            other=0,
         )
+        a_tile = tl.where(in_m[:, None] & in_k[None, :], a_tile, 0)
         b_tile = tl.load(
             b + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=in_k[:, None] & in_n[None, :], other=0
         )
