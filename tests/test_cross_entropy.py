@@ -546,7 +546,7 @@ def _compile_variants() -> list:
             rows = 4 if mode == "sum_grad" else 1  # a tile of several rows of 1024 (512) columns
             constexprs = dict(
                 switches, DTYPE=dt, COMPUTE=ct, LOSS_DTYPE=loss_dtype, ROWS=rows, BLOCK=block // rows,
-                HAS_WEIGHT=i % 2 == 0, SMOOTHING=i < 3, stride_xc=1, stride_gc=1, SAME_SPLIT=i % 2 == 1,
+                HAS_WEIGHT=i % 2 == 0, SMOOTHING=i < 3, stride_xc=1, stride_gc=1, SAME_SPLIT=i != 1,
             )  # fmt: skip
             if not spatial:
                 constexprs |= {"S": 1, "stride_xs": 0, "stride_gs": 0}
