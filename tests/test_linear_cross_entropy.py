@@ -499,13 +499,13 @@ class PeakMemory(TorchDispatchMode):
 
 
 def test_never_holds_more_than_a_chunk_of_logits(triton_device, monkeypatch, capsys):
-    """N = 4096 tokens, V = 32000 classes, fp32: the composition holds its N x V logits (and
+    """N = 1024 tokens, V = 32000 classes, fp32: the composition holds its N x V logits (and
     their log-softmax and gradient); the fused op one chunk of them (the default chunk: 256
-    rows here), plus the gradients it returns. Whole column rows per program in the interpreter
-    (one block of 32768) keep this test to seconds."""
+    rows here, a quarter of the tokens), plus the gradients it returns. Whole column rows per
+    program in the interpreter (one block of 32768) keep this test to seconds."""
     monkeypatch.setattr(ce_launch, "MAX_BLOCK", 32768)
     monkeypatch.setattr(ce_launch, "MAX_TILE", 32768)
-    n, hidden, vocab = 4096, 16, 32000
+    n, hidden, vocab = 1024, 16, 32000
     x, w, target, b, kwargs = make(
         (n,), torch.float32, OPTIONS["bias_ignore"], triton_device, vocab=vocab, hidden=hidden
     )
@@ -529,10 +529,10 @@ def test_never_holds_more_than_a_chunk_of_logits(triton_device, monkeypatch, cap
 
 
 def test_vocabulary_order_holds_no_weight_sized_fp32_buffer(triton_device, capsys):
-    """bf16, N = 512, H = 128, V = 4096: token chunks sum the weight's gradient in a V x H fp32
+    """bf16, N = 256, H = 128, V = 4096: token chunks sum the weight's gradient in a V x H fp32
     buffer (twice the bf16 gradient); the vocabulary order writes each block's gradient once and
     holds at most N x block logits and an N x H fp32 sum of the input's gradient."""
-    n, hidden, vocab, block = 512, 128, 4096, 256
+    n, hidden, vocab, block = 256, 128, 4096, 256
     x, w, target, _b, _kwargs = make(
         (n,), torch.bfloat16, Options(), triton_device, vocab=vocab, hidden=hidden
     )
