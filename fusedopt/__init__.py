@@ -9,7 +9,15 @@ changes nothing in the process: to run the kernels on CPU through the Triton int
 from fusedopt import functional, nn
 from fusedopt.amp import GradScaler
 from fusedopt.clip import clip_grad_norm_
-from fusedopt.optim import FusedAdagrad, FusedAdam, FusedAdamW, FusedRMSprop, FusedSGD
+from fusedopt.optim import (
+    FusedAdagrad,
+    FusedAdam,
+    FusedAdamW,
+    FusedMuon,
+    FusedRMSprop,
+    FusedSGD,
+    muon_param_groups,
+)
 
 __version__ = "0.1.0"
 
@@ -17,11 +25,13 @@ __all__ = [
     "FusedAdagrad",
     "FusedAdam",
     "FusedAdamW",
+    "FusedMuon",
     "FusedRMSprop",
     "FusedSGD",
     "GradScaler",
     "__version__",
     "clip_grad_norm_",
     "functional",
+    "muon_param_groups",
     "nn",
 ]

@@ -2,7 +2,16 @@
 
 from fusedopt.optim.adagrad import FusedAdagrad
 from fusedopt.optim.adam import FusedAdam, FusedAdamW
+from fusedopt.optim.muon import FusedMuon, muon_param_groups
 from fusedopt.optim.rmsprop import FusedRMSprop
 from fusedopt.optim.sgd import FusedSGD
 
-__all__ = ["FusedAdagrad", "FusedAdam", "FusedAdamW", "FusedRMSprop", "FusedSGD"]
+__all__ = [
+    "FusedAdagrad",
+    "FusedAdam",
+    "FusedAdamW",
+    "FusedMuon",
+    "FusedRMSprop",
+    "FusedSGD",
+    "muon_param_groups",
+]

@@ -1,0 +1,273 @@
+"""FusedMuon against torch.optim.Muon (Muon groups) and torch.optim.AdamW (``use_muon=False``
+groups): 7 steps, params and all state compared. On CPU both take the same ops, so the results
+are compared bit for bit; on CUDA within the Newton–Schulz noise of bf16 matmuls."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import fusedopt
+from fusedopt import FusedMuon, muon_param_groups
+
+pytest.importorskip("torch.optim._muon")
+
+SHAPES = [(8, 16), (16, 8), (8, 16), (5, 33), (12, 12)]  # wide, tall, a repeated shape, odd, square
+
+
+@functools.cache
+def _batched_is_bitwise(device: str) -> bool:
+    """Whether this machine's bf16 ``bmm`` gives each matrix the bits of its ``mm`` (true on the
+    CPUs measured): then our batched Newton–Schulz is torch's bit for bit."""
+    x = torch.randn(3, 8, 24, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    return all(torch.equal(torch.bmm(x, x.mT)[i], x[i] @ x[i].T) for i in range(3))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, exact: bool = False) -> None:
+    """Bit for bit where the batched matmuls are (and for ``exact`` values, which no matmul
+    touches), else within the noise of bf16 Newton–Schulz."""
+    if exact or _batched_is_bitwise(a.device.type):
+        assert torch.equal(a, b), what
+    else:
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3, msg=what)
+
+
+def _params(shapes, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+
+
+def _run(ours, theirs, ps, qs, steps=7, skip=None):
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for i, (p, q) in enumerate(zip(ps, qs, strict=True)):
+            if skip is not None and i == skip and step % 2:
+                p.grad = q.grad = None  # a param without a grad this step
+                continue
+            g = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+
+
+OPTIONS = {
+    "defaults": {},
+    "plain_momentum": dict(nesterov=False, momentum=0.9),
+    "no_decay_rms": dict(weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
+    "original": dict(adjust_lr_fn="original", lr=0.05, ns_steps=3, eps=1e-5),
+    "tensor_lr": dict(lr=torch.tensor(0.02)),
+}
+
+
+@pytest.fixture
+def torch_muon_without_aliasing(monkeypatch):
+    """torch's Muon, its Newton–Schulz given a copy: for a bf16 param without Nesterov its
+    ``grad.bfloat16()`` is the momentum buffer itself, which its ``div_`` then rescales in place
+    (:func:`test_torch_rescales_a_bf16_momentum_buffer_in_place`); ours does not."""
+    module = torch.optim._muon
+    original = module._zeropower_via_newtonschulz
+    monkeypatch.setattr(module, "_zeropower_via_newtonschulz", lambda g, *args: original(g.clone(), *args))
+
+
+def test_torch_rescales_a_bf16_momentum_buffer_in_place():
+    """The torch behaviour FusedMuon does not copy: the buffer should be 0.1 * 2 after a step."""
+    results = []
+    for cls in (torch.optim.Muon, FusedMuon):
+        p = torch.ones(4, 4, dtype=torch.bfloat16)
+        p.grad = torch.full((4, 4), 2.0, dtype=torch.bfloat16)
+        opt = cls([p], lr=0.02, nesterov=False, momentum=0.9)
+        opt.step()
+        results.append(opt.state[p]["momentum_buffer"][0, 0].item())
+    assert results == [0.25, 0.2001953125]  # torch's divided by its norm (0.8); ours bf16(0.2)
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_muon_groups_match_torch(options, dtype, device, torch_muon_without_aliasing):
+    ps = _params(SHAPES, dtype, device)
+    qs = [p.clone() for p in ps]
+    kwargs = OPTIONS[options]
+    ours = FusedMuon(ps, **kwargs)
+    theirs = torch.optim.Muon(
+        qs, **{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    )
+    _run(ours, theirs, ps, qs, skip=1)
+    for i, (p, q) in enumerate(zip(ps, qs, strict=True)):
+        _close(p, q, f"param {i}")
+        _close(
+            ours.state[p]["momentum_buffer"],
+            theirs.state[q]["momentum_buffer"],
+            f"momentum_buffer {i}",
+            exact=True,
+        )
+        assert ours.state[p].keys() == theirs.state[q].keys()
+    assert [g.keys() for g in ours.state_dict()["param_groups"]] == [
+        g.keys() for g in theirs.state_dict()["param_groups"]
+    ]
+
+
+def test_adamw_groups_match_torch_adamw(device):
+    """A ``use_muon=False`` group of any shapes is AdamW's step: its own lr, betas, eps and
+    weight decay, and missing keys from FusedMuon's defaults (betas (0.9, 0.95), eps 1e-7,
+    weight_decay 0.1)."""
+    hidden = _params([(8, 16), (16, 8)], torch.float32, device)
+    other = _params([(16,), (4, 3, 2), (7, 5)], torch.float32, device, seed=2)
+    ps = hidden + other
+    qs = [p.clone() for p in ps]
+    ours = FusedMuon(
+        [{"params": hidden}, {"params": other[:2], "use_muon": False, "lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-8,
+          "weight_decay": 0.01}, {"params": other[2:], "use_muon": False}], lr=0.02,
+    )  # fmt: skip
+    muon = torch.optim.Muon(qs[:2], lr=0.02)
+    adamw = torch.optim.AdamW(qs[2:4], lr=3e-3, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.01)
+    adamw_defaults = torch.optim.AdamW(qs[4:], lr=0.02, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.1)
+
+    class Both:
+        def step(self):
+            for opt in (muon, adamw, adamw_defaults):
+                opt.step()
+
+    _run(ours, Both(), ps, qs)
+    for i, (p, q) in enumerate(zip(ps, qs, strict=True)):
+        _close(p, q, f"param {i}")
+    for p, q, opt in zip(other, qs[2:], [adamw, adamw, adamw_defaults], strict=True):
+        assert ours.state[p].keys() == opt.state[q].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            _close(ours.state[p][key], opt.state[q][key], key)
+    assert ours.param_groups[2]["betas"] == (0.9, 0.95) and ours.param_groups[2]["use_muon"] is False
+    assert "use_muon" not in ours.param_groups[0] and "betas" not in ours.param_groups[0]
+
+
+def test_state_dict_both_ways():
+    ps = _params(SHAPES, torch.float32, "cpu")
+    qs = [p.clone() for p in ps]
+    ours, theirs = FusedMuon(ps, lr=0.02), torch.optim.Muon(qs, lr=0.02)
+    _run(ours, theirs, ps, qs, steps=3)
+    # torch's state into ours, ours into torch: both continue as one
+    ours2, theirs2 = FusedMuon(ps, lr=0.5), torch.optim.Muon(qs, lr=0.5)
+    ours2.load_state_dict(theirs.state_dict())
+    theirs2.load_state_dict(ours.state_dict())
+    assert ours2.param_groups[0]["lr"] == theirs2.param_groups[0]["lr"] == 0.02
+    _run(ours2, theirs2, ps, qs, steps=4)
+    for p, q in zip(ps, qs, strict=True):
+        _close(p, q, "param")
+        _close(ours2.state[p]["momentum_buffer"], theirs2.state[q]["momentum_buffer"], "buffer", exact=True)
+
+
+def test_flatten_orthogonalizes_the_matrix_view():
+    """A conv weight with ``flatten=True`` steps as torch's Muon steps its ``[out, -1]`` matrix."""
+    conv = _params([(4, 3, 3, 3)], torch.float32, "cpu")
+    flat = [conv[0].reshape(4, 27).clone()]
+    ours, theirs = FusedMuon(conv, lr=0.02, flatten=True), torch.optim.Muon(flat, lr=0.02)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(7):
+        g = torch.randn(4, 3, 3, 3, generator=gen)
+        conv[0].grad, flat[0].grad = g.clone(), g.reshape(4, 27).clone()
+        ours.step()
+        theirs.step()
+    _close(conv[0].reshape(4, 27), flat[0], "param")
+    assert torch.equal(
+        ours.state[conv[0]]["momentum_buffer"].reshape(4, 27), theirs.state[flat[0]]["momentum_buffer"]
+    )
+
+
+def test_max_grad_norm_is_torchs_clip_then_step():
+    ps = _params(SHAPES, torch.float32, "cpu")
+    qs = [p.clone() for p in ps]
+    ours, theirs = FusedMuon(ps, lr=0.02, max_grad_norm=0.5), torch.optim.Muon(qs, lr=0.02)
+
+    class Clipped:
+        def step(self):
+            torch.nn.utils.clip_grad_norm_(qs, 0.5)
+            theirs.step()
+
+    _run(ours, Clipped(), ps, qs, steps=3)
+    grads = [p.grad for p in ps]
+    for p, q in zip(ps, qs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-4)  # bf16 Newton–Schulz of a rescaled input
+    assert all(g.abs().max() > 0.5 for g in grads), "the grads themselves are not rewritten"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(lr=-1.0), dict(momentum=-0.1), dict(weight_decay=-1.0), dict(adjust_lr_fn="other"),
+     dict(lr=torch.tensor([0.1, 0.2]))],
+    ids=["lr", "momentum", "weight_decay", "adjust_lr_fn", "tensor_lr"],
+)  # fmt: skip
+def test_constructor_errors_are_torchs(kwargs):
+    with pytest.raises(ValueError) as theirs:
+        torch.optim.Muon([torch.zeros(2, 2)], **kwargs)
+    with pytest.raises(ValueError) as ours:
+        FusedMuon([torch.zeros(2, 2)], **kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 3, 4)])
+def test_muon_group_shapes_are_torchs(shape):
+    for cls in (torch.optim.Muon, FusedMuon):
+        with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+            cls([torch.zeros(shape)])
+    FusedMuon([{"params": [torch.zeros(shape)], "use_muon": False}])  # AdamW groups: any shape
+    if len(shape) > 2:
+        FusedMuon([torch.zeros(shape)], flatten=True)
+
+
+def test_adamw_group_errors_are_adamws():
+    with pytest.raises(ValueError, match=r"Invalid beta parameter at index 1: 1\.5"):
+        FusedMuon([{"params": [torch.zeros(3)], "use_muon": False, "betas": (0.9, 1.5)}])
+    with pytest.raises(ValueError, match="Invalid epsilon value: -1"):
+        FusedMuon([{"params": [torch.zeros(3)], "use_muon": False, "eps": -1.0}])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(ns_steps=100), dict(ns_coefficients=(1.0, 2.0))], ids=["steps", "coefficients"]
+)
+def test_step_errors_are_torchs(kwargs):
+    messages = []
+    for cls in (torch.optim.Muon, FusedMuon):
+        p = torch.zeros(2, 2, requires_grad=True)
+        p.grad = torch.ones(2, 2)
+        with pytest.raises(ValueError) as err:
+            cls([p], **kwargs).step()
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+
+
+class _TinyGPT(nn.Module):
+    def __init__(self, vocab=50, d=16, tied=True):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"ln": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d)})
+            for _ in range(2)
+        )
+        self.conv = nn.Conv1d(d, d, 3)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.wte.weight
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_param_groups_split_a_model(tied):
+    model = _TinyGPT(tied=tied)
+    groups = muon_param_groups(model, lr=3e-4)
+    muon, adamw = groups
+    hidden = [m.weight for b in model.blocks for m in (b["qkv"], b["proj"])]
+    assert [id(p) for p in muon["params"]] == [id(p) for p in hidden]
+    assert adamw["use_muon"] is False and adamw["lr"] == 3e-4
+    others = {id(p) for p in adamw["params"]}
+    assert (
+        id(model.wte.weight) in others
+        and id(model.lm_head.weight) in others
+        and id(model.conv.weight) in others
+    )
+    assert len(others) + len(hidden) == len(list(model.parameters()))
+    flat = muon_param_groups(model, flatten=True)
+    assert id(model.conv.weight) in {id(p) for p in flat[0]["params"]}
+    opt = fusedopt.FusedMuon(flat, flatten=True, lr=0.02)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
