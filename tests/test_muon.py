@@ -271,3 +271,12 @@ def test_muon_param_groups_split_a_model(tied):
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
+
+
+def test_copies_keep_the_extensions():
+    import copy
+    import pickle
+
+    opt = FusedMuon([torch.zeros(2, 3, 4)], max_grad_norm=1.5, flatten=True)
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other.max_grad_norm == 1.5 and other.flatten is True

@@ -149,6 +149,14 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         )  # fmt: skip
         torch.optim.Optimizer.__init__(self, params, self.defaults)  # anew: our groups, empty state
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm, "flatten": self.flatten}
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        self.max_grad_norm, self.flatten = state.pop("max_grad_norm", None), state.pop("flatten", False)
+        super().__setstate__(state)
+
     def add_param_group(self, param_group: dict) -> None:
         if param_group.get("use_muon", True) is False:
             param_group = {**ADAMW_DEFAULTS, **param_group}
