@@ -217,7 +217,9 @@ def test_deterministic(order, triton_device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_logits_buffers_padding_never_reaches_a_result(dtype, order, triton_device, small_blocks, monkeypatch):
+def test_the_logits_buffers_padding_never_reaches_a_result(
+    dtype, order, triton_device, small_blocks, monkeypatch
+):
     """The logits buffer's rows are padded to 16 elements and the weight-gradient matmul reads
     them to the padding: uninitialized memory there (NaN here) must not reach any result."""
     new_empty = torch.Tensor.new_empty
