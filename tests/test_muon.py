@@ -280,3 +280,30 @@ def test_copies_keep_the_extensions():
     opt = FusedMuon([torch.zeros(2, 3, 4)], max_grad_norm=1.5, flatten=True)
     for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert other.max_grad_norm == 1.5 and other.flatten is True
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale_then_step"])
+def test_grad_scaler_as_with_torchs_muon(unscale_first):
+    """torch.amp.GradScaler: our step unscales and skips (an inf at step 2) as GradScaler does
+    for torch's Muon, which unscales the grads in place; the scaler's scale follows alike."""
+    ps = _params(SHAPES, torch.float32, "cpu")
+    qs = [p.clone() for p in ps]
+    runs = []
+    for opt, leaves in ((FusedMuon(ps, lr=0.02), ps), (torch.optim.Muon(qs, lr=0.02), qs)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(5):
+            scale = scaler.scale(torch.ones(()))  # the scale a scaled loss would carry
+            for p in leaves:
+                p.grad = torch.randn(p.shape, generator=gen) * scale
+            if step == 2:
+                leaves[0].grad[0, 0] = float("inf")
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        runs.append((scaler.get_scale(), [opt.state[p]["momentum_buffer"] for p in leaves]))
+    assert runs[0][0] == runs[1][0]
+    for p, q, a, b in zip(ps, qs, runs[0][1], runs[1][1], strict=True):
+        _close(p, q, "param")
+        _close(a, b, "momentum_buffer", exact=True)

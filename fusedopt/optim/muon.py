@@ -149,6 +149,9 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         )  # fmt: skip
         torch.optim.Optimizer.__init__(self, params, self.defaults)  # anew: our groups, empty state
 
+    # torch.amp.GradScaler sets ``grad_scale`` and ``found_inf`` for the step (see ``step``).
+    _step_supports_amp_scaling = True
+
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm, "flatten": self.flatten}
 
@@ -179,6 +182,13 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # GradScaler (torch.amp's, or fusedopt's) hands a supporting optimizer its scale and inf
+        # flag instead of unscaling the grads in place: skip the step on an inf (read on the host,
+        # as GradScaler itself reads it for torch's Muon), unscale on new tensors as its unscale_
+        # would (g * fp32(1 / scale), in the grad's dtype)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return loss
         work = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -188,6 +198,9 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
                 if p.grad.is_sparse:
                     raise RuntimeError("Muon does not support sparse gradients")
             work.append((group, params, [p.grad for p in params]))
+        if grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()
+            work = [(group, params, _scaled(gs, inv)) for group, params, gs in work]
         if self.max_grad_norm is not None:
             grads = [g for _, _, gs in work for g in gs]
             if grads:
@@ -262,7 +275,8 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
 
 
 def _scaled(grads: list[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor]:
-    """``g * coef`` for each grad, as torch's clip multiplies them (on new tensors)."""
+    """``g * coef`` for each grad, as torch's clip and GradScaler's unscale multiply them (on new
+    tensors)."""
     return [g * coef.to(g.device) for g in grads]
 
 
