@@ -307,3 +307,21 @@ def test_grad_scaler_as_with_torchs_muon(unscale_first):
     for p, q, a, b in zip(ps, qs, runs[0][1], runs[1][1], strict=True):
         _close(p, q, "param")
         _close(a, b, "momentum_buffer", exact=True)
+
+
+def test_dtensor_params_in_a_muon_group_are_refused_clearly():
+    """Sharded matrices (FSDP2) need their whole gradient for Newton–Schulz: not built yet, so
+    refused at construction (an AdamW group may hold them)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
+        with pytest.raises(NotImplementedError, match="DTensor params"):
+            FusedMuon([w])
+        FusedMuon([{"params": [w], "use_muon": False}])
+    finally:
+        dist.destroy_process_group()

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from fusedopt._dist import is_dtensor
 from fusedopt._norm import clip_coefficient, global_norm, split
 
 _torch_adam = importlib.import_module("torch.optim.adam")
@@ -169,6 +170,12 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
             _check_adamw_group(group)
         else:
             for p in group["params"]:
+                if is_dtensor(p):
+                    raise NotImplementedError(
+                        "FusedMuon: DTensor params (FSDP2, tensor parallel) in a Muon group are not supported yet: "
+                        "Newton-Schulz needs each whole matrix (issue 20); put them in a use_muon=False group or "
+                        "use torch.optim.Muon"
+                    )
                 if p.ndim != 2 and not (self.flatten and p.ndim > 2):
                     raise ValueError(
                         f"Muon only supports 2D parameters whereas we found a parameter with size: {p.size()}"
