@@ -39,10 +39,12 @@ import fusedopt
 from fusedopt import functional as FF
 from fusedopt.linear_cross_entropy import linear_cross_entropy_reference
 from fusedopt.optim import _amp, _precision, _quantize
+from fusedopt.optim import muon as _muon
 from fusedopt.optim._fused import EXTENSIONS
 from fusedopt.tolerance import (
     CLIP_TOLERANCE,
     LOSS_TOLERANCE,
+    MUON_TOLERANCE,
     OPTIM_TOLERANCE,
     allowed_error,
     linear_ce_allowed_error,
@@ -52,6 +54,7 @@ from fusedopt.tolerance import (
 __all__ = [
     "LINEAR_CE_CASES",
     "LOSS_CASES",
+    "MUON_CASES",
     "OPTIM_CASES",
     "LinearCECase",
     "LossCase",
@@ -61,6 +64,7 @@ __all__ = [
     "assert_optimizer_matches",
     "compare_linear_cross_entropy",
     "compare_loss",
+    "compare_muon",
     "compare_optimizer",
     "describe",
     "gpt_shapes",
@@ -141,6 +145,19 @@ OPTIM_CASES: list[OptimCase] = [
         fusedopt.FusedAdamW, ADAMW, dict(lr=0.01, state_dtype="int8"),
         extra_params=(("int8.weight", (_quantize.MIN_NUMEL + 1,)),),
     ),
+]  # fmt: skip
+
+
+# FusedMuon: its Muon groups against torch.optim.Muon, its use_muon=False group against
+# torch.optim.AdamW (separate lists: the runners above are torch.optim-class-shaped).
+MUON_ADAMW = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+MUON_CASES: list[OptimCase] = [
+    OptimCase(fusedopt.FusedMuon, torch.optim.Muon, dict(lr=0.02), group="muon"),
+    OptimCase(
+        fusedopt.FusedMuon, torch.optim.Muon,
+        dict(lr=0.02, nesterov=False, momentum=0.9, weight_decay=0.01, adjust_lr_fn="match_rms_adamw"), group="muon",
+    ),
+    OptimCase(fusedopt.FusedMuon, torch.optim.Muon, dict(lr=0.02, max_grad_norm=1.0), group="muon"),
 ]  # fmt: skip
 
 
@@ -575,6 +592,88 @@ def loss_inputs(
     if case.weighted:
         extra["weight"] = (torch.rand(classes, generator=gen) + 0.5).to(device=device, dtype=dtype)
     return [x, target.to(device)], extra
+
+
+@contextlib.contextmanager
+def _torch_muon_given_copies() -> Iterator[None]:
+    """torch's Muon with its Newton–Schulz given a copy of the update: for a bf16 param without
+    Nesterov torch's ``grad.bfloat16()`` is the momentum buffer itself, which it then divides in
+    place (docs/muon.md); FusedMuon does not copy that."""
+    module = torch.optim._muon
+    original = module._zeropower_via_newtonschulz
+    module._zeropower_via_newtonschulz = lambda g, *args: original(g.clone(), *args)
+    try:
+        yield
+    finally:
+        module._zeropower_via_newtonschulz = original
+
+
+@contextlib.contextmanager
+def _observed_muon_clip() -> Iterator[list[torch.Tensor]]:
+    """The ``max_grad_norm`` clip coefficients FusedMuon computes while inside (one per step)."""
+    seen: list[torch.Tensor] = []
+    original = _muon.clip_coefficient
+
+    def observed(*args, **kwargs):
+        coef = original(*args, **kwargs)
+        seen.append(coef.detach().clone())
+        return coef
+
+    _muon.clip_coefficient = observed
+    try:
+        yield seen
+    finally:
+        _muon.clip_coefficient = original
+
+
+def compare_muon(
+    case: OptimCase,
+    params: Sequence[torch.Tensor],
+    grads: Callable[[list[torch.Tensor], int], list[torch.Tensor]],
+    steps: int,
+    names: Sequence[str],
+) -> Result:
+    """``steps`` steps of FusedMuon (the hidden matrices in a Muon group, every other param,
+    embeddings included, in a ``use_muon=False`` group with :data:`MUON_ADAMW`) against
+    torch.optim.Muon and torch.optim.AdamW on the same values, in the same dtype. Params of the
+    Muon group within :data:`~fusedopt.tolerance.MUON_TOLERANCE`; momentum buffers, the AdamW
+    group's params and state within ``OPTIM_TOLERANCE``. ``max_grad_norm``: the coefficient ours
+    used checked against torch's formula, then torch's grads scaled by it (``_clip_as_ours_``)."""
+    dtype = params[0].dtype
+    result = Result(
+        "optimizer", case.fused_cls.__name__, describe(case.kwargs), DTYPE_NAMES.get(dtype, str(dtype)), steps
+    )
+    hidden = [p.ndim == 2 and not n.startswith("wte") for n, p in zip(names, params, strict=True)]
+    ours, theirs = leaves(params), leaves(params)
+    pick = lambda ts, want: [t for t, h in zip(ts, hidden, strict=True) if h == want]  # noqa: E731
+    opt = case.fused_cls([{"params": pick(ours, True)}, {"params": pick(ours, False), "use_muon": False, **MUON_ADAMW}],
+                         **case.kwargs)  # fmt: skip
+    muon = case.torch_cls(
+        pick(theirs, True), **{k: v for k, v in case.kwargs.items() if k != "max_grad_norm"}
+    )
+    adamw = torch.optim.AdamW(pick(theirs, False), **MUON_ADAMW)
+    for step in range(steps):
+        for p, q, g in zip(ours, theirs, grads(ours, step), strict=True):
+            p.grad, q.grad = g, g.clone()
+        with _observed_muon_clip() as coefficients:
+            opt.step()
+        if "max_grad_norm" in case.kwargs:
+            _clip_as_ours_(result, step, coefficients, theirs, case.kwargs["max_grad_norm"])
+        with _torch_muon_given_copies():
+            muon.step()
+        adamw.step()
+    for name, h, p, q in zip(names, hidden, ours, theirs, strict=True):
+        result.compare("param", name, p, q, MUON_TOLERANCE if h else OPTIM_TOLERANCE)
+        mine, expected = opt.state.get(p, {}), (muon if h else adamw).state.get(q, {})
+        if list(mine) != list(expected):
+            result.notes.append(f"{name}: state keys {list(mine)} vs torch {list(expected)}")
+        for key in expected.keys() & mine.keys():
+            if key == "step":
+                if float(mine[key]) != float(expected[key]):
+                    result.notes.append(f"{name}: step {mine[key]!r} vs torch {expected[key]!r}")
+                continue
+            result.compare(key, f"{name} state[{key}]", mine[key], expected[key], OPTIM_TOLERANCE)
+    return result
 
 
 def compare_loss(

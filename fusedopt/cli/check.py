@@ -16,10 +16,11 @@ import torch
 from fusedopt import testing
 from fusedopt.cli import common
 from fusedopt.testing import LinearCECase, OptimCase, Result, describe
-from fusedopt.tolerance import LINEAR_CE_TOLERANCE, LOSS_TOLERANCE, OPTIM_TOLERANCE
+from fusedopt.tolerance import LINEAR_CE_TOLERANCE, LOSS_TOLERANCE, MUON_TOLERANCE, OPTIM_TOLERANCE
 
 # The registries: testing's lists themselves, so appending a case here checks it.
 OPTIM_CASES: list[OptimCase] = testing.OPTIM_CASES
+MUON_CASES: list[OptimCase] = testing.MUON_CASES
 LOSS_CASES: list[testing.LossCase] = testing.LOSS_CASES
 LINEAR_CE_CASES: list[LinearCECase] = testing.LINEAR_CE_CASES
 # CPU (the interpreter): 28 tensors (~9k elements, ragged blocks), 33 x 1000 loss inputs, linear
@@ -51,7 +52,7 @@ FIELDS = ["kind", "name", "options", "dtype", "steps", "shape"]  # then the erro
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    groups = list(dict.fromkeys(c.group for c in OPTIM_CASES))
+    groups = list(dict.fromkeys(c.group for c in [*OPTIM_CASES, *MUON_CASES]))
     losses = list(dict.fromkeys(c.name for c in [*LOSS_CASES, *LINEAR_CE_CASES]))
     common.add_names(parser, "--optimizers", groups, groups, "optimizers (none given: skip them)", "*")
     common.add_names(parser, "--losses", losses, losses, "losses (none given: skip them)", "*")
@@ -75,7 +76,10 @@ def optimizer_result(case: OptimCase, dtype: torch.dtype, device: str, shapes, s
     def grads(ps: list[torch.Tensor], step: int) -> list[torch.Tensor]:
         return [torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype) for p in ps]
 
-    return testing.compare_optimizer(case, params, grads, steps, names=[n for n, _ in shapes])
+    names = [n for n, _ in shapes]
+    if case.group == "muon":
+        return testing.compare_muon(case, params, grads, steps, names)
+    return testing.compare_optimizer(case, params, grads, steps, names=names)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     column = 1 if device == "cuda" else 0  # of SIZES
     size = {k: v[column] if getattr(args, k) is None else getattr(args, k) for k, v in SIZES.items()}
     optim_cases = [c for c in OPTIM_CASES if c.group in args.optimizers]
+    muon_cases = [c for c in MUON_CASES if c.group in args.optimizers]
     loss_cases = [c for c in LOSS_CASES if c.name in args.losses]
     linear_cases = [c for c in LINEAR_CE_CASES if c.name in args.losses]
     dtypes = [common.DTYPES[d] for d in args.dtypes]
@@ -100,13 +105,15 @@ def run(args: argparse.Namespace) -> int:
         f"optimizers: {len(optim_cases)} option sets x {len(dtypes)} dtypes, {args.steps} steps on a GPT-shaped "
         f"param list ({len(shapes)} tensors, {numel:,} elements: d={size['width']}, {size['layers']} layers, "
         f"vocab {size['vocab']}, a 0-d scalar{extras}), against torch.optim's for-loop path (foreach=False)\n"
+        f"muon: {len(muon_cases)} option sets x {len(dtypes)} dtypes on the same params, FusedMuon's Muon group (the "
+        "hidden matrices) against torch.optim.Muon, its use_muon=False group (the rest) against torch.optim.AdamW\n"
         f"losses: {len(loss_cases)} cases x {len(dtypes)} dtypes, inputs {size['rows']}x{size['classes']}, "
         "value and input gradient against torch.nn.functional\n"
         f"linear cross-entropy: {len(linear_cases)} cases x {len(dtypes)} dtypes, {size['rows']} tokens x "
         f"{size['hidden']} features -> {size['classes']} classes in chunks of {size['chunk_rows']}, value and "
         "gradients of input, linear_weight, linear_bias against the composition in fp64\n"
     )
-    jobs = [*itertools.product(optim_cases, dtypes), *itertools.product(loss_cases, dtypes)]
+    jobs = [*itertools.product([*optim_cases, *muon_cases], dtypes), *itertools.product(loss_cases, dtypes)]
     jobs += itertools.product(linear_cases, dtypes)
     start = time.perf_counter()
     results = []
@@ -154,7 +161,8 @@ def tolerance_text(table: dict, dtypes: list[torch.dtype]) -> str:
                 f"{name}: {tol['torch']:g}·max|torch in {name} - torch| + {tol['rtol']:.3g}·max|torch|"
             )
         elif "ulps" in tol:
-            parts.append(f"{name}: {tol['ulps']:g} rounding step(s) of the dtype + 8·2⁻²⁴·max|torch|")
+            atol = f" + {tol['atol']:g}" if "atol" in tol else ""
+            parts.append(f"{name}: {tol['ulps']:g} rounding step(s) of the dtype + 8·2⁻²⁴·max|torch|{atol}")
         elif "atol" in tol:
             parts.append(f"{name}: rtol {tol['rtol']:g}, atol {tol['atol']:g}")
         else:
@@ -186,8 +194,13 @@ def report(results: list[Result], dtypes: list[torch.dtype], elapsed: float, env
         columns += [(k, "params" if k == "param" else k, ".1e") for k in errors]
         columns += [("ratio", "err/tol", ".2f"), ("verdict", "verdict", "")]
         print(common.table_text(mine, columns))
+        muon = (
+            f"; FusedMuon's Muon-group params (bf16 Newton-Schulz noise): {tolerance_text(MUON_TOLERANCE, dtypes)}"
+            if any(row["name"] == "FusedMuon" for row in mine)
+            else ""
+        )
         print(
-            f"columns: max|ours - torch| / max|torch| {what}.\ntolerance: {tolerance_text(table, dtypes)}\n"
+            f"columns: max|ours - torch| / max|torch| {what}.\ntolerance: {tolerance_text(table, dtypes)}{muon}\n"
         )
         bars = [(f"{row['name']} {row['options']}", row["dtype"], row["ratio"]) for row in mine]
         title = f"{plural}: the largest element error / what the tolerance allows there, {env['gpu']}"

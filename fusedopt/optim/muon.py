@@ -59,8 +59,9 @@ def newton_schulz(
     the matrix transposed when tall, scaled to Frobenius norm at most ``eps``-clamped 1, then
     ``steps`` quintic steps ``X <- a X + (b A + c A²) X`` with ``A = X Xᵀ``. Batched: the
     matrices of one (transposed) shape and device run as one chain of ``bmm``/``baddbmm``
-    (bit for bit the per-matrix ``mm``/``addmm`` on the CPUs measured, and 1.9x faster for a
-    GPT layout of width 128, 3x at 64, 1.1x at 256: docs/muon.md)."""
+    (1.9x faster than one matrix at a time for a GPT layout of width 128 on a CPU, 3x at 64,
+    1.1x at 256: docs/muon.md); ``baddbmm`` rounds an element one bf16 step away from torch's
+    ``addmm`` now and then (``fusedopt.tolerance.MUON_TOLERANCE``)."""
     if steps >= 100:
         raise ValueError("Number of steps must be less than 100 for computational efficiency")
     if any(u.ndim != 2 for u in updates):
@@ -78,7 +79,10 @@ def newton_schulz(
             [updates[i].T if updates[i].size(0) > updates[i].size(1) else updates[i] for i in members]
         )
         x = x.bfloat16()
-        x.div_(torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True).clamp(min=eps))
+        # each matrix's norm as torch takes it (bf16, summed in the matrix's own memory order: a
+        # batched norm sums in another order, and its bf16 rounding can then differ)
+        norms = torch.stack([updates[i].bfloat16().norm() for i in members])
+        x.div_(norms.clamp(min=eps)[:, None, None])
         for _ in range(steps):
             gram = torch.bmm(x, x.mT)
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
@@ -211,7 +215,8 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         if self.max_grad_norm is not None:
             grads = [g for _, _, gs in work for g in gs]
             if grads:
-                coef = clip_coefficient(global_norm(split(grads), 2.0), self.max_grad_norm)
+                # in fp32 (fp64 for fp64 grads) as the other fused optimizers: not rounded to bf16/fp16
+                coef = clip_coefficient(global_norm(split(grads), 2.0, exact=True), self.max_grad_norm)
                 work = [(group, params, _scaled(gs, coef)) for group, params, gs in work]
         for group, params, grads in work:
             if not params:
@@ -253,7 +258,12 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         for (shape, _, _), (ps, os) in by_shape.items():
             # torch's ops with torch's operands: a tensor lr's decay factor is a 0-d tensor (cast to
             # a bf16 param's dtype by mul_, as torch's step does), its alpha read as a number
-            torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
+            decay = 1 - lr * group["weight_decay"]
+            if ps[0].dtype in (torch.float32, torch.float64):
+                torch._foreach_mul_(ps, decay)
+            else:  # foreach rounds a number to a bf16/fp16 list's dtype first; mul_ does not
+                for p in ps:
+                    p.mul_(decay)
             alpha = -adjusted_lr(lr, group["adjust_lr_fn"], shape)
             if isinstance(alpha, torch.Tensor):
                 for p, o in zip(ps, os, strict=True):
@@ -284,7 +294,9 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
 def _scaled(grads: list[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor]:
     """``g * coef`` for each grad, as torch's clip and GradScaler's unscale multiply them (on new
     tensors)."""
-    return [g * coef.to(g.device) for g in grads]
+    coef = coef.reshape(())
+    # in the grad's dtype, as in-place mul_ (a 0-d grad times the fp32 factor would promote)
+    return [(g * coef.to(g.device)).to(g.dtype) for g in grads]
 
 
 def _check_adamw_group(group: dict) -> None:
