@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, launch_config
+from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, launch_config, tail_block
 from fusedopt.kernels import cross_entropy as kernels
 
 # Row kernel size rule (both halved for fp64): columns per block (rows wider than this loop
@@ -388,7 +388,7 @@ def _scale_grad(
             COMPUTE=TL_DTYPE[applied.dtype],
             FIRST=first,
             BLOCK=block,
-            TAIL_BLOCK=min(block, 128 * num_warps),
+            TAIL_BLOCK=tail_block(block, num_warps),
             num_warps=num_warps,
         )
     return out

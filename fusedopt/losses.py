@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, float64_vector
+from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, float64_vector, tail_block
 from fusedopt.kernels import losses as kernels
 
 # CUDA's limit on grid axis 0 (axes 1 and 2: 65,535). The kernels here loop over their work
@@ -54,12 +54,10 @@ def grid(items: int) -> tuple[int]:
 
 
 def _config(k: int) -> tuple[int, int, int]:
-    """Block size, warps and the sub-block of a masked last block (4 elements per thread, so its
-    code does not grow with the block), by a size rule (a short row gets a short block)."""
-    if k >= 1 << 20:
-        return 4096, 8, 1024
-    block = max(16, min(1024, triton.next_power_of_2(max(k, 1))))
-    return block, 4, min(block, 512)
+    """Block size, warps and the sub-block of a masked last block (``tail_block``), by a size
+    rule (a short row gets a short block)."""
+    block, warps = (4096, 8) if k >= 1 << 20 else (max(16, min(1024, triton.next_power_of_2(max(k, 1)))), 4)
+    return block, warps, tail_block(block, warps)
 
 
 def compilable(name: str, fake: Callable, schema: str | None = None) -> Callable[[Callable], Callable]:

@@ -486,10 +486,11 @@ def compare_optimizer(
 
 
 @contextlib.contextmanager
-def _observed_clip() -> Iterator[list[torch.Tensor]]:
-    """The ``max_grad_norm`` clip coefficients a fused step computes while inside (one per step)."""
+def _observed_clip(module=_amp) -> Iterator[list[torch.Tensor]]:
+    """The ``max_grad_norm`` clip coefficients a fused step computes while inside (one per step),
+    through ``module.clip_coefficient`` (``_amp``'s for the fused step, ``muon``'s for FusedMuon)."""
     seen: list[torch.Tensor] = []
-    original = _amp.clip_coefficient
+    original = module.clip_coefficient
 
     def observed(*args, **kwargs):
         coef = original(*args, **kwargs)
@@ -497,11 +498,11 @@ def _observed_clip() -> Iterator[list[torch.Tensor]]:
             seen.append(coef.detach().clone())
         return coef
 
-    _amp.clip_coefficient = observed
+    module.clip_coefficient = observed
     try:
         yield seen
     finally:
-        _amp.clip_coefficient = original
+        module.clip_coefficient = original
 
 
 @torch.no_grad()
@@ -608,24 +609,6 @@ def _torch_muon_given_copies() -> Iterator[None]:
         module._zeropower_via_newtonschulz = original
 
 
-@contextlib.contextmanager
-def _observed_muon_clip() -> Iterator[list[torch.Tensor]]:
-    """The ``max_grad_norm`` clip coefficients FusedMuon computes while inside (one per step)."""
-    seen: list[torch.Tensor] = []
-    original = _muon.clip_coefficient
-
-    def observed(*args, **kwargs):
-        coef = original(*args, **kwargs)
-        seen.append(coef.detach().clone())
-        return coef
-
-    _muon.clip_coefficient = observed
-    try:
-        yield seen
-    finally:
-        _muon.clip_coefficient = original
-
-
 def compare_muon(
     case: OptimCase,
     params: Sequence[torch.Tensor],
@@ -655,7 +638,7 @@ def compare_muon(
     for step in range(steps):
         for p, q, g in zip(ours, theirs, grads(ours, step), strict=True):
             p.grad, q.grad = g, g.clone()
-        with _observed_muon_clip() as coefficients:
+        with _observed_clip(_muon) as coefficients:
             opt.step()
         if "max_grad_norm" in case.kwargs:
             _clip_as_ours_(result, step, coefficients, theirs, case.kwargs["max_grad_norm"])

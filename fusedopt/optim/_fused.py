@@ -68,6 +68,16 @@ _EXTENSIONS = (  # (name, default, annotation) of the keyword-only arguments tor
 EXTENSIONS = frozenset(name for name, _, _ in _EXTENSIONS)
 
 
+def check_max_grad_norm(value) -> float | None:
+    """``max_grad_norm`` as a float (None: no clipping); a positive finite number, else torch's
+    style of ValueError."""
+    if value is not None and not (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0.0 < value < math.inf
+    ):
+        raise ValueError(f"Invalid max_grad_norm value: {value}")
+    return None if value is None else float(value)
+
+
 def _clone(v):
     return v.clone() if isinstance(v, torch.Tensor) else v
 
@@ -140,13 +150,7 @@ class FusedStep:
     ):
         if isinstance(max_grad_norm, torch.Tensor) and max_grad_norm.numel() == 1:
             max_grad_norm = max_grad_norm.item()  # read once, as a number
-        if max_grad_norm is not None and not (
-            isinstance(max_grad_norm, int | float)
-            and not isinstance(max_grad_norm, bool)
-            and 0.0 < max_grad_norm < math.inf
-        ):
-            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.precision = Precision(
             bool(master_weights), bool(kahan_summation), bool(stochastic_rounding), state_dtype
         )

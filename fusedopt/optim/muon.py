@@ -17,7 +17,6 @@ and FSDP2 params are not built yet.
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Iterable
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 
 from fusedopt._dist import is_dtensor
 from fusedopt._norm import clip_coefficient, global_norm, split
+from fusedopt.optim._fused import check_max_grad_norm
 
 _torch_adam = importlib.import_module("torch.optim.adam")
 try:
@@ -75,13 +75,11 @@ def newton_schulz(
         groups.setdefault((min(rows, cols), max(rows, cols), u.device), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(updates)
     for members in groups.values():
-        x = torch.stack(
-            [updates[i].T if updates[i].size(0) > updates[i].size(1) else updates[i] for i in members]
-        )
-        x = x.bfloat16()
+        low = [updates[i].bfloat16() for i in members]  # each converted once, as torch does
+        x = torch.stack([u.T if u.size(0) > u.size(1) else u for u in low])
         # each matrix's norm as torch takes it (bf16, summed in the matrix's own memory order: a
         # batched norm sums in another order, and its bf16 rounding can then differ)
-        norms = torch.stack([updates[i].bfloat16().norm() for i in members])
+        norms = torch.stack([u.norm() for u in low])
         x.div_(norms.clamp(min=eps)[:, None, None])
         for _ in range(steps):
             gram = torch.bmm(x, x.mT)
@@ -139,13 +137,7 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         flatten: bool = False,
     ) -> None:
         _require_torch_muon()
-        if max_grad_norm is not None and not (
-            isinstance(max_grad_norm, int | float)
-            and not isinstance(max_grad_norm, bool)
-            and 0.0 < max_grad_norm < math.inf
-        ):
-            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.flatten = bool(flatten)
         # torch's Muon constructor, whose per-param check (2-D only) applies to Muon groups here:
         # its validation runs on a placeholder, then the groups are added as ours.
