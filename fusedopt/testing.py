@@ -627,8 +627,13 @@ def compare_muon(
         "optimizer", case.fused_cls.__name__, describe(case.kwargs), DTYPE_NAMES.get(dtype, str(dtype)), steps
     )
     hidden = [p.ndim == 2 and not n.startswith("wte") for n, p in zip(names, params, strict=True)]
-    ours, theirs = leaves(params), leaves(params)
     pick = lambda ts, want: [t for t, h in zip(ts, hidden, strict=True) if h == want]  # noqa: E731
+    # the AdamW group's oracle as compare_optimizer's: for bf16/fp16, torch in fp32 rounded to
+    # the dtype after each step (ours is FusedAdamW's step: fp32 math, the dtype on store)
+    low = dtype in LOW_PRECISION
+    ours, same = leaves(params), leaves(params)
+    wide = leaves(params, torch.float32) if low else same
+    theirs = [q if h else w for q, w, h in zip(same, wide, hidden, strict=True)]
     opt = case.fused_cls([{"params": pick(ours, True)}, {"params": pick(ours, False), "use_muon": False, **MUON_ADAMW}],
                          **case.kwargs)  # fmt: skip
     muon = case.torch_cls(
@@ -637,7 +642,7 @@ def compare_muon(
     adamw = torch.optim.AdamW(pick(theirs, False), **MUON_ADAMW)
     for step in range(steps):
         for p, q, g in zip(ours, theirs, grads(ours, step), strict=True):
-            p.grad, q.grad = g, g.clone()
+            p.grad, q.grad = g, g.to(q.dtype)
         with _observed_clip(_muon) as coefficients:
             opt.step()
         if "max_grad_norm" in case.kwargs:
@@ -645,6 +650,8 @@ def compare_muon(
         with _torch_muon_given_copies():
             muon.step()
         adamw.step()
+        if low:
+            round_to_storage_(adamw, pick(theirs, False), dtype)
     for name, h, p, q in zip(names, hidden, ours, theirs, strict=True):
         result.compare("param", name, p, q, MUON_TOLERANCE if h else OPTIM_TOLERANCE)
         mine, expected = opt.state.get(p, {}), (muon if h else adamw).state.get(q, {})

@@ -311,7 +311,7 @@ class FusedStep:
             created = [entry for _, plan, _ in planned for entry in plan.created]
             for _, plan, _ in planned:
                 plan.created = []  # made by this step's new plans only: a cached plan's are kept
-            amp.clip_coef = _amp.clip_coefficient(self, planned, theirs, amp)
+            amp.clip_coef = self._clip_coefficient(planned, theirs, amp)
             others = [(group, plan.foreign) for group, plan, _ in planned if plan.foreign]
             if others:
                 try:
@@ -326,6 +326,16 @@ class FusedStep:
         if theirs:
             self._torch_step(theirs)
         return loss
+
+    def _clip_coefficient(self, planned: list, theirs: list[dict], amp: Amp) -> torch.Tensor | None:
+        """``max_grad_norm``'s coefficient for this step (None: no clipping)."""
+        return _amp.clip_coefficient(self, planned, theirs, amp)
+
+    def _traced_clip_coefficient(
+        self, grads: list[torch.Tensor], theirs: list[dict], amp: Amp
+    ) -> torch.Tensor | None:
+        """:meth:`_clip_coefficient` as ``torch.compile`` traces it."""
+        return _amp.traced_clip_coefficient(self, grads, theirs, amp)
 
     def _traced_step(self, ours: list[dict], theirs: list[dict], amp: Amp) -> None:
         """The step as ``torch.compile`` traces it: lazy state as eager, then one op per group
@@ -349,7 +359,7 @@ class FusedStep:
             check_group(self, group)
         with torch.no_grad():
             grads = [p.grad for _, params in groups for p in params]
-            amp.clip_coef = _amp.traced_clip_coefficient(self, grads, theirs, amp)
+            amp.clip_coef = self._traced_clip_coefficient(grads, theirs, amp)
             for group, params in groups:
                 memo: dict = {}
                 operands = [operands_of(self, p, group, memo, 0) for p in params]

@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from fusedopt._dist import is_dtensor
+from fusedopt._multi_tensor import TL_DTYPE, runs_triton
 from fusedopt._norm import clip_coefficient, global_norm, split
 from fusedopt.optim._fused import check_max_grad_norm
+from fusedopt.optim._muon_launch import MuonLaunch, check_newton_schulz, quintic
+from fusedopt.optim.adam import FusedAdamW
 
-_torch_adam = importlib.import_module("torch.optim.adam")
 try:
     _torch_muon = importlib.import_module("torch.optim._muon")
 except ImportError:  # torch < 2.9 has no Muon
@@ -57,18 +59,12 @@ def newton_schulz(
 ) -> list[torch.Tensor]:
     """torch's ``_zeropower_via_newtonschulz`` of each 2-D update, its errors included: in bf16,
     the matrix transposed when tall, scaled to Frobenius norm at most ``eps``-clamped 1, then
-    ``steps`` quintic steps ``X <- a X + (b A + c A²) X`` with ``A = X Xᵀ``. Batched: the
-    matrices of one (transposed) shape and device run as one chain of ``bmm``/``baddbmm``
-    (1.9x faster than one matrix at a time for a GPT layout of width 128 on a CPU, 3x at 64,
-    1.1x at 256: docs/muon.md); ``baddbmm`` rounds an element one bf16 step away from torch's
-    ``addmm`` now and then (``fusedopt.tolerance.MUON_TOLERANCE``)."""
-    if steps >= 100:
-        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    :func:`quintic`. Batched: the matrices of one (transposed) shape and device run as one
+    chain (1.9x faster than one matrix at a time for a GPT layout of width 128 on a CPU, 3x at
+    64, 1.1x at 256: docs/muon.md)."""
+    check_newton_schulz(coefficients, steps)
     if any(u.ndim != 2 for u in updates):
         raise ValueError("Input tensor gradient must be a 2D matrix")
-    if len(coefficients) != 3:
-        raise ValueError("Coefficients must be a tuple of exactly 3 values")
-    a, b, c = coefficients
     groups: dict[tuple, list[int]] = {}
     for i, u in enumerate(updates):
         rows, cols = u.shape
@@ -80,10 +76,7 @@ def newton_schulz(
         # each matrix's norm as torch takes it (bf16, summed in the matrix's own memory order: a
         # batched norm sums in another order, and its bf16 rounding can then differ)
         norms = torch.stack([u.norm() for u in low])
-        x.div_(norms.clamp(min=eps)[:, None, None])
-        for _ in range(steps):
-            gram = torch.bmm(x, x.mT)
-            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        x = quintic(x.div_(norms.clamp(min=eps)[:, None, None]), coefficients, steps)
         for i, o in zip(members, x.unbind(0), strict=True):
             out[i] = o.T if updates[i].size(0) > updates[i].size(1) else o
     return out
@@ -186,51 +179,88 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
             with torch.enable_grad():
                 loss = closure()
         # GradScaler (torch.amp's, or fusedopt's) hands a supporting optimizer its scale and inf
-        # flag instead of unscaling the grads in place: skip the step on an inf (read on the host,
-        # as GradScaler itself reads it for torch's Muon), unscale on new tensors as its unscale_
-        # would (g * fp32(1 / scale), in the grad's dtype)
+        # flag instead of unscaling the grads in place. The kernels unscale as its unscale_
+        # would (g * fp32(1 / scale), in the grad's dtype) and skip on an inf on the device;
+        # torch's ops (CPU without Triton) read the flag on the host and unscale new tensors.
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf):
-            return loss
-        work = []
-        for group in self.param_groups:
+        muon, adamw = [], []
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if torch.is_complex(p):
                     raise RuntimeError("Muon does not support complex parameters")
                 if p.grad.is_sparse:
                     raise RuntimeError("Muon does not support sparse gradients")
-            work.append((group, params, [p.grad for p in params]))
-        if grad_scale is not None:
-            inv = grad_scale.double().reciprocal().float()
-            work = [(group, params, _scaled(gs, inv)) for group, params, gs in work]
+            if group.get("use_muon", True) is False:
+                adamw.append(group)
+                continue
+            for p in params:
+                if p.grad.ndim != 2 and not (self.flatten and p.grad.ndim > 2):
+                    raise ValueError("Param gradient must be a 2D matrix")
+            check_newton_schulz(group["ns_coefficients"], group["ns_steps"])
+            if params:
+                muon.append((index, group, params))
+        kernels, theirs = self._split(muon)
+        if found_inf is not None and theirs and bool(found_inf):
+            return loss
+        clip = None
         if self.max_grad_norm is not None:
-            grads = [g for _, _, gs in work for g in gs]
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if grads:
                 # in fp32 (fp64 for fp64 grads) as the other fused optimizers: not rounded to bf16/fp16
-                coef = clip_coefficient(global_norm(split(grads), 2.0, exact=True), self.max_grad_norm)
-                work = [(group, params, _scaled(gs, coef)) for group, params, gs in work]
-        for group, params, grads in work:
-            if not params:
-                continue
-            if group.get("use_muon", True) is False:
-                self._adamw(group, params, grads)
-            else:
-                self._muon(group, params, grads)
+                total = global_norm(split(grads), 2.0, grad_scale, exact=True)
+                clip = clip_coefficient(total, self.max_grad_norm)
+        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        for group, launch, grads in kernels:
+            device = launch.device
+            launch.step(grads, group, _to(inv_scale, device), _to(found_inf, device), _to(clip, device))
+        for group, params in theirs:
+            grads = [p.grad for p in params]
+            for factor in (inv_scale, clip):
+                if factor is not None:
+                    grads = _scaled(grads, factor)
+            self._muon(group, params, grads)
+        if adamw:
+            self._adamw(adamw, grad_scale, found_inf, clip)
         return loss
 
+    def _split(self, muon: list[tuple[int, dict, list[torch.Tensor]]]) -> tuple[list, list]:
+        """The Muon params with grads as ``(group, MuonLaunch, grads)`` per group, device and
+        dtype for the kernels, and ``(group, params)`` for torch's ops: params on a device
+        without Triton, DTensors, and tensors the kernels do not walk as they are (not
+        contiguous, a grad or buffer of another dtype). Creates missing momentum buffers."""
+        launches = self.__dict__.setdefault("_launches", {})
+        kernels, theirs = [], []
+        for index, group, params in muon:
+            mine: dict[tuple, list[torch.Tensor]] = {}
+            rest = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                if _walkable(p, state["momentum_buffer"]):
+                    mine.setdefault((p.device, p.dtype), []).append(p)
+                else:
+                    rest.append(p)
+            for where, ps in mine.items():
+                bufs = [self.state[p]["momentum_buffer"] for p in ps]
+                shapes = [_matrix_shape(p) for p in ps]
+                key = (group["adjust_lr_fn"], *((id(p), p.data_ptr(), b.data_ptr(), s) for p, b, s in zip(
+                    ps, bufs, shapes, strict=True)))  # fmt: skip
+                known = launches.get((index, where))
+                if known is None or known[0] != key:
+                    ratios = [adjusted_lr(1.0, group["adjust_lr_fn"], s) for s in shapes]
+                    known = launches[index, where] = (key, MuonLaunch(ps, bufs, shapes, ratios))
+                kernels.append((group, known[1], [p.grad for p in ps]))
+            if rest:
+                theirs.append((group, rest))
+        return kernels, theirs
+
     def _muon(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """torch.optim.Muon's step of one group: the momentum of all params in one
-        multi-tensor pass, Newton–Schulz per matrix, the decay and update per matrix shape."""
-        for g in grads:
-            if g.ndim != 2 and not (self.flatten and g.ndim > 2):
-                raise ValueError("Param gradient must be a 2D matrix")
-        bufs = []
-        for p, g in zip(params, grads, strict=True):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
+        """torch.optim.Muon's step of one group with torch's ops: the momentum of all params in
+        one multi-tensor pass, Newton–Schulz batched per shape, the decay and update per matrix
+        shape."""
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
         momentum = group["momentum"]
         torch._foreach_lerp_(bufs, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
@@ -263,24 +293,78 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
             else:
                 torch._foreach_add_(ps, os, alpha=alpha)
 
-    def _adamw(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """torch.optim.AdamW's step of one group (its default implementation, its state)."""
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        beta1, beta2 = group["betas"]
-        _torch_adam.adam(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=None, capturable=False, differentiable=False,
-            fused=None, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-        )  # fmt: skip
+    def _adamw(
+        self,
+        groups: list[dict],
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+        clip: torch.Tensor | None,
+    ) -> None:
+        """The ``use_muon=False`` groups: one step of a :class:`FusedAdamW` over them (its
+        launches, its state kept in this optimizer's ``state``), with this step's GradScaler
+        values and clip coefficient (the global norm covers every group)."""
+        key = tuple((id(g), tuple(map(id, g["params"]))) for g in groups)
+        known = self.__dict__.get("_aux")
+        if known is None or known[0] != key:
+            known = self.__dict__["_aux"] = (
+                key,
+                _AuxAdamW([{"params": g["params"], **_adamw_hyper(g)} for g in groups]),
+            )
+        aux = known[1]
+        for inner, group in zip(aux.param_groups, groups, strict=True):
+            inner.update(_adamw_hyper(group))
+        if aux.state is not self.state:  # one state: ours, held by the AdamW step's tracking dict
+            aux.__dict__["state"] = self.state
+            aux._own_state()
+            aux._reset_plans(counters=True)
+            self.__dict__["state"] = aux.state
+        aux.given_clip = clip
+        amp = {k: v for k, v in (("grad_scale", grad_scale), ("found_inf", found_inf)) if v is not None}
+        aux.__dict__.update(amp)
+        try:
+            aux.step()
+        finally:
+            for k in amp:
+                aux.__dict__.pop(k, None)
+
+
+class _AuxAdamW(FusedAdamW):
+    """FusedMuon's ``use_muon=False`` groups: FusedAdamW's step with the clip coefficient
+    FusedMuon computed over all of its groups."""
+
+    given_clip: torch.Tensor | None = None
+
+    def _clip_coefficient(self, planned, theirs, amp):
+        return self.given_clip
+
+    def _traced_clip_coefficient(self, grads, theirs, amp):
+        return self.given_clip
+
+
+def _adamw_hyper(group: dict) -> dict:
+    """The AdamW hyper-parameters of a ``use_muon=False`` group."""
+    return {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}
+
+
+def _walkable(p: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Whether the kernels step this param: on a Triton device, a plain tensor of a float dtype,
+    it, its grad and its buffer contiguous and of one dtype and shape."""
+    g = p.grad
+    return (
+        runs_triton(p.device)
+        and not is_dtensor(p)
+        and p.dtype in TL_DTYPE
+        and g.dtype == buf.dtype == p.dtype
+        and g.shape == buf.shape == p.shape
+        and p.is_contiguous()
+        and g.is_contiguous()
+        and buf.is_contiguous()
+        and buf.device == g.device == p.device
+    )
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
 
 
 def _scaled(grads: list[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor]:
