@@ -10,6 +10,7 @@ from torch import nn
 
 import fusedopt
 from fusedopt import FusedMuon, muon_param_groups
+from fusedopt.optim import muon as muon_module
 from fusedopt.testing import MUON_CASES, assert_close, compare_muon, gpt_shapes
 from fusedopt.tolerance import MUON_TOLERANCE
 
@@ -77,9 +78,18 @@ def test_torch_rescales_a_bf16_momentum_buffer_in_place():
     assert results == [0.25, 0.2001953125]  # torch's divided by its norm (0.8); ours bf16(0.2)
 
 
+@pytest.fixture(params=["kernels", "torch_ops"])
+def path(request, monkeypatch):
+    """The step's two paths: the Triton kernels (CUDA, or the interpreter here), and torch's ops
+    (a CPU without the interpreter), forced by hiding Triton from FusedMuon."""
+    if request.param == "torch_ops":
+        monkeypatch.setattr(muon_module, "runs_triton", lambda device: False)
+    return request.param
+
+
 @pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_muon_groups_match_torch(options, dtype, device, torch_muon_without_aliasing):
+def test_muon_groups_match_torch(options, dtype, device, path, torch_muon_without_aliasing):
     ps = _params(SHAPES, dtype, device)
     qs = [p.clone() for p in ps]
     kwargs = OPTIONS[options]
@@ -334,3 +344,89 @@ def test_check_cases_pass(case, dtype):
 
     result = compare_muon(case, params, grads, 5, [n for n, _ in shapes])
     assert result.verdict == "PASS", (result.worst, result.notes)
+
+
+def _count_launches(monkeypatch) -> dict[str, int]:
+    """Calls of every Triton kernel FusedMuon launches, and of torch's batched matmuls."""
+    from fusedopt.kernels import muon as kernels
+    from fusedopt.kernels.optimizer import optimizer_kernel, prepare_kernel
+
+    counts: dict[str, int] = {}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for kernel in (kernels.muon_momentum_kernel, kernels.muon_norms_kernel, kernels.muon_update_kernel,
+                   optimizer_kernel, prepare_kernel):  # fmt: skip
+        monkeypatch.setattr(kernel, "run", counted(kernel.fn.__name__, kernel.run))
+    for name in ("bmm", "baddbmm", "mm", "addmm"):
+        monkeypatch.setattr(torch, name, counted(name, getattr(torch, name)))
+    return counts
+
+
+@pytest.mark.parametrize("n", [2, 6])
+def test_launches_do_not_grow_with_the_matrices(n, monkeypatch):
+    """One step of a Muon group of ``n`` matrices of two shapes and an AdamW group of ``n``
+    vectors: the same launches for 2 and 6 (momentum, norms, update; AdamW's; per shape 3
+    batched matmuls per Newton–Schulz step)."""
+    ps = _params([(8, 16), (12, 8)] * (n // 2), torch.float32, "cpu")
+    vs = _params([(5,)] * n, torch.float32, "cpu", seed=1)
+    opt = FusedMuon([{"params": ps}, {"params": vs, "use_muon": False}], lr=0.02, ns_steps=4)
+    for t in ps + vs:
+        t.grad = torch.ones_like(t)
+    opt.step()  # the first step builds the plans
+    counts = _count_launches(monkeypatch)
+    opt.step()
+    adamw = {k: v for k, v in counts.items() if k in ("optimizer_kernel", "prepare_kernel")}
+    assert counts == {
+        "muon_momentum_kernel": 1, "muon_norms_kernel": 1, "muon_update_kernel": 1,
+        "bmm": 2 * 4, "baddbmm": 2 * 2 * 4, **adamw,
+    }  # fmt: skip
+    assert adamw.get("optimizer_kernel") == 1
+
+
+def test_no_host_read_in_a_kernel_step(monkeypatch):
+    """GradScaler's verdict, its scale, max_grad_norm's coefficient and a tensor lr stay on the
+    device (a CUDA graph could capture the step): no tensor is read as a number during a step,
+    and an inf skips it, Muon and AdamW groups alike."""
+    ps = _params(SHAPES, torch.float32, "cpu")
+    vs = _params([(7,)], torch.float32, "cpu", seed=1)
+    opt = FusedMuon(
+        [{"params": ps}, {"params": vs, "use_muon": False}], lr=torch.tensor(0.02), max_grad_norm=1.0
+    )
+    for t in ps + vs:
+        t.grad = torch.randn_like(t)
+    opt.step()  # plans built
+    before = [t.clone() for t in ps + vs]
+    state = [(p, k, v.clone()) for p in ps + vs for k, v in opt.state[p].items()]
+
+    def refuse(self, *args):
+        raise AssertionError("a host read in the step")
+
+    for name in ("item", "__bool__", "tolist", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(1.0)
+    opt.step()
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps + vs, strict=True)), (
+        "a skipped step changed a param"
+    )
+    assert all(torch.equal(v, opt.state[p][k]) for p, k, v in state), "a skipped step changed the state"
+
+
+def test_params_the_kernels_do_not_walk(device):
+    """A transposed (non-contiguous) matrix steps with torch's ops beside the kernels' matrices,
+    in the same group and step: the same result as torch's Muon."""
+    base = _params([(16, 8), (8, 16)], torch.float32, device)
+    ps = [base[0].T.contiguous().T.requires_grad_(False), base[1]]  # param 0: a transposed layout
+    assert not ps[0].is_contiguous()
+    qs = [p.detach().clone() for p in ps]
+    ours, theirs = FusedMuon(ps, lr=0.02), torch.optim.Muon(qs, lr=0.02)
+    _run(ours, theirs, ps, qs)
+    for i, (p, q) in enumerate(zip(ps, qs, strict=True)):
+        _close(p, q, f"param {i}")
+        _close(ours.state[p]["momentum_buffer"], theirs.state[q]["momentum_buffer"], "buffer", exact=True)

@@ -173,11 +173,18 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
     @torch.no_grad()
     def step(self, closure=None):
         """One step of every group (Muon groups as torch.optim.Muon, ``use_muon=False`` groups as
-        torch.optim.AdamW), after clipping the gradients' global norm to ``max_grad_norm``."""
+        torch.optim.AdamW), after clipping the gradients' global norm to ``max_grad_norm``.
+        Under ``torch.compile`` the step itself runs eagerly (a graph break: its launches and
+        torch's batched matmuls, as outside)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step()
+        return loss
+
+    @torch.compiler.disable
+    def _step(self) -> None:
         # GradScaler (torch.amp's, or fusedopt's) hands a supporting optimizer its scale and inf
         # flag instead of unscaling the grads in place. The kernels unscale as its unscale_
         # would (g * fp32(1 / scale), in the grad's dtype) and skip on an inf on the device;
@@ -202,7 +209,7 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
                 muon.append((index, group, params))
         kernels, theirs = self._split(muon)
         if found_inf is not None and theirs and bool(found_inf):
-            return loss
+            return
         clip = None
         if self.max_grad_norm is not None:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -222,7 +229,6 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
             self._muon(group, params, grads)
         if adamw:
             self._adamw(adamw, grad_scale, found_inf, clip)
-        return loss
 
     def _split(self, muon: list[tuple[int, dict, list[torch.Tensor]]]) -> tuple[list, list]:
         """The Muon params with grads as ``(group, MuonLaunch, grads)`` per group, device and
