@@ -10,7 +10,7 @@ the for-loop or foreach one: torch's fused CPU step is timed but is no yardstick
 bf16 params its SGD leaves most params unchanged).
 
 Layout: a GPT-2-shaped model of 76 tensors, 13,961,216 elements (d=256, 6 blocks, vocabulary
-35,000) in ``--dtype``, the params' grads set once and shared by every optimizer; ``--options``
+35,000) in ``--dtype`` (Muon: its 24 hidden matrices), the params' grads set once and shared by every optimizer; ``--options``
 adds a fusedopt row per set of low-precision options (torch's rows run its plain step on the
 same params). Each row is timed ``--steps`` steps per round after 3 untimed ones, over
 ``--rounds`` rounds that alternate the rows (the machine's drift then hits every row alike);
@@ -56,6 +56,8 @@ def _rows(bo, spec, impls: list[str], options: list[str], params) -> list[tuple[
         for option in options if impl == "fusedopt" else [None]:
             row = {"optimizer": bo.label(spec), "impl": impl if option is None else f"fusedopt {option}"}
             try:
+                if option is None and (lacks := bo.torch_lacks(spec, impl)):
+                    raise TypeError(lacks)
                 if option is None:
                     opt = bo.make(spec, impl, params)
                 else:
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=15, help="timed steps per row and round")
     parser.add_argument("--rounds", type=int, default=1, help="rounds alternating the rows")
-    parser.add_argument("--optimizers", default="adam,adamw,sgd,rmsprop,adagrad")
+    parser.add_argument("--optimizers", default=",".join(["adam", "adamw", "sgd", "rmsprop", "adagrad", "muon"]))
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--options", default="plain", help=f"fusedopt rows; from: {', '.join(OPTIONS)}")
@@ -110,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         if spec is None:
             print(f"{name}: not in this version's benchmark, skipped")
             continue
-        group = _rows(bo, spec, args.impls.split(","), options, params)
+        # Muon steps the hidden matrices (the 2-D params after the two embeddings)
+        mine = [p for p in params[2:] if p.ndim == 2] if name in bo.MATRICES_ONLY else params
+        group = _rows(bo, spec, args.impls.split(","), options, mine)
         times: dict[int, list[list[float]]] = {i: [] for i in range(len(group))}
         for r in range(args.rounds):
             for i, (row, opt) in enumerate(group):

@@ -45,7 +45,18 @@ OPTIMIZERS: dict[str, OptimCase] = {
     ),
     "adamw-int8": OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3, "state_dtype": "int8"}),
 }
-DEFAULT_OPTIMIZERS = ["adam", "adamw", "sgd", "rmsprop", "adagrad"]
+if hasattr(torch.optim, "Muon"):  # torch >= 2.9
+    # Muon steps a layout's hidden matrices (muon_shapes); torch's one implementation is its for-loop
+    OPTIMIZERS["muon"] = OptimCase(fusedopt.FusedMuon, torch.optim.Muon, {"lr": 0.02})
+MATRICES_ONLY = {"muon"}
+DEFAULT_OPTIMIZERS = [
+    "adam",
+    "adamw",
+    "sgd",
+    "rmsprop",
+    "adagrad",
+    *(["muon"] if "muon" in OPTIMIZERS else []),
+]
 
 
 def gpt2_small_shapes(d: int = 768, vocab: int = 50257, context: int = 1024, layers: int = 12):
@@ -65,8 +76,15 @@ HOST_STEPS = 200  # timed steps per host row, after 10 untimed ones
 SMOKE_SHAPES = [(7,), (3, 5), (1000,), (2, 3, 4), (4097,)]
 
 
-def shapes_of(layout: str) -> list[tuple[int, ...]]:
-    return SMOKE_SHAPES if layout == "smoke" else LAYOUTS[layout]()
+def shapes_of(layout: str, name: str | None = None) -> list[tuple[int, ...]]:
+    """The layout's shapes, or for an optimizer of matrices (Muon) its hidden matrices: the 2-D
+    shapes after a GPT layout's two embeddings (GPT-2 small: 48), none in the other layouts."""
+    shapes = SMOKE_SHAPES if layout == "smoke" else LAYOUTS[layout]()
+    if name not in MATRICES_ONLY:
+        return shapes
+    if layout == "smoke":
+        return [(3, 5), (5, 3), (8, 4)]
+    return [s for s in shapes[2:] if len(s) == 2] if layout == "gpt2" else []
 
 
 def numel_of(shapes: list[tuple[int, ...]]) -> int:
@@ -98,7 +116,8 @@ def make(case: OptimCase, impl: str, params: list[torch.Tensor], capturable: boo
     if impl == "fusedopt":
         return case.fused_cls(params, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k not in EXTENSIONS}
-    return case.torch_cls(params, **kwargs, **TORCH_FLAGS[impl])
+    takes = inspect.signature(case.torch_cls).parameters
+    return case.torch_cls(params, **kwargs, **{k: v for k, v in TORCH_FLAGS[impl].items() if k in takes})
 
 
 def graph_replay(step: Callable[[], object]) -> Callable[[], object]:
@@ -132,11 +151,11 @@ def host_times(step: Callable[[], object], steps: int, warmup: int, cuda: bool) 
 
 
 def base_row(suite: str, name: str, layout: str, dtype: str, impl: str | None) -> dict:
-    case, shapes = OPTIMIZERS[name], shapes_of(layout)
+    case, shapes = OPTIMIZERS[name], shapes_of(layout, name)
     numel = numel_of(shapes)
     row = {"suite": suite, "case": label(case), "impl": impl, "layout": layout, "dtype": dtype}
     row.update(tensors=len(shapes), numel=numel)
-    if suite == "optim":  # host rows move no bytes
+    if suite == "optim" and name not in MATRICES_ONLY:  # host rows move no bytes; Muon's are matmuls
         per_elt = floors.step(case.fused_cls, DTYPES[dtype], **case.kwargs).bytes_per_element(DTYPES[dtype])
         row.update(bytes_per_elt=per_elt, bytes=per_elt * numel)
     return row
@@ -144,7 +163,7 @@ def base_row(suite: str, name: str, layout: str, dtype: str, impl: str | None) -
 
 def time_step(name: str, layout: str, dtype: str, impl: str, ctx) -> dict:
     """The step timed (a smoke run: only run), its peak extra memory, and the graph replay."""
-    case, ps = OPTIMIZERS[name], make_params(shapes_of(layout), DTYPES[dtype], ctx.device)
+    case, ps = OPTIMIZERS[name], make_params(shapes_of(layout, name), DTYPES[dtype], ctx.device)
     opt = make(case, impl, ps)
     step = compiled(lambda: opt.step(), ctx.compile_backend) if impl == "torch-compile" else opt.step
     step()  # state created, kernels (or the compiled graph) built
@@ -173,7 +192,7 @@ def graph_figure(case: OptimCase, impl: str, params: list[torch.Tensor], ctx) ->
 
 def time_host(name: str, layout: str, dtype: str, impl: str, ctx) -> dict:
     """Host time of the step (a smoke run: one step, untimed); on CPU no kernel runs (dry_run)."""
-    opt = make(OPTIMIZERS[name], impl, make_params(shapes_of(layout), DTYPES[dtype], ctx.device))
+    opt = make(OPTIMIZERS[name], impl, make_params(shapes_of(layout, name), DTYPES[dtype], ctx.device))
     with contextlib.nullcontext() if ctx.cuda else _multi_tensor.dry_run():
         if ctx.smoke:
             opt.step()
@@ -189,6 +208,8 @@ def torch_lacks(case: OptimCase, impl: str) -> str | None:
     """Why torch has no ``impl`` of ``case``'s optimizer (torch.optim.RMSprop takes no
     ``fused``), or None."""
     flags = TORCH_FLAGS.get(impl, {})
+    if impl == "torch-forloop" and "foreach" not in inspect.signature(case.torch_cls).parameters:
+        return None  # a class with one implementation, a for-loop (torch.optim.Muon)
     missing = [k for k in flags if k not in inspect.signature(case.torch_cls).parameters]
     if not missing:
         return None
@@ -207,6 +228,8 @@ def jobs(suite: str, args, layouts: list[str], impls: list[str]) -> list[Job]:
     out = []
     for d, lay, o, i in itertools.product(args.dtypes, layouts, args.optimizers, impls):
         lacks = i and torch_lacks(OPTIMIZERS[o], i)
+        if not shapes_of(lay, o):
+            lacks = f"{OPTIMIZERS[o].fused_cls.__name__} steps matrices: the {lay} layout has none"
         measure = functools.partial(not_applicable, lacks) if lacks else functools.partial(run, o, lay, d, i)
         out.append((base_row(suite, o, lay, d, i), measure))
     return out
@@ -218,7 +241,8 @@ def optim_jobs(args, ctx) -> list[Job]:
 
 
 def optim_floor_rows(args) -> list[dict]:
-    return [row for row, _ in jobs("optim", args, args.layouts, [None])]
+    """The byte floors of the elementwise optimizers (Muon's step is bound by its matmuls)."""
+    return [row for row, _ in jobs("optim", args, args.layouts, [None]) if "bytes" in row]
 
 
 def host_jobs(args, ctx) -> list[Job]:
