@@ -39,9 +39,9 @@ BUDGETS = {
     "sr": f"sass_per_element <= {MAX_SR_RATIO} x the plain bf16 row",
 }
 # Kernels of optimizer scenarios that are not the step over the elements (max_grad_norm's global
-# norm, the per-tensor values of prepare_kernel): no budget but spills. Loss kernels under the wide budget, and those that are not (one-program reductions
+# norm, the per-tensor values of prepare_kernel, Muon's per-matrix norms): no budget but spills. Loss kernels under the wide budget, and those that are not (one-program reductions
 # over per-row or per-block partial results). Every loss kernel must be in one of the two.
-NOT_A_STEP = {"norm_partials_kernel", "norm_finish_kernel", "prepare_kernel"}
+NOT_A_STEP = {"norm_partials_kernel", "norm_finish_kernel", "prepare_kernel", "muon_norms_kernel"}
 LOSS_KERNELS = {
     "cross_entropy_kernel",
     "cross_entropy_scale_kernel",

@@ -497,6 +497,17 @@ def _optimizer(
     return Scenario(f"{name} {variant}", f"{name.lower()} {variant}", "optimizer", run)
 
 
+# Muon's matrices: the same 4M elements as OPTIM_SHAPES (the launchers' large config), a wide and a
+# tall one (Newton-Schulz runs on CPU on whatever the workspace holds: its kernels are not run).
+MUON_SHAPES = [(768, 4096), (4096, 256)]
+
+
+def _muon(variant: str, dtype_name: str, amp: bool = False, **options) -> Scenario:
+    """Two steps of FusedMuon over :data:`MUON_SHAPES` (one Newton-Schulz step: the matmuls are
+    torch's, not rows here); as :func:`_optimizer` otherwise."""
+    return _optimizer("FusedMuon", variant, dtype_name, amp=amp, shapes=MUON_SHAPES, ns_steps=1, **options)
+
+
 def _loss(name: str, variant: str, forward: Callable) -> Scenario:
     """``forward()`` (returns the loss) then its backward, the launches named by phase."""
 
@@ -580,6 +591,9 @@ SCENARIOS: list[Scenario] = [
     _optimizer("FusedSGD", "bf16 momentum", "bfloat16", momentum=0.9),
     _optimizer("FusedRMSprop", "fp32 centered momentum", "float32", centered=True, momentum=0.9),
     _optimizer("FusedAdagrad", "fp32", "float32"),
+    _muon("fp32", "float32"),
+    _muon("bf16 amp clip", "bfloat16", amp=True, max_grad_norm=1.0),
+    _muon("fp32 plain momentum", "float32", nesterov=False),
     _cross_entropy(8, 50257, "bfloat16"),
     _cross_entropy(8, 128256, "bfloat16"),
     _cross_entropy(8, 50257, "float32"),

@@ -1,17 +1,16 @@
 """FusedMuon: torch.optim.Muon with AdamW param groups, N-D params and max_grad_norm.
 
 A param group with ``use_muon=False`` is stepped as :class:`torch.optim.AdamW` (the convention of
-the reference code's ``MuonWithAuxAdam``); every other group is a Muon group, exactly as
-:class:`torch.optim.Muon` steps it, so torch's Muon state dicts load as they are. Per Muon group
-the step is one multi-tensor pass for the momentum (``torch._foreach_lerp_``), Newton–Schulz per
-matrix, and one multi-tensor pass per matrix shape for the weight decay and the update.
+the reference code's ``MuonWithAuxAdam``), by one :class:`~fusedopt.FusedAdamW` step over all
+such groups; every other group is a Muon group, exactly as :class:`torch.optim.Muon` steps it,
+so torch's Muon state dicts load as they are.
 
-Where this stands (issue 20): the Muon math runs on torch's ops, the AdamW groups on torch's
-AdamW functional. On CPU that is the fastest correct path measured (bf16 Newton–Schulz: the
-CPU's bf16 matmuls beat fp32 ones here, and batching same-shape matrices into one ``bmm`` chain
-did not help on CPU); the fused CUDA kernels (momentum and Frobenius norms in one launch, the
-Newton–Schulz chain batched per shape, the update in one launch), GradScaler inside the step
-and FSDP2 params are not built yet.
+A Muon group's matrices of one device and dtype step through the Triton kernels on CUDA (and on
+CPU under the interpreter): the momentum and the norms in one launch, Newton–Schulz batched per
+shape with torch's matmuls, the decay and update in one launch
+(:mod:`fusedopt.optim._muon_launch`); no host read. Elsewhere (a CPU without the interpreter,
+DTensors, params not laid out for the kernels) the same math runs on torch's ops: on CPU the
+fastest correct path measured (docs/muon.md).
 """
 
 from __future__ import annotations
@@ -107,8 +106,8 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
             ``[shape[0], -1]`` view, its learning rate adjusted for that matrix's shape;
             without it such a param raises torch's ValueError. Default: False.
 
-    A param group with ``use_muon=False`` holds params of any shape, stepped exactly as
-    :class:`torch.optim.AdamW` with that group's ``lr``, ``betas`` (default ``(0.9, 0.95)``),
+    A param group with ``use_muon=False`` holds params of any shape, stepped as
+    :class:`torch.optim.AdamW` (by :class:`~fusedopt.FusedAdamW`'s step) with that group's ``lr``, ``betas`` (default ``(0.9, 0.95)``),
     ``eps`` and ``weight_decay`` (missing keys take this optimizer's defaults, as torch fills
     any group); its state is AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``).
     :func:`muon_param_groups` splits a model's params that way.
