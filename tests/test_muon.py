@@ -88,7 +88,7 @@ def path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("options", list(OPTIONS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_muon_groups_match_torch(options, dtype, device, path, torch_muon_without_aliasing):
     ps = _params(SHAPES, dtype, device)
     qs = [p.clone() for p in ps]
@@ -430,3 +430,39 @@ def test_params_the_kernels_do_not_walk(device):
     for i, (p, q) in enumerate(zip(ps, qs, strict=True)):
         _close(p, q, f"param {i}")
         _close(ours.state[p]["momentum_buffer"], theirs.state[q]["momentum_buffer"], "buffer", exact=True)
+
+
+def test_adamw_groups_resume_from_a_state_dict():
+    """The AdamW groups' state lives in FusedMuon's ``state`` (shared with the FusedAdamW step
+    over them): saved mid-run and loaded into a new FusedMuon (and a state dict replaced under a
+    running one), training goes on as without the interruption."""
+    import copy
+
+    shapes = [(8, 16), (16, 8), (7,), (3, 4, 2)]
+
+    def build(ps):
+        return FusedMuon([{"params": ps[:2]}, {"params": ps[2:], "use_muon": False, "lr": 0.01}], lr=0.02)
+
+    ps, qs, rs = (_params(shapes, torch.float32, "cpu") for _ in range(3))
+    whole = build(ps)
+    first, reloaded = build(qs), build(rs)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(6):
+        grads = [torch.randn(p.shape, generator=gen) for p in ps]
+        if step == 3:
+            for r, q in zip(rs, qs, strict=True):
+                r.copy_(q)
+            saved = copy.deepcopy(first.state_dict())  # as torch.save / torch.load give it
+            reloaded.load_state_dict(saved)
+            first.load_state_dict(copy.deepcopy(saved))  # replaced under a running optimizer
+        for opt, leaves in ((whole, ps), (first, qs), (reloaded, rs)):
+            for p, g in zip(leaves, grads, strict=True):
+                p.grad = g.clone()
+            if opt is not reloaded or step >= 3:
+                opt.step()
+    for p, q, r in zip(ps, qs, rs, strict=True):
+        assert torch.equal(p, q) and torch.equal(p, r)
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(whole.state[ps[2]][key], reloaded.state[rs[2]][key]), key
+    assert reloaded.state[rs[2]].keys() == {"step", "exp_avg", "exp_avg_sq"}
+    assert reloaded.state[rs[0]].keys() == {"momentum_buffer"}
