@@ -267,12 +267,17 @@ def test_muon_param_groups_split_a_model(tied):
 
 
 def test_copies_keep_the_extensions():
+    """Copies carry ``max_grad_norm`` and ``flatten``; ``load_state_dict`` (groups and state
+    only) keeps the loading optimizer's own."""
     import copy
     import pickle
 
     opt = FusedMuon([torch.zeros(2, 3, 4)], max_grad_norm=1.5, flatten=True)
     for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert other.max_grad_norm == 1.5 and other.flatten is True
+    loaded = FusedMuon([torch.zeros(2, 3, 4)], max_grad_norm=0.5, flatten=True)
+    loaded.load_state_dict(opt.state_dict())
+    assert loaded.max_grad_norm == 0.5 and loaded.flatten is True
 
 
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale_then_step"])

@@ -153,9 +153,10 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm, "flatten": self.flatten}
 
     def __setstate__(self, state: dict) -> None:
-        state = dict(state)
-        self.max_grad_norm, self.flatten = state.pop("max_grad_norm", None), state.pop("flatten", False)
+        # unpickling and copies carry the options; load_state_dict's state does not: keep ours
         super().__setstate__(state)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("flatten", False)
 
     def add_param_group(self, param_group: dict) -> None:
         if param_group.get("use_muon", True) is False:
