@@ -10,21 +10,24 @@ Where this stands (issue 20): the Muon math runs on torch's ops, the AdamW group
 AdamW functional. On CPU that is the fastest correct path measured (bf16 Newton–Schulz: the
 CPU's bf16 matmuls beat fp32 ones here, and batching same-shape matrices into one ``bmm`` chain
 did not help on CPU); the fused CUDA kernels (momentum and Frobenius norms in one launch, the
-Newton–Schulz chain batched per shape, the update in one launch), GradScaler inside the step
-and FSDP2 params are not built yet.
+Newton–Schulz chain batched per shape, the update in one launch) and GradScaler inside the step
+are not built yet. DTensor params (FSDP2) step their local shards; each whole matrix is
+orthogonalized by one owner rank (:mod:`fusedopt.optim._muon_dist`).
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from fusedopt._dist import is_dtensor
+from fusedopt._dist import any_dtensor, check_param, is_dtensor, local
 from fusedopt._norm import clip_coefficient, global_norm, split
 from fusedopt.optim._fused import check_max_grad_norm
+from fusedopt.optim._muon_dist import orthogonalize_sharded, shard_dim
 
 _torch_adam = importlib.import_module("torch.optim.adam")
 try:
@@ -96,7 +99,7 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
 
 def _matrix_shape(p: torch.Tensor) -> torch.Size:
     """The matrix a param is orthogonalized as: itself (2-D) or its ``[shape[0], -1]`` view."""
-    return p.shape if p.ndim == 2 else torch.Size((p.shape[0], p[0].numel()))
+    return p.shape if p.ndim == 2 else torch.Size((p.shape[0], math.prod(p.shape[1:])))
 
 
 class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Optimizer):
@@ -168,11 +171,7 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         else:
             for p in group["params"]:
                 if is_dtensor(p):
-                    raise NotImplementedError(
-                        "FusedMuon: DTensor params (FSDP2, tensor parallel) in a Muon group are not supported yet: "
-                        "Newton-Schulz needs each whole matrix (issue 20); put them in a use_muon=False group or "
-                        "use torch.optim.Muon"
-                    )
+                    shard_dim(p)  # refuses placements the owner exchange does not handle
                 if p.ndim != 2 and not (self.flatten and p.ndim > 2):
                     raise ValueError(
                         f"Muon only supports 2D parameters whereas we found a parameter with size: {p.size()}"
@@ -201,6 +200,7 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
                     raise RuntimeError("Muon does not support complex parameters")
                 if p.grad.is_sparse:
                     raise RuntimeError("Muon does not support sparse gradients")
+                check_param(p, p.grad)
             work.append((group, params, [p.grad for p in params]))
         if grad_scale is not None:
             inv = grad_scale.double().reciprocal().float()
@@ -229,9 +229,10 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         bufs = []
         for p, g in zip(params, grads, strict=True):
             state = self.state[p]
-            if "momentum_buffer" not in state:
+            if "momentum_buffer" not in state:  # a DTensor for a DTensor grad, placed as it
                 state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
+            bufs.append(local(state["momentum_buffer"]))
+        grads = [local(g) for g in grads]  # DTensors: their local shards
         momentum = group["momentum"]
         torch._foreach_lerp_(bufs, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
@@ -239,15 +240,14 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         if isinstance(lr, torch.Tensor) and lr.dim() != 0:
             lr = lr.squeeze()  # torch's _to_scalar: a tensor lr stays a 0-d tensor
         shapes = [_matrix_shape(p) for p in params]
-        orthogonal = newton_schulz(
-            [u.reshape(shape) for u, shape in zip(updates, shapes, strict=True)],
-            group["ns_coefficients"], group["ns_steps"], group["eps"],
-        )  # fmt: skip
+        orthogonal = _orthogonalize(
+            params, [u.reshape(u.shape[0], shape[1]) for u, shape in zip(updates, shapes, strict=True)], group
+        )
         by_shape: dict[tuple, tuple[list, list]] = {}
         for p, shape, o in zip(params, shapes, orthogonal, strict=True):
             mine = by_shape.setdefault((shape, p.device, p.dtype), ([], []))
-            mine[0].append(p)
-            mine[1].append(o.reshape(p.shape))
+            mine[0].append(local(p))
+            mine[1].append(o.reshape(local(p).shape))
         for (shape, _, _), (ps, os) in by_shape.items():
             # torch's ops with torch's operands: a tensor lr's decay factor is a 0-d tensor (cast to
             # a bf16 param's dtype by mul_, as torch's step does), its alpha read as a number
@@ -282,6 +282,25 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
             fused=None, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )  # fmt: skip
+
+
+def _orthogonalize(
+    params: list[torch.Tensor], matrices: list[torch.Tensor], group: dict
+) -> list[torch.Tensor]:
+    """Newton–Schulz of each param's update (``matrices[i]``: the ``[shape[0], -1]`` view of
+    ``params[i]``'s, a DTensor param's local rows of it), each result shaped as its input.
+    Plain params: :func:`newton_schulz` here. Any DTensor param (FSDP2): every whole matrix on
+    one owner rank, the rows sent there and back by two all-to-alls per process group
+    (:func:`fusedopt.optim._muon_dist.orthogonalize_sharded`)."""
+
+    def orthogonalize(ms: list[torch.Tensor]) -> list[torch.Tensor]:
+        return newton_schulz(ms, group["ns_coefficients"], group["ns_steps"], group["eps"])
+
+    return (
+        orthogonalize_sharded(params, matrices, orthogonalize)
+        if any_dtensor(params)
+        else orthogonalize(matrices)
+    )
 
 
 def _scaled(grads: list[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor]:
