@@ -10,6 +10,7 @@ its next collective: the later checks report "not run").
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import socket
@@ -26,6 +27,8 @@ from helpers import close
 
 import fusedopt
 from fusedopt.optim._step import ALGORITHMS
+from fusedopt.testing import assert_close
+from fusedopt.tolerance import MUON_TOLERANCE, OPTIM_TOLERANCE
 
 WORLD = 2
 STEPS = 3
@@ -36,17 +39,19 @@ if not dist.is_available():
 # The model: uneven rows (7, 3 and 1 over 2 ranks: rank 1 holds an empty shard of the last) ---
 
 
-def _model(seed: int = 0) -> torch.nn.Module:
+def _model(seed: int = 0, sizes: tuple[int, ...] = (6, 7, 3, 1)) -> torch.nn.Module:
+    """Linear layers from ``sizes[0]`` to ``sizes[-1]`` features, Tanh between them."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)
-    )
+    layers = []
+    for n, m in itertools.pairwise(sizes):
+        layers += [torch.nn.Linear(n, m), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1])
 
 
-def _sharded(mesh, seed: int = 0) -> torch.nn.Module:
+def _sharded(mesh, seed: int = 0, sizes: tuple[int, ...] = (6, 7, 3, 1)) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = _model(seed)
+    model = _model(seed, sizes)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -61,6 +66,12 @@ def _batch(step: int, rank: int) -> torch.Tensor:
 def _backward(model: torch.nn.Module, step: int, rank: int, scale: float = 1.0) -> None:
     x = _batch(step, rank).to(next(model.parameters()).device)
     (model(x).pow(2).mean() * scale).backward()
+
+
+def _global_backward(model: torch.nn.Module, step: int, ranks: int = WORLD) -> None:
+    """The single-process backward of the batches of ``ranks`` ranks: the mean of their grads,
+    as FSDP's."""
+    model(torch.cat([_batch(step, r) for r in range(ranks)])).pow(2).mean().backward()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -86,15 +97,17 @@ def _same(ours, theirs, what: str) -> None:
 
 
 class _Count:
-    """Launches of the step kernels (every algorithm's) and calls of ``dist.all_reduce`` in
-    this process."""
+    """Launches of the step kernels (every algorithm's) and calls of ``dist.all_reduce`` and
+    ``dist.all_to_all_single`` in this process."""
 
     def __init__(self):
         self.launches = 0
         self.all_reduces = 0
+        self.all_to_alls = 0
         for kernel in {id(spec.kernel): spec.kernel for spec in ALGORITHMS.values()}.values():
             kernel.run = self._wrap(kernel.run, "launches")  # one kernel runs every algorithm
         dist.all_reduce = self._wrap(dist.all_reduce, "all_reduces")
+        dist.all_to_all_single = self._wrap(dist.all_to_all_single, "all_to_alls")
 
     def _wrap(self, fn, counter: str):
         def counted(*args, **kwargs):
@@ -103,10 +116,11 @@ class _Count:
 
         return counted
 
-    def during(self, fn) -> tuple[int, int]:
-        launches, reduces = self.launches, self.all_reduces
+    def during(self, fn, counters: tuple[str, ...] = ("launches", "all_reduces")) -> tuple[int, ...]:
+        """How many of each of ``counters`` ``fn()`` made."""
+        before = [getattr(self, c) for c in counters]
         fn()
-        return self.launches - launches, self.all_reduces - reduces
+        return tuple(getattr(self, c) - b for c, b in zip(counters, before, strict=True))
 
 
 # The checks: each runs on every rank ---------------------------------------------------------
@@ -257,8 +271,8 @@ def check_checkpoint(rank, mesh, count, workdir):
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=path, no_dist=True)
         set_state_dict(plain, popt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        for step in range(2, 4):  # both ranks' batches: the mean of their grads, as FSDP's
-            plain(torch.cat([_batch(step, r) for r in range(WORLD)])).pow(2).mean().backward()
+        for step in range(2, 4):
+            _global_backward(plain, step)
             popt.step()
             popt.zero_grad()
     expected = [q.full_tensor() for q in _resumed_fused(mesh, path, rank)]
@@ -536,6 +550,161 @@ def check_linear_cross_entropy_head(rank, mesh, count, workdir):
     assert len(calls) == 2, calls  # the fused op ran, on the gathered (plain tensor) weight
 
 
+# FusedMuon over FSDP2: each matrix orthogonalized whole by one owner rank ------------------------
+
+# Muon matrices 7x6 (4 + 3 rows), 12x7 (tall), 8x12 (wide), 1x8 (rank 1's shard empty); the
+# biases in an AdamW group.
+MUON_SIZES = (6, 7, 12, 8, 1)
+MUON_OPTIONS = dict(lr=0.02, max_grad_norm=0.1)
+
+
+def _muon(model: torch.nn.Module, cls=fusedopt.FusedMuon) -> torch.optim.Optimizer:
+    """FusedMuon over the model's matrices and an AdamW group of its biases; torch's Muon
+    over its matrices alone."""
+    if cls is torch.optim.Muon:
+        return cls([p for p in model.parameters() if p.ndim == 2], lr=MUON_OPTIONS["lr"])
+    return cls(fusedopt.muon_param_groups(model, lr=0.01), **MUON_OPTIONS)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+
+def _same_muon(ours, theirs, what: str, exact: bool = False) -> None:
+    """Params and state of two Muon runs, DTensors compared whole, group by group (``theirs``
+    may hold the Muon group alone): bit for bit (``exact``), else the Muon group's params within
+    MUON_TOLERANCE, every other tensor within OPTIM_TOLERANCE."""
+    for group, other in zip(ours.param_groups, theirs.param_groups, strict=False):
+        muon = group.get("use_muon", True) is not False
+        for i, (p, q) in enumerate(zip(group["params"], other["params"], strict=True)):
+            pairs = [("param", p, q, MUON_TOLERANCE if muon else OPTIM_TOLERANCE)]
+            assert ours.state[p].keys() == theirs.state[q].keys(), f"{what}: state keys of param {i}"
+            pairs += [(key, v, theirs.state[q][key], OPTIM_TOLERANCE) for key, v in ours.state[p].items()]
+            for key, a, b, table in pairs:
+                a, b = _full(a), _full(b)
+                if exact:
+                    assert torch.equal(a, b), f"{what}: {key} of param {i}"
+                elif a.is_floating_point() and a.ndim:
+                    assert_close(a, b, f"{what}: {key} of param {i}", table)
+                else:
+                    assert float(a) == float(b), f"{what}: {key} of param {i}"
+
+
+def check_muon_exchange(rank, mesh, count, workdir):
+    """orthogonalize_sharded against Newton–Schulz of the whole matrices, bit for bit (the rows
+    sent in bf16 are the whole matrix rounded): Shard(0) params of uneven, empty and 3-D shards,
+    a replicated one and a plain tensor, in two all-to-alls."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from fusedopt.optim._muon_dist import orthogonalize_sharded
+    from fusedopt.optim.muon import newton_schulz
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 6), (12, 7), (8, 12), (1, 8), (5, 2, 3), (8, 12), (3, 4)]
+    whole = [torch.randn(s, generator=gen) for s in shapes]
+    params = [distribute_tensor(w, mesh, [Shard(0)]) for w in whole[:-2]]
+    params += [distribute_tensor(whole[-2], mesh, [Replicate()]), whole[-1]]
+    updates = [
+        _local(p).reshape(_local(p).shape[0], w[0].numel()) for p, w in zip(params, whole, strict=True)
+    ]
+
+    def orthogonalize(ms):
+        return newton_schulz(ms, fusedopt.optim.muon.NS_COEFFICIENTS, 5, 1e-7)
+
+    out = {}
+    counts = count.during(
+        lambda: out.update(mine=orthogonalize_sharded(params, updates, orthogonalize)), ("all_to_alls",)
+    )
+    assert counts == (2,), f"{counts[0]} all-to-alls"
+    expected = orthogonalize([w.reshape(w.shape[0], -1) for w in whole])
+    for i, (p, o, e) in enumerate(zip(params, out["mine"], expected, strict=True)):
+        sharded = hasattr(p, "placements") and p.placements[0].is_shard()
+        start = -(-len(e) // WORLD) * rank if sharded else 0  # torch.chunk's rows
+        assert o.dtype == torch.bfloat16 and o.shape == updates[i].shape, f"matrix {i}: {o.dtype} {o.shape}"
+        assert torch.equal(o, e[start : start + len(o)]), f"matrix {i}"
+
+
+def check_muon_fsdp(rank, mesh, count, workdir):
+    """FusedMuon (max_grad_norm, an AdamW group of biases) over FSDP2 shards against the
+    single-process run on the whole batch: 2 all-to-alls and 1 all-reduce a step for 2, 4 or 6
+    Muon matrices; state DTensors placed as their params; a DCP checkpoint resumes into
+    FusedMuon (bit for bit) and loads into torch's Muon."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = os.path.join(workdir, "ckpt-muon")
+    model, reference = _sharded(mesh, sizes=MUON_SIZES), _model(sizes=MUON_SIZES)
+    opt, ref_opt = _muon(model), _muon(reference)
+    for step in range(STEPS):
+        _backward(model, step, rank)
+        _global_backward(reference, step)
+        counts = count.during(opt.step, ("all_reduces", "all_to_alls"))
+        assert counts == (1, 2), f"step {step}: (all-reduces, all-to-alls) = {counts}"
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        if step == STEPS - 2:
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+            saved = [_full(opt.state[p]["momentum_buffer"]).clone() for p in opt.param_groups[0]["params"]]
+    _same_muon(opt, ref_opt, "FSDP2 against one process")
+    for p, state in opt.state.items():
+        for key, v in state.items():
+            if key != "step":
+                assert type(v) is type(p) and (v.placements, v.device_mesh) == (p.placements, p.device_mesh)
+    for cls in (fusedopt.FusedMuon, torch.optim.Muon):
+        resumed = _sharded(mesh, seed=1, sizes=MUON_SIZES)
+        resumed_opt = _muon(resumed, cls)
+        if cls is torch.optim.Muon:  # its state as its first step makes it: DCP's first step (to
+            # make the state to load into) fails in torch's Muon, on the 1x8 matrix (below)
+            for p in resumed_opt.param_groups[0]["params"]:
+                resumed_opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        msd, osd = get_state_dict(resumed, resumed_opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(resumed, resumed_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if cls is torch.optim.Muon:  # takes the state as its own (its step cannot: DTensor cannot
+            # add the 1x8 matrix's replicated update in place to the Shard(0) param)
+            for p, buf in zip(resumed_opt.param_groups[0]["params"], saved, strict=True):
+                mine = resumed_opt.state[p]["momentum_buffer"]
+                assert mine.placements == p.placements and torch.equal(_full(mine), buf), "torch's Muon"
+            continue
+        _train(resumed, resumed_opt, range(STEPS - 1, STEPS), rank)
+        _same_muon(resumed_opt, opt, "resumed", exact=True)
+    for sizes in ((6, 7, 1), (6, 7, 12, 8, 5, 9, 1)):  # 2 and 6 matrices: the same collectives
+        small = _sharded(mesh, sizes=sizes)
+        _backward(small, 0, rank)
+        counts = count.during(_muon(small).step, ("all_reduces", "all_to_alls"))
+        assert counts == (1, 2), f"{len(sizes) - 1} matrices: (all-reduces, all-to-alls) = {counts}"
+
+
+def check_muon_hsdp(rank, mesh, count, workdir):
+    """HSDP on a 2x2 mesh (params ``(Replicate(), Shard(0))``): each replica group exchanges
+    within its shard group (2 all-to-alls a step, 1 all-reduce for max_grad_norm) and the run
+    equals one process on the 4 ranks' batches; tensor parallel's placements are refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model, reference = _sharded(mesh2d, sizes=MUON_SIZES), _model(sizes=MUON_SIZES)
+    assert model[0].weight.placements == (Replicate(), Shard(0))
+    opt, ref_opt = _muon(model), _muon(reference)
+    for step in range(STEPS):
+        _backward(model, step, rank)
+        _global_backward(reference, step, ranks=4)
+        counts = count.during(opt.step, ("all_reduces", "all_to_alls"))
+        assert counts == (1, 2), f"step {step}: (all-reduces, all-to-alls) = {counts}"
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    _same_muon(opt, ref_opt, "HSDP against one process")
+    tp = _tensor_parallel(init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")))
+    for p in tp.parameters():  # (_StridedShard(0), Shard(0)), (Shard(0), Shard(1))
+        if p.ndim == 2:
+            with pytest.raises(NotImplementedError, match="placements"):
+                fusedopt.FusedMuon([p])
+
+
 CHECKS = [
     check_fsdp_parity,
     check_clipping,
@@ -548,10 +717,12 @@ CHECKS = [
     check_low_precision,
     check_int8_state,
     check_linear_cross_entropy_head,
+    check_muon_exchange,
+    check_muon_fsdp,
 ]
 GROUPS = {  # (world size, device): the checks its ranks run
     (WORLD, "cpu"): CHECKS,
-    (4, "cpu"): [check_2d_mesh],
+    (4, "cpu"): [check_2d_mesh, check_muon_hsdp],
     (1, "cuda"): [check_fsdp_parity, check_clipping, check_linear_cross_entropy_head],  # where a GPU exists
 }
 
@@ -621,8 +792,14 @@ def test_distributed(verdicts, check):
     _assert_ok(verdicts, check)
 
 
-def test_2d_mesh_on_4_ranks():
-    _assert_ok(_run_group(4), check_2d_mesh.__name__)
+@pytest.fixture(scope="module")
+def verdicts_on_4_ranks() -> list[dict[str, str]]:
+    return _run_group(4)
+
+
+@pytest.mark.parametrize("check", [c.__name__ for c in GROUPS[4, "cpu"]])
+def test_on_4_ranks(verdicts_on_4_ranks, check):
+    _assert_ok(verdicts_on_4_ranks, check)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,6 +11,7 @@ from torch import nn
 import fusedopt
 from fusedopt import FusedMuon, muon_param_groups
 from fusedopt.optim import muon as muon_module
+from fusedopt.optim._muon_dist import newton_schulz_cost, owners
 from fusedopt.testing import MUON_CASES, assert_close, compare_muon, gpt_shapes
 from fusedopt.tolerance import MUON_TOLERANCE
 
@@ -277,12 +278,17 @@ def test_muon_param_groups_split_a_model(tied):
 
 
 def test_copies_keep_the_extensions():
+    """Copies carry ``max_grad_norm`` and ``flatten``; ``load_state_dict`` (groups and state
+    only) keeps the loading optimizer's own."""
     import copy
     import pickle
 
     opt = FusedMuon([torch.zeros(2, 3, 4)], max_grad_norm=1.5, flatten=True)
     for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert other.max_grad_norm == 1.5 and other.flatten is True
+    loaded = FusedMuon([torch.zeros(2, 3, 4)], max_grad_norm=0.5, flatten=True)
+    loaded.load_state_dict(opt.state_dict())
+    assert loaded.max_grad_norm == 0.5 and loaded.flatten is True
 
 
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale_then_step"])
@@ -312,22 +318,66 @@ def test_grad_scaler_as_with_torchs_muon(unscale_first):
         _close(a, b, "momentum_buffer", exact=True)
 
 
-def test_dtensor_params_in_a_muon_group_are_refused_clearly():
-    """Sharded matrices (FSDP2) need their whole gradient for Newton–Schulz: not built yet, so
-    refused at construction (an AdamW group may hold them)."""
+def test_dtensor_params_on_one_rank():
+    """DTensor params in a Muon group (a 1-rank gloo mesh; 2 ranks: tests/test_distributed.py):
+    ``Shard(0)`` (2-D, and 3-D with flatten) and ``Replicate()`` step as plain tensors, bit for
+    bit, their momentum buffers DTensors placed as them. Other placements are refused when the
+    group is added (an AdamW group holds any); a grad placed unlike its param at the step,
+    before anything changes."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         mesh = init_device_mesh("cpu", (1,))
-        w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
-        with pytest.raises(NotImplementedError, match="DTensor params"):
-            FusedMuon([w])
-        FusedMuon([{"params": [w], "use_muon": False}])
+        values = _params([(4, 6), (5, 2, 3), (6, 4)], torch.float32, "cpu")
+        placements = [[Shard(0)], [Shard(0)], [Replicate()]]
+        ds = [nn.Parameter(distribute_tensor(v, mesh, x)) for v, x in zip(values, placements, strict=True)]
+        ps = [nn.Parameter(v.clone()) for v in values]
+        ours, theirs = (FusedMuon(params, lr=0.02, flatten=True) for params in (ds, ps))
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for d, p in zip(ds, ps, strict=True):
+                p.grad = torch.randn(p.shape, generator=gen)
+                d.grad = distribute_tensor(p.grad.clone(), mesh, d.placements)
+            ours.step()
+            theirs.step()
+        for d, p in zip(ds, ps, strict=True):
+            buf = ours.state[d]["momentum_buffer"]
+            assert buf.placements == d.placements and torch.equal(
+                buf.to_local(), theirs.state[p]["momentum_buffer"]
+            )
+            assert torch.equal(d.to_local(), p.detach())
+        for x in ([Shard(1)], [Shard(2)]):
+            w = nn.Parameter(distribute_tensor(torch.randn(4, 6, 2), mesh, x))
+            with pytest.raises(NotImplementedError, match="placements"):
+                FusedMuon([w], flatten=True)
+            FusedMuon([{"params": [w], "use_muon": False}])
+        ds[0].grad = distribute_tensor(torch.randn(4, 6), mesh, [Replicate()])
+        before = [t.to_local().clone() for t in (*ds, *(ours.state[d]["momentum_buffer"] for d in ds))]
+        with pytest.raises(RuntimeError, match="placements"):
+            ours.step()
+        after = [t.to_local() for t in (*ds, *(ours.state[d]["momentum_buffer"] for d in ds))]
+        assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
     finally:
         dist.destroy_process_group()
+
+
+def test_owners_balance_newton_schulz_cost():
+    """Largest cost first onto the least-loaded rank, ties to the first matrix and the lowest
+    rank: the same answer on every rank, and within 4/3 of the best (the greedy's bound)."""
+    assert owners([5, 3, 3, 2, 1], 2) == [0, 1, 1, 0, 1]
+    assert owners([1, 1, 1, 1], 2) == [0, 1, 0, 1]
+    assert owners([4], 3) == [0] and owners([], 2) == []
+    assert newton_schulz_cost((8, 12)) == newton_schulz_cost((12, 8)) == 8 * 8 * (2 * 12 + 8)
+    gen = torch.Generator().manual_seed(0)
+    costs = [newton_schulz_cost(torch.randint(1, 64, (2,), generator=gen).tolist()) for _ in range(40)]
+    for world in (2, 3, 8):
+        ranks = owners(costs, world)
+        loads = [sum(c for c, r in zip(costs, ranks, strict=True) if r == rank) for rank in range(world)]
+        best = max(sum(costs) / world, max(costs))  # no assignment does better
+        assert max(loads) <= 4 / 3 * best and owners(costs, world) == ranks
 
 
 @pytest.mark.parametrize("case", MUON_CASES, ids=lambda c: c.id)

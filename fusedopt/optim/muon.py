@@ -10,21 +10,24 @@ CPU under the interpreter): the momentum and the norms in one launch, Newton–S
 shape with torch's matmuls, the decay and update in one launch
 (:mod:`fusedopt.optim._muon_launch`); no host read. Elsewhere (a CPU without the interpreter,
 DTensors, params not laid out for the kernels) the same math runs on torch's ops: on CPU the
-fastest correct path measured (docs/muon.md).
+fastest correct path measured (docs/muon.md). DTensor params (FSDP2) step their local shards;
+each whole matrix is orthogonalized by one owner rank (:mod:`fusedopt.optim._muon_dist`).
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from fusedopt._dist import is_dtensor
+from fusedopt._dist import any_dtensor, check_param, is_dtensor, local
 from fusedopt._multi_tensor import TL_DTYPE, runs_triton
 from fusedopt._norm import clip_coefficient, global_norm, split
 from fusedopt.optim._fused import check_max_grad_norm
+from fusedopt.optim._muon_dist import orthogonalize_sharded, shard_dim
 from fusedopt.optim._muon_launch import MuonLaunch, check_newton_schulz, quintic
 from fusedopt.optim.adam import FusedAdamW
 
@@ -88,7 +91,7 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
 
 def _matrix_shape(p: torch.Tensor) -> torch.Size:
     """The matrix a param is orthogonalized as: itself (2-D) or its ``[shape[0], -1]`` view."""
-    return p.shape if p.ndim == 2 else torch.Size((p.shape[0], p[0].numel()))
+    return p.shape if p.ndim == 2 else torch.Size((p.shape[0], math.prod(p.shape[1:])))
 
 
 class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Optimizer):
@@ -145,9 +148,10 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm, "flatten": self.flatten}
 
     def __setstate__(self, state: dict) -> None:
-        state = dict(state)
-        self.max_grad_norm, self.flatten = state.pop("max_grad_norm", None), state.pop("flatten", False)
+        # unpickling and copies carry the options; load_state_dict's state does not: keep ours
         super().__setstate__(state)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("flatten", False)
 
     def add_param_group(self, param_group: dict) -> None:
         if param_group.get("use_muon", True) is False:
@@ -159,11 +163,7 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         else:
             for p in group["params"]:
                 if is_dtensor(p):
-                    raise NotImplementedError(
-                        "FusedMuon: DTensor params (FSDP2, tensor parallel) in a Muon group are not supported yet: "
-                        "Newton-Schulz needs each whole matrix (issue 20); put them in a use_muon=False group or "
-                        "use torch.optim.Muon"
-                    )
+                    shard_dim(p)  # refuses placements the owner exchange does not handle
                 if p.ndim != 2 and not (self.flatten and p.ndim > 2):
                     raise ValueError(
                         f"Muon only supports 2D parameters whereas we found a parameter with size: {p.size()}"
@@ -197,6 +197,7 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
                     raise RuntimeError("Muon does not support complex parameters")
                 if p.grad.is_sparse:
                     raise RuntimeError("Muon does not support sparse gradients")
+                check_param(p, p.grad)
             if group.get("use_muon", True) is False:
                 adamw.append(group)
                 continue
@@ -265,7 +266,8 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         """torch.optim.Muon's step of one group with torch's ops: the momentum of all params in
         one multi-tensor pass, Newton–Schulz batched per shape, the decay and update per matrix
         shape."""
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        bufs = [local(self.state[p]["momentum_buffer"]) for p in params]
+        grads = [local(g) for g in grads]  # DTensors: their local shards
         momentum = group["momentum"]
         torch._foreach_lerp_(bufs, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
@@ -273,15 +275,14 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
         if isinstance(lr, torch.Tensor) and lr.dim() != 0:
             lr = lr.squeeze()  # torch's _to_scalar: a tensor lr stays a 0-d tensor
         shapes = [_matrix_shape(p) for p in params]
-        orthogonal = newton_schulz(
-            [u.reshape(shape) for u, shape in zip(updates, shapes, strict=True)],
-            group["ns_coefficients"], group["ns_steps"], group["eps"],
-        )  # fmt: skip
+        orthogonal = _orthogonalize(
+            params, [u.reshape(u.shape[0], shape[1]) for u, shape in zip(updates, shapes, strict=True)], group
+        )
         by_shape: dict[tuple, tuple[list, list]] = {}
         for p, shape, o in zip(params, shapes, orthogonal, strict=True):
             mine = by_shape.setdefault((shape, p.device, p.dtype), ([], []))
-            mine[0].append(p)
-            mine[1].append(o.reshape(p.shape))
+            mine[0].append(local(p))
+            mine[1].append(o.reshape(local(p).shape))
         for (shape, _, _), (ps, os) in by_shape.items():
             # torch's ops with torch's operands: a tensor lr's decay factor is a 0-d tensor (cast to
             # a bf16 param's dtype by mul_, as torch's step does), its alpha read as a number
@@ -370,6 +371,25 @@ def _walkable(p: torch.Tensor, buf: torch.Tensor) -> bool:
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
+
+
+def _orthogonalize(
+    params: list[torch.Tensor], matrices: list[torch.Tensor], group: dict
+) -> list[torch.Tensor]:
+    """Newton–Schulz of each param's update (``matrices[i]``: the ``[shape[0], -1]`` view of
+    ``params[i]``'s, a DTensor param's local rows of it), each result shaped as its input.
+    Plain params: :func:`newton_schulz` here. Any DTensor param (FSDP2): every whole matrix on
+    one owner rank, the rows sent there and back by two all-to-alls per process group
+    (:func:`fusedopt.optim._muon_dist.orthogonalize_sharded`)."""
+
+    def orthogonalize(ms: list[torch.Tensor]) -> list[torch.Tensor]:
+        return newton_schulz(ms, group["ns_coefficients"], group["ns_steps"], group["eps"])
+
+    return (
+        orthogonalize_sharded(params, matrices, orthogonalize)
+        if any_dtensor(params)
+        else orthogonalize(matrices)
+    )
 
 
 def _scaled(grads: list[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor]:
