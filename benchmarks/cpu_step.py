@@ -10,7 +10,7 @@ the for-loop or foreach one: torch's fused CPU step is timed but is no yardstick
 bf16 params its SGD leaves most params unchanged).
 
 Layout: a GPT-2-shaped model of 76 tensors, 13,961,216 elements (d=256, 6 blocks, vocabulary
-35,000) in ``--dtype`` (Muon: its 24 hidden matrices), the params' grads set once and shared by every optimizer; ``--options``
+35,000; ``--width``, ``--layers`` change it) in ``--dtype`` (Muon: its hidden matrices, 4 a block), the params' grads set once and shared by every optimizer; ``--options``
 adds a fusedopt row per set of low-precision options (torch's rows run its plain step on the
 same params). Each row is timed ``--steps`` steps per round after 3 untimed ones, over
 ``--rounds`` rounds that alternate the rows (the machine's drift then hits every row alike);
@@ -23,7 +23,7 @@ Not a suite of ``python -m fusedopt bench``: without CUDA that command runs in t
 CSV writer.
 
     PYTHONPATH=. python benchmarks/cpu_step.py [--dtype bf16] [--options plain,master,sr]
-        [--steps 10] [--rounds 3] [--out DIR]
+        [--steps 10] [--rounds 3] [--width 256] [--layers 6] [--out DIR]
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--options", default="plain", help=f"fusedopt rows; from: {', '.join(OPTIONS)}")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--width", type=int, default=256, help="the layout's model width d")
+    parser.add_argument("--layers", type=int, default=6, help="the layout's blocks")
     parser.add_argument("--out", help="also write a CSV into this folder")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--options: unknown {', '.join(bad)} (choose from {', '.join(OPTIONS)})")
     env = common.environment()
     dtype = common.DTYPES[args.dtype]
-    shapes = bo.gpt2_small_shapes(d=256, vocab=35000, layers=6)
+    shapes = bo.gpt2_small_shapes(d=args.width, vocab=35000, layers=args.layers)
     params = bo.make_params(shapes, dtype, "cpu")
     print(f"CPU step time, ms: {len(shapes)} tensors, {bo.numel_of(shapes):,} {args.dtype} elements, "
           f"{torch.get_num_threads()} threads, torch {env['torch']}, {env['timestamp_utc']}")  # fmt: skip
