@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 from helpers import close
 
 import fusedopt
+from fusedopt.kernels import muon as muon_kernels
 from fusedopt.optim._step import ALGORITHMS
 from fusedopt.testing import assert_close
 from fusedopt.tolerance import MUON_TOLERANCE, OPTIM_TOLERANCE
@@ -97,15 +98,18 @@ def _same(ours, theirs, what: str) -> None:
 
 
 class _Count:
-    """Launches of the step kernels (every algorithm's) and calls of ``dist.all_reduce`` and
-    ``dist.all_to_all_single`` in this process."""
+    """Launches of the step kernels (every algorithm's; FusedMuon's momentum and update kernels
+    apart) and calls of ``dist.all_reduce`` and ``dist.all_to_all_single`` in this process."""
 
     def __init__(self):
         self.launches = 0
         self.all_reduces = 0
         self.all_to_alls = 0
+        self.muon_launches = 0
         for kernel in {id(spec.kernel): spec.kernel for spec in ALGORITHMS.values()}.values():
             kernel.run = self._wrap(kernel.run, "launches")  # one kernel runs every algorithm
+        for kernel in (muon_kernels.muon_momentum_kernel, muon_kernels.muon_update_kernel):
+            kernel.run = self._wrap(kernel.run, "muon_launches")
         dist.all_reduce = self._wrap(dist.all_reduce, "all_reduces")
         dist.all_to_all_single = self._wrap(dist.all_to_all_single, "all_to_alls")
 
@@ -638,8 +642,11 @@ def check_muon_fsdp(rank, mesh, count, workdir):
     for step in range(STEPS):
         _backward(model, step, rank)
         _global_backward(reference, step)
-        counts = count.during(opt.step, ("all_reduces", "all_to_alls"))
-        assert counts == (1, 2), f"step {step}: (all-reduces, all-to-alls) = {counts}"
+        counts = count.during(opt.step, ("all_reduces", "all_to_alls", "muon_launches", "launches"))
+        # the shards' momentum and update: one launch each; the AdamW group's: one
+        assert counts == (1, 2, 2, 1), (
+            f"step {step}: (all-reduces, all-to-alls, Muon, AdamW launches) = {counts}"
+        )
         ref_opt.step()
         opt.zero_grad()
         ref_opt.zero_grad()
@@ -674,8 +681,10 @@ def check_muon_fsdp(rank, mesh, count, workdir):
     for sizes in ((6, 7, 1), (6, 7, 12, 8, 5, 9, 1)):  # 2 and 6 matrices: the same collectives
         small = _sharded(mesh, sizes=sizes)
         _backward(small, 0, rank)
-        counts = count.during(_muon(small).step, ("all_reduces", "all_to_alls"))
-        assert counts == (1, 2), f"{len(sizes) - 1} matrices: (all-reduces, all-to-alls) = {counts}"
+        counts = count.during(_muon(small).step, ("all_reduces", "all_to_alls", "muon_launches"))
+        assert counts == (1, 2, 2), (
+            f"{len(sizes) - 1} matrices: (all-reduces, all-to-alls, Muon launches) = {counts}"
+        )
 
 
 def check_muon_hsdp(rank, mesh, count, workdir):

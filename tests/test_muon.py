@@ -527,9 +527,10 @@ def test_a_captured_step_replays_as_the_eager_one():
     ps, qs = (_params(shapes, torch.bfloat16, "cuda") for _ in range(2))
     vs, ws = (_params([(7,)], torch.float32, "cuda", seed=1) for _ in range(2))
     lr, lr2 = torch.tensor(0.02, device="cuda"), torch.tensor(0.02, device="cuda")
-    make = lambda ms, xs, lr: FusedMuon(
-        [{"params": ms}, {"params": xs, "use_muon": False}], lr=lr, max_grad_norm=1.0
-    )  # noqa: E731
+
+    def make(ms, xs, lr):
+        return FusedMuon([{"params": ms}, {"params": xs, "use_muon": False}], lr=lr, max_grad_norm=1.0)
+
     graphed, eager = make(ps, vs, lr), make(qs, ws, lr2)
     for t in ps + vs + qs + ws:
         t.grad = torch.zeros_like(t)

@@ -56,16 +56,19 @@ def quintic(x: torch.Tensor, coefficients: tuple[float, float, float], steps: in
 
 
 class MuonLaunch:
-    """Tables and buffers for the Triton step of ``params`` (one device and dtype, dense) with
-    momentum buffers ``bufs``, orthogonalized as matrices of ``shapes`` (the param's own 2-D
-    shape or its ``[shape[0], -1]`` view), each learning rate scaled by ``ratios[i]``."""
+    """Tables and buffers for the Triton step of ``params`` (one device and dtype, dense; a
+    DTensor's local shard) with momentum buffers ``bufs``, their updates held as matrices of
+    ``shapes`` (the param's own 2-D shape or its ``[shape[0], -1]`` view; a shard's rows of
+    it), each learning rate scaled by ``ratios[i]``; ``tall[i]``: the whole matrix is taller
+    than wide (torch adds its update as a transposed view)."""
 
     def __init__(
         self,
         params: list[torch.Tensor],
         bufs: list[torch.Tensor],
-        shapes: list[torch.Size],
+        shapes: list[tuple[int, int]],
         ratios: list[float],
+        tall: list[bool],
     ):
         device, self.dtype = params[0].device, params[0].dtype
         # the matrices ordered by shape, each shape's run of the workspace 16-byte aligned
@@ -86,6 +89,8 @@ class MuonLaunch:
             self.batches.append((first, batch, rows > cols))
             views.extend(batch.unbind(0))
             first += len(members)
+        position = {i: k for k, i in enumerate(self.order)}
+        self.matrices = [views[position[i]] for i in range(len(params))]  # in the params' order
         ordered = [params[i] for i in self.order]
         self.momentum = TensorTable([[bufs[i] for i in self.order], views], device)
         self.update = TensorTable([ordered, views], device)
@@ -94,9 +99,9 @@ class MuonLaunch:
         # each matrix's lr ratio, and whether torch's CPU add_ rounds alpha * O to the dtype first:
         # its scalar loop does, in bf16/fp16, where O is a transposed view (a tall 2-D param's)
         low = self.dtype in (torch.bfloat16, torch.float16)
-        tall = [float(low and params[i].ndim == 2 and shapes[i][0] > shapes[i][1]) for i in self.order]
+        rounded = [float(low and tall[i]) for i in self.order]
         self.ratios = torch.tensor(
-            [[ratios[i], t] for i, t in zip(self.order, tall, strict=True)], dtype=torch.float64
+            [[ratios[i], t] for i, t in zip(self.order, rounded, strict=True)], dtype=torch.float64
         ).to(device)
         self.scalars = DeviceScalars(device)
         self.device = device
@@ -108,10 +113,13 @@ class MuonLaunch:
         inv_scale: torch.Tensor | None,
         found_inf: torch.Tensor | None,
         clip_coef: torch.Tensor | None,
+        exchange: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
     ) -> None:
         """One Muon step of the matrices with ``grads`` (in the params' order): ``inv_scale``
         (GradScaler's ``1 / scale``), ``found_inf`` (skip) and ``clip_coef`` on the device, or
-        None."""
+        None. ``exchange``: for shards, the orthogonalized rows of each matrix from the rows of
+        its update (:func:`fusedopt.optim._muon_dist.orthogonalize_sharded`), instead of the
+        normalization and the chain here."""
         lr = group["lr"]
         scalars = self.scalars([group["momentum"], lr, group["weight_decay"]])
         ordered = [grads[i] for i in self.order]
@@ -125,11 +133,14 @@ class MuonLaunch:
             NESTEROV=bool(group["nesterov"]), HAS_INV_SCALE=inv_scale is not None,
             HAS_FOUND_INF=found_inf is not None, HAS_CLIP=clip_coef is not None,
         )  # fmt: skip
-        launch_grid(
-            kernels.muon_norms_kernel, len(self.order), self.device, self.partials, self.momentum.meta,
-            self.divisors, float(group["eps"]), BLOCK=self.momentum.block, CHUNK=_CHUNK,
-        )  # fmt: skip
-        self.orthogonalize(lambda x: quintic(x, group["ns_coefficients"], group["ns_steps"]))
+        if exchange is not None:
+            torch._foreach_copy_(self.matrices, exchange(self.matrices))
+        else:
+            launch_grid(
+                kernels.muon_norms_kernel, len(self.order), self.device, self.partials, self.momentum.meta,
+                self.divisors, float(group["eps"]), BLOCK=self.momentum.block, CHUNK=_CHUNK,
+            )  # fmt: skip
+            self.orthogonalize(lambda x: quintic(x, group["ns_coefficients"], group["ns_steps"]))
         table = self.update
         launch_grid(
             kernels.muon_update_kernel, table.num_blocks, self.device, table.ptrs, table.meta, table.owner, scalars,

@@ -16,6 +16,7 @@ each whole matrix is orthogonalized by one owner rank (:mod:`fusedopt.optim._muo
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Iterable
@@ -218,9 +219,12 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
                 total = global_norm(split(grads), 2.0, grad_scale, exact=True)
                 clip = clip_coefficient(total, self.max_grad_norm)
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
-        for group, launch, grads in kernels:
+        for group, launch, grads, dtensors in kernels:
             device = launch.device
-            launch.step(grads, group, _to(inv_scale, device), _to(found_inf, device), _to(clip, device))
+            exchange = None if dtensors is None else functools.partial(_orthogonalize, dtensors, group=group)
+            launch.step(
+                grads, group, _to(inv_scale, device), _to(found_inf, device), _to(clip, device), exchange
+            )
         for group, params in theirs:
             grads = [p.grad for p in params]
             for factor in (inv_scale, clip):
@@ -231,10 +235,12 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
             self._adamw(adamw, grad_scale, found_inf, clip)
 
     def _split(self, muon: list[tuple[int, dict, list[torch.Tensor]]]) -> tuple[list, list]:
-        """The Muon params with grads as ``(group, MuonLaunch, grads)`` per group, device and
-        dtype for the kernels, and ``(group, params)`` for torch's ops: params on a device
-        without Triton, DTensors, and tensors the kernels do not walk as they are (not
-        contiguous, a grad or buffer of another dtype). Creates missing momentum buffers."""
+        """The Muon params with grads as ``(group, MuonLaunch, grads, dtensors)`` per group,
+        device, dtype and kind (plain or DTensor: ``dtensors`` are then the params, whose
+        matrices the step exchanges) for the kernels, and ``(group, params)`` for torch's ops:
+        params on a device without Triton and tensors the kernels do not walk as they are (not
+        contiguous, a grad or buffer of another dtype). Creates missing momentum buffers (a
+        DTensor param's: a DTensor placed as it)."""
         launches = self.__dict__.setdefault("_launches", {})
         kernels, theirs = [], []
         for index, group, params in muon:
@@ -245,19 +251,24 @@ class FusedMuon(torch.optim.Muon if _torch_muon is not None else torch.optim.Opt
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
                 if _walkable(p, state["momentum_buffer"]):
-                    mine.setdefault((p.device, p.dtype), []).append(p)
+                    mine.setdefault((p.device, p.dtype, is_dtensor(p)), []).append(p)
                 else:
                     rest.append(p)
             for where, ps in mine.items():
-                bufs = [self.state[p]["momentum_buffer"] for p in ps]
-                shapes = [_matrix_shape(p) for p in ps]
-                key = (group["adjust_lr_fn"], *((id(p), p.data_ptr(), b.data_ptr(), s) for p, b, s in zip(
-                    ps, bufs, shapes, strict=True)))  # fmt: skip
+                shards = [local(p) for p in ps]
+                bufs = [local(self.state[p]["momentum_buffer"]) for p in ps]
+                shapes = [_matrix_shape(p) for p in ps]  # whole matrices
+                rows = [
+                    (x.shape[0], shape[1]) for x, shape in zip(shards, shapes, strict=True)
+                ]  # the local ones
+                key = (group["adjust_lr_fn"], *((id(p), x.data_ptr(), b.data_ptr(), r) for p, x, b, r in zip(
+                    ps, shards, bufs, rows, strict=True)))  # fmt: skip
                 known = launches.get((index, where))
                 if known is None or known[0] != key:
                     ratios = [adjusted_lr(1.0, group["adjust_lr_fn"], s) for s in shapes]
-                    known = launches[index, where] = (key, MuonLaunch(ps, bufs, shapes, ratios))
-                kernels.append((group, known[1], [p.grad for p in ps]))
+                    tall = [p.ndim == 2 and s[0] > s[1] for p, s in zip(ps, shapes, strict=True)]
+                    known = launches[index, where] = (key, MuonLaunch(shards, bufs, rows, ratios, tall))
+                kernels.append((group, known[1], [local(p.grad) for p in ps], ps if where[2] else None))
             if rest:
                 theirs.append((group, rest))
         return kernels, theirs
@@ -353,12 +364,14 @@ def _adamw_hyper(group: dict) -> dict:
 
 
 def _walkable(p: torch.Tensor, buf: torch.Tensor) -> bool:
-    """Whether the kernels step this param: on a Triton device, a plain tensor of a float dtype,
-    it, its grad and its buffer contiguous and of one dtype and shape."""
-    g = p.grad
+    """Whether the kernels step this param (a DTensor: its local shard, its buffer a DTensor
+    placed as it): on a Triton device, of a float dtype, it, its grad and its buffer contiguous
+    and of one dtype and shape."""
+    if is_dtensor(p) and not (is_dtensor(buf) and buf.placements == p.placements):
+        return False
+    p, g, buf = local(p), local(p.grad), local(buf)
     return (
         runs_triton(p.device)
-        and not is_dtensor(p)
         and p.dtype in TL_DTYPE
         and g.dtype == buf.dtype == p.dtype
         and g.shape == buf.shape == p.shape
