@@ -9,9 +9,9 @@ A Muon group's matrices of one device and dtype step through the Triton kernels 
 CPU under the interpreter): the momentum and the norms in one launch, Newton–Schulz batched per
 shape with torch's matmuls, the decay and update in one launch
 (:mod:`fusedopt.optim._muon_launch`); no host read. Elsewhere (a CPU without the interpreter,
-DTensors, params not laid out for the kernels) the same math runs on torch's ops: on CPU the
-fastest correct path measured (docs/muon.md). DTensor params (FSDP2) step their local shards;
-each whole matrix is orthogonalized by one owner rank (:mod:`fusedopt.optim._muon_dist`).
+params not laid out for the kernels) the same math runs on torch's ops: on CPU the fastest
+correct path measured (docs/muon.md). DTensor params (FSDP2) step their local shards; each
+whole matrix is orthogonalized by one owner rank (:mod:`fusedopt.optim._muon_dist`).
 """
 
 from __future__ import annotations
