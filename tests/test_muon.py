@@ -557,3 +557,28 @@ def test_a_captured_step_replays_as_the_eager_one():
     torch.cuda.synchronize()
     for p, q in zip(ps + vs, qs + ws, strict=True):
         assert torch.equal(p, q)
+
+
+def test_compiled_step_is_the_eager_step():
+    """``torch.compile(opt.step)`` runs the step eagerly (a graph break around it): the same
+    params and state as the eager optimizer, AdamW groups included."""
+    shapes = [(8, 16), (16, 8), (5,)]
+    ps, qs = _params(shapes, torch.float32, "cpu"), _params(shapes, torch.float32, "cpu")
+
+    def build(ts):
+        return FusedMuon(
+            [{"params": ts[:2]}, {"params": ts[2:], "use_muon": False}], lr=0.02, max_grad_norm=1.0
+        )
+
+    compiled, eager = build(ps), build(qs)
+    step = torch.compile(compiled.step)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        for p, q in zip(ps, qs, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        step()
+        eager.step()
+    for p, q in zip(ps, qs, strict=True):
+        assert torch.equal(p, q)
+        assert all(torch.equal(compiled.state[p][k], eager.state[q][k]) for k in eager.state[q])
