@@ -17,10 +17,10 @@ from torch.nn import _reduction
 from torch.overrides import has_torch_function_variadic
 
 from fusedopt._multi_tensor import TL_DTYPE, runs_triton
-from fusedopt.cross_entropy import cross_entropy as _fused_cross_entropy
 from fusedopt.kernels import losses as kernels
-from fusedopt.linear_cross_entropy import linear_cross_entropy
-from fusedopt.losses import MeanFunction, PointwiseLossFunction
+from fusedopt.losses.cross_entropy import cross_entropy as _fused_cross_entropy
+from fusedopt.losses.linear_cross_entropy import linear_cross_entropy
+from fusedopt.losses.pointwise import MeanFunction, PointwiseLossFunction
 
 __all__ = [
     "cross_entropy",

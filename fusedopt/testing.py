@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import fusedopt
 from fusedopt import functional as FF
-from fusedopt.linear_cross_entropy import linear_cross_entropy_reference
+from fusedopt.losses.linear_cross_entropy import linear_cross_entropy_reference
 from fusedopt.optim import _amp, _precision, _quantize
 from fusedopt.optim import muon as _muon
 from fusedopt.optim._fused import EXTENSIONS

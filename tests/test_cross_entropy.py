@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from helpers import Launches, compile_in_child, record_launches
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fusedopt._cross_entropy_launch as launch
-import fusedopt.cross_entropy as ce
-from fusedopt.cross_entropy import CrossEntropyFunction, cross_entropy
+import fusedopt.losses._cross_entropy_launch as launch
+import fusedopt.losses.cross_entropy as ce
 from fusedopt.kernels import cross_entropy as kernels
+from fusedopt.losses.cross_entropy import CrossEntropyFunction, cross_entropy
 from fusedopt.testing import assert_close
 from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE
 

@@ -511,7 +511,7 @@ def check_linear_cross_entropy_head(rank, mesh, count, workdir):
     composition, for 2 AdamW steps."""
     from torch.distributed.fsdp import fully_shard
 
-    import fusedopt._linear_cross_entropy_launch as launch
+    import fusedopt.losses._linear_cross_entropy_launch as launch
 
     vocab, width = 31, 8
 

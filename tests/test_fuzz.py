@@ -93,7 +93,7 @@ from hypothesis.stateful import (
 
 import fusedopt
 from fusedopt import functional as FF
-from fusedopt.linear_cross_entropy import linear_cross_entropy_reference
+from fusedopt.losses.linear_cross_entropy import linear_cross_entropy_reference
 from fusedopt.optim import _quantize
 from fusedopt.optim._precision import KAHAN, MASTER, SEED, signed_keys
 from fusedopt.optim._precision import ours as is_extension

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as TF
 
 import fusedopt
-import fusedopt._cross_entropy_launch as ce_launch
-import fusedopt.losses
+import fusedopt.losses._common
 from fusedopt import functional as F
 from fusedopt._multi_tensor import TensorTable
 from fusedopt.kernels import clip
@@ -112,7 +111,7 @@ def test_loss_kernels_loop_over_their_work_when_the_grid_is_capped(programs, tri
     """The limit holds by construction: each loss kernel loops over its work items (program p
     takes items p, p + grid, ...). With the cap lowered to 1 or 3 programs (as 2^31 - 1 is for
     more work items on a GPU) every launch stays within it and the results are torch's."""
-    monkeypatch.setattr(fusedopt.losses, "MAX_PROGRAMS", programs)
+    monkeypatch.setattr(fusedopt.losses._common, "MAX_PROGRAMS", programs)
     grids = record_grids(monkeypatch, LOSS_KERNELS)
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(40, 37, generator=gen).to(triton_device).requires_grad_()  # 1,480: two blocks
@@ -159,7 +158,7 @@ def test_cross_entropy_refuses_a_grid_beyond_the_limit(triton_device, monkeypatc
     """The cross-entropy kernels take one work item per program; their size rules keep the
     count under 2^31 - 1 for any tensor below 2^41 elements, and ``checked_grid`` raises a clear
     error rather than launching more (shown with the limit lowered)."""
-    monkeypatch.setattr(ce_launch, "MAX_PROGRAMS", 4)
+    monkeypatch.setattr(fusedopt.losses._common, "MAX_PROGRAMS", 4)
     logits = torch.zeros(10_000, 2, device=triton_device)  # 5 row tiles of 2,048
     with pytest.raises(RuntimeError, match="exceeds CUDA's grid limit"):
         F.cross_entropy(logits, torch.zeros(10_000, dtype=torch.long, device=triton_device))

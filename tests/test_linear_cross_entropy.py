@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from helpers import CountOps, Recorder
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fusedopt._cross_entropy_launch as ce_launch
-import fusedopt._linear_cross_entropy_launch as launch
+import fusedopt.losses._cross_entropy_launch as ce_launch
+import fusedopt.losses._linear_cross_entropy_launch as launch
 from fusedopt import functional as FF
 from fusedopt import nn as fnn
-from fusedopt.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from fusedopt.losses.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from fusedopt.testing import run_linear_cross_entropy
 from fusedopt.tolerance import linear_ce_allowed_error
 
@@ -375,7 +375,7 @@ def test_default_chunk_rule():
 
 def test_other_devices_use_the_composition(monkeypatch, device):
     """Where the kernels do not run, the op is the composition (and takes its errors)."""
-    import fusedopt.linear_cross_entropy as module
+    import fusedopt.losses.linear_cross_entropy as module
 
     monkeypatch.setattr(module, "runs_triton", lambda device: False)
     x, w, target, b, kwargs = make((5,), torch.float32, OPTIONS["all"], device)

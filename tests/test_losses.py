@@ -19,7 +19,7 @@ from helpers import Launches, record_launches
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fusedopt.losses
+import fusedopt.losses.pointwise
 from fusedopt import functional as F
 from fusedopt import nn as fnn
 from fusedopt.kernels import losses as kernels
@@ -520,7 +520,7 @@ def test_scale_saved_grad_skips_unit_factor(triton_device):
     bits[::2] = torch.arange(1500, dtype=torch.int32) + 0x3F800000  # 1.0, 1.0000001, ...
     for grad_output, changes in ((1.0, False), (3.0, True)):
         grad = bits.clone().view(torch.float32).to(triton_device)
-        fusedopt.losses.scale_saved_grad(grad, torch.tensor(grad_output, device=triton_device))
+        fusedopt.losses.pointwise.scale_saved_grad(grad, torch.tensor(grad_output, device=triton_device))
         after = grad.cpu().view(torch.int32)
         assert torch.equal(after, bits) != changes, grad_output
         if changes:
@@ -530,7 +530,7 @@ def test_scale_saved_grad_skips_unit_factor(triton_device):
 
 def test_unit_grad_output_scales_nothing(triton_device, monkeypatch):
     seen = []
-    original = fusedopt.losses.scale_saved_grad
+    original = fusedopt.losses.pointwise.scale_saved_grad
 
     def spy(grad, grad_output):
         before = grad.clone()
@@ -538,7 +538,7 @@ def test_unit_grad_output_scales_nothing(triton_device, monkeypatch):
         seen.append((before, grad.clone()))
         return out
 
-    monkeypatch.setattr(fusedopt.losses, "scale_saved_grad", spy)
+    monkeypatch.setattr(fusedopt.losses.pointwise, "scale_saved_grad", spy)
     x, y = make_pair((33, 65), torch.float32, triton_device)
     expected = (2 * (x - y) / x.numel()).detach()
 

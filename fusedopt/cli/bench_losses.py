@@ -19,7 +19,7 @@ import torch
 from fusedopt import floors, testing
 from fusedopt import functional as FF
 from fusedopt.cli.common import DTYPES, Job, Suite, compiled
-from fusedopt.linear_cross_entropy import linear_cross_entropy_reference
+from fusedopt.losses.linear_cross_entropy import linear_cross_entropy_reference
 
 TITLE = "loss forward + backward, every row"
 FLOOR_TITLE = (

@@ -2,7 +2,7 @@
 
 Input viewed as ``[M, K]`` (M = 1 for a full reduction), in ``P`` blocks per row: work item
 ``i`` is block ``i % P`` of row ``i // P``. Every kernel runs on a 1-D grid of at most
-``fusedopt.losses.MAX_PROGRAMS`` programs and program ``p`` takes the items ``p, p + grid,
+``fusedopt.losses._common.MAX_PROGRAMS`` programs and program ``p`` takes the items ``p, p + grid,
 ...`` (one each unless the input is huge), so no input size asks CUDA for more programs than it
 launches. For each element, with ``d = x - y``:
 

@@ -1,5 +1,5 @@
 """Launchers of the fused linear + cross-entropy (checks, chunk rule, the chunk loop), the layer
-under the autograd Function of ``fusedopt.linear_cross_entropy``, and its custom ops for
+under the autograd Function of ``fusedopt.losses.linear_cross_entropy``, and its custom ops for
 torch.compile (``fusedopt::linear_cross_entropy``, ``fusedopt::linear_cross_entropy_backward``).
 
 The tokens ``X`` [N, H] are taken in chunks of ``c`` rows; one buffer of ``c x V`` logits is
@@ -38,9 +38,12 @@ from typing import NamedTuple
 import torch
 import triton
 
-from fusedopt import _cross_entropy_launch as ce_launch
-from fusedopt._cross_entropy_launch import _check as _check_cross_entropy
-from fusedopt._cross_entropy_launch import (
+from fusedopt._multi_tensor import INTERPRET, TL_DTYPE, compute_dtype
+from fusedopt.kernels import linear_cross_entropy as kernels
+from fusedopt.losses import _cross_entropy_launch as ce_launch
+from fusedopt.losses._common import compilable
+from fusedopt.losses._cross_entropy_launch import _check as _check_cross_entropy
+from fusedopt.losses._cross_entropy_launch import (
     _guard,
     _launch_rows,
     _scalar_name,
@@ -49,9 +52,6 @@ from fusedopt._cross_entropy_launch import (
     checked_grid,
     same_device,
 )
-from fusedopt._multi_tensor import INTERPRET, TL_DTYPE, compute_dtype
-from fusedopt.kernels import linear_cross_entropy as kernels
-from fusedopt.losses import compilable
 
 CHUNK_MULTIPLE = 256  # chunks are whole multiples of this many rows (but the last)
 HALF = (torch.float16, torch.bfloat16)

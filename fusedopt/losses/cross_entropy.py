@@ -2,12 +2,12 @@
 gradient of the logits, so the backward moves no bytes when ``grad_output`` is 1.
 
 Layers: ``fusedopt.kernels.cross_entropy`` (``@triton.jit``) → launchers in
-``fusedopt._cross_entropy_launch`` (checks, allocation, grid; the three launches of a forward
+``fusedopt.losses._cross_entropy_launch`` (checks, allocation, grid; the three launches of a forward
 are listed there) → :class:`CrossEntropyFunction` → :func:`cross_entropy`.
 
 Under ``torch.compile`` the launchers run as the custom ops ``fusedopt::cross_entropy``
 (forward) and ``fusedopt::cross_entropy_backward`` (``none``), registered in
-``fusedopt._cross_entropy_ops``, which dynamo records instead of breaking the graph; eager calls
+``fusedopt.losses._cross_entropy_ops``, which dynamo records instead of breaking the graph; eager calls
 the launchers directly (no dispatcher). The compiled backward of ``mean``/``sum`` is ``stored
 gradient * grad_output`` as a new tensor (8 B per element, where eager moves none for a
 ``grad_output`` of 1).
@@ -65,10 +65,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
 
-from fusedopt._cross_entropy_launch import _forward, _scale_grad
-from fusedopt._cross_entropy_ops import _backward_none, _forward_traced
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, runs_triton
-from fusedopt.losses import differentiable_grads, scaled_copy
+from fusedopt.losses._common import differentiable_grads, scaled_copy
+from fusedopt.losses._cross_entropy_launch import _forward, _scale_grad
+from fusedopt.losses._cross_entropy_ops import _backward_none, _forward_traced
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # torch's Reduction enum
 AUTOCAST_TO_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # what autocast's fp32 ops cast

@@ -2,7 +2,7 @@
 ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without ever
 holding the logits of all the tokens.
 
-Layers: the chunk loop and its custom ops in ``fusedopt._linear_cross_entropy_launch`` (which
+Layers: the chunk loop and its custom ops in ``fusedopt.losses._linear_cross_entropy_launch`` (which
 reuses the cross-entropy kernels of ``fusedopt.kernels.cross_entropy`` and adds
 ``fusedopt.kernels.linear_cross_entropy``) → :class:`_LinearCrossEntropy` →
 :func:`linear_cross_entropy` (and ``fusedopt.functional`` / ``fusedopt.nn``).
@@ -54,11 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import has_torch_function_variadic
 
-from fusedopt import _linear_cross_entropy_launch as launch
-from fusedopt._cross_entropy_launch import _scale_grad
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, runs_triton
-from fusedopt.cross_entropy import arguments
-from fusedopt.losses import differentiable_grads, scaled_copy
+from fusedopt.losses import _linear_cross_entropy_launch as launch
+from fusedopt.losses._common import differentiable_grads, scaled_copy
+from fusedopt.losses._cross_entropy_launch import _scale_grad
+from fusedopt.losses.cross_entropy import arguments
 
 AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts
 

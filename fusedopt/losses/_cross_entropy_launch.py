@@ -1,5 +1,5 @@
 """Launchers of the fused cross-entropy (checks, allocation, grid), the layer under the autograd
-Function of ``fusedopt.cross_entropy``: torch's argument checks, the (N, S, C) views of the
+Function of ``fusedopt.losses.cross_entropy``: torch's argument checks, the (N, S, C) views of the
 logits, the row kernel's size rule, the forward, and the backward of ``mean``/``sum`` (the
 stored gradient scaled in place).
 
@@ -34,25 +34,12 @@ import triton
 
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, launch_config, tail_block
 from fusedopt.kernels import cross_entropy as kernels
+from fusedopt.losses._common import checked_grid
 
 # Row kernel size rule (both halved for fp64): columns per block (rows wider than this loop
 # over blocks) and elements per tile (rows narrower than that share a program).
 MAX_BLOCK = 4096
 MAX_TILE = 4096
-
-
-MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid axis 0 (every launch here is 1-D)
-
-
-def checked_grid(programs: int) -> tuple[int]:
-    """The 1-D grid of a kernel that takes one work item per program, whose size rule bounds
-    ``programs`` far below CUDA's limit for any tensor that fits in memory; a clear error, not a
-    failed launch, if it ever did not."""
-    if programs > MAX_PROGRAMS:
-        raise RuntimeError(
-            f"fusedopt: a launch of {programs} programs exceeds CUDA's grid limit ({MAX_PROGRAMS})"
-        )
-    return (programs,)
 
 
 def _guard(device: torch.device) -> contextlib.AbstractContextManager:
@@ -334,7 +321,7 @@ def _forward(
     out_dtype: torch.dtype,
 ) -> _Forward:
     """Loss (as torch returns it) and, if ``need_grad``, what the backward needs. Arguments
-    as ``fusedopt.cross_entropy._cross_entropy`` leaves them (reduction a name, smoothing >= 0)."""
+    as ``fusedopt.losses.cross_entropy._cross_entropy`` leaves them (reduction a name, smoothing >= 0)."""
     n, spatial, num_classes = _check(input, target, weight, label_smoothing, out_dtype)
     device, compute = input.device, compute_dtype(input.dtype)
     rows = _rows(input, n, spatial, num_classes)

@@ -1,15 +1,17 @@
 """The fused cross-entropy under ``torch.compile``: its launchers as the custom ops
 ``fusedopt::cross_entropy`` (the forward; fake: :func:`_forward_fake`) and
 ``fusedopt::cross_entropy_backward`` (the gradient of ``reduction="none"``, through
-``fusedopt.losses.compilable``), and :func:`_forward_traced`, the forward while dynamo traces.
-Eager calls the launchers of ``fusedopt._cross_entropy_launch`` directly (no dispatcher).
+``fusedopt.losses._common.compilable``), and :func:`_forward_traced`, the forward while dynamo traces.
+Eager calls the launchers of ``fusedopt.losses._cross_entropy_launch`` directly (no dispatcher).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fusedopt._cross_entropy_launch import (
+from fusedopt._multi_tensor import compute_dtype
+from fusedopt.losses._common import compilable
+from fusedopt.losses._cross_entropy_launch import (
     _check,
     _empty_grad,
     _Forward,
@@ -18,8 +20,6 @@ from fusedopt._cross_entropy_launch import (
     _launch_rows,
     _rows,
 )
-from fusedopt._multi_tensor import compute_dtype
-from fusedopt.losses import compilable
 
 
 def _forward_fake(input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype):

@@ -33,24 +33,14 @@ loss writes ``g * grad_output`` as a new tensor (8 B per element instead of 0).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 import triton
 
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, float64_vector, tail_block
 from fusedopt.kernels import losses as kernels
-
-# CUDA's limit on grid axis 0 (axes 1 and 2: 65,535). The kernels here loop over their work
-# items (program p takes items p, p + grid, ...), so the grid is capped, never the input.
-MAX_PROGRAMS = 2**31 - 1
-
-
-def grid(items: int) -> tuple[int]:
-    """The 1-D grid for ``items`` work items: one program each, at most :data:`MAX_PROGRAMS`."""
-    return (min(items, MAX_PROGRAMS),)
+from fusedopt.losses import _common
+from fusedopt.losses._common import compilable, differentiable_grads, scaled_copy
 
 
 def _config(k: int) -> tuple[int, int, int]:
@@ -58,31 +48,6 @@ def _config(k: int) -> tuple[int, int, int]:
     rule (a short row gets a short block)."""
     block, warps = (4096, 8) if k >= 1 << 20 else (max(16, min(1024, triton.next_power_of_2(max(k, 1)))), 4)
     return block, warps, tail_block(block, warps)
-
-
-def compilable(name: str, fake: Callable, schema: str | None = None) -> Callable[[Callable], Callable]:
-    """Register a launcher as the custom op ``torch.ops.fusedopt.<name>``, for torch.compile.
-
-    The launcher returns new tensors and writes none of its arguments; ``fake`` returns empty
-    tensors of the outputs' shapes, dtypes and strides; ``schema`` (default: from the type
-    hints) may leave out trailing arguments with defaults that only eager calls pass. The
-    function returned calls the launcher itself in eager (the dispatcher would add ~10-15 µs
-    per call) and the op while torch.compile traces (dynamo cannot trace ``data_ptr`` launches);
-    ``.op`` is the op.
-    """
-
-    def register(launcher: Callable) -> Callable:
-        op = torch.library.custom_op(f"fusedopt::{name}", launcher, mutates_args=(), schema=schema)
-        op.register_fake(fake)
-
-        @functools.wraps(launcher)
-        def call(*args):
-            return op(*args) if torch.compiler.is_compiling() else launcher(*args)
-
-        call.op = op
-        return call
-
-    return register
 
 
 def reduce_rows(
@@ -106,7 +71,7 @@ def reduce_rows(
     out = torch.empty(m, dtype=out_dtype, device=x.device)
     scalars = float64_vector([param, scale], x.device)
     if p and m:
-        kernels.pointwise_loss_kernel[grid(p * m)](
+        kernels.pointwise_loss_kernel[_common.grid(p * m)](
             x,
             x if y is None else y,
             x if w is None else w,
@@ -128,7 +93,9 @@ def reduce_rows(
             num_warps=warps,
         )
     if m:
-        kernels.sum_rows_kernel[grid(m)](partial, out, scalars, m, p, COMPUTE=TL_DTYPE[ct], BLOCK=1024)
+        kernels.sum_rows_kernel[_common.grid(m)](
+            partial, out, scalars, m, p, COMPUTE=TL_DTYPE[ct], BLOCK=1024
+        )
     return out
 
 
@@ -158,7 +125,7 @@ def elementwise(
     block, warps, tail = _config(n)
     if n:
         blocks = -(-n // block)
-        kernels.pointwise_loss_kernel[grid(blocks)](
+        kernels.pointwise_loss_kernel[_common.grid(blocks)](
             x,
             y,
             x if w is None else w,
@@ -241,7 +208,7 @@ def pointwise_grad(
     block, warps, tail = _config(n)
     go = grad_output.contiguous()
     if n:
-        kernels.pointwise_loss_backward_kernel[grid(-(-n // block))](
+        kernels.pointwise_loss_backward_kernel[_common.grid(-(-n // block))](
             x,
             y,
             x if w is None else w,
@@ -267,7 +234,7 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
     n = grad.numel()
     block, warps, tail = _config(n)
     if n:
-        kernels.scale_grad_kernel[grid(-(-n // block))](
+        kernels.scale_grad_kernel[_common.grid(-(-n // block))](
             grad,
             grad_output,
             n,
@@ -277,34 +244,6 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
             num_warps=warps,
         )
     return grad
-
-
-def scaled_copy(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """``grad * grad_output`` as a new tensor in ``grad``'s dtype: the backward of a reduced
-    loss while torch.compile traces. The compiled backward may run more than once
-    (``retain_graph=True``), so it must not scale the forward's buffer in place as eager does;
-    plain torch ops let inductor fuse the product (one pass: 8 B per fp32 element)."""
-    return (grad * grad_output).to(grad.dtype)
-
-
-def differentiable_grads(
-    loss: Callable[..., torch.Tensor],
-    inputs: tuple[torch.Tensor | None, ...],
-    needs: tuple[bool, ...],
-    grad_output: torch.Tensor,
-) -> tuple[torch.Tensor | None, ...]:
-    """The gradients of ``loss(*inputs)`` (a plain torch composition) for the inputs in
-    ``needs``, with ``create_graph``: the backward of a fused loss when autograd records it
-    (``create_graph=True``), so that second derivatives are torch's. ``inputs`` are the saved
-    tensors, still attached to the caller's graph. The composition computes in fp32 (fp64 for
-    fp64) as the kernels do, so ``grad_output`` is cast to its loss's dtype (differentiably)."""
-    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
-    with torch.enable_grad():
-        out = loss(*inputs)
-        grads = iter(
-            torch.autograd.grad(out, wanted, grad_output.to(out.dtype), create_graph=True, allow_unused=True)
-        )
-    return tuple(next(grads) if need else None for need in needs)
 
 
 def torch_loss(x, y, w, loss: int, param: float, reduction: str) -> torch.Tensor:
