@@ -218,8 +218,12 @@ def cross_entropy(
     reduce=None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """``torch.nn.functional.cross_entropy`` with the logits' gradient written in the forward pass."""
+    """``torch.nn.functional.cross_entropy`` with the logits' gradient written in the forward
+    pass; keyword-only ``z_loss`` adds ``z_loss · lse²`` per target not ignored, reduced like
+    the loss (:func:`fusedopt.losses.cross_entropy.cross_entropy`)."""
     reduction = _legacy(size_average, reduce, reduction)
     return _fused_cross_entropy(
         input,
@@ -228,4 +232,5 @@ def cross_entropy(
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
+        z_loss=z_loss,
     )

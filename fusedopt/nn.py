@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn.modules.loss import _WeightedLoss
 
 from fusedopt import functional as F
+from fusedopt.losses.cross_entropy import check_z_loss
 
 __all__ = [
     "FusedCrossEntropyLoss",
@@ -48,7 +49,12 @@ class FusedHuberLoss(nn.HuberLoss):
 
 
 class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
-    """``nn.CrossEntropyLoss`` computed by :func:`fusedopt.functional.cross_entropy`."""
+    """``nn.CrossEntropyLoss`` computed by :func:`fusedopt.functional.cross_entropy`; keyword-only
+    ``z_loss`` (default 0: none) adds ``z_loss · lse²`` per target not ignored."""
+
+    def __init__(self, *args, z_loss: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.z_loss = check_z_loss(z_loss)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(
@@ -58,6 +64,7 @@ class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
         )
 
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import fusedopt
 from fusedopt import functional as FF
+from fusedopt.losses.cross_entropy import z_loss_composition
 from fusedopt.losses.linear_cross_entropy import linear_cross_entropy_reference
 from fusedopt.optim import _amp, _precision, _quantize
 from fusedopt.optim import muon as _muon
@@ -206,6 +207,23 @@ LOSS_CASES: list[LossCase] = [
         "classification",
         dict(reduction="none"),
         weighted=True,
+    ),
+    # the z-loss (PaLM's) against its plain-torch composition
+    LossCase(
+        "cross_entropy",
+        FF.cross_entropy,
+        z_loss_composition,
+        "classification",
+        dict(z_loss=1e-2, label_smoothing=0.1, ignore_index=3),
+        grad_output=-1.25,
+        weighted=True,
+    ),
+    LossCase(
+        "cross_entropy",
+        FF.cross_entropy,
+        z_loss_composition,
+        "classification",
+        dict(reduction="none", z_loss=1e-2),
     ),
 ]
 

@@ -19,8 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedopt.losses._cross_entropy_launch as launch
 import fusedopt.losses.cross_entropy as ce
+import fusedopt.nn
 from fusedopt.kernels import cross_entropy as kernels
-from fusedopt.losses.cross_entropy import CrossEntropyFunction, cross_entropy
+from fusedopt.losses.cross_entropy import CrossEntropyFunction, cross_entropy, z_loss_composition
 from fusedopt.testing import assert_close
 from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE
 
@@ -537,7 +538,7 @@ def _compile_variants() -> list:
                 "loss": f"*{loss_dtype}", "grad": f"*{dt}", "grad_output": f"*{dt}", "R": "i32", "C": "i32",
                 "col0": "i64", "K": "i32",
                 "stride_xn": "i32", "stride_gn": "i32", "stride_t": "i32", "stride_go": "i32",
-                "ignore_index": "i64", "label_smoothing": "fp64",
+                "ignore_index": "i64", "label_smoothing": "fp64", "z_loss": "fp64",
             }  # fmt: skip
             spatial = mode == "none_backward"  # S and the spatial strides are runtime values
             if spatial:
@@ -546,7 +547,8 @@ def _compile_variants() -> list:
             rows = 4 if mode == "sum_grad" else 1  # a tile of several rows of 1024 (512) columns
             constexprs = dict(
                 switches, DTYPE=dt, COMPUTE=ct, LOSS_DTYPE=loss_dtype, ROWS=rows, BLOCK=block // rows,
-                HAS_WEIGHT=i % 2 == 0, SMOOTHING=i < 3, stride_xc=1, stride_gc=1, SAME_SPLIT=i != 1,
+                HAS_WEIGHT=i % 2 == 0, SMOOTHING=i < 3, Z_LOSS=i in (0, 3, 4), stride_xc=1, stride_gc=1,
+                SAME_SPLIT=i != 1,
             )  # fmt: skip
             if not spatial:
                 constexprs |= {"S": 1, "stride_xs": 0, "stride_gs": 0}
@@ -598,11 +600,11 @@ def test_rows_of_any_length_use_vector_accesses():
         "logits": "*bf16", "target": "*i64", "weight": "*bf16", "stats": "*fp32", "lse": "*fp32",
         "loss": "*fp32", "grad": "*bf16", "grad_output": "*bf16", "R": "i32", "C": "i32", "col0": "i64",
         "K": "i32", "stride_xn": "i32", "stride_gn": "i32", "stride_t": "i32", "stride_go": "i32",
-        "ignore_index": "i64", "label_smoothing": "fp64",
+        "ignore_index": "i64", "label_smoothing": "fp64", "z_loss": "fp64",
     }  # fmt: skip
     constexprs = dict(
         ROW_MODES["mean_grad"], DTYPE="bf16", COMPUTE="fp32", LOSS_DTYPE="fp32", ROWS=1, BLOCK=4096,
-        HAS_WEIGHT=False, SMOOTHING=False, stride_xc=1, stride_gc=1, S=1, stride_xs=0, stride_gs=0, SAME_SPLIT=True,
+        HAS_WEIGHT=False, SMOOTHING=False, Z_LOSS=False, stride_xc=1, stride_gc=1, S=1, stride_xs=0, stride_gs=0, SAME_SPLIT=True,
     )  # fmt: skip
     variant = ["cross_entropy_kernel", signature, constexprs, ["logits", "grad", "weight"]]
     (result,) = compile_in_child(CHILD, [variant])
@@ -813,3 +815,76 @@ def test_kernels_raise_no_runtime_warning(triton_device, sizes):
                 loss = cross_entropy(x.requires_grad_(), target, reduction=reduction, **kwargs)
                 loss.sum().backward()
                 assert x.grad.isfinite().all()
+
+
+# z_loss (issue 21): each target not ignored adds z_loss lse² to its loss -------------------------
+
+
+def z_reference(x, target, grad_output=None, reduction="mean", z_loss=0.0, **kwargs):
+    """The z-loss composition's loss and gradient, in fp32 (fp64 for fp64)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xr = x.detach().to(dtype).requires_grad_()
+    weight = kwargs.get("weight")
+    loss = z_loss_composition(
+        xr, target, None if weight is None else weight.to(dtype), kwargs["ignore_index"], reduction,
+        kwargs["label_smoothing"], z_loss,
+    )  # fmt: skip
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, dtype)
+    (grad,) = torch.autograd.grad(loss, xr, go)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", ["plain", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 37), (3, 37, 2)], ids=["2d", "3d"])
+def test_z_loss_matches_the_composition(reduction, options, dtype, shape, triton_device, sizes):
+    """Values and gradients (grad_output != 1) against :func:`z_loss_composition`, with class
+    weights, label smoothing and ignored targets ("all"), rows spanning several blocks."""
+    sizes(16)
+    x, target, kwargs = make_inputs(shape, dtype, OPTIONS[options], triton_device)
+    x.requires_grad_()
+    gen = torch.Generator().manual_seed(3)
+    loss = cross_entropy(x, target, reduction=reduction, z_loss=1e-2, **kwargs)
+    go = torch.rand(loss.shape, generator=gen).to(triton_device, loss.dtype) + 0.5
+    (grad,) = torch.autograd.grad(loss, x, go)
+    ref_loss, ref_grad = z_reference(x, target, go, reduction, 1e-2, **kwargs)
+    plain = cross_entropy(x.detach(), target, reduction=reduction, **kwargs)
+    assert not torch.allclose(loss.detach().float(), plain.float()), "the z-loss changed nothing"
+    assert loss.dtype == x.dtype and loss.shape == ref_loss.shape
+    assert_close(loss.detach(), ref_loss, "loss", LOSS_TOLERANCE)
+    assert_close(grad, ref_grad, "grad", LOSS_TOLERANCE)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_loss_gradcheck_fp64(reduction, triton_device, sizes):
+    sizes(8)
+    x, target, kwargs = make_inputs((2, 5, 3), torch.float64, OPTIONS["all"], triton_device, scale=2.0)
+    torch.autograd.gradcheck(
+        lambda logits: cross_entropy(logits, target, reduction=reduction, z_loss=0.1, **kwargs),
+        (x.requires_grad_(),),
+    )
+
+
+def test_z_loss_all_ignored_and_errors(triton_device):
+    x = torch.randn(4, 5, device=triton_device, requires_grad=True)
+    target = torch.full((4,), -100, device=triton_device)
+    loss = cross_entropy(x, target, reduction="sum", z_loss=0.5)
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(x.grad, torch.zeros_like(x))
+    for bad in (-1.0, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="z_loss"):
+            cross_entropy(x, target, z_loss=bad)
+    module = fusedopt.nn.FusedCrossEntropyLoss(label_smoothing=0.1, z_loss=0.25)
+    assert module.z_loss == 0.25 and module.label_smoothing == 0.1
+    with pytest.raises(ValueError, match="z_loss"):
+        fusedopt.nn.FusedCrossEntropyLoss(z_loss=-1)
+
+
+def test_z_loss_without_triton_is_the_composition(monkeypatch):
+    """Tensors the kernels do not take run the composition (torch's ops)."""
+    monkeypatch.setattr(ce, "runs_triton", lambda device: False)
+    x, target, kwargs = make_inputs((5, 9), torch.float32, OPTIONS["all"], "cpu")
+    got = cross_entropy(x, target, z_loss=0.3, **kwargs)
+    expected = z_loss_composition(x, target, kwargs["weight"], kwargs["ignore_index"], "mean", 0.25, 0.3)
+    assert torch.equal(got, expected)

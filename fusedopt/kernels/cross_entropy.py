@@ -6,7 +6,8 @@ weights (1 without weight), ``ε`` the label smoothing, ``lse = log Σ_c exp(z_c
 
     loss = (1 - ε) w_y (lse - z_y) + ε / C Σ_c w_c (lse - z_c)
 
-and an ignored row (``y == ignore_index``) 0. With ``p = softmax(z)``, ``W = Σ_c w_c``:
+plus ``z_loss · lse²`` with a z-loss (PaLM's; ``2 z_loss lse p_j`` in the gradient), and an
+ignored row (``y == ignore_index``) 0. With ``p = softmax(z)``, ``W = Σ_c w_c``:
 
     dloss/dz_j = p_j ((1 - ε) w_y + ε W / C) - (1 - ε) w_y [j == y] - ε w_j / C
 
@@ -134,6 +135,7 @@ def cross_entropy_kernel(
     stride_go,
     ignore_index: tl.int64,
     label_smoothing: tl.float64,
+    z_loss: tl.float64,  # the z-loss weight (read if Z_LOSS)
     DTYPE: tl.constexpr,  # storage dtype of logits and grad
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 logits
     LOSS_DTYPE: tl.constexpr,  # dtype of `loss`
@@ -141,6 +143,7 @@ def cross_entropy_kernel(
     BLOCK: tl.constexpr,  # columns per block; a row spans ceil(C / BLOCK) blocks
     HAS_WEIGHT: tl.constexpr,
     SMOOTHING: tl.constexpr,  # label_smoothing > 0
+    Z_LOSS: tl.constexpr,  # z_loss > 0: each row not ignored adds z_loss lse² to its loss
     LOSS: tl.constexpr,  # pass 1: online softmax and the row's loss
     SAVE_LSE: tl.constexpr,  # store the row's log-sum-exp (for a backward that recomputes)
     GRAD: tl.constexpr,  # pass 2: write the gradient
@@ -229,6 +232,9 @@ def cross_entropy_kernel(
         row_loss = w_y * (m - z_y + log_s)  # w_y (lse - z_y)
         if SMOOTHING:  # Σ_c w_c (lse - z_c) = W log s + Σ_c w_c (m - z_c)
             row_loss = (1 - eps) * row_loss + eps / K * (w_sum * log_s + d)
+        row_lse = tl.where(valid, m + log_s, 0)  # the z-loss's (0 outside the rows: no overflow)
+        if Z_LOSS:
+            row_loss += z_loss * row_lse * row_lse
         row_loss = tl.where(valid, tl.where(bad, float("nan"), row_loss), 0)
         if LOSS_DTYPE == tl.bfloat16:
             tl.store(loss + rows, to_storage(row_loss, LOSS_DTYPE), mask=row_mask)
@@ -241,6 +247,7 @@ def cross_entropy_kernel(
         m = tl.load(lse + rows, mask=row_mask, other=0)
         bad = m != m
         inv_s = tl.full([ROWS], 1, COMPUTE)
+        row_lse = tl.where(valid, m, 0)
 
     if GRAD:
         g_rows = grad + n * stride_gn + (rows - n * S) * stride_gs
@@ -260,6 +267,8 @@ def cross_entropy_kernel(
         else:
             p_factor = w_y
             hit = w_y
+        if Z_LOSS:  # d(z_loss lse²)/dz_j = 2 z_loss lse p_j, rows not ignored
+            p_factor += 2 * z_loss * row_lse
         # g = (p_j p_factor - hit [j == y] - ε / C w_j) * scale, the factors premultiplied per row;
         # NaN for a row whose lse is NaN
         p_factor = tl.where(bad, float("nan"), p_factor * inv_s * scale)[:, None]

@@ -194,6 +194,7 @@ def _launch_rows(
     divide_by_total: bool = False,
     col0: int = 0,
     classes: int | None = None,
+    z_loss: float = 0.0,
 ) -> None:
     """One ``cross_entropy_kernel`` launch over every row: pass 1 if ``loss`` is given (else the
     log-sum-exp is read from ``lse``), pass 2 if ``grad_rows`` is given. Without ``loss`` the
@@ -229,6 +230,7 @@ def _launch_rows(
         grad_output.stride(0) if grad_output is not None else 0,
         ignore_index,
         label_smoothing,
+        z_loss,
         DTYPE=TL_DTYPE[rows.dtype],
         COMPUTE=TL_DTYPE[compute_dtype(rows.dtype)],
         LOSS_DTYPE=TL_DTYPE[loss.dtype if loss is not None else stats.dtype],
@@ -236,6 +238,7 @@ def _launch_rows(
         BLOCK=block,
         HAS_WEIGHT=weight is not None,
         SMOOTHING=label_smoothing > 0.0,
+        Z_LOSS=z_loss > 0.0,
         LOSS=loss is not None,
         SAVE_LSE=save_lse,
         GRAD=grad_rows is not None,
@@ -319,6 +322,7 @@ def _forward(
     label_smoothing: float,
     need_grad: bool,
     out_dtype: torch.dtype,
+    z_loss: float = 0.0,
 ) -> _Forward:
     """Loss (as torch returns it) and, if ``need_grad``, what the backward needs. Arguments
     as ``fusedopt.losses.cross_entropy._cross_entropy`` leaves them (reduction a name, smoothing >= 0)."""
@@ -347,6 +351,7 @@ def _forward(
             grad_rows=grad_rows,
             save_lse=lse is not None,
             divide_by_total=reduction == "mean",
+            z_loss=z_loss,
         )
         # the target's shape for none; () for 1-D input, as torch
         loss = _total(row_loss, stats, reduction, out_dtype, target.shape if input.dim() > 1 else ())

@@ -74,17 +74,48 @@ REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # torch's Reduction enum
 AUTOCAST_TO_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # what autocast's fp32 ops cast
 
 
-def torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
+def torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0):
     """``F.cross_entropy`` as the fused op computes it: the logits (and weight) upcast to the
     kernels' arithmetic dtype (fp32, fp64 for fp64; what autocast casts them to as well): the
-    composition a backward with ``create_graph=True`` differentiates."""
+    composition a backward with ``create_graph=True`` differentiates; with a ``z_loss``,
+    :func:`z_loss_composition`."""
     math = compute_dtype(input.dtype)
     weight = weight.to(math) if weight is not None else None
     with torch.autocast(input.device.type, enabled=False):
+        if z_loss > 0.0:
+            return z_loss_composition(
+                input.to(math), target, weight, ignore_index, reduction, label_smoothing, z_loss
+            )
         return F.cross_entropy(
             input.to(math), target, weight=weight, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing,
         )  # fmt: skip
+
+
+def z_loss_composition(
+    input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0
+):
+    """Cross-entropy with a z-loss in plain torch: each target element that is not
+    ``ignore_index`` adds ``z_loss · lse²`` (``lse`` the log-sum-exp of its logits) to its loss
+    (``reduction="none"``, what torch returns), then the reduction as torch's: ``sum``, or
+    ``mean`` divided by the sum of the kept targets' class weights (their count without)."""
+    per = F.cross_entropy(
+        input,
+        target,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    keep = target != ignore_index
+    lse = torch.logsumexp(input, dim=1 if input.dim() > 1 else 0)
+    per = per + torch.where(keep, z_loss * lse * lse, 0)
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    counted = keep.to(per.dtype) if weight is None else torch.where(keep, weight[target.clamp(min=0)], 0)
+    return per.sum() / counted.sum()
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -96,10 +127,13 @@ class _CrossEntropy(torch.autograd.Function):
     differentiates :func:`torch_cross_entropy` on the saved logits instead."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, out_dtype):
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, out_dtype, z_loss):
         forward = _forward_traced if torch.compiler.is_compiling() else _forward
-        out = forward(input, target, weight, ignore_index, reduction, label_smoothing, True, out_dtype)
+        out = forward(
+            input, target, weight, ignore_index, reduction, label_smoothing, True, out_dtype, z_loss
+        )
         ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
+        ctx.z_loss = z_loss
         if reduction == "none":
             ctx.save_for_backward(input, out.rows, out.target, weight, out.stats, out.lse)
         else:  # the logits only for a backward with create_graph: weakly (see the module)
@@ -121,20 +155,22 @@ class _CrossEntropy(torch.autograd.Function):
                 input = _held_logits(ctx.logits)
             (grad,) = differentiable_grads(
                 lambda input: torch_cross_entropy(
-                    input, target, weight, ctx.ignore_index, ctx.reduction, ctx.label_smoothing
+                    input, target, weight, ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.z_loss
                 ),
                 (input,),
                 (True,),
                 grad_output,
             )  # fmt: skip
         elif ctx.reduction == "none":
-            grad = _backward_none(*ctx.saved_tensors, grad_output, ctx.ignore_index, ctx.label_smoothing)
+            grad = _backward_none(
+                *ctx.saved_tensors, grad_output, ctx.ignore_index, ctx.label_smoothing, ctx.z_loss
+            )
         elif torch.compiler.is_compiling():
             grad = scaled_copy(ctx.grad, grad_output)
         else:
             grad = _scale_grad(ctx.grad, grad_output, ctx.applied, ctx.first)
             ctx.first = False
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _weak_logits(input: torch.Tensor) -> tuple:
@@ -181,7 +217,16 @@ def arguments(weight, ignore_index, reduction, label_smoothing) -> tuple[str, in
     return reduction, int(ignore_index), float(label_smoothing) if label_smoothing > 0.0 else 0.0
 
 
-def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing) -> torch.Tensor:
+def check_z_loss(z_loss) -> float:
+    """``z_loss`` as a float: a finite number >= 0 (0: none), else a ValueError."""
+    if isinstance(z_loss, bool) or not isinstance(z_loss, int | float) or not 0.0 <= z_loss < float("inf"):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    return float(z_loss)
+
+
+def _cross_entropy(
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0
+) -> torch.Tensor:
     """torch's handling of the arguments, then the autograd Function when autograd records
     (grad mode on and ``input.requires_grad``), else the forward alone (no gradient buffer).
 
@@ -199,9 +244,9 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
             weight = weight.float()
     args = (input, target, weight, ignore_index, reduction, label_smoothing)
     if torch.is_grad_enabled() and input.requires_grad:
-        return _CrossEntropy.apply(*args, out_dtype)
+        return _CrossEntropy.apply(*args, out_dtype, z_loss)
     forward = _forward_traced if torch.compiler.is_compiling() else _forward
-    return forward(*args, False, out_dtype).loss
+    return forward(*args, False, out_dtype, z_loss).loss
 
 
 class CrossEntropyFunction(_CrossEntropy):
@@ -239,6 +284,8 @@ def cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy between logits and class-index targets, as
     ``torch.nn.functional.cross_entropy`` (same value, dtype, shape and errors).
@@ -252,6 +299,9 @@ def cross_entropy(
         reduction: ``"none"`` (loss per target element), ``"mean"`` (divided by the sum of the
             weights of the targets not ignored) or ``"sum"``.
         label_smoothing: ε in ``(1 - ε) onehot + ε / C``; torch applies it only when ε > 0.
+        z_loss: keyword-only, >= 0: each target element not ignored adds ``z_loss · lse²``
+            (``lse`` the log-sum-exp of its logits; PaLM's z-loss) to its loss, reduced like the
+            loss (``mean``: divided by the same sum of weights); :func:`z_loss_composition`.
 
     Targets outside ``[0, C)`` that are not ``ignore_index`` raise torch's ``IndexError`` (CPU)
     or trigger a device-side assert (CUDA, as torch's; no host sync). Non-finite logits give
@@ -260,7 +310,13 @@ def cross_entropy(
     docstring). Tensors on devices the Triton kernels do not run on (CPU without
     ``TRITON_INTERPRET=1``), and dtypes they do not support, go to torch's own implementation.
     """
+    z_loss = check_z_loss(z_loss)
     if not runs_triton(input.device) or input.dtype not in TL_DTYPE:
+        if z_loss > 0.0:
+            reduction, ignore_index, label_smoothing = arguments(
+                weight, ignore_index, reduction, label_smoothing
+            )
+            return z_loss_composition(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
         return F.cross_entropy(
             input,
             target,
@@ -269,4 +325,4 @@ def cross_entropy(
             reduction=reduction,
             label_smoothing=label_smoothing,
         )
-    return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
