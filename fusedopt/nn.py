@@ -72,7 +72,7 @@ class _LinearCrossEntropyOptions:
     """The keyword options of :func:`fusedopt.functional.linear_cross_entropy` a module keeps as
     attributes (what torch's loss modules do with theirs)."""
 
-    OPTIONS = ("ignore_index", "reduction", "label_smoothing", "chunk_rows", "chunk_classes")
+    OPTIONS = ("ignore_index", "reduction", "label_smoothing", "chunk_rows", "chunk_classes", "z_loss")
 
     def _keep(self, **options) -> None:
         assert options.keys() == set(self.OPTIONS)
@@ -88,8 +88,8 @@ class FusedLinearCrossEntropyLoss(_LinearCrossEntropyOptions, _WeightedLoss):
     :func:`fusedopt.functional.linear_cross_entropy`, the logits never held whole.
 
     Constructor as ``nn.CrossEntropyLoss`` (``weight`` a buffer of class weights), plus the
-    keywords ``chunk_rows`` (tokens per chunk, default from the shapes) and ``chunk_classes``
-    (the vocabulary order instead, in blocks of that many classes).
+    keywords ``chunk_rows`` (tokens per chunk, default from the shapes), ``chunk_classes``
+    (the vocabulary order instead, in blocks of that many classes) and ``z_loss``.
     """
 
     def __init__(
@@ -101,11 +101,12 @@ class FusedLinearCrossEntropyLoss(_LinearCrossEntropyOptions, _WeightedLoss):
         *,
         chunk_rows: int | None = None,
         chunk_classes: int | None = None,
+        z_loss: float = 0.0,
     ) -> None:
         super().__init__(weight, None, None, reduction)
         self._keep(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            chunk_rows=chunk_rows, chunk_classes=chunk_classes,
+            chunk_rows=chunk_rows, chunk_classes=chunk_classes, z_loss=check_z_loss(z_loss),
         )  # fmt: skip
 
     def forward(
@@ -125,7 +126,7 @@ class FusedLinearCrossEntropyHead(_LinearCrossEntropyOptions, nn.Linear):
     The loss reads the weight inside the module's own ``forward``, so sharding wrappers that
     gather parameters around it (FSDP2's ``fully_shard``) gather this weight as for any layer.
     Keywords: ``ignore_index``, ``reduction``, ``label_smoothing`` as ``nn.CrossEntropyLoss``,
-    ``chunk_rows`` and ``chunk_classes`` as :func:`fusedopt.functional.linear_cross_entropy`.
+    ``chunk_rows``, ``chunk_classes`` and ``z_loss`` as :func:`fusedopt.functional.linear_cross_entropy`.
     """
 
     def __init__(
@@ -141,11 +142,12 @@ class FusedLinearCrossEntropyHead(_LinearCrossEntropyOptions, nn.Linear):
         label_smoothing: float = 0.0,
         chunk_rows: int | None = None,
         chunk_classes: int | None = None,
+        z_loss: float = 0.0,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         self._keep(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            chunk_rows=chunk_rows, chunk_classes=chunk_classes,
+            chunk_rows=chunk_rows, chunk_classes=chunk_classes, z_loss=check_z_loss(z_loss),
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -267,6 +267,7 @@ LINEAR_CE_CASES: list[LinearCECase] = [
     LinearCECase(
         "linear_cross_entropy", dict(label_smoothing=0.1), grad_output=-1.25, weighted=True, vocab_blocks=3
     ),
+    LinearCECase("linear_cross_entropy", dict(z_loss=1e-2, ignore_index=3), weighted=True),  # PaLM's z-loss
 ]
 
 SHORT = {"momentum": "mom", "dampening": "damp", "weight_decay": "wd", "decoupled_weight_decay": "decoupled"}

@@ -140,6 +140,43 @@ def test_matches_composition(lead, dtype, reduction, options, order, triton_devi
     check(x, w, target, b, go, reduction=reduction, **order, **kwargs)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(19,), (3, 7)], ids=["2d", "3d"])
+def test_z_loss_matches_the_composition(lead, dtype, reduction, order, triton_device, small_blocks):
+    """With ``z_loss`` (issue 21): the composition's value and gradients (its z-loss term from
+    ``fusedopt.losses.cross_entropy.z_loss_composition``), class weights, smoothing and
+    ignored tokens included, both loop orders."""
+    x, w, target, b, kwargs = make(lead, dtype, OPTIONS["all"], triton_device)
+    gen = torch.Generator().manual_seed(5)
+    go = torch.randn(lead, generator=gen).to(triton_device) if reduction == "none" else None
+    check(x, w, target, b, go, reduction=reduction, z_loss=0.02, **order, **kwargs)
+    plain = linear_cross_entropy(x, w, target, b, reduction=reduction, **order, **kwargs)
+    with_z = linear_cross_entropy(x, w, target, b, reduction=reduction, z_loss=0.02, **order, **kwargs)
+    assert not torch.allclose(plain.float(), with_z.float()), "the z-loss changed nothing"
+
+
+@pytest.mark.parametrize("chunks", [dict(chunk_rows=3), dict(chunk_classes=30)], ids=["tokens", "vocab"])
+def test_z_loss_gradcheck_fp64_and_modules(chunks, triton_device, small_blocks):
+    x, w, target, b, kwargs = make((7,), torch.float64, OPTIONS["all"], triton_device, vocab=67, hidden=5)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+
+    def fn(x, w, b):
+        return linear_cross_entropy(x, w, target, b, z_loss=0.1, **chunks, **kwargs)
+
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
+    loss_module = fnn.FusedLinearCrossEntropyLoss(z_loss=0.1, **chunks)
+    head = fnn.FusedLinearCrossEntropyHead(5, 67, z_loss=0.1, **chunks).to(triton_device, torch.float64)
+    assert loss_module.z_loss == head.z_loss == 0.1 and "z_loss=0.1" in repr(head)
+    expected = linear_cross_entropy_reference(x, head.weight, target, head.bias, z_loss=0.1)
+    torch.testing.assert_close(head(x, target), expected)
+    torch.testing.assert_close(
+        loss_module(x, w, target, b), linear_cross_entropy_reference(x, w, target, b, z_loss=0.1)
+    )
+    with pytest.raises(ValueError, match="z_loss"):
+        linear_cross_entropy(x, w, target, b, z_loss=-0.5)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grad_output_not_one(reduction, dtype, order, triton_device, small_blocks):
@@ -609,11 +646,46 @@ def test_opcheck(triton_device):
     utils = ("test_schema", "test_faketensor")
     f32 = torch.float32
     for block in (0, 100):  # token chunks of 4 rows; blocks of 100 classes
-        args = (x, w, b, target, kwargs["weight"], 3, "mean", 0.25, 4, block, True, True, True, f32, f32)
+        args = (
+            x,
+            w,
+            b,
+            target,
+            kwargs["weight"],
+            3,
+            "mean",
+            0.25,
+            0.01,
+            4,
+            block,
+            True,
+            True,
+            True,
+            f32,
+            f32,
+        )
         torch.library.opcheck(launch.forward.op, args, test_utils=utils)
         _, _, _, _, stats, lse = launch.forward(*args[:6], "none", *args[7:])
         go = torch.randn(6).to(triton_device)
-        back = (x, w, b, target, kwargs["weight"], stats, lse, go, 3, 0.25, 4, block, True, True, True, f32)
+        back = (
+            x,
+            w,
+            b,
+            target,
+            kwargs["weight"],
+            stats,
+            lse,
+            go,
+            3,
+            0.25,
+            0.01,
+            4,
+            block,
+            True,
+            True,
+            True,
+            f32,
+        )
         torch.library.opcheck(launch.backward_none.op, back, test_utils=utils)
 
 

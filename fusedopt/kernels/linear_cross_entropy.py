@@ -126,6 +126,7 @@ def logsumexp_block_kernel(
     stride_t,
     ignore_index: tl.int64,
     label_smoothing: tl.float64,
+    z_loss: tl.float64,  # the z-loss weight (read if LAST and Z_LOSS)
     DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 logits
     LOSS_DTYPE: tl.constexpr,
@@ -135,6 +136,7 @@ def logsumexp_block_kernel(
     SMOOTHING: tl.constexpr,  # label_smoothing > 0: keep Σ_c w_c z_c
     FIRST: tl.constexpr,  # the first window of the classes: no state to read
     LAST: tl.constexpr,  # the last: write lse and the loss instead of the state
+    Z_LOSS: tl.constexpr,  # z_loss > 0: each row not ignored adds z_loss lse² to its loss
 ):
     """One window of the classes of every row (the vocabulary order of the linear
     cross-entropy): the window's max and sum of exponentials (an online softmax per lane, as
@@ -219,6 +221,9 @@ def logsumexp_block_kernel(
         if SMOOTHING:
             eps = tl.full([], label_smoothing, COMPUTE)
             row_loss = (1 - eps) * row_loss + eps / K * (tl.load(stats + 1) * row_lse - wz_row)
+        if Z_LOSS:
+            kept_lse = tl.where(valid, row_lse, 0)
+            row_loss += z_loss * kept_lse * kept_lse
         row_loss = tl.where(valid, row_loss, 0)
         if LOSS_DTYPE == tl.bfloat16:
             tl.store(loss + rows, to_storage(row_loss, LOSS_DTYPE), mask=row_mask)

@@ -152,6 +152,7 @@ class _Problem(NamedTuple):
     stats: torch.Tensor
     ignore_index: int
     label_smoothing: float
+    z_loss: float
     grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]
 
     def logits(
@@ -204,6 +205,7 @@ def _chunks(
             grad_output=grad_output[start:stop] if grad_output is not None else None,
             save_lse=row_loss is not None and lse is not None,
             divide_by_total=divide_by_total,
+            z_loss=p.z_loss,
         )
         if want_input:
             if grad_input.dtype == z.dtype:
@@ -290,10 +292,11 @@ def _blocks(
                 continue
             kernels.logsumexp_block_kernel[checked_grid(triton.cdiv(n, rows))](
                 z, target, class_weight if class_weight is not None else stats, stats, state, lse, row_loss,
-                n, v1 - v0, v0, vocab, z.stride(0), target.stride(0), ignore_index, label_smoothing,
+                n, v1 - v0, v0, vocab, z.stride(0), target.stride(0), ignore_index, label_smoothing, p.z_loss,
                 DTYPE=TL_DTYPE[z.dtype], COMPUTE=TL_DTYPE[acc_dtype], LOSS_DTYPE=TL_DTYPE[row_loss.dtype],
                 ROWS=rows, BLOCK=step, HAS_WEIGHT=class_weight is not None,
-                SMOOTHING=label_smoothing > 0.0, FIRST=v0 == 0, LAST=v1 == vocab, num_warps=8,
+                SMOOTHING=label_smoothing > 0.0, FIRST=v0 == 0, LAST=v1 == vocab, Z_LOSS=p.z_loss > 0.0,
+                num_warps=8,
             )  # fmt: skip
     grad_input = _zeros_for(x, x.shape, grad_dtypes[0], acc_dtype) if want_input else _empty(x)
     grad_weight = weight.new_empty(weight.shape, dtype=grad_dtypes[1]) if want_weight else _empty(x)
@@ -305,7 +308,7 @@ def _blocks(
             rows_view = z.unsqueeze(1)
             _launch_rows(
                 rows_view, target, class_weight, stats, ignore_index, label_smoothing, lse=lse, grad_rows=rows_view,
-                grad_output=grad_output, divide_by_total=divide_by_total, col0=v0, classes=vocab,
+                grad_output=grad_output, divide_by_total=divide_by_total, col0=v0, classes=vocab, z_loss=p.z_loss,
             )  # fmt: skip
             if want_weight:
                 if grad_weight.dtype == z.dtype:
@@ -336,19 +339,19 @@ def _finish(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _problem(
-    x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, mm_dtype
+    x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, z_loss, mm_dtype
 ) -> _Problem:
     """The loops' inputs: the matmul operands in ``mm_dtype`` (autocast's casts; no copy when
     already in it), the flat targets, and the dtypes of the gradients (the tensors' own)."""
     grad_dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype)
     operands = (x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None)
     return _Problem(
-        *operands, target.reshape(-1), class_weight, stats, ignore_index, label_smoothing, grad_dtypes
+        *operands, target.reshape(-1), class_weight, stats, ignore_index, label_smoothing, z_loss, grad_dtypes
     )
 
 
-def _forward_fake(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, chunk, block,
-                  need_input, need_weight, need_bias, mm_dtype, out_dtype):  # fmt: skip
+def _forward_fake(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, chunk,
+                  block, need_input, need_weight, need_bias, mm_dtype, out_dtype):  # fmt: skip
     compute, none = compute_dtype(mm_dtype), reduction == "none"
     loss = x.new_empty(target.shape if none else (), dtype=out_dtype)
     grad_input = x.new_empty(x.shape) if need_input and not none else _empty(x)
@@ -369,6 +372,7 @@ def forward(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    z_loss: float,
     chunk: int,
     block: int,
     need_input: bool,
@@ -394,7 +398,7 @@ def forward(
         keep_lse = none and any(grads)  # for the backward; the vocabulary order needs it anyway
         lse = x.new_empty(n, dtype=compute) if keep_lse or block else None
         problem = _problem(
-            x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, mm_dtype
+            x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, z_loss, mm_dtype
         )
         gi, gw, gb = _loop(
             problem, chunk, block, (False, False, False) if none else grads, row_loss=row_loss, lse=lse,
@@ -425,6 +429,7 @@ def backward_none(
     grad_output: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
+    z_loss: float,
     chunk: int,
     block: int,
     need_input: bool,
@@ -435,7 +440,9 @@ def backward_none(
     """The gradients of ``reduction="none"``: the chunks' logits recomputed, turned into their
     gradient times each row's ``grad_output`` from the forward's log-sum-exp, then the same
     matmuls as the forward of ``mean``/``sum``."""
-    problem = _problem(x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, mm_dtype)
+    problem = _problem(
+        x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, z_loss, mm_dtype
+    )
     grads = (need_input, need_weight, need_bias)
     with _guard(x.device), torch.autocast(x.device.type, enabled=False):
         return _loop(problem, chunk, block, grads, lse=lse, grad_output=grad_output.reshape(-1))

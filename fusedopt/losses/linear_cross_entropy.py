@@ -58,7 +58,7 @@ from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, runs_triton
 from fusedopt.losses import _linear_cross_entropy_launch as launch
 from fusedopt.losses._common import differentiable_grads, scaled_copy
 from fusedopt.losses._cross_entropy_launch import _scale_grad
-from fusedopt.losses.cross_entropy import arguments
+from fusedopt.losses.cross_entropy import arguments, check_z_loss, z_loss_composition
 
 AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts
 
@@ -69,9 +69,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, options, needs):
-        ignore_index, reduction, label_smoothing, chunk, block, mm_dtype, out_dtype = options
+        ignore_index, reduction, label_smoothing, chunk, block, mm_dtype, out_dtype, z_loss = options
         loss, gi, gw, gb, stats, lse = launch.forward(
-            x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, chunk, block,
+            x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, chunk, block,
             *needs, mm_dtype, out_dtype,
         )  # fmt: skip
         ctx.needs, ctx.reduction, ctx.options = needs, reduction, options
@@ -88,7 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
             x, weight, bias, target, class_weight = ctx.saved_tensors[:5]
-            ignore_index, reduction, label_smoothing, _, _, mm_dtype, _ = ctx.options
+            ignore_index, reduction, label_smoothing, _, _, mm_dtype, _, z_loss = ctx.options
 
             def composition(x, weight, bias):
                 with torch.autocast(x.device.type, enabled=False):
@@ -96,10 +96,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None
                     )
                     math = compute_dtype(logits.dtype)  # fp32 softmax math from the logits, as the kernels
-                    return F.cross_entropy(
-                        logits.to(math), target.reshape(-1),
-                        weight=class_weight.to(math) if class_weight is not None else None, ignore_index=ignore_index,
-                        reduction=reduction, label_smoothing=label_smoothing,
+                    return z_loss_composition(
+                        logits.to(math), target.reshape(-1), class_weight.to(math) if class_weight is not None else None,
+                        ignore_index, reduction, label_smoothing, z_loss,
                     )  # fmt: skip
 
             go = grad_output.reshape(-1) if reduction == "none" else grad_output
@@ -107,10 +106,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return *grads, None, None, None, None
         if ctx.reduction == "none":
             x, weight, bias, target, class_weight, stats, lse = ctx.saved_tensors
-            ignore_index, _, label_smoothing, chunk, block, mm_dtype, _ = ctx.options
+            ignore_index, _, label_smoothing, chunk, block, mm_dtype, _, z_loss = ctx.options
             grads = launch.backward_none(
                 x, weight, bias, target, class_weight, stats, lse, grad_output, ignore_index,
-                label_smoothing, chunk, block, *ctx.needs, mm_dtype,
+                label_smoothing, z_loss, chunk, block, *ctx.needs, mm_dtype,
             )  # fmt: skip
             grads = tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         elif torch.compiler.is_compiling():
@@ -125,14 +124,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy_reference(
     input, linear_weight, target, linear_bias=None, weight=None, ignore_index=-100, reduction="mean",
-    label_smoothing=0.0,
+    label_smoothing=0.0, *, z_loss=0.0,
 ) -> torch.Tensor:  # fmt: skip
     """The composition this op equals, in plain torch: its fallback and its test oracle. The
     logits' class dim (last, as ``F.linear`` makes them) is moved to dim 1 for inputs of three or
-    more dims, where ``F.cross_entropy`` expects it."""
+    more dims, where ``F.cross_entropy`` expects it; with a ``z_loss``,
+    :func:`fusedopt.losses.cross_entropy.z_loss_composition` of the logits."""
     logits = F.linear(input, linear_weight, linear_bias)
     if logits.dim() > 2:
         logits = logits.movedim(-1, 1)
+    if z_loss > 0.0:
+        return z_loss_composition(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss)
     return F.cross_entropy(
         logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing,
@@ -151,6 +153,7 @@ def linear_cross_entropy(
     *,
     chunk_rows: int | None = None,
     chunk_classes: int | None = None,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy of the logits ``F.linear(input, linear_weight, linear_bias)`` without
     materializing them: same value, dtype, shape, gradients and errors as
@@ -171,6 +174,8 @@ def linear_cross_entropy(
             of this many classes, and one matmul more (the logits twice: their log-sum-exp
             first). No ``V x H`` fp32 accumulator: each block's weight gradient is one matmul
             over all the tokens, written once. Exclusive with ``chunk_rows``.
+        z_loss: >= 0: each token not ignored adds ``z_loss · lse²`` (its logits' log-sum-exp)
+            to its loss, reduced like the loss (as ``fusedopt.functional.cross_entropy``).
 
     Returns:
         The loss: a scalar, or the target's shape for ``reduction="none"``; fp32 under
@@ -186,6 +191,7 @@ def linear_cross_entropy(
         runs_triton(t.device) and t.dtype in TL_DTYPE for t in present
     )
     reduction, ignore_index, label_smoothing = arguments(weight, ignore_index, reduction, label_smoothing)
+    z_loss = check_z_loss(z_loss)
     device_type = input.device.type
     autocast = (
         torch.is_autocast_enabled(device_type)
@@ -196,8 +202,9 @@ def linear_cross_entropy(
     launch.check_chunk(chunk_rows, chunk_classes)
     if not fusable:
         return linear_cross_entropy_reference(
-            input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing
-        )
+            input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
+            z_loss=z_loss,
+        )  # fmt: skip
     launch.check(input, linear_weight, linear_bias, target, weight, label_smoothing, autocast)
     if autocast and weight is not None and weight.dtype != torch.float32:
         weight = weight.float()  # autocast runs cross-entropy in fp32
@@ -207,12 +214,21 @@ def linear_cross_entropy(
     if input.dim() == 1:
         target = target.reshape(())  # torch: the loss of a 1-D input is 0-d, also for "none"
     chunk = chunk_rows if chunk_rows is not None else launch.chunk_rows(x.shape[0], hidden, vocab)
-    options = (ignore_index, reduction, label_smoothing, chunk, chunk_classes or 0, mm_dtype, out_dtype)
+    options = (
+        ignore_index,
+        reduction,
+        label_smoothing,
+        chunk,
+        chunk_classes or 0,
+        mm_dtype,
+        out_dtype,
+        z_loss,
+    )
     grad = torch.is_grad_enabled()
     needs = tuple(grad and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
     if any(needs):
         return _LinearCrossEntropy.apply(x, linear_weight, linear_bias, target, weight, options, needs)
     return launch.forward(
-        x, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, chunk,
+        x, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, chunk,
         chunk_classes or 0, False, False, False, mm_dtype, out_dtype,
     )[0]  # fmt: skip
