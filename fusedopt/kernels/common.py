@@ -52,6 +52,16 @@ def block_start(
 
 
 @triton.jit
+def whole_block(start, numel, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+    """Whether the block at ``start`` lies inside its tensor of ``numel`` elements: always
+    without TAIL (no tensor of the launch ends in a partial block: no masked path compiled)."""
+    if TAIL:
+        return start + BLOCK <= numel
+    else:
+        return True
+
+
+@triton.jit
 def locate_block(
     meta,  # int64 [T, 2]: numel, first block of each tensor
     owner,  # int32 [B]: tensor index of each block

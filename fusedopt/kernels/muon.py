@@ -26,7 +26,16 @@ Nothing is written when GradScaler found an inf (``found_inf``).
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import address, block_start, fma, mul_ieee, sqrt_ieee, step_taken, to_storage
+from fusedopt.kernels.common import (
+    address,
+    block_start,
+    fma,
+    mul_ieee,
+    sqrt_ieee,
+    step_taken,
+    to_storage,
+    whole_block,
+)
 
 # The group's float64 hyper-parameters, in this order (the launcher writes them).
 SCALARS = ("momentum", "lr", "weight_decay")
@@ -101,10 +110,7 @@ def muon_momentum_kernel(
     # A step GradScaler skips writes nothing: Newton-Schulz then runs on a stale workspace whose
     # result the update kernel does not apply.
     if step_taken(found_inf, HAS_FOUND_INF):
-        if TAIL:
-            whole = start + BLOCK <= numel
-        else:
-            whole = True
+        whole = whole_block(start, numel, BLOCK, TAIL)
         if whole & ALIGNED:
             offs = start + tl.arange(0, BLOCK).to(tl.int64)
             total = _momentum_block(ptrs, grad_ptrs, scalars, inv_scale, clip_coef, t, offs, None, DTYPE, COMPUTE,
@@ -188,10 +194,7 @@ def muon_update_kernel(
         if TORCH_CPU:  # torch's CPU add_ of bf16/fp16 tensors rounds alpha to their dtype
             alpha = to_storage(alpha, DTYPE).to(COMPUTE)
             strided = tl.load(ratios + 2 * t + 1) != 0
-        if TAIL:
-            whole = start + BLOCK <= numel
-        else:
-            whole = True
+        whole = whole_block(start, numel, BLOCK, TAIL)
         if whole & ALIGNED:
             offs = start + tl.arange(0, BLOCK).to(tl.int64)
             _update_block(ptrs, t, offs, None, decay, alpha, strided, DTYPE, COMPUTE, TORCH_CPU, True)

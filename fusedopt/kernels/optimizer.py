@@ -37,6 +37,7 @@ from fusedopt.kernels.common import (
     step_taken,
     store_param,
     store_state,
+    whole_block,
 )
 
 # Bits of the STATE constexpr: which state columns a launch reads and writes.
@@ -143,10 +144,7 @@ def optimizer_kernel(
         # A full block of a tensor whose addresses are all 16-byte aligned: one piece, vector
         # accesses. Else (a tensor's last block, or a misaligned tensor's block) sub-blocks of
         # TAIL_BLOCK elements with scalar accesses, which need more registers per element.
-        if TAIL:
-            whole = start + BLOCK <= numel
-        else:
-            whole = True
+        whole = whole_block(start, numel, BLOCK, TAIL)
         if ALIGNED:
             vector = whole
         else:
