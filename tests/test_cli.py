@@ -226,7 +226,7 @@ def test_check_linear_cross_entropy_passes(monkeypatch, capsys, tmp_path):
     status, out = run_check(monkeypatch, capsys, tmp_path, *argv)
     assert status == 0, out
     count = len(testing.LINEAR_CE_CASES)
-    assert count == 4 and verdicts(out, "linear_cross_entropy") == ["PASS"] * 2 * count
+    assert count == 5 and verdicts(out, "linear_cross_entropy") == ["PASS"] * 2 * count
     assert "5 tokens x 8 features -> 37 classes in chunks of 2" in out
     assert "vocab/3" in out  # the case in the vocabulary order (blocks of 13 classes)
     assert "bf16: 2·max|torch in bf16 - torch| + 0.00391·max|torch|" in out
