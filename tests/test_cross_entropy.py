@@ -888,3 +888,15 @@ def test_z_loss_without_triton_is_the_composition(monkeypatch):
     got = cross_entropy(x, target, z_loss=0.3, **kwargs)
     expected = z_loss_composition(x, target, kwargs["weight"], kwargs["ignore_index"], "mean", 0.25, 0.3)
     assert torch.equal(got, expected)
+
+
+def test_z_loss_with_an_ignore_index_beyond_the_classes(triton_device):
+    """An ``ignore_index`` outside ``[0, C)`` with class weights: the composition's mean divisor
+    never indexes the weights with it, and the kernels agree with it."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 5, generator=gen).to(triton_device).requires_grad_()
+    target = torch.tensor([0, 5, 2, 5, 4, 1]).to(triton_device)  # 5 == C: ignored
+    weight = (torch.rand(5, generator=gen) + 0.5).to(triton_device)
+    ours = cross_entropy(x, target, weight=weight, ignore_index=5, z_loss=0.1)
+    expected = z_loss_composition(x.detach().double(), target, weight.double(), 5, "mean", 0.0, 0.1)
+    assert_close(ours.detach(), expected.float(), "loss", LOSS_TOLERANCE)

@@ -114,7 +114,9 @@ def z_loss_composition(
         return per
     if reduction == "sum":
         return per.sum()
-    counted = keep.to(per.dtype) if weight is None else torch.where(keep, weight[target.clamp(min=0)], 0)
+    counted = (
+        keep.to(per.dtype) if weight is None else torch.where(keep, weight[torch.where(keep, target, 0)], 0)
+    )
     return per.sum() / counted.sum()
 
 
