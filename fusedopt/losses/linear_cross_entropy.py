@@ -54,11 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import has_torch_function_variadic
 
-from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, runs_triton
+from fusedopt._multi_tensor import TL_DTYPE, runs_triton
 from fusedopt.losses import _linear_cross_entropy_launch as launch
 from fusedopt.losses._common import differentiable_grads, scaled_copy
 from fusedopt.losses._cross_entropy_launch import _scale_grad
-from fusedopt.losses.cross_entropy import arguments, check_z_loss, z_loss_composition
+from fusedopt.losses.cross_entropy import arguments, check_z_loss, torch_cross_entropy, z_loss_composition
 
 AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts
 
@@ -95,11 +95,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     logits = F.linear(
                         x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None
                     )
-                    math = compute_dtype(logits.dtype)  # fp32 softmax math from the logits, as the kernels
-                    return z_loss_composition(
-                        logits.to(math), target.reshape(-1), class_weight.to(math) if class_weight is not None else None,
-                        ignore_index, reduction, label_smoothing, z_loss,
-                    )  # fmt: skip
+                # fp32 softmax math from the logits (fp64 for fp64), as the kernels
+                return torch_cross_entropy(
+                    logits, target.reshape(-1), class_weight, ignore_index, reduction, label_smoothing, z_loss
+                )
 
             go = grad_output.reshape(-1) if reduction == "none" else grad_output
             grads = differentiable_grads(composition, (x, weight, bias), ctx.needs, go)

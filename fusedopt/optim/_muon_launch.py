@@ -28,6 +28,7 @@ from fusedopt._multi_tensor import (
     compute_dtype,
     launch_grid,
     tail_block,
+    to_device,
 )
 from fusedopt.kernels import muon as kernels
 
@@ -100,9 +101,12 @@ class MuonLaunch:
         # its scalar loop does, in bf16/fp16, where O is a transposed view (a tall 2-D param's)
         low = self.dtype in (torch.bfloat16, torch.float16)
         rounded = [float(low and tall[i]) for i in self.order]
-        self.ratios = torch.tensor(
-            [[ratios[i], t] for i, t in zip(self.order, rounded, strict=True)], dtype=torch.float64
-        ).to(device)
+        self.ratios = to_device(
+            torch.tensor(
+                [[ratios[i], t] for i, t in zip(self.order, rounded, strict=True)], dtype=torch.float64
+            ),
+            device,
+        )
         self.scalars = DeviceScalars(device)
         self.device = device
 
