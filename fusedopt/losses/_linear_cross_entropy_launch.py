@@ -33,6 +33,7 @@ tiles of a matmul; at most one program per token, or per 2048 logits, for the ro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -139,20 +140,14 @@ def _padded(columns: int) -> int:
     return -(-columns // 16) * 16
 
 
-class _Problem(NamedTuple):
-    """What both loop orders read: ``x`` [N, H], ``weight`` [V, H], ``bias`` [V] in the matmul
-    dtype, the flat targets, the class weights, the targets kernel's ``stats``, the options, and
-    the dtypes of the gradients (input, weight, bias)."""
+class Head(NamedTuple):
+    """A linear head: ``x`` [N, H], ``weight`` [V, H], ``bias`` [V] in the matmul dtype, and
+    the dtypes of the gradients (input, weight, bias): the tensors' own. What every chunked op
+    (this one, ``linear_log_probs``, the distillation loss) reads."""
 
     x: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
-    target: torch.Tensor
-    class_weight: torch.Tensor | None
-    stats: torch.Tensor
-    ignore_index: int
-    label_smoothing: float
-    z_loss: float
     grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]
 
     def logits(
@@ -165,6 +160,63 @@ class _Problem(NamedTuple):
         return torch.mm(x, w, out=out)
 
 
+def head(x, weight, bias, mm_dtype: torch.dtype) -> Head:
+    """The matmul operands in ``mm_dtype`` (autocast's casts; no copy when already in it)."""
+    grad_dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype)
+    operands = (x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None)
+    return Head(*operands, grad_dtypes)
+
+
+class _Problem(NamedTuple):
+    """What both loop orders read: the head, the flat targets, the class weights, the targets
+    kernel's ``stats`` and the options."""
+
+    head: Head
+    target: torch.Tensor
+    class_weight: torch.Tensor | None
+    stats: torch.Tensor
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+
+
+def token_chunks(
+    h: Head,
+    chunk: int,
+    grads: tuple[bool, bool, bool],
+    rows_step: Callable[[torch.Tensor, int, int], None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The engine of the token order, shared by the chunked ops: chunks of ``chunk`` rows, one
+    ``c x V`` logits buffer (rows :func:`_padded`) for all. Per chunk, ``rows_step(z, start,
+    stop)`` gets the chunk's logits ``z`` [stop - start, V] and, when any gradient is asked,
+    must leave in ``z`` the gradient of the loss in the logits; then ``grad_X = dZ W`` into the
+    chunk's rows, ``grad_W += dZᵀ X`` and ``grad_b += Σ dZ`` in fp32 (fp64 for fp64). Returns
+    the gradients asked by ``grads`` (input, weight, bias) in ``h.grad_dtypes``, empty
+    otherwise."""
+    x, weight, grad_dtypes = h.x, h.weight, h.grad_dtypes
+    n, vocab = x.shape[0], weight.shape[0]
+    want_input, want_weight, want_bias = grads
+    acc_dtype = compute_dtype(x.dtype)
+    grad_input = x.new_empty(x.shape, dtype=grad_dtypes[0]) if want_input else _empty(x)
+    grad_weight = _zeros_for(weight, weight.shape, grad_dtypes[1], acc_dtype) if want_weight else _empty(x)
+    grad_bias = x.new_zeros(vocab, dtype=acc_dtype) if want_bias else _empty(x)
+    buffer = x.new_empty((min(chunk, n), _padded(vocab)))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        z = h.logits(buffer[: stop - start, :vocab], rows=slice(start, stop))
+        rows_step(z, start, stop)
+        if want_input:
+            if grad_input.dtype == z.dtype:
+                torch.mm(z, weight, out=grad_input[start:stop])
+            else:
+                grad_input[start:stop] = z @ weight
+        if want_weight:
+            _accumulate(grad_weight, z.t(), x[start:stop], padded=True)
+        if want_bias:
+            grad_bias += z.sum(0, dtype=acc_dtype)
+    return grad_input, _finish(grad_weight, grad_dtypes[1]), _finish(grad_bias, grad_dtypes[2])
+
+
 def _chunks(
     p: _Problem,
     chunk: int,
@@ -175,22 +227,12 @@ def _chunks(
     divide_by_total: bool = False,
     grad_output: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The token order: chunks of ``chunk`` rows. Writes ``row_loss`` if given (and ``lse``
-    with it, if given), else reads ``lse``; returns the gradients asked by ``grads`` (input,
-    weight, bias) in ``p.grad_dtypes``, empty otherwise."""
-    x, weight, grad_dtypes = p.x, p.weight, p.grad_dtypes
-    n, vocab = x.shape[0], weight.shape[0]
-    want_input, want_weight, want_bias = grads
+    """The token order (:func:`token_chunks`) with the cross-entropy row kernel. Writes
+    ``row_loss`` if given (and ``lse`` with it, if given), else reads ``lse``; returns the
+    gradients asked by ``grads``."""
     any_grad = any(grads)
-    acc_dtype = compute_dtype(x.dtype)
-    grad_input = x.new_empty(x.shape, dtype=grad_dtypes[0]) if want_input else _empty(x)
-    grad_weight = _zeros_for(weight, weight.shape, grad_dtypes[1], acc_dtype) if want_weight else _empty(x)
-    grad_bias = x.new_zeros(vocab, dtype=acc_dtype) if want_bias else _empty(x)
-    buffer = x.new_empty((min(chunk, n), _padded(vocab)))
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        x_k = x[start:stop]
-        z = p.logits(buffer[: stop - start, :vocab], rows=slice(start, stop))
+
+    def rows_step(z: torch.Tensor, start: int, stop: int) -> None:
         rows = z.unsqueeze(1)
         _launch_rows(
             rows,
@@ -207,16 +249,8 @@ def _chunks(
             divide_by_total=divide_by_total,
             z_loss=p.z_loss,
         )
-        if want_input:
-            if grad_input.dtype == z.dtype:
-                torch.mm(z, weight, out=grad_input[start:stop])
-            else:
-                grad_input[start:stop] = z @ weight
-        if want_weight:
-            _accumulate(grad_weight, z.t(), x_k, padded=True)
-        if want_bias:
-            grad_bias += z.sum(0, dtype=acc_dtype)
-    return grad_input, _finish(grad_weight, grad_dtypes[1]), _finish(grad_bias, grad_dtypes[2])
+
+    return token_chunks(p.head, chunk, grads, rows_step)
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, padded: bool = False) -> None:
@@ -269,7 +303,8 @@ def _blocks(
     again, their gradient from ``lse``, then ``grad_W[block] = dZᵀ X`` written once, with the
     matmul's own fp32 accumulation over all N tokens, and ``grad_X += dZ W[block]`` in fp32).
     ``lse`` is required: pass 1 writes it, pass 2 reads it."""
-    x, weight, grad_dtypes = p.x, p.weight, p.grad_dtypes
+    h = p.head
+    x, weight, grad_dtypes = h.x, h.weight, h.grad_dtypes
     target, class_weight, stats = p.target, p.class_weight, p.stats
     ignore_index, label_smoothing = p.ignore_index, p.label_smoothing
     n, vocab = x.shape[0], weight.shape[0]
@@ -281,7 +316,7 @@ def _blocks(
 
     def logits(v0: int, v1: int) -> torch.Tensor:
         width = _padded(v1 - v0)
-        return p.logits(buffer[: n * width].view(n, width)[:, : v1 - v0], classes=slice(v0, v1))
+        return h.logits(buffer[: n * width].view(n, width)[:, : v1 - v0], classes=slice(v0, v1))
 
     if row_loss is not None:
         state = x.new_empty((4, n), dtype=acc_dtype)
@@ -341,13 +376,11 @@ def _finish(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _problem(
     x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, z_loss, mm_dtype
 ) -> _Problem:
-    """The loops' inputs: the matmul operands in ``mm_dtype`` (autocast's casts; no copy when
-    already in it), the flat targets, and the dtypes of the gradients (the tensors' own)."""
-    grad_dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype)
-    operands = (x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None)
+    """The loops' inputs: the head in ``mm_dtype`` (:func:`head`) and the flat targets."""
     return _Problem(
-        *operands, target.reshape(-1), class_weight, stats, ignore_index, label_smoothing, z_loss, grad_dtypes
-    )
+        head(x, weight, bias, mm_dtype), target.reshape(-1), class_weight, stats, ignore_index, label_smoothing,
+        z_loss,
+    )  # fmt: skip
 
 
 def _forward_fake(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, chunk,
