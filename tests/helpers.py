@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -317,3 +318,39 @@ def compile_in_child(child: str, variants: list, timeout: int = 900) -> list[dic
     )
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+class PeakMemory(TorchDispatchMode):
+    """Bytes of the storages created by ops inside the block that are alive at once: the peak
+    and the largest single storage. A storage counts from the op that created it until Python
+    frees it (a finalizer on the storage object, which torch keeps unique per storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = self.largest = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self.seen or key in inputs or storage.nbytes() == 0:  # views, in-place ops
+                continue
+            self.seen.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            self.largest = max(self.largest, storage.nbytes())
+            weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out

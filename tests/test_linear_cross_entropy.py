@@ -14,13 +14,11 @@ import dataclasses
 import functools
 import re
 import warnings
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CountOps, Recorder
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import CountOps, PeakMemory, Recorder
 
 import fusedopt.losses._cross_entropy_launch as ce_launch
 import fusedopt.losses._linear_cross_entropy_launch as launch
@@ -499,42 +497,6 @@ def test_small_language_model_trains_like_the_unfused_one(triton_device, small_b
 
 
 # Memory --------------------------------------------------------------------------------------
-
-
-class PeakMemory(TorchDispatchMode):
-    """Bytes of the storages created by ops inside the block that are alive at once: the peak
-    and the largest single storage. A storage counts from the op that created it until Python
-    frees it (a finalizer on the storage object, which torch keeps unique per storage)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = self.largest = 0
-        self.seen: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self.seen.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in torch.utils._pytree.tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        for t in out if isinstance(out, tuple | list) else [out]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key in self.seen or key in inputs or storage.nbytes() == 0:  # views, in-place ops
-                continue
-            self.seen.add(key)
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            self.largest = max(self.largest, storage.nbytes())
-            weakref.finalize(storage, self._free, key, storage.nbytes())
-        return out
 
 
 def test_never_holds_more_than_a_chunk_of_logits(triton_device, monkeypatch, capsys):
