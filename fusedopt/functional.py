@@ -220,10 +220,12 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``torch.nn.functional.cross_entropy`` with the logits' gradient written in the forward
     pass; keyword-only ``z_loss`` adds ``z_loss · lse²`` per target not ignored, reduced like
-    the loss (:func:`fusedopt.losses.cross_entropy.cross_entropy`)."""
+    the loss, and ``softcap`` caps every logit at ``softcap · tanh(z / softcap)`` first
+    (:func:`fusedopt.losses.cross_entropy.cross_entropy`)."""
     reduction = _legacy(size_average, reduce, reduction)
     return _fused_cross_entropy(
         input,
@@ -233,4 +235,5 @@ def cross_entropy(
         reduction=reduction,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
+        softcap=softcap,
     )

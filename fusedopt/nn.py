@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.nn.modules.loss import _WeightedLoss
 
 from fusedopt import functional as F
-from fusedopt.losses.cross_entropy import check_z_loss
+from fusedopt.losses.cross_entropy import check_softcap, check_z_loss
 
 __all__ = [
     "FusedCrossEntropyLoss",
@@ -50,11 +50,13 @@ class FusedHuberLoss(nn.HuberLoss):
 
 class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
     """``nn.CrossEntropyLoss`` computed by :func:`fusedopt.functional.cross_entropy`; keyword-only
-    ``z_loss`` (default 0: none) adds ``z_loss · lse²`` per target not ignored."""
+    ``z_loss`` (default 0: none) adds ``z_loss · lse²`` per target not ignored, ``softcap``
+    (default None: none) caps every logit at ``softcap · tanh(z / softcap)``."""
 
-    def __init__(self, *args, z_loss: float = 0.0, **kwargs) -> None:
+    def __init__(self, *args, z_loss: float = 0.0, softcap: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.z_loss = check_z_loss(z_loss)
+        self.softcap = check_softcap(softcap) or None
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(
@@ -65,6 +67,7 @@ class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
+            softcap=self.softcap,
         )
 
 
@@ -72,7 +75,15 @@ class _LinearCrossEntropyOptions:
     """The keyword options of :func:`fusedopt.functional.linear_cross_entropy` a module keeps as
     attributes (what torch's loss modules do with theirs)."""
 
-    OPTIONS = ("ignore_index", "reduction", "label_smoothing", "chunk_rows", "chunk_classes", "z_loss")
+    OPTIONS = (
+        "ignore_index",
+        "reduction",
+        "label_smoothing",
+        "chunk_rows",
+        "chunk_classes",
+        "z_loss",
+        "softcap",
+    )
 
     def _keep(self, **options) -> None:
         assert options.keys() == set(self.OPTIONS)
@@ -89,7 +100,7 @@ class FusedLinearCrossEntropyLoss(_LinearCrossEntropyOptions, _WeightedLoss):
 
     Constructor as ``nn.CrossEntropyLoss`` (``weight`` a buffer of class weights), plus the
     keywords ``chunk_rows`` (tokens per chunk, default from the shapes), ``chunk_classes``
-    (the vocabulary order instead, in blocks of that many classes) and ``z_loss``.
+    (the vocabulary order instead, in blocks of that many classes), ``z_loss`` and ``softcap``.
     """
 
     def __init__(
@@ -102,11 +113,13 @@ class FusedLinearCrossEntropyLoss(_LinearCrossEntropyOptions, _WeightedLoss):
         chunk_rows: int | None = None,
         chunk_classes: int | None = None,
         z_loss: float = 0.0,
+        softcap: float | None = None,
     ) -> None:
         super().__init__(weight, None, None, reduction)
         self._keep(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             chunk_rows=chunk_rows, chunk_classes=chunk_classes, z_loss=check_z_loss(z_loss),
+            softcap=check_softcap(softcap) or None,
         )  # fmt: skip
 
     def forward(
@@ -126,7 +139,8 @@ class FusedLinearCrossEntropyHead(_LinearCrossEntropyOptions, nn.Linear):
     The loss reads the weight inside the module's own ``forward``, so sharding wrappers that
     gather parameters around it (FSDP2's ``fully_shard``) gather this weight as for any layer.
     Keywords: ``ignore_index``, ``reduction``, ``label_smoothing`` as ``nn.CrossEntropyLoss``,
-    ``chunk_rows``, ``chunk_classes`` and ``z_loss`` as :func:`fusedopt.functional.linear_cross_entropy`.
+    ``chunk_rows``, ``chunk_classes``, ``z_loss`` and ``softcap`` as
+    :func:`fusedopt.functional.linear_cross_entropy`.
     """
 
     def __init__(
@@ -143,11 +157,13 @@ class FusedLinearCrossEntropyHead(_LinearCrossEntropyOptions, nn.Linear):
         chunk_rows: int | None = None,
         chunk_classes: int | None = None,
         z_loss: float = 0.0,
+        softcap: float | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         self._keep(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             chunk_rows=chunk_rows, chunk_classes=chunk_classes, z_loss=check_z_loss(z_loss),
+            softcap=check_softcap(softcap) or None,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -42,6 +42,11 @@ LOSS_TOLERANCE: dict[torch.dtype, dict[str, float]] = {
 
 FP32_NOISE = 8 * 2.0**-24  # relative to the largest expected magnitude
 
+# The kernels' tanh (``fusedopt.kernels.common.tanh``, the softcap's): its relative error in
+# units of the dtype's eps (interpreter: 1.8 fp32, 3.1 fp64; a GPU's approximate fp32 exp may
+# add about 2 at |x| = 0.25, where the exponential form starts).
+TANH_EPS: dict[torch.dtype, float] = {torch.float32: 4.0, torch.float64: 4.0}
+
 # FusedMuon's Muon-group params against torch.optim.Muon's (run in the same dtype): within the
 # noise of bf16 Newton–Schulz. FusedMuon runs the matrices of one shape batched (bmm, baddbmm)
 # where torch runs each alone (mm, addmm); the two round alike almost everywhere, but now and

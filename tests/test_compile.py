@@ -179,11 +179,12 @@ def _matmul_variants() -> list:
         signature = dict(logits=f"*{dtype}", target="*i64", weight=f"*{dtype}", stats=f"*{compute}",
                          state=f"*{compute}", lse=f"*{compute}", loss=f"*{compute}", R="i32", C="i32",
                          col0="i64", K="i32", stride_x="i32", stride_t="i32", ignore_index="i64",
-                         label_smoothing="fp64", z_loss="fp64")  # fmt: skip
+                         label_smoothing="fp64", z_loss="fp64", softcap="fp64")  # fmt: skip
         for first, last in [(True, False), (False, False), (False, True), (True, True)]:
             constexprs = dict(DTYPE=f"tl.{TL_NAMES[dtype]}", COMPUTE=f"tl.{TL_NAMES[compute]}",
                               LOSS_DTYPE=f"tl.{TL_NAMES[compute]}", ROWS=1, BLOCK=4096, HAS_WEIGHT=i % 2 == 0,
-                              SMOOTHING=last, FIRST=first, LAST=last, Z_LOSS=last)  # fmt: skip
+                              SMOOTHING=last, FIRST=first, LAST=last, Z_LOSS=last,
+                              SOFTCAP=not first)  # fmt: skip
             out.append(["logsumexp_block", signature, constexprs])
     return out
 

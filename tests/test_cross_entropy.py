@@ -9,21 +9,31 @@ tolerance is the loss contract (``fusedopt.tolerance.LOSS_TOLERANCE``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from helpers import Launches, compile_in_child, record_launches
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedopt.losses._cross_entropy_launch as launch
 import fusedopt.losses.cross_entropy as ce
 import fusedopt.nn
+from fusedopt._multi_tensor import TL_DTYPE
 from fusedopt.kernels import cross_entropy as kernels
-from fusedopt.losses.cross_entropy import CrossEntropyFunction, cross_entropy, z_loss_composition
+from fusedopt.kernels.common import tanh
+from fusedopt.losses.cross_entropy import (
+    CrossEntropyFunction,
+    cross_entropy,
+    cross_entropy_composition,
+    z_loss_composition,
+)
 from fusedopt.testing import assert_close
-from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE
+from fusedopt.tolerance import LOSS_TOLERANCE, OPTIM_TOLERANCE, TANH_EPS
 
 # The interpreter computes with numpy, which warns about the intended inf - inf and 1 / 0.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -124,12 +134,14 @@ def make_inputs(shape, dtype, options: Options, device, seed=0, scale=4.0):
 
 
 def reference(x, target, grad_output=None, reduction="mean", **kwargs):
-    """torch's loss and gradient of the logits, computed in fp32 (fp64 for fp64)."""
+    """torch's loss and gradient of the logits, computed in fp32 (fp64 for fp64): its
+    ``F.cross_entropy``, or with ``z_loss``/``softcap`` the composition
+    (:func:`cross_entropy_composition`)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xr = x.detach().to(dtype).requires_grad_()
     if kwargs.get("weight") is not None:
         kwargs = dict(kwargs, weight=kwargs["weight"].to(dtype))
-    loss = F.cross_entropy(xr, target, reduction=reduction, **kwargs)
+    loss = cross_entropy_composition(xr, target, reduction=reduction, **kwargs)
     go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, dtype)
     (grad,) = torch.autograd.grad(loss, xr, go)
     return loss.detach(), grad
@@ -538,7 +550,7 @@ def _compile_variants() -> list:
                 "loss": f"*{loss_dtype}", "grad": f"*{dt}", "grad_output": f"*{dt}", "R": "i32", "C": "i32",
                 "col0": "i64", "K": "i32",
                 "stride_xn": "i32", "stride_gn": "i32", "stride_t": "i32", "stride_go": "i32",
-                "ignore_index": "i64", "label_smoothing": "fp64", "z_loss": "fp64",
+                "ignore_index": "i64", "label_smoothing": "fp64", "z_loss": "fp64", "softcap": "fp64",
             }  # fmt: skip
             spatial = mode == "none_backward"  # S and the spatial strides are runtime values
             if spatial:
@@ -547,8 +559,8 @@ def _compile_variants() -> list:
             rows = 4 if mode == "sum_grad" else 1  # a tile of several rows of 1024 (512) columns
             constexprs = dict(
                 switches, DTYPE=dt, COMPUTE=ct, LOSS_DTYPE=loss_dtype, ROWS=rows, BLOCK=block // rows,
-                HAS_WEIGHT=i % 2 == 0, SMOOTHING=i < 3, Z_LOSS=i in (0, 3, 4), stride_xc=1, stride_gc=1,
-                SAME_SPLIT=i != 1,
+                HAS_WEIGHT=i % 2 == 0, SMOOTHING=i < 3, Z_LOSS=i in (0, 3, 4), SOFTCAP=i in (1, 2, 4),
+                stride_xc=1, stride_gc=1, SAME_SPLIT=i != 1,
             )  # fmt: skip
             if not spatial:
                 constexprs |= {"S": 1, "stride_xs": 0, "stride_gs": 0}
@@ -600,11 +612,11 @@ def test_rows_of_any_length_use_vector_accesses():
         "logits": "*bf16", "target": "*i64", "weight": "*bf16", "stats": "*fp32", "lse": "*fp32",
         "loss": "*fp32", "grad": "*bf16", "grad_output": "*bf16", "R": "i32", "C": "i32", "col0": "i64",
         "K": "i32", "stride_xn": "i32", "stride_gn": "i32", "stride_t": "i32", "stride_go": "i32",
-        "ignore_index": "i64", "label_smoothing": "fp64", "z_loss": "fp64",
+        "ignore_index": "i64", "label_smoothing": "fp64", "z_loss": "fp64", "softcap": "fp64",
     }  # fmt: skip
     constexprs = dict(
         ROW_MODES["mean_grad"], DTYPE="bf16", COMPUTE="fp32", LOSS_DTYPE="fp32", ROWS=1, BLOCK=4096,
-        HAS_WEIGHT=False, SMOOTHING=False, Z_LOSS=False, stride_xc=1, stride_gc=1, S=1, stride_xs=0, stride_gs=0, SAME_SPLIT=True,
+        HAS_WEIGHT=False, SMOOTHING=False, Z_LOSS=False, SOFTCAP=False, stride_xc=1, stride_gc=1, S=1, stride_xs=0, stride_gs=0, SAME_SPLIT=True,
     )  # fmt: skip
     variant = ["cross_entropy_kernel", signature, constexprs, ["logits", "grad", "weight"]]
     (result,) = compile_in_child(CHILD, [variant])
@@ -799,11 +811,12 @@ def test_class_weight_under_autocast_as_torch(weight_dtype, logits_dtype, triton
     assert_close(x.grad, xr.grad, "grad", LOSS_TOLERANCE)
 
 
-def test_kernels_raise_no_runtime_warning(triton_device, sizes):
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["uncapped", "softcap"])
+def test_kernels_raise_no_runtime_warning(softcap, triton_device, sizes):
     """Issue 18: the interpreter printed "RuntimeWarning: invalid value encountered in subtract"
     from the cross-entropy kernels (-inf - (-inf) on masked lanes) in user code. Ordinary
     calls, masked (-inf) classes and a partly masked last tile included, forward and backward,
-    with RuntimeWarning an error."""
+    with RuntimeWarning an error; also with a softcap (the lanes past the rows stay -inf)."""
     sizes(16, 64)  # rows of 37 classes: three column blocks; 2 rows per program, 7 rows
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -812,26 +825,14 @@ def test_kernels_raise_no_runtime_warning(triton_device, sizes):
                 x, target, kwargs = make_inputs((7, 37), torch.float32, OPTIONS[options], triton_device)
                 x[:, 33:] = -INF  # masked classes, no target among them
                 target[target >= 33] = 1
-                loss = cross_entropy(x.requires_grad_(), target, reduction=reduction, **kwargs)
+                loss = cross_entropy(
+                    x.requires_grad_(), target, reduction=reduction, softcap=softcap, **kwargs
+                )
                 loss.sum().backward()
                 assert x.grad.isfinite().all()
 
 
 # z_loss (issue 21): each target not ignored adds z_loss lse² to its loss -------------------------
-
-
-def z_reference(x, target, grad_output=None, reduction="mean", z_loss=0.0, **kwargs):
-    """The z-loss composition's loss and gradient, in fp32 (fp64 for fp64)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xr = x.detach().to(dtype).requires_grad_()
-    weight = kwargs.get("weight")
-    loss = z_loss_composition(
-        xr, target, None if weight is None else weight.to(dtype), kwargs["ignore_index"], reduction,
-        kwargs["label_smoothing"], z_loss,
-    )  # fmt: skip
-    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, dtype)
-    (grad,) = torch.autograd.grad(loss, xr, go)
-    return loss.detach(), grad
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -848,7 +849,7 @@ def test_z_loss_matches_the_composition(reduction, options, dtype, shape, triton
     loss = cross_entropy(x, target, reduction=reduction, z_loss=1e-2, **kwargs)
     go = torch.rand(loss.shape, generator=gen).to(triton_device, loss.dtype) + 0.5
     (grad,) = torch.autograd.grad(loss, x, go)
-    ref_loss, ref_grad = z_reference(x, target, go, reduction, 1e-2, **kwargs)
+    ref_loss, ref_grad = reference(x, target, go, reduction, z_loss=1e-2, **kwargs)
     plain = cross_entropy(x.detach(), target, reduction=reduction, **kwargs)
     assert not torch.allclose(loss.detach().float(), plain.float()), "the z-loss changed nothing"
     assert loss.dtype == x.dtype and loss.shape == ref_loss.shape
@@ -900,3 +901,144 @@ def test_z_loss_with_an_ignore_index_beyond_the_classes(triton_device):
     ours = cross_entropy(x, target, weight=weight, ignore_index=5, z_loss=0.1)
     expected = z_loss_composition(x.detach().double(), target, weight.double(), 5, "mean", 0.0, 0.1)
     assert_close(ours.detach(), expected.float(), "loss", LOSS_TOLERANCE)
+
+
+# softcap (issue 21): every logit z read as c tanh(z / c) before the softmax (Gemma 2) -------------
+
+SOFTCAP = 3.0  # make_inputs' logits (scale 4): many within c, many past it
+# option set and extra keywords: plain, and everything with a z-loss (its lse the capped logits')
+SOFTCAP_VARIANTS = {"plain": ("plain", {}), "all_z_loss": ("all", dict(z_loss=1e-2))}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("variant", SOFTCAP_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 37), (3, 37, 2)], ids=["2d", "3d"])
+def test_softcap_matches_the_composition(reduction, variant, dtype, shape, triton_device, sizes):
+    """Values and gradients (grad_output != 1) against the fp64 composition (the logits capped,
+    then ``F.cross_entropy`` or the z-loss composition), with class weights, label smoothing,
+    ignored targets and a z-loss ("all_z_loss"), rows spanning several blocks."""
+    sizes(16)
+    options, extra = SOFTCAP_VARIANTS[variant]
+    x, target, kwargs = make_inputs(shape, dtype, OPTIONS[options], triton_device)
+    kwargs |= extra
+    x.requires_grad_()
+    loss = cross_entropy(x, target, reduction=reduction, softcap=SOFTCAP, **kwargs)
+    gen = torch.Generator().manual_seed(3)
+    go = torch.rand(loss.shape, generator=gen).to(triton_device, loss.dtype) + 0.5
+    (grad,) = torch.autograd.grad(loss, x, go)
+    ref_loss, ref_grad = reference(x.double(), target, go, reduction, softcap=SOFTCAP, **kwargs)
+    uncapped, _ = reference(x.double(), target, go, reduction, **kwargs)
+    assert not torch.allclose(ref_loss, uncapped, rtol=0.01), "the cap changes little here"
+    assert loss.dtype == x.dtype and loss.shape == ref_loss.shape
+    assert_close(loss.detach(), ref_loss, "loss", LOSS_TOLERANCE)
+    assert_close(grad, ref_grad, "grad", LOSS_TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softcap_of_large_and_tiny_logits(dtype, triton_device, sizes):
+    """Logits far past the cap (up to 1e30 and ±inf: ±c, their gradient 0, the loss finite as the
+    composition's), around the tanh's switch between its series and its exponential form
+    (|z / c| = 0.25 and 2^-5), and tiny ones (down to 1e-30 c): loss, lse (through the z-loss)
+    and gradient of the fp64 composition, both passes and the target's logit capped."""
+    sizes(16)
+    c = 2.0
+    ratios = [1e30, 1e4, 50.0, 8.0, 0.2501, 0.2499, 0.25, 0.03126, 0.03124, 0.03125, 1e-3, 1e-8, 1e-30, 0.0]
+    row = torch.tensor([0.7, INF, -INF] + ratios + [-r for r in ratios], dtype=torch.float64) * c
+    x = torch.stack([row, row.roll(5), row.flip(0), -row]).to(triton_device, dtype)
+    target = torch.tensor([0, 1, 3, 10], device=triton_device)  # 0.7 c, inf -> c, 1e30 c, 0.25 c
+    for kwargs in (dict(reduction="none"), dict(reduction="sum", z_loss=0.1, label_smoothing=0.1)):
+        loss, grad = ours(x.clone().requires_grad_(), target, None, softcap=c, **kwargs)
+        ref_loss, ref_grad = reference(x.double(), target, None, softcap=c, **kwargs)
+        assert loss.isfinite().all() and grad.isfinite().all()
+        assert_close(loss, ref_loss, "loss", LOSS_TOLERANCE)
+        assert_close(grad, ref_grad, "grad", LOSS_TOLERANCE)
+        assert torch.equal(grad[x.abs() >= 1e4 * c], torch.zeros_like(grad[x.abs() >= 1e4 * c]))
+
+
+@triton.jit
+def _tanh_kernel(x, out, n, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    v = tl.load(x + offs, mask=offs < n, other=0).to(COMPUTE)
+    tl.store(out + offs, tanh(v, COMPUTE), mask=offs < n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tanh_from_exp_is_accurate(dtype, triton_device):
+    """``kernels.common.tanh`` (the softcap's; libdevice's returns None under the interpreter)
+    within ``TANH_EPS`` of the exact tanh, relative, from the smallest normal numbers through
+    both sides of its switch to the series (0.25, 2^-5) to saturation; ±inf, 0 and NaN as
+    torch's."""
+    eps = torch.finfo(dtype).eps
+    magnitudes = torch.logspace(math.log10(torch.finfo(dtype).tiny), 3, 3001, dtype=torch.float64)
+    edges = torch.tensor([0.25, 2.0**-5], dtype=torch.float64)
+    edges = torch.cat([edges * (1 + k * eps) for k in (-2, -1, 0, 1, 2)])
+    values = torch.cat([magnitudes, edges]).to(dtype)
+    values = torch.cat([values, -values, torch.tensor([INF, -INF, 0.0, NAN], dtype=dtype)]).to(triton_device)
+    out = torch.empty_like(values)
+    _tanh_kernel[(1,)](values, out, values.numel(), COMPUTE=TL_DTYPE[dtype], BLOCK=8192)
+    exact = torch.tanh(values.double())
+    torch.testing.assert_close(out[-4:], exact[-4:].to(dtype), equal_nan=True, rtol=0, atol=0)
+    nonzero = exact.isfinite() & (exact != 0)
+    errors = ((out.double() - exact).abs() / exact.abs())[nonzero] / eps
+    assert errors.max() <= TANH_EPS[dtype], (errors.max().item(), values[nonzero][errors.argmax()].item())
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_softcap_gradcheck_fp64(reduction, triton_device, sizes):
+    sizes(8)
+    x, target, kwargs = make_inputs((2, 5, 3), torch.float64, OPTIONS["all"], triton_device, scale=2.0)
+    torch.autograd.gradcheck(
+        lambda logits: cross_entropy(logits, target, reduction=reduction, softcap=1.5, z_loss=0.1, **kwargs),
+        (x.requires_grad_(),),
+        fast_mode=True,
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_softcap_create_graph_differentiates_the_composition(reduction, triton_device, sizes):
+    sizes(16)
+    x, target, kwargs = make_inputs((6, 37), torch.float64, OPTIONS["all"], triton_device)
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(triton_device)
+    go = torch.randn(target.shape if reduction == "none" else (), generator=gen, dtype=x.dtype)
+    go = go.to(triton_device)
+    options = dict(kwargs, reduction=reduction, softcap=SOFTCAP, z_loss=0.05)
+    ours = hessian_vector_product(lambda z: cross_entropy(z, target, **options), x, v, go)
+    theirs = hessian_vector_product(lambda z: cross_entropy_composition(z, target, **options), x, v, go)
+    assert_close(ours[0], theirs[0], "grad", LOSS_TOLERANCE)
+    assert_close(ours[1], theirs[1], "Hv", LOSS_TOLERANCE)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_softcap_all_ignored(reduction, triton_device):
+    x = torch.randn(4, 5, device=triton_device, requires_grad=True)
+    target = torch.full((4,), -100, device=triton_device)
+    loss, grad = ours(x, target, None, reduction, softcap=1.0, z_loss=0.5)
+    ref_loss, ref_grad = reference(x.double(), target, None, reduction, softcap=1.0, z_loss=0.5)
+    assert_close(loss, ref_loss, "loss", LOSS_TOLERANCE)  # NaN for mean, 0 for sum, as the composition
+    assert torch.equal(grad, torch.zeros_like(grad)) and torch.equal(ref_grad, torch.zeros_like(ref_grad))
+
+
+def test_softcap_errors_and_module(triton_device):
+    x = torch.randn(4, 5, device=triton_device, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3], device=triton_device)
+    for bad in (0, 0.0, -1.0, NAN, INF, True, "30"):
+        with pytest.raises(ValueError, match="softcap"):
+            cross_entropy(x, target, softcap=bad)
+        with pytest.raises(ValueError, match="softcap"):
+            fusedopt.nn.FusedCrossEntropyLoss(softcap=bad)
+    assert torch.equal(cross_entropy(x, target, softcap=None), cross_entropy(x, target))
+    module = fusedopt.nn.FusedCrossEntropyLoss(label_smoothing=0.1, z_loss=0.25, softcap=30)
+    assert module.softcap == 30.0 and fusedopt.nn.FusedCrossEntropyLoss().softcap is None
+    expected = cross_entropy(x, target, label_smoothing=0.1, z_loss=0.25, softcap=30.0)
+    assert torch.equal(module(x, target), expected)
+
+
+def test_softcap_without_triton_is_the_composition(monkeypatch):
+    """Tensors the kernels do not take run the composition (torch's ops)."""
+    monkeypatch.setattr(ce, "runs_triton", lambda device: False)
+    x, target, kwargs = make_inputs((5, 9), torch.float32, OPTIONS["all"], "cpu")
+    got = cross_entropy(x, target, softcap=2.0, **kwargs)
+    capped = 2.0 * torch.tanh(x / 2.0)
+    assert torch.equal(got, F.cross_entropy(capped, target, **kwargs))

@@ -175,6 +175,84 @@ def test_z_loss_gradcheck_fp64_and_modules(chunks, triton_device, small_blocks):
         linear_cross_entropy(x, w, target, b, z_loss=-0.5)
 
 
+SOFTCAP = 3.0  # make's logits (about 2 standard deviations, and a bias): many past the cap
+# (input lead, dtype, options, reduction): each option set in each dtype, shape and reduction
+SOFTCAP_CASES = {
+    "2d-fp32-mean": ((19,), torch.float32, "plain", "mean"),
+    "3d-fp32-z_loss-none": ((3, 7), torch.float32, "all_z_loss", "none"),
+    "2d-fp32-z_loss-sum": ((19,), torch.float32, "all_z_loss", "sum"),
+    "2d-bf16-z_loss-mean": ((19,), torch.bfloat16, "all_z_loss", "mean"),
+    "3d-bf16-sum": ((3, 7), torch.bfloat16, "plain", "sum"),
+    "3d-bf16-none": ((3, 7), torch.bfloat16, "plain", "none"),
+}
+
+
+@pytest.mark.parametrize("lead, dtype, variant, reduction", SOFTCAP_CASES.values(), ids=SOFTCAP_CASES)
+def test_softcap_matches_the_composition(lead, dtype, variant, reduction, order, triton_device, small_blocks):
+    """With ``softcap`` (issue 21): the fp64 composition's value and gradients (the logits
+    capped, then cross-entropy; "all_z_loss": class weights, smoothing, bias, ignored tokens and
+    a z-loss of the capped logits), grad_output != 1, both loop orders."""
+    options = OPTIONS["all" if variant == "all_z_loss" else "plain"]
+    x, w, target, b, kwargs = make(lead, dtype, options, triton_device)
+    if variant == "all_z_loss":
+        kwargs["z_loss"] = 0.02
+    gen = torch.Generator().manual_seed(5)
+    go = torch.randn(lead if reduction == "none" else (), generator=gen).to(triton_device)
+    check(x, w, target, b, go, reduction=reduction, softcap=SOFTCAP, **order, **kwargs)
+    uncapped = linear_cross_entropy_reference(x, w, target, b, reduction=reduction, **kwargs)
+    capped = linear_cross_entropy_reference(x, w, target, b, reduction=reduction, softcap=SOFTCAP, **kwargs)
+    assert not torch.allclose(uncapped.float(), capped.float(), rtol=0.01), "the cap changes little here"
+
+
+def test_softcap_gradcheck_fp64(triton_device, small_blocks):
+    """The vocabulary order (its lse from the log-sum-exp kernel, the gradient from the row
+    kernel's pass 2 as in the token order)."""
+    x, w, target, b, kwargs = make((5,), torch.float64, OPTIONS["all"], triton_device, vocab=67, hidden=5)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+
+    def fn(x, w, b):
+        return linear_cross_entropy(x, w, target, b, z_loss=0.1, softcap=1.5, chunk_classes=30, **kwargs)
+
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
+
+
+@pytest.mark.parametrize("chunks", [dict(chunk_rows=3), dict(chunk_classes=30)], ids=["tokens", "vocab"])
+def test_softcap_modules_and_errors(chunks, triton_device, small_blocks):
+    x, w, target, b, _ = make((7,), torch.float64, OPTIONS["plain"], triton_device, vocab=67, hidden=5)
+    loss_module = fnn.FusedLinearCrossEntropyLoss(softcap=1.5, **chunks)
+    head = fnn.FusedLinearCrossEntropyHead(5, 67, softcap=2, **chunks).to(triton_device, torch.float64)
+    assert loss_module.softcap == 1.5 and head.softcap == 2.0 and "softcap=2.0" in repr(head)
+    assert fnn.FusedLinearCrossEntropyLoss().softcap is None
+    expected = linear_cross_entropy_reference(x, head.weight, target, head.bias, softcap=2.0)
+    torch.testing.assert_close(head(x, target), expected)
+    torch.testing.assert_close(
+        loss_module(x, w, target, b), linear_cross_entropy_reference(x, w, target, b, softcap=1.5)
+    )
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="softcap"):
+            linear_cross_entropy(x, w, target, b, softcap=bad)
+        with pytest.raises(ValueError, match="softcap"):
+            fnn.FusedLinearCrossEntropyHead(5, 67, softcap=bad)
+        with pytest.raises(ValueError, match="softcap"):
+            fnn.FusedLinearCrossEntropyLoss(softcap=bad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softcap_all_tokens_ignored_and_large_logits(reduction, order, triton_device, small_blocks):
+    """Every token ignored (mean: NaN, as the composition); then logits far past the cap (x
+    scaled by 1e4: tanh saturated, their gradients through the cap 0) and ±inf ones (±c)."""
+    x, w, target, b, kwargs = make((6,), torch.float64, OPTIONS["all"], triton_device)
+    options = dict(reduction=reduction, softcap=SOFTCAP, z_loss=0.01, **order, **kwargs)
+    ignored = torch.full_like(target, kwargs["ignore_index"])
+    ours = run(linear_cross_entropy, x, w, ignored, b, **options)
+    options.pop("chunk_rows", None), options.pop("chunk_classes", None)
+    theirs = run(linear_cross_entropy_reference, x, w, ignored, b, **options)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    x = x * 1e4
+    x[2, 0] = float("inf")  # logits ±inf where w[:, 0] != 0
+    check(x, w, target, b, None, **options, **order)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grad_output_not_one(reduction, dtype, order, triton_device, small_blocks):
@@ -559,12 +637,17 @@ def test_vocabulary_order_holds_no_weight_sized_fp32_buffer(triton_device, capsy
 # torch.compile ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compile_fullgraph(reduction, order, triton_device):
+@pytest.mark.parametrize(
+    "reduction, extra",
+    [("mean", {}), ("none", {}), ("none", dict(softcap=SOFTCAP, z_loss=0.01))],
+    ids=["mean", "none", "none-softcap_z_loss"],
+)
+def test_compile_fullgraph(reduction, extra, order, triton_device):
     """No graph break; the forward (and none's backward) run as the fusedopt ops; loss and
     gradients as eager."""
     torch._dynamo.reset()
     x, w, target, b, kwargs = make((2, 5), torch.float32, OPTIONS["all"], triton_device)
+    kwargs |= extra
 
     def fn(x, w, target, b):
         return FF.linear_cross_entropy(x, w, target, b, reduction=reduction, **order, **kwargs)
@@ -618,6 +701,7 @@ def test_opcheck(triton_device):
             "mean",
             0.25,
             0.01,
+            2.5,
             4,
             block,
             True,
@@ -641,6 +725,7 @@ def test_opcheck(triton_device):
             3,
             0.25,
             0.01,
+            2.5,
             4,
             block,
             True,

@@ -10,6 +10,7 @@ kernels run through the Triton interpreter: shapes stay tiny.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -22,7 +23,7 @@ from torch.library import opcheck
 from fusedopt import functional as F
 from fusedopt import nn as fnn
 from fusedopt.kernels import cross_entropy as ce_kernels
-from fusedopt.losses.cross_entropy import z_loss_composition
+from fusedopt.losses.cross_entropy import cross_entropy_composition, z_loss_composition
 from fusedopt.testing import assert_close
 from fusedopt.tolerance import LOSS_TOLERANCE
 
@@ -101,6 +102,20 @@ CASES = {
         _ops("cross_entropy"),
         _ops("cross_entropy_backward"),
         kwargs=dict(reduction="none", z_loss=0.05),
+        classes=True,
+    ),
+    "cross_entropy_softcap": Case(
+        F.cross_entropy,
+        cross_entropy_composition,
+        _ops("cross_entropy"),
+        kwargs=dict(weight=(CLASSES,), ignore_index=3, label_smoothing=0.1, z_loss=0.05, softcap=0.5),
+        classes=True,
+    ),
+    "cross_entropy_softcap_none": Case(
+        fnn.FusedCrossEntropyLoss(reduction="none", softcap=0.5),
+        functools.partial(cross_entropy_composition, reduction="none", softcap=0.5),
+        _ops("cross_entropy"),
+        _ops("cross_entropy_backward"),
         classes=True,
     ),
 }
@@ -266,10 +281,10 @@ def test_dynamic_shapes(triton_device):
 def _ce_backward_args(r: Inputs) -> tuple:
     logits, target = r.randn(2, 6, 3), r.labels(2, 3)
     _, _, stats, lse = torch.ops.fusedopt.cross_entropy(
-        logits, target, None, -100, "none", 0.1, True, torch.float32, 0.01
+        logits, target, None, -100, "none", 0.1, True, torch.float32, 0.01, 2.0
     )
     rows = logits.movedim(1, -1)  # (N, S, C), a view of the logits
-    return logits, rows, target.reshape(-1), None, stats, lse, r.randn(2, 3), -100, 0.1, 0.01
+    return logits, rows, target.reshape(-1), None, stats, lse, r.randn(2, 3), -100, 0.1, 0.01, 2.0
 
 
 # Op name and arguments (same-shape contiguous x, y, w as the launchers take them), tiny:
@@ -299,16 +314,16 @@ OPCHECK_CASES: dict[str, Callable[[Inputs], tuple]] = {
         "pointwise_loss_backward", r.randn(3, 5), r.randn(3, 5), None, r.randn(3, 5), 2, 0.0
     ),
     "cross_entropy-mean": lambda r: (
-        "cross_entropy", r.randn(4, 6), r.labels(4), r.randn(6).abs(), 2, "mean", 0.1, True, torch.float32, 0.0
+        "cross_entropy", r.randn(4, 6), r.labels(4), r.randn(6).abs(), 2, "mean", 0.1, True, torch.float32, 0.0, 0.0
     ),
     "cross_entropy-transposed": lambda r: (
-        "cross_entropy", r.randn(6, 4).t(), r.labels(4), None, -100, "sum", 0.0, True, torch.float32, 0.1
+        "cross_entropy", r.randn(6, 4).t(), r.labels(4), None, -100, "sum", 0.0, True, torch.float32, 0.1, 1.5
     ),
     "cross_entropy-none": lambda r: (
-        "cross_entropy", r.randn(2, 6, 3), r.labels(2, 3), None, -100, "none", 0.0, True, torch.float32, 0.01
+        "cross_entropy", r.randn(2, 6, 3), r.labels(2, 3), None, -100, "none", 0.0, True, torch.float32, 0.01, 0.0
     ),
     "cross_entropy-no_grad": lambda r: (
-        "cross_entropy", r.randn(6), r.labels(), None, -100, "mean", 0.0, False, torch.float32, 0.0
+        "cross_entropy", r.randn(6), r.labels(), None, -100, "mean", 0.0, False, torch.float32, 0.0, 2.0
     ),
     "cross_entropy_backward": lambda r: ("cross_entropy_backward", *_ce_backward_args(r)),
 }  # fmt: skip

@@ -129,6 +129,32 @@ def div_ieee(x, y, COMPUTE: tl.constexpr):
 
 
 @triton.jit
+def tanh(x, COMPUTE: tl.constexpr):
+    """``tanh(x)`` in COMPUTE from ``exp`` (libdevice's ``tanh`` returns None under Triton's
+    interpreter): ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``, the sign of ``x``; 1 for
+    ``|x| = inf``, NaN for NaN. Near 0 that form loses ``eps / 2|x|`` relative, so below
+    ``|x| = 0.25`` (fp32) or ``2^-5`` (fp64) the odd Taylor series through ``x^9`` (its first
+    omitted term under half an ulp there) takes over. Its coefficients are computed in COMPUTE
+    (Triton types a float literal as fp32; constants, folded when compiling)."""
+    one = tl.full([], 1, COMPUTE)
+    a = tl.abs(x)
+    e = tl.exp(-2 * a)
+    t = div_ieee(1 - e, 1 + e, COMPUTE)
+    t = tl.where(x < 0, -t, t)
+    if COMPUTE == tl.float64:
+        small = a < 0.03125
+    else:
+        small = a < 0.25
+    xs = tl.where(small, x, 0)  # inf and NaN stay out of the series (no inf - inf)
+    x2 = xs * xs
+    series = div_ieee(one * 62, one * 2835, COMPUTE)
+    series = series * x2 - div_ieee(one * 17, one * 315, COMPUTE)
+    series = series * x2 + div_ieee(one * 2, one * 15, COMPUTE)
+    series = series * x2 - div_ieee(one, one * 3, COMPUTE)
+    return tl.where(small, xs + xs * x2 * series, t)
+
+
+@triton.jit
 def mul_ieee(x, y):
     """``x * y`` rounded on its own, as a separate torch ``mul_`` does: never contracted into
     an fma with the addition that follows it (Triton's fp fusion would do that on the GPU).

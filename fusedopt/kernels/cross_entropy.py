@@ -12,7 +12,10 @@ ignored row (``y == ignore_index``) 0. With ``p = softmax(z)``, ``W = Σ_c w_c``
     dloss/dz_j = p_j ((1 - ε) w_y + ε W / C) - (1 - ε) w_y [j == y] - ε w_j / C
 
 (``p - (1 - ε) onehot(y) - ε / C`` without weight), times the reduction's factor: 1 / Σ w_y over
-the non-ignored rows for ``mean``, 1 for ``sum``, the row's upstream grad for ``none``.
+the non-ignored rows for ``mean``, 1 for ``sum``, the row's upstream grad for ``none``. With a
+soft cap ``c`` (Gemma 2's, SOFTCAP) every logit is read as ``c tanh(z / c)`` (both passes, the
+target's; ``z`` above is the capped logit, and the lse of the z-loss is theirs) and the gradient
+gains the factor ``1 - tanh(z / c)²``.
 
 A program takes a tile of ROWS rows (one row when rows are wider than a block). Pass 1 walks
 its rows in column blocks with an online softmax kept per lane (no reduction until the row
@@ -33,13 +36,14 @@ logit, or of only -inf, has a NaN log-sum-exp, so a NaN loss (0 if ignored) and 
 the lowest finite value (``LOWEST``), not -inf; a +inf logit enters the online softmax as NaN,
 and a NaN turns its lane's sum NaN (``exp(-|NaN|)``) for good while the max ignores it (fmax):
 the running max stays finite, so no step computes -inf - (-inf) or 0 * inf (which would warn
-under the interpreter), and the row's NaN is carried by its sum.
+under the interpreter), and the row's NaN is carried by its sum. With a soft cap, ±inf logits
+are ±c (finite; their gradient 0) and only a NaN makes a row NaN, as in the composition.
 """
 
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import div_ieee, to_storage
+from fusedopt.kernels.common import div_ieee, tanh, to_storage
 from fusedopt.kernels.rows import (
     HEAD,
     INTERIOR_BLOCK,
@@ -136,6 +140,7 @@ def cross_entropy_kernel(
     ignore_index: tl.int64,
     label_smoothing: tl.float64,
     z_loss: tl.float64,  # the z-loss weight (read if Z_LOSS)
+    softcap: tl.float64,  # the logits' soft cap c (read if SOFTCAP)
     DTYPE: tl.constexpr,  # storage dtype of logits and grad
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 logits
     LOSS_DTYPE: tl.constexpr,  # dtype of `loss`
@@ -144,6 +149,7 @@ def cross_entropy_kernel(
     HAS_WEIGHT: tl.constexpr,
     SMOOTHING: tl.constexpr,  # label_smoothing > 0
     Z_LOSS: tl.constexpr,  # z_loss > 0: each row not ignored adds z_loss lse² to its loss
+    SOFTCAP: tl.constexpr,  # softcap > 0: every logit z read as c tanh(z / c)
     LOSS: tl.constexpr,  # pass 1: online softmax and the row's loss
     SAVE_LSE: tl.constexpr,  # store the row's log-sum-exp (for a backward that recomputes)
     GRAD: tl.constexpr,  # pass 2: write the gradient
@@ -176,6 +182,7 @@ def cross_entropy_kernel(
         w_y = valid.to(COMPUTE)
     w_rows = weight + col0 + tl.zeros([ROWS], tl.int64)  # the rows' class weights, as rows
     y_col = tl.where((y >= col0) & (y < col0 + C), y - col0, -1).to(tl.int32)  # the target's column, -1: none
+    cap = tl.full([], softcap, COMPUTE)
 
     if LOSS:
         # the row's max m, Σ exp(z - m), and for label smoothing Σ w (m - z) and Σ w
@@ -184,6 +191,7 @@ def cross_entropy_kernel(
                 m, s, d, w_sum = _softmax_pass(
                     x_rows,
                     w_rows,
+                    cap,
                     C,
                     stride_xc,
                     row_mask,
@@ -193,12 +201,14 @@ def cross_entropy_kernel(
                     BLOCK,
                     HAS_WEIGHT,
                     SMOOTHING,
+                    SOFTCAP,
                     True,
                 )
             else:
                 m, s, d, w_sum = _softmax_pass(
                     x_rows,
                     w_rows,
+                    cap,
                     C,
                     stride_xc,
                     row_mask,
@@ -208,12 +218,14 @@ def cross_entropy_kernel(
                     BLOCK,
                     HAS_WEIGHT,
                     SMOOTHING,
+                    SOFTCAP,
                     False,
                 )
         else:
             m, s, d, w_sum = _softmax_pass(
                 x_rows,
                 w_rows,
+                cap,
                 C,
                 stride_xc,
                 row_mask,
@@ -223,9 +235,12 @@ def cross_entropy_kernel(
                 BLOCK,
                 HAS_WEIGHT,
                 SMOOTHING,
+                SOFTCAP,
                 False,
             )
         z_y = tl.load(x_rows + y * stride_xc, mask=valid, other=0).to(COMPUTE)
+        if SOFTCAP:
+            z_y, _ = soft_cap(z_y, cap, COMPUTE)
         bad = (s != s) | (s == 0)  # a NaN or +inf logit, or none above -inf (or a masked row)
         s = tl.where(bad, 1, s)
         log_s = tl.log(s)
@@ -275,6 +290,8 @@ def cross_entropy_kernel(
         hit = (hit * scale)[:, None]
         eps_w = (eps / K * scale)[:, None]
         keep = (valid | bad)[:, None]
+        if SOFTCAP:  # rows past R: m is the lowest value and their capped logits -c (exp(-c - m) = inf)
+            m = tl.where(row_mask, m, 0)
         m = m[:, None]
         # the gradient's rows split at 16-byte boundaries where its column stride is 1 (Triton
         # specializes a 1: decided when compiling); the logits' rows read alike where the launcher
@@ -282,12 +299,12 @@ def cross_entropy_kernel(
         if SPLIT and stride_gc == 1:
             _gradient_pass(
                 x_rows, g_rows, w_rows, y_col, C, stride_xc, stride_gc, row_mask, m, p_factor, hit, eps_w, keep,
-                DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, True, SAME_SPLIT,
+                cap, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, SOFTCAP, True, SAME_SPLIT,
             )  # fmt: skip
         else:
             _gradient_pass(
                 x_rows, g_rows, w_rows, y_col, C, stride_xc, stride_gc, row_mask, m, p_factor, hit, eps_w, keep,
-                DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, False, False,
+                cap, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, SOFTCAP, False, False,
             )  # fmt: skip
 
 
@@ -295,6 +312,7 @@ def cross_entropy_kernel(
 def _softmax_pass(
     x_rows,  # [ROWS] pointers to each row's logits
     w_rows,  # [ROWS] pointers to the rows' class weights
+    cap,  # the soft cap (read if SOFTCAP)
     C,
     stride,
     row_mask,
@@ -304,6 +322,7 @@ def _softmax_pass(
     BLOCK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ALIGNED: tl.constexpr,  # read from the rows' 16-byte boundaries (unit stride)
 ):
     """Pass 1 of ``cross_entropy_kernel``: ``(m, Σ exp(z - m), Σ w (m - z), Σ w)`` of each row
@@ -319,8 +338,8 @@ def _softmax_pass(
     w_seen = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w of the lane (label smoothing with class weights)
     r = row_start(x_rows, ALIGNED, VEC)
     m, s, d, w_seen = _softmax_blocks(
-        x_rows, w_rows, r, C, stride, row_mask, m, s, d, w_seen, floor,
-        COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, ALIGNED,
+        x_rows, w_rows, r, cap, C, stride, row_mask, m, s, d, w_seen, floor,
+        COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, SOFTCAP, ALIGNED,
     )  # fmt: skip
     m_lane = m
     m = tl.max(m_lane, 1)
@@ -350,6 +369,7 @@ def _gradient_pass(
     hit,
     eps_w,
     keep,
+    cap,  # the soft cap (read if SOFTCAP)
     DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
     ROWS: tl.constexpr,
@@ -357,6 +377,7 @@ def _gradient_pass(
     BLOCK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr,  # the gradient's rows split at 16-byte boundaries (unit stride)
     SAME: tl.constexpr,  # the logits' rows split as the gradient's (SPLIT)
 ):
@@ -370,12 +391,13 @@ def _gradient_pass(
         if SAME:
             _gradient_blocks(
                 x_rows, g_rows, w_rows, shift, end, y_pos, C, stride_x, stride_g, row_mask, m, p_factor, hit,
-                eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, True, True,
+                eps_w, keep, cap, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, SOFTCAP, True, True,
             )  # fmt: skip
         else:  # scalar loads of the logits, in half blocks (as many registers as whole ones need)
             _gradient_blocks(
                 x_rows, g_rows, w_rows, shift, end, y_pos, C, stride_x, stride_g, row_mask, m, p_factor, hit,
-                eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK // 2, HAS_WEIGHT, SMOOTHING, False, True,
+                eps_w, keep, cap, DTYPE, COMPUTE, ROWS, VEC, BLOCK // 2, HAS_WEIGHT, SMOOTHING, SOFTCAP, False,
+                True,
             )  # fmt: skip
         e_cols, e_mask = edge_columns(shift, end, C, row_mask, VEC)
         e_z = tl.load(x_rows[:, None] + e_cols * stride_x, mask=e_mask, other=-float("inf"))
@@ -385,13 +407,14 @@ def _gradient_pass(
             e_w = e_mask.to(COMPUTE)
         e_target = e_cols == y_col[:, None]
         e_g = _gradient(
-            e_z, e_w, e_target, m, p_factor, hit, eps_w, keep, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING
-        )
+            e_z, e_w, e_target, m, p_factor, hit, eps_w, keep, cap, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING,
+            SOFTCAP,
+        )  # fmt: skip
         tl.store(g_rows[:, None] + e_cols * stride_g, e_g, mask=e_mask)
     else:
         _gradient_blocks(
             x_rows, g_rows, w_rows, shift, end, y_pos, C, stride_x, stride_g, row_mask, m, p_factor, hit,
-            eps_w, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, False, False,
+            eps_w, keep, cap, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, SOFTCAP, False, False,
         )  # fmt: skip
 
 
@@ -400,6 +423,7 @@ def _softmax_blocks(
     x_rows,  # [ROWS] pointers to each row's logits
     w_rows,  # [ROWS] pointers to the rows' class weights
     r,  # [ROWS] int32: rows.row_start (0 unless ALIGNED)
+    cap,  # the soft cap (read if SOFTCAP)
     C,
     stride,
     row_mask,
@@ -414,6 +438,7 @@ def _softmax_blocks(
     BLOCK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ALIGNED: tl.constexpr,  # read from the rows' 16-byte boundaries (fusedopt.kernels.rows)
 ):
     """Pass 1 of ``cross_entropy_kernel``: the lanes' online softmax over the rows. Without
@@ -430,17 +455,17 @@ def _softmax_blocks(
         if C >= BLOCK:  # block 0: no column past the end; the lanes before the row masked
             z, mask = load_rotated(x_rows, r, 0, C, stride, every, -float("inf"), VEC, BLOCK, HEAD, True)
             w = _weights(w_rows, r, 0, C, mask, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING)
-            m, s, d, w_seen = _softmax_step(
-                z.to(COMPUTE), w, mask, m, s, d, w_seen, 0.0, floor, SMOOTHING, COUNT
-            )
+            z = capped(z.to(COMPUTE), mask, cap, COMPUTE, SOFTCAP)
+            m, s, d, w_seen = _softmax_step(z, w, mask, m, s, d, w_seen, 0.0, floor, SMOOTHING, COUNT)
         for start in range(BLOCK, C // BLOCK * BLOCK, BLOCK):  # every column in the row: no mask
             z, mask = load_rotated(
                 x_rows, r, start, C, stride, every, -float("inf"), VEC, BLOCK, INTERIOR_BLOCK, True
             )
             w = _weights(w_rows, r, start, C, mask, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING)
             seen = start // BLOCK + ((lanes - r[:, None]) >> 31)  # one less before the row's first column
+            z = capped(z.to(COMPUTE), mask, cap, COMPUTE, SOFTCAP)
             m, s, d, w_seen = _softmax_step(
-                z.to(COMPUTE), w, mask, m, s, d, w_seen, seen.to(COMPUTE), floor, SMOOTHING, COUNT
+                z, w, mask, m, s, d, w_seen, seen.to(COMPUTE), floor, SMOOTHING, COUNT
             )
         first_tail = C // BLOCK
         last = tl.cdiv(C + VEC - 1, BLOCK)
@@ -453,8 +478,9 @@ def _softmax_blocks(
         )
         w = _weights(w_rows, r, b * BLOCK, C, mask, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING)
         seen = b + ((lanes - r[:, None]) >> 31)
+        z = capped(z.to(COMPUTE), mask, cap, COMPUTE, SOFTCAP)
         m, s, d, w_seen = _softmax_step(
-            z.to(COMPUTE), w, mask, m, s, d, w_seen, seen.to(COMPUTE), floor, SMOOTHING, COUNT
+            z, w, mask, m, s, d, w_seen, seen.to(COMPUTE), floor, SMOOTHING, COUNT
         )
     return m, s, d, w_seen
 
@@ -476,6 +502,7 @@ def _gradient_blocks(
     hit,
     eps_w,
     keep,
+    cap,  # the soft cap (read if SOFTCAP)
     DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
     ROWS: tl.constexpr,
@@ -483,6 +510,7 @@ def _gradient_blocks(
     BLOCK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     X_ALIGNED: tl.constexpr,  # the logits' rows are split as the gradient's
     G_ALIGNED: tl.constexpr,  # the gradient's rows are split at 16-byte boundaries (else shift 0, end C)
 ):
@@ -505,8 +533,9 @@ def _gradient_blocks(
             )
             target_lane = lanes == _lane(y_pos, start, BLOCK)[:, None]
             g = _gradient(
-                z, w, target_lane, m, p_factor, hit, eps_w, keep, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING
-            )
+                z, w, target_lane, m, p_factor, hit, eps_w, keep, cap, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING,
+                SOFTCAP,
+            )  # fmt: skip
             store_block(g_rows, shift, end, start, stride_g, every, g, VEC, BLOCK, True, True)
     else:
         inner = 0
@@ -520,7 +549,9 @@ def _gradient_blocks(
             w_rows, shift, end, start, row_mask, mask, COMPUTE, VEC, BLOCK, False, HAS_WEIGHT, SMOOTHING
         )
         target_lane = lanes == _lane(y_pos, start, BLOCK)[:, None]
-        g = _gradient(z, w, target_lane, m, p_factor, hit, eps_w, keep, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING)
+        g = _gradient(
+            z, w, target_lane, m, p_factor, hit, eps_w, keep, cap, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING, SOFTCAP
+        )  # fmt: skip
         store_block(g_rows, shift, end, start, stride_g, row_mask, g, VEC, BLOCK, False, G_ALIGNED)
 
 
@@ -587,18 +618,26 @@ def _gradient(
     hit,
     eps_w,
     keep,
+    cap,  # the soft cap (read if SOFTCAP)
     DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
-    """One block of pass 2 of ``cross_entropy_kernel``: the gradient of the logits ``z``, in DTYPE."""
-    g = tl.exp(z.to(COMPUTE) - m) * p_factor - tl.where(target_lane, hit, 0)
+    """One block of pass 2 of ``cross_entropy_kernel``: the gradient of the logits ``z``, in DTYPE
+    (with SOFTCAP: the gradient in the capped logits times their derivative in ``z``)."""
+    z = z.to(COMPUTE)
+    if SOFTCAP:
+        z, slope = soft_cap(z, cap, COMPUTE)
+    g = tl.exp(z - m) * p_factor - tl.where(target_lane, hit, 0)
     if SMOOTHING:
         if HAS_WEIGHT:
             g -= eps_w * w
         else:
             g -= eps_w
+    if SOFTCAP:
+        g *= slope
     g = tl.where(keep, g, 0)  # exact zeros for ignored rows (NaN where torch's are NaN)
     # to_storage only where it rounds differently from .to (a call per block is slow in the
     # interpreter).
@@ -606,6 +645,25 @@ def _gradient(
         return to_storage(g, DTYPE)
     else:
         return g.to(DTYPE)
+
+
+@triton.jit
+def soft_cap(z, cap, COMPUTE: tl.constexpr):
+    """Gemma 2's logit soft-capping: ``(c tanh(z / c), 1 - tanh(z / c)²)``, the capped logits and
+    their derivative in ``z`` (``c = cap``); ``(±c, 0)`` for ``z = ±inf``."""
+    t = tanh(z * div_ieee(tl.full([], 1, COMPUTE), cap, COMPUTE), COMPUTE)
+    return cap * t, 1 - t * t
+
+
+@triton.jit
+def capped(z, mask, cap, COMPUTE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """A block of logits of pass 1 (-inf outside the rows), soft-capped with SOFTCAP: ``c tanh(z /
+    c)`` in the rows (a row's own -inf logit is -c), still -inf outside (``mask`` false)."""
+    if SOFTCAP:
+        z_capped, _ = soft_cap(z, cap, COMPUTE)
+        return tl.where(mask, z_capped, -float("inf"))
+    else:
+        return z
 
 
 @triton.jit

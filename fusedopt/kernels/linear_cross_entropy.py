@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fusedopt.kernels.common import to_storage
-from fusedopt.kernels.cross_entropy import lowest, online_lse
+from fusedopt.kernels.cross_entropy import capped, lowest, online_lse, soft_cap
 from fusedopt.kernels.rows import HEAD, INTERIOR_BLOCK, TAIL, exact_sum, load_rotated, row_start
 
 
@@ -30,12 +30,16 @@ def _window_step(
     m,
     s,
     wz,
+    cap,  # the soft cap (read if SOFTCAP)
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
-    """One block of ``logsumexp_block_kernel``: the lanes' online log-sum-exp and Σ w z."""
+    """One block of ``logsumexp_block_kernel``: the lanes' online log-sum-exp and Σ w z (of the
+    capped logits with SOFTCAP)."""
+    z = capped(z, mask, cap, COMPUTE, SOFTCAP)
     m_new, s, _, _ = online_lse(z, m, s)
     if SMOOTHING:
         if HAS_WEIGHT:  # scalar loads: the weights are not read from the rows' boundaries
@@ -127,6 +131,7 @@ def logsumexp_block_kernel(
     ignore_index: tl.int64,
     label_smoothing: tl.float64,
     z_loss: tl.float64,  # the z-loss weight (read if LAST and Z_LOSS)
+    softcap: tl.float64,  # the logits' soft cap c (read if SOFTCAP)
     DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,  # float32, or float64 for fp64 logits
     LOSS_DTYPE: tl.constexpr,
@@ -137,6 +142,7 @@ def logsumexp_block_kernel(
     FIRST: tl.constexpr,  # the first window of the classes: no state to read
     LAST: tl.constexpr,  # the last: write lse and the loss instead of the state
     Z_LOSS: tl.constexpr,  # z_loss > 0: each row not ignored adds z_loss lse² to its loss
+    SOFTCAP: tl.constexpr,  # softcap > 0: every logit z read as c tanh(z / c)
 ):
     """One window of the classes of every row (the vocabulary order of the linear
     cross-entropy): the window's max and sum of exponentials (an online softmax per lane, as
@@ -147,7 +153,9 @@ def logsumexp_block_kernel(
 
     Non-finite logits as ``cross_entropy_kernel`` (:func:`online_lse`): maxima start at the
     lowest finite value, a NaN or +inf logit makes the row's sum NaN (carried through the
-    state), and a row whose sum is NaN or 0 (only -inf logits) gets a NaN lse, as torch."""
+    state), and a row whose sum is NaN or 0 (only -inf logits) gets a NaN lse, as torch. With
+    SOFTCAP every logit (the target's too) is capped first, as in ``cross_entropy_kernel``: the
+    state, lse and loss are the capped logits'."""
     VEC: tl.constexpr = 128 // DTYPE.primitive_bitwidth  # elements per 16 bytes
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < R
@@ -164,6 +172,7 @@ def logsumexp_block_kernel(
     m = lowest(ROWS, BLOCK, COMPUTE)  # finite: no -inf - (-inf)
     s = tl.zeros([ROWS, BLOCK], COMPUTE)  # NaN after a NaN or +inf logit
     wz = tl.zeros([ROWS, BLOCK], COMPUTE)
+    cap = tl.full([], softcap, COMPUTE)
     if ROWS == 1:  # the grid makes the program's row a row of the input: no row mask
         every = None
     else:
@@ -172,15 +181,16 @@ def logsumexp_block_kernel(
         if C >= BLOCK:
             z, mask = load_rotated(x_base, r, 0, C, 1, every, -float("inf"), VEC, BLOCK, HEAD, True)
             m, s, wz = _window_step(
-                z.to(COMPUTE), mask, w_rows, r, 0, C, m, s, wz, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING
-            )
+                z.to(COMPUTE), mask, w_rows, r, 0, C, m, s, wz, cap, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING, SOFTCAP
+            )  # fmt: skip
         for start in range(BLOCK, C // BLOCK * BLOCK, BLOCK):  # every column in the row: no mask
             z, mask = load_rotated(
                 x_base, r, start, C, 1, every, -float("inf"), VEC, BLOCK, INTERIOR_BLOCK, True
             )
             m, s, wz = _window_step(
-                z.to(COMPUTE), mask, w_rows, r, start, C, m, s, wz, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING
-            )
+                z.to(COMPUTE), mask, w_rows, r, start, C, m, s, wz, cap, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING,
+                SOFTCAP,
+            )  # fmt: skip
         first_tail = C // BLOCK
         last = tl.cdiv(C + VEC - 1, BLOCK)
     else:
@@ -189,12 +199,15 @@ def logsumexp_block_kernel(
     for b in range(first_tail, last):
         z, mask = load_rotated(x_base, r, b * BLOCK, C, 1, row_mask, -float("inf"), VEC, BLOCK, TAIL, ok)
         m, s, wz = _window_step(
-            z.to(COMPUTE), mask, w_rows, r, b * BLOCK, C, m, s, wz, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING
-        )
+            z.to(COMPUTE), mask, w_rows, r, b * BLOCK, C, m, s, wz, cap, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING,
+            SOFTCAP,
+        )  # fmt: skip
     m_block = tl.max(m, 1)
     s_block = exact_sum(s * tl.exp(m - m_block[:, None]), float("nan"), ok)
     here = row_mask & (y >= col0) & (y < col0 + C)
     z_y = tl.load(x_base + (y - col0), mask=here, other=0).to(COMPUTE)
+    if SOFTCAP:
+        z_y, _ = soft_cap(z_y, cap, COMPUTE)
     if SMOOTHING:  # Σ w z of either sign: its positive and negative parts summed exactly
         wz_row = exact_sum(tl.maximum(wz, 0), float("inf"), ok) - exact_sum(
             tl.maximum(-wz, 0), float("inf"), ok

@@ -195,10 +195,12 @@ def _launch_rows(
     col0: int = 0,
     classes: int | None = None,
     z_loss: float = 0.0,
+    softcap: float = 0.0,
 ) -> None:
     """One ``cross_entropy_kernel`` launch over every row: pass 1 if ``loss`` is given (else the
     log-sum-exp is read from ``lse``), pass 2 if ``grad_rows`` is given. Without ``loss`` the
-    rows may be a window of the classes: ``classes`` in all, the rows' first being ``col0``."""
+    rows may be a window of the classes: ``classes`` in all, the rows' first being ``col0``.
+    ``softcap`` > 0 caps every logit at it (``c tanh(z / c)``)."""
     n, spatial, num_classes = rows.shape
     num_rows = n * spatial
     if num_rows == 0:
@@ -231,6 +233,7 @@ def _launch_rows(
         ignore_index,
         label_smoothing,
         z_loss,
+        softcap,
         DTYPE=TL_DTYPE[rows.dtype],
         COMPUTE=TL_DTYPE[compute_dtype(rows.dtype)],
         LOSS_DTYPE=TL_DTYPE[loss.dtype if loss is not None else stats.dtype],
@@ -239,6 +242,7 @@ def _launch_rows(
         HAS_WEIGHT=weight is not None,
         SMOOTHING=label_smoothing > 0.0,
         Z_LOSS=z_loss > 0.0,
+        SOFTCAP=softcap > 0.0,
         LOSS=loss is not None,
         SAVE_LSE=save_lse,
         GRAD=grad_rows is not None,
@@ -323,6 +327,7 @@ def _forward(
     need_grad: bool,
     out_dtype: torch.dtype,
     z_loss: float = 0.0,
+    softcap: float = 0.0,
 ) -> _Forward:
     """Loss (as torch returns it) and, if ``need_grad``, what the backward needs. Arguments
     as ``fusedopt.losses.cross_entropy._cross_entropy`` leaves them (reduction a name, smoothing >= 0)."""
@@ -352,6 +357,7 @@ def _forward(
             save_lse=lse is not None,
             divide_by_total=reduction == "mean",
             z_loss=z_loss,
+            softcap=softcap,
         )
         # the target's shape for none; () for 1-D input, as torch
         loss = _total(row_loss, stats, reduction, out_dtype, target.shape if input.dim() > 1 else ())

@@ -23,7 +23,7 @@ from fusedopt.losses._cross_entropy_launch import (
 
 
 def _forward_fake(
-    input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype, z_loss
+    input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype, z_loss, softcap
 ):
     n, spatial, num_classes = _check(input, target, weight, label_smoothing, out_dtype)
     compute, none = compute_dtype(input.dtype), reduction == "none"
@@ -44,11 +44,12 @@ def _forward_op(
     need_grad: bool,
     out_dtype: torch.dtype,
     z_loss: float,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_forward` as the op torch.compile records: ``(loss, grad, stats, lse)``, empty
     tensors for a gradient or log-sum-exp not computed (an op returns no None)."""
     out = _forward(
-        input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype, z_loss
+        input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype, z_loss, softcap
     )
     grad = out.grad if out.grad is not None else input.new_empty(0)
     return out.loss, grad, out.stats, out.lse if out.lse is not None else out.stats.new_empty(0)
@@ -58,14 +59,15 @@ _forward_op.register_fake(_forward_fake)
 
 
 def _forward_traced(
-    input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype, z_loss=0.0
-) -> _Forward:
+    input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype, z_loss=0.0,
+    softcap=0.0,
+) -> _Forward:  # fmt: skip
     """:func:`_forward` while torch.compile traces: the kernels run in the op
     ``fusedopt::cross_entropy``; the views of the inputs (an op's outputs cannot alias its
     inputs) are taken outside it."""
     n, spatial, num_classes = _check(input, target, weight, label_smoothing, out_dtype)  # torch's errors
     loss, grad, stats, lse = _forward_op(
-        input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype, z_loss
+        input, target, weight, ignore_index, reduction, label_smoothing, need_grad, out_dtype, z_loss, softcap
     )
     return _Forward(loss, grad, _rows(input, n, spatial, num_classes), target.reshape(-1), stats, lse)
 
@@ -82,6 +84,7 @@ def _backward_none(
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float,
 ) -> torch.Tensor:
     """The gradient of ``reduction="none"``, recomputed from the logits ``rows`` (N, S, C) and
     each row's log-sum-exp, times each row's ``grad_output``; the input's shape."""
@@ -99,5 +102,6 @@ def _backward_none(
             grad_rows=grad_rows,
             grad_output=grad_output.reshape(-1),
             z_loss=z_loss,
+            softcap=softcap,
         )
     return grad

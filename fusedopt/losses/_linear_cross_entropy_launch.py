@@ -178,6 +178,7 @@ class _Problem(NamedTuple):
     ignore_index: int
     label_smoothing: float
     z_loss: float
+    softcap: float  # 0: none
 
 
 def token_chunks(
@@ -248,6 +249,7 @@ def _chunks(
             save_lse=row_loss is not None and lse is not None,
             divide_by_total=divide_by_total,
             z_loss=p.z_loss,
+            softcap=p.softcap,
         )
 
     return token_chunks(p.head, chunk, grads, rows_step)
@@ -328,10 +330,10 @@ def _blocks(
             kernels.logsumexp_block_kernel[checked_grid(triton.cdiv(n, rows))](
                 z, target, class_weight if class_weight is not None else stats, stats, state, lse, row_loss,
                 n, v1 - v0, v0, vocab, z.stride(0), target.stride(0), ignore_index, label_smoothing, p.z_loss,
-                DTYPE=TL_DTYPE[z.dtype], COMPUTE=TL_DTYPE[acc_dtype], LOSS_DTYPE=TL_DTYPE[row_loss.dtype],
-                ROWS=rows, BLOCK=step, HAS_WEIGHT=class_weight is not None,
+                p.softcap, DTYPE=TL_DTYPE[z.dtype], COMPUTE=TL_DTYPE[acc_dtype],
+                LOSS_DTYPE=TL_DTYPE[row_loss.dtype], ROWS=rows, BLOCK=step, HAS_WEIGHT=class_weight is not None,
                 SMOOTHING=label_smoothing > 0.0, FIRST=v0 == 0, LAST=v1 == vocab, Z_LOSS=p.z_loss > 0.0,
-                num_warps=8,
+                SOFTCAP=p.softcap > 0.0, num_warps=8,
             )  # fmt: skip
     grad_input = _zeros_for(x, x.shape, grad_dtypes[0], acc_dtype) if want_input else _empty(x)
     grad_weight = weight.new_empty(weight.shape, dtype=grad_dtypes[1]) if want_weight else _empty(x)
@@ -344,6 +346,7 @@ def _blocks(
             _launch_rows(
                 rows_view, target, class_weight, stats, ignore_index, label_smoothing, lse=lse, grad_rows=rows_view,
                 grad_output=grad_output, divide_by_total=divide_by_total, col0=v0, classes=vocab, z_loss=p.z_loss,
+                softcap=p.softcap,
             )  # fmt: skip
             if want_weight:
                 if grad_weight.dtype == z.dtype:
@@ -374,17 +377,17 @@ def _finish(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _problem(
-    x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, z_loss, mm_dtype
+    x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, z_loss, softcap, mm_dtype
 ) -> _Problem:
     """The loops' inputs: the head in ``mm_dtype`` (:func:`head`) and the flat targets."""
     return _Problem(
         head(x, weight, bias, mm_dtype), target.reshape(-1), class_weight, stats, ignore_index, label_smoothing,
-        z_loss,
+        z_loss, softcap,
     )  # fmt: skip
 
 
-def _forward_fake(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, chunk,
-                  block, need_input, need_weight, need_bias, mm_dtype, out_dtype):  # fmt: skip
+def _forward_fake(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                  chunk, block, need_input, need_weight, need_bias, mm_dtype, out_dtype):  # fmt: skip
     compute, none = compute_dtype(mm_dtype), reduction == "none"
     loss = x.new_empty(target.shape if none else (), dtype=out_dtype)
     grad_input = x.new_empty(x.shape) if need_input and not none else _empty(x)
@@ -406,6 +409,7 @@ def forward(
     reduction: str,
     label_smoothing: float,
     z_loss: float,
+    softcap: float,
     chunk: int,
     block: int,
     need_input: bool,
@@ -431,8 +435,8 @@ def forward(
         keep_lse = none and any(grads)  # for the backward; the vocabulary order needs it anyway
         lse = x.new_empty(n, dtype=compute) if keep_lse or block else None
         problem = _problem(
-            x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, z_loss, mm_dtype
-        )
+            x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, z_loss, softcap, mm_dtype
+        )  # fmt: skip
         gi, gw, gb = _loop(
             problem, chunk, block, (False, False, False) if none else grads, row_loss=row_loss, lse=lse,
             divide_by_total=reduction == "mean",
@@ -463,6 +467,7 @@ def backward_none(
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float,
     chunk: int,
     block: int,
     need_input: bool,
@@ -474,7 +479,7 @@ def backward_none(
     gradient times each row's ``grad_output`` from the forward's log-sum-exp, then the same
     matmuls as the forward of ``mean``/``sum``."""
     problem = _problem(
-        x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, z_loss, mm_dtype
+        x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, z_loss, softcap, mm_dtype
     )
     grads = (need_input, need_weight, need_bias)
     with _guard(x.device), torch.autocast(x.device.type, enabled=False):

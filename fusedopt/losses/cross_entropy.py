@@ -74,22 +74,38 @@ REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # torch's Reduction enum
 AUTOCAST_TO_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # what autocast's fp32 ops cast
 
 
-def torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0):
-    """``F.cross_entropy`` as the fused op computes it: the logits (and weight) upcast to the
-    kernels' arithmetic dtype (fp32, fp64 for fp64; what autocast casts them to as well): the
-    composition a backward with ``create_graph=True`` differentiates; with a ``z_loss``,
-    :func:`z_loss_composition`."""
+def torch_cross_entropy(
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0, softcap=0.0
+):
+    """:func:`cross_entropy_composition` as the fused op computes it: the logits (and weight)
+    upcast to the kernels' arithmetic dtype (fp32, fp64 for fp64; what autocast casts them to as
+    well): the composition a backward with ``create_graph=True`` differentiates."""
     math = compute_dtype(input.dtype)
     weight = weight.to(math) if weight is not None else None
     with torch.autocast(input.device.type, enabled=False):
-        if z_loss > 0.0:
-            return z_loss_composition(
-                input.to(math), target, weight, ignore_index, reduction, label_smoothing, z_loss
-            )
-        return F.cross_entropy(
-            input.to(math), target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing,
+        return cross_entropy_composition(
+            input.to(math), target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
+            softcap=softcap,
         )  # fmt: skip
+
+
+def cross_entropy_composition(
+    input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0,
+    softcap=None,
+):  # fmt: skip
+    """The fused cross-entropy's options in plain torch: with a ``softcap`` ``c`` (None or 0:
+    none) the logits become ``c · tanh(input / c)`` (Gemma 2's soft-capping), then
+    :func:`z_loss_composition` with a ``z_loss``, else ``F.cross_entropy``. The fallback on
+    devices the kernels do not run on, the tests' oracle and (through
+    :func:`torch_cross_entropy`) what a backward with ``create_graph=True`` differentiates."""
+    if softcap:
+        input = softcap * torch.tanh(input / softcap)
+    if z_loss > 0.0:
+        return z_loss_composition(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    return F.cross_entropy(
+        input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing,
+    )  # fmt: skip
 
 
 def z_loss_composition(
@@ -129,13 +145,15 @@ class _CrossEntropy(torch.autograd.Function):
     differentiates :func:`torch_cross_entropy` on the saved logits instead."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, out_dtype, z_loss):
+    def forward(
+        ctx, input, target, weight, ignore_index, reduction, label_smoothing, out_dtype, z_loss, softcap
+    ):
         forward = _forward_traced if torch.compiler.is_compiling() else _forward
         out = forward(
-            input, target, weight, ignore_index, reduction, label_smoothing, True, out_dtype, z_loss
+            input, target, weight, ignore_index, reduction, label_smoothing, True, out_dtype, z_loss, softcap
         )
         ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
-        ctx.z_loss = z_loss
+        ctx.z_loss, ctx.softcap = z_loss, softcap
         if reduction == "none":
             ctx.save_for_backward(input, out.rows, out.target, weight, out.stats, out.lse)
         else:  # the logits only for a backward with create_graph: weakly (see the module)
@@ -157,7 +175,8 @@ class _CrossEntropy(torch.autograd.Function):
                 input = _held_logits(ctx.logits)
             (grad,) = differentiable_grads(
                 lambda input: torch_cross_entropy(
-                    input, target, weight, ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.z_loss
+                    input, target, weight, ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.z_loss,
+                    ctx.softcap,
                 ),
                 (input,),
                 (True,),
@@ -165,14 +184,14 @@ class _CrossEntropy(torch.autograd.Function):
             )  # fmt: skip
         elif ctx.reduction == "none":
             grad = _backward_none(
-                *ctx.saved_tensors, grad_output, ctx.ignore_index, ctx.label_smoothing, ctx.z_loss
-            )
+                *ctx.saved_tensors, grad_output, ctx.ignore_index, ctx.label_smoothing, ctx.z_loss, ctx.softcap
+            )  # fmt: skip
         elif torch.compiler.is_compiling():
             grad = scaled_copy(ctx.grad, grad_output)
         else:
             grad = _scale_grad(ctx.grad, grad_output, ctx.applied, ctx.first)
             ctx.first = False
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _weak_logits(input: torch.Tensor) -> tuple:
@@ -226,8 +245,17 @@ def check_z_loss(z_loss) -> float:
     return float(z_loss)
 
 
+def check_softcap(softcap) -> float:
+    """``softcap`` as a float: None (no cap: 0.0) or a finite number > 0, else a ValueError."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, int | float) or not 0.0 < softcap < float("inf"):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    return float(softcap)
+
+
 def _cross_entropy(
-    input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss=0.0, softcap=0.0
 ) -> torch.Tensor:
     """torch's handling of the arguments, then the autograd Function when autograd records
     (grad mode on and ``input.requires_grad``), else the forward alone (no gradient buffer).
@@ -246,9 +274,9 @@ def _cross_entropy(
             weight = weight.float()
     args = (input, target, weight, ignore_index, reduction, label_smoothing)
     if torch.is_grad_enabled() and input.requires_grad:
-        return _CrossEntropy.apply(*args, out_dtype, z_loss)
+        return _CrossEntropy.apply(*args, out_dtype, z_loss, softcap)
     forward = _forward_traced if torch.compiler.is_compiling() else _forward
-    return forward(*args, False, out_dtype, z_loss).loss
+    return forward(*args, False, out_dtype, z_loss, softcap).loss
 
 
 class CrossEntropyFunction(_CrossEntropy):
@@ -288,6 +316,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Cross-entropy between logits and class-index targets, as
     ``torch.nn.functional.cross_entropy`` (same value, dtype, shape and errors).
@@ -304,6 +333,9 @@ def cross_entropy(
         z_loss: keyword-only, >= 0: each target element not ignored adds ``z_loss · lse²``
             (``lse`` the log-sum-exp of its logits; PaLM's z-loss) to its loss, reduced like the
             loss (``mean``: divided by the same sum of weights); :func:`z_loss_composition`.
+        softcap: keyword-only, None or > 0: every logit ``z`` becomes ``softcap · tanh(z /
+            softcap)`` before the softmax (Gemma 2's soft-capping; the z-loss's lse is that of
+            the capped logits); :func:`cross_entropy_composition`.
 
     Targets outside ``[0, C)`` that are not ``ignore_index`` raise torch's ``IndexError`` (CPU)
     or trigger a device-side assert (CUDA, as torch's; no host sync). Non-finite logits give
@@ -312,19 +344,13 @@ def cross_entropy(
     docstring). Tensors on devices the Triton kernels do not run on (CPU without
     ``TRITON_INTERPRET=1``), and dtypes they do not support, go to torch's own implementation.
     """
-    z_loss = check_z_loss(z_loss)
+    z_loss, softcap = check_z_loss(z_loss), check_softcap(softcap)
     if not runs_triton(input.device) or input.dtype not in TL_DTYPE:
-        if z_loss > 0.0:
+        if z_loss > 0.0 or softcap > 0.0:  # (else torch's own handling of them)
             reduction, ignore_index, label_smoothing = arguments(
                 weight, ignore_index, reduction, label_smoothing
             )
-            return z_loss_composition(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
-        return F.cross_entropy(
-            input,
-            target,
-            weight=weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
+        return cross_entropy_composition(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=softcap
         )
-    return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)

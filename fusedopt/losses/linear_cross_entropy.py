@@ -58,7 +58,13 @@ from fusedopt._multi_tensor import TL_DTYPE, runs_triton
 from fusedopt.losses import _linear_cross_entropy_launch as launch
 from fusedopt.losses._common import differentiable_grads, scaled_copy
 from fusedopt.losses._cross_entropy_launch import _scale_grad
-from fusedopt.losses.cross_entropy import arguments, check_z_loss, torch_cross_entropy, z_loss_composition
+from fusedopt.losses.cross_entropy import (
+    arguments,
+    check_softcap,
+    check_z_loss,
+    cross_entropy_composition,
+    torch_cross_entropy,
+)
 
 AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts
 
@@ -69,10 +75,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, options, needs):
-        ignore_index, reduction, label_smoothing, chunk, block, mm_dtype, out_dtype, z_loss = options
+        ignore_index, reduction, label_smoothing, chunk, block, mm_dtype, out_dtype, z_loss, softcap = options
         loss, gi, gw, gb, stats, lse = launch.forward(
-            x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, chunk, block,
-            *needs, mm_dtype, out_dtype,
+            x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk,
+            block, *needs, mm_dtype, out_dtype,
         )  # fmt: skip
         ctx.needs, ctx.reduction, ctx.options = needs, reduction, options
         if reduction == "none":
@@ -88,7 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
             x, weight, bias, target, class_weight = ctx.saved_tensors[:5]
-            ignore_index, reduction, label_smoothing, _, _, mm_dtype, _, z_loss = ctx.options
+            ignore_index, reduction, label_smoothing, _, _, mm_dtype, _, z_loss, softcap = ctx.options
 
             def composition(x, weight, bias):
                 with torch.autocast(x.device.type, enabled=False):
@@ -97,18 +103,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     )
                 # fp32 softmax math from the logits (fp64 for fp64), as the kernels
                 return torch_cross_entropy(
-                    logits, target.reshape(-1), class_weight, ignore_index, reduction, label_smoothing, z_loss
-                )
+                    logits, target.reshape(-1), class_weight, ignore_index, reduction, label_smoothing, z_loss,
+                    softcap,
+                )  # fmt: skip
 
             go = grad_output.reshape(-1) if reduction == "none" else grad_output
             grads = differentiable_grads(composition, (x, weight, bias), ctx.needs, go)
             return *grads, None, None, None, None
         if ctx.reduction == "none":
             x, weight, bias, target, class_weight, stats, lse = ctx.saved_tensors
-            ignore_index, _, label_smoothing, chunk, block, mm_dtype, _, z_loss = ctx.options
+            ignore_index, _, label_smoothing, chunk, block, mm_dtype, _, z_loss, softcap = ctx.options
             grads = launch.backward_none(
                 x, weight, bias, target, class_weight, stats, lse, grad_output, ignore_index,
-                label_smoothing, z_loss, chunk, block, *ctx.needs, mm_dtype,
+                label_smoothing, z_loss, softcap, chunk, block, *ctx.needs, mm_dtype,
             )  # fmt: skip
             grads = tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         elif torch.compiler.is_compiling():
@@ -123,21 +130,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy_reference(
     input, linear_weight, target, linear_bias=None, weight=None, ignore_index=-100, reduction="mean",
-    label_smoothing=0.0, *, z_loss=0.0,
+    label_smoothing=0.0, *, z_loss=0.0, softcap=None,
 ) -> torch.Tensor:  # fmt: skip
     """The composition this op equals, in plain torch: its fallback and its test oracle. The
     logits' class dim (last, as ``F.linear`` makes them) is moved to dim 1 for inputs of three or
-    more dims, where ``F.cross_entropy`` expects it; with a ``z_loss``,
-    :func:`fusedopt.losses.cross_entropy.z_loss_composition` of the logits."""
+    more dims, where ``F.cross_entropy`` expects it; then
+    :func:`fusedopt.losses.cross_entropy.cross_entropy_composition` (``F.cross_entropy`` without
+    a ``z_loss`` or a ``softcap``)."""
     logits = F.linear(input, linear_weight, linear_bias)
     if logits.dim() > 2:
         logits = logits.movedim(-1, 1)
-    if z_loss > 0.0:
-        return z_loss_composition(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss)
-    return F.cross_entropy(
-        logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing,
-    )  # fmt: skip
+    return cross_entropy_composition(
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, softcap=softcap
+    )
 
 
 def linear_cross_entropy(
@@ -153,6 +158,7 @@ def linear_cross_entropy(
     chunk_rows: int | None = None,
     chunk_classes: int | None = None,
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the logits ``F.linear(input, linear_weight, linear_bias)`` without
     materializing them: same value, dtype, shape, gradients and errors as
@@ -175,6 +181,8 @@ def linear_cross_entropy(
             over all the tokens, written once. Exclusive with ``chunk_rows``.
         z_loss: >= 0: each token not ignored adds ``z_loss · lse²`` (its logits' log-sum-exp)
             to its loss, reduced like the loss (as ``fusedopt.functional.cross_entropy``).
+        softcap: None or > 0: every logit ``z`` becomes ``softcap · tanh(z / softcap)`` before
+            the softmax (Gemma 2's soft-capping; with ``z_loss``, the lse of the capped logits).
 
     Returns:
         The loss: a scalar, or the target's shape for ``reduction="none"``; fp32 under
@@ -190,7 +198,7 @@ def linear_cross_entropy(
         runs_triton(t.device) and t.dtype in TL_DTYPE for t in present
     )
     reduction, ignore_index, label_smoothing = arguments(weight, ignore_index, reduction, label_smoothing)
-    z_loss = check_z_loss(z_loss)
+    z_loss, softcap = check_z_loss(z_loss), check_softcap(softcap)
     device_type = input.device.type
     autocast = (
         torch.is_autocast_enabled(device_type)
@@ -202,7 +210,7 @@ def linear_cross_entropy(
     if not fusable:
         return linear_cross_entropy_reference(
             input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
-            z_loss=z_loss,
+            z_loss=z_loss, softcap=softcap,
         )  # fmt: skip
     launch.check(input, linear_weight, linear_bias, target, weight, label_smoothing, autocast)
     if autocast and weight is not None and weight.dtype != torch.float32:
@@ -222,12 +230,13 @@ def linear_cross_entropy(
         mm_dtype,
         out_dtype,
         z_loss,
+        softcap,
     )
     grad = torch.is_grad_enabled()
     needs = tuple(grad and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
     if any(needs):
         return _LinearCrossEntropy.apply(x, linear_weight, linear_bias, target, weight, options, needs)
     return launch.forward(
-        x, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, chunk,
-        chunk_classes or 0, False, False, False, mm_dtype, out_dtype,
+        x, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+        chunk, chunk_classes or 0, False, False, False, mm_dtype, out_dtype,
     )[0]  # fmt: skip
