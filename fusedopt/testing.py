@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import fusedopt
 from fusedopt import functional as FF
-from fusedopt.losses.cross_entropy import z_loss_composition
+from fusedopt.losses.cross_entropy import cross_entropy_composition, z_loss_composition
 from fusedopt.losses.linear_cross_entropy import linear_cross_entropy_reference
 from fusedopt.optim import _amp, _precision, _quantize
 from fusedopt.optim import muon as _muon
@@ -225,6 +225,23 @@ LOSS_CASES: list[LossCase] = [
         "classification",
         dict(reduction="none", z_loss=1e-2),
     ),
+    # Gemma 2's logit soft-capping (logits of order 1: a cap of 1 bends most), against the composition
+    LossCase(
+        "cross_entropy",
+        FF.cross_entropy,
+        cross_entropy_composition,
+        "classification",
+        dict(softcap=1.0, z_loss=1e-2, label_smoothing=0.1, ignore_index=3),
+        grad_output=-1.25,
+        weighted=True,
+    ),
+    LossCase(
+        "cross_entropy",
+        FF.cross_entropy,
+        cross_entropy_composition,
+        "classification",
+        dict(reduction="none", softcap=1.0),
+    ),
 ]
 
 
@@ -268,6 +285,9 @@ LINEAR_CE_CASES: list[LinearCECase] = [
         "linear_cross_entropy", dict(label_smoothing=0.1), grad_output=-1.25, weighted=True, vocab_blocks=3
     ),
     LinearCECase("linear_cross_entropy", dict(z_loss=1e-2, ignore_index=3), weighted=True),  # PaLM's z-loss
+    LinearCECase(  # Gemma 2's soft-capping, in the vocabulary order (the log-sum-exp kernel's cap)
+        "linear_cross_entropy", dict(softcap=1.5, z_loss=1e-2), grad_output=-1.25, vocab_blocks=3
+    ),
 ]
 
 SHORT = {"momentum": "mom", "dampening": "damp", "weight_decay": "wd", "decoupled_weight_decay": "decoupled"}

@@ -89,7 +89,7 @@ def test_check_command_reruns_itself_with_the_interpreter(tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith(("FusedAdam ", "cross_entropy "))]
     adam = sum(c.group == "adam" for c in testing.OPTIM_CASES)
     cross_entropy = sum(c.name == "cross_entropy" for c in testing.LOSS_CASES)
-    assert (adam, cross_entropy) == (7, 5)
+    assert (adam, cross_entropy) == (7, 7)
     assert len(lines) == 2 * (adam + cross_entropy), run.stdout  # fp32 and bf16
     assert all(line.rstrip().endswith("PASS") for line in lines), run.stdout
     assert f"OK: all {2 * (adam + cross_entropy)} checks within tolerance" in run.stdout
@@ -226,7 +226,7 @@ def test_check_linear_cross_entropy_passes(monkeypatch, capsys, tmp_path):
     status, out = run_check(monkeypatch, capsys, tmp_path, *argv)
     assert status == 0, out
     count = len(testing.LINEAR_CE_CASES)
-    assert count == 5 and verdicts(out, "linear_cross_entropy") == ["PASS"] * 2 * count
+    assert count == 6 and verdicts(out, "linear_cross_entropy") == ["PASS"] * 2 * count
     assert "5 tokens x 8 features -> 37 classes in chunks of 2" in out
     assert "vocab/3" in out  # the case in the vocabulary order (blocks of 13 classes)
     assert "bf16: 2·max|torch in bf16 - torch| + 0.00391·max|torch|" in out

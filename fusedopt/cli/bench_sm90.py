@@ -544,9 +544,10 @@ def _pointwise(loss_name: str, numel: int) -> Scenario:
     return _loss(loss_name, f"{loss_name.removesuffix('_loss')} fp32 numel={numel}", forward)
 
 
-def _linear_cross_entropy(
-    rows: int, hidden: int, vocab: int, dtype_name: str, chunk_classes=None
-) -> Scenario:
+def _linear_cross_entropy(rows: int, hidden: int, vocab: int, dtype_name: str, **options) -> Scenario:
+    """The op's forward and backward; ``options`` (``chunk_classes``, ``softcap``) passed to it
+    and named in the variant."""
+
     def forward():
         import torch
 
@@ -556,11 +557,10 @@ def _linear_cross_entropy(
         x = torch.zeros(rows, hidden, dtype=dtype, requires_grad=True)
         w = torch.zeros(vocab, hidden, dtype=dtype, requires_grad=True)
         target = torch.arange(rows) * 7 % vocab
-        return fusedopt.functional.linear_cross_entropy(x, w, target, chunk_classes=chunk_classes)
+        return fusedopt.functional.linear_cross_entropy(x, w, target, **options)
 
-    variant = f"{_DTYPES[dtype_name]} H={hidden} V={vocab}" + (
-        f" chunk_classes={chunk_classes}" if chunk_classes else ""
-    )
+    named = (f"{k}={v}" for k, v in options.items())
+    variant = " ".join([f"{_DTYPES[dtype_name]} H={hidden} V={vocab}", *named])
     return _loss("linear_cross_entropy", variant, forward)
 
 
@@ -604,6 +604,7 @@ SCENARIOS: list[Scenario] = [
     _pointwise("smooth_l1_loss", 4097 * 3),
     _linear_cross_entropy(16, 768, 50257, "bfloat16"),
     _linear_cross_entropy(16, 768, 50257, "bfloat16", chunk_classes=4096),  # the vocabulary order
+    _linear_cross_entropy(16, 768, 50257, "bfloat16", softcap=30.0),  # Gemma 2's logit soft-capping
 ]
 
 

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         f"muon: {len(muon_cases)} option sets x {len(dtypes)} dtypes on the same params, FusedMuon's Muon group (the "
         "hidden matrices) against torch.optim.Muon, its use_muon=False group (the rest) against torch.optim.AdamW\n"
         f"losses: {len(loss_cases)} cases x {len(dtypes)} dtypes, inputs {size['rows']}x{size['classes']}, "
-        "value and input gradient against torch.nn.functional (z_loss: its plain-torch composition)\n"
+        "value and input gradient against torch.nn.functional (z_loss, softcap: their plain-torch composition)\n"
         f"linear cross-entropy: {len(linear_cases)} cases x {len(dtypes)} dtypes, {size['rows']} tokens x "
         f"{size['hidden']} features -> {size['classes']} classes in chunks of {size['chunk_rows']}, value and "
         "gradients of input, linear_weight, linear_bias against the composition in fp64\n"
