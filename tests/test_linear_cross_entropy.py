@@ -237,6 +237,17 @@ def test_softcap_modules_and_errors(chunks, triton_device, small_blocks):
             fnn.FusedLinearCrossEntropyLoss(softcap=bad)
 
 
+def test_softcap_without_triton_is_the_composition(monkeypatch):
+    """Where the kernels do not run: the logits capped, then torch's cross-entropy."""
+    import fusedopt.losses.linear_cross_entropy as module
+
+    monkeypatch.setattr(module, "runs_triton", lambda device: False)
+    x, w, target, b, kwargs = make((5,), torch.float32, OPTIONS["all"], "cpu")
+    capped = 1.5 * torch.tanh(F.linear(x, w, b) / 1.5)
+    expected = F.cross_entropy(capped, target, **kwargs)
+    torch.testing.assert_close(linear_cross_entropy(x, w, target, b, softcap=1.5, **kwargs), expected)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_softcap_all_tokens_ignored_and_large_logits(reduction, order, triton_device, small_blocks):
     """Every token ignored (mean: NaN, as the composition); then logits far past the cap (x
