@@ -207,11 +207,11 @@ def test_softcap_matches_the_composition(lead, dtype, variant, reduction, order,
 def test_softcap_gradcheck_fp64(triton_device, small_blocks):
     """The vocabulary order (its lse from the log-sum-exp kernel, the gradient from the row
     kernel's pass 2 as in the token order)."""
-    x, w, target, b, kwargs = make((5,), torch.float64, OPTIONS["all"], triton_device, vocab=67, hidden=5)
+    x, w, target, b, kwargs = make((4,), torch.float64, OPTIONS["all"], triton_device, vocab=40, hidden=5)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
 
     def fn(x, w, b):
-        return linear_cross_entropy(x, w, target, b, z_loss=0.1, softcap=1.5, chunk_classes=30, **kwargs)
+        return linear_cross_entropy(x, w, target, b, z_loss=0.1, softcap=1.5, chunk_classes=16, **kwargs)
 
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
@@ -248,12 +248,11 @@ def test_softcap_without_triton_is_the_composition(monkeypatch):
     torch.testing.assert_close(linear_cross_entropy(x, w, target, b, softcap=1.5, **kwargs), expected)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_softcap_all_tokens_ignored_and_large_logits(reduction, order, triton_device, small_blocks):
-    """Every token ignored (mean: NaN, as the composition); then logits far past the cap (x
-    scaled by 1e4: tanh saturated, their gradients through the cap 0) and ±inf ones (±c)."""
+def test_softcap_all_tokens_ignored_and_large_logits(order, triton_device, small_blocks):
+    """Every token ignored (the mean: NaN, as the composition's); then logits far past the cap
+    (x scaled by 1e4: tanh saturated, their gradients through the cap 0) and ±inf ones (±c)."""
     x, w, target, b, kwargs = make((6,), torch.float64, OPTIONS["all"], triton_device)
-    options = dict(reduction=reduction, softcap=SOFTCAP, z_loss=0.01, **order, **kwargs)
+    options = dict(softcap=SOFTCAP, z_loss=0.01, **order, **kwargs)
     ignored = torch.full_like(target, kwargs["ignore_index"])
     ours = run(linear_cross_entropy, x, w, ignored, b, **options)
     options.pop("chunk_rows", None), options.pop("chunk_classes", None)
