@@ -225,7 +225,11 @@ def token_chunks(
             _accumulate(grad_weight, z.t(), x[start:stop], padded=True)
         if want_bias:
             grad_bias += z.sum(0, dtype=acc_dtype)
-    return grad_input, _finish(grad_weight, grad_dtypes[1]), _finish(grad_bias, grad_dtypes[2])
+    return (
+        grad_input,
+        _finish(grad_weight, grad_dtypes[1], want_weight),
+        _finish(grad_bias, grad_dtypes[2], want_bias),
+    )
 
 
 def _chunks(
@@ -384,7 +388,11 @@ def _blocks(
                 torch.sum(z, 0, dtype=acc_dtype, out=grad_bias[v0:v1])
     if shard is not None and want_input:
         vocab_parallel.all_reduce_(grad_input, shard)
-    return _finish(grad_input, grad_dtypes[0]), grad_weight, _finish(grad_bias, grad_dtypes[2])
+    return (
+        _finish(grad_input, grad_dtypes[0], want_input),
+        grad_weight,
+        _finish(grad_bias, grad_dtypes[2], want_bias),
+    )
 
 
 def _loop(p: _Problem, chunk: int, block: int, grads: tuple[bool, bool, bool], shard=None, **kwargs):
@@ -402,9 +410,10 @@ def _zeros_for(like: torch.Tensor, shape, dtype: torch.dtype, acc_dtype: torch.d
     return like.new_zeros(shape, dtype=dtype if dtype == acc_dtype else acc_dtype)
 
 
-def _finish(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An accumulated gradient in its own dtype (rounded once)."""
-    return grad.to(dtype) if grad.numel() and grad.dtype != dtype else grad
+def _finish(grad: torch.Tensor, dtype: torch.dtype, wanted: bool) -> torch.Tensor:
+    """An accumulated gradient in its own dtype (rounded once; also when empty: a rank's
+    slice of no classes); one not ``wanted`` (an empty placeholder) as it is."""
+    return grad.to(dtype) if wanted and grad.dtype != dtype else grad
 
 
 def _problem(

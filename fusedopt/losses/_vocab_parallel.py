@@ -21,8 +21,11 @@ distillation):
   over the local classes made global, in **one** ``all_gather_single`` of ``K N``
   elements per rank; ``rows`` says how each statistic combines: :data:`MAX` (a running max),
   :data:`SUM` (a plain sum: a target logit, ``Σ w z``), or an int ``j`` (a sum of
-  ``exp(z - m_j)`` terms relative to the max of row ``j``: rescaled by ``exp(m_j,r - M_j)``
-  before the sum). The result is the same, bit for bit, on every rank (rank order);
+  ``exp(z - m_j)`` terms relative to the max of row ``j``, such as ``Σ exp(z - m)`` or the
+  entropy's ``Σ exp(z - m) z``: rescaled by ``exp(m_j,r - M_j)`` before the sum). The result
+  is the same, bit for bit, on every rank (rank order). The merge alone, without the
+  collective: :func:`merge_rows` ``(states [S, K, N], rows)``. A distillation loss keeps two
+  maxima (student, teacher) and their sums in one state: ``(MAX, 0, MAX, 2, ...)``;
 * :func:`all_reduce_` ``(t, shard)``: a gradient that is a partial sum over the vocabulary
   (the input's: ``Σ_v dZ[:, v] W[v]``) summed across the ranks in place, one ``all_reduce``;
 * :func:`like_input` ``(out, input, shard)``: a result identical on every rank, as a DTensor
@@ -102,25 +105,30 @@ def to_local(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def combine_rows(state: torch.Tensor, shard: VocabShard, rows: tuple[str | int, ...]) -> torch.Tensor:
-    """Per-row statistics of the local classes ``state`` [K, N] (contiguous) → those of all
-    the classes, [K, N], in one ``all_gather_single`` (``K N`` elements from each rank).
-    ``rows[k]``: :data:`MAX`, :data:`SUM`, or ``j``: a sum of ``exp(z - m)`` terms with ``m``
-    the local max in row ``j`` (a :data:`MAX` row), rescaled to the global max before the sum.
-    The ranks' terms are summed in rank order: every rank gets the same result. Maxima must be
-    finite (the kernels keep them at the lowest finite value for rows without classes), so
-    a rank whose slice is empty contributes nothing to any sum."""
+    """Per-row statistics of the local classes ``state`` [K, N] → those of all the classes,
+    [K, N], in one ``all_gather_single`` (``K N`` elements from each rank), merged by
+    :func:`merge_rows`."""
     if len(rows) != state.shape[0]:
         raise ValueError(f"combine_rows: {len(rows)} row kinds for a state of {state.shape[0]} rows")
     gathered = state.new_empty((shard.mesh.size(0) * state.shape[0], state.shape[1]))  # gloo: ranks on dim 0
     dist.all_gather_single(gathered, state.contiguous(), group=shard.group)
-    gathered = gathered.view(-1, *state.shape)
-    out = gathered.sum(0)
+    return merge_rows(gathered.view(-1, *state.shape), rows)
+
+
+def merge_rows(states: torch.Tensor, rows: tuple[str | int, ...]) -> torch.Tensor:
+    """The statistics [K, N] of all the classes from those of disjoint slices of them,
+    ``states`` [S, K, N]. ``rows[k]``: :data:`MAX`, :data:`SUM`, or ``j``: a sum of
+    ``exp(z - m)`` terms with ``m`` the slice's max in row ``j`` (a :data:`MAX` row), rescaled
+    to the overall max before the sum. Summed in slice order (every rank gets the same
+    result). Maxima must be finite (the kernels keep them at the lowest finite value for rows
+    without classes), so an empty slice contributes nothing to any sum; a NaN sum stays NaN."""
+    out = states.sum(0)
     for k, kind in enumerate(rows):
         if kind == MAX:
-            out[k] = gathered[:, k].amax(0)
+            out[k] = states[:, k].amax(0)
     for k, kind in enumerate(rows):
         if not isinstance(kind, str):
-            out[k] = (gathered[:, k] * torch.exp(gathered[:, kind] - out[kind])).sum(0)
+            out[k] = (states[:, k] * torch.exp(states[:, kind] - out[kind])).sum(0)
     return out
 
 
