@@ -9,6 +9,8 @@ counts: ``tests/test_distributed.py::check_vocab_parallel_head`` (2 gloo ranks).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -95,13 +97,12 @@ def _simulated(monkeypatch, vocab: int, world: int, run):
         monkeypatch.setattr(vocab_parallel, "all_reduce_", reduce)
         results = []
         for lo, hi in ranks:
-            try:
+            with contextlib.suppress(Collected):
                 results.append(run(VocabShard(None, None, lo, vocab), lo, hi))
-            except Collected:
-                pass
     return results, ranks
 
 
+@pytest.mark.parametrize("vocab, world", [(20, 3), (2, 3)], ids=["uneven", "empty"])
 @pytest.mark.parametrize(
     "dtype, reduction, options",
     [
@@ -109,44 +110,44 @@ def _simulated(monkeypatch, vocab: int, world: int, run):
         (torch.float32, "none", dict(weight=True, label_smoothing=0.2, z_loss=0.01, ignore_index=3)),
         (torch.bfloat16, "sum", dict(bias=True, weight=True, label_smoothing=0.1)),
     ],
+    ids=["mean", "none-all", "bf16-sum"],
 )
-def test_launcher_on_simulated_ranks(monkeypatch, dtype, reduction, options):
-    """V = 20 over 3 ranks (7, 7 and 6 classes) and V = 2 over 3 ranks (the last empty):
-    the loss, the row log-sum-exps and the gradients (input summed over the ranks; weight and
-    bias each rank's slice) are the unsharded launcher's, bit for bit but the sums' order."""
-    for vocab, world in ((20, 3), (2, 3)):
-        gen = torch.Generator().manual_seed(vocab)
-        n, hidden = 9, 8
-        x = torch.randn(n, hidden, generator=gen).to(dtype)
-        w = (torch.randn(vocab, hidden, generator=gen) * 0.5).to(dtype)
-        b = torch.randn(vocab, generator=gen).to(dtype) if options.get("bias") else None
-        cw = (torch.rand(vocab, generator=gen) + 0.5).to(dtype) if options.get("weight") else None
-        ignore_index = options.get("ignore_index", -100)
-        target = torch.randint(0, vocab, (n,), generator=gen)
-        target[::4] = ignore_index
-        grad_output = torch.rand(n, generator=gen) if reduction == "none" else None
-        needs = (True, True, b is not None)
-        scalars = (ignore_index, reduction, options.get("label_smoothing", 0.0), options.get("z_loss", 0.0))
+def test_launcher_on_simulated_ranks(monkeypatch, vocab, world, dtype, reduction, options):
+    """V = 20 over 3 ranks (7, 7 and 6 classes) and V = 2 over 3 ranks (the last empty), blocks
+    of 4 classes: the loss and the gradients (the input's summed over the ranks; the weight's
+    and bias's each rank's slice) are the unsharded launcher's, but for the sums' order."""
+    gen = torch.Generator().manual_seed(vocab)
+    n, hidden = 9, 8
+    x = torch.randn(n, hidden, generator=gen).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=gen) * 0.5).to(dtype)
+    b = torch.randn(vocab, generator=gen).to(dtype) if options.get("bias") else None
+    cw = (torch.rand(vocab, generator=gen) + 0.5).to(dtype) if options.get("weight") else None
+    ignore_index = options.get("ignore_index", -100)
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    target[::4] = ignore_index
+    grad_output = torch.rand(n, generator=gen) if reduction == "none" else None
+    needs = (True, True, b is not None)
+    smoothing, z_loss = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0)
 
-        def run(shard, lo, hi, b=b):
-            w_, b_ = w[lo:hi], b[lo:hi] if b is not None else None
-            loss, gi, gw, gb, stats, lse = launch.forward(
-                x, w_, b_, target, cw, *scalars, 4, 4, *needs, dtype, dtype, shard=shard
-            )
-            if reduction == "none":
-                gi, gw, gb = launch.backward_none(
-                    x, w_, b_, target, cw, stats, lse, grad_output, scalars[0], scalars[2], scalars[3], 4, 4,
-                    *needs, dtype, shard=shard,
-                )  # fmt: skip
-            return loss, gi, gw, gb
+    def run(shard, lo, hi):
+        w_, b_ = w[lo:hi], b[lo:hi] if b is not None else None
+        loss, gi, gw, gb, stats, lse = launch.forward(
+            x, w_, b_, target, cw, ignore_index, reduction, smoothing, z_loss, 4, 4, *needs, dtype, dtype,
+            shard=shard,
+        )  # fmt: skip
+        if reduction == "none":
+            gi, gw, gb = launch.backward_none(
+                x, w_, b_, target, cw, stats, lse, grad_output, ignore_index, smoothing, z_loss, 4, 4, *needs,
+                dtype, shard=shard,
+            )  # fmt: skip
+        return loss, gi, gw, gb
 
-        expected = run(None, 0, vocab)
-        results, ranks = _simulated(monkeypatch, vocab, world, run)
-        monkeypatch.undo()
-        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
-        for (loss, gi, gw, gb), (lo, hi) in zip(results, ranks, strict=True):
-            torch.testing.assert_close(loss, expected[0], **tol)
-            torch.testing.assert_close(gi, expected[1], **tol)
-            torch.testing.assert_close(gw, expected[2][lo:hi], **tol)
-            if b is not None:
-                torch.testing.assert_close(gb, expected[3][lo:hi], **tol)
+    expected = run(None, 0, vocab)
+    results, ranks = _simulated(monkeypatch, vocab, world, run)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
+    for (loss, gi, gw, gb), (lo, hi) in zip(results, ranks, strict=True):
+        torch.testing.assert_close(loss, expected[0], **tol)
+        torch.testing.assert_close(gi, expected[1], **tol)
+        torch.testing.assert_close(gw, expected[2][lo:hi], **tol)
+        if b is not None:
+            torch.testing.assert_close(gb, expected[3][lo:hi], **tol)
