@@ -529,7 +529,7 @@ def check_linear_cross_entropy_head(rank, mesh, count, workdir):
     opts = {id(m): torch.optim.AdamW(m.parameters(), lr=0.05) for m in (fused, plain)}
     calls = []
     forward = launch.forward
-    launch.forward = lambda *args: calls.append(1) or forward(*args)
+    launch.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
     try:
         for step in range(2):
             gen = torch.Generator().manual_seed(10 * step + rank)
@@ -558,14 +558,15 @@ def check_linear_cross_entropy_head(rank, mesh, count, workdir):
 
 # (V, input dims, options): V odd (uneven shards: 19 and 18 classes) but the last, V = 1 (rank 1's
 # shard empty); both requested orders (the vocabulary-parallel path runs blocks; chunk_rows sizes
-# them); class weights, label smoothing, z-loss and ignored targets (a real class as ignore_index)
+# them); class weights (plain, or a replicated DTensor), label smoothing, z-loss and ignored
+# targets (a real class as ignore_index); a 3-D input; a plain input (the same on both ranks)
 VOCAB_PARALLEL_CASES = [
     (37, (10, 8), dict(reduction="mean", chunk_classes=8)),
     (37, (10, 8), dict(reduction="sum", chunk_rows=4, label_smoothing=0.2, z_loss=0.01, ignore_index=3)),
     (
         37,
         (2, 5, 8),
-        dict(reduction="none", class_weight=True, label_smoothing=0.1, z_loss=0.01, chunk_classes=8),
+        dict(reduction="none", class_weight="replicated", label_smoothing=0.1, z_loss=0.01, chunk_classes=8),
     ),
     (37, (10, 8), dict(reduction="mean", class_weight=True, ignore_index=3, plain_input=True, bias=False)),
     (1, (4, 8), dict(reduction="sum", z_loss=0.1)),
@@ -611,7 +612,8 @@ def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options
     b = torch.rand(vocab, generator=gen) - 0.5 if bias else None
     target = torch.randint(0, vocab, shape[:-1], generator=gen)
     target.view(-1)[::4] = options.get("ignore_index", -100)
-    if options.pop("class_weight", False):
+    class_weight = options.pop("class_weight", False)  # True: a plain tensor; "replicated": a DTensor
+    if class_weight:
         options["weight"] = torch.rand(vocab, generator=gen) + 0.5
     grad_out = torch.rand(shape[:-1], generator=gen) if options["reduction"] == "none" else None
     what = f"V={vocab}, {options}"
@@ -625,6 +627,8 @@ def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options
         t.requires_grad_()
     if grad_out is not None and not plain_input:
         grad_out = distribute_tensor(grad_out, mesh, [Replicate()])
+    if class_weight == "replicated":
+        options["weight"] = distribute_tensor(options["weight"], mesh, [Replicate()])
     loss, forward = _collectives(
         lambda: fusedopt.functional.linear_cross_entropy(
             sharded[0], sharded[1], target, *sharded[2:], **options
