@@ -112,20 +112,21 @@ def _simulated(monkeypatch, vocab: int, world: int, run):
     ],
     ids=["mean", "none-all", "bf16-sum"],
 )
-def test_launcher_on_simulated_ranks(monkeypatch, vocab, world, dtype, reduction, options):
+def test_launcher_on_simulated_ranks(monkeypatch, triton_device, vocab, world, dtype, reduction, options):
     """V = 20 over 3 ranks (7, 7 and 6 classes) and V = 2 over 3 ranks (the last empty), blocks
     of 4 classes: the loss and the gradients (the input's summed over the ranks; the weight's
     and bias's each rank's slice) are the unsharded launcher's, but for the sums' order."""
     gen = torch.Generator().manual_seed(vocab)
-    n, hidden = 9, 8
-    x = torch.randn(n, hidden, generator=gen).to(dtype)
-    w = (torch.randn(vocab, hidden, generator=gen) * 0.5).to(dtype)
-    b = torch.randn(vocab, generator=gen).to(dtype) if options.get("bias") else None
-    cw = (torch.rand(vocab, generator=gen) + 0.5).to(dtype) if options.get("weight") else None
+    n, hidden, device = 9, 8, triton_device
+    x = torch.randn(n, hidden, generator=gen).to(device, dtype)
+    w = (torch.randn(vocab, hidden, generator=gen) * 0.5).to(device, dtype)
+    b = torch.randn(vocab, generator=gen).to(device, dtype) if options.get("bias") else None
+    cw = (torch.rand(vocab, generator=gen) + 0.5).to(device, dtype) if options.get("weight") else None
     ignore_index = options.get("ignore_index", -100)
     target = torch.randint(0, vocab, (n,), generator=gen)
     target[::4] = ignore_index
-    grad_output = torch.rand(n, generator=gen) if reduction == "none" else None
+    target = target.to(device)
+    grad_output = torch.rand(n, generator=gen).to(device) if reduction == "none" else None
     needs = (True, True, b is not None)
     smoothing, z_loss = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0)
 
