@@ -529,7 +529,7 @@ def check_linear_cross_entropy_head(rank, mesh, count, workdir):
     opts = {id(m): torch.optim.AdamW(m.parameters(), lr=0.05) for m in (fused, plain)}
     calls = []
     forward = launch.forward
-    launch.forward = lambda *args: calls.append(1) or forward(*args)
+    launch.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
     try:
         for step in range(2):
             gen = torch.Generator().manual_seed(10 * step + rank)
@@ -552,6 +552,144 @@ def check_linear_cross_entropy_head(rank, mesh, count, workdir):
     finally:
         launch.forward = forward
     assert len(calls) == 2, calls  # the fused op ran, on the gathered (plain tensor) weight
+
+
+# A head sharded over the vocabulary (tensor parallel) ---------------------------------------------
+
+# (V, input dims, options): V odd (uneven shards: 19 and 18 classes) but the last, V = 1 (rank 1's
+# shard empty); both requested orders (the vocabulary-parallel path runs blocks; chunk_rows sizes
+# them); class weights (plain, or a replicated DTensor), label smoothing, z-loss and ignored
+# targets (a real class as ignore_index); a 3-D input; a plain input (the same on both ranks)
+VOCAB_PARALLEL_CASES = [
+    (37, (10, 8), dict(reduction="mean", chunk_classes=8)),
+    (37, (10, 8), dict(reduction="sum", chunk_rows=4, label_smoothing=0.2, z_loss=0.01, ignore_index=3)),
+    (
+        37,
+        (2, 5, 8),
+        dict(reduction="none", class_weight="replicated", label_smoothing=0.1, z_loss=0.01, chunk_classes=8),
+    ),
+    (37, (10, 8), dict(reduction="mean", class_weight=True, ignore_index=3, plain_input=True, bias=False)),
+    (1, (4, 8), dict(reduction="sum", z_loss=0.1)),
+]
+
+
+def _collectives(fn) -> tuple[object, list[tuple[str, int]]]:
+    """``fn()`` and its collectives in this process, each as (name, elements sent by this
+    rank): our calls of ``dist.all_gather_single`` and ``dist.all_reduce``, which must be all
+    that CommDebugMode sees (no collective inside DTensor's ops)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    calls, saved = [], {name: getattr(dist, name) for name in ("all_gather_single", "all_reduce")}
+
+    def recorder(name):
+        def record(*args, **kwargs):
+            calls.append((name, args[1 if name == "all_gather_single" else 0].numel()))
+            return saved[name](*args, **kwargs)
+
+        return record
+
+    for name in saved:
+        setattr(dist, name, recorder(name))
+    try:
+        with CommDebugMode() as mode:
+            out = fn()
+    finally:
+        for name, f in saved.items():
+            setattr(dist, name, f)
+    assert mode.get_total_counts() == len(calls), (mode.get_comm_counts(), calls)
+    return out, calls
+
+
+def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options: dict) -> None:
+    """One case of VOCAB_PARALLEL_CASES (see check_vocab_parallel_head)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    options = dict(options)
+    plain_input, bias = options.pop("plain_input", False), options.pop("bias", True)
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(shape, generator=gen)
+    w = torch.randn(vocab, shape[-1], generator=gen) * 0.5
+    b = torch.rand(vocab, generator=gen) - 0.5 if bias else None
+    target = torch.randint(0, vocab, shape[:-1], generator=gen)
+    target.view(-1)[::4] = options.get("ignore_index", -100)
+    class_weight = options.pop("class_weight", False)  # True: a plain tensor; "replicated": a DTensor
+    if class_weight:
+        options["weight"] = torch.rand(vocab, generator=gen) + 0.5
+    grad_out = torch.rand(shape[:-1], generator=gen) if options["reduction"] == "none" else None
+    what = f"V={vocab}, {options}"
+
+    leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    expected = fusedopt.functional.linear_cross_entropy(leaves[0], leaves[1], target, *leaves[2:], **options)
+    expected.backward(grad_out)
+    xs = x.clone() if plain_input else distribute_tensor(x, mesh, [Replicate()])
+    sharded = [xs] + [distribute_tensor(t, mesh, [Shard(0)]) for t in (w, b) if t is not None]
+    for t in sharded:
+        t.requires_grad_()
+    if grad_out is not None and not plain_input:
+        grad_out = distribute_tensor(grad_out, mesh, [Replicate()])
+    if class_weight == "replicated":
+        options["weight"] = distribute_tensor(options["weight"], mesh, [Replicate()])
+    loss, forward = _collectives(
+        lambda: fusedopt.functional.linear_cross_entropy(
+            sharded[0], sharded[1], target, *sharded[2:], **options
+        )
+    )
+    _, backward = _collectives(lambda: loss.backward(grad_out))
+    gather, reduce = [("all_gather_single", 4 * (x.numel() // x.shape[-1]))], [("all_reduce", x.numel())]
+    if options["reduction"] == "none":
+        assert forward == gather and backward == reduce, (what, forward, backward)
+    else:
+        assert forward == gather + reduce and backward == [], (what, forward, backward)
+    assert isinstance(loss, DTensor) != plain_input, what
+    close(_local(loss), expected.detach(), f"{what}: loss")
+    close(_local(sharded[0].grad), leaves[0].grad, f"{what}: grad of the input")
+    if not plain_input:
+        assert sharded[0].grad.placements == (Replicate(),), what
+    start = -(-vocab // WORLD) * rank  # torch.chunk's rows
+    for name, mine, theirs in zip(
+        ("weight", "bias")[: len(leaves) - 1], sharded[1:], leaves[1:], strict=True
+    ):
+        assert mine.grad.placements == (Shard(0),), f"{what}: grad of the {name}"
+        local = mine.grad.to_local()
+        close(local, theirs.grad[start : start + len(local)], f"{what}: grad of the {name}")
+
+
+def check_vocab_parallel_head(rank, mesh, count, workdir):
+    """linear_cross_entropy with its weight and bias DTensors ``Shard(0)`` on the vocabulary
+    (input a replicated DTensor, or a plain tensor) against the unsharded op on the whole
+    weight: loss and gradients (input; the weight's and bias's shards, DTensors placed as
+    they are) for every case of VOCAB_PARALLEL_CASES; per call one all-gather of 4 numbers a
+    token and, when the input's gradient is asked, one all-reduce of N x H (in the forward of
+    mean/sum, in the backward of none), however many tokens and blocks; the module with its
+    parameters sharded alike."""
+    from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+
+    for case in VOCAB_PARALLEL_CASES:
+        _vocab_parallel_case(rank, mesh, *case)
+
+    # the module, its weight and bias sharded over the classes by distribute_module (parallelize_module's
+    # ColwiseParallel would pass the module its input alone, without the targets), the input plain
+    def shard_classes(name, module, mesh):
+        for key, p in list(module.named_parameters(recurse=False)):
+            module.register_parameter(
+                key, torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)]))
+            )
+
+    vocab, hidden = 37, 8
+    torch.manual_seed(1)
+    head = fusedopt.nn.FusedLinearCrossEntropyHead(hidden, vocab, chunk_rows=3)
+    whole = fusedopt.nn.FusedLinearCrossEntropyHead(hidden, vocab, chunk_rows=3)
+    whole.load_state_dict(head.state_dict())
+    distribute_module(head, mesh, shard_classes)
+    x, target = torch.randn(3, 4, hidden), torch.randint(0, vocab, (3, 4))
+    loss, expected = head(x, target), whole(x, target)
+    loss.backward()
+    expected.backward()
+    close(loss, expected.detach(), "module: loss")
+    start = -(-vocab // WORLD) * rank
+    for name, p in whole.named_parameters():
+        local = getattr(head, name).grad.to_local()
+        close(local, p.grad[start : start + len(local)], f"module: grad of {name}")
 
 
 # FusedMuon over FSDP2: each matrix orthogonalized whole by one owner rank ------------------------
@@ -726,6 +864,7 @@ CHECKS = [
     check_low_precision,
     check_int8_state,
     check_linear_cross_entropy_head,
+    check_vocab_parallel_head,
     check_muon_exchange,
     check_muon_fsdp,
 ]

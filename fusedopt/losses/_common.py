@@ -6,6 +6,7 @@ sees, and the two backward forms of a reduced loss that are not the eager in-pla
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -36,24 +37,43 @@ def compilable(name: str, fake: Callable, schema: str | None = None) -> Callable
 
     The launcher returns new tensors and writes none of its arguments; ``fake`` returns empty
     tensors of the outputs' shapes, dtypes and strides; ``schema`` (default: from the type
-    hints) may leave out trailing arguments with defaults that only eager calls pass. The
-    function returned calls the launcher itself in eager (the dispatcher would add ~10-15 µs
+    hints of the positional parameters) may leave out trailing arguments with defaults that only
+    eager calls pass. Keyword-only parameters are eager-only too (objects an op cannot take,
+    such as a process group): a call that gives one a value other than None runs the launcher,
+    also while compiling.
+    The function returned calls the launcher itself in eager (the dispatcher would add ~10-15 µs
     per call) and the op while torch.compile traces (dynamo cannot trace ``data_ptr`` launches);
     ``.op`` is the op.
     """
 
     def register(launcher: Callable) -> Callable:
-        op = torch.library.custom_op(f"fusedopt::{name}", launcher, mutates_args=(), schema=schema)
+        op = torch.library.custom_op(
+            f"fusedopt::{name}", launcher, mutates_args=(), schema=schema or _positional_schema(launcher)
+        )
         op.register_fake(fake)
 
         @functools.wraps(launcher)
-        def call(*args):
-            return op(*args) if torch.compiler.is_compiling() else launcher(*args)
+        def call(*args, **eager_only):
+            if torch.compiler.is_compiling() and all(v is None for v in eager_only.values()):
+                return op(*args)
+            return launcher(*args, **eager_only)
 
         call.op = op
         return call
 
     return register
+
+
+def _positional_schema(launcher: Callable) -> str:
+    """The op schema of ``launcher``'s positional parameters (its keyword-only ones left out)."""
+    signature = inspect.signature(launcher)
+    kept = [p for p in signature.parameters.values() if p.kind is not p.KEYWORD_ONLY]
+
+    def prototype():
+        pass
+
+    prototype.__signature__ = signature.replace(parameters=kept)
+    return torch.library.infer_schema(prototype, mutates_args=())
 
 
 def scaled_copy(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:

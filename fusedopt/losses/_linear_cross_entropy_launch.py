@@ -42,6 +42,7 @@ import triton
 from fusedopt._multi_tensor import INTERPRET, TL_DTYPE, compute_dtype
 from fusedopt.kernels import linear_cross_entropy as kernels
 from fusedopt.losses import _cross_entropy_launch as ce_launch
+from fusedopt.losses import _vocab_parallel as vocab_parallel
 from fusedopt.losses._common import compilable
 from fusedopt.losses._cross_entropy_launch import _check as _check_cross_entropy
 from fusedopt.losses._cross_entropy_launch import (
@@ -56,6 +57,9 @@ from fusedopt.losses._cross_entropy_launch import (
 
 CHUNK_MULTIPLE = 256  # chunks are whole multiples of this many rows (but the last)
 HALF = (torch.float16, torch.bfloat16)
+# logsumexp_block_kernel's state rows as vocab_parallel.combine_rows combines them: the max, the
+# sum of exp(z - max), the target's logit, Σ_c w_c z_c
+LSE_STATE = (vocab_parallel.MAX, 0, vocab_parallel.SUM, vocab_parallel.SUM)
 
 
 def chunk_rows(num_rows: int, hidden: int, vocab: int) -> int:
@@ -64,6 +68,13 @@ def chunk_rows(num_rows: int, hidden: int, vocab: int) -> int:
     at most ``N``."""
     wanted = -(-num_rows * hidden // max(vocab, 1))
     return max(1, min(num_rows, -(-wanted // CHUNK_MULTIPLE) * CHUNK_MULTIPLE))
+
+
+def vocab_block(num_rows: int, vocab: int, chunk: int) -> int:
+    """Classes per block of the vocabulary order standing in for token chunks of ``chunk``
+    rows (the vocabulary-parallel path runs only that order): a block's logits (``N x K``)
+    about the size of a chunk's (``c x V``): :func:`chunk_rows` with the roles swapped."""
+    return chunk_rows(vocab, chunk, num_rows)
 
 
 def check(
@@ -215,7 +226,11 @@ def token_chunks(
             _accumulate(grad_weight, z.t(), x[start:stop], padded=True)
         if want_bias:
             grad_bias += z.sum(0, dtype=acc_dtype)
-    return grad_input, _finish(grad_weight, grad_dtypes[1]), _finish(grad_bias, grad_dtypes[2])
+    return (
+        grad_input,
+        _finish(grad_weight, grad_dtypes[1], want_weight),
+        _finish(grad_bias, grad_dtypes[2], want_bias),
+    )
 
 
 def _chunks(
@@ -298,13 +313,20 @@ def _blocks(
     lse: torch.Tensor | None = None,
     divide_by_total: bool = False,
     grad_output: torch.Tensor | None = None,
+    shard: vocab_parallel.VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The vocabulary order, as :func:`_chunks` but over blocks of ``block`` classes with all
     the tokens: if ``row_loss`` is given, pass 1 (the blocks' logits into the rows' running
     log-sum-exp, then ``lse`` and the row losses); if gradients are asked, pass 2 (the logits
     again, their gradient from ``lse``, then ``grad_W[block] = dZᵀ X`` written once, with the
     matmul's own fp32 accumulation over all N tokens, and ``grad_X += dZ W[block]`` in fp32).
-    ``lse`` is required: pass 1 writes it, pass 2 reads it."""
+    ``lse`` is required: pass 1 writes it, pass 2 reads it.
+
+    With a ``shard`` (``fusedopt.losses._vocab_parallel``) the head holds the classes
+    ``shard.offset ...`` of ``shard.classes``: pass 1 leaves every row unfinished, one
+    ``combine_rows`` makes the rows' state global and a launch over no classes finishes them;
+    pass 2 writes the local slices of ``grad_W`` and ``grad_b``, and ``grad_X`` (a partial
+    sum over the classes) is summed across the ranks once, in fp32, before its rounding."""
     h = p.head
     x, weight, grad_dtypes = h.x, h.weight, h.grad_dtypes
     target, class_weight, stats = p.target, p.class_weight, p.stats
@@ -316,25 +338,34 @@ def _blocks(
     step = min(triton.next_power_of_2(block), ce_launch.MAX_BLOCK)  # the row kernel's size rule
     rows = max(1, ce_launch.MAX_TILE // step)
 
+    col0, classes = (shard.offset, shard.classes) if shard is not None else (0, vocab)
+
     def logits(v0: int, v1: int) -> torch.Tensor:
         width = _padded(v1 - v0)
         return h.logits(buffer[: n * width].view(n, width)[:, : v1 - v0], classes=slice(v0, v1))
 
+    def merge(state: torch.Tensor, v0: int, v1: int, first: bool, last: bool) -> None:
+        """The classes v0 .. v1 - 1 (local) into the rows' ``state``; ``last``: finish them."""
+        z = logits(v0, v1) if v1 > v0 else state.as_strided((n, 0), (0, 1))  # none: an aligned address
+        if n == 0:
+            return
+        kernels.logsumexp_block_kernel[checked_grid(triton.cdiv(n, rows))](
+            z, target, class_weight if class_weight is not None else stats, stats, state, lse, row_loss,
+            n, v1 - v0, col0 + v0, classes, z.stride(0), target.stride(0), ignore_index, label_smoothing,
+            p.z_loss, p.softcap, DTYPE=TL_DTYPE[z.dtype], COMPUTE=TL_DTYPE[acc_dtype],
+            LOSS_DTYPE=TL_DTYPE[row_loss.dtype], ROWS=rows, BLOCK=step, HAS_WEIGHT=class_weight is not None,
+            SMOOTHING=label_smoothing > 0.0, FIRST=first, LAST=last, Z_LOSS=p.z_loss > 0.0,
+            SOFTCAP=p.softcap > 0.0, num_warps=8,
+        )  # fmt: skip
+
     if row_loss is not None:
         state = x.new_empty((4, n), dtype=acc_dtype)
-        for v0 in range(0, vocab, block):
+        for v0 in range(0, max(vocab, 1), block):  # an empty shard: one window of no classes
             v1 = min(v0 + block, vocab)
-            z = logits(v0, v1)
-            if n == 0:
-                continue
-            kernels.logsumexp_block_kernel[checked_grid(triton.cdiv(n, rows))](
-                z, target, class_weight if class_weight is not None else stats, stats, state, lse, row_loss,
-                n, v1 - v0, v0, vocab, z.stride(0), target.stride(0), ignore_index, label_smoothing, p.z_loss,
-                p.softcap, DTYPE=TL_DTYPE[z.dtype], COMPUTE=TL_DTYPE[acc_dtype],
-                LOSS_DTYPE=TL_DTYPE[row_loss.dtype], ROWS=rows, BLOCK=step, HAS_WEIGHT=class_weight is not None,
-                SMOOTHING=label_smoothing > 0.0, FIRST=v0 == 0, LAST=v1 == vocab, Z_LOSS=p.z_loss > 0.0,
-                SOFTCAP=p.softcap > 0.0, num_warps=8,
-            )  # fmt: skip
+            merge(state, v0, v1, v0 == 0, shard is None and v1 == vocab)
+        if shard is not None:  # the other ranks' classes, then the rows finished (no classes more)
+            state = vocab_parallel.combine_rows(state, shard, LSE_STATE)
+            merge(state, vocab, vocab, False, True)
     grad_input = _zeros_for(x, x.shape, grad_dtypes[0], acc_dtype) if want_input else _empty(x)
     grad_weight = weight.new_empty(weight.shape, dtype=grad_dtypes[1]) if want_weight else _empty(x)
     grad_bias = x.new_empty(vocab, dtype=acc_dtype) if want_bias else _empty(x)
@@ -345,7 +376,8 @@ def _blocks(
             rows_view = z.unsqueeze(1)
             _launch_rows(
                 rows_view, target, class_weight, stats, ignore_index, label_smoothing, lse=lse, grad_rows=rows_view,
-                grad_output=grad_output, divide_by_total=divide_by_total, col0=v0, classes=vocab, z_loss=p.z_loss,
+                grad_output=grad_output, divide_by_total=divide_by_total, col0=col0 + v0, classes=classes,
+                z_loss=p.z_loss,
                 softcap=p.softcap,
             )  # fmt: skip
             if want_weight:
@@ -358,12 +390,23 @@ def _blocks(
                 _accumulate(grad_input, z, weight[v0:v1], padded=True)
             if want_bias:
                 torch.sum(z, 0, dtype=acc_dtype, out=grad_bias[v0:v1])
-    return _finish(grad_input, grad_dtypes[0]), grad_weight, _finish(grad_bias, grad_dtypes[2])
+    if shard is not None and want_input:
+        vocab_parallel.all_reduce_(grad_input, shard)
+    return (
+        _finish(grad_input, grad_dtypes[0], want_input),
+        grad_weight,
+        _finish(grad_bias, grad_dtypes[2], want_bias),
+    )
 
 
-def _loop(p: _Problem, chunk: int, block: int, grads: tuple[bool, bool, bool], **kwargs):
-    """The vocabulary order when ``block`` > 0, else token chunks of ``chunk`` rows."""
-    return _blocks(p, block, grads, **kwargs) if block else _chunks(p, chunk, grads, **kwargs)
+def _loop(p: _Problem, chunk: int, block: int, grads: tuple[bool, bool, bool], shard=None, **kwargs):
+    """The vocabulary order when ``block`` > 0 (the only one that takes a ``shard``), else
+    token chunks of ``chunk`` rows."""
+    if block:
+        return _blocks(p, block, grads, shard=shard, **kwargs)
+    if shard is not None:
+        raise ValueError("a vocabulary-parallel head runs the vocabulary order only (block > 0)")
+    return _chunks(p, chunk, grads, **kwargs)
 
 
 def _zeros_for(like: torch.Tensor, shape, dtype: torch.dtype, acc_dtype: torch.dtype) -> torch.Tensor:
@@ -371,9 +414,10 @@ def _zeros_for(like: torch.Tensor, shape, dtype: torch.dtype, acc_dtype: torch.d
     return like.new_zeros(shape, dtype=dtype if dtype == acc_dtype else acc_dtype)
 
 
-def _finish(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An accumulated gradient in its own dtype (rounded once)."""
-    return grad.to(dtype) if grad.numel() and grad.dtype != dtype else grad
+def _finish(grad: torch.Tensor, dtype: torch.dtype, wanted: bool) -> torch.Tensor:
+    """An accumulated gradient in its own dtype (rounded once; also when empty: a rank's
+    slice of no classes); one not ``wanted`` (an empty placeholder) as it is."""
+    return grad.to(dtype) if wanted and grad.dtype != dtype else grad
 
 
 def _problem(
@@ -417,6 +461,8 @@ def forward(
     need_bias: bool,
     mm_dtype: torch.dtype,
     out_dtype: torch.dtype,
+    *,
+    shard: vocab_parallel.VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward over ``x`` [N, H] and flat ``target`` [N] (arguments checked by
     :func:`check`): ``(loss, grad_input, grad_weight, grad_bias, stats, lse)``. For ``mean`` /
@@ -424,13 +470,16 @@ def forward(
     none is computed here, and ``lse`` (each row's log-sum-exp) is kept for the backward when
     any is asked. Tensors not computed are empty (an op returns no None). ``target`` keeps the
     caller's shape for the loss of ``none``. ``block`` > 0 selects the vocabulary order (blocks
-    of that many classes, :func:`_blocks`), else tokens go in chunks of ``chunk`` rows."""
+    of that many classes, :func:`_blocks`), else tokens go in chunks of ``chunk`` rows. With a
+    ``shard`` (eager only) the weight and bias are this rank's slice of the vocabulary and
+    ``block`` must be > 0 (:func:`_blocks`)."""
     none = reduction == "none"
     grads = (need_input, need_weight, need_bias)
     n = x.shape[0]
     compute = compute_dtype(mm_dtype)
     with _guard(x.device), torch.autocast(x.device.type, enabled=False):
-        stats = _targets(target.reshape(-1), class_weight, weight.shape[0], ignore_index, compute)
+        classes = shard.classes if shard is not None else weight.shape[0]
+        stats = _targets(target.reshape(-1), class_weight, classes, ignore_index, compute)
         row_loss = x.new_empty(n, dtype=out_dtype if none else compute)
         keep_lse = none and any(grads)  # for the backward; the vocabulary order needs it anyway
         lse = x.new_empty(n, dtype=compute) if keep_lse or block else None
@@ -439,7 +488,7 @@ def forward(
         )  # fmt: skip
         gi, gw, gb = _loop(
             problem, chunk, block, (False, False, False) if none else grads, row_loss=row_loss, lse=lse,
-            divide_by_total=reduction == "mean",
+            divide_by_total=reduction == "mean", shard=shard,
         )  # fmt: skip
         loss = _total(row_loss, stats, reduction, out_dtype, target.shape)
     return loss, gi, gw, gb, stats, lse if keep_lse else _empty(stats)
@@ -474,13 +523,15 @@ def backward_none(
     need_weight: bool,
     need_bias: bool,
     mm_dtype: torch.dtype,
+    *,
+    shard: vocab_parallel.VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of ``reduction="none"``: the chunks' logits recomputed, turned into their
     gradient times each row's ``grad_output`` from the forward's log-sum-exp, then the same
-    matmuls as the forward of ``mean``/``sum``."""
+    matmuls as the forward of ``mean``/``sum`` (``shard``: as :func:`forward`)."""
     problem = _problem(
         x, weight, bias, target, class_weight, stats, ignore_index, label_smoothing, z_loss, softcap, mm_dtype
     )
     grads = (need_input, need_weight, need_bias)
     with _guard(x.device), torch.autocast(x.device.type, enabled=False):
-        return _loop(problem, chunk, block, grads, lse=lse, grad_output=grad_output.reshape(-1))
+        return _loop(problem, chunk, block, grads, lse=lse, grad_output=grad_output.reshape(-1), shard=shard)

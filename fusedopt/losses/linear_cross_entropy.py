@@ -56,6 +56,7 @@ from torch.overrides import has_torch_function_variadic
 
 from fusedopt._multi_tensor import TL_DTYPE, runs_triton
 from fusedopt.losses import _linear_cross_entropy_launch as launch
+from fusedopt.losses import _vocab_parallel as vocab_parallel
 from fusedopt.losses._common import differentiable_grads, scaled_copy
 from fusedopt.losses._cross_entropy_launch import _scale_grad
 from fusedopt.losses.cross_entropy import (
@@ -75,10 +76,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, options, needs):
-        ignore_index, reduction, label_smoothing, chunk, block, mm_dtype, out_dtype, z_loss, softcap = options
+        (
+            ignore_index,
+            reduction,
+            label_smoothing,
+            chunk,
+            block,
+            mm_dtype,
+            out_dtype,
+            z_loss,
+            softcap,
+            shard,
+        ) = options
         loss, gi, gw, gb, stats, lse = launch.forward(
             x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk,
-            block, *needs, mm_dtype, out_dtype,
+            block, *needs, mm_dtype, out_dtype, shard=shard,
         )  # fmt: skip
         ctx.needs, ctx.reduction, ctx.options = needs, reduction, options
         if reduction == "none":
@@ -94,7 +106,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
             x, weight, bias, target, class_weight = ctx.saved_tensors[:5]
-            ignore_index, reduction, label_smoothing, _, _, mm_dtype, _, z_loss, softcap = ctx.options
+            ignore_index, reduction, label_smoothing, _, _, mm_dtype, _, z_loss, softcap, shard = ctx.options
+            if shard is not None:
+                raise NotImplementedError(
+                    "linear_cross_entropy: create_graph=True with a vocabulary-sharded weight (the composition "
+                    "of a rank's slice is not the loss): use linear_cross_entropy_reference there"
+                )
 
             def composition(x, weight, bias):
                 with torch.autocast(x.device.type, enabled=False):
@@ -112,10 +129,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return *grads, None, None, None, None
         if ctx.reduction == "none":
             x, weight, bias, target, class_weight, stats, lse = ctx.saved_tensors
-            ignore_index, _, label_smoothing, chunk, block, mm_dtype, _, z_loss, softcap = ctx.options
+            ignore_index, _, label_smoothing, chunk, block, mm_dtype, _, z_loss, softcap, shard = ctx.options
             grads = launch.backward_none(
                 x, weight, bias, target, class_weight, stats, lse, grad_output, ignore_index,
-                label_smoothing, z_loss, softcap, chunk, block, *ctx.needs, mm_dtype,
+                label_smoothing, z_loss, softcap, chunk, block, *ctx.needs, mm_dtype, shard=shard,
             )  # fmt: skip
             grads = tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         elif torch.compiler.is_compiling():
@@ -190,53 +207,77 @@ def linear_cross_entropy(
 
     Under autocast the matmuls run in autocast's dtype (the operands cast as torch casts them)
     and the loss in fp32, as the composition does. Tensors the Triton kernels do not run on (CPU
-    without ``TRITON_INTERPRET=1``, tensor subclasses such as DTensor) go to the composition;
-    there ``chunk_rows`` is validated and has nothing to choose.
+    without ``TRITON_INTERPRET=1``, tensor subclasses such as DTensor but the layout below) go to
+    the composition; there ``chunk_rows`` is validated and has nothing to choose.
+
+    **Vocabulary-parallel heads.** A ``linear_weight`` that is a DTensor placed ``(Shard(0),)``
+    on a 1-D mesh (tensor parallel; uneven shards allowed), with ``linear_bias`` placed alike or
+    None and the other tensors DTensors ``(Replicate(),)`` on that mesh or plain tensors equal
+    on every rank: each rank runs the vocabulary order on its own classes and the ranks exchange
+    each row's max, sum of exponentials, target logit and ``Σ w z`` (one all-gather of 4 numbers
+    a token), then sum the input's gradient (one all-reduce of ``N x H``, when it is asked):
+    no logits and no weight gathered (``fusedopt.losses._vocab_parallel``). The loss is the
+    same on every rank (a DTensor ``(Replicate(),)`` when ``input`` is one); the gradients of
+    the weight and bias are DTensors placed as they are, the input's as the input (the sum over
+    all the classes). ``chunk_classes`` sets the blocks; else the blocks hold about as many
+    logits as ``chunk_rows`` token chunks would. ``create_graph=True`` is not supported there.
     """
-    present = [t for t in (input, linear_weight, linear_bias, weight) if t is not None]
-    fusable = not has_torch_function_variadic(*present, target) and all(
-        runs_triton(t.device) and t.dtype in TL_DTYPE for t in present
-    )
     reduction, ignore_index, label_smoothing = arguments(weight, ignore_index, reduction, label_smoothing)
     z_loss, softcap = check_z_loss(z_loss), check_softcap(softcap)
-    device_type = input.device.type
-    autocast = (
-        torch.is_autocast_enabled(device_type)
-        and input.dtype in AUTOCAST_INPUTS
-        and linear_weight.dtype in AUTOCAST_INPUTS
-    )
-    mm_dtype = torch.get_autocast_dtype(device_type) if autocast else input.dtype
     launch.check_chunk(chunk_rows, chunk_classes)
+    # a head sharded over the vocabulary (tensor parallel): each rank computes on its classes and
+    # the rows' statistics are combined across the ranks (fusedopt.losses._vocab_parallel)
+    shard = vocab_parallel.vocab_shard(linear_weight, (input, target, weight), (linear_bias,))
+    operands = (input, linear_weight, linear_bias, target, weight)
+    if shard is not None:
+        operands = tuple(vocab_parallel.to_local(t) for t in operands)
+    x, w, b, y, class_weight = operands
+    present = [t for t in (x, w, b, class_weight) if t is not None]
+    fusable = not has_torch_function_variadic(*present, y) and all(
+        runs_triton(t.device) and t.dtype in TL_DTYPE for t in present
+    )
+    device_type = x.device.type
+    autocast = (
+        torch.is_autocast_enabled(device_type) and x.dtype in AUTOCAST_INPUTS and w.dtype in AUTOCAST_INPUTS
+    )
+    mm_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
     if not fusable:
         return linear_cross_entropy_reference(
             input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
             z_loss=z_loss, softcap=softcap,
         )  # fmt: skip
-    launch.check(input, linear_weight, linear_bias, target, weight, label_smoothing, autocast)
-    if autocast and weight is not None and weight.dtype != torch.float32:
-        weight = weight.float()  # autocast runs cross-entropy in fp32
-    out_dtype = torch.float32 if autocast else input.dtype
-    hidden, vocab = input.shape[-1], linear_weight.shape[0]
-    x = input.reshape(-1, hidden)
-    if input.dim() == 1:
-        target = target.reshape(())  # torch: the loss of a 1-D input is 0-d, also for "none"
-    chunk = chunk_rows if chunk_rows is not None else launch.chunk_rows(x.shape[0], hidden, vocab)
+    # the weight and bias as given: the whole vocabulary's shapes
+    launch.check(x, linear_weight, linear_bias, y, class_weight, label_smoothing, autocast)
+    if autocast and class_weight is not None and class_weight.dtype != torch.float32:
+        class_weight = class_weight.float()  # autocast runs cross-entropy in fp32
+    out_dtype = torch.float32 if autocast else x.dtype
+    hidden, vocab = x.shape[-1], w.shape[0]
+    rows = x.reshape(-1, hidden)
+    if x.dim() == 1:
+        y = y.reshape(())  # torch: the loss of a 1-D input is 0-d, also for "none"
+    chunk = chunk_rows if chunk_rows is not None else launch.chunk_rows(rows.shape[0], hidden, vocab)
+    block = chunk_classes or 0
+    if shard is not None and not block:  # the vocabulary order only, its blocks as large as the chunks
+        block = launch.vocab_block(rows.shape[0], vocab, chunk)
     options = (
         ignore_index,
         reduction,
         label_smoothing,
         chunk,
-        chunk_classes or 0,
+        block,
         mm_dtype,
         out_dtype,
         z_loss,
         softcap,
+        shard,
     )
     grad = torch.is_grad_enabled()
-    needs = tuple(grad and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    needs = tuple(grad and t is not None and t.requires_grad for t in (x, w, b))
     if any(needs):
-        return _LinearCrossEntropy.apply(x, linear_weight, linear_bias, target, weight, options, needs)
-    return launch.forward(
-        x, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        chunk, chunk_classes or 0, False, False, False, mm_dtype, out_dtype,
-    )[0]  # fmt: skip
+        loss = _LinearCrossEntropy.apply(rows, w, b, y, class_weight, options, needs)
+    else:
+        loss = launch.forward(
+            rows, w, b, y, class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk, block,
+            False, False, False, mm_dtype, out_dtype, shard=shard,
+        )[0]  # fmt: skip
+    return loss if shard is None else vocab_parallel.like_input(loss, input, shard)

@@ -1,0 +1,154 @@
+"""The vocabulary-parallel pieces (``fusedopt.losses._vocab_parallel``) in one process.
+
+:func:`merge_rows` against the statistics of whole rows; the linear cross-entropy's launcher
+with a ``shard`` on simulated ranks (each rank's slice of the classes run in turn, the two
+collectives replaced by their results: the ranks' states merged, their partial input
+gradients summed) against the unsharded launcher. The real collectives, DTensors and their
+counts: ``tests/test_distributed.py::check_vocab_parallel_head`` (2 gloo ranks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fusedopt.losses._linear_cross_entropy_launch as launch
+from fusedopt.losses import _vocab_parallel as vocab_parallel
+from fusedopt.losses._vocab_parallel import MAX, SUM, VocabShard, merge_rows
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+def _slice_state(z: torch.Tensor, y: torch.Tensor, v0: int) -> torch.Tensor:
+    """What a rank holding classes ``v0 ..`` keeps per row: max (the lowest finite value when
+    it holds none), Σ exp(z - max), the target's logit (0 when not its class), Σ exp(z - max) z."""
+    m = z.amax(1) if z.shape[1] else z.new_full(z.shape[:1], torch.finfo(z.dtype).min)
+    e = torch.exp(z - m[:, None])
+    z_y = (z * (torch.arange(v0, v0 + z.shape[1]) == y[:, None])).sum(1)
+    return torch.stack([m, e.sum(1), z_y, (e * z).sum(1)])
+
+
+def test_merge_rows_is_the_whole_rows():
+    """Three uneven slices of the classes (one empty) merge into the whole rows' log-sum-exp,
+    target logit and entropy-like sum Σ exp(z - max) z; a second max group beside the first."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 23, generator=gen, dtype=torch.float64) * 4
+    y = torch.randint(0, 23, (6,), generator=gen)
+    bounds = [(0, 9), (9, 9), (9, 23)]
+    states = torch.stack([_slice_state(z[:, a:b], y, a) for a, b in bounds])
+    merged = merge_rows(states, (MAX, 0, SUM, 0))
+    m = z.amax(1)
+    torch.testing.assert_close(merged[0] + merged[1].log(), torch.logsumexp(z, 1))
+    torch.testing.assert_close(merged[2], z.gather(1, y[:, None])[:, 0])
+    torch.testing.assert_close(merged[3], (torch.exp(z - m[:, None]) * z).sum(1))
+    teacher = z.flip(1) * 0.5  # two max groups in one state: (MAX, 0, MAX, 2)
+    both = torch.cat(
+        [states[:, :2], torch.stack([_slice_state(teacher[:, a:b], y, a)[:2] for a, b in bounds])], 1
+    )
+    merged = merge_rows(both, (MAX, 0, MAX, 2))
+    torch.testing.assert_close(merged[2] + merged[3].log(), torch.logsumexp(teacher, 1))
+
+
+def test_merge_rows_carries_nan():
+    """A NaN sum in one slice (a NaN or +inf logit there) makes the row's sum NaN; other rows
+    are untouched."""
+    states = torch.tensor([[[0.0, 1.0], [1.0, 2.0]], [[1.0, 0.0], [float("nan"), 3.0]]])  # [S=2, K=2, N=2]
+    merged = merge_rows(states, (MAX, 0))
+    assert merged[1, 0].isnan() and merged[1, 1] == pytest.approx(2.0 + 3.0 * torch.e**-1)
+
+
+def test_combine_rows_checks_the_row_kinds():
+    with pytest.raises(ValueError, match="row kinds"):
+        vocab_parallel.combine_rows(torch.zeros(4, 3), None, (MAX, 0, SUM))
+
+
+def _simulated(monkeypatch, vocab: int, world: int, run):
+    """``run(shard, lo, hi)`` on each of ``world`` simulated ranks holding torch.chunk's
+    classes ``lo .. hi - 1``, the collectives replaced by what they would return: a first
+    round collects each rank's state (stopping at ``combine_rows``), a second each rank's
+    partial sum at ``all_reduce_``, a third returns every rank's results with both
+    collectives answered."""
+    rows = -(-vocab // world)
+    ranks = [(min(r * rows, vocab), min((r + 1) * rows, vocab)) for r in range(world)]
+    states, partials = [], []
+
+    class Collected(Exception):
+        pass
+
+    def collect_state(state, shard, kinds):
+        states.append(state.clone())
+        raise Collected
+
+    def merged(state, shard, kinds):
+        return merge_rows(torch.stack(states), kinds)
+
+    def collect_partial(t, shard):
+        partials.append(t.clone())
+        return t
+
+    def summed(t, shard):
+        return t.copy_(torch.stack(partials).sum(0))
+
+    results = []
+    for combine, reduce in ((collect_state, None), (merged, collect_partial), (merged, summed)):
+        monkeypatch.setattr(vocab_parallel, "combine_rows", combine)
+        monkeypatch.setattr(vocab_parallel, "all_reduce_", reduce)
+        results = []
+        for lo, hi in ranks:
+            with contextlib.suppress(Collected):
+                results.append(run(VocabShard(None, None, lo, vocab), lo, hi))
+    return results, ranks
+
+
+@pytest.mark.parametrize("vocab, world", [(20, 3), (2, 3)], ids=["uneven", "empty"])
+@pytest.mark.parametrize(
+    "dtype, reduction, options",
+    [
+        (torch.float32, "mean", dict(bias=True)),
+        (torch.float32, "none", dict(weight=True, label_smoothing=0.2, z_loss=0.01, ignore_index=3)),
+        (torch.bfloat16, "sum", dict(bias=True, weight=True, label_smoothing=0.1)),
+    ],
+    ids=["mean", "none-all", "bf16-sum"],
+)
+def test_launcher_on_simulated_ranks(monkeypatch, triton_device, vocab, world, dtype, reduction, options):
+    """V = 20 over 3 ranks (7, 7 and 6 classes) and V = 2 over 3 ranks (the last empty), blocks
+    of 4 classes: the loss and the gradients (the input's summed over the ranks; the weight's
+    and bias's each rank's slice) are the unsharded launcher's, but for the sums' order."""
+    gen = torch.Generator().manual_seed(vocab)
+    n, hidden, device = 9, 8, triton_device
+    x = torch.randn(n, hidden, generator=gen).to(device, dtype)
+    w = (torch.randn(vocab, hidden, generator=gen) * 0.5).to(device, dtype)
+    b = torch.randn(vocab, generator=gen).to(device, dtype) if options.get("bias") else None
+    cw = (torch.rand(vocab, generator=gen) + 0.5).to(device, dtype) if options.get("weight") else None
+    ignore_index = options.get("ignore_index", -100)
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    target[::4] = ignore_index
+    target = target.to(device)
+    grad_output = torch.rand(n, generator=gen).to(device) if reduction == "none" else None
+    needs = (True, True, b is not None)
+    smoothing, z_loss = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0)
+
+    def run(shard, lo, hi):
+        w_, b_ = w[lo:hi], b[lo:hi] if b is not None else None
+        loss, gi, gw, gb, stats, lse = launch.forward(
+            x, w_, b_, target, cw, ignore_index, reduction, smoothing, z_loss, 4, 4, *needs, dtype, dtype,
+            shard=shard,
+        )  # fmt: skip
+        if reduction == "none":
+            gi, gw, gb = launch.backward_none(
+                x, w_, b_, target, cw, stats, lse, grad_output, ignore_index, smoothing, z_loss, 4, 4, *needs,
+                dtype, shard=shard,
+            )  # fmt: skip
+        return loss, gi, gw, gb
+
+    expected = run(None, 0, vocab)
+    results, ranks = _simulated(monkeypatch, vocab, world, run)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
+    for (loss, gi, gw, gb), (lo, hi) in zip(results, ranks, strict=True):
+        torch.testing.assert_close(loss, expected[0], **tol)
+        torch.testing.assert_close(gi, expected[1], **tol)
+        torch.testing.assert_close(gw, expected[2][lo:hi], **tol)
+        if b is not None:
+            torch.testing.assert_close(gb, expected[3][lo:hi], **tol)
