@@ -107,7 +107,11 @@ def _simulated(monkeypatch, vocab: int, world: int, run):
     "dtype, reduction, options",
     [
         (torch.float32, "mean", dict(bias=True)),
-        (torch.float32, "none", dict(weight=True, label_smoothing=0.2, z_loss=0.01, ignore_index=3)),
+        (
+            torch.float32,
+            "none",
+            dict(weight=True, label_smoothing=0.2, z_loss=0.01, softcap=2.0, ignore_index=3),
+        ),
         (torch.bfloat16, "sum", dict(bias=True, weight=True, label_smoothing=0.1)),
     ],
     ids=["mean", "none-all", "bf16-sum"],
@@ -129,16 +133,17 @@ def test_launcher_on_simulated_ranks(monkeypatch, triton_device, vocab, world, d
     grad_output = torch.rand(n, generator=gen).to(device) if reduction == "none" else None
     needs = (True, True, b is not None)
     smoothing, z_loss = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0)
+    softcap = options.get("softcap", 0.0)
 
     def run(shard, lo, hi):
         w_, b_ = w[lo:hi], b[lo:hi] if b is not None else None
         loss, gi, gw, gb, stats, lse = launch.forward(
-            x, w_, b_, target, cw, ignore_index, reduction, smoothing, z_loss, 4, 4, *needs, dtype, dtype,
+            x, w_, b_, target, cw, ignore_index, reduction, smoothing, z_loss, softcap, 4, 4, *needs, dtype, dtype,
             shard=shard,
         )  # fmt: skip
         if reduction == "none":
             gi, gw, gb = launch.backward_none(
-                x, w_, b_, target, cw, stats, lse, grad_output, ignore_index, smoothing, z_loss, 4, 4, *needs,
+                x, w_, b_, target, cw, stats, lse, grad_output, ignore_index, smoothing, z_loss, softcap, 4, 4, *needs,
                 dtype, shard=shard,
             )  # fmt: skip
         return loss, gi, gw, gb
