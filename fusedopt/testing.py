@@ -47,8 +47,9 @@ from fusedopt.optim import muon as _muon
 from fusedopt.optim._fused import EXTENSIONS
 from fusedopt.tolerance import (
     CLIP_TOLERANCE,
-    LOSS_TOLERANCE,
+    LINEAR_CE_TOLERANCE,
     LINEAR_DISTILLATION_TOLERANCE,
+    LOSS_TOLERANCE,
     MUON_TOLERANCE,
     OPTIM_TOLERANCE,
     allowed_error,
@@ -888,6 +889,13 @@ def run_linear_distillation(
     leaves = [cast(t).detach().clone().requires_grad_() for t in (xs, ws, bs) if t is not None]
     student_bias = leaves[2] if bs is not None else None
     loss = fn(
-        leaves[0], leaves[1], cast(xt), cast(wt), target, student_bias=student_bias, teacher_bias=cast(bt), **kwargs
+        leaves[0],
+        leaves[1],
+        cast(xt),
+        cast(wt),
+        target,
+        student_bias=student_bias,
+        teacher_bias=cast(bt),
+        **kwargs,
     )
     return _backward(loss, leaves, grad_output)

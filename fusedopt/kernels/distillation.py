@@ -33,12 +33,15 @@ its teacher; the third read is of rows the program has just read. The backward o
 
 **Layout.** The rows are those of the linear distillation loss's chunk buffers: every row
 starts on a 16-byte boundary and is padded to whole 16-byte vectors
-(``fusedopt.losses._linear_cross_entropy_launch._padded``). So blocks inside the row are read
-and written whole, without a mask, and the last block with a mask that is the same for every
-16-byte vector (``fusedopt.kernels.rows.load_block`` / ``store_block`` with no shift): 128-bit
-accesses at any vocabulary size; the padding is read and replaced in registers, and the
+(``fusedopt.losses._linear_cross_entropy_launch._padded``; the launcher checks it). So blocks
+inside the row are read and written whole, without a mask, and the last block with a mask that
+is the same for every 16-byte vector (the row's whole vectors, its padding included): 128-bit
+accesses at any vocabulary size, without the shifted layouts of ``fusedopt.kernels.rows`` (no
+row here starts off a boundary). The padding is read and replaced in registers, and the
 gradient's padding is written with zeros. As every row starts at a boundary, lane ``i`` sees the
-same columns in every chunk: the result does not depend on where the chunk is.
+same columns in every chunk: the result does not depend on where the chunk is. (The helpers
+take both rows at once and are few per block: each call of a ``@triton.jit`` function costs
+about a millisecond in the interpreter, which the tests run.)
 
 fp32 arithmetic (fp64 for fp64 logits); the storage dtype only on load and store. A row with a
 NaN or infinite logit has a NaN divergence and gradient. Ignored rows (``target ==
@@ -50,7 +53,6 @@ import triton.language as tl
 
 from fusedopt.kernels.common import to_storage
 from fusedopt.kernels.cross_entropy import lowest, online_lse
-from fusedopt.kernels.rows import load_block, store_block
 
 FORWARD_KL, REVERSE_KL, JSD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
@@ -91,9 +93,8 @@ def distillation_kernel(
     VEC: tl.constexpr = 128 // DTYPE.primitive_bitwidth  # elements per 16 bytes
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < R
-    s_rows = student + rows * stride
-    t_rows = teacher + rows * stride
-    end = tl.zeros([ROWS], tl.int32) + tl.cdiv(C, VEC) * VEC  # the row's whole vectors (in its padding)
+    base = rows * stride  # the rows' first elements (16-byte aligned)
+    end = tl.multiple_of((C + VEC - 1) // VEC * VEC, VEC)  # the rows' whole vectors (in their padding)
     if ROWS == 1:  # the grid makes the program's row a row of the input: no row mask
         every = None
     else:
@@ -104,8 +105,7 @@ def distillation_kernel(
     else:
         kept = row_mask
     inv_t = tl.full([], inv_temperature, COMPUTE)
-    b = tl.full([], beta, COMPUTE)
-    logs = (tl.full([], log_beta, COMPUTE), tl.full([], log_rest, COMPUTE))
+    jsd = (tl.full([], beta, COMPUTE), tl.full([], log_beta, COMPUTE), tl.full([], log_rest, COMPUTE))
     if DIVIDE_BY_TOTAL:  # 1 / the rows kept (inf when none is: no row is kept then)
         scale = tl.where(kept, tl.load(totals + 2), 0)
     elif ROW_GRAD_OUTPUT:
@@ -118,13 +118,16 @@ def distillation_kernel(
     # the forward KL's gradient needs no row sum: written in pass 2
     FUSED: tl.constexpr = LOSS and GRAD and DIVERGENCE == FORWARD_KL
     if LOSS:
-        lse_s, lse_t = _lse_pass(s_rows, t_rows, C, end, row_mask, every, inv_t, COMPUTE, ROWS, VEC, BLOCK)
+        lse_s, lse_t = _lse_pass(student, teacher, base, C, end, row_mask, every, inv_t, COMPUTE, ROWS, BLOCK)
         row_loss, total = _row_pass(
-            s_rows, t_rows, C, end, row_mask, every, inv_t, lse_s[:, None], lse_t[:, None],
-            tl.zeros([ROWS, 1], COMPUTE), b, logs, factor, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, DIVERGENCE, True,
-            FUSED,
+            student, teacher, base, C, end, row_mask, every, inv_t, lse_s[:, None], lse_t[:, None],
+            tl.full([ROWS, 1], 0, COMPUTE), jsd, factor, keep, DTYPE, COMPUTE, ROWS, BLOCK, DIVERGENCE, True, FUSED,
         )  # fmt: skip
-        tl.store(loss + rows, to_storage(tl.where(kept, row_loss, 0), LOSS_DTYPE), mask=row_mask)
+        row_loss = tl.where(kept, row_loss, 0)
+        if LOSS_DTYPE == tl.bfloat16:  # (tl.zeros, tl.cdiv and to_storage are calls: slow in the interpreter)
+            tl.store(loss + rows, to_storage(row_loss, LOSS_DTYPE), mask=row_mask)
+        else:
+            tl.store(loss + rows, row_loss.to(LOSS_DTYPE), mask=row_mask)
         tl.store(stats + rows, lse_s, mask=row_mask)
         tl.store(stats + stride_st + rows, lse_t, mask=row_mask)
         tl.store(stats + 2 * stride_st + rows, total, mask=row_mask)
@@ -134,124 +137,124 @@ def distillation_kernel(
         total = tl.load(stats + 2 * stride_st + rows, mask=row_mask, other=0)
     if GRAD and not FUSED:  # pass 3 (the backward of none: the only one)
         _row_pass(
-            s_rows, t_rows, C, end, row_mask, every, inv_t, lse_s[:, None], lse_t[:, None], total[:, None], b,
-            logs, factor, keep, DTYPE, COMPUTE, ROWS, VEC, BLOCK, DIVERGENCE, False, True,
+            student, teacher, base, C, end, row_mask, every, inv_t, lse_s[:, None], lse_t[:, None],
+            total[:, None], jsd, factor, keep, DTYPE, COMPUTE, ROWS, BLOCK, DIVERGENCE, False, True,
         )  # fmt: skip
 
 
 @triton.jit
 def _pair(
-    s_rows,  # [ROWS] pointers to each row's student logits
-    t_rows,  # [ROWS] pointers to each row's teacher logits
+    student,
+    teacher,
+    base,  # [ROWS] int64: the rows' first elements
     start,  # the block's first column (a multiple of BLOCK)
     C,
-    end,  # [ROWS]: the rows' whole vectors
+    end,  # the rows' whole vectors (a multiple of 16 bytes)
     row_mask,  # [ROWS]; None: every row is in range (INTERIOR only)
     inv_t,
     other,  # the value of the columns past the row
     COMPUTE: tl.constexpr,
-    VEC: tl.constexpr,
     BLOCK: tl.constexpr,
-    INTERIOR: tl.constexpr,  # every column of the block is in the row: no mask
+    INTERIOR: tl.constexpr,  # every column of the block is in the row: no column mask
 ):
-    """``(s, t, inside)``: the block at ``start`` of both rows over the temperature, in COMPUTE,
-    ``other`` past the row (the padding of its last vector, read whole), and the columns in it."""
-    shift = tl.zeros_like(end)
-    s = load_block(s_rows, shift, end, start, 1, row_mask, other, VEC, BLOCK, INTERIOR, True)
-    t = load_block(t_rows, shift, end, start, 1, row_mask, other, VEC, BLOCK, INTERIOR, True)
-    s = s.to(COMPUTE) * inv_t
-    t = t.to(COMPUTE) * inv_t
+    """``(s, t, inside, offsets, mask)``: the block at ``start`` of both rows over the
+    temperature, in COMPUTE, ``other`` past the row (the padding of its last vector, read whole),
+    the block's columns in the row, its offsets and its access mask (the same for every 16
+    bytes; None: none)."""
+    cols = start + tl.arange(0, BLOCK)[None, :]
+    offsets = base[:, None] + cols
     if INTERIOR:
         inside = tl.full([1, BLOCK], 1, tl.int1)
+        if row_mask is None:
+            mask = None
+        else:
+            mask = row_mask[:, None]
     else:
-        inside = (start + tl.arange(0, BLOCK) < C)[None, :]
+        inside = cols < C
+        mask = row_mask[:, None] & (cols < end)
+    if mask is None:
+        s = tl.load(student + offsets)
+        t = tl.load(teacher + offsets)
+    else:
+        s = tl.load(student + offsets, mask=mask, other=other)
+        t = tl.load(teacher + offsets, mask=mask, other=other)
+    s = s.to(COMPUTE) * inv_t
+    t = t.to(COMPUTE) * inv_t
+    if not INTERIOR:
         s = tl.where(inside, s, other)
         t = tl.where(inside, t, other)
-    return s, t, inside
+    return s, t, inside, offsets, mask
 
 
 @triton.jit
-def _lse_pass(s_rows, t_rows, C, end, row_mask, every, inv_t, COMPUTE: tl.constexpr, ROWS: tl.constexpr,
-              VEC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _lse_pass(student, teacher, base, C, end, row_mask, every, inv_t, COMPUTE: tl.constexpr, ROWS: tl.constexpr,
+              BLOCK: tl.constexpr):  # fmt: skip
     """Pass 1: ``(lse(s), lse(t))`` of each row, an online log-sum-exp per lane (no reduction
     until the row ends; the lanes start at the lowest finite value: no -inf - (-inf))."""
     m_s = lowest(ROWS, BLOCK, COMPUTE)
     m_t = m_s
-    sum_s = tl.zeros([ROWS, BLOCK], COMPUTE)
-    sum_t = tl.zeros([ROWS, BLOCK], COMPUTE)
+    sum_s = tl.full([ROWS, BLOCK], 0, COMPUTE)
+    sum_t = tl.full([ROWS, BLOCK], 0, COMPUTE)
     inner = C // BLOCK * BLOCK
     for start in range(0, inner, BLOCK):
-        s, t, _ = _pair(s_rows, t_rows, start, C, end, every, inv_t, -float("inf"), COMPUTE, VEC, BLOCK, True)
+        s, t, _, _, _ = _pair(student, teacher, base, start, C, end, every, inv_t, -float("inf"), COMPUTE, BLOCK,
+                              True)  # fmt: skip
         m_s, sum_s, _, _ = online_lse(s, m_s, sum_s)
         m_t, sum_t, _, _ = online_lse(t, m_t, sum_t)
     for start in range(inner, C, BLOCK):  # the last, partial block
-        s, t, _ = _pair(
-            s_rows, t_rows, start, C, end, row_mask, inv_t, -float("inf"), COMPUTE, VEC, BLOCK, False
-        )
+        s, t, _, _, _ = _pair(student, teacher, base, start, C, end, row_mask, inv_t, -float("inf"), COMPUTE, BLOCK,
+                              False)  # fmt: skip
         m_s, sum_s, _, _ = online_lse(s, m_s, sum_s)
         m_t, sum_t, _, _ = online_lse(t, m_t, sum_t)
-    return _lanes_lse(m_s, sum_s), _lanes_lse(m_t, sum_t)
+    # the lanes' log-sum-exp; NaN where no logit is finite (and in rows past R)
+    m_s_row = tl.max(m_s, 1)
+    m_t_row = tl.max(m_t, 1)
+    sum_s = tl.sum(sum_s * tl.exp(m_s - m_s_row[:, None]), 1)
+    sum_t = tl.sum(sum_t * tl.exp(m_t - m_t_row[:, None]), 1)
+    lse_s = m_s_row + tl.log(tl.where(sum_s > 0, sum_s, float("nan")))
+    lse_t = m_t_row + tl.log(tl.where(sum_t > 0, sum_t, float("nan")))
+    return lse_s, lse_t
 
 
 @triton.jit
-def _lanes_lse(m_lane, s_lane):
-    """[ROWS]: the log-sum-exp of the lanes' running maxima and sums."""
-    m = tl.max(m_lane, 1)
-    total = tl.sum(s_lane * tl.exp(m_lane - m[:, None]), 1)
-    return m + tl.log(tl.where(total > 0, total, float("nan")))  # NaN: no finite logit (or rows past R)
-
-
-@triton.jit
-def _row_pass(s_rows, t_rows, C, end, row_mask, every, inv_t, lse_s, lse_t, total, b, logs, factor, keep,
-              DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr, VEC: tl.constexpr,
-              BLOCK: tl.constexpr, DIVERGENCE: tl.constexpr, SUMS: tl.constexpr, GRAD: tl.constexpr):  # fmt: skip
+def _row_pass(student, teacher, base, C, end, row_mask, every, inv_t, lse_s, lse_t, total, jsd, factor, keep,
+              DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+              DIVERGENCE: tl.constexpr, SUMS: tl.constexpr, GRAD: tl.constexpr):  # fmt: skip
     """Pass 2 (SUMS: returns each row's divergence and ``Σ_v p_s a``) or 3 (GRAD: the gradient
     written over the student's logits, from ``total`` = ``Σ_v p_s a``), or both (the forward KL,
     whose gradient needs no sum)."""
-    div = tl.zeros([ROWS, BLOCK], COMPUTE)
-    acc = tl.zeros([ROWS, BLOCK], COMPUTE)
+    div = tl.full([ROWS, BLOCK], 0, COMPUTE)
+    acc = tl.full([ROWS, BLOCK], 0, COMPUTE)
     inner = C // BLOCK * BLOCK
     for start in range(0, inner, BLOCK):
         div, acc = _block(
-            s_rows, t_rows, start, C, end, every, inv_t, lse_s, lse_t, total, b, logs, factor, keep, div, acc,
-            DTYPE, COMPUTE, VEC, BLOCK, DIVERGENCE, SUMS, GRAD, True,
+            student, teacher, base, start, C, end, every, inv_t, lse_s, lse_t, total, jsd, factor, keep, div, acc,
+            DTYPE, COMPUTE, BLOCK, DIVERGENCE, SUMS, GRAD, True,
         )  # fmt: skip
     for start in range(inner, C, BLOCK):  # the last, partial block (0 past the row: no inf - inf)
         div, acc = _block(
-            s_rows, t_rows, start, C, end, row_mask, inv_t, lse_s, lse_t, total, b, logs, factor, keep, div, acc,
-            DTYPE, COMPUTE, VEC, BLOCK, DIVERGENCE, SUMS, GRAD, False,
+            student, teacher, base, start, C, end, row_mask, inv_t, lse_s, lse_t, total, jsd, factor, keep, div,
+            acc, DTYPE, COMPUTE, BLOCK, DIVERGENCE, SUMS, GRAD, False,
         )  # fmt: skip
-    return tl.sum(div, 1), tl.sum(acc, 1)
-
-
-@triton.jit
-def _block(s_rows, t_rows, start, C, end, row_mask, inv_t, lse_s, lse_t, total, b, logs, factor, keep, div, acc,
-           DTYPE: tl.constexpr, COMPUTE: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
-           DIVERGENCE: tl.constexpr, SUMS: tl.constexpr, GRAD: tl.constexpr, INTERIOR: tl.constexpr):  # fmt: skip
-    """One block of :func:`_row_pass`: the lanes' sums ``div`` and ``acc`` updated (SUMS), the
-    gradient stored (GRAD; zeros past the row, in its padding)."""
-    s, t, inside = _pair(s_rows, t_rows, start, C, end, row_mask, inv_t, 0.0, COMPUTE, VEC, BLOCK, INTERIOR)
-    term, p_s, a, p_t = _terms(s, t, lse_s, lse_t, b, logs, DIVERGENCE)
     if SUMS:
-        div += tl.where(inside, term, 0)
+        div = tl.sum(div, 1)
         if DIVERGENCE != FORWARD_KL:
-            acc += tl.where(inside, p_s * a, 0)
-    if GRAD:
-        if DIVERGENCE == FORWARD_KL:
-            g = p_s - p_t
+            acc = tl.sum(acc, 1)
         else:
-            g = p_s * (a - total)
-        g = tl.where(keep & inside, g * factor, 0)
-        store_block(s_rows, tl.zeros_like(end), end, start, 1, row_mask, to_storage(g, DTYPE), VEC, BLOCK, INTERIOR,
-                    True)  # fmt: skip
+            acc = tl.full([ROWS], 0, COMPUTE)
     return div, acc
 
 
 @triton.jit
-def _terms(s, t, lse_s, lse_t, b, logs, DIVERGENCE: tl.constexpr):
-    """``(term, p_s, a, p_t)`` of a block: the divergence's terms (each ``>= 0`` but for
-    rounding, see the module), ``p_s``, ``a = ∂loss/∂p_s`` (up to a constant; not for the
-    forward KL) and ``p_t``."""
+def _block(student, teacher, base, start, C, end, row_mask, inv_t, lse_s, lse_t, total, jsd, factor, keep, div, acc,
+           DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr, DIVERGENCE: tl.constexpr,
+           SUMS: tl.constexpr, GRAD: tl.constexpr, INTERIOR: tl.constexpr):  # fmt: skip
+    """One block of :func:`_row_pass`: the lanes' sums ``div`` and ``acc`` updated (SUMS), the
+    gradient stored (GRAD; zeros past the row, in its padding)."""
+    s, t, inside, offsets, mask = _pair(
+        student, teacher, base, start, C, end, row_mask, inv_t, 0.0, COMPUTE, BLOCK, INTERIOR
+    )
+    # the block's terms (each >= 0), p_s, a = ∂loss/∂p_s (up to a constant) and p_t
     log_ps = s - lse_s
     log_pt = t - lse_t
     p_s = tl.exp(log_ps)
@@ -263,10 +266,26 @@ def _terms(s, t, lse_s, lse_t, b, logs, DIVERGENCE: tl.constexpr):
         a = log_ps - log_pt
         term = p_s * a - p_s + p_t
     else:
-        x = logs[0] + log_pt
-        y = logs[1] + log_ps
+        x = jsd[1] + log_pt  # log β + log p_t
+        y = jsd[2] + log_ps  # log(1 - β) + log p_s
         hi = tl.maximum(x, y)
         log_m = hi + tl.log(1 + tl.exp(tl.minimum(x, y) - hi))  # logaddexp(x, y)
-        a = (1 - b) * (log_ps - log_m)
-        term = b * p_t * (log_pt - log_m) + p_s * a
-    return tl.maximum(term, 0), p_s, a, p_t
+        a = (1 - jsd[0]) * (log_ps - log_m)
+        term = jsd[0] * p_t * (log_pt - log_m) + p_s * a
+    if SUMS:
+        div += tl.where(inside, tl.maximum(term, 0), 0)  # below 0 only by rounding
+        if DIVERGENCE != FORWARD_KL:
+            acc += tl.where(inside, p_s * a, 0)
+    if GRAD:
+        if DIVERGENCE == FORWARD_KL:
+            g = p_s - p_t
+        else:
+            g = p_s * (a - total)
+        g = tl.where(keep & inside, g * factor, 0)
+        # to_storage only where it rounds differently from .to (a call per block is slow in the
+        # interpreter)
+        if DTYPE == tl.bfloat16:
+            tl.store(student + offsets, to_storage(g, DTYPE), mask=mask)
+        else:
+            tl.store(student + offsets, g.to(DTYPE), mask=mask)
+    return div, acc

@@ -97,7 +97,9 @@ class _Problem(NamedTuple):
     ignore_index: int
 
 
-def _problem(xs, ws, bs, xt, wt, bt, target, divergence, beta, temperature, ignore_index, mm_dtype) -> _Problem:
+def _problem(
+    xs, ws, bs, xt, wt, bt, target, divergence, beta, temperature, ignore_index, mm_dtype
+) -> _Problem:
     n, compute = xs.shape[0], compute_dtype(mm_dtype)
     flat = target.reshape(-1) if target is not None else None
     if flat is None:
@@ -154,7 +156,13 @@ def _launch_rows(
     num_rows, vocab = z.shape
     if num_rows == 0:
         return
-    if z.stride() != t.stride() or z.stride(1) != 1 or z.stride(0) % 16 or z.data_ptr() % 16 or t.data_ptr() % 16:
+    if (
+        z.stride() != t.stride()
+        or z.stride(1) != 1
+        or z.stride(0) % 16
+        or z.data_ptr() % 16
+        or t.data_ptr() % 16
+    ):
         raise RuntimeError("fusedopt: distillation rows must be 16-byte aligned chunk buffers of one layout")
     tile_rows, block, num_warps = _row_tile(num_rows, vocab, z.dtype)
     stats = stats[:, rows]

@@ -52,6 +52,7 @@ from fusedopt.losses._cross_entropy_launch import _scale_grad
 from fusedopt.losses.cross_entropy import REDUCTIONS
 from fusedopt.losses.linear_cross_entropy import AUTOCAST_INPUTS
 
+
 def arguments(divergence, beta, temperature, ignore_index, reduction) -> tuple[str, float, float, int, str]:
     """The options checked and normalized: ``(divergence, beta, temperature, ignore_index,
     reduction)``; ``reduction`` as torch's losses check it."""
@@ -132,12 +133,21 @@ def linear_distillation_reference(
     )
     autocast = _autocast(student_input, student_weight)
     launch.check(
-        student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, target, autocast
+        student_input,
+        student_weight,
+        student_bias,
+        teacher_input,
+        teacher_weight,
+        teacher_bias,
+        target,
+        autocast,
     )
     student = F.linear(student_input, student_weight, student_bias)
     with torch.no_grad():
         teacher = F.linear(teacher_input, teacher_weight, teacher_bias)
-    return divergence_composition(student, teacher, target, divergence, beta, temperature, ignore_index, reduction)
+    return divergence_composition(
+        student, teacher, target, divergence, beta, temperature, ignore_index, reduction
+    )
 
 
 class _LinearDistillation(torch.autograd.Function):
@@ -169,9 +179,9 @@ class _LinearDistillation(torch.autograd.Function):
             xs, ws, bs, xt, wt, bt, target = ctx.saved_tensors[:7]
 
             def composition(xs, ws, bs):
-                with torch.autocast(xs.device.type, enabled=False):
-                    student = F.linear(xs.to(mm_dtype), ws.to(mm_dtype), bs.to(mm_dtype) if bs is not None else None)
-                    teacher = F.linear(xt.to(mm_dtype), wt.to(mm_dtype), bt.to(mm_dtype) if bt is not None else None)
+                with torch.autocast(xs.device.type, enabled=False):  # the operands as the forward cast them
+                    student = F.linear(*launch.head(xs, ws, bs, mm_dtype)[:3])
+                    teacher = F.linear(*launch.head(xt, wt, bt, mm_dtype)[:3])
                 flat = target.reshape(-1) if target is not None else None
                 return divergence_composition(
                     student, teacher, flat, divergence, beta, temperature, ignore_index, reduction
@@ -270,7 +280,9 @@ def linear_distillation_loss(
     chunk = launch.chunk_rows(xs.shape[0], xs.shape[1], student_weight.shape[0])
     options = (divergence, beta, temperature, ignore_index, reduction, chunk, mm_dtype, out_dtype)
     grad = torch.is_grad_enabled()
-    needs = tuple(grad and t is not None and t.requires_grad for t in (student_input, student_weight, student_bias))
+    needs = tuple(
+        grad and t is not None and t.requires_grad for t in (student_input, student_weight, student_bias)
+    )
     if any(needs):
         loss = _LinearDistillation.apply(
             xs, student_weight, student_bias, xt, teacher_weight, teacher_bias, target, options, needs
