@@ -66,6 +66,31 @@ def chunk_rows(num_rows: int, hidden: int, vocab: int) -> int:
     return max(1, min(num_rows, -(-wanted // CHUNK_MULTIPLE) * CHUNK_MULTIPLE))
 
 
+def check(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    label_smoothing: float,
+    autocast: bool,
+) -> None:
+    """Raise what ``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` raises (the
+    logits' class dim moved to dim 1 for inputs of 3 or more dims). Under ``autocast`` the
+    operands may differ in dtype (autocast casts them) and cross-entropy runs in fp32, as in
+    torch."""
+    check_head(input, weight, bias, autocast)
+    vocab = weight.shape[0]
+    # cross-entropy's checks on logits of the composed shape (a zero-stride view: no memory)
+    logits_dtype = torch.float32 if autocast else input.dtype
+    lead = input.shape[:-1]
+    shape = (*lead, vocab) if input.dim() <= 2 else (lead[0], vocab, *lead[1:])
+    logits = torch.empty((), dtype=logits_dtype, device=input.device).expand(shape)
+    if autocast and class_weight is not None and class_weight.dtype in HALF:
+        class_weight = class_weight.float()  # autocast runs cross-entropy in fp32
+    _check_cross_entropy(logits, target, class_weight, label_smoothing)
+
+
 def check_head(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -103,31 +128,6 @@ def check_head(
                 f"{_scalar_name(weight.dtype)}"
             )
     same_device(input, **{weight_name: weight, bias_name: bias})
-
-
-def check(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    target: torch.Tensor,
-    class_weight: torch.Tensor | None,
-    label_smoothing: float,
-    autocast: bool,
-) -> None:
-    """Raise what ``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` raises (the
-    logits' class dim moved to dim 1 for inputs of 3 or more dims). Under ``autocast`` the
-    operands may differ in dtype (autocast casts them) and cross-entropy runs in fp32, as in
-    torch."""
-    check_head(input, weight, bias, autocast)
-    vocab = weight.shape[0]
-    # cross-entropy's checks on logits of the composed shape (a zero-stride view: no memory)
-    logits_dtype = torch.float32 if autocast else input.dtype
-    lead = input.shape[:-1]
-    shape = (*lead, vocab) if input.dim() <= 2 else (lead[0], vocab, *lead[1:])
-    logits = torch.empty((), dtype=logits_dtype, device=input.device).expand(shape)
-    if autocast and class_weight is not None and class_weight.dtype in HALF:
-        class_weight = class_weight.float()  # autocast runs cross-entropy in fp32
-    _check_cross_entropy(logits, target, class_weight, label_smoothing)
 
 
 def check_chunk(chunk_rows: int | None, chunk_classes: int | None) -> None:

@@ -27,7 +27,15 @@ from fusedopt._multi_tensor import TL_DTYPE, compute_dtype
 from fusedopt.kernels import distillation as kernels
 from fusedopt.losses._common import checked_grid, compilable
 from fusedopt.losses._cross_entropy_launch import _guard, _row_tile, _scalar_name, _total, same_device
-from fusedopt.losses._linear_cross_entropy_launch import Head, _empty, _padded, check_head, head, token_chunks
+from fusedopt.losses._linear_cross_entropy_launch import (
+    Head,
+    _backward_fake,
+    _empty,
+    _padded,
+    check_head,
+    head,
+    token_chunks,
+)
 from fusedopt.losses._linear_cross_entropy_launch import chunk_rows as _chunk_rows
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -215,25 +223,13 @@ def _forward_fake(xs, ws, bs, xt, wt, bt, target, divergence, beta, temperature,
 
 @compilable("linear_distillation", _forward_fake)
 def forward(
-    xs: torch.Tensor,
-    ws: torch.Tensor,
-    bs: torch.Tensor | None,
-    xt: torch.Tensor,
-    wt: torch.Tensor,
-    bt: torch.Tensor | None,
+    xs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None,  # the student's head
+    xt: torch.Tensor, wt: torch.Tensor, bt: torch.Tensor | None,  # the teacher's
     target: torch.Tensor | None,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    ignore_index: int,
-    reduction: str,
-    chunk: int,
-    need_input: bool,
-    need_weight: bool,
-    need_bias: bool,
-    mm_dtype: torch.dtype,
-    out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    divergence: str, beta: float, temperature: float, ignore_index: int, reduction: str, chunk: int,
+    need_input: bool, need_weight: bool, need_bias: bool,
+    mm_dtype: torch.dtype, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The forward over the student's ``xs`` [N, Hs] and the teacher's ``xt`` [N, Ht] (arguments
     checked by :func:`check`): ``(loss, grad_input, grad_weight, grad_bias, stats)``. ``loss`` is
     [N] for ``none``, else 0-d. For ``mean``/``sum`` the asked gradients (of the student's
@@ -256,36 +252,15 @@ def forward(
     return loss, gi, gw, gb, stats if none and any(grads) else stats.new_empty(0)
 
 
-def _backward_fake(xs, ws, bs, *args):
-    need_input, need_weight, need_bias = args[-4:-1]
-    return (
-        xs.new_empty(xs.shape) if need_input else _empty(xs),
-        ws.new_empty(ws.shape) if need_weight else _empty(xs),
-        bs.new_empty(bs.shape) if need_bias else _empty(xs),
-    )
-
-
 @compilable("linear_distillation_backward", _backward_fake)
 def backward_none(
-    xs: torch.Tensor,
-    ws: torch.Tensor,
-    bs: torch.Tensor | None,
-    xt: torch.Tensor,
-    wt: torch.Tensor,
-    bt: torch.Tensor | None,
-    target: torch.Tensor | None,
-    stats: torch.Tensor,
-    grad_output: torch.Tensor,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    ignore_index: int,
-    chunk: int,
-    need_input: bool,
-    need_weight: bool,
-    need_bias: bool,
+    xs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None,  # the student's head
+    xt: torch.Tensor, wt: torch.Tensor, bt: torch.Tensor | None,  # the teacher's
+    target: torch.Tensor | None, stats: torch.Tensor, grad_output: torch.Tensor,
+    divergence: str, beta: float, temperature: float, ignore_index: int, chunk: int,
+    need_input: bool, need_weight: bool, need_bias: bool,
     mm_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The gradients of ``reduction="none"``: both chunks' logits recomputed, the student's
     turned into their gradient times each row's ``grad_output`` from the forward's row
     statistics (the gradient pass alone), then the engine's matmuls."""

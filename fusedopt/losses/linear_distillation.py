@@ -47,10 +47,9 @@ from torch.overrides import has_torch_function_variadic
 
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, runs_triton
 from fusedopt.losses import _linear_distillation_launch as launch
-from fusedopt.losses._common import differentiable_grads, scaled_copy
-from fusedopt.losses._cross_entropy_launch import _scale_grad
+from fusedopt.losses._common import differentiable_grads
 from fusedopt.losses.cross_entropy import REDUCTIONS
-from fusedopt.losses.linear_cross_entropy import AUTOCAST_INPUTS
+from fusedopt.losses.linear_cross_entropy import AUTOCAST_INPUTS, keep_grads, kept_grads
 
 
 def arguments(divergence, beta, temperature, ignore_index, reduction) -> tuple[str, float, float, int, str]:
@@ -167,9 +166,7 @@ class _LinearDistillation(torch.autograd.Function):
             ctx.save_for_backward(xs, ws, bs, xt, wt, bt, target, stats)
         else:  # the operands only for a backward with create_graph (references, no copy)
             ctx.save_for_backward(xs, ws, bs, xt, wt, bt, target)
-            ctx.grads = tuple(g if need else None for g, need in zip((gi, gw, gb), needs, strict=True))
-            ctx.applied = torch.empty((), dtype=compute_dtype(mm_dtype), device=xs.device)
-            ctx.first = True
+            keep_grads(ctx, (gi, gw, gb), needs, compute_dtype(mm_dtype), xs.device)
         return loss
 
     @staticmethod
@@ -196,13 +193,8 @@ class _LinearDistillation(torch.autograd.Function):
                 chunk, *ctx.needs, mm_dtype,
             )  # fmt: skip
             grads = tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True))
-        elif torch.compiler.is_compiling():
-            grads = tuple(g if g is None else scaled_copy(g, grad_output) for g in ctx.grads)
         else:
-            grads = tuple(
-                g if g is None else _scale_grad(g, grad_output, ctx.applied, ctx.first) for g in ctx.grads
-            )
-            ctx.first = False
+            grads = kept_grads(ctx, grad_output)
         return *grads, None, None, None, None, None, None
 
 
