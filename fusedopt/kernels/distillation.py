@@ -157,10 +157,9 @@ def _pair(
     BLOCK: tl.constexpr,
     INTERIOR: tl.constexpr,  # every column of the block is in the row: no column mask
 ):
-    """``(s, t, inside, offsets, mask)``: the block at ``start`` of both rows over the
-    temperature, in COMPUTE, ``other`` past the row (the padding of its last vector, read whole),
-    the block's columns in the row, its offsets and its access mask (the same for every 16
-    bytes; None: none)."""
+    """``(s, t, inside, offsets)``: the block at ``start`` of both rows over the temperature, in
+    COMPUTE, ``other`` past the row (the padding of its last vector, read whole: the mask is the
+    same for every 16 bytes, :func:`_store`'s), the block's columns in the row and its offsets."""
     cols = start + tl.arange(0, BLOCK)[None, :]
     offsets = base[:, None] + cols
     if INTERIOR:
@@ -183,7 +182,7 @@ def _pair(
     if not INTERIOR:
         s = tl.where(inside, s, other)
         t = tl.where(inside, t, other)
-    return s, t, inside, offsets, mask
+    return s, t, inside, offsets
 
 
 @triton.jit
@@ -197,12 +196,12 @@ def _lse_pass(student, teacher, base, C, end, row_mask, every, inv_t, COMPUTE: t
     sum_t = tl.full([ROWS, BLOCK], 0, COMPUTE)
     inner = C // BLOCK * BLOCK
     for start in range(0, inner, BLOCK):
-        s, t, _, _, _ = _pair(student, teacher, base, start, C, end, every, inv_t, -float("inf"), COMPUTE, BLOCK,
+        s, t, _, _ = _pair(student, teacher, base, start, C, end, every, inv_t, -float("inf"), COMPUTE, BLOCK,
                               True)  # fmt: skip
         m_s, sum_s, _, _ = online_lse(s, m_s, sum_s)
         m_t, sum_t, _, _ = online_lse(t, m_t, sum_t)
     for start in range(inner, C, BLOCK):  # the last, partial block
-        s, t, _, _, _ = _pair(student, teacher, base, start, C, end, row_mask, inv_t, -float("inf"), COMPUTE, BLOCK,
+        s, t, _, _ = _pair(student, teacher, base, start, C, end, row_mask, inv_t, -float("inf"), COMPUTE, BLOCK,
                               False)  # fmt: skip
         m_s, sum_s, _, _ = online_lse(s, m_s, sum_s)
         m_t, sum_t, _, _ = online_lse(t, m_t, sum_t)
@@ -251,7 +250,7 @@ def _block(student, teacher, base, start, C, end, row_mask, inv_t, lse_s, lse_t,
            SUMS: tl.constexpr, GRAD: tl.constexpr, INTERIOR: tl.constexpr):  # fmt: skip
     """One block of :func:`_row_pass`: the lanes' sums ``div`` and ``acc`` updated (SUMS), the
     gradient stored (GRAD; zeros past the row, in its padding)."""
-    s, t, inside, offsets, mask = _pair(
+    s, t, inside, offsets = _pair(
         student, teacher, base, start, C, end, row_mask, inv_t, 0.0, COMPUTE, BLOCK, INTERIOR
     )
     # the block's terms (each >= 0), p_s, a = ∂loss/∂p_s (up to a constant) and p_t
@@ -285,7 +284,16 @@ def _block(student, teacher, base, start, C, end, row_mask, inv_t, lse_s, lse_t,
         # to_storage only where it rounds differently from .to (a call per block is slow in the
         # interpreter)
         if DTYPE == tl.bfloat16:
-            tl.store(student + offsets, to_storage(g, DTYPE), mask=mask)
+            g = to_storage(g, DTYPE)
         else:
-            tl.store(student + offsets, g.to(DTYPE), mask=mask)
+            g = g.to(DTYPE)
+        if INTERIOR:
+            if row_mask is None:
+                tl.store(student + offsets, g)
+            else:
+                tl.store(student + offsets, g, mask=row_mask[:, None])
+        else:  # the row's whole vectors (zeros past the row)
+            tl.store(
+                student + offsets, g, mask=row_mask[:, None] & (start + tl.arange(0, BLOCK)[None, :] < end)
+            )
     return div, acc
