@@ -121,6 +121,17 @@ def test_without_target_or_bias(reduction, triton_device, chunks):
     check((*inputs[:4], None, None, None), reduction=reduction, divergence="jsd", beta=0.6)
 
 
+def test_fp16_non_contiguous_and_uint8_targets(triton_device, chunks, small_blocks):
+    """fp16 within twice the composition's own error; a transposed student input and a
+    strided teacher weight; uint8 targets, compared as integers (156 is not -100)."""
+    xs, ws, xt, wt, target, bs, bt = make((5, 2), torch.float16, triton_device)
+    target = torch.where(target == -100, 3, 156).to(torch.uint8)
+    wt = torch.cat([wt, wt], 1)[:, ::2]
+    check(
+        (xs.transpose(0, 1), ws, xt.transpose(0, 1), wt, target.t(), bs, bt), divergence="jsd", ignore_index=3
+    )
+
+
 def test_jsd_limits_are_the_kls(triton_device, chunks):
     """β = 0 is the forward KL and β = 1 the reverse KL (the JSD expression itself is 0 there):
     the same results as "kl" and "reverse_kl", and the limits of JSD / β and JSD / (1 - β) of

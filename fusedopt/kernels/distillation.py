@@ -17,8 +17,8 @@ scaled by the temperature ``T``: ``s = z_s / T``, ``t = z_t / T``; ``log p_s = s
 the added ``- p + q`` sums to ``1 - 1 = 0``, and makes the sum insensitive to an error in
 either log-sum-exp to first order), the JSD's ``β p_t (log p_t - log M) + (1 - β) p_s (log p_s -
 log M)`` as they are (``>= 0`` by the log-sum inequality, since ``M = β p_t + (1 - β) p_s``). A
-term below 0 can only be rounding, and is clamped to 0 (where ``p_t = p_s`` to the last bit
-every term is exactly 0), so a row's divergence is never negative.
+term below 0 can only be rounding, and is clamped to 0, so a row's divergence is never
+negative (and the KLs' terms are exactly 0 where ``p_t = p_s`` to the last bit).
 
 **Passes.** Pass 1 walks both rows once with an online log-sum-exp per lane (:func:`online_lse`
 of ``fusedopt.kernels.cross_entropy``, as its row kernel). Pass 2 reads them again: the row's

@@ -113,7 +113,7 @@ def _problem(
     if flat is None:
         kept = torch.full((), n, dtype=compute, device=xs.device)
     else:
-        kept = (flat != ignore_index).sum(dtype=compute)
+        kept = (flat.long() != ignore_index).sum(dtype=compute)  # as the kernel compares
     totals = torch.stack((kept, kept, kept.reciprocal()))  # the cross-entropy stats' layout
     return _Problem(
         head(xs, ws, bs, mm_dtype), head(xt, wt, bt, mm_dtype), flat, totals,

@@ -99,7 +99,7 @@ def divergence_composition(
                 log_ps.exp() * (log_ps - log_m)
             ).sum(-1)
         if target is not None:
-            kept = target != ignore_index
+            kept = target.long() != ignore_index  # as integers (a uint8 256 - 100 is not -100)
             per_token = torch.where(kept, per_token, 0.0)
             count = kept.sum()
         else:
