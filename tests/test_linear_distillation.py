@@ -130,6 +130,8 @@ def test_fp16_non_contiguous_and_uint8_targets(triton_device, chunks, small_bloc
     check(
         (xs.transpose(0, 1), ws, xt.transpose(0, 1), wt, target.t(), bs, bt), divergence="jsd", ignore_index=3
     )
+    for fn in (linear_distillation_loss, linear_distillation_reference):  # -100: no uint8 token ignored
+        assert (fn(xs, ws, xt, wt, target, reduction="none") > 0).all()
 
 
 def test_jsd_limits_are_the_kls(triton_device, chunks):
