@@ -127,4 +127,8 @@ LOSSES: dict[str, Floor] = {
     # gradient written; the logits [N, V] need never reach memory (the fused op holds one chunk).
     # The op is matmul-bound (6 N H V FLOPs: logits, input and weight gradients), far from this floor.
     "linear_cross_entropy": Floor((Pass("loss + grads", ("x/W",), ("dx/dW",)),)),
+    # Per element of the student's input and weight, (N + V) H, with a teacher head of the same
+    # shape: both heads read, the student's gradients written; neither's logits need reach memory.
+    # Matmul-bound as the linear cross-entropy (8 N H V FLOPs: both heads' logits, two gradients).
+    "linear_distillation_loss": Floor((Pass("loss + grads", ("x/W", "teacher x/W"), ("dx/dW",)),)),
 }

@@ -8,6 +8,7 @@ from torch.nn.modules.loss import _WeightedLoss
 
 from fusedopt import functional as F
 from fusedopt.losses.cross_entropy import check_softcap, check_z_loss
+from fusedopt.losses.linear_distillation import arguments as distillation_arguments
 
 __all__ = [
     "FusedCrossEntropyLoss",
@@ -15,6 +16,7 @@ __all__ = [
     "FusedL1Loss",
     "FusedLinearCrossEntropyHead",
     "FusedLinearCrossEntropyLoss",
+    "FusedLinearDistillationLoss",
     "FusedMSELoss",
     "FusedSmoothL1Loss",
 ]
@@ -174,3 +176,48 @@ class FusedLinearCrossEntropyHead(_LinearCrossEntropyOptions, nn.Linear):
         if target is None:
             return super().forward(input)
         return F.linear_cross_entropy(input, self.weight, target, self.bias, **self._options())
+
+
+class FusedLinearDistillationLoss(nn.Module):
+    """Distillation loss between a student's and a teacher's linear heads, computed by
+    :func:`fusedopt.functional.linear_distillation_loss` (neither head's logits held whole).
+
+    Keywords ``divergence`` (``"kl"``, ``"reverse_kl"``, ``"jsd"``), ``beta``, ``temperature``,
+    ``ignore_index``, ``reduction`` as that function (checked here); ``forward(student_input,
+    student_weight, teacher_input, teacher_weight, target=None, student_bias=None,
+    teacher_bias=None)``. Gradients reach the student's tensors only.
+    """
+
+    def __init__(
+        self,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        options = distillation_arguments(divergence, beta, temperature, ignore_index, reduction)
+        self.divergence, self.beta, self.temperature, self.ignore_index, self.reduction = options
+
+    def extra_repr(self) -> str:
+        return (
+            f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        )
+
+    def forward(
+        self,
+        student_input: Tensor,
+        student_weight: Tensor,
+        teacher_input: Tensor,
+        teacher_weight: Tensor,
+        target: Tensor | None = None,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+    ) -> Tensor:
+        return F.linear_distillation_loss(
+            student_input, student_weight, teacher_input, teacher_weight, target, student_bias=student_bias,
+            teacher_bias=teacher_bias, divergence=self.divergence, beta=self.beta, temperature=self.temperature,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+        )  # fmt: skip

@@ -2,7 +2,8 @@
 
 * **Cases**: :class:`OptimCase` (a fused optimizer, the torch class it replaces, options) and
   :data:`OPTIM_CASES`; :class:`LossCase` and :data:`LOSS_CASES`; :class:`LinearCECase` and
-  :data:`LINEAR_CE_CASES` (the fused linear cross-entropy).
+  :data:`LINEAR_CE_CASES` (the fused linear cross-entropy); :class:`DistillationCase` and
+  :data:`DISTILLATION_CASES` (the fused linear distillation loss).
 * **Layouts**: :func:`odd_params` (0-d, empty, 1, 7, 4097 elements, 3-d, a strided slice, a
   transposed matrix), :func:`gpt_shapes` (a small GPT's params), :func:`many_small_shapes`,
   :func:`one_large_shape`.
@@ -11,7 +12,8 @@
 * **The runners**: :func:`compare_optimizer` steps a fused optimizer and torch's (its for-loop
   path) side by side and compares every param and state tensor; :func:`compare_loss` compares a
   fused loss's value and input gradient; :func:`compare_linear_cross_entropy` the fused linear
-  cross-entropy's value and gradients of input, weight and bias.
+  cross-entropy's value and gradients of input, weight and bias;
+  :func:`compare_linear_distillation` the distillation loss's value and student gradients.
   :func:`assert_optimizer_matches` is the one-call form::
 
       import torch, fusedopt
@@ -39,11 +41,14 @@ import fusedopt
 from fusedopt import functional as FF
 from fusedopt.losses.cross_entropy import cross_entropy_composition, z_loss_composition
 from fusedopt.losses.linear_cross_entropy import linear_cross_entropy_reference
+from fusedopt.losses.linear_distillation import linear_distillation_reference
 from fusedopt.optim import _amp, _precision, _quantize
 from fusedopt.optim import muon as _muon
 from fusedopt.optim._fused import EXTENSIONS
 from fusedopt.tolerance import (
     CLIP_TOLERANCE,
+    LINEAR_CE_TOLERANCE,
+    LINEAR_DISTILLATION_TOLERANCE,
     LOSS_TOLERANCE,
     MUON_TOLERANCE,
     OPTIM_TOLERANCE,
@@ -53,10 +58,12 @@ from fusedopt.tolerance import (
 )
 
 __all__ = [
+    "DISTILLATION_CASES",
     "LINEAR_CE_CASES",
     "LOSS_CASES",
     "MUON_CASES",
     "OPTIM_CASES",
+    "DistillationCase",
     "LinearCECase",
     "LossCase",
     "OptimCase",
@@ -64,6 +71,7 @@ __all__ = [
     "assert_close",
     "assert_optimizer_matches",
     "compare_linear_cross_entropy",
+    "compare_linear_distillation",
     "compare_loss",
     "compare_muon",
     "compare_optimizer",
@@ -75,6 +83,7 @@ __all__ = [
     "odd_params",
     "one_large_shape",
     "run_linear_cross_entropy",
+    "run_linear_distillation",
 ]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -290,6 +299,37 @@ LINEAR_CE_CASES: list[LinearCECase] = [
     ),
 ]
 
+
+@dataclass(frozen=True)
+class DistillationCase:
+    """The fused linear distillation loss (``fused``) and its composition (``reference``:
+    ``fusedopt.losses.linear_distillation.linear_distillation_reference``) with one set of
+    options: ``kwargs`` of ``linear_distillation_loss`` (with an ``ignore_index``, every fifth
+    token's target is it), biases on both heads (``bias``). A 0-d result is back-propagated with
+    ``grad_output``, any other with a random tensor."""
+
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    grad_output: float = 1.0
+    bias: bool = True
+    fused: Callable[..., torch.Tensor] = FF.linear_distillation_loss
+    reference: Callable[..., torch.Tensor] = linear_distillation_reference
+
+    @property
+    def options(self) -> str:
+        return describe(self.kwargs, "bias" if self.bias else "")
+
+
+DISTILLATION_CASES: list[DistillationCase] = [
+    DistillationCase("linear_distillation_loss"),
+    DistillationCase(
+        "linear_distillation_loss", dict(divergence="reverse_kl", temperature=2.0, reduction="sum"),
+        grad_output=-1.25, bias=False,
+    ),
+    DistillationCase("linear_distillation_loss", dict(divergence="jsd", beta=0.3, temperature=0.7, ignore_index=3)),
+    DistillationCase("linear_distillation_loss", dict(divergence="jsd", beta=0.0, reduction="none")),
+]  # fmt: skip
+
 SHORT = {"momentum": "mom", "dampening": "damp", "weight_decay": "wd", "decoupled_weight_decay": "decoupled"}
 
 
@@ -374,7 +414,7 @@ class Result:
     """One comparison: the largest relative error of each compared tensor kind, the largest
     ratio of an element's error to what the contract allows there, and where it was."""
 
-    kind: str  # "optimizer", "loss" or "linear_ce"
+    kind: str  # "optimizer", "loss", "linear_ce" or "distillation"
     name: str
     options: str = ""
     dtype: str = ""
@@ -785,13 +825,53 @@ def compare_linear_cross_entropy(
     ours = run_linear_cross_entropy(case.fused, x, w, target, b, grad, **chunks, **kwargs)
     in_dtype = run_linear_cross_entropy(case.reference, x, w, target, b, grad, **kwargs)
     oracle = run_linear_cross_entropy(case.reference, x, w, target, b, grad, torch.float64, **kwargs)
+    _compare_to_oracle(result, ours, in_dtype, oracle, dtype, LINEAR_CE_TOLERANCE)
+    return result
+
+
+def _compare_to_oracle(result: Result, ours, in_dtype, oracle, dtype: torch.dtype, table: dict) -> None:
+    """Fold ``[loss, grad_input, grad_weight(, grad_bias)]`` of the fused op into ``result``:
+    each within what ``table`` (of :data:`LINEAR_CE_TOLERANCE`'s form) allows against the
+    composition in fp64 (``oracle``), given the composition's own error in ``dtype``."""
     names = ["value", "grad_input", "grad_weight", "grad_bias"]
     for name, mine, theirs, exact in zip(names, ours, in_dtype, oracle, strict=False):  # no bias: 3
         if mine.dtype != theirs.dtype:
             result.notes.append(f"{name} dtype {mine.dtype} (torch: {theirs.dtype})")
-        bound = linear_ce_allowed_error(exact, theirs, dtype)
-        table = {torch.float64: dict(atol=bound, rtol=0.0)}  # compared in fp64, not rounded
-        result.compare(name, name, mine.double(), exact, table)
+        bound = linear_ce_allowed_error(exact, theirs, dtype, table)
+        exact_table = {torch.float64: dict(atol=bound, rtol=0.0)}  # compared in fp64, not rounded
+        result.compare(name, name, mine.double(), exact, exact_table)
+
+
+def compare_linear_distillation(
+    case: DistillationCase, dtype: torch.dtype, device: str, rows: int, hidden: int, vocab: int, seed: int = 0
+) -> Result:
+    """Value and student gradients (input, weight, bias) of ``case.fused`` against
+    ``case.reference`` on ``rows`` tokens, a student of ``hidden`` features and a teacher of
+    ``hidden + 8`` over a vocabulary of ``vocab``, under
+    :data:`fusedopt.tolerance.LINEAR_DISTILLATION_TOLERANCE` (the oracle: the composition in fp64
+    from the same values)."""
+    result = Result("distillation", case.name, case.options, DTYPE_NAMES.get(dtype, str(dtype)))
+    result.shape = f"{rows}x{hidden}x{vocab}"
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    xs, ws = rnd(rows, hidden), rnd(vocab, hidden, scale=2 / hidden**0.5)
+    xt, wt = rnd(rows, hidden + 8), rnd(vocab, hidden + 8, scale=3 / (hidden + 8) ** 0.5)
+    bs, bt = (rnd(vocab), rnd(vocab)) if case.bias else (None, None)
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    target[::5] = case.kwargs.get("ignore_index", -100)
+    target = target.to(device)
+    if case.kwargs.get("reduction", "mean") == "none":
+        grad = torch.randn(rows, generator=gen).to(device, dtype)  # the same values for the oracle
+    else:
+        grad = torch.full((), case.grad_output, device=device)
+    args = (xs, ws, xt, wt, target, bs, bt, grad)
+    ours = run_linear_distillation(case.fused, *args, **case.kwargs)
+    in_dtype = run_linear_distillation(case.reference, *args, **case.kwargs)
+    oracle = run_linear_distillation(case.reference, *args, torch.float64, **case.kwargs)
+    _compare_to_oracle(result, ours, in_dtype, oracle, dtype, LINEAR_DISTILLATION_TOLERANCE)
     return result
 
 
@@ -806,5 +886,36 @@ def run_linear_cross_entropy(fn, x, w, target, b=None, grad_output=None, dtype=N
     leaves = [cast(t).detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
     kwargs = {k: cast(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     loss = fn(leaves[0], leaves[1], target, leaves[2] if b is not None else None, **kwargs)
+    return _backward(loss, leaves, grad_output)
+
+
+def _backward(loss: torch.Tensor, leaves: list[torch.Tensor], grad_output: torch.Tensor | None) -> list:
+    """``[loss, *its gradients in leaves]``, back-propagated with ``grad_output`` (None: ones)."""
     go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, loss.dtype)
     return [loss, *torch.autograd.grad(loss, leaves, go)]
+
+
+def run_linear_distillation(
+    fn, xs, ws, xt, wt, target=None, bs=None, bt=None, grad_output=None, dtype=None, **kwargs
+) -> list:
+    """``[loss, grad student_input, grad student_weight(, grad student_bias)]`` of ``fn`` (the
+    fused loss or its composition) on leaf copies of the student's ``xs``, ``ws``, ``bs`` and
+    the teacher's ``xt``, ``wt``, ``bt``, cast to ``dtype`` if given; back-propagated with
+    ``grad_output`` (None: ones)."""
+
+    def cast(t):
+        return t.to(dtype) if dtype is not None and t is not None else t
+
+    leaves = [cast(t).detach().clone().requires_grad_() for t in (xs, ws, bs) if t is not None]
+    student_bias = leaves[2] if bs is not None else None
+    loss = fn(
+        leaves[0],
+        leaves[1],
+        cast(xt),
+        cast(wt),
+        target,
+        student_bias=student_bias,
+        teacher_bias=cast(bt),
+        **kwargs,
+    )
+    return _backward(loss, leaves, grad_output)

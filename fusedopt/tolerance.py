@@ -16,7 +16,8 @@ the tests and by ``python -m fusedopt check``:
   then scaled by ours, and the step is held to the rows above: a coefficient a few fp32
   roundings off (any other summation order) flips bf16/fp16 roundings of the state, which a
   momentum cancelling to near zero keeps as many rounding steps of its own value.
-* The fused linear cross-entropy (:data:`LINEAR_CE_TOLERANCE`): per tensor (the loss, each
+* The fused linear cross-entropy (:data:`LINEAR_CE_TOLERANCE`) and the fused linear
+  distillation loss (:data:`LINEAR_DISTILLATION_TOLERANCE`): per tensor (the loss, each
   gradient), against the composition in fp64, within twice the composition's own error in the
   dtype plus ``rtol`` of the largest magnitude.
 """
@@ -83,6 +84,16 @@ for each tensor::
 magnitude, fp32 / fp64 as the losses' table."""
 
 
+LINEAR_DISTILLATION_TOLERANCE: dict[torch.dtype, dict[str, float]] = dict(LINEAR_CE_TOLERANCE)
+"""The fused linear distillation loss against its composition
+(``fusedopt.losses.linear_distillation.linear_distillation_reference``: both heads'
+``F.linear``, the divergence in fp32 from the logits), under the linear cross-entropy's
+contract and for the same reason (logits rounded at other points, the weight's gradient summed
+over chunks in fp32). The divergence is summed from terms that are each ``>= 0`` (see
+``fusedopt.kernels.distillation``), which the composition's ``Σ p (log p - log q)`` is not: they
+agree to fp32 rounding of the larger of the two sums' terms, which the ``rtol`` row covers."""
+
+
 def spacing(x: torch.Tensor) -> torch.Tensor:
     """Distance from |x| to the next representable value of x's 16-bit dtype, as float64."""
     mag = x.abs().contiguous()
@@ -107,15 +118,19 @@ def allowed_error(expected: torch.Tensor, dtype: torch.dtype, table: dict) -> to
     return atol + tol["rtol"] * e.double().abs()
 
 
-def linear_ce_allowed_error(oracle: torch.Tensor, in_dtype: torch.Tensor, dtype: torch.dtype) -> float:
-    """The largest ``max|ours - oracle|`` :data:`LINEAR_CE_TOLERANCE` allows for one tensor.
+def linear_ce_allowed_error(
+    oracle: torch.Tensor, in_dtype: torch.Tensor, dtype: torch.dtype, table: dict = LINEAR_CE_TOLERANCE
+) -> float:
+    """The largest ``max|ours - oracle|`` :data:`LINEAR_CE_TOLERANCE` (or ``table``, of its
+    form: :data:`LINEAR_DISTILLATION_TOLERANCE`) allows for one tensor.
 
     Args:
         oracle: the composition in fp64, any shape.
         in_dtype: the composition run in ``dtype`` on the same values, ``oracle``'s shape.
         dtype: the dtype of the result under test (selects the row of the table).
+        table: the contract's table.
     """
-    tol = LINEAR_CE_TOLERANCE[dtype]
+    tol = table[dtype]
     o = oracle.detach().double()
     if o.numel() == 0:
         return 0.0

@@ -127,10 +127,13 @@ def wrong_grad_mse(input, target, **kwargs):
     return FF.mse_loss(scaled, target, **kwargs)
 
 
-def run_check(monkeypatch, capsys, tmp_path, *argv: str, optim=(), losses=(), linear=()) -> tuple[int, str]:
+def run_check(
+    monkeypatch, capsys, tmp_path, *argv: str, optim=(), losses=(), linear=(), distillation=()
+) -> tuple[int, str]:
     monkeypatch.setattr(check, "OPTIM_CASES", [*check.OPTIM_CASES, *optim])
     monkeypatch.setattr(check, "LOSS_CASES", [*check.LOSS_CASES, *losses])
     monkeypatch.setattr(check, "LINEAR_CE_CASES", [*check.LINEAR_CE_CASES, *linear])
+    monkeypatch.setattr(check, "DISTILLATION_CASES", [*check.DISTILLATION_CASES, *distillation])
     status = main(["check", *argv, *TINY, "--out", str(tmp_path)])
     return status, capsys.readouterr().out
 
@@ -260,6 +263,44 @@ def test_check_flags_a_wrong_linear_cross_entropy(monkeypatch, capsys, tmp_path)
     assert "FAIL: wrong_lce (bias) bf16: worst grad_weight[" in out
     assert "ERROR: raising_lce (reduction=none weight bias) fp32: RuntimeError: chunk exploded" in out
     assert "FAILED: 4 of 4 checks" in out
+
+
+def test_check_linear_distillation_passes_and_flags_a_wrong_one(monkeypatch, capsys, tmp_path):
+    """Issue 21: every distillation case (value and the student's gradients against the fp64
+    composition) passes; one whose weight gradient is 5 % too large fails in both dtypes, and
+    one that raises is an error."""
+
+    def wrong(student_input, student_weight, *args, **kwargs):
+        scaled = student_weight * 1.05 - (student_weight * 0.05).detach()
+        return FF.linear_distillation_loss(student_input, scaled, *args, **kwargs)
+
+    def raises(*args, **kwargs):
+        raise RuntimeError("teacher exploded")
+
+    cases = [
+        testing.DistillationCase("wrong_distill", fused=wrong),
+        testing.DistillationCase("raising_distill", dict(divergence="jsd"), fused=raises),
+    ]
+    names = ["linear_distillation_loss", "wrong_distill", "raising_distill"]
+    argv = ["--optimizers", "--losses", *names, "--hidden", "8", "--dtypes", "fp32", "bf16"]
+    status, out = run_check(monkeypatch, capsys, tmp_path, *argv, distillation=cases)
+    assert status == 1, out
+    count = len(testing.DISTILLATION_CASES)
+    assert count == 4 and verdicts(out, "linear_distillation_loss") == ["PASS"] * 2 * count
+    assert (
+        verdicts(out, "wrong_distill") == ["FAIL", "FAIL"] and "FAIL: wrong_distill (bias) bf16: worst" in out
+    )
+    assert "ERROR: raising_distill (divergence=jsd bias) fp32: RuntimeError: teacher exploded" in out
+    assert (
+        f"linear distillation: {count + 2} cases x 2 dtypes, 5 tokens, a student of 8 and a teacher of 16"
+        in out
+    )
+    assert f"FAILED: 4 of {2 * count + 4} checks" in out
+    (csv_path,) = tmp_path.glob("check_*.csv")
+    with csv_path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r["name"] == "linear_distillation_loss"]
+    assert {r["kind"] for r in rows} == {"distillation"} and {r["shape"] for r in rows} == {"5x8x37"}
+    assert {r["options"] for r in rows} == {case.options for case in testing.DISTILLATION_CASES}
 
 
 def test_check_compares_every_state_tensor():
@@ -530,6 +571,29 @@ def test_bench_linear_cross_entropy_timed_report(tmp_path, capsys, monkeypatch):
     for layout in ("64x32x257-chunk16", "64x32x257-vocab100"):
         assert by[(layout, "fusedopt")]["fusedopt_speedup"] == "1.0"
     assert "x vs eager" in md.read_text()
+
+
+def test_bench_linear_distillation_rows(tmp_path, capsys, monkeypatch):
+    """The distillation loss's bf16 rows (fusedopt, the eager and the compiled composition, a
+    smoke run of each), then timed on a fake clock: the TFLOP/s of 8 N H V, the byte floor of
+    both heads read and the student's gradients written."""
+    argv = ["--suites", "losses", "--losses", "distill-8192x4096x128256", "--dtypes", "bf16", "--no-progress"]
+    assert main(["bench", "--smoke", "--out", str(tmp_path / "smoke"), *argv]) == 0
+    rows, _, _ = outputs(tmp_path / "smoke")
+    assert sorted(r["impl"] for r in rows) == sorted(bench_losses.IMPLS)
+    for r in rows:
+        assert (
+            r["case"] == "linear_distillation_loss" and r["layout"] == "64x32x257" and r["status"] == "smoke"
+        ), r
+        assert int(r["numel"]) == (64 + 257) * 32 and int(r["bytes_per_elt"]) == 6, r  # 3 tensors x 2 B
+    assert floors.LOSSES["linear_distillation_loss"].bytes_per_element() == 12  # fp32
+    on_a_fake_clock(monkeypatch, peak_mib=1.0)
+    assert main(["bench", "--smoke", "--out", str(tmp_path / "timed"), *argv, "--impls", "fusedopt"]) == 0
+    (row,) = [r for r in outputs(tmp_path / "timed")[0] if r["suite"] == "losses"]
+    flops = 8 * 64 * 32 * 257
+    tflops = flops / (float(row["ms"]) * 1e-3) / 1e12
+    assert row["note"] == f"{tflops:.3g} TFLOP/s (8NHV = {flops / 1e12:.3g} TFLOP)", row
+    assert "distillation: also read the teacher's x, W" in capsys.readouterr().out
 
 
 # The docs say what the code has --------------------------------------------------------------

@@ -2,10 +2,12 @@
 for fusedopt's op, torch's and ``torch.compile`` of torch's (``fusedopt.testing.LOSS_CASES``); the
 fused linear cross-entropy: ``torch.autograd.grad(loss, [input, linear_weight])`` of
 ``fusedopt.functional.linear_cross_entropy`` against the composition
-``F.cross_entropy(F.linear(input, linear_weight), target)``, eager and compiled.
+``F.cross_entropy(F.linear(input, linear_weight), target)``, eager and compiled; the fused linear
+distillation loss (the JSD, β = 0.5, against a teacher head of the student's shape) likewise
+against its composition (``linear_distillation_reference``).
 ``bytes_per_elt``: the op's floor (``fusedopt.floors.LOSSES``); ``impl_bytes_per_elt``: what each
-implementation moves (none given for the linear cross-entropy, which is matmul-bound: its rows
-note TFLOP/s of ``6 N H V`` instead).
+implementation moves (none given for the heads' losses, which are matmul-bound: their rows note
+TFLOP/s of ``6 N H V``, the distillation's ``8 N H V``, instead).
 """
 
 from __future__ import annotations
@@ -20,14 +22,19 @@ from fusedopt import floors, testing
 from fusedopt import functional as FF
 from fusedopt.cli.common import DTYPES, Job, Suite, compiled
 from fusedopt.losses.linear_cross_entropy import linear_cross_entropy_reference
+from fusedopt.losses.linear_distillation import linear_distillation_reference
 
 TITLE = "loss forward + backward, every row"
 FLOOR_TITLE = (
     "byte floor of loss forward + backward (mean: read x; pointwise: read x, y, write dx; "
-    "cross-entropy: read z, write dz; linear cross-entropy: read x, W, write dx, dW)"
+    "cross-entropy: read z, write dz; linear cross-entropy: read x, W, write dx, dW; distillation: also read "
+    "the teacher's x, W)"
 )
 IMPLS = ("fusedopt", "torch-eager", "torch-compile")
 LINEAR = "linear_cross_entropy"
+DISTILLATION = "linear_distillation_loss"
+HEADS = (LINEAR, DISTILLATION)  # the losses of a linear head: shapes N x H x V, matmul-bound
+JSD = dict(divergence="jsd", beta=0.5)  # the distillation rows' divergence (GKD's)
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,8 @@ LOSSES = {
     "lce-8192x4096x128256": Loss(LINEAR, _LCE, _LCE_SMOKE),
     "lce-8192x4096x128256-chunk2048": Loss(LINEAR, _LCE, _LCE_SMOKE, ("rows", 2048, 16), ("fusedopt",)),
     "lce-8192x4096x128256-vocab4096": Loss(LINEAR, _LCE, _LCE_SMOKE, ("classes", 4096, 100), ("fusedopt",)),
+    # A student and a teacher of Llama 3 8B's head shape, the JSD (β = 0.5); the default chunk.
+    "distill-8192x4096x128256": Loss(DISTILLATION, _LCE, _LCE_SMOKE),
 }
 POINTWISE = ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
 IMPL_BYTES_FP32 = {  # op: bytes per fp32 element each implementation moves (scaled by the element size)
@@ -87,7 +96,7 @@ def base_row(name: str, dtype: str, impl: str | None, smoke: bool) -> dict:
     for key, value in chunks.items():
         layout += f"-{'vocab' if key == 'chunk_classes' else 'chunk'}{value}"
     row = {"suite": "losses", "case": loss.op, "impl": impl, "layout": layout, "dtype": dtype}
-    if loss.op == LINEAR:  # the floor's elements: the input's and the weight's
+    if loss.op in HEADS:  # the floor's elements: the (student's) input's and weight's
         tokens, hidden, vocab = shape
         row.update(tensors=2, numel=(tokens + vocab) * hidden)
     else:
@@ -100,8 +109,8 @@ def base_row(name: str, dtype: str, impl: str | None, smoke: bool) -> dict:
 def time_loss(name: str, dtype: str, impl: str, ctx) -> dict:
     """Forward + backward timed (a smoke run: only run) and its peak memory."""
     loss = LOSSES[name]
-    if loss.op == LINEAR:
-        return time_linear_cross_entropy(loss, dtype, impl, ctx)
+    if loss.op in HEADS:
+        return time_linear_head(loss, dtype, impl, ctx)
     case = next(c for c in testing.LOSS_CASES if c.name == loss.op)
     shape, _ = sizes(loss, ctx.tiny)
     gen = torch.Generator(ctx.device).manual_seed(0)
@@ -123,30 +132,47 @@ def time_loss(name: str, dtype: str, impl: str, ctx) -> dict:
     return ctx.measure(step)
 
 
-def time_linear_cross_entropy(loss: Loss, dtype: str, impl: str, ctx) -> dict:
-    """Forward + backward of the linear cross-entropy (gradients of the input and the weight),
-    as :func:`time_loss`; a timed row notes its TFLOP/s (``6 N H V``: three matmuls)."""
+def time_linear_head(loss: Loss, dtype: str, impl: str, ctx) -> dict:
+    """Forward + backward of a loss of a linear head (gradients of the input and the weight),
+    as :func:`time_loss`: the linear cross-entropy, or the distillation loss (its teacher a head of
+    the same shape, no gradient). A timed row notes its TFLOP/s (three matmuls, ``6 N H V``; the
+    distillation's teacher logits one more, ``8 N H V``)."""
     (tokens, hidden, vocab), chunks = sizes(loss, ctx.tiny)
     gen = torch.Generator(ctx.device).manual_seed(0)
     like = dict(device=ctx.device, dtype=DTYPES[dtype])
-    x = torch.randn(tokens, hidden, generator=gen, **like).requires_grad_()
-    w = torch.randn(vocab, hidden, generator=gen, **like).mul_(hidden**-0.5).requires_grad_()
-    target = torch.randint(0, vocab, (tokens,), device=ctx.device, generator=gen)
-    if impl == "fusedopt":
-        fn = functools.partial(FF.linear_cross_entropy, **chunks)
-    elif impl == "torch-compile":
-        fn = compiled(linear_cross_entropy_reference, ctx.compile_backend)
+
+    def head():
+        x = torch.randn(tokens, hidden, generator=gen, **like)
+        return x, torch.randn(vocab, hidden, generator=gen, **like).mul_(hidden**-0.5)
+
+    x, w = (t.requires_grad_() for t in head())
+    if loss.op == DISTILLATION:
+        args, matmuls = (x, w, *head()), 4
+        fused = functools.partial(FF.linear_distillation_loss, **JSD)
+        reference = functools.partial(linear_distillation_reference, **JSD)
     else:
-        fn = linear_cross_entropy_reference
+        args, matmuls = (x, w, torch.randint(0, vocab, (tokens,), device=ctx.device, generator=gen)), 3
+        fused, reference = (
+            functools.partial(FF.linear_cross_entropy, **chunks),
+            linear_cross_entropy_reference,
+        )
+    if impl == "fusedopt":
+        fn = fused
+    elif impl == "torch-compile":
+        fn = compiled(reference, ctx.compile_backend)
+    else:
+        fn = reference
 
     def step():
-        return torch.autograd.grad(fn(x, w, target), [x, w])
+        return torch.autograd.grad(fn(*args), [x, w])
 
     step()  # compile / warm up
     out = ctx.measure(step)
     if out.get("ms"):
-        flops = 6 * tokens * hidden * vocab
-        out["note"] = f"{flops / (out['ms'] * 1e-3) / 1e12:.3g} TFLOP/s (6NHV = {flops / 1e12:.3g} TFLOP)"
+        flops = 2 * matmuls * tokens * hidden * vocab
+        out["note"] = (
+            f"{flops / (out['ms'] * 1e-3) / 1e12:.3g} TFLOP/s ({2 * matmuls}NHV = {flops / 1e12:.3g} TFLOP)"
+        )
     return out
 
 

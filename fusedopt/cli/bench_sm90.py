@@ -564,6 +564,26 @@ def _linear_cross_entropy(rows: int, hidden: int, vocab: int, dtype_name: str, *
     return _loss("linear_cross_entropy", variant, forward)
 
 
+def _linear_distillation(rows: int, hidden: int, vocab: int, dtype_name: str, **options) -> Scenario:
+    """The student's head against a teacher of the same shape (its own tensors); ``options``
+    of ``linear_distillation_loss`` (none's loss summed for the backward)."""
+
+    def forward():
+        import torch
+
+        import fusedopt
+
+        dtype = getattr(torch, dtype_name)
+        x = torch.zeros(rows, hidden, dtype=dtype, requires_grad=True)
+        w = torch.zeros(vocab, hidden, dtype=dtype, requires_grad=True)
+        xt, wt = torch.zeros(rows, hidden, dtype=dtype), torch.zeros(vocab, hidden, dtype=dtype)
+        target = torch.arange(rows) * 7 % vocab
+        return fusedopt.functional.linear_distillation_loss(x, w, xt, wt, target, **options).sum()
+
+    words = " ".join(f"{k}={v}" for k, v in options.items())
+    return _loss("linear_distillation_loss", f"{_DTYPES[dtype_name]} H={hidden} V={vocab} {words}", forward)
+
+
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 SCENARIOS: list[Scenario] = [
@@ -605,6 +625,11 @@ SCENARIOS: list[Scenario] = [
     _linear_cross_entropy(16, 768, 50257, "bfloat16"),
     _linear_cross_entropy(16, 768, 50257, "bfloat16", chunk_classes=4096),  # the vocabulary order
     _linear_cross_entropy(16, 768, 50257, "bfloat16", softcap=30.0),  # Gemma 2's logit soft-capping
+    # the forward KL (loss and gradient in 2 passes), the JSD (3), none's backward (the gradient pass alone)
+    _linear_distillation(16, 768, 50257, "bfloat16", divergence="kl"),
+    _linear_distillation(16, 768, 50257, "bfloat16", divergence="jsd"),
+    _linear_distillation(16, 768, 50257, "bfloat16", divergence="reverse_kl", reduction="none"),
+    _linear_distillation(16, 768, 50257, "float32", divergence="jsd", beta=0.3),
 ]
 
 

@@ -1,6 +1,7 @@
 """``python -m fusedopt check``: every fused optimizer (each param and state tensor, step after step),
-loss (value and input gradient) and the fused linear cross-entropy (value and gradients of input,
-weight, bias) against torch on this machine, with verdicts. The cases, runners and tolerances are
+loss (value and input gradient), the fused linear cross-entropy (value and gradients of input,
+weight, bias) and the fused linear distillation loss (value and the student's gradients) against
+torch on this machine, with verdicts. The cases, runners and tolerances are
 ``fusedopt.testing``'s."""
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ import torch
 
 from fusedopt import testing
 from fusedopt.cli import common
-from fusedopt.testing import LinearCECase, OptimCase, Result, describe
-from fusedopt.tolerance import LINEAR_CE_TOLERANCE, LOSS_TOLERANCE, MUON_TOLERANCE, OPTIM_TOLERANCE
+from fusedopt.testing import DistillationCase, LinearCECase, OptimCase, Result, describe
+from fusedopt.tolerance import (
+    LINEAR_CE_TOLERANCE,
+    LINEAR_DISTILLATION_TOLERANCE,
+    LOSS_TOLERANCE,
+    MUON_TOLERANCE,
+    OPTIM_TOLERANCE,
+)
 
 # The registries: testing's lists themselves, so appending a case here checks it.
 OPTIM_CASES: list[OptimCase] = testing.OPTIM_CASES
 MUON_CASES: list[OptimCase] = testing.MUON_CASES
 LOSS_CASES: list[testing.LossCase] = testing.LOSS_CASES
 LINEAR_CE_CASES: list[LinearCECase] = testing.LINEAR_CE_CASES
+DISTILLATION_CASES: list[DistillationCase] = testing.DISTILLATION_CASES
 # CPU (the interpreter): 28 tensors (~9k elements, ragged blocks), 33 x 1000 loss inputs, linear
 # cross-entropy 33 x 24 -> 1000 classes in chunks of 8 rows (five, the last of one row): about a
 # minute on two cores. CUDA: ~5.2M elements (the large-block launch), GPT-2's vocabulary.
@@ -45,6 +53,12 @@ KINDS = {  # kind: (plural, what its error columns are, its tolerance table)
         "composition F.cross_entropy(F.linear(...)) in fp64 from the same values",
         LINEAR_CE_TOLERANCE,
     ),
+    "distillation": (
+        "linear distillation",
+        "of the loss value and of the student's gradients of input, weight, bias, torch = the "
+        "composition (both heads' F.linear, the divergence from their log_softmax) in fp64 from the same values",
+        LINEAR_DISTILLATION_TOLERANCE,
+    ),
 }
 ERROR_ORDER = ["param", "value", "grad", "grad_input", "grad_weight", "grad_bias"]
 ERROR_ORDER += ["momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
@@ -53,7 +67,7 @@ FIELDS = ["kind", "name", "options", "dtype", "steps", "shape"]  # then the erro
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     groups = list(dict.fromkeys(c.group for c in [*OPTIM_CASES, *MUON_CASES]))
-    losses = list(dict.fromkeys(c.name for c in [*LOSS_CASES, *LINEAR_CE_CASES]))
+    losses = list(dict.fromkeys(c.name for c in [*LOSS_CASES, *LINEAR_CE_CASES, *DISTILLATION_CASES]))
     common.add_names(parser, "--optimizers", groups, groups, "optimizers (none given: skip them)", "*")
     common.add_names(parser, "--losses", losses, losses, "losses (none given: skip them)", "*")
     common.add_names(parser, "--dtypes", common.DTYPES, ["fp32", "bf16"], "param and input dtypes")
@@ -91,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     muon_cases = [c for c in MUON_CASES if c.group in args.optimizers]
     loss_cases = [c for c in LOSS_CASES if c.name in args.losses]
     linear_cases = [c for c in LINEAR_CE_CASES if c.name in args.losses]
+    distillation_cases = [c for c in DISTILLATION_CASES if c.name in args.losses]
     dtypes = [common.DTYPES[d] for d in args.dtypes]
     shapes = testing.gpt_shapes(size["width"], size["layers"], size["vocab"])
     numel = sum(math.prod(s) for _, s in shapes)
@@ -112,9 +127,13 @@ def run(args: argparse.Namespace) -> int:
         f"linear cross-entropy: {len(linear_cases)} cases x {len(dtypes)} dtypes, {size['rows']} tokens x "
         f"{size['hidden']} features -> {size['classes']} classes in chunks of {size['chunk_rows']}, value and "
         "gradients of input, linear_weight, linear_bias against the composition in fp64\n"
+        f"linear distillation: {len(distillation_cases)} cases x {len(dtypes)} dtypes, {size['rows']} tokens, a "
+        f"student of {size['hidden']} and a teacher of {size['hidden'] + 8} features -> {size['classes']} classes, "
+        "value and the student's gradients against the composition in fp64\n"
     )
     jobs = [*itertools.product([*optim_cases, *muon_cases], dtypes), *itertools.product(loss_cases, dtypes)]
     jobs += itertools.product(linear_cases, dtypes)
+    jobs += itertools.product(distillation_cases, dtypes)
     start = time.perf_counter()
     results = []
     with warnings.catch_warnings():
@@ -129,6 +148,10 @@ def run(args: argparse.Namespace) -> int:
                         case, dtype, device, size["rows"], size["hidden"], size["classes"],
                         chunk_rows=size["chunk_rows"],
                     )  # fmt: skip
+                elif isinstance(case, DistillationCase):
+                    result = testing.compare_linear_distillation(
+                        case, dtype, device, size["rows"], size["hidden"], size["classes"]
+                    )
                 else:
                     result = testing.compare_loss(case, dtype, device, size["rows"], size["classes"])
             except Exception as e:
@@ -149,6 +172,8 @@ def failed_result(case, dtype: torch.dtype, steps: int) -> Result:
         return result
     if isinstance(case, LinearCECase):
         return Result("linear_ce", case.name, case.options, dtype_name)
+    if isinstance(case, DistillationCase):
+        return Result("distillation", case.name, case.options, dtype_name)
     return Result("loss", case.name, describe(case.kwargs, "weight" if case.weighted else ""), dtype_name)
 
 

@@ -6,5 +6,7 @@ the optimizers; ``fusedopt.functional`` and ``fusedopt.nn`` are their public fac
   :mod:`._cross_entropy_ops`): cross-entropy over logits;
 * :mod:`.linear_cross_entropy` (launcher :mod:`._linear_cross_entropy_launch`): the output
   projection and the cross-entropy without the logits;
+* :mod:`.linear_distillation` (launcher :mod:`._linear_distillation_launch`): a divergence
+  between a student's and a teacher's heads on that engine, neither's logits held whole;
 * :mod:`._common`: the grid rule, the custom-op registration and the backward forms they share.
 """

@@ -51,11 +51,11 @@ def _small_block(n: int) -> int:
     return min(4096, max(16, triton.next_power_of_2(n)))
 
 
-def _row_tile(num_rows: int, num_classes: int, dtype: torch.dtype) -> tuple[int, int, int]:
+def _row_tile(num_rows: int, num_classes: int, dtype: torch.dtype, narrow: int = 1) -> tuple[int, int, int]:
     """Rows per program, columns per block and warps of the row kernel, by a size rule (no
     autotuning): blocks of up to MAX_BLOCK columns, tiles of up to MAX_TILE elements (half of
-    each for fp64)."""
-    half = 2 if dtype == torch.float64 else 1
+    each for fp64; both divided by ``narrow`` for a kernel that holds more per element)."""
+    half = (2 if dtype == torch.float64 else 1) * narrow
     block = min(triton.next_power_of_2(num_classes), MAX_BLOCK // half)
     rows = max(1, min(MAX_TILE // half // block, triton.next_power_of_2(num_rows)))
     return rows, block, min(8, max(1, rows * block // 256))

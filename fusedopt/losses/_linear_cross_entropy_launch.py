@@ -90,12 +90,35 @@ def check(
     logits' class dim moved to dim 1 for inputs of 3 or more dims). Under ``autocast`` the
     operands may differ in dtype (autocast casts them) and cross-entropy runs in fp32, as in
     torch."""
+    check_head(input, weight, bias, autocast)
+    vocab = weight.shape[0]
+    # cross-entropy's checks on logits of the composed shape (a zero-stride view: no memory)
+    logits_dtype = torch.float32 if autocast else input.dtype
+    lead = input.shape[:-1]
+    shape = (*lead, vocab) if input.dim() <= 2 else (lead[0], vocab, *lead[1:])
+    logits = torch.empty((), dtype=logits_dtype, device=input.device).expand(shape)
+    if autocast and class_weight is not None and class_weight.dtype in HALF:
+        class_weight = class_weight.float()  # autocast runs cross-entropy in fp32
+    _check_cross_entropy(logits, target, class_weight, label_smoothing)
+
+
+def check_head(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    autocast: bool,
+    names: tuple[str, str, str] = ("linear_cross_entropy", "linear_weight", "linear_bias"),
+) -> None:
+    """Raise what ``F.linear(input, weight, bias)`` raises, for a head (the op's name, and the
+    weight's and bias's argument names, in ``names``). Under ``autocast`` the operands may
+    differ in dtype (autocast casts them)."""
+    op, weight_name, bias_name = names
     if input.dim() == 0 or weight.dim() == 0:
         raise RuntimeError(
             f"both arguments to linear need to be at least 1D, but they are {input.dim()}D and {weight.dim()}D"
         )
     if weight.dim() != 2:
-        raise RuntimeError(f"linear_cross_entropy: linear_weight must be 2-D (V, H), got {weight.dim()}-D")
+        raise RuntimeError(f"{op}: {weight_name} must be 2-D (V, H), got {weight.dim()}-D")
     vocab, hidden = weight.shape
     if input.shape[-1] != hidden:
         rows = math.prod(input.shape[:-1])
@@ -109,23 +132,13 @@ def check(
         )
     if bias is not None:
         if bias.shape != (vocab,):
-            raise RuntimeError(
-                f"linear_cross_entropy: linear_bias must have shape ({vocab},), got {list(bias.shape)}"
-            )
+            raise RuntimeError(f"{op}: {bias_name} must have shape ({vocab},), got {list(bias.shape)}")
         if not autocast and bias.dtype != weight.dtype:
             raise RuntimeError(
                 f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and "
                 f"{_scalar_name(weight.dtype)}"
             )
-    same_device(input, linear_weight=weight, linear_bias=bias)
-    # cross-entropy's checks on logits of the composed shape (a zero-stride view: no memory)
-    logits_dtype = torch.float32 if autocast else input.dtype
-    lead = input.shape[:-1]
-    shape = (*lead, vocab) if input.dim() <= 2 else (lead[0], vocab, *lead[1:])
-    logits = torch.empty((), dtype=logits_dtype, device=input.device).expand(shape)
-    if autocast and class_weight is not None and class_weight.dtype in HALF:
-        class_weight = class_weight.float()  # autocast runs cross-entropy in fp32
-    _check_cross_entropy(logits, target, class_weight, label_smoothing)
+    same_device(input, **{weight_name: weight, bias_name: bias})
 
 
 def check_chunk(chunk_rows: int | None, chunk_classes: int | None) -> None:

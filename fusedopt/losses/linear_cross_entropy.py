@@ -97,9 +97,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(x, weight, bias, target, class_weight, stats, lse)
         else:  # the operands only for a backward with create_graph (references, no copy)
             ctx.save_for_backward(x, weight, bias, target, class_weight)
-            ctx.grads = tuple(g if need else None for g, need in zip((gi, gw, gb), needs, strict=True))
-            ctx.applied = torch.empty((), dtype=stats.dtype, device=x.device)
-            ctx.first = True
+            keep_grads(ctx, (gi, gw, gb), needs, stats.dtype, x.device)
         return loss
 
     @staticmethod
@@ -135,14 +133,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 label_smoothing, z_loss, softcap, chunk, block, *ctx.needs, mm_dtype, shard=shard,
             )  # fmt: skip
             grads = tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True))
-        elif torch.compiler.is_compiling():
-            grads = tuple(g if g is None else scaled_copy(g, grad_output) for g in ctx.grads)
         else:
-            grads = tuple(
-                g if g is None else _scale_grad(g, grad_output, ctx.applied, ctx.first) for g in ctx.grads
-            )
-            ctx.first = False
+            grads = kept_grads(ctx, grad_output)
         return *grads, None, None, None, None
+
+
+def keep_grads(ctx, grads: tuple, needs: tuple[bool, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """In the forward of a reduced (``mean``/``sum``) loss of a head: keep on ``ctx`` the
+    gradients it computed for a ``grad_output`` of 1 (those in ``needs``) for
+    :func:`kept_grads`; ``dtype``: of the factor they hold (the loss math's)."""
+    ctx.grads = tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+    ctx.applied = torch.empty((), dtype=dtype, device=device)
+    ctx.first = True
+
+
+def kept_grads(ctx, grad_output: torch.Tensor) -> tuple:
+    """The backward of such a loss: the kept gradients times ``grad_output`` (in place the first
+    time in eager, :func:`_scale_grad`; new tensors while compiling, :func:`scaled_copy`)."""
+    if torch.compiler.is_compiling():
+        return tuple(g if g is None else scaled_copy(g, grad_output) for g in ctx.grads)
+    grads = tuple(g if g is None else _scale_grad(g, grad_output, ctx.applied, ctx.first) for g in ctx.grads)
+    ctx.first = False
+    return grads
 
 
 def linear_cross_entropy_reference(
