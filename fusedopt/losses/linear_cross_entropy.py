@@ -121,6 +121,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return *grads, None, None, None, None
 
 
+def head_mode(
+    input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *others: torch.Tensor | None
+) -> tuple[bool, bool, torch.dtype]:
+    """What a chunked op over the head ``F.linear(input, linear_weight, ...)`` runs:
+    ``(fusable, autocast, mm_dtype)``: whether the kernels take these tensors (no subclass such
+    as DTensor; devices and dtypes Triton runs on), whether autocast casts the head's matmul,
+    and the matmul's dtype (autocast's, else the input's)."""
+    present = [t for t in (input, linear_weight, *others) if t is not None]
+    fusable = not has_torch_function_variadic(*present, target) and all(
+        runs_triton(t.device) and t.dtype in TL_DTYPE for t in present
+    )
+    device_type = input.device.type
+    autocast = (
+        torch.is_autocast_enabled(device_type)
+        and input.dtype in AUTOCAST_INPUTS
+        and linear_weight.dtype in AUTOCAST_INPUTS
+    )
+    return fusable, autocast, torch.get_autocast_dtype(device_type) if autocast else input.dtype
+
+
 def linear_cross_entropy_reference(
     input, linear_weight, target, linear_bias=None, weight=None, ignore_index=-100, reduction="mean",
     label_smoothing=0.0, *, z_loss=0.0,
@@ -185,19 +205,9 @@ def linear_cross_entropy(
     without ``TRITON_INTERPRET=1``, tensor subclasses such as DTensor) go to the composition;
     there ``chunk_rows`` is validated and has nothing to choose.
     """
-    present = [t for t in (input, linear_weight, linear_bias, weight) if t is not None]
-    fusable = not has_torch_function_variadic(*present, target) and all(
-        runs_triton(t.device) and t.dtype in TL_DTYPE for t in present
-    )
+    fusable, autocast, mm_dtype = head_mode(input, linear_weight, target, linear_bias, weight)
     reduction, ignore_index, label_smoothing = arguments(weight, ignore_index, reduction, label_smoothing)
     z_loss = check_z_loss(z_loss)
-    device_type = input.device.type
-    autocast = (
-        torch.is_autocast_enabled(device_type)
-        and input.dtype in AUTOCAST_INPUTS
-        and linear_weight.dtype in AUTOCAST_INPUTS
-    )
-    mm_dtype = torch.get_autocast_dtype(device_type) if autocast else input.dtype
     launch.check_chunk(chunk_rows, chunk_classes)
     if not fusable:
         return linear_cross_entropy_reference(
