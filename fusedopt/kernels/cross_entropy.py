@@ -317,7 +317,7 @@ def _softmax_pass(
     floor = lowest(ROWS, BLOCK, COMPUTE)
     m = floor  # running max of the lane (finite)
     s = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ exp(z - m) of the lane; NaN after a NaN or +inf
-    d = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w (m - z) of the lane (label smoothing; ENTROPY: Σ e^(z-m) (m - z))
+    d = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w (m - z) of the lane (smoothing; ENTROPY: Σ e^(z-m) (m - z))
     w_seen = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w of the lane (label smoothing with class weights)
     r = row_start(x_rows, ALIGNED, VEC)
     m, s, d, w_seen = _softmax_blocks(

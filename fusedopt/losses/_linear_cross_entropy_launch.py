@@ -99,9 +99,7 @@ def check(
         )
     if bias is not None:
         if bias.shape != (vocab,):
-            raise RuntimeError(
-                f"{op}: linear_bias must have shape ({vocab},), got {list(bias.shape)}"
-            )
+            raise RuntimeError(f"{op}: linear_bias must have shape ({vocab},), got {list(bias.shape)}")
         if not autocast and bias.dtype != weight.dtype:
             raise RuntimeError(
                 f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and "

@@ -127,4 +127,3 @@ def backward(
     grads = (need_input, need_weight, need_bias)
     with _guard(x.device), torch.autocast(x.device.type, enabled=False):
         return token_chunks(head(x, weight, bias, mm_dtype, 1.0 / temperature), chunk, grads, rows_step)
-

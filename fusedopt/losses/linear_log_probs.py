@@ -79,7 +79,9 @@ class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, target, options, needs):
         temperature, chunk, entropy, mm_dtype = options
-        log_prob, ent, lse = launch.forward(x, weight, bias, target, temperature, chunk, entropy, True, mm_dtype)
+        log_prob, ent, lse = launch.forward(
+            x, weight, bias, target, temperature, chunk, entropy, True, mm_dtype
+        )
         ctx.save_for_backward(x, weight, bias, target, lse, ent)
         ctx.options, ctx.needs = options, needs
         ctx.set_materialize_grads(False)
@@ -88,11 +90,13 @@ class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_prob, grad_entropy=None):
         x, weight, bias, target, lse, ent = ctx.saved_tensors
-        temperature, chunk, entropy, mm_dtype = ctx.options
+        temperature, chunk, _, mm_dtype = ctx.options
         if grad_log_prob is None and grad_entropy is None:
             grads = (None, None, None)
         elif torch.is_grad_enabled():  # create_graph=True: a backward autograd records
-            grads = _composition_grads(x, weight, bias, target, ctx.options, ctx.needs, grad_log_prob, grad_entropy)
+            grads = _composition_grads(
+                x, weight, bias, target, ctx.options, ctx.needs, grad_log_prob, grad_entropy
+            )
         else:
             grads = launch.backward(
                 x, weight, bias, target, lse, ent, grad_log_prob, grad_entropy, temperature, chunk, *ctx.needs,
@@ -109,13 +113,17 @@ def _composition_grads(x, weight, bias, target, options, needs, grad_log_prob, g
 
     def outputs(x, weight, bias):
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None)
+            logits = F.linear(
+                x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None
+            )
         out = log_probs_of_logits(logits, target.reshape(-1), temperature, entropy)
         return torch.stack(out) if entropy else out
 
     zeros = x.new_zeros(x.shape[0], dtype=compute_dtype(mm_dtype))  # for an output whose grad is None
     grads = [g.reshape(-1) if g is not None else zeros for g in (grad_log_prob, grad_entropy)]
-    return differentiable_grads(outputs, (x, weight, bias), needs, torch.stack(grads) if entropy else grads[0])
+    return differentiable_grads(
+        outputs, (x, weight, bias), needs, torch.stack(grads) if entropy else grads[0]
+    )
 
 
 def check_temperature(temperature) -> float:
