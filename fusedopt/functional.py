@@ -20,6 +20,7 @@ from fusedopt._multi_tensor import TL_DTYPE, runs_triton
 from fusedopt.kernels import losses as kernels
 from fusedopt.losses.cross_entropy import cross_entropy as _fused_cross_entropy
 from fusedopt.losses.linear_cross_entropy import linear_cross_entropy
+from fusedopt.losses.linear_log_probs import linear_log_probs
 from fusedopt.losses.pointwise import MeanFunction, PointwiseLossFunction
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "huber_loss",
     "l1_loss",
     "linear_cross_entropy",
+    "linear_log_probs",
     "mean",
     "mse_loss",
     "smooth_l1_loss",

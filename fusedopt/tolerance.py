@@ -18,7 +18,8 @@ the tests and by ``python -m fusedopt check``:
   momentum cancelling to near zero keeps as many rounding steps of its own value.
 * The fused linear cross-entropy (:data:`LINEAR_CE_TOLERANCE`): per tensor (the loss, each
   gradient), against the composition in fp64, within twice the composition's own error in the
-  dtype plus ``rtol`` of the largest magnitude.
+  dtype plus ``rtol`` of the largest magnitude; the fused linear log-probs and entropy
+  (:data:`LINEAR_LOG_PROBS_TOLERANCE`) the same, by the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ for each tensor::
 (:func:`linear_ce_allowed_error`). ``rtol``: half a rounding step of bf16 / fp16 at the largest
 magnitude, fp32 / fp64 as the losses' table."""
 
+LINEAR_LOG_PROBS_TOLERANCE: dict[torch.dtype, dict[str, float]] = LINEAR_CE_TOLERANCE
+"""The fused linear log-probs and entropy (``linear_log_probs``: both outputs and the gradients
+of input, weight and bias) against their composition, ``log_softmax(F.linear(...) / T)``: the
+linear cross-entropy's contract, the row chosen by the inputs' dtype (the outputs are fp32 for
+bf16/fp16 inputs, and the composition's own error is that of its logits in the inputs'
+dtype)."""
+
 
 def spacing(x: torch.Tensor) -> torch.Tensor:
     """Distance from |x| to the next representable value of x's 16-bit dtype, as float64."""
@@ -102,15 +110,18 @@ def allowed_error(expected: torch.Tensor, dtype: torch.dtype, table: dict) -> to
     return atol + tol["rtol"] * e.double().abs()
 
 
-def linear_ce_allowed_error(oracle: torch.Tensor, in_dtype: torch.Tensor, dtype: torch.dtype) -> float:
-    """The largest ``max|ours - oracle|`` :data:`LINEAR_CE_TOLERANCE` allows for one tensor.
+def linear_ce_allowed_error(
+    oracle: torch.Tensor, in_dtype: torch.Tensor, dtype: torch.dtype, table: dict = LINEAR_CE_TOLERANCE
+) -> float:
+    """The largest ``max|ours - oracle|`` :data:`LINEAR_CE_TOLERANCE` (or ``table``, of its
+    form) allows for one tensor.
 
     Args:
         oracle: the composition in fp64, any shape.
         in_dtype: the composition run in ``dtype`` on the same values, ``oracle``'s shape.
         dtype: the dtype of the result under test (selects the row of the table).
     """
-    tol = LINEAR_CE_TOLERANCE[dtype]
+    tol = table[dtype]
     o = oracle.detach().double()
     if o.numel() == 0:
         return 0.0

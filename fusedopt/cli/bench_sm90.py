@@ -564,6 +564,26 @@ def _linear_cross_entropy(
     return _loss("linear_cross_entropy", variant, forward)
 
 
+def _linear_log_probs(rows: int, hidden: int, vocab: int, dtype_name: str) -> Scenario:
+    """Log-probs and entropy at a temperature, back-propagated through both."""
+
+    def forward():
+        import torch
+
+        import fusedopt
+
+        dtype = getattr(torch, dtype_name)
+        x = torch.zeros(rows, hidden, dtype=dtype, requires_grad=True)
+        w = torch.zeros(vocab, hidden, dtype=dtype, requires_grad=True)
+        target = torch.arange(rows) * 7 % vocab
+        log_prob, entropy = fusedopt.functional.linear_log_probs(
+            x, w, target, temperature=0.7, return_entropy=True
+        )
+        return log_prob.sum() + entropy.sum()
+
+    return _loss("linear_log_probs", f"{_DTYPES[dtype_name]} H={hidden} V={vocab} entropy", forward)
+
+
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 SCENARIOS: list[Scenario] = [
@@ -604,6 +624,9 @@ SCENARIOS: list[Scenario] = [
     _pointwise("smooth_l1_loss", 4097 * 3),
     _linear_cross_entropy(16, 768, 50257, "bfloat16"),
     _linear_cross_entropy(16, 768, 50257, "bfloat16", chunk_classes=4096),  # the vocabulary order
+    _linear_log_probs(16, 768, 50257, "bfloat16"),
+    _linear_log_probs(16, 768, 128256, "bfloat16"),
+    _linear_log_probs(16, 768, 50257, "float32"),
 ]
 
 

@@ -662,7 +662,7 @@ def _softmax_step(
         # (z - m) exp(.) before all are rescaled by e = exp(m - z) (the new term is 0); else
         # the new term e (m - z). -inf logits add 0 (their limit); NaN stays NaN.
         e = tl.exp(-tl.abs(gap))  # online_lse's: computed once when compiled
-        d = tl.where(up, e * (d + s * tl.where(m > floor, gap, 0)), d + e * tl.minimum(-gap, -floor))
+        d = tl.where(up, e * (d + s * tl.where(up & (m > floor), gap, 0)), d + e * tl.minimum(-gap, -floor))
     s = s_new
     if SMOOTHING:
         if not COUNT:

@@ -6,5 +6,7 @@ the optimizers; ``fusedopt.functional`` and ``fusedopt.nn`` are their public fac
   :mod:`._cross_entropy_ops`): cross-entropy over logits;
 * :mod:`.linear_cross_entropy` (launcher :mod:`._linear_cross_entropy_launch`): the output
   projection and the cross-entropy without the logits;
+* :mod:`.linear_log_probs` (launcher :mod:`._linear_log_probs_launch`): per-token log-probs and
+  entropy of the same head, on the linear cross-entropy's token chunks;
 * :mod:`._common`: the grid rule, the custom-op registration and the backward forms they share.
 """

@@ -110,7 +110,7 @@ def backward(
     the log-probs and of the entropy (None: that output's gradient is not propagated; the
     entropy's needs the forward's ``entropy``), from the forward's ``lse``: the chunks' logits
     recomputed and overwritten with their gradient, then the engine's matmuls."""
-    flat = target.reshape(-1)
+    flat, entropy = target.reshape(-1), entropy.reshape(-1)
     vocab = weight.shape[0]
     glp = grad_log_prob.reshape(-1) if grad_log_prob is not None else None
     gh = grad_entropy.reshape(-1) if grad_entropy is not None else None
