@@ -128,3 +128,6 @@ LOSSES: dict[str, Floor] = {
     # The op is matmul-bound (6 N H V FLOPs: logits, input and weight gradients), far from this floor.
     "linear_cross_entropy": Floor((Pass("loss + grads", ("x/W",), ("dx/dW",)),)),
 }
+LOSSES["linear_log_probs"] = LOSSES[
+    "linear_cross_entropy"
+]  # the same head: per-token outputs, N (+ N) floats

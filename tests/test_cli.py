@@ -526,6 +526,35 @@ def test_bench_smoke_linear_cross_entropy_rows(tmp_path, capsys, monkeypatch):
     assert "8192x4096x128256-chunk2048" in out and "558,891,008" in out  # the floor table: (N + V) H
 
 
+def test_bench_linear_log_probs_rows(tmp_path, capsys, monkeypatch):
+    """The linear log-probs' bf16 row (issue 21): fusedopt, the eager and the compiled
+    composition, log-probs and entropy back-propagated with random grads; time, peak memory and
+    TFLOP/s (6 N H V) on a fake clock; its byte floor (the linear cross-entropy's)."""
+    on_a_fake_clock(monkeypatch, peak_mib=2.0)
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return FF.linear_log_probs(*args, **kwargs)
+
+    monkeypatch.setattr(bench_losses, "FF", argparse.Namespace(linear_log_probs=recording))
+    argv = ["--suites", "losses", "--losses", "llp-8192x4096x128256", "--dtypes", "bf16", "--no-progress"]
+    status = main(["bench", "--smoke", "--out", str(tmp_path), *argv])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    rows, _, _ = outputs(tmp_path)
+    by = {r["impl"]: r for r in rows if r["suite"] == "losses"}
+    assert set(by) == set(bench_losses.IMPLS) and calls == [dict(temperature=0.7, return_entropy=True)] * 2
+    flops = 6 * 64 * 32 * 257
+    for r in by.values():
+        assert r["case"] == "linear_log_probs" and r["layout"] == "64x32x257" and r["status"] == "timed", r
+        assert int(r["numel"]) == (64 + 257) * 32 and int(r["bytes_per_elt"]) == 4, r
+        assert float(r["peak_extra_mib"]) == 2.0 and r["note"].endswith(
+            f"(6NHV = {flops / 1e12:.3g} TFLOP)"
+        ), r
+    assert floors.LOSSES["linear_log_probs"] is floors.LOSSES["linear_cross_entropy"]
+
+
 def test_bench_linear_cross_entropy_timed_report(tmp_path, capsys, monkeypatch):
     """Timed rows (a fake clock) note the TFLOP/s of 6 N H V and fusedopt's speed-up."""
     on_a_fake_clock(monkeypatch, peak_mib=1.0)

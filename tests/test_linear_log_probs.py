@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import CountOps, PeakMemory, Recorder, record_launches
+from helpers import CountOps, PeakMemory, Recorder, compile_in_child, kernels_compiler, record_launches
 
 import fusedopt.losses._cross_entropy_launch as ce_launch
 import fusedopt.losses._linear_log_probs_launch as launch
@@ -370,3 +370,46 @@ def test_peak_memory_is_a_fraction_of_the_composition(triton_device, monkeypatch
             f"\npeak memory, N={n} H={hidden} V={vocab} fp32: fused {peaks['fused'] / 2**20:.1f} MiB, composition "
             f"{peaks['composition'] / 2**20:.1f} MiB; ratio {peaks['fused'] / peaks['composition']:.3f}"
         )
+
+
+# -- compilation for an H100 (sm_90) without a GPU (the bf16 / fp32 launches at a vocabulary's
+# blocks are the sm_90 bench's scenarios): fp64, tiles of many short rows, blocks below 2 vectors
+
+
+def _compile_variants() -> list:
+    out = []
+    for dt, rows, block in [("fp64", 1, 2048), ("bf16", 64, 64), ("fp16", 4, 8)]:
+        ct = "fp64" if dt == "fp64" else "fp32"
+        sizes = {"R": "i32", "C": "i32", "stride_x": "i32", "stride_t": "i32"}
+        forward = {
+            "logits": f"*{dt}",
+            "target": "*i64",
+            "log_prob": f"*{ct}",
+            "entropy": f"*{ct}",
+            "lse": f"*{ct}",
+        }
+        backward = {"logits": f"*{dt}", "target": "*i64", "lse": f"*{ct}", "entropy": f"*{ct}"}
+        backward |= {"grad_log_prob": f"*{ct}", "grad_entropy": f"*{ct}"}
+        tile = dict(DTYPE=dt, COMPUTE=ct, ROWS=rows, BLOCK=block)
+        aligned = ["logits", "stride_x"]
+        entropy = dt != "bf16"  # bf16: log-probs alone
+        out.append([
+            "log_probs_kernel", forward | sizes | {"ignore_index": "i64"},
+            tile | dict(ENTROPY=entropy, SAVE_LSE=True), aligned,
+        ])  # fmt: skip
+        out.append([
+            "log_probs_backward_kernel",
+            backward | sizes | {"stride_glp": "i32", "stride_gh": "i32", "inv_temperature": "fp64", "ignore_index": "i64"},
+            tile | dict(LOG_PROB=dt != "fp16", ENTROPY=entropy), aligned,
+        ])  # fmt: skip
+    return out
+
+
+def test_kernels_compile_for_sm90():
+    variants = _compile_variants()
+    results = compile_in_child(kernels_compiler("log_probs"), variants)
+    failures = [(v[0], v[2], r["error"]) for v, r in zip(variants, results, strict=True) if not r["ok"]]
+    assert not failures
+    # 128-bit accesses from blocks of 2 vectors; fp64's pass 1 reads unshifted (scalar), as cross_entropy's
+    wide = [r["vector_loads"] > 0 for v, r in zip(variants, results, strict=True)]
+    assert wide == [False, True, True, True, False, False]

@@ -1,11 +1,13 @@
 """Suite ``losses`` of ``python -m fusedopt bench``: ``torch.autograd.grad(loss(input, ...), input)``
 for fusedopt's op, torch's and ``torch.compile`` of torch's (``fusedopt.testing.LOSS_CASES``); the
-fused linear cross-entropy: ``torch.autograd.grad(loss, [input, linear_weight])`` of
+ops on a linear head: ``torch.autograd.grad(loss, [input, linear_weight])`` of
 ``fusedopt.functional.linear_cross_entropy`` against the composition
-``F.cross_entropy(F.linear(input, linear_weight), target)``, eager and compiled.
-``bytes_per_elt``: the op's floor (``fusedopt.floors.LOSSES``); ``impl_bytes_per_elt``: what each
-implementation moves (none given for the linear cross-entropy, which is matmul-bound: its rows
-note TFLOP/s of ``6 N H V`` instead).
+``F.cross_entropy(F.linear(input, linear_weight), target)``, and of
+``fusedopt.functional.linear_log_probs`` (log-probs and entropy at temperature 0.7, random
+upstream grads of both, as an RL trainer's loss gives them) against ``log_softmax(F.linear(...) /
+T)``, eager and compiled. ``bytes_per_elt``: the op's floor (``fusedopt.floors.LOSSES``);
+``impl_bytes_per_elt``: what each implementation moves (none given for the linear heads, which are
+matmul-bound: their rows note TFLOP/s of ``6 N H V`` instead).
 """
 
 from __future__ import annotations
@@ -20,19 +22,24 @@ from fusedopt import floors, testing
 from fusedopt import functional as FF
 from fusedopt.cli.common import DTYPES, Job, Suite, compiled
 from fusedopt.losses.linear_cross_entropy import linear_cross_entropy_reference
+from fusedopt.losses.linear_log_probs import linear_log_probs_reference
 
 TITLE = "loss forward + backward, every row"
 FLOOR_TITLE = (
     "byte floor of loss forward + backward (mean: read x; pointwise: read x, y, write dx; "
-    "cross-entropy: read z, write dz; linear cross-entropy: read x, W, write dx, dW)"
+    "cross-entropy: read z, write dz; linear cross-entropy: read x, W, write dx, dW; linear log-probs: the same)"
 )
 IMPLS = ("fusedopt", "torch-eager", "torch-compile")
 LINEAR = "linear_cross_entropy"
+LINEAR_HEADS = {  # op: its composition and keywords (the fused op: fusedopt.functional's of that name)
+    LINEAR: (linear_cross_entropy_reference, {}),
+    "linear_log_probs": (linear_log_probs_reference, dict(temperature=0.7, return_entropy=True)),
+}
 
 
 @dataclass(frozen=True)
 class Loss:
-    """A row group: the op (a name of ``fusedopt.testing.LOSS_CASES``, or ``LINEAR``), its input
+    """A row group: the op (a name of ``fusedopt.testing.LOSS_CASES``, or of ``LINEAR_HEADS``), its input
     shape timed on CUDA and its smoke shape (linear cross-entropy: tokens N, hidden H,
     vocabulary V), the linear cross-entropy's chunking for a CUDA and a smoke run (``("rows",
     2048, 16)``: ``chunk_rows``; ``("classes", ...)``: the vocabulary order, ``chunk_classes``;
@@ -60,6 +67,8 @@ LOSSES = {
     "lce-8192x4096x128256": Loss(LINEAR, _LCE, _LCE_SMOKE),
     "lce-8192x4096x128256-chunk2048": Loss(LINEAR, _LCE, _LCE_SMOKE, ("rows", 2048, 16), ("fusedopt",)),
     "lce-8192x4096x128256-vocab4096": Loss(LINEAR, _LCE, _LCE_SMOKE, ("classes", 4096, 100), ("fusedopt",)),
+    # per-token log-probs and entropy of the same head (the default chunk), through both outputs
+    "llp-8192x4096x128256": Loss("linear_log_probs", _LCE, _LCE_SMOKE),
 }
 POINTWISE = ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
 IMPL_BYTES_FP32 = {  # op: bytes per fp32 element each implementation moves (scaled by the element size)
@@ -87,7 +96,7 @@ def base_row(name: str, dtype: str, impl: str | None, smoke: bool) -> dict:
     for key, value in chunks.items():
         layout += f"-{'vocab' if key == 'chunk_classes' else 'chunk'}{value}"
     row = {"suite": "losses", "case": loss.op, "impl": impl, "layout": layout, "dtype": dtype}
-    if loss.op == LINEAR:  # the floor's elements: the input's and the weight's
+    if loss.op in LINEAR_HEADS:  # the floor's elements: the input's and the weight's
         tokens, hidden, vocab = shape
         row.update(tensors=2, numel=(tokens + vocab) * hidden)
     else:
@@ -100,8 +109,8 @@ def base_row(name: str, dtype: str, impl: str | None, smoke: bool) -> dict:
 def time_loss(name: str, dtype: str, impl: str, ctx) -> dict:
     """Forward + backward timed (a smoke run: only run) and its peak memory."""
     loss = LOSSES[name]
-    if loss.op == LINEAR:
-        return time_linear_cross_entropy(loss, dtype, impl, ctx)
+    if loss.op in LINEAR_HEADS:
+        return time_linear_head(loss, dtype, impl, ctx)
     case = next(c for c in testing.LOSS_CASES if c.name == loss.op)
     shape, _ = sizes(loss, ctx.tiny)
     gen = torch.Generator(ctx.device).manual_seed(0)
@@ -123,24 +132,32 @@ def time_loss(name: str, dtype: str, impl: str, ctx) -> dict:
     return ctx.measure(step)
 
 
-def time_linear_cross_entropy(loss: Loss, dtype: str, impl: str, ctx) -> dict:
-    """Forward + backward of the linear cross-entropy (gradients of the input and the weight),
-    as :func:`time_loss`; a timed row notes its TFLOP/s (``6 N H V``: three matmuls)."""
+def time_linear_head(loss: Loss, dtype: str, impl: str, ctx) -> dict:
+    """Forward + backward of an op on a linear head (gradients of the input and the weight;
+    per-token outputs back-propagated with random grads), as :func:`time_loss`; a timed row
+    notes its TFLOP/s (``6 N H V``: the three matmuls the gradients need; the log-probs' backward
+    recomputes the logits, one more)."""
     (tokens, hidden, vocab), chunks = sizes(loss, ctx.tiny)
     gen = torch.Generator(ctx.device).manual_seed(0)
     like = dict(device=ctx.device, dtype=DTYPES[dtype])
     x = torch.randn(tokens, hidden, generator=gen, **like).requires_grad_()
     w = torch.randn(vocab, hidden, generator=gen, **like).mul_(hidden**-0.5).requires_grad_()
     target = torch.randint(0, vocab, (tokens,), device=ctx.device, generator=gen)
+    reference, kwargs = LINEAR_HEADS[loss.op]
     if impl == "fusedopt":
-        fn = functools.partial(FF.linear_cross_entropy, **chunks)
+        fn = functools.partial(getattr(FF, loss.op), **chunks)
     elif impl == "torch-compile":
-        fn = compiled(linear_cross_entropy_reference, ctx.compile_backend)
+        fn = compiled(reference, ctx.compile_backend)
     else:
-        fn = linear_cross_entropy_reference
+        fn = reference
+    outputs = 2 if kwargs.get("return_entropy") else 1
+    grads = (
+        [torch.randn(tokens, device=ctx.device, generator=gen) for _ in range(outputs)] if kwargs else None
+    )
 
     def step():
-        return torch.autograd.grad(fn(x, w, target), [x, w])
+        out = fn(x, w, target, **kwargs)
+        return torch.autograd.grad(out if isinstance(out, tuple) else (out,), [x, w], grads)
 
     step()  # compile / warm up
     out = ctx.measure(step)
