@@ -56,13 +56,7 @@ def log_probs_of_logits(
 
 
 def linear_log_probs_reference(
-    input: torch.Tensor,
-    linear_weight: torch.Tensor,
-    target: torch.Tensor,
-    linear_bias: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
+    input, linear_weight, target, linear_bias=None, *, temperature=1.0, return_entropy=False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """What :func:`linear_log_probs` equals: :func:`log_probs_of_logits` of
     ``F.linear(input, linear_weight, linear_bias)`` (its fallback and its tests' oracle)."""
