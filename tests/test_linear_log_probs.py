@@ -152,6 +152,13 @@ def test_all_targets_ignored(triton_device):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in only_log_probs[2:])
 
 
+@pytest.mark.parametrize("lead", [(), (0,), (2, 0)], ids=["1d", "empty", "empty3d"])
+def test_degenerate_inputs(lead, triton_device):
+    """A single token (1-D input, 0-d target: 0-d outputs) and no token at all."""
+    x, w, target, b = make(lead, torch.float32, triton_device, ignore=False)
+    check(x, w, target, b, upstream(lead, "both", triton_device), temperature=0.5, return_entropy=True)
+
+
 def test_gradcheck_fp64(triton_device):
     x, w, target, b = make((7,), torch.float64, triton_device, vocab=67, hidden=5)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
