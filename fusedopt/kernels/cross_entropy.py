@@ -308,9 +308,9 @@ def _softmax_pass(
     ENTROPY: tl.constexpr = False,  # the third is Σ exp(z - m) (m - z) instead (not with SMOOTHING)
 ):
     """Pass 1 of ``cross_entropy_kernel``: ``(m, Σ exp(z - m), Σ w (m - z), Σ w)`` of each row
-    (the last two for label smoothing; ENTROPY: ``Σ exp(z - m) (m - z) >= 0``, the entropy's,
-    and ``s``: ``fusedopt.kernels.log_probs``). An online softmax per lane, no reduction until the row
-    ends. ALIGNED: lane i sees the columns ``i - r, i - r + BLOCK, ...`` (``r`` the elements
+    (the last two for label smoothing; ENTROPY: the third is ``Σ exp(z - m) (m - z) >= 0``, the
+    entropy's, for ``fusedopt.kernels.log_probs``). An online softmax per lane, no reduction until
+    the row ends. ALIGNED: lane i sees the columns ``i - r, i - r + BLOCK, ...`` (``r`` the elements
     between the row and the 16-byte boundary before it), those lane ``(i - r) mod BLOCK`` of an
     unshifted walk sees, in order; the lanes' sums are exact, so the result does not depend on
     the row's address. Else lane i sees the columns ``i, i + BLOCK, ...``."""
