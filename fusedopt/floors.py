@@ -132,3 +132,6 @@ LOSSES: dict[str, Floor] = {
     # Matmul-bound as the linear cross-entropy (8 N H V FLOPs: both heads' logits, two gradients).
     "linear_distillation_loss": Floor((Pass("loss + grads", ("x/W", "teacher x/W"), ("dx/dW",)),)),
 }
+LOSSES["linear_log_probs"] = LOSSES[
+    "linear_cross_entropy"
+]  # the same head: per-token outputs, N (+ N) floats

@@ -21,6 +21,7 @@ from fusedopt.kernels import losses as kernels
 from fusedopt.losses.cross_entropy import cross_entropy as _fused_cross_entropy
 from fusedopt.losses.linear_cross_entropy import linear_cross_entropy
 from fusedopt.losses.linear_distillation import linear_distillation_loss
+from fusedopt.losses.linear_log_probs import linear_log_probs
 from fusedopt.losses.pointwise import MeanFunction, PointwiseLossFunction
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "l1_loss",
     "linear_cross_entropy",
     "linear_distillation_loss",
+    "linear_log_probs",
     "mean",
     "mse_loss",
     "smooth_l1_loss",

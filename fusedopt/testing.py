@@ -2,8 +2,9 @@
 
 * **Cases**: :class:`OptimCase` (a fused optimizer, the torch class it replaces, options) and
   :data:`OPTIM_CASES`; :class:`LossCase` and :data:`LOSS_CASES`; :class:`LinearCECase` and
-  :data:`LINEAR_CE_CASES` (the fused linear cross-entropy); :class:`DistillationCase` and
-  :data:`DISTILLATION_CASES` (the fused linear distillation loss).
+  :data:`LINEAR_CE_CASES` (the ops on a linear head: the fused linear cross-entropy, the
+  linear log-probs and entropy); :class:`DistillationCase` and :data:`DISTILLATION_CASES` (the
+  fused linear distillation loss).
 * **Layouts**: :func:`odd_params` (0-d, empty, 1, 7, 4097 elements, 3-d, a strided slice, a
   transposed matrix), :func:`gpt_shapes` (a small GPT's params), :func:`many_small_shapes`,
   :func:`one_large_shape`.
@@ -12,7 +13,7 @@
 * **The runners**: :func:`compare_optimizer` steps a fused optimizer and torch's (its for-loop
   path) side by side and compares every param and state tensor; :func:`compare_loss` compares a
   fused loss's value and input gradient; :func:`compare_linear_cross_entropy` the fused linear
-  cross-entropy's value and gradients of input, weight and bias;
+  cross-entropy's (or another linear-head op's) value and gradients of input, weight and bias;
   :func:`compare_linear_distillation` the distillation loss's value and student gradients.
   :func:`assert_optimizer_matches` is the one-call form::
 
@@ -42,6 +43,7 @@ from fusedopt import functional as FF
 from fusedopt.losses.cross_entropy import cross_entropy_composition, z_loss_composition
 from fusedopt.losses.linear_cross_entropy import linear_cross_entropy_reference
 from fusedopt.losses.linear_distillation import linear_distillation_reference
+from fusedopt.losses.linear_log_probs import linear_log_probs_reference
 from fusedopt.optim import _amp, _precision, _quantize
 from fusedopt.optim import muon as _muon
 from fusedopt.optim._fused import EXTENSIONS
@@ -259,8 +261,11 @@ class LinearCECase:
     """The fused linear cross-entropy (``fused``) and the composition it replaces
     (``reference``: ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), ...)``), with
     one set of options: ``kwargs`` of ``F.cross_entropy``, a class weight (``weighted``), a bias;
-    ``vocab_blocks`` > 0: the vocabulary order, in that many blocks of classes. A 0-d result is
-    back-propagated with ``grad_output``, any other with a random tensor."""
+    ``vocab_blocks`` > 0: the vocabulary order, in that many blocks of classes. Another op on a
+    linear head, ``fused(input, linear_weight, target, linear_bias, **kwargs)``, with its
+    reference (``linear_log_probs``; ``chunked=False``: it takes no ``chunk_rows``). A 0-d
+    result is back-propagated with ``grad_output``, any other with a random tensor (several
+    outputs: stacked)."""
 
     name: str
     kwargs: dict = field(default_factory=dict)
@@ -270,6 +275,7 @@ class LinearCECase:
     vocab_blocks: int = 0
     fused: Callable[..., torch.Tensor] = FF.linear_cross_entropy
     reference: Callable[..., torch.Tensor] = linear_cross_entropy_reference
+    chunked: bool = True  # the op takes chunk_rows
 
     @property
     def options(self) -> str:
@@ -296,6 +302,21 @@ LINEAR_CE_CASES: list[LinearCECase] = [
     LinearCECase("linear_cross_entropy", dict(z_loss=1e-2, ignore_index=3), weighted=True),  # PaLM's z-loss
     LinearCECase(  # Gemma 2's soft-capping, in the vocabulary order (the log-sum-exp kernel's cap)
         "linear_cross_entropy", dict(softcap=1.5, z_loss=1e-2), grad_output=-1.25, vocab_blocks=3
+    ),
+    # per-token log-probs and entropy (RL trainers) at a temperature, against their composition
+    LinearCECase(
+        "linear_log_probs",
+        dict(temperature=0.7, return_entropy=True),
+        fused=FF.linear_log_probs,
+        reference=linear_log_probs_reference,
+        chunked=False,
+    ),
+    LinearCECase(
+        "linear_log_probs",
+        bias=False,
+        fused=FF.linear_log_probs,
+        reference=linear_log_probs_reference,
+        chunked=False,
     ),
 ]
 
@@ -813,15 +834,19 @@ def compare_linear_cross_entropy(
     kwargs = dict(case.kwargs)
     if case.weighted:
         kwargs["weight"] = (torch.rand(vocab, generator=gen) + 0.5).to(device=device, dtype=dtype)
-    if kwargs.get("reduction", "mean") == "none":
-        grad = torch.randn(rows, generator=gen).to(device, dtype)  # the same values for the oracle
-    else:
-        grad = torch.full((), case.grad_output, device=device)
-    chunks = (
-        dict(chunk_classes=-(-vocab // case.vocab_blocks))
-        if case.vocab_blocks
-        else dict(chunk_rows=chunk_rows)
-    )
+
+    def grad(out: torch.Tensor) -> torch.Tensor:
+        """``case.grad_output`` for a 0-d result, else the same random values for every run
+        (rounded to the dtype: the oracle's too)."""
+        if out.dim() == 0:
+            return torch.full((), case.grad_output, device=device)
+        return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+
+    chunks = {}
+    if case.vocab_blocks:
+        chunks = dict(chunk_classes=-(-vocab // case.vocab_blocks))
+    elif case.chunked:
+        chunks = dict(chunk_rows=chunk_rows)
     ours = run_linear_cross_entropy(case.fused, x, w, target, b, grad, **chunks, **kwargs)
     in_dtype = run_linear_cross_entropy(case.reference, x, w, target, b, grad, **kwargs)
     oracle = run_linear_cross_entropy(case.reference, x, w, target, b, grad, torch.float64, **kwargs)
@@ -877,8 +902,9 @@ def compare_linear_distillation(
 
 def run_linear_cross_entropy(fn, x, w, target, b=None, grad_output=None, dtype=None, **kwargs) -> list:
     """``[loss, grad_input, grad_weight(, grad_bias)]`` of ``fn(x, w, target, b, **kwargs)`` (the
-    fused op or the composition) on leaf copies of ``x``, ``w``, ``b``, cast to ``dtype`` if
-    given, tensor ``kwargs`` too; back-propagated with ``grad_output`` (None: ones)."""
+    fused op or the composition; several outputs stacked into one ``loss``) on leaf copies of
+    ``x``, ``w``, ``b``, cast to ``dtype`` if given, tensor ``kwargs`` too; back-propagated with
+    ``grad_output`` (None: ones; a function: of the loss)."""
 
     def cast(t):
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
@@ -889,9 +915,14 @@ def run_linear_cross_entropy(fn, x, w, target, b=None, grad_output=None, dtype=N
     return _backward(loss, leaves, grad_output)
 
 
-def _backward(loss: torch.Tensor, leaves: list[torch.Tensor], grad_output: torch.Tensor | None) -> list:
-    """``[loss, *its gradients in leaves]``, back-propagated with ``grad_output`` (None: ones)."""
-    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.device, loss.dtype)
+def _backward(loss, leaves: list[torch.Tensor], grad_output) -> list:
+    """``[loss, *its gradients in leaves]`` (several outputs stacked into one), back-propagated
+    with ``grad_output`` (None: ones; a function: of the loss)."""
+    loss = torch.stack(loss) if isinstance(loss, tuple) else loss
+    if grad_output is None:
+        go = torch.ones_like(loss)
+    else:
+        go = (grad_output(loss) if callable(grad_output) else grad_output).to(loss.device, loss.dtype)
     return [loss, *torch.autograd.grad(loss, leaves, go)]
 
 

@@ -19,7 +19,8 @@ the tests and by ``python -m fusedopt check``:
 * The fused linear cross-entropy (:data:`LINEAR_CE_TOLERANCE`) and the fused linear
   distillation loss (:data:`LINEAR_DISTILLATION_TOLERANCE`): per tensor (the loss, each
   gradient), against the composition in fp64, within twice the composition's own error in the
-  dtype plus ``rtol`` of the largest magnitude.
+  dtype plus ``rtol`` of the largest magnitude; the fused linear log-probs and entropy
+  (:data:`LINEAR_LOG_PROBS_TOLERANCE`) the same, by the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ for each tensor::
 
 (:func:`linear_ce_allowed_error`). ``rtol``: half a rounding step of bf16 / fp16 at the largest
 magnitude, fp32 / fp64 as the losses' table."""
+
+LINEAR_LOG_PROBS_TOLERANCE: dict[torch.dtype, dict[str, float]] = LINEAR_CE_TOLERANCE
+"""The fused linear log-probs and entropy (``linear_log_probs``: both outputs and the gradients
+of input, weight and bias) against their composition, ``log_softmax(F.linear(...) / T)``: the
+linear cross-entropy's contract, the row chosen by the inputs' dtype (the outputs are fp32 for
+bf16/fp16 inputs, and the composition's own error is that of its logits in the inputs'
+dtype)."""
 
 
 LINEAR_DISTILLATION_TOLERANCE: dict[torch.dtype, dict[str, float]] = dict(LINEAR_CE_TOLERANCE)

@@ -320,6 +320,38 @@ def compile_in_child(child: str, variants: list, timeout: int = 900) -> list[dic
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+_COMPILER = r"""
+import json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from fusedopt.kernels import MODULE as k
+
+T = {"fp32": tl.float32, "fp64": tl.float64, "bf16": tl.bfloat16, "fp16": tl.float16}
+out = []
+for name, signature, constexprs, aligned in json.load(sys.stdin):
+    kernel = getattr(k, name)
+    constexprs = {key: T.get(value, value) if isinstance(value, str) else value for key, value in constexprs.items()}
+    # the launcher's 16-divisibility specialization of pointers, sizes and strides
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    try:
+        source = triton.compiler.ASTSource(fn=kernel, signature=dict(signature, **dict.fromkeys(constexprs, "constexpr")),
+                                           constexprs=constexprs, attrs=attrs)
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+        out.append({"ok": ".visible .entry" in ptx, "vector_loads": ptx.count("ld.global.v"), "error": ""})
+    except Exception as e:
+        out.append({"ok": False, "vector_loads": 0, "error": f"{type(e).__name__}: {e}"[:2000]})
+print(json.dumps(out))
+"""
+
+
+def kernels_compiler(module: str) -> str:
+    """The child script of :func:`compile_in_child` for the kernels of
+    ``fusedopt.kernels.<module>``: each variant ``[kernel name, signature, constexprs, aligned]``
+    (dtype constexprs as ``"fp32"``...; ``aligned``: the arguments the launcher's 16-divisibility
+    specialization marks) compiled for sm_90 at 8 warps."""
+    return _COMPILER.replace("MODULE", module)
+
+
 class PeakMemory(TorchDispatchMode):
     """Bytes of the storages created by ops inside the block that are alive at once: the peak
     and the largest single storage. A storage counts from the op that created it until Python

@@ -228,7 +228,7 @@ def test_check_linear_cross_entropy_passes(monkeypatch, capsys, tmp_path):
     argv = ["--optimizers", "--losses", "linear_cross_entropy", *LINEAR_TINY, "--dtypes", "fp32", "bf16"]
     status, out = run_check(monkeypatch, capsys, tmp_path, *argv)
     assert status == 0, out
-    count = len(testing.LINEAR_CE_CASES)
+    count = sum(case.name == "linear_cross_entropy" for case in testing.LINEAR_CE_CASES)
     assert count == 6 and verdicts(out, "linear_cross_entropy") == ["PASS"] * 2 * count
     assert "5 tokens x 8 features -> 37 classes in chunks of 2" in out
     assert "vocab/3" in out  # the case in the vocabulary order (blocks of 13 classes)
@@ -243,8 +243,25 @@ def test_check_linear_cross_entropy_passes(monkeypatch, capsys, tmp_path):
         # the bias gradient is compared where the case has a bias
         fields = ["value", "grad_input", "grad_weight", *(["grad_bias"] if "bias" in r["options"] else [])]
         assert all(r[k] != "" for k in fields), r
-    assert {r["options"] for r in rows} == {case.options for case in testing.LINEAR_CE_CASES}
+    lce = [case for case in testing.LINEAR_CE_CASES if case.name == "linear_cross_entropy"]
+    assert {r["options"] for r in rows} == {case.options for case in lce}
     assert any(r["grad_bias"] == "" for r in rows) and any(r["grad_bias"] for r in rows)
+
+
+def test_check_linear_log_probs_passes(monkeypatch, capsys, tmp_path):
+    """The linear log-probs' rows (issue 21): log-probs and entropy stacked as the value, the
+    gradients of input, weight (and bias) from random upstream grads of both."""
+    argv = ["--optimizers", "--losses", "linear_log_probs", *LINEAR_TINY, "--dtypes", "fp32", "bf16"]
+    status, out = run_check(monkeypatch, capsys, tmp_path, *argv)
+    assert status == 0, out
+    count = sum(case.name == "linear_log_probs" for case in testing.LINEAR_CE_CASES)
+    assert count == 2 and verdicts(out, "linear_log_probs") == ["PASS"] * 2 * count
+    assert f"linear heads: {count} cases x 2 dtypes" in out and "log_softmax(F.linear(...) / T)" in out
+    (csv_path,) = tmp_path.glob("check_*.csv")
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["options"] for r in rows} == {"temperature=0.7 return_entropy bias", "defaults"}
+    assert all(r["value"] != "" and r["grad_weight"] != "" and r["verdict"] == "PASS" for r in rows), rows
 
 
 def test_check_flags_a_wrong_linear_cross_entropy(monkeypatch, capsys, tmp_path):
@@ -550,6 +567,35 @@ def test_bench_smoke_linear_cross_entropy_rows(tmp_path, capsys, monkeypatch):
     assert "8192x4096x128256-chunk2048" in out and "558,891,008" in out  # the floor table: (N + V) H
 
 
+def test_bench_linear_log_probs_rows(tmp_path, capsys, monkeypatch):
+    """The linear log-probs' bf16 row (issue 21): fusedopt, the eager and the compiled
+    composition, log-probs and entropy back-propagated with random grads; time, peak memory and
+    TFLOP/s (6 N H V) on a fake clock; its byte floor (the linear cross-entropy's)."""
+    on_a_fake_clock(monkeypatch, peak_mib=2.0)
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return FF.linear_log_probs(*args, **kwargs)
+
+    monkeypatch.setattr(bench_losses, "FF", argparse.Namespace(linear_log_probs=recording))
+    argv = ["--suites", "losses", "--losses", "llp-8192x4096x128256", "--dtypes", "bf16", "--no-progress"]
+    status = main(["bench", "--smoke", "--out", str(tmp_path), *argv])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    rows, _, _ = outputs(tmp_path)
+    by = {r["impl"]: r for r in rows if r["suite"] == "losses"}
+    assert set(by) == set(bench_losses.IMPLS) and calls == [dict(temperature=0.7, return_entropy=True)] * 2
+    flops = 6 * 64 * 32 * 257
+    for r in by.values():
+        assert r["case"] == "linear_log_probs" and r["layout"] == "64x32x257" and r["status"] == "timed", r
+        assert int(r["numel"]) == (64 + 257) * 32 and int(r["bytes_per_elt"]) == 4, r
+        assert float(r["peak_extra_mib"]) == 2.0 and r["note"].endswith(
+            f"(6NHV = {flops / 1e12:.3g} TFLOP)"
+        ), r
+    assert floors.LOSSES["linear_log_probs"] is floors.LOSSES["linear_cross_entropy"]
+
+
 def test_bench_linear_cross_entropy_timed_report(tmp_path, capsys, monkeypatch):
     """Timed rows (a fake clock) note the TFLOP/s of 6 N H V and fusedopt's speed-up."""
     on_a_fake_clock(monkeypatch, peak_mib=1.0)
@@ -623,7 +669,7 @@ def test_docs_sample_check_output_counts_what_the_code_runs():
     assert f"muon: {muon} option sets x {dtypes} dtypes" in text
     assert f"({len(shapes)} tensors, {numel:,} elements: d={size['width']}, {size['layers']} layers" in text
     assert f"losses: {losses} cases x {dtypes} dtypes" in text
-    assert f"linear cross-entropy: {linear} cases x {dtypes} dtypes" in text
+    assert f"linear heads: {linear} cases x {dtypes} dtypes" in text
     assert f"OK: all {dtypes * (optim + muon + losses + linear)} checks within tolerance" in text
     for case in check.OPTIM_CASES:  # each option set's extra tensors are named in the header
         for name, shape in case.extra_params:

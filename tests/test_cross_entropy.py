@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from helpers import Launches, compile_in_child, record_launches
+from helpers import Launches, compile_in_child, kernels_compiler, record_launches
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedopt.losses._cross_entropy_launch as launch
@@ -506,28 +506,7 @@ def test_other_devices_use_torch(ce_launches, monkeypatch, device):
 
 # -- compilation for an H100 (sm_90) without a GPU, in a child process without TRITON_INTERPRET ---------
 
-CHILD = r"""
-import json, sys
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from fusedopt.kernels import cross_entropy as k
-
-T = {"fp32": tl.float32, "fp64": tl.float64, "bf16": tl.bfloat16, "fp16": tl.float16}
-out = []
-for name, signature, constexprs, aligned in json.load(sys.stdin):
-    kernel = getattr(k, name)
-    constexprs = {key: T.get(value, value) if isinstance(value, str) else value for key, value in constexprs.items()}
-    # the launcher's 16-divisibility specialization of pointers, sizes and strides
-    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    try:
-        source = triton.compiler.ASTSource(fn=kernel, signature=dict(signature, **dict.fromkeys(constexprs, "constexpr")),
-                                           constexprs=constexprs, attrs=attrs)
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
-        out.append({"ok": ".visible .entry" in ptx, "vector_loads": ptx.count("ld.global.v"), "error": ""})
-    except Exception as e:
-        out.append({"ok": False, "vector_loads": 0, "error": f"{type(e).__name__}: {e}"[:2000]})
-print(json.dumps(out))
-"""
+CHILD = kernels_compiler("cross_entropy")
 
 COMPUTE = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp32", "fp64": "fp64"}
 # row-kernel modes: forward with gradient (mean / sum), forward only, none's forward and backward

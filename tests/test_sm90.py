@@ -51,6 +51,8 @@ LOSS_KERNELS = {
     "matmul_accumulate_kernel",
     "logsumexp_block_kernel",
     "distillation_kernel",
+    "log_probs_kernel",
+    "log_probs_backward_kernel",
 }
 LOSS_REDUCTIONS = {"cross_entropy_targets_kernel", "cross_entropy_sum_kernel", "sum_rows_kernel"}
 

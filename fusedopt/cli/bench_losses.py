@@ -1,13 +1,15 @@
 """Suite ``losses`` of ``python -m fusedopt bench``: ``torch.autograd.grad(loss(input, ...), input)``
 for fusedopt's op, torch's and ``torch.compile`` of torch's (``fusedopt.testing.LOSS_CASES``); the
-fused linear cross-entropy: ``torch.autograd.grad(loss, [input, linear_weight])`` of
+ops on a linear head: ``torch.autograd.grad(loss, [input, linear_weight])`` of
 ``fusedopt.functional.linear_cross_entropy`` against the composition
-``F.cross_entropy(F.linear(input, linear_weight), target)``, eager and compiled; the fused linear
-distillation loss (the JSD, β = 0.5, against a teacher head of the student's shape) likewise
-against its composition (``linear_distillation_reference``).
+``F.cross_entropy(F.linear(input, linear_weight), target)``, eager and compiled; of
+``fusedopt.functional.linear_log_probs`` (log-probs and entropy at temperature 0.7, random
+upstream grads of both, as an RL trainer's loss gives them) against ``log_softmax(F.linear(...) /
+T)``; and of the fused linear distillation loss (the JSD, β = 0.5, against a teacher head of the
+student's shape) against its composition (``linear_distillation_reference``).
 ``bytes_per_elt``: the op's floor (``fusedopt.floors.LOSSES``); ``impl_bytes_per_elt``: what each
-implementation moves (none given for the heads' losses, which are matmul-bound: their rows note
-TFLOP/s of ``6 N H V``, the distillation's ``8 N H V``, instead).
+implementation moves (none given for the heads' ops, which are matmul-bound: their rows note
+TFLOP/s of ``6 N H V``, the log-probs' and the distillation's ``8 N H V``, instead).
 """
 
 from __future__ import annotations
@@ -23,23 +25,28 @@ from fusedopt import functional as FF
 from fusedopt.cli.common import DTYPES, Job, Suite, compiled
 from fusedopt.losses.linear_cross_entropy import linear_cross_entropy_reference
 from fusedopt.losses.linear_distillation import linear_distillation_reference
+from fusedopt.losses.linear_log_probs import linear_log_probs_reference
 
 TITLE = "loss forward + backward, every row"
 FLOOR_TITLE = (
     "byte floor of loss forward + backward (mean: read x; pointwise: read x, y, write dx; "
-    "cross-entropy: read z, write dz; linear cross-entropy: read x, W, write dx, dW; distillation: also read "
-    "the teacher's x, W)"
+    "cross-entropy: read z, write dz; linear cross-entropy: read x, W, write dx, dW; linear log-probs: the "
+    "same; distillation: also read the teacher's x, W)"
 )
 IMPLS = ("fusedopt", "torch-eager", "torch-compile")
 LINEAR = "linear_cross_entropy"
 DISTILLATION = "linear_distillation_loss"
-HEADS = (LINEAR, DISTILLATION)  # the losses of a linear head: shapes N x H x V, matmul-bound
 JSD = dict(divergence="jsd", beta=0.5)  # the distillation rows' divergence (GKD's)
+HEADS = {  # op on a linear head: its composition and keywords (the fused op: fusedopt.functional's)
+    LINEAR: (linear_cross_entropy_reference, {}),
+    "linear_log_probs": (linear_log_probs_reference, dict(temperature=0.7, return_entropy=True)),
+    DISTILLATION: (linear_distillation_reference, JSD),
+}
 
 
 @dataclass(frozen=True)
 class Loss:
-    """A row group: the op (a name of ``fusedopt.testing.LOSS_CASES``, or ``LINEAR``), its input
+    """A row group: the op (a name of ``fusedopt.testing.LOSS_CASES``, or of ``HEADS``), its input
     shape timed on CUDA and its smoke shape (linear cross-entropy: tokens N, hidden H,
     vocabulary V), the linear cross-entropy's chunking for a CUDA and a smoke run (``("rows",
     2048, 16)``: ``chunk_rows``; ``("classes", ...)``: the vocabulary order, ``chunk_classes``;
@@ -69,6 +76,8 @@ LOSSES = {
     "lce-8192x4096x128256-vocab4096": Loss(LINEAR, _LCE, _LCE_SMOKE, ("classes", 4096, 100), ("fusedopt",)),
     # A student and a teacher of Llama 3 8B's head shape, the JSD (β = 0.5); the default chunk.
     "distill-8192x4096x128256": Loss(DISTILLATION, _LCE, _LCE_SMOKE),
+    # per-token log-probs and entropy of the same head (the default chunk), through both outputs
+    "llp-8192x4096x128256": Loss("linear_log_probs", _LCE, _LCE_SMOKE),
 }
 POINTWISE = ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
 IMPL_BYTES_FP32 = {  # op: bytes per fp32 element each implementation moves (scaled by the element size)
@@ -133,10 +142,12 @@ def time_loss(name: str, dtype: str, impl: str, ctx) -> dict:
 
 
 def time_linear_head(loss: Loss, dtype: str, impl: str, ctx) -> dict:
-    """Forward + backward of a loss of a linear head (gradients of the input and the weight),
-    as :func:`time_loss`: the linear cross-entropy, or the distillation loss (its teacher a head of
-    the same shape, no gradient). A timed row notes its TFLOP/s (three matmuls, ``6 N H V``; the
-    distillation's teacher logits one more, ``8 N H V``)."""
+    """Forward + backward of an op on a linear head (gradients of the input and the weight;
+    per-token outputs back-propagated with random grads), as :func:`time_loss`: the linear
+    cross-entropy, the log-probs and entropy, or the distillation loss (its teacher a head of the
+    same shape, no gradient). A timed row notes its TFLOP/s (three matmuls, ``6 N H V``; the
+    log-probs' backward recomputes the logits and the distillation computes the teacher's, one
+    more: ``8 N H V``)."""
     (tokens, hidden, vocab), chunks = sizes(loss, ctx.tiny)
     gen = torch.Generator(ctx.device).manual_seed(0)
     like = dict(device=ctx.device, dtype=DTYPES[dtype])
@@ -146,25 +157,27 @@ def time_linear_head(loss: Loss, dtype: str, impl: str, ctx) -> dict:
         return x, torch.randn(vocab, hidden, generator=gen, **like).mul_(hidden**-0.5)
 
     x, w = (t.requires_grad_() for t in head())
+    reference, kwargs = HEADS[loss.op]
     if loss.op == DISTILLATION:
-        args, matmuls = (x, w, *head()), 4
-        fused = functools.partial(FF.linear_distillation_loss, **JSD)
-        reference = functools.partial(linear_distillation_reference, **JSD)
+        args = (x, w, *head())
     else:
-        args, matmuls = (x, w, torch.randint(0, vocab, (tokens,), device=ctx.device, generator=gen)), 3
-        fused, reference = (
-            functools.partial(FF.linear_cross_entropy, **chunks),
-            linear_cross_entropy_reference,
-        )
+        args = (x, w, torch.randint(0, vocab, (tokens,), device=ctx.device, generator=gen))
+    matmuls = 3 if loss.op == LINEAR else 4
     if impl == "fusedopt":
-        fn = fused
+        fn = functools.partial(getattr(FF, loss.op), **chunks)
     elif impl == "torch-compile":
         fn = compiled(reference, ctx.compile_backend)
     else:
         fn = reference
+    outputs = 2 if kwargs.get("return_entropy") else 1
+    per_token = loss.op == "linear_log_probs"  # its outputs are per token: random upstream grads
+    grads = (
+        [torch.randn(tokens, device=ctx.device, generator=gen) for _ in range(outputs)] if per_token else None
+    )
 
     def step():
-        return torch.autograd.grad(fn(*args), [x, w])
+        out = fn(*args, **kwargs)
+        return torch.autograd.grad(out if isinstance(out, tuple) else (out,), [x, w], grads)
 
     step()  # compile / warm up
     out = ctx.measure(step)

@@ -564,6 +564,26 @@ def _linear_cross_entropy(rows: int, hidden: int, vocab: int, dtype_name: str, *
     return _loss("linear_cross_entropy", variant, forward)
 
 
+def _linear_log_probs(rows: int, hidden: int, vocab: int, dtype_name: str) -> Scenario:
+    """Log-probs and entropy at a temperature, back-propagated through both."""
+
+    def forward():
+        import torch
+
+        import fusedopt
+
+        dtype = getattr(torch, dtype_name)
+        x = torch.zeros(rows, hidden, dtype=dtype, requires_grad=True)
+        w = torch.zeros(vocab, hidden, dtype=dtype, requires_grad=True)
+        target = torch.arange(rows) * 7 % vocab
+        log_prob, entropy = fusedopt.functional.linear_log_probs(
+            x, w, target, temperature=0.7, return_entropy=True
+        )
+        return log_prob.sum() + entropy.sum()
+
+    return _loss("linear_log_probs", f"{_DTYPES[dtype_name]} H={hidden} V={vocab} entropy", forward)
+
+
 def _linear_distillation(rows: int, hidden: int, vocab: int, dtype_name: str, **options) -> Scenario:
     """The student's head against a teacher of the same shape (its own tensors); ``options``
     of ``linear_distillation_loss`` (none's loss summed for the backward)."""
@@ -630,6 +650,9 @@ SCENARIOS: list[Scenario] = [
     _linear_distillation(16, 768, 50257, "bfloat16", divergence="jsd"),
     _linear_distillation(16, 768, 50257, "bfloat16", divergence="reverse_kl", reduction="none"),
     _linear_distillation(16, 768, 50257, "float32", divergence="jsd", beta=0.3),
+    _linear_log_probs(16, 768, 50257, "bfloat16"),
+    _linear_log_probs(16, 768, 128256, "bfloat16"),
+    _linear_log_probs(16, 768, 50257, "float32"),
 ]
 
 

@@ -1,7 +1,8 @@
 """``python -m fusedopt check``: every fused optimizer (each param and state tensor, step after step),
-loss (value and input gradient), the fused linear cross-entropy (value and gradients of input,
-weight, bias) and the fused linear distillation loss (value and the student's gradients) against
-torch on this machine, with verdicts. The cases, runners and tolerances are
+loss (value and input gradient), the ops on a linear head: the fused linear cross-entropy and the
+linear log-probs (value and gradients of input, weight, bias), and the fused linear distillation
+loss (value and the student's gradients) against torch on this machine, with verdicts. The cases,
+runners and tolerances are
 ``fusedopt.testing``'s."""
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ KINDS = {  # kind: (plural, what its error columns are, its tolerance table)
     "optimizer": ("optimizers", OPTIM_ERRORS, OPTIM_TOLERANCE),
     "loss": ("losses", "of the loss value and of the input gradient", LOSS_TOLERANCE),
     "linear_ce": (
-        "linear cross-entropy",
-        "of the loss value and of the gradients of input, linear_weight, linear_bias, torch = the "
-        "composition F.cross_entropy(F.linear(...)) in fp64 from the same values",
+        "linear heads",
+        "of the value (linear_log_probs: log-probs and entropy) and of the gradients of input, linear_weight, "
+        "linear_bias, torch = the composition F.cross_entropy(F.linear(...)) (log_softmax(F.linear(...) / T)) "
+        "in fp64 from the same values",
         LINEAR_CE_TOLERANCE,
     ),
     "distillation": (
@@ -124,9 +126,9 @@ def run(args: argparse.Namespace) -> int:
         "hidden matrices) against torch.optim.Muon, its use_muon=False group (the rest) against torch.optim.AdamW\n"
         f"losses: {len(loss_cases)} cases x {len(dtypes)} dtypes, inputs {size['rows']}x{size['classes']}, "
         "value and input gradient against torch.nn.functional (z_loss, softcap: their plain-torch composition)\n"
-        f"linear cross-entropy: {len(linear_cases)} cases x {len(dtypes)} dtypes, {size['rows']} tokens x "
-        f"{size['hidden']} features -> {size['classes']} classes in chunks of {size['chunk_rows']}, value and "
-        "gradients of input, linear_weight, linear_bias against the composition in fp64\n"
+        f"linear heads: {len(linear_cases)} cases x {len(dtypes)} dtypes, {size['rows']} tokens x "
+        f"{size['hidden']} features -> {size['classes']} classes in chunks of {size['chunk_rows']} (linear_log_probs: "
+        "its own chunks), value and gradients of input, linear_weight, linear_bias against the composition in fp64\n"
         f"linear distillation: {len(distillation_cases)} cases x {len(dtypes)} dtypes, {size['rows']} tokens, a "
         f"student of {size['hidden']} and a teacher of {size['hidden'] + 8} features -> {size['classes']} classes, "
         "value and the student's gradients against the composition in fp64\n"

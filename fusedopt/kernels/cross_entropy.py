@@ -324,26 +324,33 @@ def _softmax_pass(
     SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIGNED: tl.constexpr,  # read from the rows' 16-byte boundaries (unit stride)
+    ENTROPY: tl.constexpr = False,  # the third is Σ exp(z - m) (m - z) instead (not with SMOOTHING)
 ):
     """Pass 1 of ``cross_entropy_kernel``: ``(m, Σ exp(z - m), Σ w (m - z), Σ w)`` of each row
-    (the last two for label smoothing). An online softmax per lane, no reduction until the row
-    ends. ALIGNED: lane i sees the columns ``i - r, i - r + BLOCK, ...`` (``r`` the elements
+    (the last two for label smoothing; ENTROPY: the third is ``Σ exp(z - m) (m - z) >= 0``, the
+    entropy's, for ``fusedopt.kernels.log_probs``). An online softmax per lane, no reduction until
+    the row ends. ALIGNED: lane i sees the columns ``i - r, i - r + BLOCK, ...`` (``r`` the elements
     between the row and the 16-byte boundary before it), those lane ``(i - r) mod BLOCK`` of an
     unshifted walk sees, in order; the lanes' sums are exact, so the result does not depend on
     the row's address. Else lane i sees the columns ``i, i + BLOCK, ...``."""
     floor = lowest(ROWS, BLOCK, COMPUTE)
     m = floor  # running max of the lane (finite)
     s = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ exp(z - m) of the lane; NaN after a NaN or +inf
-    d = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w (m - z) of the lane (label smoothing)
+    d = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w (m - z) of the lane (smoothing; ENTROPY: Σ e^(z-m) (m - z))
     w_seen = tl.zeros([ROWS, BLOCK], COMPUTE)  # Σ w of the lane (label smoothing with class weights)
     r = row_start(x_rows, ALIGNED, VEC)
     m, s, d, w_seen = _softmax_blocks(
         x_rows, w_rows, r, cap, C, stride, row_mask, m, s, d, w_seen, floor,
-        COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, SOFTCAP, ALIGNED,
+        COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, SOFTCAP, ALIGNED, ENTROPY,
     )  # fmt: skip
     m_lane = m
     m = tl.max(m_lane, 1)
-    s = exact_sum(s * tl.exp(m_lane - m[:, None]), float("nan"), ALIGNED)
+    to_row = tl.exp(m_lane - m[:, None])  # a lane's sums relative to the row's max
+    if ENTROPY:  # Σ e^(z-m) (m - z) = Σ_lanes to_row (d + (m - m_lane) s): every term >= 0
+        d = exact_sum(
+            to_row * (d + s * tl.where(m_lane > floor, m[:, None] - m_lane, 0)), float("nan"), ALIGNED
+        )
+    s = exact_sum(s * to_row, float("nan"), ALIGNED)
     if SMOOTHING:
         if not HAS_WEIGHT:  # the lanes' counts of columns
             w_seen = rotated_counts(r, C, row_mask, BLOCK).to(COMPUTE)
@@ -380,6 +387,7 @@ def _gradient_pass(
     SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr,  # the gradient's rows split at 16-byte boundaries (unit stride)
     SAME: tl.constexpr,  # the logits' rows split as the gradient's (SPLIT)
+    ent=None,  # _gradient's
 ):
     """Pass 2 of ``cross_entropy_kernel``: the gradient of the rows. SPLIT: its rows' whole
     vectors stored 128-bit (the logits read 128-bit too if SAME), the at most ``2 VEC -
@@ -391,13 +399,13 @@ def _gradient_pass(
         if SAME:
             _gradient_blocks(
                 x_rows, g_rows, w_rows, shift, end, y_pos, C, stride_x, stride_g, row_mask, m, p_factor, hit,
-                eps_w, keep, cap, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, SOFTCAP, True, True,
+                eps_w, keep, cap, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, SOFTCAP, True, True, ent,
             )  # fmt: skip
         else:  # scalar loads of the logits, in half blocks (as many registers as whole ones need)
             _gradient_blocks(
                 x_rows, g_rows, w_rows, shift, end, y_pos, C, stride_x, stride_g, row_mask, m, p_factor, hit,
                 eps_w, keep, cap, DTYPE, COMPUTE, ROWS, VEC, BLOCK // 2, HAS_WEIGHT, SMOOTHING, SOFTCAP, False,
-                True,
+                True, ent,
             )  # fmt: skip
         e_cols, e_mask = edge_columns(shift, end, C, row_mask, VEC)
         e_z = tl.load(x_rows[:, None] + e_cols * stride_x, mask=e_mask, other=-float("inf"))
@@ -408,13 +416,14 @@ def _gradient_pass(
         e_target = e_cols == y_col[:, None]
         e_g = _gradient(
             e_z, e_w, e_target, m, p_factor, hit, eps_w, keep, cap, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING,
-            SOFTCAP,
+            SOFTCAP, ent,
         )  # fmt: skip
         tl.store(g_rows[:, None] + e_cols * stride_g, e_g, mask=e_mask)
     else:
         _gradient_blocks(
             x_rows, g_rows, w_rows, shift, end, y_pos, C, stride_x, stride_g, row_mask, m, p_factor, hit,
             eps_w, keep, cap, DTYPE, COMPUTE, ROWS, VEC, BLOCK, HAS_WEIGHT, SMOOTHING, SOFTCAP, False, False,
+            ent,
         )  # fmt: skip
 
 
@@ -440,6 +449,7 @@ def _softmax_blocks(
     SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIGNED: tl.constexpr,  # read from the rows' 16-byte boundaries (fusedopt.kernels.rows)
+    ENTROPY: tl.constexpr = False,  # d: Σ exp(z - m) (m - z) (_softmax_step)
 ):
     """Pass 1 of ``cross_entropy_kernel``: the lanes' online softmax over the rows. Without
     class weights the lanes' Σ w (label smoothing) is not carried: before block ``b`` a lane in
@@ -456,7 +466,9 @@ def _softmax_blocks(
             z, mask = load_rotated(x_rows, r, 0, C, stride, every, -float("inf"), VEC, BLOCK, HEAD, True)
             w = _weights(w_rows, r, 0, C, mask, COMPUTE, BLOCK, HAS_WEIGHT, SMOOTHING)
             z = capped(z.to(COMPUTE), mask, cap, COMPUTE, SOFTCAP)
-            m, s, d, w_seen = _softmax_step(z, w, mask, m, s, d, w_seen, 0.0, floor, SMOOTHING, COUNT)
+            m, s, d, w_seen = _softmax_step(
+                z, w, mask, m, s, d, w_seen, 0.0, floor, SMOOTHING, COUNT, ENTROPY
+            )
         for start in range(BLOCK, C // BLOCK * BLOCK, BLOCK):  # every column in the row: no mask
             z, mask = load_rotated(
                 x_rows, r, start, C, stride, every, -float("inf"), VEC, BLOCK, INTERIOR_BLOCK, True
@@ -465,7 +477,7 @@ def _softmax_blocks(
             seen = start // BLOCK + ((lanes - r[:, None]) >> 31)  # one less before the row's first column
             z = capped(z.to(COMPUTE), mask, cap, COMPUTE, SOFTCAP)
             m, s, d, w_seen = _softmax_step(
-                z, w, mask, m, s, d, w_seen, seen.to(COMPUTE), floor, SMOOTHING, COUNT
+                z, w, mask, m, s, d, w_seen, seen.to(COMPUTE), floor, SMOOTHING, COUNT, ENTROPY
             )
         first_tail = C // BLOCK
         last = tl.cdiv(C + VEC - 1, BLOCK)
@@ -480,7 +492,7 @@ def _softmax_blocks(
         seen = b + ((lanes - r[:, None]) >> 31)
         z = capped(z.to(COMPUTE), mask, cap, COMPUTE, SOFTCAP)
         m, s, d, w_seen = _softmax_step(
-            z, w, mask, m, s, d, w_seen, seen.to(COMPUTE), floor, SMOOTHING, COUNT
+            z, w, mask, m, s, d, w_seen, seen.to(COMPUTE), floor, SMOOTHING, COUNT, ENTROPY
         )
     return m, s, d, w_seen
 
@@ -513,6 +525,7 @@ def _gradient_blocks(
     SOFTCAP: tl.constexpr,
     X_ALIGNED: tl.constexpr,  # the logits' rows are split as the gradient's
     G_ALIGNED: tl.constexpr,  # the gradient's rows are split at 16-byte boundaries (else shift 0, end C)
+    ent=None,  # _gradient's
 ):
     """Pass 2 of ``cross_entropy_kernel`` over the gradient rows' whole vectors (all the
     columns unless G_ALIGNED)."""
@@ -534,7 +547,7 @@ def _gradient_blocks(
             target_lane = lanes == _lane(y_pos, start, BLOCK)[:, None]
             g = _gradient(
                 z, w, target_lane, m, p_factor, hit, eps_w, keep, cap, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING,
-                SOFTCAP,
+                SOFTCAP, ent,
             )  # fmt: skip
             store_block(g_rows, shift, end, start, stride_g, every, g, VEC, BLOCK, True, True)
     else:
@@ -550,7 +563,8 @@ def _gradient_blocks(
         )
         target_lane = lanes == _lane(y_pos, start, BLOCK)[:, None]
         g = _gradient(
-            z, w, target_lane, m, p_factor, hit, eps_w, keep, cap, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING, SOFTCAP
+            z, w, target_lane, m, p_factor, hit, eps_w, keep, cap, DTYPE, COMPUTE, HAS_WEIGHT, SMOOTHING, SOFTCAP,
+            ent,
         )  # fmt: skip
         store_block(g_rows, shift, end, start, stride_g, row_mask, g, VEC, BLOCK, False, G_ALIGNED)
 
@@ -624,13 +638,20 @@ def _gradient(
     HAS_WEIGHT: tl.constexpr,
     SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    ent=None,  # [ROWS, 1]: adds p_j ent (z_j - m) (m the log-sum-exp: ent log p_j; -inf logits add 0)
 ):
     """One block of pass 2 of ``cross_entropy_kernel``: the gradient of the logits ``z``, in DTYPE
-    (with SOFTCAP: the gradient in the capped logits times their derivative in ``z``)."""
+    (with SOFTCAP: the gradient in the capped logits times their derivative in ``z``; with
+    ``ent``: the entropy's term of ``fusedopt.kernels.log_probs``)."""
     z = z.to(COMPUTE)
     if SOFTCAP:
         z, slope = soft_cap(z, cap, COMPUTE)
-    g = tl.exp(z - m) * p_factor - tl.where(target_lane, hit, 0)
+    if ent is None:
+        g = tl.exp(z - m) * p_factor - tl.where(target_lane, hit, 0)
+    else:
+        log_p = z - m
+        p = tl.exp(log_p)
+        g = p * (p_factor + ent * tl.where(p > 0, log_p, 0)) - tl.where(target_lane, hit, 0)
     if SMOOTHING:
         if HAS_WEIGHT:
             g -= eps_w * w
@@ -692,9 +713,17 @@ def _softmax_step(
     floor,
     SMOOTHING: tl.constexpr,
     COUNT: tl.constexpr,
+    ENTROPY: tl.constexpr = False,  # d: Σ exp(z - m) (m - z) instead (not with SMOOTHING)
 ):
     """One block of pass 1 of ``cross_entropy_kernel``: the lanes' ``m, s, d, w_seen`` updated."""
-    m_new, s, gap, up = online_lse(z, m, s)
+    m_new, s_new, gap, up = online_lse(z, m, s)
+    if ENTROPY:
+        # the entropy's Σ exp(z - m) (m - z) >= 0: when m grows to z, every earlier term gains
+        # (z - m) exp(.) before all are rescaled by e = exp(m - z) (the new term is 0); else
+        # the new term e (m - z). -inf logits add 0 (their limit); NaN stays NaN.
+        e = tl.exp(-tl.abs(gap))  # online_lse's: computed once when compiled
+        d = tl.where(up, e * (d + s * tl.where(up & (m > floor), gap, 0)), d + e * tl.minimum(-gap, -floor))
+    s = s_new
     if SMOOTHING:
         if not COUNT:
             seen = w_seen

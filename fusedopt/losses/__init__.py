@@ -8,5 +8,7 @@ the optimizers; ``fusedopt.functional`` and ``fusedopt.nn`` are their public fac
   projection and the cross-entropy without the logits;
 * :mod:`.linear_distillation` (launcher :mod:`._linear_distillation_launch`): a divergence
   between a student's and a teacher's heads on that engine, neither's logits held whole;
+* :mod:`.linear_log_probs` (launcher :mod:`._linear_log_probs_launch`): per-token log-probs and
+  entropy of the same head, on the linear cross-entropy's token chunks;
 * :mod:`._common`: the grid rule, the custom-op registration and the backward forms they share.
 """

@@ -85,12 +85,13 @@ def check(
     class_weight: torch.Tensor | None,
     label_smoothing: float,
     autocast: bool,
+    op: str = "linear_cross_entropy",
 ) -> None:
     """Raise what ``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` raises (the
     logits' class dim moved to dim 1 for inputs of 3 or more dims). Under ``autocast`` the
     operands may differ in dtype (autocast casts them) and cross-entropy runs in fp32, as in
-    torch."""
-    check_head(input, weight, bias, autocast)
+    torch. ``op`` names the op in the errors of its own."""
+    check_head(input, weight, bias, autocast, (op, "linear_weight", "linear_bias"))
     vocab = weight.shape[0]
     # cross-entropy's checks on logits of the composed shape (a zero-stride view: no memory)
     logits_dtype = torch.float32 if autocast else input.dtype
@@ -166,29 +167,35 @@ def _padded(columns: int) -> int:
 
 class Head(NamedTuple):
     """A linear head: ``x`` [N, H], ``weight`` [V, H], ``bias`` [V] in the matmul dtype, and
-    the dtypes of the gradients (input, weight, bias): the tensors' own. What every chunked op
-    (this one, ``linear_log_probs``, the distillation loss) reads."""
+    the dtypes of the gradients (input, weight, bias): the tensors' own; its logits times
+    ``scale`` (``1 / temperature``; the gradient a row step leaves is the unscaled logits').
+    What every chunked op (this one, ``linear_log_probs``, the distillation loss) reads."""
 
     x: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
     grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]
+    scale: float = 1.0
 
     def logits(
         self, out: torch.Tensor, rows: slice = slice(None), classes: slice = slice(None)
     ) -> torch.Tensor:
-        """``x[rows] weight[classes]ᵀ (+ bias[classes])`` into ``out`` (cuBLAS through torch)."""
-        x, w = self.x[rows], self.weight[classes].t()
+        """``(x[rows] weight[classes]ᵀ (+ bias[classes])) · scale`` into ``out`` (cuBLAS through
+        torch; the scale is the matmul's alpha and beta: no pass of its own)."""
+        x, w, scale = self.x[rows], self.weight[classes].t(), self.scale
         if self.bias is not None:
-            return torch.addmm(self.bias[classes], x, w, out=out)
+            return torch.addmm(self.bias[classes], x, w, beta=scale, alpha=scale, out=out)
+        if scale != 1.0:  # beta 0: out's contents are not read (NaN included)
+            return torch.addmm(out, x, w, beta=0.0, alpha=scale, out=out)
         return torch.mm(x, w, out=out)
 
 
-def head(x, weight, bias, mm_dtype: torch.dtype) -> Head:
-    """The matmul operands in ``mm_dtype`` (autocast's casts; no copy when already in it)."""
+def head(x, weight, bias, mm_dtype: torch.dtype, scale: float = 1.0) -> Head:
+    """The matmul operands in ``mm_dtype`` (autocast's casts; no copy when already in it), the
+    logits times ``scale``."""
     grad_dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype)
     operands = (x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None)
-    return Head(*operands, grad_dtypes)
+    return Head(*operands, grad_dtypes, scale)
 
 
 class _Problem(NamedTuple):

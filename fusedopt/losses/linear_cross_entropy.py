@@ -157,6 +157,26 @@ def kept_grads(ctx, grad_output: torch.Tensor) -> tuple:
     return grads
 
 
+def head_mode(
+    input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *others: torch.Tensor | None
+) -> tuple[bool, bool, torch.dtype]:
+    """What a chunked op over the head ``F.linear(input, linear_weight, ...)`` runs:
+    ``(fusable, autocast, mm_dtype)``: whether the kernels take these tensors (no subclass such
+    as DTensor; devices and dtypes Triton runs on), whether autocast casts the head's matmul,
+    and the matmul's dtype (autocast's, else the input's)."""
+    present = [t for t in (input, linear_weight, *others) if t is not None]
+    fusable = not has_torch_function_variadic(*present, target) and all(
+        runs_triton(t.device) and t.dtype in TL_DTYPE for t in present
+    )
+    device_type = input.device.type
+    autocast = (
+        torch.is_autocast_enabled(device_type)
+        and input.dtype in AUTOCAST_INPUTS
+        and linear_weight.dtype in AUTOCAST_INPUTS
+    )
+    return fusable, autocast, torch.get_autocast_dtype(device_type) if autocast else input.dtype
+
+
 def linear_cross_entropy_reference(
     input, linear_weight, target, linear_bias=None, weight=None, ignore_index=-100, reduction="mean",
     label_smoothing=0.0, *, z_loss=0.0, softcap=None,
@@ -244,15 +264,7 @@ def linear_cross_entropy(
     if shard is not None:
         operands = tuple(vocab_parallel.to_local(t) for t in operands)
     x, w, b, y, class_weight = operands
-    present = [t for t in (x, w, b, class_weight) if t is not None]
-    fusable = not has_torch_function_variadic(*present, y) and all(
-        runs_triton(t.device) and t.dtype in TL_DTYPE for t in present
-    )
-    device_type = x.device.type
-    autocast = (
-        torch.is_autocast_enabled(device_type) and x.dtype in AUTOCAST_INPUTS and w.dtype in AUTOCAST_INPUTS
-    )
-    mm_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+    fusable, autocast, mm_dtype = head_mode(x, w, y, b, class_weight)
     if not fusable:
         return linear_cross_entropy_reference(
             input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
