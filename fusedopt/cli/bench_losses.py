@@ -9,7 +9,7 @@ T)``; and of the fused linear distillation loss (the JSD, β = 0.5, against a te
 student's shape) against its composition (``linear_distillation_reference``).
 ``bytes_per_elt``: the op's floor (``fusedopt.floors.LOSSES``); ``impl_bytes_per_elt``: what each
 implementation moves (none given for the heads' ops, which are matmul-bound: their rows note
-TFLOP/s of ``6 N H V``, the log-probs' and the distillation's ``8 N H V``, instead).
+TFLOP/s of ``6 N H V``, the distillation's ``8 N H V``, instead).
 """
 
 from __future__ import annotations
@@ -145,9 +145,9 @@ def time_linear_head(loss: Loss, dtype: str, impl: str, ctx) -> dict:
     """Forward + backward of an op on a linear head (gradients of the input and the weight;
     per-token outputs back-propagated with random grads), as :func:`time_loss`: the linear
     cross-entropy, the log-probs and entropy, or the distillation loss (its teacher a head of the
-    same shape, no gradient). A timed row notes its TFLOP/s (three matmuls, ``6 N H V``; the
-    log-probs' backward recomputes the logits and the distillation computes the teacher's, one
-    more: ``8 N H V``)."""
+    same shape, no gradient). A timed row notes its TFLOP/s (three matmuls, ``6 N H V``: those the
+    gradients need, though the log-probs' backward recomputes the logits; the distillation's
+    teacher logits one more: ``8 N H V``)."""
     (tokens, hidden, vocab), chunks = sizes(loss, ctx.tiny)
     gen = torch.Generator(ctx.device).manual_seed(0)
     like = dict(device=ctx.device, dtype=DTYPES[dtype])
@@ -162,7 +162,7 @@ def time_linear_head(loss: Loss, dtype: str, impl: str, ctx) -> dict:
         args = (x, w, *head())
     else:
         args = (x, w, torch.randint(0, vocab, (tokens,), device=ctx.device, generator=gen))
-    matmuls = 3 if loss.op == LINEAR else 4
+    matmuls = 4 if loss.op == DISTILLATION else 3  # the work asked for, not a recomputation's
     if impl == "fusedopt":
         fn = functools.partial(getattr(FF, loss.op), **chunks)
     elif impl == "torch-compile":
