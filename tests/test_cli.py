@@ -664,13 +664,14 @@ def test_docs_sample_check_output_counts_what_the_code_runs():
     check.add_arguments(parser)
     dtypes = len(parser.parse_args([]).dtypes)
     optim, losses, linear = len(check.OPTIM_CASES), len(check.LOSS_CASES), len(check.LINEAR_CE_CASES)
-    muon = len(check.MUON_CASES)
+    muon, distillation = len(check.MUON_CASES), len(check.DISTILLATION_CASES)
     assert f"optimizers: {optim} option sets x {dtypes} dtypes" in text
     assert f"muon: {muon} option sets x {dtypes} dtypes" in text
     assert f"({len(shapes)} tensors, {numel:,} elements: d={size['width']}, {size['layers']} layers" in text
     assert f"losses: {losses} cases x {dtypes} dtypes" in text
     assert f"linear heads: {linear} cases x {dtypes} dtypes" in text
-    assert f"OK: all {dtypes * (optim + muon + losses + linear)} checks within tolerance" in text
+    assert f"linear distillation: {distillation} cases x {dtypes} dtypes" in text
+    assert f"OK: all {dtypes * (optim + muon + losses + linear + distillation)} checks within tolerance" in text
     for case in check.OPTIM_CASES:  # each option set's extra tensors are named in the header
         for name, shape in case.extra_params:
             assert f"adds {name} {tuple(shape)}" in text
