@@ -50,6 +50,8 @@ second derivatives are torch's. Every other backward is the fused one.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import has_torch_function_variadic
@@ -70,30 +72,35 @@ from fusedopt.losses.cross_entropy import (
 AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts
 
 
+class _Options(NamedTuple):
+    """The non-tensor arguments of :class:`_LinearCrossEntropy` (``block`` 0: token chunks;
+    ``shard``: a vocabulary-parallel head's, or None)."""
+
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    chunk: int
+    block: int
+    mm_dtype: torch.dtype
+    out_dtype: torch.dtype
+    z_loss: float
+    softcap: float
+    shard: object
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward and backward of :func:`linear_cross_entropy`, with the arguments as it leaves
     them: ``x`` the input as [N, H], ``needs`` the gradients to compute (input, weight, bias)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, options, needs):
-        (
-            ignore_index,
-            reduction,
-            label_smoothing,
-            chunk,
-            block,
-            mm_dtype,
-            out_dtype,
-            z_loss,
-            softcap,
-            shard,
-        ) = options
+        o = options
         loss, gi, gw, gb, stats, lse = launch.forward(
-            x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk,
-            block, *needs, mm_dtype, out_dtype, shard=shard,
+            x, weight, bias, target, class_weight, o.ignore_index, o.reduction, o.label_smoothing, o.z_loss,
+            o.softcap, o.chunk, o.block, *needs, o.mm_dtype, o.out_dtype, shard=o.shard,
         )  # fmt: skip
-        ctx.needs, ctx.reduction, ctx.options = needs, reduction, options
-        if reduction == "none":
+        ctx.needs, ctx.reduction, ctx.options = needs, o.reduction, options
+        if o.reduction == "none":
             ctx.save_for_backward(x, weight, bias, target, class_weight, stats, lse)
         else:  # the operands only for a backward with create_graph (references, no copy)
             ctx.save_for_backward(x, weight, bias, target, class_weight)
@@ -104,8 +111,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
             x, weight, bias, target, class_weight = ctx.saved_tensors[:5]
-            ignore_index, reduction, label_smoothing, _, _, mm_dtype, _, z_loss, softcap, shard = ctx.options
-            if shard is not None:
+            o = ctx.options
+            if o.shard is not None:
                 raise NotImplementedError(
                     "linear_cross_entropy: create_graph=True with a vocabulary-sharded weight (the composition "
                     "of a rank's slice is not the loss): use linear_cross_entropy_reference there"
@@ -113,24 +120,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
             def composition(x, weight, bias):
                 with torch.autocast(x.device.type, enabled=False):
-                    logits = F.linear(
-                        x.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None
-                    )
+                    mm = o.mm_dtype
+                    logits = F.linear(x.to(mm), weight.to(mm), bias.to(mm) if bias is not None else None)
                 # fp32 softmax math from the logits (fp64 for fp64), as the kernels
                 return torch_cross_entropy(
-                    logits, target.reshape(-1), class_weight, ignore_index, reduction, label_smoothing, z_loss,
-                    softcap,
+                    logits, target.reshape(-1), class_weight, o.ignore_index, o.reduction, o.label_smoothing,
+                    o.z_loss, o.softcap,
                 )  # fmt: skip
 
-            go = grad_output.reshape(-1) if reduction == "none" else grad_output
+            go = grad_output.reshape(-1) if o.reduction == "none" else grad_output
             grads = differentiable_grads(composition, (x, weight, bias), ctx.needs, go)
             return *grads, None, None, None, None
         if ctx.reduction == "none":
             x, weight, bias, target, class_weight, stats, lse = ctx.saved_tensors
-            ignore_index, _, label_smoothing, chunk, block, mm_dtype, _, z_loss, softcap, shard = ctx.options
+            o = ctx.options
             grads = launch.backward_none(
-                x, weight, bias, target, class_weight, stats, lse, grad_output, ignore_index,
-                label_smoothing, z_loss, softcap, chunk, block, *ctx.needs, mm_dtype, shard=shard,
+                x, weight, bias, target, class_weight, stats, lse, grad_output, o.ignore_index,
+                o.label_smoothing, o.z_loss, o.softcap, o.chunk, o.block, *ctx.needs, o.mm_dtype, shard=o.shard,
             )  # fmt: skip
             grads = tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         else:
@@ -283,17 +289,8 @@ def linear_cross_entropy(
     block = chunk_classes or 0
     if shard is not None and not block:  # the vocabulary order only, its blocks as large as the chunks
         block = launch.vocab_block(rows.shape[0], vocab, chunk)
-    options = (
-        ignore_index,
-        reduction,
-        label_smoothing,
-        chunk,
-        block,
-        mm_dtype,
-        out_dtype,
-        z_loss,
-        softcap,
-        shard,
+    options = _Options(
+        ignore_index, reduction, label_smoothing, chunk, block, mm_dtype, out_dtype, z_loss, softcap, shard
     )
     grad = torch.is_grad_enabled()
     needs = tuple(grad and t is not None and t.requires_grad for t in (x, w, b))
