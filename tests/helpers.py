@@ -33,6 +33,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fusedopt
 from fusedopt.testing import OptimCase, assert_close, compare_optimizer, odd_params
 from fusedopt.tolerance import OPTIM_TOLERANCE
 
@@ -53,6 +54,7 @@ KERNEL_NAMES = {
     torch.optim.AdamW: "adam",
     torch.optim.RMSprop: "rmsprop",
     torch.optim.Adagrad: "adagrad",
+    fusedopt.optim.lion.Lion: "lion",
 }
 
 
@@ -246,10 +248,11 @@ def record_launches(monkeypatch, kernels: dict) -> Launches:
 
 def optimizer_kernels() -> dict:
     """The optimizer kernel, named by each algorithm's update, for :func:`record_launches`."""
-    from fusedopt.kernels import adagrad, adam, rmsprop, sgd
+    from fusedopt.kernels import adagrad, adam, lion, rmsprop, sgd
     from fusedopt.kernels.optimizer import optimizer_kernel
 
-    return {m.__name__.rsplit(".", 1)[1]: (optimizer_kernel, m.update) for m in (adam, sgd, rmsprop, adagrad)}
+    modules = (adam, sgd, rmsprop, adagrad, lion)
+    return {m.__name__.rsplit(".", 1)[1]: (optimizer_kernel, m.update) for m in modules}
 
 
 class CountOps(TorchDispatchMode):

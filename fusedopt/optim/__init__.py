@@ -2,6 +2,7 @@
 
 from fusedopt.optim.adagrad import FusedAdagrad
 from fusedopt.optim.adam import FusedAdam, FusedAdamW
+from fusedopt.optim.lion import FusedLion, Lion
 from fusedopt.optim.muon import FusedMuon, muon_param_groups
 from fusedopt.optim.rmsprop import FusedRMSprop
 from fusedopt.optim.sgd import FusedSGD
@@ -10,8 +11,10 @@ __all__ = [
     "FusedAdagrad",
     "FusedAdam",
     "FusedAdamW",
+    "FusedLion",
     "FusedMuon",
     "FusedRMSprop",
     "FusedSGD",
+    "Lion",
     "muon_param_groups",
 ]

@@ -707,7 +707,7 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, occurrence: int):
     columns = [state.get(name) for name in (*spec.columns, aux)]  # aux None: no precision column
     if spec.counter is not None:
         return columns, state.get(spec.counter)
-    if not walkable(p) or not spec.state(group):
+    if not spec.counts or not walkable(p) or not spec.state(group):
         return columns, None
     key = (id(p), occurrence)
     if memo[id(p)] or key not in opt._taken:  # SGD: a buffer created now has taken no step

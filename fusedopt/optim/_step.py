@@ -56,6 +56,8 @@ class Algorithm:
             without GradScaler), steps stop advancing them. None: the count itself is read.
         optional: state keys torch treats as new when absent or None (SGD's
             ``momentum_buffer``: older torch saved None); other keys must be present.
+        counts: False: the update reads no step count and none is kept, in the state or
+            privately (Lion; ``counter`` is then None).
     """
 
     name: str
@@ -67,6 +69,7 @@ class Algorithm:
     counter: str | None = "step"
     saturates: int | None = None
     optional: frozenset[str] = frozenset()
+    counts: bool = True
 
     def step_dtype(self, group: dict) -> torch.dtype:
         """The dtype of a new step counter, as torch's ``_get_scalar_dtype(is_fused=...)``."""
@@ -84,6 +87,8 @@ class Algorithm:
             raise ValueError(
                 f"{self.name}: at most 3 state columns, a MAXIMIZE flag, REQUIRES of state columns"
             )
+        if not self.counts and self.counter is not None:
+            raise ValueError(f"{self.name}: a state step counter (counter) is a count (counts)")
         if k.PREPARED and self.counter is None:
             raise ValueError(f"{self.name}: per-tensor values (PREPARED) are computed from a step counter")
         ALGORITHMS[self.name] = self

@@ -557,3 +557,47 @@ def adagrad_reference(
         x.addcdiv_(d, std.add_(eps), value=-clr)
 
     run(storage, grads, amp, clrs, [True], math, maximize=maximize, fused=fused)
+
+
+def lion_math_(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    m: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """One Lion step of one tensor (or working copy) in place, in the ``lion-pytorch`` package's
+    order of ops: ``x`` the param, ``d`` the grad (maximize already applied), ``m`` its
+    ``exp_avg``, ``c`` scratch of ``x``'s shape (the update's direction)."""
+    if weight_decay != 0:
+        x.mul_(1 - lr * weight_decay)
+    torch.mul(m, beta1, out=c).add_(d, alpha=1 - beta1).sign_()
+    x.add_(c, alpha=-lr)
+    m.mul_(beta2).add_(d, alpha=1 - beta2)
+
+
+def lion_reference(
+    storage: Storage,
+    grads: list[torch.Tensor],
+    amp,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Lion step (state column: exp_avg)."""
+
+    def math(batch: Batch, _, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        (m,) = states
+        lion_math_(
+            x, d, m, storage.work(batch, "t"), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay
+        )
+
+    keys = [None] * len(grads)  # no per-tensor scalar
+    run(storage, grads, amp, keys, [True], math, maximize=maximize, fused=False)
