@@ -11,11 +11,8 @@ For each element (fp32 math, fp64 for fp64 params), as the ``lion-pytorch`` pack
 
 The update does not depend on a step count (Lion keeps none).
 
-Bytes per element (fp32): read p, g, m and write p, m = 20 B.
-When ``found_inf`` is non-zero nothing is read or written.
-
-With 8-bit state (``state_dtype="int8"``, Q8) a state element is read and written as 1 byte,
-plus a 4-byte absmax for every 256 of them (``fusedopt.optim._quantize``).
+Bytes per element (fp32): read p, g, m and write p, m = 20 B (8-bit ``exp_avg``: 1 byte each
+way, plus its absmax).
 """
 
 import triton

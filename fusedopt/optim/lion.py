@@ -108,15 +108,7 @@ def _switches(group: dict) -> dict:
     return dict(MAXIMIZE=bool(group["maximize"]), HAS_WD=bool(group["weight_decay"] != 0))
 
 
-def _eager(
-    hyper: dict,
-    flags: dict,
-    bucket: Bucket,
-    grads: StepGrads,
-    amp: Amp,
-    state,
-    storage: Storage | None = None,
-) -> None:
+def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state, storage=None) -> None:
     """Without Triton: the reference on working copies a batch at a time, every dtype (for
     fp32 and fp64 in their own dtype, bf16/fp16 and the low-precision options in fp32)."""
     if skipped(amp.found_inf):
