@@ -12,6 +12,7 @@ from fusedopt.clip import clip_grad_norm_
 from fusedopt.optim import (
     FusedAdagrad,
     FusedAdam,
+    FusedAdamax,
     FusedAdamW,
     FusedLion,
     FusedMuon,
@@ -26,6 +27,7 @@ __all__ = [
     "FusedAdagrad",
     "FusedAdam",
     "FusedAdamW",
+    "FusedAdamax",
     "FusedLion",
     "FusedMuon",
     "FusedRMSprop",

@@ -154,6 +154,11 @@ OPTIM_CASES: list[OptimCase] = [
         fusedopt.FusedAdamW, ADAMW, dict(lr=0.01, state_dtype="int8"),
         extra_params=(("int8.weight", (_quantize.MIN_NUMEL + 1,)),),
     ),
+    *_cases(
+        fusedopt.FusedAdamax, torch.optim.Adamax, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1),
+        dict(lr=0.01, maximize=True, eps=1e-3), dict(lr=0.01, capturable=True), dict(lr=0.01, max_grad_norm=1.0),
+        dict(lr=0.01, state_dtype=torch.bfloat16),
+    ),
     # Lion: torch has none; against the reference's for-loop (fusedopt.optim.lion.Lion).
     *_cases(
         fusedopt.FusedLion, LION, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1),

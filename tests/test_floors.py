@@ -11,12 +11,12 @@ import torch
 
 import fusedopt
 from fusedopt import floors
-from fusedopt.kernels import adagrad, adam, clip, lion, rmsprop, sgd
+from fusedopt.kernels import adagrad, adam, adamax, clip, lion, rmsprop, sgd
 
 ROOT = Path(__file__).resolve().parent.parent
 SGD, ADAM, ADAMW = fusedopt.FusedSGD, fusedopt.FusedAdam, fusedopt.FusedAdamW
 RMSPROP, ADAGRAD = fusedopt.FusedRMSprop, fusedopt.FusedAdagrad
-LION = fusedopt.FusedLion
+LION, ADAMAX = fusedopt.FusedLion, fusedopt.FusedAdamax
 
 
 def fp32(*floor_list: floors.Floor) -> int:
@@ -43,6 +43,7 @@ KERNEL_FIGURES = [
     ),
     (adagrad, lambda: [fp32(floors.step(ADAGRAD))]),
     (lion, lambda: [fp32(floors.step(LION))]),
+    (adamax, lambda: [fp32(floors.step(ADAMAX))]),
     (clip, lambda: [fp32(floors.NORM), fp32(floors.CLIP)]),
 ]
 
@@ -72,6 +73,7 @@ CLASS_FIGURES = [
     ),
     (ADAGRAD, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(ADAGRAD))]),
     (LION, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(LION))]),
+    (ADAMAX, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(ADAMAX))]),
 ]
 
 
@@ -92,6 +94,7 @@ README_FIGURES = {
     "FusedRMSprop": lambda: floors.step(RMSPROP),
     "FusedAdagrad": lambda: floors.step(ADAGRAD),
     "FusedLion": lambda: floors.step(LION),
+    "FusedAdamax": lambda: floors.step(ADAMAX),
     "clip_grad_norm_": lambda: floors.NORM,
     "GradScaler": lambda: floors.NORM,  # its inf check is the optimizer's norm pass
 }
@@ -125,7 +128,7 @@ def test_readme_bytes_table(name):
     assert int(first.group()) == fp32(README_FIGURES[name]())
 
 
-@pytest.mark.parametrize("cls", [SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, LION])
+@pytest.mark.parametrize("cls", [SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, LION, ADAMAX])
 def test_step_floor_reads_and_writes_every_state_tensor_the_step_creates(cls):
     """The floor's state columns are the state a real step creates (the kernel's table columns)."""
     options = {"momentum": 0.9} if cls in (SGD, RMSPROP) else {}

@@ -24,6 +24,7 @@ OPTIMIZERS = [
     (fusedopt.FusedRMSprop, dict(lr=1e-3, momentum=0.9, centered=True), "rmsprop"),
     (fusedopt.FusedAdagrad, dict(lr=1e-2, lr_decay=0.01), "adagrad"),
     (fusedopt.FusedLion, dict(lr=1e-3, weight_decay=0.1), "lion"),
+    (fusedopt.FusedAdamax, dict(lr=1e-3, weight_decay=0.1), "adamax"),
 ]
 
 

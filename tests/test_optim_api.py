@@ -31,19 +31,21 @@ from helpers import (
 )
 from torch import nn
 
-from fusedopt import FusedAdagrad, FusedAdam, FusedAdamW, FusedLion, FusedRMSprop, FusedSGD
+from fusedopt import FusedAdagrad, FusedAdam, FusedAdamax, FusedAdamW, FusedLion, FusedRMSprop, FusedSGD
 from fusedopt.optim.lion import Lion
 from fusedopt.testing import OptimCase, assert_close, for_loop, leaves
 from fusedopt.tolerance import OPTIM_TOLERANCE, round_to_storage_
 
 SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
 RMSprop, Adagrad = torch.optim.RMSprop, torch.optim.Adagrad
+Adamax = torch.optim.Adamax
 PAIRS = [
     (SGD, FusedSGD),
     (Adam, FusedAdam),
     (AdamW, FusedAdamW),
     (RMSprop, FusedRMSprop),
     (Adagrad, FusedAdagrad),
+    (Adamax, FusedAdamax),
 ]
 
 SGD_M = OptimCase(FusedSGD, SGD, dict(lr=0.1, momentum=0.9))
@@ -54,7 +56,8 @@ RMSPROP = OptimCase(FusedRMSprop, RMSprop, dict(lr=0.01, momentum=0.9, centered=
 ADAGRAD = OptimCase(
     FusedAdagrad, Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.1)
 )
-CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD]
+ADAMAX = OptimCase(FusedAdamax, Adamax, dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1))
+CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX]
 # Lion has no torch class (its reference, fusedopt.optim.lion.Lion, stands in) and none of torch's
 # implementation flags: the tests of the optimizer contract take it, the flag tests do not.
 LION = OptimCase(FusedLion, Lion, dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1))
@@ -95,6 +98,11 @@ DEFAULT_KWARGS = {
         {},
         dict(lr=0.02, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.3, eps=1e-8, maximize=True),
         dict(fused=True),
+    ],
+    Adamax: [
+        {},
+        dict(lr=0.02, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, capturable=True),
+        dict(foreach=True),
     ],
 }
 
@@ -171,6 +179,13 @@ INVALID = [
     (Adagrad, dict(lr=torch.tensor([0.1, 0.2]))),
     (Adagrad, dict(fused=True, differentiable=True)),
     (Adagrad, dict(fused=True, foreach=True)),
+    (Adamax, dict(lr=-0.01)),
+    (Adamax, dict(eps=-1e-8)),
+    (Adamax, dict(betas=(1.0, 0.9))),
+    (Adamax, dict(betas=(0.9, -0.1))),
+    (Adamax, dict(weight_decay=-0.1)),
+    (Adamax, dict(lr=torch.tensor([0.1, 0.2]))),
+    (Adamax, dict(fused=True)),  # Adamax has no fused argument
 ]
 
 
@@ -240,6 +255,8 @@ LAYOUTS = [
     OptimCase(FusedRMSprop, RMSprop, dict(lr=0.01, momentum=0.5, capturable=True)),
     ADAGRAD,
     OptimCase(FusedAdagrad, Adagrad, dict(lr=0.1, fused=True)),
+    ADAMAX,
+    OptimCase(FusedAdamax, Adamax, dict(lr=0.01, capturable=True)),
 ]
 
 
@@ -455,6 +472,7 @@ MIXED_GROUPS = {
         dict(lr=0.05, weight_decay=0.1, maximize=True, initial_accumulator_value=0.5),
         {},
     ],
+    Adamax: [dict(lr=0.02, eps=1e-3), dict(lr=0.005, betas=(0.5, 0.9), weight_decay=0.1, maximize=True), {}],
     Lion: [dict(betas=(0.5, 0.9)), dict(lr=0.05, weight_decay=0.1, maximize=True), {}],
 }
 
@@ -484,6 +502,7 @@ TENSOR_LR_CASES = [
     ADAMW,
     OptimCase(FusedRMSprop, RMSprop, dict(momentum=0.9)),
     OptimCase(FusedAdagrad, Adagrad, dict(lr_decay=0.1)),
+    ADAMAX,
     LION,
 ]
 
@@ -696,7 +715,9 @@ def test_grad_scaler_unscales_groups_that_run_torchs_step(fused_cls, torch_cls, 
 
 @pytest.mark.parametrize("prior_steps", [0, 1])
 @pytest.mark.parametrize(
-    "cls", [(Adam, FusedAdam), (AdamW, FusedAdamW), (RMSprop, FusedRMSprop)], ids=lambda c: c[1].__name__
+    "cls",
+    [(Adam, FusedAdam), (AdamW, FusedAdamW), (RMSprop, FusedRMSprop), (Adamax, FusedAdamax)],
+    ids=lambda c: c[1].__name__,
 )
 def test_sparse_grad_raises_and_changes_nothing(cls, prior_steps, device):
     torch_cls, fused_cls = cls
@@ -714,7 +735,7 @@ def test_sparse_grad_raises_and_changes_nothing(cls, prior_steps, device):
     with pytest.raises(RuntimeError, match="sparse") as raised:
         opt.step()
     assert_unchanged(before, opt, ours)
-    if torch_cls is RMSprop:  # torch's own message (FusedAdam's names itself)
+    if torch_cls is not Adam and torch_cls is not AdamW:  # torch's own message (FusedAdam's names itself)
         probe = make(device, [(4, 3)])
         probe[0].grad = sparse_grad(probe[0], 0)
         assert outcome(torch_cls(probe).step) == (RuntimeError, str(raised.value))
@@ -751,7 +772,7 @@ def test_sparse_grads_match_torch(case, device):
 
 @pytest.mark.parametrize(
     "case",
-    [SGD_M, ADAM_AMS, OptimCase(FusedAdamW, AdamW, dict(lr=0.01)), RMSPROP, ADAGRAD, LION],
+    [SGD_M, ADAM_AMS, OptimCase(FusedAdamW, AdamW, dict(lr=0.01)), RMSPROP, ADAGRAD, ADAMAX, LION],
     ids=case_id,
 )
 def test_complex_params_match_torch(case, device):
@@ -766,7 +787,7 @@ def test_complex_params_match_torch(case, device):
     check_same(opt, ref, ours, theirs)
 
 
-@pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW, FusedRMSprop, FusedAdagrad, FusedLion])
+@pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW, FusedRMSprop, FusedAdagrad, FusedAdamax, FusedLion])
 def test_integer_params_raise_and_change_nothing(cls, device):
     """torch fails in the middle of such a step (a RuntimeError); ours raises before it
     (NotImplementedError, a RuntimeError) and changes nothing."""
@@ -806,7 +827,7 @@ SGD_DAMPENED = OptimCase(
 
 
 @pytest.mark.parametrize(
-    "case", [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, LION], ids=case_id
+    "case", [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, LION], ids=case_id
 )
 def test_duplicate_params(case, device):
     ours, theirs = make(device), make(device)
@@ -844,6 +865,7 @@ MIXED_DTYPES = [
         ADAMW,
         OptimCase(FusedRMSprop, RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
         OptimCase(FusedAdagrad, Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
+        ADAMAX,
         LION,
     ],
     ids=case_id,

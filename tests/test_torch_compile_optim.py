@@ -21,6 +21,7 @@ CASES = [
         fusedopt.FusedRMSprop, torch.optim.RMSprop, dict(momentum=0.9, centered=True, weight_decay=0.1)
     ),
     OptimCase(fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr_decay=0.01, initial_accumulator_value=0.1)),
+    OptimCase(fusedopt.FusedAdamax, torch.optim.Adamax, dict(weight_decay=0.1, maximize=True)),
     OptimCase(fusedopt.FusedLion, fusedopt.optim.lion.Lion, dict(betas=(0.8, 0.95), weight_decay=0.1)),
 ]
 SPECS = [(3, 4), (5,), (), (4097,)]

@@ -2,6 +2,7 @@
 
 from fusedopt.optim.adagrad import FusedAdagrad
 from fusedopt.optim.adam import FusedAdam, FusedAdamW
+from fusedopt.optim.adamax import FusedAdamax
 from fusedopt.optim.lion import FusedLion, Lion
 from fusedopt.optim.muon import FusedMuon, muon_param_groups
 from fusedopt.optim.rmsprop import FusedRMSprop
@@ -11,6 +12,7 @@ __all__ = [
     "FusedAdagrad",
     "FusedAdam",
     "FusedAdamW",
+    "FusedAdamax",
     "FusedLion",
     "FusedMuon",
     "FusedRMSprop",

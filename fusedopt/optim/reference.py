@@ -559,6 +559,56 @@ def adagrad_reference(
     run(storage, grads, amp, clrs, [True], math, maximize=maximize, fused=fused)
 
 
+def adamax_reference(
+    storage: Storage,
+    grads: list[torch.Tensor],
+    amp,
+    clrs: list[float],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Adamax step (state columns: exp_avg, exp_inf); ``clrs[i] = lr / (1 - beta1**t)``."""
+
+    def math(batch: Batch, clr: float, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        m, u = states
+        if weight_decay != 0:
+            d.add_(x, alpha=weight_decay)
+        m.lerp_(d, 1 - beta1)
+        t = storage.work(batch, "t")
+        torch.maximum(u.mul_(beta2), torch.abs(d, out=t).add_(eps), out=u)
+        x.addcdiv_(m, u, value=-clr)
+
+    run(storage, grads, amp, clrs, [True, True], math, maximize=maximize, fused=False)
+
+
+def torch_or_reference(
+    bucket,
+    grads: list[torch.Tensor],
+    amp,
+    storage: Storage | None,
+    torch_step: Callable[[list[torch.Tensor]], None],
+    reference: Callable[[Storage, list[float]], None],
+) -> None:
+    """The non-Triton step of an algorithm whose fp32/fp64 for-loop in torch is its fastest
+    correct CPU path: ``torch_step(grads)`` there (unscaled and clipped grads; nothing when
+    GradScaler found an inf); else (bf16/fp16, the low-precision options: ``storage``) the
+    counters advance and ``reference(storage, steps)`` runs on working copies (``steps``: each
+    tensor's count, this step included)."""
+    if storage is None and bucket.dtype in (torch.float32, torch.float64):
+        mine = eager_grads(grads, amp, fused=False)
+        if mine is not None:
+            torch_step(mine)
+        return
+    if skipped(amp.found_inf):
+        return
+    torch._foreach_add_(bucket.counters, 1)
+    reference(storage or Storage(bucket), torch.stack(bucket.counters).tolist())
+
+
 def lion_math_(
     x: torch.Tensor,
     d: torch.Tensor,

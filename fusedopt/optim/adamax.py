@@ -1,0 +1,99 @@
+"""FusedAdamax: torch.optim.Adamax with a multi-tensor Triton step."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from fusedopt.kernels import adamax as kernels
+from fusedopt.optim._fused import FusedStep
+from fusedopt.optim._plan import Amp, Bucket, StepGrads
+from fusedopt.optim._step import Algorithm
+from fusedopt.optim._torch_compat import capture_health_check, check_capturable_device
+from fusedopt.optim.reference import adamax_reference, torch_or_reference
+
+_torch_adamax = importlib.import_module("torch.optim.adamax")
+
+
+def _state(group: dict) -> dict:
+    """torch.optim.Adamax's lazy state besides ``step``: ``exp_avg``, ``exp_inf``, zeros."""
+    return dict.fromkeys(
+        kernels.COLUMNS[1:], lambda p: torch.zeros_like(p, memory_format=torch.preserve_format)
+    )
+
+
+def _hyper(group: dict) -> dict:
+    beta1, beta2 = group["betas"]
+    return dict(
+        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
+    )
+
+
+def _switches(group: dict) -> dict:
+    return dict(MAXIMIZE=bool(group["maximize"]), HAS_WD=bool(group["weight_decay"] != 0))
+
+
+def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state, storage=None) -> None:
+    """Without Triton: torch's for-loop Adamax for fp32/fp64 (it has no fused one, and its
+    foreach one is no faster on CPU); for bf16/fp16 and the low-precision options the fp32-math
+    reference on working copies."""
+    params, exp_avgs, exp_infs, _ = bucket.columns  # the last: the precision column
+    h = {k: float(v) for k, v in hyper.items()}  # CPU tensors: no sync to speak of
+    lr, beta1, maximize = h["lr"], h["beta1"], flags["MAXIMIZE"]
+    torch_or_reference(
+        bucket, bucket.grads(grads), amp, storage,
+        lambda mine: _torch_adamax.adamax(
+            params, mine, exp_avgs, exp_infs, bucket.counters, foreach=False, maximize=maximize, **h
+        ),
+        lambda storage, steps: adamax_reference(
+            storage, bucket.grads(grads), amp, [lr / (1 - beta1**t) for t in steps], beta1=beta1,
+            beta2=h["beta2"], eps=h["eps"], weight_decay=h["weight_decay"], maximize=maximize,
+        ),
+    )  # fmt: skip
+
+
+ADAMAX = Algorithm("adamax", kernels, _state, _hyper, _switches, _eager)
+
+
+class FusedAdamax(FusedStep, torch.optim.Adamax):
+    r"""torch.optim.Adamax with a fused multi-tensor Triton step.
+
+    Same constructor, defaults, validation, ``param_groups``, state (``step``, ``exp_avg``,
+    ``exp_inf``) and ``state_dict`` as :class:`torch.optim.Adamax`; a state dict of either
+    loads into the other. One extension: ``max_grad_norm`` (keyword-only, see
+    :class:`fusedopt.optim._fused.FusedStep`) clips the global gradient norm inside the step.
+    For each param, with :math:`t` its own step count:
+
+    .. math::
+        g &\leftarrow \pm\nabla f(\theta) + \lambda\theta \;(-\text{ if maximize}),\qquad
+        m \leftarrow \operatorname{lerp}(m, g, 1-\beta_1),\qquad
+        u \leftarrow \max(\beta_2 u, |g| + \epsilon)\\
+        \theta &\leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,\frac{m}{u}
+
+    The step runs one Triton kernel per device and dtype (fp32 math, fp64 for fp64 params,
+    params and state stored in the param's dtype), reading p, g, m, u and writing p, m, u:
+    28 bytes per fp32 element. CUDA tensors use the compiled kernel; CPU tensors the same
+    kernel under ``TRITON_INTERPRET=1``, else torch's for-loop Adamax (fp32/fp64) or the
+    fp32-math reference (:func:`fusedopt.optim.reference.adamax_reference`, bf16/fp16).
+
+    The bias correction is computed in the kernel from the step counts, which live on the
+    param's device, and hyper-parameters are read on the device, so a step makes no host read
+    and can be captured in a CUDA graph (``capturable=True``, as torch requires) and compiled
+    with ``torch.compile``. GradScaler's ``grad_scale``/``found_inf`` are applied in the kernel
+    (unscale; skip the step and keep ``step`` when an inf was found) without a host sync.
+    ``foreach=True``/``False`` run the kernel too; ``differentiable=True`` runs torch's own
+    implementation (Adamax has no ``fused`` argument).
+    """
+
+    algorithm = ADAMAX
+
+    def _before_step(self) -> None:
+        capture_health_check(self)  # as torch.optim.Adamax: capture only when capturable
+
+    def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
+        if g.is_sparse:
+            raise RuntimeError("Adamax does not support sparse gradients")  # torch's message
+        self._refuse_integer(p)
+        if group["capturable"]:
+            check_capturable_device(p)
