@@ -159,6 +159,13 @@ OPTIM_CASES: list[OptimCase] = [
         dict(lr=0.01, maximize=True, eps=1e-3), dict(lr=0.01, capturable=True), dict(lr=0.01, max_grad_norm=1.0),
         dict(lr=0.01, state_dtype=torch.bfloat16),
     ),
+    *_cases(
+        fusedopt.FusedRAdam, torch.optim.RAdam, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+        # the rectified branch from step 6 (rho_t > 5), the plain one before
+        dict(lr=0.01, betas=(0.9, 0.9), eps=1e-3, capturable=True), dict(lr=0.01, max_grad_norm=1.0),
+        dict(lr=0.01, state_dtype=torch.bfloat16),
+    ),
     # Lion: torch has none; against the reference's for-loop (fusedopt.optim.lion.Lion).
     *_cases(
         fusedopt.FusedLion, LION, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1),

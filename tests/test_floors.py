@@ -11,12 +11,12 @@ import torch
 
 import fusedopt
 from fusedopt import floors
-from fusedopt.kernels import adagrad, adam, adamax, clip, lion, rmsprop, sgd
+from fusedopt.kernels import adagrad, adam, adamax, clip, lion, radam, rmsprop, sgd
 
 ROOT = Path(__file__).resolve().parent.parent
 SGD, ADAM, ADAMW = fusedopt.FusedSGD, fusedopt.FusedAdam, fusedopt.FusedAdamW
 RMSPROP, ADAGRAD = fusedopt.FusedRMSprop, fusedopt.FusedAdagrad
-LION, ADAMAX = fusedopt.FusedLion, fusedopt.FusedAdamax
+LION, ADAMAX, RADAM = fusedopt.FusedLion, fusedopt.FusedAdamax, fusedopt.FusedRAdam
 
 
 def fp32(*floor_list: floors.Floor) -> int:
@@ -44,6 +44,7 @@ KERNEL_FIGURES = [
     (adagrad, lambda: [fp32(floors.step(ADAGRAD))]),
     (lion, lambda: [fp32(floors.step(LION))]),
     (adamax, lambda: [fp32(floors.step(ADAMAX))]),
+    (radam, lambda: [fp32(floors.step(RADAM))]),
     (clip, lambda: [fp32(floors.NORM), fp32(floors.CLIP)]),
 ]
 
@@ -74,6 +75,7 @@ CLASS_FIGURES = [
     (ADAGRAD, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(ADAGRAD))]),
     (LION, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(LION))]),
     (ADAMAX, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(ADAMAX))]),
+    (RADAM, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(RADAM))]),
 ]
 
 
@@ -95,6 +97,7 @@ README_FIGURES = {
     "FusedAdagrad": lambda: floors.step(ADAGRAD),
     "FusedLion": lambda: floors.step(LION),
     "FusedAdamax": lambda: floors.step(ADAMAX),
+    "FusedRAdam": lambda: floors.step(RADAM),
     "clip_grad_norm_": lambda: floors.NORM,
     "GradScaler": lambda: floors.NORM,  # its inf check is the optimizer's norm pass
 }
@@ -128,7 +131,7 @@ def test_readme_bytes_table(name):
     assert int(first.group()) == fp32(README_FIGURES[name]())
 
 
-@pytest.mark.parametrize("cls", [SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, LION, ADAMAX])
+@pytest.mark.parametrize("cls", [SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, LION, ADAMAX, RADAM])
 def test_step_floor_reads_and_writes_every_state_tensor_the_step_creates(cls):
     """The floor's state columns are the state a real step creates (the kernel's table columns)."""
     options = {"momentum": 0.9} if cls in (SGD, RMSPROP) else {}

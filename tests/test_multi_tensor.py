@@ -25,6 +25,7 @@ OPTIMIZERS = [
     (fusedopt.FusedAdagrad, dict(lr=1e-2, lr_decay=0.01), "adagrad"),
     (fusedopt.FusedLion, dict(lr=1e-3, weight_decay=0.1), "lion"),
     (fusedopt.FusedAdamax, dict(lr=1e-3, weight_decay=0.1), "adamax"),
+    (fusedopt.FusedRAdam, dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True), "radam"),
 ]
 
 

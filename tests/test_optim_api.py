@@ -31,14 +31,23 @@ from helpers import (
 )
 from torch import nn
 
-from fusedopt import FusedAdagrad, FusedAdam, FusedAdamax, FusedAdamW, FusedLion, FusedRMSprop, FusedSGD
+from fusedopt import (
+    FusedAdagrad,
+    FusedAdam,
+    FusedAdamax,
+    FusedAdamW,
+    FusedLion,
+    FusedRAdam,
+    FusedRMSprop,
+    FusedSGD,
+)
 from fusedopt.optim.lion import Lion
 from fusedopt.testing import OptimCase, assert_close, for_loop, leaves
 from fusedopt.tolerance import OPTIM_TOLERANCE, round_to_storage_
 
 SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
 RMSprop, Adagrad = torch.optim.RMSprop, torch.optim.Adagrad
-Adamax = torch.optim.Adamax
+Adamax, RAdam = torch.optim.Adamax, torch.optim.RAdam
 PAIRS = [
     (SGD, FusedSGD),
     (Adam, FusedAdam),
@@ -46,6 +55,7 @@ PAIRS = [
     (RMSprop, FusedRMSprop),
     (Adagrad, FusedAdagrad),
     (Adamax, FusedAdamax),
+    (RAdam, FusedRAdam),
 ]
 
 SGD_M = OptimCase(FusedSGD, SGD, dict(lr=0.1, momentum=0.9))
@@ -57,7 +67,8 @@ ADAGRAD = OptimCase(
     FusedAdagrad, Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.1)
 )
 ADAMAX = OptimCase(FusedAdamax, Adamax, dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1))
-CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX]
+RADAM = OptimCase(FusedRAdam, RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True))
+CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM]
 # Lion has no torch class (its reference, fusedopt.optim.lion.Lion, stands in) and none of torch's
 # implementation flags: the tests of the optimizer contract take it, the flag tests do not.
 LION = OptimCase(FusedLion, Lion, dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1))
@@ -103,6 +114,11 @@ DEFAULT_KWARGS = {
         {},
         dict(lr=0.02, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, capturable=True),
         dict(foreach=True),
+    ],
+    RAdam: [
+        {},
+        dict(lr=0.02, betas=(0.8, 0.9), weight_decay=0.1, decoupled_weight_decay=True),
+        dict(capturable=True),
     ],
 }
 
@@ -186,6 +202,13 @@ INVALID = [
     (Adamax, dict(weight_decay=-0.1)),
     (Adamax, dict(lr=torch.tensor([0.1, 0.2]))),
     (Adamax, dict(fused=True)),  # Adamax has no fused argument
+    (RAdam, dict(lr=-0.01)),
+    (RAdam, dict(eps=-1e-8)),
+    (RAdam, dict(betas=(1.0, 0.9))),
+    (RAdam, dict(betas=(0.9, 1.0))),
+    (RAdam, dict(weight_decay=-0.1)),
+    (RAdam, dict(lr=torch.tensor([0.1, 0.2]))),
+    (RAdam, dict(fused=True)),
 ]
 
 
@@ -257,6 +280,8 @@ LAYOUTS = [
     OptimCase(FusedAdagrad, Adagrad, dict(lr=0.1, fused=True)),
     ADAMAX,
     OptimCase(FusedAdamax, Adamax, dict(lr=0.01, capturable=True)),
+    RADAM,
+    OptimCase(FusedRAdam, RAdam, dict(lr=0.01, capturable=True)),
 ]
 
 
@@ -473,6 +498,11 @@ MIXED_GROUPS = {
         {},
     ],
     Adamax: [dict(lr=0.02, eps=1e-3), dict(lr=0.005, betas=(0.5, 0.9), weight_decay=0.1, maximize=True), {}],
+    RAdam: [
+        dict(lr=0.02, decoupled_weight_decay=True, weight_decay=0.1),
+        dict(betas=(0.5, 0.9), maximize=True),
+        {},
+    ],
     Lion: [dict(betas=(0.5, 0.9)), dict(lr=0.05, weight_decay=0.1, maximize=True), {}],
 }
 
@@ -503,6 +533,7 @@ TENSOR_LR_CASES = [
     OptimCase(FusedRMSprop, RMSprop, dict(momentum=0.9)),
     OptimCase(FusedAdagrad, Adagrad, dict(lr_decay=0.1)),
     ADAMAX,
+    RADAM,
     LION,
 ]
 
@@ -716,7 +747,13 @@ def test_grad_scaler_unscales_groups_that_run_torchs_step(fused_cls, torch_cls, 
 @pytest.mark.parametrize("prior_steps", [0, 1])
 @pytest.mark.parametrize(
     "cls",
-    [(Adam, FusedAdam), (AdamW, FusedAdamW), (RMSprop, FusedRMSprop), (Adamax, FusedAdamax)],
+    [
+        (Adam, FusedAdam),
+        (AdamW, FusedAdamW),
+        (RMSprop, FusedRMSprop),
+        (Adamax, FusedAdamax),
+        (RAdam, FusedRAdam),
+    ],
     ids=lambda c: c[1].__name__,
 )
 def test_sparse_grad_raises_and_changes_nothing(cls, prior_steps, device):
@@ -772,7 +809,7 @@ def test_sparse_grads_match_torch(case, device):
 
 @pytest.mark.parametrize(
     "case",
-    [SGD_M, ADAM_AMS, OptimCase(FusedAdamW, AdamW, dict(lr=0.01)), RMSPROP, ADAGRAD, ADAMAX, LION],
+    [SGD_M, ADAM_AMS, OptimCase(FusedAdamW, AdamW, dict(lr=0.01)), RMSPROP, ADAGRAD, ADAMAX, RADAM, LION],
     ids=case_id,
 )
 def test_complex_params_match_torch(case, device):
@@ -787,7 +824,9 @@ def test_complex_params_match_torch(case, device):
     check_same(opt, ref, ours, theirs)
 
 
-@pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW, FusedRMSprop, FusedAdagrad, FusedAdamax, FusedLion])
+@pytest.mark.parametrize(
+    "cls", [FusedAdam, FusedAdamW, FusedRMSprop, FusedAdagrad, FusedAdamax, FusedRAdam, FusedLion]
+)
 def test_integer_params_raise_and_change_nothing(cls, device):
     """torch fails in the middle of such a step (a RuntimeError); ours raises before it
     (NotImplementedError, a RuntimeError) and changes nothing."""
@@ -827,7 +866,9 @@ SGD_DAMPENED = OptimCase(
 
 
 @pytest.mark.parametrize(
-    "case", [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, LION], ids=case_id
+    "case",
+    [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, LION],
+    ids=case_id,
 )
 def test_duplicate_params(case, device):
     ours, theirs = make(device), make(device)
@@ -866,6 +907,7 @@ MIXED_DTYPES = [
         OptimCase(FusedRMSprop, RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
         OptimCase(FusedAdagrad, Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
         ADAMAX,
+        RADAM,
         LION,
     ],
     ids=case_id,

@@ -17,7 +17,7 @@ common = pytest.importorskip(
     reason="torch's test data needs expecttest",
     exc_type=ImportError,
 )
-FUSED = {torch.optim.Adamax: fusedopt.FusedAdamax}
+FUSED = {torch.optim.Adamax: fusedopt.FusedAdamax, torch.optim.RAdam: fusedopt.FusedRAdam}
 INFOS = [info for info in common.optim_db if info.optim_cls in FUSED]
 
 

@@ -22,6 +22,7 @@ CASES = [
     ),
     OptimCase(fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr_decay=0.01, initial_accumulator_value=0.1)),
     OptimCase(fusedopt.FusedAdamax, torch.optim.Adamax, dict(weight_decay=0.1, maximize=True)),
+    OptimCase(fusedopt.FusedRAdam, torch.optim.RAdam, dict(weight_decay=0.1, capturable=True)),
     OptimCase(fusedopt.FusedLion, fusedopt.optim.lion.Lion, dict(betas=(0.8, 0.95), weight_decay=0.1)),
 ]
 SPECS = [(3, 4), (5,), (), (4097,)]

@@ -48,6 +48,7 @@ OPTIMIZERS: dict[str, OptimCase] = {
     "rmsprop": OptimCase(fusedopt.FusedRMSprop, torch.optim.RMSprop, {"lr": 1e-3}),
     "adagrad": OptimCase(fusedopt.FusedAdagrad, torch.optim.Adagrad, {"lr": 1e-3}),
     "adamax": OptimCase(fusedopt.FusedAdamax, torch.optim.Adamax, {"lr": 1e-3}),
+    "radam": OptimCase(fusedopt.FusedRAdam, torch.optim.RAdam, {"lr": 1e-3}),
     # torch has no Lion: the lion-pytorch package where installed, else its for-loop in plain torch.
     "lion": OptimCase(fusedopt.FusedLion, _lion_reference(), {"lr": 1e-4}),
     # Low-precision options (not run by default; torch's rows run its plain step on the same params).
@@ -70,6 +71,7 @@ DEFAULT_OPTIMIZERS = [
     "rmsprop",
     "adagrad",
     "adamax",
+    "radam",
     "lion",
     *(["muon"] if "muon" in OPTIMIZERS else []),
 ]

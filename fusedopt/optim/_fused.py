@@ -54,7 +54,7 @@ from fusedopt.optim._precision import (
 from fusedopt.optim._quantize import absmax_key
 from fusedopt.optim._state import OptimizerState
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
-from fusedopt.optim._torch_compat import profiled_step
+from fusedopt.optim._torch_compat import check_capturable_device, profiled_step
 
 _EXTENSIONS = (  # (name, default, annotation) of the keyword-only arguments torch's classes lack
     ("max_grad_norm", None, "float | None"),
@@ -270,6 +270,16 @@ class FusedStep:
                 f"{type(self).__name__} steps floating-point or complex params (fp32, fp64, fp16, bf16); "
                 f"got {p.dtype}"
             )
+
+    def _check_dense(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
+        """The ``_check`` of torch's classes that take dense float grads and a ``capturable``
+        flag (RMSprop, Adamax, RAdam, NAdam): a sparse grad (torch's message), an integer
+        param, ``capturable=True`` on a device that cannot capture."""
+        if g.is_sparse:
+            raise RuntimeError(f"{_torch_base(type(self)).__name__} does not support sparse gradients")
+        self._refuse_integer(p)
+        if group["capturable"]:
+            check_capturable_device(p)
 
     def _new_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
         """The state torch's ``_init_group`` creates for a param with a grad and no state yet

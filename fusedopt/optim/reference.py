@@ -585,6 +585,51 @@ def adamax_reference(
     run(storage, grads, amp, clrs, [True, True], math, maximize=maximize, fused=False)
 
 
+def radam_reference(
+    storage: Storage,
+    grads: list[torch.Tensor],
+    amp,
+    corrections: list[tuple[float, float, float]],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """RAdam step (state columns: exp_avg, exp_avg_sq); ``corrections[i] = (1 - beta1**t,
+    sqrt(1 - beta2**t), rect)`` for tensor i (``rect`` None where ``rho_t <= 5``)."""
+
+    def math(batch: Batch, key: tuple, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        m, v = states
+        bc1, bc2_sqrt, rect = key
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                x.mul_(1 - lr * weight_decay)
+            else:
+                d.add_(x, alpha=weight_decay)
+        m.lerp_(d, 1 - beta1)
+        v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        u = torch.div(m, bc1, out=storage.work(batch, "u")).mul_(lr)
+        if rect is not None:
+            adaptive = torch.sqrt(v, out=storage.work(batch, "t")).add_(eps).reciprocal_().mul_(bc2_sqrt)
+            u.mul_(adaptive).mul_(rect)
+        x.sub_(u)
+
+    run(storage, grads, amp, corrections, [True, True], math, maximize=maximize, fused=False)
+
+
+def radam_corrections(beta1: float, beta2: float, step: float) -> tuple[float, float, float | None]:
+    """RAdam's per-tensor values of step ``step``, in torch's Python-float arithmetic."""
+    bias_correction2 = 1 - beta2**step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    return 1 - beta1**step, bias_correction2**0.5, rect if rho_t > 5.0 else None
+
+
 def torch_or_reference(
     bucket,
     grads: list[torch.Tensor],
