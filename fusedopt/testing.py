@@ -166,6 +166,12 @@ OPTIM_CASES: list[OptimCase] = [
         dict(lr=0.01, betas=(0.9, 0.9), eps=1e-3, capturable=True), dict(lr=0.01, max_grad_norm=1.0),
         dict(lr=0.01, state_dtype=torch.bfloat16),
     ),
+    *_cases(
+        fusedopt.FusedNAdam, torch.optim.NAdam, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.9), momentum_decay=0.01),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+        dict(lr=0.01, weight_decay=0.1, eps=1e-3, capturable=True), dict(lr=0.01, max_grad_norm=1.0),
+        dict(lr=0.01, state_dtype=torch.bfloat16),
+    ),
     # Lion: torch has none; against the reference's for-loop (fusedopt.optim.lion.Lion).
     *_cases(
         fusedopt.FusedLion, LION, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1),
@@ -507,6 +513,7 @@ def compare_optimizer(
         if precision.quantized:  # 8-bit state: the oracle's state through the same quantizer
             _requantize_(opt, ref, ours, theirs)
     eight_bit = 0  # state tensors compared as 8-bit codes
+    carried = opt.algorithm.carried
     for name, p, q in zip(names, ours, theirs, strict=True):
         result.compare("param", name, p, q, table)
         mine, expected = opt.state.get(p, {}), ref.state.get(q, {})
@@ -520,6 +527,13 @@ def compare_optimizer(
                 step_ok = float(mine[key]) == float(expected[key]) and mine[key].dtype == expected[key].dtype
                 if not step_ok or mine[key].device != p.device:
                     result.notes.append(f"{name}: step {mine[key]!r} vs torch {expected[key]!r}")
+                continue
+            if (
+                key in carried
+            ):  # per-tensor scalar state (NAdam's mu_product): torch's dtype, the step's device
+                if mine[key].dtype != expected[key].dtype or mine[key].device != p.device:
+                    result.notes.append(f"{name}: state[{key}] {mine[key]!r} vs torch {expected[key]!r}")
+                result.compare(key, f"{name} state[{key}]", mine[key], expected[key], OPTIM_TOLERANCE)
                 continue
             if mine[key].dtype != precision.state_dtype_for(p.dtype):
                 result.notes.append(f"{name}: state[{key}] is {mine[key].dtype}, param {p.dtype}")

@@ -56,6 +56,7 @@ KERNEL_NAMES = {
     torch.optim.Adagrad: "adagrad",
     torch.optim.Adamax: "adamax",
     torch.optim.RAdam: "radam",
+    torch.optim.NAdam: "nadam",
     fusedopt.optim.lion.Lion: "lion",
 }
 
@@ -250,10 +251,10 @@ def record_launches(monkeypatch, kernels: dict) -> Launches:
 
 def optimizer_kernels() -> dict:
     """The optimizer kernel, named by each algorithm's update, for :func:`record_launches`."""
-    from fusedopt.kernels import adagrad, adam, adamax, lion, radam, rmsprop, sgd
+    from fusedopt.kernels import adagrad, adam, adamax, lion, nadam, radam, rmsprop, sgd
     from fusedopt.kernels.optimizer import optimizer_kernel
 
-    modules = (adam, sgd, rmsprop, adagrad, lion, adamax, radam)
+    modules = (adam, sgd, rmsprop, adagrad, lion, adamax, radam, nadam)
     return {m.__name__.rsplit(".", 1)[1]: (optimizer_kernel, m.update) for m in modules}
 
 

@@ -37,17 +37,18 @@ from fusedopt import (
     FusedAdamax,
     FusedAdamW,
     FusedLion,
+    FusedNAdam,
     FusedRAdam,
     FusedRMSprop,
     FusedSGD,
 )
 from fusedopt.optim.lion import Lion
 from fusedopt.testing import OptimCase, assert_close, for_loop, leaves
-from fusedopt.tolerance import OPTIM_TOLERANCE, round_to_storage_
+from fusedopt.tolerance import OPTIM_TOLERANCE, SCALAR_STATE, round_to_storage_
 
 SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
 RMSprop, Adagrad = torch.optim.RMSprop, torch.optim.Adagrad
-Adamax, RAdam = torch.optim.Adamax, torch.optim.RAdam
+Adamax, RAdam, NAdam = torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam
 PAIRS = [
     (SGD, FusedSGD),
     (Adam, FusedAdam),
@@ -56,6 +57,7 @@ PAIRS = [
     (Adagrad, FusedAdagrad),
     (Adamax, FusedAdamax),
     (RAdam, FusedRAdam),
+    (NAdam, FusedNAdam),
 ]
 
 SGD_M = OptimCase(FusedSGD, SGD, dict(lr=0.1, momentum=0.9))
@@ -68,7 +70,8 @@ ADAGRAD = OptimCase(
 )
 ADAMAX = OptimCase(FusedAdamax, Adamax, dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1))
 RADAM = OptimCase(FusedRAdam, RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True))
-CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM]
+NADAM = OptimCase(FusedNAdam, NAdam, dict(lr=0.01, weight_decay=0.1, momentum_decay=0.01))
+CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, NADAM]
 # Lion has no torch class (its reference, fusedopt.optim.lion.Lion, stands in) and none of torch's
 # implementation flags: the tests of the optimizer contract take it, the flag tests do not.
 LION = OptimCase(FusedLion, Lion, dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1))
@@ -119,6 +122,11 @@ DEFAULT_KWARGS = {
         {},
         dict(lr=0.02, betas=(0.8, 0.9), weight_decay=0.1, decoupled_weight_decay=True),
         dict(capturable=True),
+    ],
+    NAdam: [
+        {},
+        dict(lr=0.02, momentum_decay=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+        dict(foreach=True),
     ],
 }
 
@@ -209,6 +217,13 @@ INVALID = [
     (RAdam, dict(weight_decay=-0.1)),
     (RAdam, dict(lr=torch.tensor([0.1, 0.2]))),
     (RAdam, dict(fused=True)),
+    (NAdam, dict(lr=-0.01)),
+    (NAdam, dict(eps=-1e-8)),
+    (NAdam, dict(betas=(1.0, 0.9))),
+    (NAdam, dict(weight_decay=-0.1)),
+    (NAdam, dict(momentum_decay=-0.1)),
+    (NAdam, dict(lr=torch.tensor([0.1, 0.2]))),
+    (NAdam, dict(fused=True)),
 ]
 
 
@@ -282,6 +297,8 @@ LAYOUTS = [
     OptimCase(FusedAdamax, Adamax, dict(lr=0.01, capturable=True)),
     RADAM,
     OptimCase(FusedRAdam, RAdam, dict(lr=0.01, capturable=True)),
+    NADAM,
+    OptimCase(FusedNAdam, NAdam, dict(lr=0.01, capturable=True)),
 ]
 
 
@@ -503,6 +520,7 @@ MIXED_GROUPS = {
         dict(betas=(0.5, 0.9), maximize=True),
         {},
     ],
+    NAdam: [dict(momentum_decay=0.01), dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True), {}],
     Lion: [dict(betas=(0.5, 0.9)), dict(lr=0.05, weight_decay=0.1, maximize=True), {}],
 }
 
@@ -534,6 +552,7 @@ TENSOR_LR_CASES = [
     OptimCase(FusedAdagrad, Adagrad, dict(lr_decay=0.1)),
     ADAMAX,
     RADAM,
+    NADAM,
     LION,
 ]
 
@@ -753,6 +772,7 @@ def test_grad_scaler_unscales_groups_that_run_torchs_step(fused_cls, torch_cls, 
         (RMSprop, FusedRMSprop),
         (Adamax, FusedAdamax),
         (RAdam, FusedRAdam),
+        (NAdam, FusedNAdam),
     ],
     ids=lambda c: c[1].__name__,
 )
@@ -809,7 +829,17 @@ def test_sparse_grads_match_torch(case, device):
 
 @pytest.mark.parametrize(
     "case",
-    [SGD_M, ADAM_AMS, OptimCase(FusedAdamW, AdamW, dict(lr=0.01)), RMSPROP, ADAGRAD, ADAMAX, RADAM, LION],
+    [
+        SGD_M,
+        ADAM_AMS,
+        OptimCase(FusedAdamW, AdamW, dict(lr=0.01)),
+        RMSPROP,
+        ADAGRAD,
+        ADAMAX,
+        RADAM,
+        NADAM,
+        LION,
+    ],
     ids=case_id,
 )
 def test_complex_params_match_torch(case, device):
@@ -825,7 +855,7 @@ def test_complex_params_match_torch(case, device):
 
 
 @pytest.mark.parametrize(
-    "cls", [FusedAdam, FusedAdamW, FusedRMSprop, FusedAdagrad, FusedAdamax, FusedRAdam, FusedLion]
+    "cls", [FusedAdam, FusedAdamW, FusedRMSprop, FusedAdagrad, FusedAdamax, FusedRAdam, FusedNAdam, FusedLion]
 )
 def test_integer_params_raise_and_change_nothing(cls, device):
     """torch fails in the middle of such a step (a RuntimeError); ours raises before it
@@ -867,7 +897,7 @@ SGD_DAMPENED = OptimCase(
 
 @pytest.mark.parametrize(
     "case",
-    [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, LION],
+    [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, NADAM, LION],
     ids=case_id,
 )
 def test_duplicate_params(case, device):
@@ -908,6 +938,7 @@ MIXED_DTYPES = [
         OptimCase(FusedAdagrad, Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
         ADAMAX,
         RADAM,
+        NADAM,
         LION,
     ],
     ids=case_id,
@@ -935,6 +966,9 @@ def test_mixed_dtypes_in_one_group(case, triton_device, launches):
             w = opt.state[p][key]
             if key == "step":
                 assert float(w) == float(v) == 7
+            elif key in SCALAR_STATE:  # NAdam's mu_product: torch's dtype (the step's) whatever the param's
+                assert w.dtype == v.dtype, f"state[{key}] of param {i}"
+                assert_close(w, v, f"state[{key}] of param {i}", OPTIM_TOLERANCE)
             else:
                 assert w.dtype == p.dtype, f"state[{key}] of param {i} must be stored as {p.dtype}"
                 assert_close(w, v, f"state[{key}] of param {i} ({p.dtype})", OPTIM_TOLERANCE)

@@ -17,7 +17,11 @@ common = pytest.importorskip(
     reason="torch's test data needs expecttest",
     exc_type=ImportError,
 )
-FUSED = {torch.optim.Adamax: fusedopt.FusedAdamax, torch.optim.RAdam: fusedopt.FusedRAdam}
+FUSED = {
+    torch.optim.Adamax: fusedopt.FusedAdamax,
+    torch.optim.RAdam: fusedopt.FusedRAdam,
+    torch.optim.NAdam: fusedopt.FusedNAdam,
+}
 INFOS = [info for info in common.optim_db if info.optim_cls in FUSED]
 
 

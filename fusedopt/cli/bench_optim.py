@@ -49,6 +49,7 @@ OPTIMIZERS: dict[str, OptimCase] = {
     "adagrad": OptimCase(fusedopt.FusedAdagrad, torch.optim.Adagrad, {"lr": 1e-3}),
     "adamax": OptimCase(fusedopt.FusedAdamax, torch.optim.Adamax, {"lr": 1e-3}),
     "radam": OptimCase(fusedopt.FusedRAdam, torch.optim.RAdam, {"lr": 1e-3}),
+    "nadam": OptimCase(fusedopt.FusedNAdam, torch.optim.NAdam, {"lr": 1e-3}),
     # torch has no Lion: the lion-pytorch package where installed, else its for-loop in plain torch.
     "lion": OptimCase(fusedopt.FusedLion, _lion_reference(), {"lr": 1e-4}),
     # Low-precision options (not run by default; torch's rows run its plain step on the same params).
@@ -72,6 +73,7 @@ DEFAULT_OPTIMIZERS = [
     "adagrad",
     "adamax",
     "radam",
+    "nadam",
     "lion",
     *(["muon"] if "muon" in OPTIMIZERS else []),
 ]

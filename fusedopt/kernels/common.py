@@ -193,6 +193,17 @@ def fma(x, y, z):
 
 
 @triton.jit
+def decay(p, g, lr, wd, DECOUPLED: tl.constexpr, COMPUTE: tl.constexpr):
+    """Weight decay as torch applies it, returned as ``(p, g)``: decoupled ``p * (1 - lr * wd)``
+    (a ``mul_``, rounded on its own) or L2 ``g + wd * p`` (``add(alpha=)``: an fma)."""
+    if DECOUPLED:
+        p = mul_ieee(p, (1.0 - lr * wd).to(COMPUTE))
+    else:
+        g = fma(p, wd.to(COMPUTE), g)
+    return p, g
+
+
+@triton.jit
 def lerp(start, end, weight):
     """``torch.lerp(start, end, weight)`` for a scalar ``weight``, rounded as torch rounds it:
     ``start + weight * (end - start)`` below 0.5, ``end - (1 - weight) * (end - start)`` from

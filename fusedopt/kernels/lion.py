@@ -18,7 +18,7 @@ way, plus its absmax).
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import fma, mul_ieee, named
+from fusedopt.kernels.common import decay, fma, mul_ieee, named
 from fusedopt.kernels.optimizer import bits
 
 # The spec shared with the launcher (fusedopt.optim.lion).
@@ -38,7 +38,7 @@ def update(p, g, m, s2, s3, scalars, prepared, counter, SWITCHES: tl.constexpr, 
     beta1 = tl.load(scalars + BETA1)
     beta2 = tl.load(scalars + BETA2)
     if HAS_WD & SWITCHES:
-        p = mul_ieee(p, (1.0 - lr * tl.load(scalars + WEIGHT_DECAY)).to(COMPUTE))
+        p, g = decay(p, g, lr, tl.load(scalars + WEIGHT_DECAY), True, COMPUTE)
     # A separate rounding where the reference's mul_ rounds, fma where its add(alpha=) does, so
     # fp32 results match lion-pytorch bit for bit (a sign flip would move p by 2 lr).
     c = fma(g, (1.0 - beta1).to(COMPUTE), mul_ieee(m, beta1.to(COMPUTE)))

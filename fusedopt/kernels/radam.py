@@ -21,7 +21,7 @@ Bytes per element (fp32): read p, g, m, v and write p, m, v = 28 B.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import div_ieee, fma, lerp, mul_ieee, named, sqrt_ieee
+from fusedopt.kernels.common import decay, div_ieee, fma, lerp, mul_ieee, named, sqrt_ieee
 from fusedopt.kernels.optimizer import bits
 
 # The spec shared with the launcher (fusedopt.optim.radam).
@@ -58,12 +58,8 @@ def prepare(scalars, step, out, mask, COMPUTE: tl.constexpr):
 def update(p, g, m, v, s3, scalars, prepared, counter, SWITCHES: tl.constexpr, COMPUTE: tl.constexpr):
     lr = tl.load(scalars + LR)
     beta2 = tl.load(scalars + BETA2)
-    wd = tl.load(scalars + WEIGHT_DECAY)
     if HAS_WD & SWITCHES:
-        if DECOUPLED & SWITCHES:
-            p = mul_ieee(p, (1.0 - lr * wd).to(COMPUTE))
-        else:
-            g = fma(p, wd.to(COMPUTE), g)
+        p, g = decay(p, g, lr, tl.load(scalars + WEIGHT_DECAY), DECOUPLED & SWITCHES, COMPUTE)
     # Rounded where torch's for-loop rounds: each tensor op of its step once (fma where lerp
     # and addcmul fuse; ``float / tensor`` is torch's reciprocal, then a product).
     m = lerp(m, g, (1.0 - tl.load(scalars + BETA1)).to(COMPUTE))

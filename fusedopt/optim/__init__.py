@@ -5,6 +5,7 @@ from fusedopt.optim.adam import FusedAdam, FusedAdamW
 from fusedopt.optim.adamax import FusedAdamax
 from fusedopt.optim.lion import FusedLion, Lion
 from fusedopt.optim.muon import FusedMuon, muon_param_groups
+from fusedopt.optim.nadam import FusedNAdam
 from fusedopt.optim.radam import FusedRAdam
 from fusedopt.optim.rmsprop import FusedRMSprop
 from fusedopt.optim.sgd import FusedSGD
@@ -16,6 +17,7 @@ __all__ = [
     "FusedAdamax",
     "FusedLion",
     "FusedMuon",
+    "FusedNAdam",
     "FusedRAdam",
     "FusedRMSprop",
     "FusedSGD",

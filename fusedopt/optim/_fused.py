@@ -210,7 +210,11 @@ class FusedStep:
                 for p in group["params"]:
                     step = self.state.get(p, {}).get(key)
                     if isinstance(step, torch.Tensor) and step.device != counter_device(p):
-                        self.state[p][key] = step.to(counter_device(p))
+                        self.state[p][key] = step = step.to(counter_device(p))
+                    for name in self.algorithm.carried:  # kept as the counter (torch's load casts them)
+                        v = self.state.get(p, {}).get(name)
+                        if isinstance(step, torch.Tensor) and isinstance(v, torch.Tensor) and v.numel() == 1:
+                            self.state[p][name] = v.to(step.device, step.dtype).reshape(())
 
     # optimizer.state ------------------------------------------------------------------------
 
@@ -377,6 +381,7 @@ class FusedStep:
                 absmax = [
                     [self.state.get(p, {}).get(absmax_key(k)) for p in params] for k in self.algorithm.columns
                 ]
+                carried = [self.state[p][k] for p in params for k in self.algorithm.carried]
                 if params:
                     traced_step(
                         self.algorithm,
@@ -388,6 +393,7 @@ class FusedStep:
                         self.precision,
                         seeds,
                         absmax,
+                        carried,
                     )
         if theirs:
             self._torch_step(theirs)

@@ -9,7 +9,7 @@ import torch
 from fusedopt.kernels import adamax as kernels
 from fusedopt.optim._fused import FusedStep
 from fusedopt.optim._plan import Amp, Bucket, StepGrads
-from fusedopt.optim._step import Algorithm
+from fusedopt.optim._step import Algorithm, adam_hyper, zeros
 from fusedopt.optim._torch_compat import capture_health_check
 from fusedopt.optim.reference import adamax_reference, torch_or_reference
 
@@ -18,16 +18,7 @@ _torch_adamax = importlib.import_module("torch.optim.adamax")
 
 def _state(group: dict) -> dict:
     """torch.optim.Adamax's lazy state besides ``step``: ``exp_avg``, ``exp_inf``, zeros."""
-    return dict.fromkeys(
-        kernels.COLUMNS[1:], lambda p: torch.zeros_like(p, memory_format=torch.preserve_format)
-    )
-
-
-def _hyper(group: dict) -> dict:
-    beta1, beta2 = group["betas"]
-    return dict(
-        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
-    )
+    return dict.fromkeys(kernels.COLUMNS[1:], zeros)
 
 
 def _switches(group: dict) -> dict:
@@ -53,7 +44,7 @@ def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp,
     )  # fmt: skip
 
 
-ADAMAX = Algorithm("adamax", kernels, _state, _hyper, _switches, _eager)
+ADAMAX = Algorithm("adamax", kernels, _state, adam_hyper, _switches, _eager)
 
 
 class FusedAdamax(FusedStep, torch.optim.Adamax):

@@ -414,6 +414,22 @@ def sgd_reference(
     run(storage, grads, amp, fresh, [momentum != 0], math, maximize=maximize, fused=fused)
 
 
+def _decay_(x: torch.Tensor, d: torch.Tensor, lr: float, weight_decay: float, decoupled: bool) -> None:
+    """Weight decay as the Adam family applies it: ``x *= 1 - lr * wd`` (decoupled) or
+    ``d += wd * x`` (L2)."""
+    if weight_decay != 0:
+        if decoupled:
+            x.mul_(1 - lr * weight_decay)
+        else:
+            d.add_(x, alpha=weight_decay)
+
+
+def _moments_(m: torch.Tensor, v: torch.Tensor, d: torch.Tensor, beta1: float, beta2: float) -> None:
+    """Adam's moments: ``m = lerp(m, d, 1 - beta1)``, ``v = beta2 v + (1 - beta2) d * d``."""
+    m.lerp_(d, 1 - beta1)
+    v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+
+
 def adam_reference(
     storage: Storage,
     grads: list[torch.Tensor],
@@ -466,13 +482,8 @@ def adam_reference(
             )  # fmt: skip
             return
         bc1, bc2_sqrt = key
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                x.mul_(1 - lr * weight_decay)
-            else:
-                d.add_(x, alpha=weight_decay)
-        m.lerp_(d, 1 - beta1)
-        v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        _decay_(x, d, lr, weight_decay, decoupled_weight_decay)
+        _moments_(m, v, d, beta1, beta2)
         denom = storage.work(batch, "t")
         if vmax is not None:
             torch.maximum(vmax, v, out=vmax)
@@ -591,34 +602,65 @@ def radam_reference(
     amp,
     corrections: list[tuple[float, float, float]],
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    **hyper: float,
 ) -> None:
     """RAdam step (state columns: exp_avg, exp_avg_sq); ``corrections[i] = (1 - beta1**t,
-    sqrt(1 - beta2**t), rect)`` for tensor i (``rect`` None where ``rho_t <= 5``)."""
+    sqrt(1 - beta2**t), rect)`` for tensor i (``rect`` None where ``rho_t <= 5``); ``hyper``:
+    lr, beta1, beta2, eps, weight_decay."""
+    lr = hyper["lr"]
 
     def math(batch: Batch, key: tuple, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
         m, v = states
         bc1, bc2_sqrt, rect = key
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                x.mul_(1 - lr * weight_decay)
-            else:
-                d.add_(x, alpha=weight_decay)
-        m.lerp_(d, 1 - beta1)
-        v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        _decay_(x, d, lr, hyper["weight_decay"], decoupled_weight_decay)
+        _moments_(m, v, d, hyper["beta1"], hyper["beta2"])
         u = torch.div(m, bc1, out=storage.work(batch, "u")).mul_(lr)
         if rect is not None:
-            adaptive = torch.sqrt(v, out=storage.work(batch, "t")).add_(eps).reciprocal_().mul_(bc2_sqrt)
+            adaptive = (
+                torch.sqrt(v, out=storage.work(batch, "t")).add_(hyper["eps"]).reciprocal_().mul_(bc2_sqrt)
+            )
             u.mul_(adaptive).mul_(rect)
         x.sub_(u)
 
     run(storage, grads, amp, corrections, [True, True], math, maximize=maximize, fused=False)
+
+
+def nadam_reference(
+    storage: Storage,
+    grads: list[torch.Tensor],
+    amp,
+    coefficients: list[tuple[float, float, float]],
+    *,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    **hyper: float,
+) -> None:
+    """NAdam step (state columns: exp_avg, exp_avg_sq); ``coefficients[i] = (1 - beta2**t,
+    -lr (1 - mu_t) / (1 - mu_product), -lr mu_{t+1} / (1 - mu_product mu_{t+1}))`` for tensor
+    i (:func:`nadam_coefficients`); ``hyper``: lr, beta1, beta2, eps, weight_decay."""
+
+    def math(batch: Batch, key: tuple, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        m, v = states
+        bc2, grad_coef, avg_coef = key
+        _decay_(x, d, hyper["lr"], hyper["weight_decay"], decoupled_weight_decay)
+        _moments_(m, v, d, hyper["beta1"], hyper["beta2"])
+        denom = torch.div(v, bc2, out=storage.work(batch, "t")).sqrt_().add_(hyper["eps"])
+        x.addcdiv_(d, denom, value=grad_coef).addcdiv_(m, denom, value=avg_coef)
+
+    run(storage, grads, amp, coefficients, [True, True], math, maximize=maximize, fused=False)
+
+
+def nadam_coefficients(
+    mu_product: torch.Tensor, step: float, *, lr: float, beta1: float, beta2: float, momentum_decay: float
+) -> tuple[float, float, float]:
+    """NAdam's per-tensor values of step ``step``, in torch's arithmetic: ``mu_product`` (the
+    0-d state) is multiplied by ``mu_t`` in place, the rest in Python floats."""
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    product = float(mu_product.mul_(mu))
+    return 1 - beta2**step, -lr * (1.0 - mu) / (1.0 - product), (-lr * mu_next) / (1.0 - product * mu_next)
 
 
 def radam_corrections(beta1: float, beta2: float, step: float) -> tuple[float, float, float | None]:
