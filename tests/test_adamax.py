@@ -14,6 +14,6 @@ def test_adamax_matches_torch(case, dtype, device):
 
 @pytest.mark.parametrize(("case", "dtype"), parity_params(CASES, [torch.float32, torch.bfloat16]))
 def test_cpu_path_matches_torch(case, dtype, plain_cpu, launches):
-    """Without the interpreter: torch's for-loop Adamax (fp32), the fp32-math reference (bf16)."""
+    """Without the interpreter: the reference in torch's for-loop order, every dtype."""
     run_parity(case, "cpu", dtype)
     assert not launches, "no Triton kernel on this path"

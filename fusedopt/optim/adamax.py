@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from fusedopt.kernels import adamax as kernels
@@ -11,9 +9,7 @@ from fusedopt.optim._fused import FusedStep
 from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm, adam_hyper, zeros
 from fusedopt.optim._torch_compat import capture_health_check
-from fusedopt.optim.reference import adamax_reference, torch_or_reference
-
-_torch_adamax = importlib.import_module("torch.optim.adamax")
+from fusedopt.optim.reference import adamax_reference, counted_reference
 
 
 def _state(group: dict) -> dict:
@@ -26,20 +22,14 @@ def _switches(group: dict) -> dict:
 
 
 def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state, storage=None) -> None:
-    """Without Triton: torch's for-loop Adamax for fp32/fp64 (it has no fused one, and its
-    foreach one is no faster on CPU); for bf16/fp16 and the low-precision options the fp32-math
-    reference on working copies."""
-    params, exp_avgs, exp_infs, _ = bucket.columns  # the last: the precision column
+    """Without Triton: the reference (:func:`fusedopt.optim.reference.adamax_reference`: torch's
+    for-loop order, fp32 math for bf16/fp16) a cache-sized batch at a time, every dtype."""
     h = {k: float(v) for k, v in hyper.items()}  # CPU tensors: no sync to speak of
-    lr, beta1, maximize = h["lr"], h["beta1"], flags["MAXIMIZE"]
-    torch_or_reference(
-        bucket, bucket.grads(grads), amp, storage,
-        lambda mine: _torch_adamax.adamax(
-            params, mine, exp_avgs, exp_infs, bucket.counters, foreach=False, maximize=maximize, **h
-        ),
+    lr, beta1 = h.pop("lr"), h["beta1"]
+    counted_reference(
+        bucket, amp, storage,
         lambda storage, steps: adamax_reference(
-            storage, bucket.grads(grads), amp, [lr / (1 - beta1**t) for t in steps], beta1=beta1,
-            beta2=h["beta2"], eps=h["eps"], weight_decay=h["weight_decay"], maximize=maximize,
+            storage, bucket.grads(grads), amp, [lr / (1 - beta1**t) for t in steps], maximize=flags["MAXIMIZE"], **h
         ),
     )  # fmt: skip
 
@@ -65,8 +55,9 @@ class FusedAdamax(FusedStep, torch.optim.Adamax):
     The step runs one Triton kernel per device and dtype (fp32 math, fp64 for fp64 params,
     params and state stored in the param's dtype), reading p, g, m, u and writing p, m, u:
     28 bytes per fp32 element. CUDA tensors use the compiled kernel; CPU tensors the same
-    kernel under ``TRITON_INTERPRET=1``, else torch's for-loop Adamax (fp32/fp64) or the
-    fp32-math reference (:func:`fusedopt.optim.reference.adamax_reference`, bf16/fp16).
+    kernel under ``TRITON_INTERPRET=1``, else the reference in torch's for-loop order
+    (:func:`fusedopt.optim.reference.adamax_reference`; fp32 math for bf16/fp16) on
+    cache-sized batches, faster than torch's own CPU steps.
 
     The bias correction is computed in the kernel from the step counts, which live on the
     param's device, and hyper-parameters are read on the device, so a step makes no host read

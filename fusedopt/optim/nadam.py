@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from fusedopt.kernels import nadam as kernels
@@ -11,9 +9,7 @@ from fusedopt.optim._fused import FusedStep
 from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm, adam_hyper, decay_switches, zeros
 from fusedopt.optim._torch_compat import capture_health_check
-from fusedopt.optim.reference import nadam_coefficients, nadam_reference, torch_or_reference
-
-_torch_nadam = importlib.import_module("torch.optim.nadam")
+from fusedopt.optim.reference import counted_reference, nadam_coefficients, nadam_reference
 
 
 def _state(group: dict) -> dict:
@@ -27,24 +23,18 @@ def _hyper(group: dict) -> dict:
 
 
 def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state, storage=None) -> None:
-    """Without Triton: torch's for-loop NAdam for fp32/fp64 (it has no fused one, and its
-    foreach one is no faster on CPU); for bf16/fp16 and the low-precision options the fp32-math
-    reference on working copies (``mu_product`` advanced by torch's own op first)."""
-    params, exp_avgs, exp_avg_sqs, _ = bucket.columns  # the last: the precision column
+    """Without Triton: the reference (:func:`fusedopt.optim.reference.nadam_reference`: torch's
+    for-loop order, fp32 math for bf16/fp16) a cache-sized batch at a time, every dtype;
+    ``mu_product`` advanced by torch's own op first."""
     h = {k: float(v) for k, v in hyper.items()}  # CPU tensors: no sync to speak of
-    maximize, decoupled = flags["MAXIMIZE"], flags["DECOUPLED"]
-    mu = {k: h.pop(k) for k in ("lr", "beta1", "beta2", "momentum_decay")}
-    torch_or_reference(
-        bucket, bucket.grads(grads), amp, storage,
-        lambda mine: _torch_nadam.nadam(
-            params, mine, exp_avgs, exp_avg_sqs, bucket.carried, bucket.counters, foreach=False,
-            maximize=maximize, decoupled_weight_decay=decoupled, **mu, **h,
-        ),
+    mu = {k: h[k] for k in ("lr", "beta1", "beta2", "momentum_decay")}
+    del h["momentum_decay"]
+    counted_reference(
+        bucket, amp, storage,
         lambda storage, steps: nadam_reference(
             storage, bucket.grads(grads), amp,
             [nadam_coefficients(c, t, **mu) for c, t in zip(bucket.carried, steps, strict=True)],
-            decoupled_weight_decay=decoupled, maximize=maximize, lr=mu["lr"], beta1=mu["beta1"],
-            beta2=mu["beta2"], **h,
+            decoupled_weight_decay=flags["DECOUPLED"], maximize=flags["MAXIMIZE"], **h,
         ),
     )  # fmt: skip
 
@@ -73,8 +63,8 @@ class FusedNAdam(FusedStep, torch.optim.NAdam):
     computes the two coefficients from it, so a step makes no host read (``capturable=True``
     captures, ``torch.compile`` compiles it); GradScaler's ``grad_scale``/``found_inf`` are
     applied in the kernel (a skipped step advances neither ``step`` nor ``mu_product``). CPU
-    tensors without ``TRITON_INTERPRET=1``: torch's for-loop NAdam (fp32/fp64) or
-    :func:`fusedopt.optim.reference.nadam_reference` (bf16/fp16). ``foreach`` runs the kernel
+    tensors without ``TRITON_INTERPRET=1``: :func:`fusedopt.optim.reference.nadam_reference`
+    (torch's for-loop order; fp32 math for bf16/fp16) on cache-sized batches. ``foreach`` runs the kernel
     too; ``differentiable=True`` runs torch's step.
     """
 

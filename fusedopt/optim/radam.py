@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from fusedopt.kernels import radam as kernels
@@ -11,9 +9,7 @@ from fusedopt.optim._fused import FusedStep
 from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm, adam_hyper, decay_switches, zeros
 from fusedopt.optim._torch_compat import capture_health_check
-from fusedopt.optim.reference import radam_corrections, radam_reference, torch_or_reference
-
-_torch_radam = importlib.import_module("torch.optim.radam")
+from fusedopt.optim.reference import counted_reference, radam_corrections, radam_reference
 
 
 def _state(group: dict) -> dict:
@@ -22,21 +18,14 @@ def _state(group: dict) -> dict:
 
 
 def _eager(hyper: dict, flags: dict, bucket: Bucket, grads: StepGrads, amp: Amp, state, storage=None) -> None:
-    """Without Triton: torch's for-loop RAdam for fp32/fp64 (it has no fused one, and its
-    foreach one is no faster on CPU); for bf16/fp16 and the low-precision options the fp32-math
-    reference on working copies."""
-    params, exp_avgs, exp_avg_sqs, _ = bucket.columns  # the last: the precision column
+    """Without Triton: the reference (:func:`fusedopt.optim.reference.radam_reference`: torch's
+    for-loop order, fp32 math for bf16/fp16) a cache-sized batch at a time, every dtype."""
     h = {k: float(v) for k, v in hyper.items()}  # CPU tensors: no sync to speak of
-    maximize, decoupled = flags["MAXIMIZE"], flags["DECOUPLED"]
-    torch_or_reference(
-        bucket, bucket.grads(grads), amp, storage,
-        lambda mine: _torch_radam.radam(
-            params, mine, exp_avgs, exp_avg_sqs, bucket.counters, foreach=False, maximize=maximize,
-            decoupled_weight_decay=decoupled, **h,
-        ),
+    counted_reference(
+        bucket, amp, storage,
         lambda storage, steps: radam_reference(
             storage, bucket.grads(grads), amp, [radam_corrections(h["beta1"], h["beta2"], t) for t in steps],
-            decoupled_weight_decay=decoupled, maximize=maximize, **h,
+            decoupled_weight_decay=flags["DECOUPLED"], maximize=flags["MAXIMIZE"], **h,
         ),
     )  # fmt: skip
 
@@ -61,8 +50,8 @@ class FusedRAdam(FusedStep, torch.optim.RAdam):
     p, g, m, v and writing p, m, v: 28 bytes per fp32 element; the per-tensor values are
     computed on the device from the step counts (no host read: ``capturable=True`` captures,
     ``torch.compile`` compiles it), GradScaler's ``grad_scale``/``found_inf`` applied in the
-    kernel. CPU tensors without ``TRITON_INTERPRET=1``: torch's for-loop RAdam (fp32/fp64) or
-    :func:`fusedopt.optim.reference.radam_reference` (bf16/fp16). ``foreach`` runs the kernel
+    kernel. CPU tensors without ``TRITON_INTERPRET=1``: :func:`fusedopt.optim.reference.radam_reference`
+    (torch's for-loop order; fp32 math for bf16/fp16) on cache-sized batches. ``foreach`` runs the kernel
     too; ``differentiable=True`` runs torch's step.
     """
 

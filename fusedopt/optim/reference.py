@@ -672,24 +672,15 @@ def radam_corrections(beta1: float, beta2: float, step: float) -> tuple[float, f
     return 1 - beta1**step, bias_correction2**0.5, rect if rho_t > 5.0 else None
 
 
-def torch_or_reference(
-    bucket,
-    grads: list[torch.Tensor],
-    amp,
-    storage: Storage | None,
-    torch_step: Callable[[list[torch.Tensor]], None],
-    reference: Callable[[Storage, list[float]], None],
+def counted_reference(
+    bucket, amp, storage: Storage | None, reference: Callable[[Storage, list[float]], None]
 ) -> None:
-    """The non-Triton step of an algorithm whose fp32/fp64 for-loop in torch is its fastest
-    correct CPU path: ``torch_step(grads)`` there (unscaled and clipped grads; nothing when
-    GradScaler found an inf); else (bf16/fp16, the low-precision options: ``storage``) the
-    counters advance and ``reference(storage, steps)`` runs on working copies (``steps``: each
-    tensor's count, this step included)."""
-    if storage is None and bucket.dtype in (torch.float32, torch.float64):
-        mine = eager_grads(grads, amp, fused=False)
-        if mine is not None:
-            torch_step(mine)
-        return
+    """The non-Triton step of an algorithm with step counters whose fastest correct CPU path is
+    its reference on cache-sized working copies (every dtype: faster than torch's for-loop and
+    foreach steps, which pass over whole tensors op by op): nothing when GradScaler found an
+    inf, else the counters advance and ``reference(storage, steps)`` runs (``storage``: the
+    low-precision options' or the plain one; ``steps``: each tensor's count, this step
+    included)."""
     if skipped(amp.found_inf):
         return
     torch._foreach_add_(bucket.counters, 1)
