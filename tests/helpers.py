@@ -72,6 +72,26 @@ def parity_params(cases: list[OptimCase], dtypes: list[torch.dtype]) -> list:
     return [pytest.param(case, dtype, id=f"{case.id}-{dtype}") for case in cases for dtype in dtypes]
 
 
+def parity_tests(group: str) -> tuple[Callable, Callable]:
+    """The two parity tests of an optimizer's test file, for ``OPTIM_CASES`` of ``group``: its
+    kernel (CUDA, or CPU through the interpreter) in every dtype, and its CPU path without the
+    interpreter (fp32, bf16; no Triton launch there)."""
+    from fusedopt.testing import OPTIM_CASES
+
+    cases = [c for c in OPTIM_CASES if c.group == group]
+
+    @pytest.mark.parametrize(("case", "dtype"), parity_params(cases, DTYPES))
+    def test_matches_torch(case, dtype, device):
+        run_parity(case, device, dtype)
+
+    @pytest.mark.parametrize(("case", "dtype"), parity_params(cases, [torch.float32, torch.bfloat16]))
+    def test_cpu_path_matches_torch(case, dtype, plain_cpu, launches):
+        run_parity(case, "cpu", dtype)
+        assert not launches, "no Triton kernel on this path"
+
+    return test_matches_torch, test_cpu_path_matches_torch
+
+
 def run_parity(case: OptimCase, device: str, dtype: torch.dtype, steps: int = 7) -> None:
     """``steps`` steps of ``case`` beside torch on odd layouts (0-d, empty, strided, ...): every
     param and state tensor within the tolerance contract, state keys and ``step`` exact."""

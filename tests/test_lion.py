@@ -19,6 +19,7 @@ from helpers import (
     make,
     outcome,
     parity_params,
+    parity_tests,
     roundtrip,
     run_parity,
     snapshot,
@@ -45,11 +46,8 @@ def test_lion_matches_the_reference(case, dtype, device):
     run_parity(case, device, dtype)
 
 
-@pytest.mark.parametrize(("case", "dtype"), parity_params(CASES, [torch.float32, torch.bfloat16]))
-def test_cpu_path_matches_the_reference(case, dtype, plain_cpu, launches):
-    """Without the interpreter: the reference on working copies, every dtype."""
-    run_parity(case, "cpu", dtype)
-    assert not launches, "no Triton kernel on this path"
+# Without the interpreter: the reference on working copies (fp32, bf16).
+_, test_cpu_path_matches_the_reference = parity_tests("lion")
 
 
 def _lion_pytorch():

@@ -1,20 +1,7 @@
-import pytest
-import torch
-from helpers import DTYPES, parity_params, run_parity
+"""FusedRAdam against torch's for-loop step: its kernel in every dtype, and its CPU path without
+the interpreter (the reference in torch's for-loop order on cache-sized batches).
+(RAdam: 7 steps, the plain branch (rho_t <= 5) for 5 steps, the rectified one after.)"""
 
-from fusedopt.testing import OPTIM_CASES
+from helpers import parity_tests
 
-CASES = [c for c in OPTIM_CASES if c.group == "radam"]
-
-
-@pytest.mark.parametrize(("case", "dtype"), parity_params(CASES, DTYPES))
-def test_radam_matches_torch(case, dtype, device):
-    """7 steps: the plain branch (rho_t <= 5) for 5 steps, the rectified one after."""
-    run_parity(case, device, dtype)
-
-
-@pytest.mark.parametrize(("case", "dtype"), parity_params(CASES, [torch.float32, torch.bfloat16]))
-def test_cpu_path_matches_torch(case, dtype, plain_cpu, launches):
-    """Without the interpreter: the reference in torch's for-loop order, every dtype."""
-    run_parity(case, "cpu", dtype)
-    assert not launches, "no Triton kernel on this path"
+test_radam_matches_torch, test_cpu_path_matches_torch = parity_tests("radam")

@@ -70,7 +70,5 @@ class FusedAdamax(FusedStep, torch.optim.Adamax):
 
     algorithm = ADAMAX
 
-    def _before_step(self) -> None:
-        capture_health_check(self)  # as torch.optim.Adamax: capture only when capturable
-
+    _before_step = capture_health_check  # as torch's: capture only when capturable
     _check = FusedStep._check_dense

@@ -70,7 +70,5 @@ class FusedNAdam(FusedStep, torch.optim.NAdam):
 
     algorithm = NADAM
 
-    def _before_step(self) -> None:
-        capture_health_check(self)  # as torch.optim.NAdam: capture only when capturable
-
+    _before_step = capture_health_check  # as torch's: capture only when capturable
     _check = FusedStep._check_dense

@@ -57,7 +57,5 @@ class FusedRAdam(FusedStep, torch.optim.RAdam):
 
     algorithm = RADAM
 
-    def _before_step(self) -> None:
-        capture_health_check(self)  # as torch.optim.RAdam: capture only when capturable
-
+    _before_step = capture_health_check  # as torch's: capture only when capturable
     _check = FusedStep._check_dense

@@ -596,60 +596,47 @@ def adamax_reference(
     run(storage, grads, amp, clrs, [True, True], math, maximize=maximize, fused=False)
 
 
-def radam_reference(
-    storage: Storage,
-    grads: list[torch.Tensor],
-    amp,
-    corrections: list[tuple[float, float, float]],
-    *,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    **hyper: float,
-) -> None:
-    """RAdam step (state columns: exp_avg, exp_avg_sq); ``corrections[i] = (1 - beta1**t,
-    sqrt(1 - beta2**t), rect)`` for tensor i (``rect`` None where ``rho_t <= 5``); ``hyper``:
-    lr, beta1, beta2, eps, weight_decay."""
-    lr = hyper["lr"]
+def _decayed_moments_reference(storage: Storage, grads, amp, keys: list, finish, options: dict) -> None:
+    """The steps of RAdam and NAdam: Adam's decay (``options["decoupled_weight_decay"]``) and
+    moments, then ``finish(batch, key, x, d, m, v)`` (the update of the param); ``options``:
+    also maximize, lr, beta1, beta2, weight_decay."""
 
     def math(batch: Batch, key: tuple, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
         m, v = states
+        _decay_(x, d, options["lr"], options["weight_decay"], options["decoupled_weight_decay"])
+        _moments_(m, v, d, options["beta1"], options["beta2"])
+        finish(batch, key, x, d, m, v)
+
+    run(storage, grads, amp, keys, [True, True], math, maximize=options["maximize"], fused=False)
+
+
+def radam_reference(storage: Storage, grads: list[torch.Tensor], amp, corrections: list, **options) -> None:
+    """RAdam step (state columns: exp_avg, exp_avg_sq); ``corrections[i] = (1 - beta1**t,
+    sqrt(1 - beta2**t), rect)`` for tensor i (``rect`` None where ``rho_t <= 5``); ``options``:
+    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize."""
+
+    def finish(batch: Batch, key: tuple, x: torch.Tensor, d: torch.Tensor, m: torch.Tensor, v: torch.Tensor):
         bc1, bc2_sqrt, rect = key
-        _decay_(x, d, lr, hyper["weight_decay"], decoupled_weight_decay)
-        _moments_(m, v, d, hyper["beta1"], hyper["beta2"])
-        u = torch.div(m, bc1, out=storage.work(batch, "u")).mul_(lr)
-        if rect is not None:
-            adaptive = (
-                torch.sqrt(v, out=storage.work(batch, "t")).add_(hyper["eps"]).reciprocal_().mul_(bc2_sqrt)
-            )
-            u.mul_(adaptive).mul_(rect)
+        u = torch.div(m, bc1, out=storage.work(batch, "u")).mul_(options["lr"])
+        if rect is not None:  # float / tensor is torch's reciprocal, then a product
+            adaptive = torch.sqrt(v, out=storage.work(batch, "t")).add_(options["eps"]).reciprocal_()
+            u.mul_(adaptive.mul_(bc2_sqrt)).mul_(rect)
         x.sub_(u)
 
-    run(storage, grads, amp, corrections, [True, True], math, maximize=maximize, fused=False)
+    _decayed_moments_reference(storage, grads, amp, corrections, finish, options)
 
 
-def nadam_reference(
-    storage: Storage,
-    grads: list[torch.Tensor],
-    amp,
-    coefficients: list[tuple[float, float, float]],
-    *,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    **hyper: float,
-) -> None:
+def nadam_reference(storage: Storage, grads: list[torch.Tensor], amp, coefficients: list, **options) -> None:
     """NAdam step (state columns: exp_avg, exp_avg_sq); ``coefficients[i] = (1 - beta2**t,
     -lr (1 - mu_t) / (1 - mu_product), -lr mu_{t+1} / (1 - mu_product mu_{t+1}))`` for tensor
-    i (:func:`nadam_coefficients`); ``hyper``: lr, beta1, beta2, eps, weight_decay."""
+    i (:func:`nadam_coefficients`); ``options`` as :func:`radam_reference`'s."""
 
-    def math(batch: Batch, key: tuple, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
-        m, v = states
+    def finish(batch: Batch, key: tuple, x: torch.Tensor, d: torch.Tensor, m: torch.Tensor, v: torch.Tensor):
         bc2, grad_coef, avg_coef = key
-        _decay_(x, d, hyper["lr"], hyper["weight_decay"], decoupled_weight_decay)
-        _moments_(m, v, d, hyper["beta1"], hyper["beta2"])
-        denom = torch.div(v, bc2, out=storage.work(batch, "t")).sqrt_().add_(hyper["eps"])
+        denom = torch.div(v, bc2, out=storage.work(batch, "t")).sqrt_().add_(options["eps"])
         x.addcdiv_(d, denom, value=grad_coef).addcdiv_(m, denom, value=avg_coef)
 
-    run(storage, grads, amp, coefficients, [True, True], math, maximize=maximize, fused=False)
+    _decayed_moments_reference(storage, grads, amp, coefficients, finish, options)
 
 
 def nadam_coefficients(
