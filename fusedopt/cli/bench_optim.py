@@ -234,7 +234,11 @@ def torch_lacks(case: OptimCase, impl: str) -> str | None:
     if not missing:
         return None
     cls, what = case.torch_cls, "/".join(missing)
-    name = f"torch.optim.{cls.__name__}" if cls.__module__.startswith("torch.") else cls.__qualname__
+    name = (
+        f"torch.optim.{cls.__name__}"
+        if cls.__module__.startswith("torch.")
+        else f"{cls.__module__}.{cls.__qualname__}"
+    )
     return f"{name} has no {what} implementation (it takes no {what}=)"
 
 
