@@ -31,6 +31,7 @@ dtype (``LINEAR_CE_TOLERANCE``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -116,11 +117,18 @@ class OptimCase:
         return f"{self.fused_cls.__name__}({','.join(f'{k}={v}' for k, v in self.kwargs.items())})"
 
 
+def for_loop(torch_cls: type[torch.optim.Optimizer]) -> dict:
+    """The keyword that picks the for-loop path of ``torch_cls`` (``foreach=False``), none for a
+    class with one path (:class:`fusedopt.optim.lion.Lion`)."""
+    return {"foreach": False} if "foreach" in inspect.signature(torch_cls).parameters else {}
+
+
 def _cases(fused_cls, torch_cls, *option_sets: dict) -> list[OptimCase]:
     return [OptimCase(fused_cls, torch_cls, kwargs) for kwargs in option_sets]
 
 
 SGD, ADAM, ADAMW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
+LION = fusedopt.optim.lion.Lion
 OPTIM_CASES: list[OptimCase] = [
     *_cases(
         fusedopt.FusedSGD, SGD, dict(lr=0.1), dict(lr=0.1, momentum=0.9),
@@ -155,6 +163,35 @@ OPTIM_CASES: list[OptimCase] = [
     # Just over the 8-bit minimum: 16 blocks of 256 and a block of one element.
     OptimCase(
         fusedopt.FusedAdamW, ADAMW, dict(lr=0.01, state_dtype="int8"),
+        extra_params=(("int8.weight", (_quantize.MIN_NUMEL + 1,)),),
+    ),
+    *_cases(
+        fusedopt.FusedAdamax, torch.optim.Adamax, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1),
+        dict(lr=0.01, maximize=True, eps=1e-3), dict(lr=0.01, capturable=True), dict(lr=0.01, max_grad_norm=1.0),
+        dict(lr=0.01, state_dtype=torch.bfloat16),
+    ),
+    *_cases(
+        fusedopt.FusedRAdam, torch.optim.RAdam, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+        # the rectified branch from step 6 (rho_t > 5), the plain one before
+        dict(lr=0.01, betas=(0.9, 0.9), eps=1e-3, capturable=True), dict(lr=0.01, max_grad_norm=1.0),
+        dict(lr=0.01, state_dtype=torch.bfloat16),
+    ),
+    *_cases(
+        fusedopt.FusedNAdam, torch.optim.NAdam, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.9), momentum_decay=0.01),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+        dict(lr=0.01, weight_decay=0.1, eps=1e-3, capturable=True), dict(lr=0.01, max_grad_norm=1.0),
+        dict(lr=0.01, state_dtype=torch.bfloat16),
+    ),
+    # Lion: torch has none; against the reference's for-loop (fusedopt.optim.lion.Lion).
+    *_cases(
+        fusedopt.FusedLion, LION, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1),
+        dict(lr=0.01, maximize=True, weight_decay=0.5), dict(lr=0.01, max_grad_norm=1.0),
+        dict(lr=0.01, master_weights=True), dict(lr=0.01, kahan_summation=True),
+        dict(lr=0.01, state_dtype=torch.bfloat16),
+    ),
+    OptimCase(
+        fusedopt.FusedLion, LION, dict(lr=0.01, state_dtype="int8"),
         extra_params=(("int8.weight", (_quantize.MIN_NUMEL + 1,)),),
     ),
 ]  # fmt: skip
@@ -530,7 +567,7 @@ def compare_optimizer(
         kwargs.pop("capturable", None)
     opt = case.fused_cls(ours, **kwargs)
     torch_kwargs = {k: v for k, v in kwargs.items() if k not in EXTENSIONS}
-    ref = case.torch_cls(theirs, foreach=False, **torch_kwargs)
+    ref = case.torch_cls(theirs, **for_loop(case.torch_cls), **torch_kwargs)
     # The oracle is torch in fp32 whose params and state are rounded as ours are stored:
     # params kept whole where master weights or a compensation keep their low bits (or where
     # stochastic rounding keeps them on average: then each step may be one rounding step off).
@@ -557,6 +594,7 @@ def compare_optimizer(
         if precision.quantized:  # 8-bit state: the oracle's state through the same quantizer
             _requantize_(opt, ref, ours, theirs)
     eight_bit = 0  # state tensors compared as 8-bit codes
+    carried = opt.algorithm.carried
     for name, p, q in zip(names, ours, theirs, strict=True):
         result.compare("param", name, p, q, table)
         mine, expected = opt.state.get(p, {}), ref.state.get(q, {})
@@ -570,6 +608,13 @@ def compare_optimizer(
                 step_ok = float(mine[key]) == float(expected[key]) and mine[key].dtype == expected[key].dtype
                 if not step_ok or mine[key].device != p.device:
                     result.notes.append(f"{name}: step {mine[key]!r} vs torch {expected[key]!r}")
+                continue
+            if (
+                key in carried
+            ):  # per-tensor scalar state (NAdam's mu_product): torch's dtype, the step's device
+                if mine[key].dtype != expected[key].dtype or mine[key].device != p.device:
+                    result.notes.append(f"{name}: state[{key}] {mine[key]!r} vs torch {expected[key]!r}")
+                result.compare(key, f"{name} state[{key}]", mine[key], expected[key], OPTIM_TOLERANCE)
                 continue
             if mine[key].dtype != precision.state_dtype_for(p.dtype):
                 result.notes.append(f"{name}: state[{key}] is {mine[key].dtype}, param {p.dtype}")

@@ -149,6 +149,11 @@ def linear_ce_allowed_error(
     return float(tol["torch"] * own.max() + tol["rtol"] * scale.max())
 
 
+# torch's per-param scalar state (0-d tensors kept in the step counter's dtype whatever the
+# param's): never rounded to the param's storage dtype.
+SCALAR_STATE = ("step", "mu_product")
+
+
 @torch.no_grad()
 def round_to_storage_(
     optimizer: torch.optim.Optimizer,
@@ -158,12 +163,13 @@ def round_to_storage_(
 ) -> None:
     """Make an fp32 torch optimizer the bf16/fp16 oracle: round its params to ``dtype`` (None:
     keep them) and every state tensor but ``step`` to ``state_dtype`` (default ``dtype``), in
-    place, kept in fp32. Call after constructing it (the state torch's Adagrad creates there,
-    ``sum``, is stored in the dtype too) and after each step."""
+    place, kept in fp32 (the scalar state of :data:`SCALAR_STATE` as it is). Call after
+    constructing it (the state torch's Adagrad creates there, ``sum``, is stored in the dtype
+    too) and after each step."""
     state_dtype = state_dtype or dtype
     for q in params:
         if dtype is not None:
             q.copy_(q.to(dtype))
         for key, v in optimizer.state.get(q, {}).items():
-            if key != "step":
+            if key not in SCALAR_STATE:
                 v.copy_(v.to(state_dtype))

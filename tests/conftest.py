@@ -50,7 +50,7 @@ def plain_cpu(monkeypatch) -> None:
 
 @pytest.fixture
 def launches(monkeypatch) -> Launches:
-    """The launches of the optimizer kernels ("adam", "sgd", "rmsprop", "adagrad")."""
+    """The launches of the optimizer kernels ("adam", "sgd", "rmsprop", "adagrad", "lion", ...)."""
     from helpers import optimizer_kernels, record_launches
 
     kernels = optimizer_kernels()

@@ -33,6 +33,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fusedopt
 from fusedopt.testing import OptimCase, assert_close, compare_optimizer, odd_params
 from fusedopt.tolerance import OPTIM_TOLERANCE
 
@@ -53,6 +54,10 @@ KERNEL_NAMES = {
     torch.optim.AdamW: "adam",
     torch.optim.RMSprop: "rmsprop",
     torch.optim.Adagrad: "adagrad",
+    torch.optim.Adamax: "adamax",
+    torch.optim.RAdam: "radam",
+    torch.optim.NAdam: "nadam",
+    fusedopt.optim.lion.Lion: "lion",
 }
 
 
@@ -65,6 +70,26 @@ def kernel_name(case: OptimCase) -> str:
 def parity_params(cases: list[OptimCase], dtypes: list[torch.dtype]) -> list:
     """``(case, dtype)`` parameters for :func:`run_parity`, with readable ids."""
     return [pytest.param(case, dtype, id=f"{case.id}-{dtype}") for case in cases for dtype in dtypes]
+
+
+def parity_tests(group: str) -> tuple[Callable, Callable]:
+    """The two parity tests of an optimizer's test file, for ``OPTIM_CASES`` of ``group``: its
+    kernel (CUDA, or CPU through the interpreter) in every dtype, and its CPU path without the
+    interpreter (fp32, bf16; no Triton launch there)."""
+    from fusedopt.testing import OPTIM_CASES
+
+    cases = [c for c in OPTIM_CASES if c.group == group]
+
+    @pytest.mark.parametrize(("case", "dtype"), parity_params(cases, DTYPES))
+    def test_matches_torch(case, dtype, device):
+        run_parity(case, device, dtype)
+
+    @pytest.mark.parametrize(("case", "dtype"), parity_params(cases, [torch.float32, torch.bfloat16]))
+    def test_cpu_path_matches_torch(case, dtype, plain_cpu, launches):
+        run_parity(case, "cpu", dtype)
+        assert not launches, "no Triton kernel on this path"
+
+    return test_matches_torch, test_cpu_path_matches_torch
 
 
 def run_parity(case: OptimCase, device: str, dtype: torch.dtype, steps: int = 7) -> None:
@@ -246,10 +271,11 @@ def record_launches(monkeypatch, kernels: dict) -> Launches:
 
 def optimizer_kernels() -> dict:
     """The optimizer kernel, named by each algorithm's update, for :func:`record_launches`."""
-    from fusedopt.kernels import adagrad, adam, rmsprop, sgd
+    from fusedopt.kernels import adagrad, adam, adamax, lion, nadam, radam, rmsprop, sgd
     from fusedopt.kernels.optimizer import optimizer_kernel
 
-    return {m.__name__.rsplit(".", 1)[1]: (optimizer_kernel, m.update) for m in (adam, sgd, rmsprop, adagrad)}
+    modules = (adam, sgd, rmsprop, adagrad, lion, adamax, radam, nadam)
+    return {m.__name__.rsplit(".", 1)[1]: (optimizer_kernel, m.update) for m in modules}
 
 
 class CountOps(TorchDispatchMode):

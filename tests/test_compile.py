@@ -21,9 +21,10 @@ CHILD = r"""
 import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from fusedopt.kernels import adagrad, adam, clip, linear_cross_entropy, losses, optimizer, rmsprop, sgd
+from fusedopt.kernels import (adagrad, adam, adamax, clip, linear_cross_entropy, lion, losses, nadam, optimizer,
+                              radam, rmsprop, sgd)
 
-UPDATES = {"adam": adam.update, "sgd": sgd.update, "rmsprop": rmsprop.update, "adagrad": adagrad.update}
+UPDATES = {m.__name__.rsplit(".", 1)[1]: m.update for m in (adam, sgd, rmsprop, adagrad, adamax, radam, nadam, lion)}
 KERNELS = {"optimizer": optimizer.optimizer_kernel, "pointwise_loss": losses.pointwise_loss_kernel,
            "sum_rows": losses.sum_rows_kernel, "pointwise_loss_backward": losses.pointwise_loss_backward_kernel,
            "scale_grad": losses.scale_grad_kernel, "norm_partials": clip.norm_partials_kernel,
@@ -91,6 +92,12 @@ def _optimizer_variants(name: str) -> list:
     # 8-bit state with every flag off, misaligned (the 1024-element blocks of smaller launches).
     out.append(variant("float32", sets[0], False, q8=True, block=1024))
     return out
+
+
+def _few(variant: list) -> bool:
+    """An optimizer variant with every flag on (its AMP too), or with 8-bit state."""
+    constexprs = variant[2]
+    return (constexprs["HAS_CLIP"] and constexprs["MODE"] == 0 and not constexprs["SR"]) or constexprs["Q8"]
 
 
 def _clip_variants() -> list:
@@ -197,6 +204,8 @@ VARIANTS = (
     + _optimizer_variants("sgd")
     + _optimizer_variants("rmsprop")
     + _optimizer_variants("adagrad")
+    # issue 22's: every flag on in every dtype, with 8-bit state, misaligned (their updates only)
+    + [v for name in ("adamax", "radam", "nadam", "lion") for v in _optimizer_variants(name) if _few(v)]
     + _loss_variants()
     + _clip_variants()
     + _matmul_variants()

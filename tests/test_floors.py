@@ -11,11 +11,17 @@ import torch
 
 import fusedopt
 from fusedopt import floors
-from fusedopt.kernels import adagrad, adam, clip, rmsprop, sgd
+from fusedopt.kernels import adagrad, adam, adamax, clip, lion, nadam, radam, rmsprop, sgd
 
 ROOT = Path(__file__).resolve().parent.parent
 SGD, ADAM, ADAMW = fusedopt.FusedSGD, fusedopt.FusedAdam, fusedopt.FusedAdamW
 RMSPROP, ADAGRAD = fusedopt.FusedRMSprop, fusedopt.FusedAdagrad
+LION, ADAMAX, RADAM, NADAM = (
+    fusedopt.FusedLion,
+    fusedopt.FusedAdamax,
+    fusedopt.FusedRAdam,
+    fusedopt.FusedNAdam,
+)
 
 
 def fp32(*floor_list: floors.Floor) -> int:
@@ -41,6 +47,10 @@ KERNEL_FIGURES = [
         ],
     ),
     (adagrad, lambda: [fp32(floors.step(ADAGRAD))]),
+    (lion, lambda: [fp32(floors.step(LION))]),
+    (adamax, lambda: [fp32(floors.step(ADAMAX))]),
+    (radam, lambda: [fp32(floors.step(RADAM))]),
+    (nadam, lambda: [fp32(floors.step(NADAM))]),
     (clip, lambda: [fp32(floors.NORM), fp32(floors.CLIP)]),
 ]
 
@@ -69,6 +79,10 @@ CLASS_FIGURES = [
         ],
     ),
     (ADAGRAD, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(ADAGRAD))]),
+    (LION, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(LION))]),
+    (ADAMAX, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(ADAMAX))]),
+    (RADAM, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(RADAM))]),
+    (NADAM, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(NADAM))]),
 ]
 
 
@@ -88,6 +102,10 @@ README_FIGURES = {
     "FusedAdamW": lambda: floors.step(ADAMW),
     "FusedRMSprop": lambda: floors.step(RMSPROP),
     "FusedAdagrad": lambda: floors.step(ADAGRAD),
+    "FusedLion": lambda: floors.step(LION),
+    "FusedAdamax": lambda: floors.step(ADAMAX),
+    "FusedRAdam": lambda: floors.step(RADAM),
+    "FusedNAdam": lambda: floors.step(NADAM),
     "clip_grad_norm_": lambda: floors.NORM,
     "GradScaler": lambda: floors.NORM,  # its inf check is the optimizer's norm pass
 }
@@ -121,7 +139,7 @@ def test_readme_bytes_table(name):
     assert int(first.group()) == fp32(README_FIGURES[name]())
 
 
-@pytest.mark.parametrize("cls", [SGD, ADAM, ADAMW, RMSPROP, ADAGRAD])
+@pytest.mark.parametrize("cls", [SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, LION, ADAMAX, RADAM, NADAM])
 def test_step_floor_reads_and_writes_every_state_tensor_the_step_creates(cls):
     """The floor's state columns are the state a real step creates (the kernel's table columns)."""
     options = {"momentum": 0.9} if cls in (SGD, RMSPROP) else {}
@@ -129,7 +147,7 @@ def test_step_floor_reads_and_writes_every_state_tensor_the_step_creates(cls):
     p.grad = torch.ones(3)
     opt = cls([p], **options)
     opt.step()
-    created = [k for k in opt.state[p] if k != "step"]
+    created = [k for k in opt.state[p] if k != "step" and k not in cls.algorithm.carried]
     assert set(created) <= set(cls.algorithm.kernels.COLUMNS)
     (step,) = floors.step(cls, **options).passes
     assert step.reads == ("param", "grad", *created) and step.writes == ("param", *created)

@@ -23,6 +23,10 @@ OPTIMIZERS = [
     (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, nesterov=True), "sgd"),
     (fusedopt.FusedRMSprop, dict(lr=1e-3, momentum=0.9, centered=True), "rmsprop"),
     (fusedopt.FusedAdagrad, dict(lr=1e-2, lr_decay=0.01), "adagrad"),
+    (fusedopt.FusedLion, dict(lr=1e-3, weight_decay=0.1), "lion"),
+    (fusedopt.FusedAdamax, dict(lr=1e-3, weight_decay=0.1), "adamax"),
+    (fusedopt.FusedRAdam, dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True), "radam"),
+    (fusedopt.FusedNAdam, dict(lr=1e-3, weight_decay=0.1, momentum_decay=0.01), "nadam"),
 ]
 
 

@@ -31,18 +31,33 @@ from helpers import (
 )
 from torch import nn
 
-from fusedopt import FusedAdagrad, FusedAdam, FusedAdamW, FusedRMSprop, FusedSGD
-from fusedopt.testing import OptimCase, assert_close, leaves
-from fusedopt.tolerance import OPTIM_TOLERANCE, round_to_storage_
+from fusedopt import (
+    FusedAdagrad,
+    FusedAdam,
+    FusedAdamax,
+    FusedAdamW,
+    FusedLion,
+    FusedNAdam,
+    FusedRAdam,
+    FusedRMSprop,
+    FusedSGD,
+)
+from fusedopt.optim.lion import Lion
+from fusedopt.testing import OptimCase, assert_close, for_loop, leaves
+from fusedopt.tolerance import OPTIM_TOLERANCE, SCALAR_STATE, round_to_storage_
 
 SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
 RMSprop, Adagrad = torch.optim.RMSprop, torch.optim.Adagrad
+Adamax, RAdam, NAdam = torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam
 PAIRS = [
     (SGD, FusedSGD),
     (Adam, FusedAdam),
     (AdamW, FusedAdamW),
     (RMSprop, FusedRMSprop),
     (Adagrad, FusedAdagrad),
+    (Adamax, FusedAdamax),
+    (RAdam, FusedRAdam),
+    (NAdam, FusedNAdam),
 ]
 
 SGD_M = OptimCase(FusedSGD, SGD, dict(lr=0.1, momentum=0.9))
@@ -53,7 +68,14 @@ RMSPROP = OptimCase(FusedRMSprop, RMSprop, dict(lr=0.01, momentum=0.9, centered=
 ADAGRAD = OptimCase(
     FusedAdagrad, Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.1)
 )
-CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD]
+ADAMAX = OptimCase(FusedAdamax, Adamax, dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1))
+RADAM = OptimCase(FusedRAdam, RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True))
+NADAM = OptimCase(FusedNAdam, NAdam, dict(lr=0.01, weight_decay=0.1, momentum_decay=0.01))
+CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, NADAM]
+# Lion has no torch class (its reference, fusedopt.optim.lion.Lion, stands in) and none of torch's
+# implementation flags: the tests of the optimizer contract take it, the flag tests do not.
+LION = OptimCase(FusedLion, Lion, dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1))
+EVERY = [*CASES, LION]
 
 
 # Helpers ---------------------------------------------------------------------------------------
@@ -90,6 +112,21 @@ DEFAULT_KWARGS = {
         {},
         dict(lr=0.02, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.3, eps=1e-8, maximize=True),
         dict(fused=True),
+    ],
+    Adamax: [
+        {},
+        dict(lr=0.02, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, capturable=True),
+        dict(foreach=True),
+    ],
+    RAdam: [
+        {},
+        dict(lr=0.02, betas=(0.8, 0.9), weight_decay=0.1, decoupled_weight_decay=True),
+        dict(capturable=True),
+    ],
+    NAdam: [
+        {},
+        dict(lr=0.02, momentum_decay=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+        dict(foreach=True),
     ],
 }
 
@@ -166,6 +203,27 @@ INVALID = [
     (Adagrad, dict(lr=torch.tensor([0.1, 0.2]))),
     (Adagrad, dict(fused=True, differentiable=True)),
     (Adagrad, dict(fused=True, foreach=True)),
+    (Adamax, dict(lr=-0.01)),
+    (Adamax, dict(eps=-1e-8)),
+    (Adamax, dict(betas=(1.0, 0.9))),
+    (Adamax, dict(betas=(0.9, -0.1))),
+    (Adamax, dict(weight_decay=-0.1)),
+    (Adamax, dict(lr=torch.tensor([0.1, 0.2]))),
+    (Adamax, dict(fused=True)),  # Adamax has no fused argument
+    (RAdam, dict(lr=-0.01)),
+    (RAdam, dict(eps=-1e-8)),
+    (RAdam, dict(betas=(1.0, 0.9))),
+    (RAdam, dict(betas=(0.9, 1.0))),
+    (RAdam, dict(weight_decay=-0.1)),
+    (RAdam, dict(lr=torch.tensor([0.1, 0.2]))),
+    (RAdam, dict(fused=True)),
+    (NAdam, dict(lr=-0.01)),
+    (NAdam, dict(eps=-1e-8)),
+    (NAdam, dict(betas=(1.0, 0.9))),
+    (NAdam, dict(weight_decay=-0.1)),
+    (NAdam, dict(momentum_decay=-0.1)),
+    (NAdam, dict(lr=torch.tensor([0.1, 0.2]))),
+    (NAdam, dict(fused=True)),
 ]
 
 
@@ -190,7 +248,7 @@ def test_params_not_an_iterable_raises_like_torch(torch_cls, fused_cls):
 
 
 @pytest.mark.parametrize("fused_first", [False, True], ids=["torch->fused", "fused->torch"])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", EVERY, ids=case_id)
 def test_state_dict_interchange(case, fused_first, triton_device, launches):
     device = triton_device
     first_cls, second_cls = (
@@ -235,6 +293,12 @@ LAYOUTS = [
     OptimCase(FusedRMSprop, RMSprop, dict(lr=0.01, momentum=0.5, capturable=True)),
     ADAGRAD,
     OptimCase(FusedAdagrad, Adagrad, dict(lr=0.1, fused=True)),
+    ADAMAX,
+    OptimCase(FusedAdamax, Adamax, dict(lr=0.01, capturable=True)),
+    RADAM,
+    OptimCase(FusedRAdam, RAdam, dict(lr=0.01, capturable=True)),
+    NADAM,
+    OptimCase(FusedNAdam, NAdam, dict(lr=0.01, capturable=True)),
 ]
 
 
@@ -283,7 +347,7 @@ def momentum_key(opt) -> str | None:
 
 
 @pytest.mark.parametrize("schedule", SCHEDULERS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", EVERY, ids=case_id)
 def test_lr_schedulers(case, schedule, device):
     ours, theirs = make(device), make(device)
     opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **case.kwargs)
@@ -306,7 +370,7 @@ def test_lr_schedulers(case, schedule, device):
 # 5. closure, zero_grad, param groups, params without grads ----------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", EVERY, ids=case_id)
 def test_step_closure_returns_loss(case, device):
     ours, theirs = make(device), make(device)
     opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **case.kwargs)
@@ -374,7 +438,7 @@ def test_step_hooks_and_profiler_range_as_torch(device):
     assert getattr(type(opt).step, "hooked", False)
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", EVERY, ids=case_id)
 def test_zero_grad(case, device):
     ours, theirs = make(device), make(device)
     opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **case.kwargs)
@@ -391,7 +455,7 @@ def test_zero_grad(case, device):
     check_same(opt, ref, ours, theirs)
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", EVERY, ids=case_id)
 def test_add_param_group_after_steps(case, device):
     ours, theirs = make(device), make(device)
     opt, ref = case.fused_cls(ours[:2], **case.kwargs), case.torch_cls(theirs[:2], **case.kwargs)
@@ -411,7 +475,7 @@ def test_add_param_group_after_steps(case, device):
 
 
 # Not Adagrad: torch's constructor creates the state of every param (tests/test_adagrad.py).
-@pytest.mark.parametrize("case", [SGD_PLAIN, *(c for c in CASES if c is not ADAGRAD)], ids=case_id)
+@pytest.mark.parametrize("case", [SGD_PLAIN, *(c for c in EVERY if c is not ADAGRAD)], ids=case_id)
 def test_params_without_grads_get_no_state(case, device):
     ours, theirs = make(device, [(3, 4), (5,), (), (2, 2)]), make(device, [(3, 4), (5,), (), (2, 2)])
     opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, **case.kwargs)
@@ -450,10 +514,18 @@ MIXED_GROUPS = {
         dict(lr=0.05, weight_decay=0.1, maximize=True, initial_accumulator_value=0.5),
         {},
     ],
+    Adamax: [dict(lr=0.02, eps=1e-3), dict(lr=0.005, betas=(0.5, 0.9), weight_decay=0.1, maximize=True), {}],
+    RAdam: [
+        dict(lr=0.02, decoupled_weight_decay=True, weight_decay=0.1),
+        dict(betas=(0.5, 0.9), maximize=True),
+        {},
+    ],
+    NAdam: [dict(momentum_decay=0.01), dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True), {}],
+    Lion: [dict(betas=(0.5, 0.9)), dict(lr=0.05, weight_decay=0.1, maximize=True), {}],
 }
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", EVERY, ids=case_id)
 def test_mixed_param_groups(case, device):
     ours, theirs = make(device), make(device)
     specs = MIXED_GROUPS[case.torch_cls]
@@ -478,6 +550,10 @@ TENSOR_LR_CASES = [
     ADAMW,
     OptimCase(FusedRMSprop, RMSprop, dict(momentum=0.9)),
     OptimCase(FusedAdagrad, Adagrad, dict(lr_decay=0.1)),
+    ADAMAX,
+    RADAM,
+    NADAM,
+    LION,
 ]
 
 
@@ -568,7 +644,7 @@ def test_torch_flag_applies_per_group(case, triton_device, launches):
     assert launches.counts == {kernel_name(case): 3}
 
 
-@pytest.mark.parametrize(("case", "fused"), with_fused([SGD_PLAIN, *CASES]))
+@pytest.mark.parametrize(("case", "fused"), with_fused([SGD_PLAIN, *EVERY]))
 def test_default_path_launches_one_kernel_per_step(case, fused, triton_device, launches):
     device = triton_device
     ours, theirs = make(device, [(3, 4), (5,), (), (7, 3)]), make(device, [(3, 4), (5,), (), (7, 3)])
@@ -586,7 +662,7 @@ INF_STEP = 3
 
 
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale_-then-step"])
-@pytest.mark.parametrize(("case", "fused"), with_fused(CASES))
+@pytest.mark.parametrize(("case", "fused"), with_fused(EVERY))
 def test_grad_scaler(case, fused, unscale_first, triton_device, launches):
     """GradScaler hands grad_scale/found_inf to our step (default path too): the kernel unscales,
     and the step with an injected inf changes nothing (params, state, step) without a host
@@ -689,7 +765,16 @@ def test_grad_scaler_unscales_groups_that_run_torchs_step(fused_cls, torch_cls, 
 
 @pytest.mark.parametrize("prior_steps", [0, 1])
 @pytest.mark.parametrize(
-    "cls", [(Adam, FusedAdam), (AdamW, FusedAdamW), (RMSprop, FusedRMSprop)], ids=lambda c: c[1].__name__
+    "cls",
+    [
+        (Adam, FusedAdam),
+        (AdamW, FusedAdamW),
+        (RMSprop, FusedRMSprop),
+        (Adamax, FusedAdamax),
+        (RAdam, FusedRAdam),
+        (NAdam, FusedNAdam),
+    ],
+    ids=lambda c: c[1].__name__,
 )
 def test_sparse_grad_raises_and_changes_nothing(cls, prior_steps, device):
     torch_cls, fused_cls = cls
@@ -707,7 +792,7 @@ def test_sparse_grad_raises_and_changes_nothing(cls, prior_steps, device):
     with pytest.raises(RuntimeError, match="sparse") as raised:
         opt.step()
     assert_unchanged(before, opt, ours)
-    if torch_cls is RMSprop:  # torch's own message (FusedAdam's names itself)
+    if torch_cls is not Adam and torch_cls is not AdamW:  # torch's own message (FusedAdam's names itself)
         probe = make(device, [(4, 3)])
         probe[0].grad = sparse_grad(probe[0], 0)
         assert outcome(torch_cls(probe).step) == (RuntimeError, str(raised.value))
@@ -743,18 +828,35 @@ def test_sparse_grads_match_torch(case, device):
 
 
 @pytest.mark.parametrize(
-    "case", [SGD_M, ADAM_AMS, OptimCase(FusedAdamW, AdamW, dict(lr=0.01)), RMSPROP, ADAGRAD], ids=case_id
+    "case",
+    [
+        SGD_M,
+        ADAM_AMS,
+        OptimCase(FusedAdamW, AdamW, dict(lr=0.01)),
+        RMSPROP,
+        ADAGRAD,
+        ADAMAX,
+        RADAM,
+        NADAM,
+        LION,
+    ],
+    ids=case_id,
 )
 def test_complex_params_match_torch(case, device):
     specs = [((3,), torch.complex64), ((2, 4), torch.complex64), ((5,), F32)]
     ours, theirs = make(device, specs), make(device, specs)
-    opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, foreach=False, **case.kwargs)
+    opt, ref = (
+        case.fused_cls(ours, **case.kwargs),
+        case.torch_cls(theirs, **for_loop(case.torch_cls), **case.kwargs),
+    )
     for step in range(7):
         step_both(opt, ref, ours, theirs, step)
     check_same(opt, ref, ours, theirs)
 
 
-@pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW, FusedRMSprop, FusedAdagrad])
+@pytest.mark.parametrize(
+    "cls", [FusedAdam, FusedAdamW, FusedRMSprop, FusedAdagrad, FusedAdamax, FusedRAdam, FusedNAdam, FusedLion]
+)
 def test_integer_params_raise_and_change_nothing(cls, device):
     """torch fails in the middle of such a step (a RuntimeError); ours raises before it
     (NotImplementedError, a RuntimeError) and changes nothing."""
@@ -794,7 +896,9 @@ SGD_DAMPENED = OptimCase(
 
 
 @pytest.mark.parametrize(
-    "case", [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD], ids=case_id
+    "case",
+    [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, NADAM, LION],
+    ids=case_id,
 )
 def test_duplicate_params(case, device):
     ours, theirs = make(device), make(device)
@@ -832,6 +936,10 @@ MIXED_DTYPES = [
         ADAMW,
         OptimCase(FusedRMSprop, RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
         OptimCase(FusedAdagrad, Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
+        ADAMAX,
+        RADAM,
+        NADAM,
+        LION,
     ],
     ids=case_id,
 )
@@ -841,7 +949,10 @@ def test_mixed_dtypes_in_one_group(case, triton_device, launches):
     ours = make(device, MIXED_DTYPES)
     theirs = [leaves([p], F32 if p.dtype == torch.bfloat16 else None)[0] for p in ours]
     low = [q for p, q in zip(ours, theirs, strict=True) if p.dtype == torch.bfloat16]
-    opt, ref = case.fused_cls(ours, **case.kwargs), case.torch_cls(theirs, foreach=False, **case.kwargs)
+    opt, ref = (
+        case.fused_cls(ours, **case.kwargs),
+        case.torch_cls(theirs, **for_loop(case.torch_cls), **case.kwargs),
+    )
     # The oracle's bf16 params and their state, stored in bf16 (the state torch's constructor
     # creates, Adagrad's sum, too).
     round_to_storage_(ref, low, torch.bfloat16)
@@ -855,6 +966,9 @@ def test_mixed_dtypes_in_one_group(case, triton_device, launches):
             w = opt.state[p][key]
             if key == "step":
                 assert float(w) == float(v) == 7
+            elif key in SCALAR_STATE:  # NAdam's mu_product: torch's dtype (the step's) whatever the param's
+                assert w.dtype == v.dtype, f"state[{key}] of param {i}"
+                assert_close(w, v, f"state[{key}] of param {i}", OPTIM_TOLERANCE)
             else:
                 assert w.dtype == p.dtype, f"state[{key}] of param {i} must be stored as {p.dtype}"
                 assert_close(w, v, f"state[{key}] of param {i} ({p.dtype})", OPTIM_TOLERANCE)

@@ -1,19 +1,6 @@
-import pytest
-import torch
-from helpers import DTYPES, parity_params, run_parity
+"""FusedRMSprop against torch's for-loop step: its kernel in every dtype, and its CPU path without
+the interpreter (torch's for-loop RMSprop for fp32, the fp32-math reference for bf16)."""
 
-from fusedopt.testing import OPTIM_CASES
+from helpers import parity_tests
 
-CASES = [c for c in OPTIM_CASES if c.group == "rmsprop"]
-
-
-@pytest.mark.parametrize(("case", "dtype"), parity_params(CASES, DTYPES))
-def test_rmsprop_matches_torch(case, dtype, device):
-    run_parity(case, device, dtype)
-
-
-@pytest.mark.parametrize(("case", "dtype"), parity_params(CASES, [torch.float32, torch.bfloat16]))
-def test_cpu_path_matches_torch(case, dtype, plain_cpu, launches):
-    """Without the interpreter: torch's foreach RMSprop (fp32), the fp32-math reference (bf16)."""
-    run_parity(case, "cpu", dtype)
-    assert not launches, "no Triton kernel on this path"
+test_rmsprop_matches_torch, test_cpu_path_matches_torch = parity_tests("rmsprop")

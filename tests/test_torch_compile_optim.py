@@ -21,6 +21,10 @@ CASES = [
         fusedopt.FusedRMSprop, torch.optim.RMSprop, dict(momentum=0.9, centered=True, weight_decay=0.1)
     ),
     OptimCase(fusedopt.FusedAdagrad, torch.optim.Adagrad, dict(lr_decay=0.01, initial_accumulator_value=0.1)),
+    OptimCase(fusedopt.FusedAdamax, torch.optim.Adamax, dict(weight_decay=0.1, maximize=True)),
+    OptimCase(fusedopt.FusedRAdam, torch.optim.RAdam, dict(weight_decay=0.1, capturable=True)),
+    OptimCase(fusedopt.FusedNAdam, torch.optim.NAdam, dict(weight_decay=0.1, momentum_decay=0.01)),
+    OptimCase(fusedopt.FusedLion, fusedopt.optim.lion.Lion, dict(betas=(0.8, 0.95), weight_decay=0.1)),
 ]
 SPECS = [(3, 4), (5,), (), (4097,)]
 
@@ -156,19 +160,26 @@ def test_ops_pass_opcheck(triton_device):
                [0.01, 0.99, 1e-8, 0.1, 0.9], [], [], [True, True, False, True], scale, inf, None)  # fmt: skip
     adagrad = ("adagrad", 0, params, grads, [0], state[0], steps, [0.0, 0.01, 0.0, 1e-10], [0], [lr],
                [True, False], None, None, coef)  # fmt: skip
-    plain = ([0, 0, 0], "", [], [], [], [])  # no low-precision option, column, seeds or 8-bit state
+    # no low-precision option, column, seeds, 8-bit state or per-tensor scalar state
+    plain = ([0, 0, 0], "", [], [], [], [], [])
     # bf16 params: Adam with fp32 masters and fp32 state; SGD with stochastic rounding.
     low = [p.to(torch.bfloat16) for p in params]
     masters = [p.float() for p in low]
     seeds = [torch.tensor(s, device=device) for s in (3, 4)]
     adam_master = ("adam", 0, low, [g.to(torch.bfloat16) for g in grads], [0, 1], state[0] + state[1], steps,
                    [0.01, 0.9, 0.99, 1e-8, 0.0], [], [], [False, False, True, False], None, None, None,
-                   [1, 0, 0], "", masters, [], [], [])  # fmt: skip
+                   [1, 0, 0], "", masters, [], [], [], [])  # fmt: skip
     sgd_sr = ("sgd", 0, low, [g.to(torch.bfloat16) for g in grads], [0], [t.to(torch.bfloat16) for t in state[0]],
               [torch.tensor(v, device=device) for v in (0.0, 1.0)], [0.1, 0.9, 0.0, 0.0], [], [],
-              [True, False, False, False], None, None, None, [0, 0, 1], "", [], seeds, [], [])  # fmt: skip
+              [True, False, False, False], None, None, None, [0, 0, 1], "", [], seeds, [], [], [])  # fmt: skip
+    # NAdam: its per-tensor mu_product (carried), decoupled decay.
+    mu_products = [torch.tensor(0.9, device=device) for _ in params]
+    nadam = ("nadam", 0, params, grads, [0, 1], [*state[0], *(t + 1.0 for t in state[1])], steps,
+             [0.01, 0.9, 0.99, 1e-8, 0.1, 0.004], [], [], [False, True, True], scale, inf, None,
+             [0, 0, 0], "", [], [], [], [], mu_products)  # fmt: skip
     cases = [
         (torch.ops.fusedopt.step_.default, adam + plain),
+        (torch.ops.fusedopt.step_.default, nadam),
         (torch.ops.fusedopt.step_.default, sgd + plain),
         (torch.ops.fusedopt.step_.default, rmsprop + plain),
         (torch.ops.fusedopt.step_.default, adagrad + plain),

@@ -22,6 +22,17 @@ from fusedopt.cli.common import DTYPES, Job, Suite, compiled, short_error
 from fusedopt.optim._fused import EXTENSIONS
 from fusedopt.testing import OptimCase
 
+
+def _lion_reference() -> type[torch.optim.Optimizer]:
+    """Lion's yardstick: the lion-pytorch package's class where installed, else the same
+    for-loop in plain torch (``fusedopt.optim.lion.Lion``)."""
+    try:
+        from lion_pytorch import Lion
+    except ImportError:
+        from fusedopt.optim.lion import Lion
+    return Lion
+
+
 IMPLS = ("fusedopt", "torch-forloop", "torch-foreach", "torch-fused", "torch-compile")
 HOST_IMPLS = ("fusedopt", "torch-foreach", "torch-fused")
 TORCH_FLAGS = {
@@ -36,6 +47,11 @@ OPTIMIZERS: dict[str, OptimCase] = {
     "sgd": OptimCase(fusedopt.FusedSGD, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
     "rmsprop": OptimCase(fusedopt.FusedRMSprop, torch.optim.RMSprop, {"lr": 1e-3}),
     "adagrad": OptimCase(fusedopt.FusedAdagrad, torch.optim.Adagrad, {"lr": 1e-3}),
+    "adamax": OptimCase(fusedopt.FusedAdamax, torch.optim.Adamax, {"lr": 1e-3}),
+    "radam": OptimCase(fusedopt.FusedRAdam, torch.optim.RAdam, {"lr": 1e-3}),
+    "nadam": OptimCase(fusedopt.FusedNAdam, torch.optim.NAdam, {"lr": 1e-3}),
+    # torch has no Lion: the lion-pytorch package where installed, else its for-loop in plain torch.
+    "lion": OptimCase(fusedopt.FusedLion, _lion_reference(), {"lr": 1e-4}),
     # Low-precision options (not run by default; torch's rows run its plain step on the same params).
     "adamw-master": OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3, "master_weights": True}),
     "adamw-kahan": OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3, "kahan_summation": True}),
@@ -55,6 +71,10 @@ DEFAULT_OPTIMIZERS = [
     "sgd",
     "rmsprop",
     "adagrad",
+    "adamax",
+    "radam",
+    "nadam",
+    "lion",
     *(["muon"] if "muon" in OPTIMIZERS else []),
 ]
 
@@ -213,8 +233,13 @@ def torch_lacks(case: OptimCase, impl: str) -> str | None:
     missing = [k for k in flags if k not in inspect.signature(case.torch_cls).parameters]
     if not missing:
         return None
-    name, what = case.torch_cls.__name__, "/".join(missing)
-    return f"torch.optim.{name} has no {what} implementation (it takes no {what}=)"
+    cls, what = case.torch_cls, "/".join(missing)
+    name = (
+        f"torch.optim.{cls.__name__}"
+        if cls.__module__.startswith("torch.")
+        else f"{cls.__module__}.{cls.__qualname__}"
+    )
+    return f"{name} has no {what} implementation (it takes no {what}=)"
 
 
 def not_applicable(note: str, ctx) -> dict:

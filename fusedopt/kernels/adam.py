@@ -24,7 +24,7 @@ plus a 4-byte absmax for every 256 of them (``fusedopt.optim._quantize``).
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import div_ieee, fma, named, sqrt_ieee
+from fusedopt.kernels.common import decay, div_ieee, fma, lerp, maximum, named, sqrt_ieee
 from fusedopt.kernels.optimizer import bits
 
 # The spec shared with the launcher (fusedopt.optim.adam): table columns (state keys), float64
@@ -64,16 +64,13 @@ def update(p, g, m, v, vm, scalars, prepared, counter, SWITCHES: tl.constexpr, C
     b2 = beta2.to(COMPUTE)
     w2 = (1.0 - beta2).to(COMPUTE)
     if HAS_WD & SWITCHES:
-        if DECOUPLED & SWITCHES:
-            p = p * (1.0 - lr * wd).to(COMPUTE)
-        else:
-            g = fma(p, wd.to(COMPUTE), g)
+        p, g = decay(p, g, lr, wd, DECOUPLED & SWITCHES, COMPUTE)
     # fma exactly where torch's lerp / add(alpha=) / addcmul round once (CPU and CUDA), so fp32
     # results match torch's for-loop step bit for bit on CPU.
-    m = tl.where(w1 < 0.5, fma(w1, g - m, m), fma(w1 - 1.0, g - m, g))
+    m = lerp(m, g, w1)
     v = fma(w2 * g, g, v * b2)
     if AMSGRAD & SWITCHES:
-        vm = tl.where((vm != vm) | (v != v), vm + v, tl.maximum(vm, v))  # NaN stays, as torch.maximum
+        vm = maximum(vm, v)
         denom = div_ieee(sqrt_ieee(vm, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
     else:
         denom = div_ieee(sqrt_ieee(v, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps

@@ -218,6 +218,31 @@ def fma(x, y, z):
         return tl.fma(x, y, z)
 
 
+@triton.jit
+def decay(p, g, lr, wd, DECOUPLED: tl.constexpr, COMPUTE: tl.constexpr):
+    """Weight decay as torch applies it, returned as ``(p, g)``: decoupled ``p * (1 - lr * wd)``
+    (a ``mul_``, rounded on its own) or L2 ``g + wd * p`` (``add(alpha=)``: an fma)."""
+    if DECOUPLED:
+        p = mul_ieee(p, (1.0 - lr * wd).to(COMPUTE))
+    else:
+        g = fma(p, wd.to(COMPUTE), g)
+    return p, g
+
+
+@triton.jit
+def lerp(start, end, weight):
+    """``torch.lerp(start, end, weight)`` for a scalar ``weight``, rounded as torch rounds it:
+    ``start + weight * (end - start)`` below 0.5, ``end - (1 - weight) * (end - start)`` from
+    0.5 (each an fma)."""
+    return tl.where(weight < 0.5, fma(weight, end - start, start), fma(weight - 1.0, end - start, end))
+
+
+@triton.jit
+def maximum(a, b):
+    """``torch.maximum(a, b)``: a NaN in either comes out NaN."""
+    return tl.where((a != a) | (b != b), a + b, tl.maximum(a, b))
+
+
 # Low-precision storage (fusedopt.optim._precision): how a kernel reads and writes the param and
 # its state. MODE says where the param's value lives; SR rounds low-precision stores
 # stochastically; state columns are stored in SDTYPE (which may differ from the param's DTYPE).

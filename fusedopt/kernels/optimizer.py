@@ -18,7 +18,11 @@ functions the kernel takes as constexprs:
   for a vector of tensors with step counts ``step`` (float64), each per-tensor value of the
   step at ``out + i`` (``out``: the tensors' rows of ``prepared``). ``prepare_kernel`` runs it
   once per step over all tensors of a launch (and advances their step counts), so bias
-  corrections and decayed learning rates are computed once per tensor, not per thread.
+  corrections and decayed learning rates are computed once per tensor, not per thread. An
+  algorithm with per-tensor scalar state (``CARRIED``: NAdam's ``mu_product``) takes two more
+  arguments, ``prepare(..., COMPUTE, carried, taken)``: the address of each tensor's row of
+  those values (the step counters' dtype), which it reads and, where ``taken`` (the step is not
+  skipped by GradScaler), updates.
 
 Adding an optimizer is its update (and prepare) function and its ``Algorithm`` spec
 (:mod:`fusedopt.optim._step`).
@@ -167,9 +171,11 @@ def prepare_kernel(
     steps,  # float32 or float64 [T]: each tensor's step count before this step (advanced here)
     prepared,  # COMPUTE [T, P]: each tensor's PREPARED values of this step (written)
     found_inf,  # float32 [1]: non-zero: the step is skipped and does not count (read if HAS_FOUND_INF)
+    carried,  # [T, C], the counters' dtype: each tensor's CARRIED values (read and written if C > 0)
     T,  # tensors
     PREPARE: tl.constexpr,  # the algorithm's prepare (a @triton.jit function, see the module doc)
     P: tl.constexpr,
+    C: tl.constexpr,  # carried values per tensor
     COMPUTE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -179,8 +185,14 @@ def prepare_kernel(
     i = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     inside = i < T
     step = tl.load(steps + i, mask=inside)
+    taken = inside
     if HAS_FOUND_INF:
-        step = step - tl.load(found_inf).to(step.dtype)
+        skipped = tl.load(found_inf).to(step.dtype) + tl.zeros_like(step)
+        step = step - skipped
+        taken = inside & (skipped == 0)
     step = step + 1.0
     tl.store(steps + i, step, mask=inside)
-    PREPARE(scalars, step.to(tl.float64), prepared + i * P, inside, COMPUTE)
+    if C > 0:
+        PREPARE(scalars, step.to(tl.float64), prepared + i * P, inside, COMPUTE, carried + i * C, taken)
+    else:
+        PREPARE(scalars, step.to(tl.float64), prepared + i * P, inside, COMPUTE)

@@ -24,7 +24,7 @@ plus a 4-byte absmax for every 256 of them (``fusedopt.optim._quantize``).
 import triton
 import triton.language as tl
 
-from fusedopt.kernels.common import div_ieee, fma, mul_ieee, named, sqrt_ieee
+from fusedopt.kernels.common import div_ieee, fma, lerp, mul_ieee, named, sqrt_ieee
 from fusedopt.kernels.optimizer import bits
 
 # The spec shared with the launcher (fusedopt.optim.rmsprop): table columns (state keys), float64
@@ -52,7 +52,7 @@ def update(p, g, v, b, ga, scalars, prepared, counter, SWITCHES: tl.constexpr, C
         g = fma(p, tl.load(scalars + WEIGHT_DECAY).to(COMPUTE), g)
     v = fma(w * g, g, v * a)
     if CENTERED & SWITCHES:
-        ga = tl.where(w < 0.5, fma(w, g - ga, ga), fma(w - 1.0, g - ga, g))
+        ga = lerp(ga, g, w)
         avg = sqrt_ieee(fma(-ga, ga, v), COMPUTE) + eps
     else:
         avg = sqrt_ieee(v, COMPUTE) + eps

@@ -2,7 +2,11 @@
 
 from fusedopt.optim.adagrad import FusedAdagrad
 from fusedopt.optim.adam import FusedAdam, FusedAdamW
+from fusedopt.optim.adamax import FusedAdamax
+from fusedopt.optim.lion import FusedLion, Lion
 from fusedopt.optim.muon import FusedMuon, muon_param_groups
+from fusedopt.optim.nadam import FusedNAdam
+from fusedopt.optim.radam import FusedRAdam
 from fusedopt.optim.rmsprop import FusedRMSprop
 from fusedopt.optim.sgd import FusedSGD
 
@@ -10,8 +14,13 @@ __all__ = [
     "FusedAdagrad",
     "FusedAdam",
     "FusedAdamW",
+    "FusedAdamax",
+    "FusedLion",
     "FusedMuon",
+    "FusedNAdam",
+    "FusedRAdam",
     "FusedRMSprop",
     "FusedSGD",
+    "Lion",
     "muon_param_groups",
 ]

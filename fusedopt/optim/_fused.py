@@ -54,7 +54,7 @@ from fusedopt.optim._precision import (
 from fusedopt.optim._quantize import absmax_key
 from fusedopt.optim._state import OptimizerState
 from fusedopt.optim._step import Algorithm, new_op_plans, run_bucket, traced_step
-from fusedopt.optim._torch_compat import profiled_step
+from fusedopt.optim._torch_compat import check_capturable_device, profiled_step
 
 _EXTENSIONS = (  # (name, default, annotation) of the keyword-only arguments torch's classes lack
     ("max_grad_norm", None, "float | None"),
@@ -210,7 +210,11 @@ class FusedStep:
                 for p in group["params"]:
                     step = self.state.get(p, {}).get(key)
                     if isinstance(step, torch.Tensor) and step.device != counter_device(p):
-                        self.state[p][key] = step.to(counter_device(p))
+                        self.state[p][key] = step = step.to(counter_device(p))
+                    for name in self.algorithm.carried:  # kept as the counter (torch's load casts them)
+                        v = self.state.get(p, {}).get(name)
+                        if isinstance(step, torch.Tensor) and isinstance(v, torch.Tensor) and v.numel() == 1:
+                            self.state[p][name] = v.to(step.device, step.dtype).reshape(())
 
     # optimizer.state ------------------------------------------------------------------------
 
@@ -270,6 +274,16 @@ class FusedStep:
                 f"{type(self).__name__} steps floating-point or complex params (fp32, fp64, fp16, bf16); "
                 f"got {p.dtype}"
             )
+
+    def _check_dense(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
+        """The ``_check`` of torch's classes that take dense float grads and a ``capturable``
+        flag (RMSprop, Adamax, RAdam, NAdam): a sparse grad (torch's message), an integer
+        param, ``capturable=True`` on a device that cannot capture."""
+        if g.is_sparse:
+            raise RuntimeError(f"{_torch_base(type(self)).__name__} does not support sparse gradients")
+        self._refuse_integer(p)
+        if group["capturable"]:
+            check_capturable_device(p)
 
     def _new_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
         """The state torch's ``_init_group`` creates for a param with a grad and no state yet
@@ -367,6 +381,7 @@ class FusedStep:
                 absmax = [
                     [self.state.get(p, {}).get(absmax_key(k)) for p in params] for k in self.algorithm.columns
                 ]
+                carried = [self.state[p][k] for p in params for k in self.algorithm.carried]
                 if params:
                     traced_step(
                         self.algorithm,
@@ -378,6 +393,7 @@ class FusedStep:
                         self.precision,
                         seeds,
                         absmax,
+                        carried,
                     )
         if theirs:
             self._torch_step(theirs)

@@ -148,6 +148,8 @@ class Bucket:
         self.domains: list[Domain] = []  # where each grad's norm is reduced (fusedopt._dist)
         self.counters: list[torch.Tensor] = []
         self.resident: torch.Tensor | None = None  # one tensor whose elements are the counters
+        self.carried: list[torch.Tensor] = []  # per-tensor scalar state (Algorithm.carried), tensor-major
+        self.carried_resident: torch.Tensor | None = None  # one tensor whose elements are those
         self.seed_list: list[torch.Tensor] = []  # stochastic rounding's seeds (0-d int64), if it rounds
         self.seeds: torch.Tensor | None = None  # one tensor whose elements are the seeds
         # 8-bit state: each state column's absmax, per tensor (None: fp32 state), their addresses
@@ -232,6 +234,21 @@ class Bucket:
             return None
         self.seed_list = list(self.seeds.unbind())
         return self.seed_list
+
+    def make_carried_resident(self) -> list[torch.Tensor] | None:
+        """:meth:`make_resident` for the per-tensor scalar state (``carried``)."""
+        self.carried_resident = self._resident(self.carried)
+        if self.carried_resident is None:
+            return None
+        self.carried = list(self.carried_resident.unbind())
+        return self.carried
+
+    def carried_vector(self) -> torch.Tensor | None:
+        """The per-tensor scalar state as one tensor (as :meth:`counter_vector`; None without)."""
+        return self._vector(self.carried, self.carried_resident)
+
+    def write_back_carried(self, vector: torch.Tensor | None) -> None:
+        self._write_back(self.carried, vector, self.carried_resident)
 
     def counter_vector(self) -> torch.Tensor | None:
         """The counters as one tensor on the device: the resident one, or a gathered copy that
@@ -521,7 +538,7 @@ def check_keys(opt, p: torch.Tensor, group: dict) -> None:
     if not state or not walkable(p):
         return
     spec = opt.algorithm
-    for key in spec.state(group):
+    for key in (*spec.carried, *spec.state(group)):
         if key not in state and key not in spec.optional:
             raise KeyError(key)
 
@@ -617,6 +634,12 @@ def check_state(opt, p: torch.Tensor, group: dict, index: int = 0) -> None:
                 "API has changed, `state_steps` argument must contain a list of singleton tensors "
                 f"({_name(opt)}: state[{spec.counter!r}] of param {index} is {step!r})"
             )
+    for key in spec.carried:
+        v = state[key]
+        if not isinstance(v, torch.Tensor) or v.numel() != 1 or not v.is_floating_point():
+            raise RuntimeError(
+                f"{_name(opt)}: state[{key!r}] of param {index} must be a one-element tensor, got {v!r}"
+            )
     aux = state.get(opt.precision.aux_key(real_view(p).dtype))
     if isinstance(aux, torch.Tensor) and aux.shape == p.shape:
         written.append(aux)
@@ -697,7 +720,10 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, occurrence: int):
             memo.setdefault("created", []).append((p, before))
             state = opt.state[p]
             if spec.counter is not None and fresh_state:
-                state[spec.counter] = torch.zeros((), dtype=spec.step_dtype(group), device=counter_device(p))
+                step_dtype, device = spec.step_dtype(group), counter_device(p)
+                state[spec.counter] = torch.zeros((), dtype=step_dtype, device=device)
+                for key, value in spec.carried.items():  # torch's order: after step, before the tensors
+                    state[key] = torch.full((), value, dtype=step_dtype, device=device)
             state.update(new)
     precision = opt.precision
     if precision.active and walkable(p) and (state or precision.needs_state(real_view(p).dtype)):
@@ -707,7 +733,7 @@ def operands_of(opt, p: torch.Tensor, group: dict, memo: dict, occurrence: int):
     columns = [state.get(name) for name in (*spec.columns, aux)]  # aux None: no precision column
     if spec.counter is not None:
         return columns, state.get(spec.counter)
-    if not walkable(p) or not spec.state(group):
+    if not spec.counts or not walkable(p) or not spec.state(group):
         return columns, None
     key = (id(p), occurrence)
     if memo[id(p)] or key not in opt._taken:  # SGD: a buffer created now has taken no step
@@ -740,7 +766,13 @@ def _build(opt, group: dict, key: tuple | None, grads: StepGrads) -> Plan:
     plan.foreign = others
     plan.created = memo.get("created", [])
     counter = opt.algorithm.counter
+    carried = opt.algorithm.carried
     for bucket in plan.buckets:
+        if carried:  # per-tensor scalar state: resident as the counters
+            bucket.carried = [opt.state[p][k] for p in bucket.params for k in carried]
+            views = iter(bucket.make_carried_resident() or [])
+            for p, k in ((p, k) for p in bucket.params for k in carried):
+                opt.state[p][k] = next(views, opt.state[p][k])
         views = bucket.make_resident()
         for p, view in zip(bucket.params, views or [], strict=False):
             if counter is None:

@@ -56,6 +56,8 @@ class Algorithm:
             without GradScaler), steps stop advancing them. None: the count itself is read.
         optional: state keys torch treats as new when absent or None (SGD's
             ``momentum_buffer``: older torch saved None); other keys must be present.
+        counts: False: the update reads no step count and none is kept, in the state or
+            privately (Lion; ``counter`` is then None).
     """
 
     name: str
@@ -67,6 +69,7 @@ class Algorithm:
     counter: str | None = "step"
     saturates: int | None = None
     optional: frozenset[str] = frozenset()
+    counts: bool = True
 
     def step_dtype(self, group: dict) -> torch.dtype:
         """The dtype of a new step counter, as torch's ``_get_scalar_dtype(is_fused=...)``."""
@@ -84,6 +87,10 @@ class Algorithm:
             raise ValueError(
                 f"{self.name}: at most 3 state columns, a MAXIMIZE flag, REQUIRES of state columns"
             )
+        if not self.counts and self.counter is not None:
+            raise ValueError(f"{self.name}: a state step counter (counter) is a count (counts)")
+        if self.carried and not k.PREPARED:
+            raise ValueError(f"{self.name}: per-tensor scalar state (CARRIED) is kept by prepare (PREPARED)")
         if k.PREPARED and self.counter is None:
             raise ValueError(f"{self.name}: per-tensor values (PREPARED) are computed from a step counter")
         ALGORITHMS[self.name] = self
@@ -118,6 +125,13 @@ class Algorithm:
         return known
 
     @property
+    def carried(self) -> dict[str, float]:
+        """Per-tensor scalar state the kernel module's ``prepare`` reads and updates (its
+        ``CARRIED``: key -> initial value; NAdam's ``mu_product``), kept as 0-d tensors of the
+        step counter's dtype on the param's device, as the counter is."""
+        return getattr(self.kernels, "CARRIED", {})
+
+    @property
     def columns(self) -> tuple[str, ...]:
         """The state columns of the table, after the param."""
         return self.kernels.COLUMNS[1:]
@@ -143,6 +157,28 @@ class Algorithm:
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def zeros(p: torch.Tensor) -> torch.Tensor:
+    """A state tensor torch creates zeroed: the param's shape, dtype and memory format."""
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def decay_switches(group: dict) -> dict:
+    """The switches of RAdam and NAdam: ``MAXIMIZE``, ``DECOUPLED`` and ``HAS_WD``."""
+    return dict(
+        MAXIMIZE=bool(group["maximize"]),
+        DECOUPLED=bool(group["decoupled_weight_decay"]),
+        HAS_WD=bool(group["weight_decay"] != 0),
+    )
+
+
+def adam_hyper(group: dict) -> dict:
+    """The scalar slots of the Adam family (Adam, Adamax, RAdam, NAdam): ``betas`` unpacked."""
+    beta1, beta2 = group["betas"]
+    return dict(
+        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
+    )
 
 
 def run_bucket(
@@ -204,11 +240,14 @@ def _prepare(algorithm: Algorithm, bucket: Bucket, counters: torch.Tensor, scala
             n, len(k.PREPARED), dtype=dtype, device=bucket.device
         )
     found = amp.found_inf
+    carried = bucket.carried_vector()
     launch_grid(
         prepare_kernel, triton.cdiv(n, _PREPARE_BLOCK), bucket.device, scalars, counters, prepared,
-        scalars if found is None else found.to(bucket.device), n, PREPARE=k.prepare, P=len(k.PREPARED),
-        COMPUTE=bucket.dtypes["COMPUTE"], HAS_FOUND_INF=found is not None, BLOCK_T=_PREPARE_BLOCK,
+        scalars if found is None else found.to(bucket.device), scalars if carried is None else carried, n,
+        PREPARE=k.prepare, P=len(k.PREPARED), C=len(algorithm.carried), COMPUTE=bucket.dtypes["COMPUTE"],
+        HAS_FOUND_INF=found is not None, BLOCK_T=_PREPARE_BLOCK,
     )  # fmt: skip
+    bucket.write_back_carried(carried)
     return prepared
 
 
@@ -227,7 +266,7 @@ def new_op_plans() -> tuple[OpPlans, int]:
 
 
 @torch.library.custom_op(
-    "fusedopt::step_", mutates_args=("params", "state", "counters", "aux", "seeds", "absmax")
+    "fusedopt::step_", mutates_args=("params", "state", "counters", "aux", "seeds", "absmax", "carried")
 )
 def step_(
     algorithm: str,
@@ -250,6 +289,7 @@ def step_(
     seeds: list[torch.Tensor],
     absmax: list[torch.Tensor],
     absmax_index: list[int],
+    carried: list[torch.Tensor],
 ) -> None:
     """One group's step as an op ``torch.compile`` sees: ``state`` holds the state columns
     ``columns`` (indices into ``Algorithm.columns``, each a list as long as ``params``,
@@ -260,7 +300,8 @@ def step_(
     (a dtype's name, "" for None) of the optimizer; ``aux``: each param's precision column
     (master or compensation; empty: none), ``seeds``: each param's rounding seed (empty: none);
     8-bit state: ``absmax[absmax_index[k * len(params) + i]]`` is the absmax of state column
-    ``k`` of param ``i`` (-1: fp32 state; empty: no 8-bit state)."""
+    ``k`` of param ``i`` (-1: fp32 state; empty: no 8-bit state); ``carried``: each param's
+    per-tensor scalar state (``Algorithm.carried``, param after param; empty: none)."""
     spec = ALGORITHMS[algorithm]
     n = len(params)
     given = {k: state[i * n : (i + 1) * n] for i, k in enumerate(columns)}
@@ -278,6 +319,8 @@ def step_(
     amp = Amp(grad_scale, found_inf, clip_coef)
     for bucket in plan.buckets:
         bucket.counters = [counters[i] for i in bucket.positions] if counters else []
+        c = len(spec.carried)
+        bucket.carried = [carried[i * c + k] for i in bucket.positions for k in range(c)]
         if bucket.walkable and options.quantizes(bucket.dtype):
             # Every launch that may hold 8-bit state gets its absmax table, all zeros (fp32 state
             # only) where no param of the group has 8-bit state: the kernel reads it either way.
@@ -306,11 +349,12 @@ def traced_step(
     precision: Precision,
     seeds: list[torch.Tensor],
     absmax: list[list[torch.Tensor | None]],
+    carried: list[torch.Tensor],
 ) -> None:
     """Call the op for one group: ``operands[i]`` are ``params[i]``'s state columns (in
     ``spec.columns`` order, then the precision column; None where absent) and step counter;
     ``seeds`` the params' rounding seeds (or none); ``absmax[k][i]`` the absmax of state column
-    ``k`` of param ``i`` (None: not 8-bit)."""
+    ``k`` of param ``i`` (None: not 8-bit); ``carried`` the params' per-tensor scalar state."""
     present = [k for k, name in enumerate(spec.columns) if operands and operands[0][0][k] is not None]
     state = [ops[k] for k in present for ops, _ in operands]
     counters = [c for _, c in operands if c is not None]
@@ -325,7 +369,7 @@ def traced_step(
         [int(precision.master_weights), int(precision.kahan_summation), int(precision.stochastic_rounding)],
         str(precision.state_dtype).removeprefix("torch.") if precision.state_dtype is not None else "",
         [ops[-1] for ops, _ in operands if ops[-1] is not None], seeds,
-        [a for row in absmax for a in row if a is not None], _indices(absmax),
+        [a for row in absmax for a in row if a is not None], _indices(absmax), carried,
     )  # fmt: skip
 
 

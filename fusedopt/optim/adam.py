@@ -9,7 +9,7 @@ import torch
 from fusedopt.kernels import adam as kernels
 from fusedopt.optim._fused import FusedStep
 from fusedopt.optim._plan import Amp, Bucket, StepGrads
-from fusedopt.optim._step import Algorithm
+from fusedopt.optim._step import Algorithm, adam_hyper, zeros
 from fusedopt.optim._torch_compat import (
     capture_health_check,
     check_capturable_device,
@@ -20,23 +20,12 @@ from fusedopt.optim.reference import Storage, adam_reference, dense_cpu_fused_ok
 _torch_adam = importlib.import_module("torch.optim.adam")
 
 
-def _zeros(p: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
 def _state(group: dict) -> dict:
     """torch.optim.Adam's lazy state after ``step``: its keys and initial values."""
-    out = {"exp_avg": _zeros, "exp_avg_sq": _zeros}
+    out = {"exp_avg": zeros, "exp_avg_sq": zeros}
     if group["amsgrad"]:
-        out["max_exp_avg_sq"] = _zeros
+        out["max_exp_avg_sq"] = zeros
     return out
-
-
-def _hyper(group: dict) -> dict:
-    beta1, beta2 = group["betas"]
-    return dict(
-        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
-    )
 
 
 def _switches(group: dict) -> dict:
@@ -92,7 +81,7 @@ def _eager(
     )  # fmt: skip
 
 
-ADAM = Algorithm("adam", kernels, _state, _hyper, _switches, _eager)
+ADAM = Algorithm("adam", kernels, _state, adam_hyper, _switches, _eager)
 
 
 class FusedAdam(FusedStep, torch.optim.Adam):

@@ -414,6 +414,22 @@ def sgd_reference(
     run(storage, grads, amp, fresh, [momentum != 0], math, maximize=maximize, fused=fused)
 
 
+def _decay_(x: torch.Tensor, d: torch.Tensor, lr: float, weight_decay: float, decoupled: bool) -> None:
+    """Weight decay as the Adam family applies it: ``x *= 1 - lr * wd`` (decoupled) or
+    ``d += wd * x`` (L2)."""
+    if weight_decay != 0:
+        if decoupled:
+            x.mul_(1 - lr * weight_decay)
+        else:
+            d.add_(x, alpha=weight_decay)
+
+
+def _moments_(m: torch.Tensor, v: torch.Tensor, d: torch.Tensor, beta1: float, beta2: float) -> None:
+    """Adam's moments: ``m = lerp(m, d, 1 - beta1)``, ``v = beta2 v + (1 - beta2) d * d``."""
+    m.lerp_(d, 1 - beta1)
+    v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+
+
 def adam_reference(
     storage: Storage,
     grads: list[torch.Tensor],
@@ -466,13 +482,8 @@ def adam_reference(
             )  # fmt: skip
             return
         bc1, bc2_sqrt = key
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                x.mul_(1 - lr * weight_decay)
-            else:
-                d.add_(x, alpha=weight_decay)
-        m.lerp_(d, 1 - beta1)
-        v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        _decay_(x, d, lr, weight_decay, decoupled_weight_decay)
+        _moments_(m, v, d, beta1, beta2)
         denom = storage.work(batch, "t")
         if vmax is not None:
             torch.maximum(vmax, v, out=vmax)
@@ -557,3 +568,151 @@ def adagrad_reference(
         x.addcdiv_(d, std.add_(eps), value=-clr)
 
     run(storage, grads, amp, clrs, [True], math, maximize=maximize, fused=fused)
+
+
+def adamax_reference(
+    storage: Storage,
+    grads: list[torch.Tensor],
+    amp,
+    clrs: list[float],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Adamax step (state columns: exp_avg, exp_inf); ``clrs[i] = lr / (1 - beta1**t)``."""
+
+    def math(batch: Batch, clr: float, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        m, u = states
+        if weight_decay != 0:
+            d.add_(x, alpha=weight_decay)
+        m.lerp_(d, 1 - beta1)
+        t = storage.work(batch, "t")
+        torch.maximum(u.mul_(beta2), torch.abs(d, out=t).add_(eps), out=u)
+        x.addcdiv_(m, u, value=-clr)
+
+    run(storage, grads, amp, clrs, [True, True], math, maximize=maximize, fused=False)
+
+
+def _decayed_moments_reference(storage: Storage, grads, amp, keys: list, finish, options: dict) -> None:
+    """The steps of RAdam and NAdam: Adam's decay (``options["decoupled_weight_decay"]``) and
+    moments, then ``finish(batch, key, x, d, m, v)`` (the update of the param); ``options``:
+    also maximize, lr, beta1, beta2, weight_decay."""
+
+    def math(batch: Batch, key: tuple, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        m, v = states
+        _decay_(x, d, options["lr"], options["weight_decay"], options["decoupled_weight_decay"])
+        _moments_(m, v, d, options["beta1"], options["beta2"])
+        finish(batch, key, x, d, m, v)
+
+    run(storage, grads, amp, keys, [True, True], math, maximize=options["maximize"], fused=False)
+
+
+def radam_reference(storage: Storage, grads: list[torch.Tensor], amp, corrections: list, **options) -> None:
+    """RAdam step (state columns: exp_avg, exp_avg_sq); ``corrections[i] = (1 - beta1**t,
+    sqrt(1 - beta2**t), rect)`` for tensor i (``rect`` None where ``rho_t <= 5``); ``options``:
+    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize."""
+
+    def finish(batch: Batch, key: tuple, x: torch.Tensor, d: torch.Tensor, m: torch.Tensor, v: torch.Tensor):
+        bc1, bc2_sqrt, rect = key
+        u = torch.div(m, bc1, out=storage.work(batch, "u")).mul_(options["lr"])
+        if rect is not None:  # float / tensor is torch's reciprocal, then a product
+            adaptive = torch.sqrt(v, out=storage.work(batch, "t")).add_(options["eps"]).reciprocal_()
+            u.mul_(adaptive.mul_(bc2_sqrt)).mul_(rect)
+        x.sub_(u)
+
+    _decayed_moments_reference(storage, grads, amp, corrections, finish, options)
+
+
+def nadam_reference(storage: Storage, grads: list[torch.Tensor], amp, coefficients: list, **options) -> None:
+    """NAdam step (state columns: exp_avg, exp_avg_sq); ``coefficients[i] = (1 - beta2**t,
+    -lr (1 - mu_t) / (1 - mu_product), -lr mu_{t+1} / (1 - mu_product mu_{t+1}))`` for tensor
+    i (:func:`nadam_coefficients`); ``options`` as :func:`radam_reference`'s."""
+
+    def finish(batch: Batch, key: tuple, x: torch.Tensor, d: torch.Tensor, m: torch.Tensor, v: torch.Tensor):
+        bc2, grad_coef, avg_coef = key
+        denom = torch.div(v, bc2, out=storage.work(batch, "t")).sqrt_().add_(options["eps"])
+        x.addcdiv_(d, denom, value=grad_coef).addcdiv_(m, denom, value=avg_coef)
+
+    _decayed_moments_reference(storage, grads, amp, coefficients, finish, options)
+
+
+def nadam_coefficients(
+    mu_product: torch.Tensor, step: float, *, lr: float, beta1: float, beta2: float, momentum_decay: float
+) -> tuple[float, float, float]:
+    """NAdam's per-tensor values of step ``step``, in torch's arithmetic: ``mu_product`` (the
+    0-d state) is multiplied by ``mu_t`` in place, the rest in Python floats."""
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    product = float(mu_product.mul_(mu))
+    return 1 - beta2**step, -lr * (1.0 - mu) / (1.0 - product), (-lr * mu_next) / (1.0 - product * mu_next)
+
+
+def radam_corrections(beta1: float, beta2: float, step: float) -> tuple[float, float, float | None]:
+    """RAdam's per-tensor values of step ``step``, in torch's Python-float arithmetic."""
+    bias_correction2 = 1 - beta2**step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    return 1 - beta1**step, bias_correction2**0.5, rect if rho_t > 5.0 else None
+
+
+def counted_reference(
+    bucket, amp, storage: Storage | None, reference: Callable[[Storage, list[float]], None]
+) -> None:
+    """The non-Triton step of an algorithm with step counters whose fastest correct CPU path is
+    its reference on cache-sized working copies (every dtype: faster than torch's for-loop and
+    foreach steps, which pass over whole tensors op by op): nothing when GradScaler found an
+    inf, else the counters advance and ``reference(storage, steps)`` runs (``storage``: the
+    low-precision options' or the plain one; ``steps``: each tensor's count, this step
+    included)."""
+    if skipped(amp.found_inf):
+        return
+    torch._foreach_add_(bucket.counters, 1)
+    reference(storage or Storage(bucket), torch.stack(bucket.counters).tolist())
+
+
+def lion_math_(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    m: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """One Lion step of one tensor (or working copy) in place, in the ``lion-pytorch`` package's
+    order of ops: ``x`` the param, ``d`` the grad (maximize already applied), ``m`` its
+    ``exp_avg``, ``c`` scratch of ``x``'s shape (the update's direction)."""
+    if weight_decay != 0:
+        x.mul_(1 - lr * weight_decay)
+    torch.mul(m, beta1, out=c).add_(d, alpha=1 - beta1).sign_()
+    x.add_(c, alpha=-lr)
+    m.mul_(beta2).add_(d, alpha=1 - beta2)
+
+
+def lion_reference(
+    storage: Storage,
+    grads: list[torch.Tensor],
+    amp,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Lion step (state column: exp_avg)."""
+
+    def math(batch: Batch, _, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        (m,) = states
+        lion_math_(
+            x, d, m, storage.work(batch, "t"), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay
+        )
+
+    keys = [None] * len(grads)  # no per-tensor scalar
+    run(storage, grads, amp, keys, [True], math, maximize=maximize, fused=False)

@@ -10,7 +10,7 @@ from fusedopt.kernels import rmsprop as kernels
 from fusedopt.optim._fused import FusedStep
 from fusedopt.optim._plan import Amp, Bucket, StepGrads
 from fusedopt.optim._step import Algorithm
-from fusedopt.optim._torch_compat import capture_health_check, check_capturable_device
+from fusedopt.optim._torch_compat import capture_health_check
 from fusedopt.optim.reference import Storage, eager_grads, rmsprop_reference, skipped
 
 _torch_rmsprop = importlib.import_module("torch.optim.rmsprop")
@@ -119,9 +119,4 @@ class FusedRMSprop(FusedStep, torch.optim.RMSprop):
     def _before_step(self) -> None:
         capture_health_check(self)  # as torch.optim.RMSprop: capture only when capturable
 
-    def _check(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> None:
-        if g.is_sparse:
-            raise RuntimeError("RMSprop does not support sparse gradients")  # torch's message
-        self._refuse_integer(p)
-        if group["capturable"]:
-            check_capturable_device(p)
+    _check = FusedStep._check_dense
