@@ -158,9 +158,16 @@ def _launch_rows(
     grad: bool,
     divide_by_total: bool,
     grad_output: torch.Tensor | None,
+    passes: tuple[bool, bool] | None = None,
+    state: torch.Tensor | None = None,
+    first: bool = True,
+    last: bool = True,
 ) -> None:
-    """One ``distillation_kernel`` launch over the chunk's rows ``rows`` (student logits ``z``,
-    teacher logits ``t``: chunk buffers, rows padded to 16 elements)."""
+    """One ``distillation_kernel`` launch over the rows ``rows`` (student logits ``z``, teacher
+    logits ``t``: buffers whose rows are padded to 16 elements). The token order gives whole
+    rows: passes 1 and 2 when ``row_loss`` is given. The vocabulary order gives a window of the
+    classes and names the ``passes`` (pass 1, pass 2), its running ``state`` [4, N] and whether
+    the window is the rows' ``first`` and ``last``."""
     num_rows, vocab = z.shape
     if num_rows == 0:
         return
@@ -172,6 +179,7 @@ def _launch_rows(
         or t.data_ptr() % 16
     ):
         raise RuntimeError("fusedopt: distillation rows must be 16-byte aligned chunk buffers of one layout")
+    lse, sums = passes if passes is not None else (row_loss is not None,) * 2
     # half the cross-entropy kernel's blocks: two rows and more live values per element (8 fp32
     # elements a thread at 8 warps, no spills on sm_90)
     tile_rows, block, num_warps = _row_tile(num_rows, vocab, z.dtype, narrow=2)
@@ -183,6 +191,7 @@ def _launch_rows(
         t,
         p.target[rows] if p.target is not None else unused,
         stats,
+        state if state is not None else unused,
         row_loss[rows] if row_loss is not None else unused,
         p.totals,
         grad_output[rows] if grad_output is not None else unused,
@@ -204,8 +213,11 @@ def _launch_rows(
         BLOCK=block,
         DIVERGENCE=p.divergence,
         HAS_TARGET=p.target is not None,
-        LOSS=row_loss is not None,
+        LSE=lse,
+        SUMS=sums,
         GRAD=grad,
+        FIRST=first,
+        LAST=last,
         DIVIDE_BY_TOTAL=divide_by_total,
         ROW_GRAD_OUTPUT=grad_output is not None,
         num_warps=num_warps,
