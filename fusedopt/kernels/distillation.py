@@ -158,7 +158,8 @@ def distillation_kernel(
             total += tl.load(state + stride_st + rows, mask=row_mask, other=0)
         if LAST:
             row_loss = tl.where(kept, row_loss, 0)
-            if LOSS_DTYPE == tl.bfloat16:  # (tl.zeros, tl.cdiv and to_storage are calls: slow in the interpreter)
+            # (tl.zeros, tl.cdiv and to_storage are calls: slow in the interpreter)
+            if LOSS_DTYPE == tl.bfloat16:
                 tl.store(loss + rows, to_storage(row_loss, LOSS_DTYPE), mask=row_mask)
             else:
                 tl.store(loss + rows, row_loss.to(LOSS_DTYPE), mask=row_mask)
