@@ -692,6 +692,99 @@ def check_vocab_parallel_head(rank, mesh, count, workdir):
         close(local, p.grad[start : start + len(local)], f"module: grad of {name}")
 
 
+# (V, tokens' shape, options): V odd (19 and 18 classes a rank) but the last, V = 1 (rank 1's shards
+# empty); every divergence (the JSD at β = 0.3), every reduction (none with a random grad_output),
+# ignored targets; a 3-D replicated input, plain inputs, no biases; no target
+DISTILLATION_CASES = [
+    (37, (2, 5), dict(divergence="kl", reduction="mean", temperature=0.7)),
+    (37, (10,), dict(divergence="reverse_kl", reduction="sum", plain_input=True, bias=False)),
+    (37, (10,), dict(divergence="jsd", beta=0.3, reduction="none", temperature=1.5)),
+    (1, (4,), dict(divergence="jsd", beta=0.3, reduction="mean", target=False)),
+]
+
+
+def _distillation_case(rank, mesh, vocab: int, lead: tuple[int, ...], options: dict) -> None:
+    """One case of DISTILLATION_CASES (see check_vocab_parallel_distillation)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    options = dict(options)
+    plain_input, bias = options.pop("plain_input", False), options.pop("bias", True)
+    gen = torch.Generator().manual_seed(vocab)
+    hs, ht = 8, 6
+    xs, xt = torch.randn(*lead, hs, generator=gen), torch.randn(*lead, ht, generator=gen)
+    ws, wt = torch.randn(vocab, hs, generator=gen) * 0.6, torch.randn(vocab, ht, generator=gen) * 0.9
+    bs, bt = torch.rand(vocab, generator=gen) - 0.5, torch.rand(vocab, generator=gen)
+    bs, bt = (bs, bt) if bias else (None, None)
+    target = torch.randint(0, vocab, lead, generator=gen)
+    target.view(-1)[::4] = -100
+    target = target if options.pop("target", True) else None
+    grad_out = torch.rand(lead, generator=gen) if options["reduction"] == "none" else None
+    what = f"V={vocab}, {options}"
+
+    leaves = [t.clone().requires_grad_() for t in (xs, ws, bs) if t is not None]
+    student_bias = leaves[2] if bias else None
+    expected = fusedopt.functional.linear_distillation_loss(
+        leaves[0], leaves[1], xt, wt, target, student_bias=student_bias, teacher_bias=bt, **options
+    )
+    expected.backward(grad_out)
+
+    def replicated(t):
+        if t is None or plain_input:
+            return t
+        return distribute_tensor(t, mesh, [Replicate()])
+
+    def sharded(t):
+        return distribute_tensor(t, mesh, [Shard(0)]) if t is not None else None
+
+    student = [replicated(xs)] + [sharded(t) for t in (ws, bs) if t is not None]
+    for t in student:
+        t.requires_grad_()
+    if grad_out is not None and not plain_input:
+        grad_out = distribute_tensor(grad_out, mesh, [Replicate()])
+    teacher = (replicated(xt), sharded(wt), replicated(target), sharded(bt))
+
+    def run():
+        return fusedopt.functional.linear_distillation_loss(
+            student[0], student[1], *teacher[:3], student_bias=student[2] if bias else None, teacher_bias=teacher[3],
+            **options,
+        )  # fmt: skip
+
+    loss, forward = _collectives(run)
+    _, backward = _collectives(lambda: loss.backward(grad_out))
+    n = xs.numel() // hs
+    sums = 1 if options["divergence"] == "kl" else 2  # the divergence (and Σ p_s a)
+    gathers = [("all_gather_single", 4 * n), ("all_gather_single", sums * n)]
+    reduce = [("all_reduce", n * hs)]
+    if options["reduction"] == "none":
+        assert forward == gathers and backward == reduce, (what, forward, backward)
+    elif sums == 1:  # the forward KL's gradient comes in pass 2, before the divergences are summed
+        assert forward == gathers[:1] + reduce + gathers[1:] and backward == [], (what, forward, backward)
+    else:
+        assert forward == gathers + reduce and backward == [], (what, forward, backward)
+    assert isinstance(loss, DTensor) != plain_input, what
+    close(_local(loss), expected.detach(), f"{what}: loss")
+    close(_local(student[0].grad), leaves[0].grad, f"{what}: grad of the input")
+    if not plain_input:
+        assert student[0].grad.placements == (Replicate(),), what
+    start = -(-vocab // WORLD) * rank  # torch.chunk's rows
+    for name, mine, theirs in zip(("weight", "bias"), student[1:], leaves[1:], strict=False):
+        assert mine.grad.placements == (Shard(0),), f"{what}: grad of the {name}"
+        local = mine.grad.to_local()
+        close(local, theirs.grad[start : start + len(local)], f"{what}: grad of the {name}")
+
+
+def check_vocab_parallel_distillation(rank, mesh, count, workdir):
+    """linear_distillation_loss with the student's and the teacher's weights (and biases)
+    DTensors ``Shard(0)`` on the vocabulary (inputs and targets replicated DTensors, or plain
+    tensors) against the unsharded op on the whole weights: loss and student gradients (input;
+    the weight's and bias's shards, DTensors placed as they are) for every case of
+    DISTILLATION_CASES; per call an all-gather of 4 numbers a token (both heads' max and sum
+    of exponentials), one of 1 or 2 (the divergence, Σ p_s a) and, when the input's gradient
+    is asked, one all-reduce of N x H (in the forward of mean/sum, in the backward of none)."""
+    for case in DISTILLATION_CASES:
+        _distillation_case(rank, mesh, *case)
+
+
 # FusedMuon over FSDP2: each matrix orthogonalized whole by one owner rank ------------------------
 
 # Muon matrices 7x6 (4 + 3 rows), 12x7 (tall), 8x12 (wide), 1x8 (rank 1's shard empty); the
@@ -865,6 +958,7 @@ CHECKS = [
     check_int8_state,
     check_linear_cross_entropy_head,
     check_vocab_parallel_head,
+    check_vocab_parallel_distillation,
     check_muon_exchange,
     check_muon_fsdp,
 ]

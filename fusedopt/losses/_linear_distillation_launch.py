@@ -266,7 +266,7 @@ def _launch_rows(
     lse, sums = passes if passes is not None else (row_loss is not None,) * 2
     # half the cross-entropy kernel's blocks: two rows and more live values per element (8 fp32
     # elements a thread at 8 warps, no spills on sm_90)
-    tile_rows, block, num_warps = _row_tile(num_rows, vocab, z.dtype, narrow=2)
+    tile_rows, block, num_warps = _row_tile(num_rows, max(vocab, 1), z.dtype, narrow=2)  # (no columns: finish)
     stats = stats[:, rows]
     unused = stats
     jsd = p.divergence == JSD
