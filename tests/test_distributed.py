@@ -602,7 +602,7 @@ def _collectives(fn) -> tuple[object, list[tuple[str, int]]]:
 
 def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options: dict) -> None:
     """One case of VOCAB_PARALLEL_CASES (see check_vocab_parallel_head)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     options = dict(options)
     plain_input, bias = options.pop("plain_input", False), options.pop("bias", True)
@@ -640,6 +640,18 @@ def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options
         assert forward == gather and backward == reduce, (what, forward, backward)
     else:
         assert forward == gather + reduce and backward == [], (what, forward, backward)
+    _same_as_unsharded(what, rank, vocab, loss, expected, sharded, leaves, plain_input)
+
+
+def _same_as_unsharded(
+    what: str, rank: int, vocab: int, loss, expected, sharded, leaves, plain_input
+) -> None:
+    """A vocabulary-parallel head's loss and gradients (``sharded``: the input, the weight, the
+    bias if any) against the unsharded op's (``expected``, ``leaves``): the loss a DTensor but
+    for a plain input; the input's gradient the whole sum (``Replicate()`` for a DTensor input);
+    the weight's and bias's ``Shard(0)`` DTensors holding this rank's rows."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
     assert isinstance(loss, DTensor) != plain_input, what
     close(_local(loss), expected.detach(), f"{what}: loss")
     close(_local(sharded[0].grad), leaves[0].grad, f"{what}: grad of the input")
@@ -705,7 +717,7 @@ DISTILLATION_CASES = [
 
 def _distillation_case(rank, mesh, vocab: int, lead: tuple[int, ...], options: dict) -> None:
     """One case of DISTILLATION_CASES (see check_vocab_parallel_distillation)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     options = dict(options)
     plain_input, bias = options.pop("plain_input", False), options.pop("bias", True)
@@ -751,26 +763,15 @@ def _distillation_case(rank, mesh, vocab: int, lead: tuple[int, ...], options: d
 
     loss, forward = _collectives(run)
     _, backward = _collectives(lambda: loss.backward(grad_out))
-    n = xs.numel() // hs
-    sums = 1 if options["divergence"] == "kl" else 2  # the divergence (and Σ p_s a)
-    gathers = [("all_gather_single", 4 * n), ("all_gather_single", sums * n)]
-    reduce = [("all_reduce", n * hs)]
+    n, kl = xs.numel() // hs, options["divergence"] == "kl"
+    state, sums = ("all_gather_single", 4 * n), ("all_gather_single", (1 if kl else 2) * n)  # (Σ p_s a)
+    reduce = ("all_reduce", n * hs)
     if options["reduction"] == "none":
-        assert forward == gathers and backward == reduce, (what, forward, backward)
-    elif sums == 1:  # the forward KL's gradient comes in pass 2, before the divergences are summed
-        assert forward == gathers[:1] + reduce + gathers[1:] and backward == [], (what, forward, backward)
-    else:
-        assert forward == gathers + reduce and backward == [], (what, forward, backward)
-    assert isinstance(loss, DTensor) != plain_input, what
-    close(_local(loss), expected.detach(), f"{what}: loss")
-    close(_local(student[0].grad), leaves[0].grad, f"{what}: grad of the input")
-    if not plain_input:
-        assert student[0].grad.placements == (Replicate(),), what
-    start = -(-vocab // WORLD) * rank  # torch.chunk's rows
-    for name, mine, theirs in zip(("weight", "bias"), student[1:], leaves[1:], strict=False):
-        assert mine.grad.placements == (Shard(0),), f"{what}: grad of the {name}"
-        local = mine.grad.to_local()
-        close(local, theirs.grad[start : start + len(local)], f"{what}: grad of the {name}")
+        expected_calls = [state, sums], [reduce]
+    else:  # the forward KL's gradient comes in pass 2, before the divergences are summed
+        expected_calls = [state, reduce, sums] if kl else [state, sums, reduce], []
+    assert (forward, backward) == expected_calls, (what, forward, backward)
+    _same_as_unsharded(what, rank, vocab, loss, expected, student, leaves, plain_input)
 
 
 def check_vocab_parallel_distillation(rank, mesh, count, workdir):

@@ -151,16 +151,25 @@ def test_launcher_on_simulated_ranks(monkeypatch, triton_device, vocab, world, d
             )  # fmt: skip
         return loss, gi, gw, gb
 
+    _same_on_every_rank(monkeypatch, vocab, world, run, dtype, collectives=2)
+
+
+def _same_on_every_rank(
+    monkeypatch, vocab: int, world: int, run, dtype: torch.dtype, collectives: int
+) -> None:
+    """``run`` (returning the loss and the gradients of the input, the weight and the bias) on
+    :func:`_simulated` ranks against ``run(None, 0, vocab)``, the unsharded launcher: the same
+    loss and input gradient on every rank, each rank's slice of the weight's and bias's, but for
+    the sums' order; ``collectives`` a rank."""
     expected = run(None, 0, vocab)
-    results, ranks, collectives = _simulated(monkeypatch, vocab, world, run)
-    assert collectives == 2
+    results, ranks, made = _simulated(monkeypatch, vocab, world, run)
+    assert made == collectives
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
     for (loss, gi, gw, gb), (lo, hi) in zip(results, ranks, strict=True):
         torch.testing.assert_close(loss, expected[0], **tol)
         torch.testing.assert_close(gi, expected[1], **tol)
         torch.testing.assert_close(gw, expected[2][lo:hi], **tol)
-        if b is not None:
-            torch.testing.assert_close(gb, expected[3][lo:hi], **tol)
+        torch.testing.assert_close(gb, expected[3][lo:hi] if expected[3].numel() else expected[3], **tol)
 
 
 # (divergence, β, reduction, dtype, options): every divergence (the forward KL's gradient in pass 2
@@ -212,16 +221,7 @@ def test_distillation_on_simulated_ranks(monkeypatch, triton_device, vocab, worl
             )
         return loss, gi, gw, gb
 
-    expected = run(None, 0, vocab)
-    results, ranks, collectives = _simulated(monkeypatch, vocab, world, run)
-    assert collectives == 3
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
-    for (loss, gi, gw, gb), (lo, hi) in zip(results, ranks, strict=True):
-        torch.testing.assert_close(loss, expected[0], **tol)
-        torch.testing.assert_close(gi, expected[1], **tol)
-        torch.testing.assert_close(gw, expected[2][lo:hi], **tol)
-        if bs is not None:
-            torch.testing.assert_close(gb, expected[3][lo:hi], **tol)
+    _same_on_every_rank(monkeypatch, vocab, world, run, dtype, collectives=3)
 
 
 def _part(t: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:

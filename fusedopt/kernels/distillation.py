@@ -31,7 +31,15 @@ its teacher; the third read is of rows the program has just read. The backward o
 ``reduction="none"`` runs the gradient pass alone from the row statistics the forward kept
 (``lse(s)``, ``lse(t)``, ``Σ p_s a``).
 
-**Layout.** The rows are those of the linear distillation loss's chunk buffers: every row
+**The vocabulary order** (a head sharded over the vocabulary) gives the kernel a window of the
+classes of every row per launch, and runs each pass over all the windows before the next
+(``LSE``, ``SUMS``, ``GRAD``): the rows' running ``state`` carries pass 1's max and sum of
+exponentials of both rows (merged as the online log-sum-exp merges lanes) or pass 2's partial
+divergence and ``Σ p_s a`` (plain sums) from window to window, and from rank to rank between
+launches (``fusedopt.losses._vocab_parallel``); a launch over no columns with ``LAST`` finishes
+the rows from a combined state. The per-element math is the token order's (the same helpers).
+
+**Layout.** The rows are those of the linear distillation loss's chunk (or block) buffers: every row
 starts on a 16-byte boundary and is padded to whole 16-byte vectors
 (``fusedopt.losses._linear_cross_entropy_launch._padded``; the launcher checks it). So blocks
 inside the row are read and written whole, without a mask, and the last block with a mask that

@@ -10,6 +10,14 @@ gradient), then ``distillation_kernel`` (``fusedopt.kernels.distillation``) writ
 divergences and overwrites ``Z_s`` with its gradient; the engine then does the gradient
 matmuls. Two ``c x V`` buffers at a time, never ``N x V``.
 
+The vocabulary order (:func:`_blocks`, for heads sharded over the vocabulary: tensor parallel)
+takes all the tokens per block of classes instead, both heads' block logits in two ``N x K``
+buffers, and runs the kernel's passes one after the other over all the blocks (the logits
+computed again for each): pass 1 the rows' max and sum of exponentials, pass 2 their divergence
+and ``Σ p_s a``, then the gradient pass on the linear cross-entropy's engine
+(:func:`vocab_blocks`). Each pass's per-row state is combined across the ranks once
+(``fusedopt.losses._vocab_parallel``), never the logits.
+
 Before the chunks the rows kept are counted (the ``mean`` divisor; a torch reduction on the
 device, no host sync); after them ``cross_entropy_sum_kernel`` reduces the row divergences in a
 fixed order. No float atomics.
@@ -159,11 +167,11 @@ def _blocks(
     block: int,
     grads: tuple[bool, bool, bool],
     stats: torch.Tensor,
+    shard: vocab_parallel.VocabShard | None,
     *,
     row_loss: torch.Tensor | None = None,
     divide_by_total: bool = False,
     grad_output: torch.Tensor | None = None,
-    shard: vocab_parallel.VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The vocabulary order, as :func:`_chunks` but over blocks of ``block`` classes with all
     the tokens, both heads' logits of a block in two ``N x block`` buffers; the kernel's passes
@@ -177,7 +185,8 @@ def _blocks(
     vocabulary: the passes leave every row unfinished and ``combine_rows`` makes each pass's
     state global (after pass 1 its 4 statistics, after pass 2 the divergence and, but for the
     forward KL, ``Σ p_s a``), a launch over no classes finishing the rows; ``vocab_blocks``
-    sums ``grad_X`` across the ranks. Three collectives a call, whatever N, V or the blocks."""
+    sums ``grad_X`` across the ranks: three collectives a call (two without ``grad_X``), whatever
+    N, V or the blocks."""
     s_head, t_head = p.student, p.teacher
     n, vocab = s_head.x.shape[0], s_head.weight.shape[0]
     s_buffer, t_buffer = block_buffer(s_head.x, block, vocab), block_buffer(t_head.x, block, vocab)
@@ -266,7 +275,9 @@ def _launch_rows(
     lse, sums = passes if passes is not None else (row_loss is not None,) * 2
     # half the cross-entropy kernel's blocks: two rows and more live values per element (8 fp32
     # elements a thread at 8 warps, no spills on sm_90)
-    tile_rows, block, num_warps = _row_tile(num_rows, max(vocab, 1), z.dtype, narrow=2)  # (no columns: finish)
+    tile_rows, block, num_warps = _row_tile(
+        num_rows, max(vocab, 1), z.dtype, narrow=2
+    )  # (no columns: finish)
     stats = stats[:, rows]
     unused = stats
     jsd = p.divergence == JSD
@@ -377,7 +388,7 @@ def _loop(p: _Problem, chunk: int, block: int | None, grads, stats, shard, **kwa
     """The vocabulary order when ``block`` is given (the only one that takes a ``shard``), else
     token chunks of ``chunk`` rows."""
     if block:
-        return _blocks(p, block, grads, stats, shard=shard, **kwargs)
+        return _blocks(p, block, grads, stats, shard, **kwargs)
     if shard is not None:
         raise ValueError("a vocabulary-parallel head runs the vocabulary order only (a block size)")
     return _chunks(p, chunk, grads, stats, **kwargs)

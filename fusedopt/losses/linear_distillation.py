@@ -34,6 +34,14 @@ gradient in place; the teacher's), ``c`` chosen so that together they are about 
 student's input (``2 c V ≈ N H_s``), the three gradients, and for bf16/fp16 weights the ``V
 H_s`` fp32 accumulator of the weight's gradient; the eager composition holds ``N V`` logits of
 each, their log-softmaxes and more, ``N V s`` at least five times over.
+
+**Vocabulary-parallel heads** (both weights DTensors ``Shard(0)``, see
+:func:`linear_distillation_loss`) run the vocabulary order on each rank's ``V_r`` classes: two
+``N x K`` block buffers sized like the chunks (``N K ≈ c V_r``), both heads' logits computed once
+per pass (twice for the forward KL, three times for the reverse KL and the JSD: four and six
+matmuls against the token order's two, plus the gradient's), an ``N x H_s`` fp32 sum of the input's
+gradient, and seven numbers a token of row statistics; never ``V x H_s`` in fp32 (each block's
+weight gradient is written once).
 """
 
 from __future__ import annotations
@@ -153,19 +161,19 @@ def linear_distillation_reference(
 
 class _LinearDistillation(torch.autograd.Function):
     """Forward and backward of :func:`linear_distillation_loss` over the student's ``xs`` [N, Hs]
-    and the teacher's ``xt`` [N, Ht] (detached); ``needs``: the gradients to compute (the
-    student's input, weight, bias)."""
+    and the teacher's ``xt`` [N, Ht] (detached); ``order``: ``(block, shard)`` of the vocabulary
+    order for heads sharded over the vocabulary, ``(None, None)`` for token chunks; ``needs``:
+    the gradients to compute (the student's input, weight, bias)."""
 
     @staticmethod
-    def forward(ctx, xs, ws, bs, xt, wt, bt, target, options, needs):
-        divergence, beta, temperature, ignore_index, reduction, chunk, mm_dtype, out_dtype, block, shard = (
-            options
-        )
+    def forward(ctx, xs, ws, bs, xt, wt, bt, target, options, order, needs):
+        divergence, beta, temperature, ignore_index, reduction, chunk, mm_dtype, out_dtype = options
+        block, shard = order
         loss, gi, gw, gb, stats = launch.forward(
             xs, ws, bs, xt, wt, bt, target, divergence, beta, temperature, ignore_index, reduction, chunk, *needs,
             mm_dtype, out_dtype, block=block, shard=shard,
         )  # fmt: skip
-        ctx.needs, ctx.options = needs, options
+        ctx.needs, ctx.options, ctx.order = needs, options, order
         if reduction == "none":
             ctx.save_for_backward(xs, ws, bs, xt, wt, bt, target, stats)
         else:  # the operands only for a backward with create_graph (references, no copy)
@@ -175,7 +183,8 @@ class _LinearDistillation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        divergence, beta, temperature, ignore_index, reduction, chunk, mm_dtype, _, block, shard = ctx.options
+        divergence, beta, temperature, ignore_index, reduction, chunk, mm_dtype, _ = ctx.options
+        block, shard = ctx.order
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
             if shard is not None:
                 raise NotImplementedError(
@@ -204,7 +213,7 @@ class _LinearDistillation(torch.autograd.Function):
             grads = tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         else:
             grads = kept_grads(ctx, grad_output)
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
 def linear_distillation_loss(
@@ -307,22 +316,12 @@ def linear_distillation_loss(
     chunk = launch.chunk_rows(xs.shape[0], xs.shape[1], w_s.shape[0])
     # the vocabulary order only for sharded heads, its blocks of logits as large as the chunks'
     block = lce_launch.vocab_block(xs.shape[0], w_s.shape[0], chunk) if shard is not None else None
-    options = (
-        divergence,
-        beta,
-        temperature,
-        ignore_index,
-        reduction,
-        chunk,
-        mm_dtype,
-        out_dtype,
-        block,
-        shard,
-    )
+    options = (divergence, beta, temperature, ignore_index, reduction, chunk, mm_dtype, out_dtype)
+    order = (block, shard)  # (None, None): token chunks
     grad = torch.is_grad_enabled()
     needs = tuple(grad and t is not None and t.requires_grad for t in (x_s, w_s, b_s))
     if any(needs):
-        loss = _LinearDistillation.apply(xs, w_s, b_s, xt, w_t, b_t, y, options, needs)
+        loss = _LinearDistillation.apply(xs, w_s, b_s, xt, w_t, b_t, y, options, order, needs)
     else:
         loss = launch.forward(
             xs, w_s, b_s, xt, w_t, b_t, y, *options[:6], False, False, False, mm_dtype, out_dtype, block=block,
