@@ -146,8 +146,9 @@ def distillation_kernel(
         if LAST:  # the log-sum-exps; NaN where no logit is finite (and in rows past R)
             lse_s = m_s + tl.log(tl.where(sum_s > 0, sum_s, float("nan")))
             lse_t = m_t + tl.log(tl.where(sum_t > 0, sum_t, float("nan")))
-            tl.store(stats + rows, lse_s, mask=row_mask)
-            tl.store(stats + stride_st + rows, lse_t, mask=row_mask)
+            if not SUMS:  # (else stored with pass 2's: fewer live registers across it)
+                tl.store(stats + rows, lse_s, mask=row_mask)
+                tl.store(stats + stride_st + rows, lse_t, mask=row_mask)
         else:
             tl.store(state + rows, m_s, mask=row_mask)
             tl.store(state + stride_st + rows, sum_s, mask=row_mask)
@@ -171,6 +172,9 @@ def distillation_kernel(
                 tl.store(loss + rows, to_storage(row_loss, LOSS_DTYPE), mask=row_mask)
             else:
                 tl.store(loss + rows, row_loss.to(LOSS_DTYPE), mask=row_mask)
+            if LSE:
+                tl.store(stats + rows, lse_s, mask=row_mask)
+                tl.store(stats + stride_st + rows, lse_t, mask=row_mask)
             tl.store(stats + 2 * stride_st + rows, total, mask=row_mask)
         else:
             tl.store(state + rows, row_loss, mask=row_mask)
