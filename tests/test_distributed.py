@@ -602,7 +602,7 @@ def _collectives(fn) -> tuple[object, list[tuple[str, int]]]:
 
 def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options: dict) -> None:
     """One case of VOCAB_PARALLEL_CASES (see check_vocab_parallel_head)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     options = dict(options)
     plain_input, bias = options.pop("plain_input", False), options.pop("bias", True)
@@ -640,6 +640,18 @@ def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options
         assert forward == gather and backward == reduce, (what, forward, backward)
     else:
         assert forward == gather + reduce and backward == [], (what, forward, backward)
+    _same_as_unsharded(what, rank, vocab, loss, expected, sharded, leaves, plain_input)
+
+
+def _same_as_unsharded(
+    what: str, rank: int, vocab: int, loss, expected, sharded, leaves, plain_input
+) -> None:
+    """A vocabulary-parallel head's loss and gradients (``sharded``: the input, the weight, the
+    bias if any) against the unsharded op's (``expected``, ``leaves``): the loss a DTensor but
+    for a plain input; the input's gradient the whole sum (``Replicate()`` for a DTensor input);
+    the weight's and bias's ``Shard(0)`` DTensors holding this rank's rows."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
     assert isinstance(loss, DTensor) != plain_input, what
     close(_local(loss), expected.detach(), f"{what}: loss")
     close(_local(sharded[0].grad), leaves[0].grad, f"{what}: grad of the input")
@@ -690,6 +702,88 @@ def check_vocab_parallel_head(rank, mesh, count, workdir):
     for name, p in whole.named_parameters():
         local = getattr(head, name).grad.to_local()
         close(local, p.grad[start : start + len(local)], f"module: grad of {name}")
+
+
+# (V, tokens' shape, options): V odd (19 and 18 classes a rank) but the last, V = 1 (rank 1's shards
+# empty); every divergence (the JSD at β = 0.3), every reduction (none with a random grad_output),
+# ignored targets; a 3-D replicated input, plain inputs, no biases; no target
+DISTILLATION_CASES = [
+    (37, (2, 5), dict(divergence="kl", reduction="mean", temperature=0.7)),
+    (37, (10,), dict(divergence="reverse_kl", reduction="sum", plain_input=True, bias=False)),
+    (37, (10,), dict(divergence="jsd", beta=0.3, reduction="none", temperature=1.5)),
+    (1, (4,), dict(divergence="jsd", beta=0.3, reduction="mean", target=False)),
+]
+
+
+def _distillation_case(rank, mesh, vocab: int, lead: tuple[int, ...], options: dict) -> None:
+    """One case of DISTILLATION_CASES (see check_vocab_parallel_distillation)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    options = dict(options)
+    plain_input, bias = options.pop("plain_input", False), options.pop("bias", True)
+    gen = torch.Generator().manual_seed(vocab)
+    hs, ht = 8, 6
+    xs, xt = torch.randn(*lead, hs, generator=gen), torch.randn(*lead, ht, generator=gen)
+    ws, wt = torch.randn(vocab, hs, generator=gen) * 0.6, torch.randn(vocab, ht, generator=gen) * 0.9
+    bs, bt = torch.rand(vocab, generator=gen) - 0.5, torch.rand(vocab, generator=gen)
+    bs, bt = (bs, bt) if bias else (None, None)
+    target = torch.randint(0, vocab, lead, generator=gen)
+    target.view(-1)[::4] = -100
+    target = target if options.pop("target", True) else None
+    grad_out = torch.rand(lead, generator=gen) if options["reduction"] == "none" else None
+    what = f"V={vocab}, {options}"
+
+    leaves = [t.clone().requires_grad_() for t in (xs, ws, bs) if t is not None]
+    student_bias = leaves[2] if bias else None
+    expected = fusedopt.functional.linear_distillation_loss(
+        leaves[0], leaves[1], xt, wt, target, student_bias=student_bias, teacher_bias=bt, **options
+    )
+    expected.backward(grad_out)
+
+    def replicated(t):
+        if t is None or plain_input:
+            return t
+        return distribute_tensor(t, mesh, [Replicate()])
+
+    def sharded(t):
+        return distribute_tensor(t, mesh, [Shard(0)]) if t is not None else None
+
+    student = [replicated(xs)] + [sharded(t) for t in (ws, bs) if t is not None]
+    for t in student:
+        t.requires_grad_()
+    if grad_out is not None and not plain_input:
+        grad_out = distribute_tensor(grad_out, mesh, [Replicate()])
+    teacher = (replicated(xt), sharded(wt), replicated(target), sharded(bt))
+
+    def run():
+        return fusedopt.functional.linear_distillation_loss(
+            student[0], student[1], *teacher[:3], student_bias=student[2] if bias else None, teacher_bias=teacher[3],
+            **options,
+        )  # fmt: skip
+
+    loss, forward = _collectives(run)
+    _, backward = _collectives(lambda: loss.backward(grad_out))
+    n, kl = xs.numel() // hs, options["divergence"] == "kl"
+    state, sums = ("all_gather_single", 4 * n), ("all_gather_single", (1 if kl else 2) * n)  # (Σ p_s a)
+    reduce = ("all_reduce", n * hs)
+    if options["reduction"] == "none":
+        expected_calls = [state, sums], [reduce]
+    else:  # the forward KL's gradient comes in pass 2, before the divergences are summed
+        expected_calls = [state, reduce, sums] if kl else [state, sums, reduce], []
+    assert (forward, backward) == expected_calls, (what, forward, backward)
+    _same_as_unsharded(what, rank, vocab, loss, expected, student, leaves, plain_input)
+
+
+def check_vocab_parallel_distillation(rank, mesh, count, workdir):
+    """linear_distillation_loss with the student's and the teacher's weights (and biases)
+    DTensors ``Shard(0)`` on the vocabulary (inputs and targets replicated DTensors, or plain
+    tensors) against the unsharded op on the whole weights: loss and student gradients (input;
+    the weight's and bias's shards, DTensors placed as they are) for every case of
+    DISTILLATION_CASES; per call an all-gather of 4 numbers a token (both heads' max and sum
+    of exponentials), one of 1 or 2 (the divergence, Σ p_s a) and, when the input's gradient
+    is asked, one all-reduce of N x H (in the forward of mean/sum, in the backward of none)."""
+    for case in DISTILLATION_CASES:
+        _distillation_case(rank, mesh, *case)
 
 
 # FusedMuon over FSDP2: each matrix orthogonalized whole by one owner rank ------------------------
@@ -865,6 +959,7 @@ CHECKS = [
     check_int8_state,
     check_linear_cross_entropy_head,
     check_vocab_parallel_head,
+    check_vocab_parallel_distillation,
     check_muon_exchange,
     check_muon_fsdp,
 ]

@@ -1,20 +1,19 @@
 """The vocabulary-parallel pieces (``fusedopt.losses._vocab_parallel``) in one process.
 
 :func:`merge_rows` against the statistics of whole rows; the linear cross-entropy's launcher
-with a ``shard`` on simulated ranks (each rank's slice of the classes run in turn, the two
-collectives replaced by their results: the ranks' states merged, their partial input
-gradients summed) against the unsharded launcher. The real collectives, DTensors and their
+and the distillation's with a ``shard`` on simulated ranks (each rank's slice of the classes
+run in turn, the collectives replaced by their results: the ranks' states merged, their partial
+input gradients summed) against the unsharded launchers. The real collectives, DTensors and their
 counts: ``tests/test_distributed.py::check_vocab_parallel_head`` (2 gloo ranks).
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import fusedopt.losses._linear_cross_entropy_launch as launch
+import fusedopt.losses._linear_distillation_launch as distillation
 from fusedopt.losses import _vocab_parallel as vocab_parallel
 from fusedopt.losses._vocab_parallel import MAX, SUM, VocabShard, merge_rows
 
@@ -66,40 +65,44 @@ def test_combine_rows_checks_the_row_kinds():
 
 def _simulated(monkeypatch, vocab: int, world: int, run):
     """``run(shard, lo, hi)`` on each of ``world`` simulated ranks holding torch.chunk's
-    classes ``lo .. hi - 1``, the collectives replaced by what they would return: a first
-    round collects each rank's state (stopping at ``combine_rows``), a second each rank's
-    partial sum at ``all_reduce_``, a third returns every rank's results with both
-    collectives answered."""
+    classes ``lo .. hi - 1``, the collectives (``combine_rows``, ``all_reduce_``) replaced by
+    what they would return: round ``k`` runs every rank until its ``k``-th collective, whose
+    inputs it collects (the rank stops there), the earlier ones answered from the earlier
+    rounds (the ranks' states merged, their partial sums summed); the last round, every
+    collective answered, returns each rank's results and the number of collectives a rank
+    made."""
     rows = -(-vocab // world)
     ranks = [(min(r * rows, vocab), min((r + 1) * rows, vocab)) for r in range(world)]
-    states, partials = [], []
+    answers, inputs, made = [], [], [0]
 
     class Collected(Exception):
         pass
 
-    def collect_state(state, shard, kinds):
-        states.append(state.clone())
-        raise Collected
+    def collective(t: torch.Tensor, kinds) -> torch.Tensor:
+        made[0] += 1
+        if made[0] <= len(answers):
+            return answers[made[0] - 1]
+        inputs.append(t.clone())
+        raise Collected(kinds)
 
-    def merged(state, shard, kinds):
-        return merge_rows(torch.stack(states), kinds)
-
-    def collect_partial(t, shard):
-        partials.append(t.clone())
-        return t
-
-    def summed(t, shard):
-        return t.copy_(torch.stack(partials).sum(0))
-
-    results = []
-    for combine, reduce in ((collect_state, None), (merged, collect_partial), (merged, summed)):
-        monkeypatch.setattr(vocab_parallel, "combine_rows", combine)
-        monkeypatch.setattr(vocab_parallel, "all_reduce_", reduce)
-        results = []
+    monkeypatch.setattr(
+        vocab_parallel, "combine_rows", lambda state, shard, kinds: collective(state, kinds).clone()
+    )
+    monkeypatch.setattr(vocab_parallel, "all_reduce_", lambda t, shard: t.copy_(collective(t, None)))
+    while True:
+        results, kinds = [], None
+        inputs.clear()
         for lo, hi in ranks:
-            with contextlib.suppress(Collected):
+            made[0] = 0
+            try:
                 results.append(run(VocabShard(None, None, lo, vocab), lo, hi))
-    return results, ranks
+            except Collected as stop:
+                kinds = stop.args[0]
+        if not inputs:
+            return results, ranks, len(answers)
+        assert len(inputs) == world, "the ranks made different collectives"
+        states = torch.stack(inputs)
+        answers.append(merge_rows(states, kinds) if kinds is not None else states.sum(0))
 
 
 @pytest.mark.parametrize("vocab, world", [(20, 3), (2, 3)], ids=["uneven", "empty"])
@@ -148,12 +151,78 @@ def test_launcher_on_simulated_ranks(monkeypatch, triton_device, vocab, world, d
             )  # fmt: skip
         return loss, gi, gw, gb
 
+    _same_on_every_rank(monkeypatch, vocab, world, run, dtype, collectives=2)
+
+
+def _same_on_every_rank(
+    monkeypatch, vocab: int, world: int, run, dtype: torch.dtype, collectives: int
+) -> None:
+    """``run`` (returning the loss and the gradients of the input, the weight and the bias) on
+    :func:`_simulated` ranks against ``run(None, 0, vocab)``, the unsharded launcher: the same
+    loss and input gradient on every rank, each rank's slice of the weight's and bias's, but for
+    the sums' order; ``collectives`` a rank."""
     expected = run(None, 0, vocab)
-    results, ranks = _simulated(monkeypatch, vocab, world, run)
+    results, ranks, made = _simulated(monkeypatch, vocab, world, run)
+    assert made == collectives
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
     for (loss, gi, gw, gb), (lo, hi) in zip(results, ranks, strict=True):
         torch.testing.assert_close(loss, expected[0], **tol)
         torch.testing.assert_close(gi, expected[1], **tol)
         torch.testing.assert_close(gw, expected[2][lo:hi], **tol)
-        if b is not None:
-            torch.testing.assert_close(gb, expected[3][lo:hi], **tol)
+        torch.testing.assert_close(gb, expected[3][lo:hi] if expected[3].numel() else expected[3], **tol)
+
+
+# (divergence, β, reduction, dtype, options): every divergence (the forward KL's gradient in pass 2
+# for mean/sum), each with none (the gradient pass in the backward, with each row's grad_output);
+# biases, no target, other temperatures
+DISTILLATION_CASES = {
+    "kl-mean": ("kl", 0.5, "mean", torch.float32, dict(bias=True, temperature=0.7)),
+    "kl-none": ("kl", 0.5, "none", torch.float32, dict()),
+    "reverse-mean": ("reverse_kl", 0.5, "mean", torch.float32, dict(target=False, temperature=2.0)),
+    "reverse-none": ("reverse_kl", 0.5, "none", torch.float32, dict(bias=True)),
+    "jsd-sum-bf16": ("jsd", 0.3, "sum", torch.bfloat16, dict(bias=True)),
+    "jsd-none": ("jsd", 0.3, "none", torch.float32, dict(bias=True, temperature=1.5)),
+}
+
+
+@pytest.mark.parametrize("vocab, world", [(20, 3), (2, 3)], ids=["uneven", "empty"])
+@pytest.mark.parametrize("case", list(DISTILLATION_CASES))
+def test_distillation_on_simulated_ranks(monkeypatch, triton_device, vocab, world, case):
+    """The distillation launcher with both heads' weights (and biases) sharded alike over 3
+    simulated ranks, blocks of 4 classes, against the unsharded launcher in token chunks of 4:
+    the loss and the student's gradients (the input's summed over the ranks; the weight's and
+    bias's each rank's slice), in three collectives a call (pass 1's state, pass 2's sums, the
+    input's gradient)."""
+    divergence, beta, reduction, dtype, options = DISTILLATION_CASES[case]
+    gen = torch.Generator().manual_seed(vocab)
+    n, hs, ht, device = 9, 8, 6, triton_device
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+
+    xs, ws, xt, wt = rnd(n, hs), rnd(vocab, hs, scale=0.6), rnd(n, ht), rnd(vocab, ht, scale=0.9)
+    bs, bt = (rnd(vocab), rnd(vocab)) if options.get("bias") else (None, None)
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    target[::4] = -100
+    target = target.to(device) if options.get("target", True) else None
+    grad_output = torch.rand(n, generator=gen).to(device) if reduction == "none" else None
+    needs = (True, True, bs is not None)
+    scalars = (divergence, beta, options.get("temperature", 1.0), -100)
+
+    def run(shard, lo, hi):
+        block = None if shard is None else 4
+        heads = (xs, ws[lo:hi], _part(bs, lo, hi), xt, wt[lo:hi], _part(bt, lo, hi), target)
+        loss, gi, gw, gb, stats = distillation.forward(
+            *heads, *scalars, reduction, 4, *needs, dtype, dtype, block=block, shard=shard
+        )
+        if reduction == "none":
+            gi, gw, gb = distillation.backward_none(
+                *heads, stats, grad_output, *scalars, 4, *needs, dtype, block=block, shard=shard
+            )
+        return loss, gi, gw, gb
+
+    _same_on_every_rank(monkeypatch, vocab, world, run, dtype, collectives=3)
+
+
+def _part(t: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    return t[lo:hi] if t is not None else None

@@ -31,7 +31,15 @@ its teacher; the third read is of rows the program has just read. The backward o
 ``reduction="none"`` runs the gradient pass alone from the row statistics the forward kept
 (``lse(s)``, ``lse(t)``, ``Σ p_s a``).
 
-**Layout.** The rows are those of the linear distillation loss's chunk buffers: every row
+**The vocabulary order** (a head sharded over the vocabulary) gives the kernel a window of the
+classes of every row per launch, and runs each pass over all the windows before the next
+(``LSE``, ``SUMS``, ``GRAD``): the rows' running ``state`` carries pass 1's max and sum of
+exponentials of both rows (merged as the online log-sum-exp merges lanes) or pass 2's partial
+divergence and ``Σ p_s a`` (plain sums) from window to window, and from rank to rank between
+launches (``fusedopt.losses._vocab_parallel``); a launch over no columns with ``LAST`` finishes
+the rows from a combined state. The per-element math is the token order's (the same helpers).
+
+**Layout.** The rows are those of the linear distillation loss's chunk (or block) buffers: every row
 starts on a 16-byte boundary and is padded to whole 16-byte vectors
 (``fusedopt.losses._linear_cross_entropy_launch._padded``; the launcher checks it). So blocks
 inside the row are read and written whole, without a mask, and the last block with a mask that
@@ -62,8 +70,9 @@ def distillation_kernel(
     student,  # DTYPE [R, stride]: student logits, rows 16-byte aligned and padded; their gradient if GRAD
     teacher,  # DTYPE [R, stride]: teacher logits, the same layout
     target,  # int [R]: rows equal to ignore_index are left out (read if HAS_TARGET)
-    stats,  # COMPUTE [3, R] (rows stride_st apart): lse(s), lse(t), Σ p_s a; written if LOSS, else read
-    loss,  # LOSS_DTYPE [R]: each row's divergence, 0 if ignored (written if LOSS)
+    stats,  # COMPUTE [3, R] (rows stride_st apart): lse(s), lse(t) (written if LSE and LAST, else read), Σ p_s a (written if SUMS and LAST, else read)
+    state,  # COMPUTE [4, R] (rows stride_st apart): the rows' running sums over the columns seen (read unless FIRST, written unless LAST)
+    loss,  # LOSS_DTYPE [R]: each row's divergence, 0 if ignored (written if SUMS and LAST)
     totals,  # COMPUTE [3]: totals[2] = 1 / the rows kept (read if DIVIDE_BY_TOTAL)
     grad_output,  # [R]: upstream grad of each row's divergence (read if ROW_GRAD_OUTPUT)
     R,
@@ -84,12 +93,22 @@ def distillation_kernel(
     BLOCK: tl.constexpr,  # columns per step
     DIVERGENCE: tl.constexpr,  # FORWARD_KL, REVERSE_KL or JSD
     HAS_TARGET: tl.constexpr,
-    LOSS: tl.constexpr,  # passes 1 and 2: the row statistics and divergence
+    LSE: tl.constexpr,  # pass 1: the rows' max and Σ exp of s and t (LAST: their lse)
+    SUMS: tl.constexpr,  # pass 2: the rows' divergence and Σ p_s a (LAST: the loss)
     GRAD: tl.constexpr,  # write the gradient of the student's logits over them
+    FIRST: tl.constexpr,  # the first columns of the rows: no state to read
+    LAST: tl.constexpr,  # the last: finish the rows (lse, loss) instead of writing the state
     DIVIDE_BY_TOTAL: tl.constexpr,  # reduction mean: gradient times 1 / the rows kept
     ROW_GRAD_OUTPUT: tl.constexpr,  # reduction none (backward): gradient times grad_output[r]
 ):
-    """A tile of ROWS rows × BLOCK columns per step; each row's scalars are [ROWS] vectors."""
+    """A tile of ROWS rows × BLOCK columns per step; each row's scalars are [ROWS] vectors.
+
+    The token order gives whole rows (FIRST and LAST): passes 1 and 2 (LSE and SUMS) and the
+    gradient in one launch, or the gradient pass alone (the backward of none). The vocabulary
+    order gives a window of the classes per launch and runs the passes in turn over all its
+    windows: pass 1's state is (max, Σ exp(· - max)) of s and of t, merged window by window
+    (across ranks by ``fusedopt.losses._vocab_parallel``), pass 2's the partial divergence and
+    Σ p_s a (sums), then the gradient pass from the finished ``stats``."""
     VEC: tl.constexpr = 128 // DTYPE.primitive_bitwidth  # elements per 16 bytes
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < R
@@ -116,30 +135,67 @@ def distillation_kernel(
     keep = kept[:, None]
 
     # the forward KL's gradient needs no row sum: written in pass 2
-    FUSED: tl.constexpr = LOSS and GRAD and DIVERGENCE == FORWARD_KL
-    if LOSS:
-        lse_s, lse_t = _lse_pass(student, teacher, base, C, end, row_mask, every, inv_t, COMPUTE, ROWS, BLOCK)
+    FUSED: tl.constexpr = SUMS and GRAD and DIVERGENCE == FORWARD_KL
+    if LSE:
+        m_s, sum_s, m_t, sum_t = _max_sum_pass(
+            student, teacher, base, C, end, row_mask, every, inv_t, COMPUTE, ROWS, BLOCK
+        )
+        if not FIRST:  # the columns seen before (both maxima finite)
+            m_s, sum_s = _merged(m_s, sum_s, state, rows, stride_st, row_mask)
+            m_t, sum_t = _merged(m_t, sum_t, state + 2 * stride_st, rows, stride_st, row_mask)
+        if LAST:  # the log-sum-exps; NaN where no logit is finite (and in rows past R)
+            lse_s = m_s + tl.log(tl.where(sum_s > 0, sum_s, float("nan")))
+            lse_t = m_t + tl.log(tl.where(sum_t > 0, sum_t, float("nan")))
+            if not SUMS:  # (else stored with pass 2's: fewer live registers across it)
+                tl.store(stats + rows, lse_s, mask=row_mask)
+                tl.store(stats + stride_st + rows, lse_t, mask=row_mask)
+        else:
+            tl.store(state + rows, m_s, mask=row_mask)
+            tl.store(state + stride_st + rows, sum_s, mask=row_mask)
+            tl.store(state + 2 * stride_st + rows, m_t, mask=row_mask)
+            tl.store(state + 3 * stride_st + rows, sum_t, mask=row_mask)
+    else:
+        lse_s = tl.load(stats + rows, mask=row_mask, other=0)
+        lse_t = tl.load(stats + stride_st + rows, mask=row_mask, other=0)
+    if SUMS:
         row_loss, total = _row_pass(
             student, teacher, base, C, end, row_mask, every, inv_t, lse_s[:, None], lse_t[:, None],
             tl.full([ROWS, 1], 0, COMPUTE), jsd, factor, keep, DTYPE, COMPUTE, ROWS, BLOCK, DIVERGENCE, True, FUSED,
         )  # fmt: skip
-        row_loss = tl.where(kept, row_loss, 0)
-        if LOSS_DTYPE == tl.bfloat16:  # (tl.zeros, tl.cdiv and to_storage are calls: slow in the interpreter)
-            tl.store(loss + rows, to_storage(row_loss, LOSS_DTYPE), mask=row_mask)
+        if not FIRST:  # the columns seen before
+            row_loss += tl.load(state + rows, mask=row_mask, other=0)
+            total += tl.load(state + stride_st + rows, mask=row_mask, other=0)
+        if LAST:
+            row_loss = tl.where(kept, row_loss, 0)
+            # (tl.zeros, tl.cdiv and to_storage are calls: slow in the interpreter)
+            if LOSS_DTYPE == tl.bfloat16:
+                tl.store(loss + rows, to_storage(row_loss, LOSS_DTYPE), mask=row_mask)
+            else:
+                tl.store(loss + rows, row_loss.to(LOSS_DTYPE), mask=row_mask)
+            if LSE:
+                tl.store(stats + rows, lse_s, mask=row_mask)
+                tl.store(stats + stride_st + rows, lse_t, mask=row_mask)
+            tl.store(stats + 2 * stride_st + rows, total, mask=row_mask)
         else:
-            tl.store(loss + rows, row_loss.to(LOSS_DTYPE), mask=row_mask)
-        tl.store(stats + rows, lse_s, mask=row_mask)
-        tl.store(stats + stride_st + rows, lse_t, mask=row_mask)
-        tl.store(stats + 2 * stride_st + rows, total, mask=row_mask)
-    else:
-        lse_s = tl.load(stats + rows, mask=row_mask, other=0)
-        lse_t = tl.load(stats + stride_st + rows, mask=row_mask, other=0)
+            tl.store(state + rows, row_loss, mask=row_mask)
+            tl.store(state + stride_st + rows, total, mask=row_mask)
+    elif GRAD:
         total = tl.load(stats + 2 * stride_st + rows, mask=row_mask, other=0)
-    if GRAD and not FUSED:  # pass 3 (the backward of none: the only one)
+    if GRAD and not FUSED:  # pass 3 (the backward of none, and the vocabulary order: the only one)
         _row_pass(
             student, teacher, base, C, end, row_mask, every, inv_t, lse_s[:, None], lse_t[:, None],
             total[:, None], jsd, factor, keep, DTYPE, COMPUTE, ROWS, BLOCK, DIVERGENCE, False, True,
         )  # fmt: skip
+
+
+@triton.jit
+def _merged(m, s, state, rows, stride_st, row_mask):
+    """A running max ``m`` and sum ``s`` of ``exp(x - m)`` (each [ROWS]) merged with those of
+    the columns seen before, rows ``state`` and ``state + stride_st`` (maxima finite)."""
+    m_old = tl.load(state + rows, mask=row_mask, other=0)
+    s_old = tl.load(state + stride_st + rows, mask=row_mask, other=0)
+    m_new = tl.maximum(m_old, m)
+    return m_new, s * tl.exp(m - m_new) + s_old * tl.exp(m_old - m_new)
 
 
 @triton.jit
@@ -186,10 +242,11 @@ def _pair(
 
 
 @triton.jit
-def _lse_pass(student, teacher, base, C, end, row_mask, every, inv_t, COMPUTE: tl.constexpr, ROWS: tl.constexpr,
+def _max_sum_pass(student, teacher, base, C, end, row_mask, every, inv_t, COMPUTE: tl.constexpr, ROWS: tl.constexpr,
               BLOCK: tl.constexpr):  # fmt: skip
-    """Pass 1: ``(lse(s), lse(t))`` of each row, an online log-sum-exp per lane (no reduction
-    until the row ends; the lanes start at the lowest finite value: no -inf - (-inf))."""
+    """Pass 1: ``(m_s, Σ exp(s - m_s), m_t, Σ exp(t - m_t))`` of each row's columns, ``m`` their
+    max: an online log-sum-exp per lane (no reduction until the columns end; the lanes start at
+    the lowest finite value: no -inf - (-inf); a row of no columns gets that value and 0)."""
     m_s = lowest(ROWS, BLOCK, COMPUTE)
     m_t = m_s
     sum_s = tl.full([ROWS, BLOCK], 0, COMPUTE)
@@ -205,14 +262,12 @@ def _lse_pass(student, teacher, base, C, end, row_mask, every, inv_t, COMPUTE: t
                               False)  # fmt: skip
         m_s, sum_s, _, _ = online_lse(s, m_s, sum_s)
         m_t, sum_t, _, _ = online_lse(t, m_t, sum_t)
-    # the lanes' log-sum-exp; NaN where no logit is finite (and in rows past R)
+    # the lanes merged
     m_s_row = tl.max(m_s, 1)
     m_t_row = tl.max(m_t, 1)
     sum_s = tl.sum(sum_s * tl.exp(m_s - m_s_row[:, None]), 1)
     sum_t = tl.sum(sum_t * tl.exp(m_t - m_t_row[:, None]), 1)
-    lse_s = m_s_row + tl.log(tl.where(sum_s > 0, sum_s, float("nan")))
-    lse_t = m_t_row + tl.log(tl.where(sum_t > 0, sum_t, float("nan")))
-    return lse_s, lse_t
+    return m_s_row, sum_s, m_t_row, sum_t
 
 
 @triton.jit

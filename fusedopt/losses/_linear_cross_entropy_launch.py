@@ -324,6 +324,67 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, padded: boo
     )
 
 
+def block_buffer(x: torch.Tensor, block: int, vocab: int) -> torch.Tensor:
+    """The vocabulary order's buffer: the logits of one block of ``block`` (of ``vocab``)
+    classes for all the tokens of ``x`` [N, H], rows :func:`_padded` (for :func:`block_logits`)."""
+    return x.new_empty(x.shape[0] * _padded(min(block, vocab)))
+
+
+def block_logits(h: Head, buffer: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+    """The logits of the classes ``v0 .. v1 - 1`` (``v1 > v0``) of all the tokens into
+    ``buffer`` (:func:`block_buffer`): [N, v1 - v0], rows 16-byte aligned and :func:`_padded`."""
+    n, width = h.x.shape[0], _padded(v1 - v0)
+    return h.logits(buffer[: n * width].view(n, width)[:, : v1 - v0], classes=slice(v0, v1))
+
+
+def vocab_blocks(
+    h: Head,
+    buffer: torch.Tensor,
+    block: int,
+    grads: tuple[bool, bool, bool],
+    rows_step: Callable[[torch.Tensor, int, int], None],
+    shard: vocab_parallel.VocabShard | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The engine of the vocabulary order's gradient pass, shared by the chunked ops (as
+    :func:`token_chunks` is the token order's): per block of ``block`` classes ``v0 .. v1 - 1``,
+    their logits ``z`` [N, v1 - v0] in ``buffer`` (:func:`block_logits`); ``rows_step(z, v0, v1)``
+    must leave in ``z`` the gradient of the loss in them; then ``grad_W[block] = dZᵀ X``,
+    written once with the matmul's own fp32 accumulation over all N tokens, ``grad_X += dZ
+    W[block]`` in fp32 and ``grad_b[block] = Σ dZ``. With a ``shard`` (the head holds that
+    slice of the vocabulary) ``grad_X``, a partial sum over the classes, is summed across the
+    ranks (one ``all_reduce_``, in fp32 before its rounding). Returns the gradients asked by
+    ``grads`` (input, weight, bias) in ``h.grad_dtypes``, empty otherwise (no pass when none
+    is asked)."""
+    x, weight, grad_dtypes = h.x, h.weight, h.grad_dtypes
+    vocab = weight.shape[0]
+    want_input, want_weight, want_bias = grads
+    acc_dtype = compute_dtype(x.dtype)
+    grad_input = _zeros_for(x, x.shape, grad_dtypes[0], acc_dtype) if want_input else _empty(x)
+    grad_weight = weight.new_empty(weight.shape, dtype=grad_dtypes[1]) if want_weight else _empty(x)
+    grad_bias = x.new_empty(vocab, dtype=acc_dtype) if want_bias else _empty(x)
+    for v0 in range(0, vocab if any(grads) else 0, block):
+        v1 = min(v0 + block, vocab)
+        z = block_logits(h, buffer, v0, v1)
+        rows_step(z, v0, v1)
+        if want_weight:
+            if grad_weight.dtype == z.dtype:
+                torch.mm(z.t(), x, out=grad_weight[v0:v1])
+            else:
+                grad_weight[v0:v1] = 0
+                _accumulate(grad_weight[v0:v1], z.t(), x, padded=True)
+        if want_input:
+            _accumulate(grad_input, z, weight[v0:v1], padded=True)
+        if want_bias:
+            torch.sum(z, 0, dtype=acc_dtype, out=grad_bias[v0:v1])
+    if shard is not None and want_input:
+        vocab_parallel.all_reduce_(grad_input, shard)
+    return (
+        _finish(grad_input, grad_dtypes[0], want_input),
+        grad_weight,
+        _finish(grad_bias, grad_dtypes[2], want_bias),
+    )
+
+
 def _blocks(
     p: _Problem,
     block: int,
@@ -338,8 +399,7 @@ def _blocks(
     """The vocabulary order, as :func:`_chunks` but over blocks of ``block`` classes with all
     the tokens: if ``row_loss`` is given, pass 1 (the blocks' logits into the rows' running
     log-sum-exp, then ``lse`` and the row losses); if gradients are asked, pass 2 (the logits
-    again, their gradient from ``lse``, then ``grad_W[block] = dZᵀ X`` written once, with the
-    matmul's own fp32 accumulation over all N tokens, and ``grad_X += dZ W[block]`` in fp32).
+    again, their gradient from ``lse``, then the engine's matmuls: :func:`vocab_blocks`).
     ``lse`` is required: pass 1 writes it, pass 2 reads it.
 
     With a ``shard`` (``fusedopt.losses._vocab_parallel``) the head holds the classes
@@ -348,75 +408,48 @@ def _blocks(
     pass 2 writes the local slices of ``grad_W`` and ``grad_b``, and ``grad_X`` (a partial
     sum over the classes) is summed across the ranks once, in fp32, before its rounding."""
     h = p.head
-    x, weight, grad_dtypes = h.x, h.weight, h.grad_dtypes
     target, class_weight, stats = p.target, p.class_weight, p.stats
     ignore_index, label_smoothing = p.ignore_index, p.label_smoothing
-    n, vocab = x.shape[0], weight.shape[0]
-    want_input, want_weight, want_bias = grads
-    acc_dtype = stats.dtype
-    buffer = x.new_empty(n * _padded(min(block, vocab)))
+    n, vocab = h.x.shape[0], h.weight.shape[0]
+    buffer = block_buffer(h.x, block, vocab)
     step = min(triton.next_power_of_2(block), ce_launch.MAX_BLOCK)  # the row kernel's size rule
     rows = max(1, ce_launch.MAX_TILE // step)
 
     col0, classes = (shard.offset, shard.classes) if shard is not None else (0, vocab)
 
-    def logits(v0: int, v1: int) -> torch.Tensor:
-        width = _padded(v1 - v0)
-        return h.logits(buffer[: n * width].view(n, width)[:, : v1 - v0], classes=slice(v0, v1))
-
     def merge(state: torch.Tensor, v0: int, v1: int, first: bool, last: bool) -> None:
         """The classes v0 .. v1 - 1 (local) into the rows' ``state``; ``last``: finish them."""
-        z = logits(v0, v1) if v1 > v0 else state.as_strided((n, 0), (0, 1))  # none: an aligned address
+        z = block_logits(h, buffer, v0, v1) if v1 > v0 else state.as_strided((n, 0), (0, 1))  # none: aligned
         if n == 0:
             return
         kernels.logsumexp_block_kernel[checked_grid(triton.cdiv(n, rows))](
             z, target, class_weight if class_weight is not None else stats, stats, state, lse, row_loss,
             n, v1 - v0, col0 + v0, classes, z.stride(0), target.stride(0), ignore_index, label_smoothing,
-            p.z_loss, p.softcap, DTYPE=TL_DTYPE[z.dtype], COMPUTE=TL_DTYPE[acc_dtype],
+            p.z_loss, p.softcap, DTYPE=TL_DTYPE[z.dtype], COMPUTE=TL_DTYPE[stats.dtype],
             LOSS_DTYPE=TL_DTYPE[row_loss.dtype], ROWS=rows, BLOCK=step, HAS_WEIGHT=class_weight is not None,
             SMOOTHING=label_smoothing > 0.0, FIRST=first, LAST=last, Z_LOSS=p.z_loss > 0.0,
             SOFTCAP=p.softcap > 0.0, num_warps=8,
         )  # fmt: skip
 
     if row_loss is not None:
-        state = x.new_empty((4, n), dtype=acc_dtype)
+        state = h.x.new_empty((4, n), dtype=stats.dtype)
         for v0 in range(0, max(vocab, 1), block):  # an empty shard: one window of no classes
             v1 = min(v0 + block, vocab)
             merge(state, v0, v1, v0 == 0, shard is None and v1 == vocab)
         if shard is not None:  # the other ranks' classes, then the rows finished (no classes more)
             state = vocab_parallel.combine_rows(state, shard, LSE_STATE)
             merge(state, vocab, vocab, False, True)
-    grad_input = _zeros_for(x, x.shape, grad_dtypes[0], acc_dtype) if want_input else _empty(x)
-    grad_weight = weight.new_empty(weight.shape, dtype=grad_dtypes[1]) if want_weight else _empty(x)
-    grad_bias = x.new_empty(vocab, dtype=acc_dtype) if want_bias else _empty(x)
-    if any(grads):
-        for v0 in range(0, vocab, block):
-            v1 = min(v0 + block, vocab)
-            z = logits(v0, v1)
-            rows_view = z.unsqueeze(1)
-            _launch_rows(
-                rows_view, target, class_weight, stats, ignore_index, label_smoothing, lse=lse, grad_rows=rows_view,
-                grad_output=grad_output, divide_by_total=divide_by_total, col0=col0 + v0, classes=classes,
-                z_loss=p.z_loss,
-                softcap=p.softcap,
-            )  # fmt: skip
-            if want_weight:
-                if grad_weight.dtype == z.dtype:
-                    torch.mm(z.t(), x, out=grad_weight[v0:v1])
-                else:
-                    grad_weight[v0:v1] = 0
-                    _accumulate(grad_weight[v0:v1], z.t(), x, padded=True)
-            if want_input:
-                _accumulate(grad_input, z, weight[v0:v1], padded=True)
-            if want_bias:
-                torch.sum(z, 0, dtype=acc_dtype, out=grad_bias[v0:v1])
-    if shard is not None and want_input:
-        vocab_parallel.all_reduce_(grad_input, shard)
-    return (
-        _finish(grad_input, grad_dtypes[0], want_input),
-        grad_weight,
-        _finish(grad_bias, grad_dtypes[2], want_bias),
-    )
+
+    def rows_step(z: torch.Tensor, v0: int, v1: int) -> None:
+        rows_view = z.unsqueeze(1)
+        _launch_rows(
+            rows_view, target, class_weight, stats, ignore_index, label_smoothing, lse=lse, grad_rows=rows_view,
+            grad_output=grad_output, divide_by_total=divide_by_total, col0=col0 + v0, classes=classes,
+            z_loss=p.z_loss,
+            softcap=p.softcap,
+        )  # fmt: skip
+
+    return vocab_blocks(h, buffer, block, grads, rows_step, shard)
 
 
 def _loop(p: _Problem, chunk: int, block: int, grads: tuple[bool, bool, bool], shard=None, **kwargs):

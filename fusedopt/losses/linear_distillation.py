@@ -34,6 +34,14 @@ gradient in place; the teacher's), ``c`` chosen so that together they are about 
 student's input (``2 c V ≈ N H_s``), the three gradients, and for bf16/fp16 weights the ``V
 H_s`` fp32 accumulator of the weight's gradient; the eager composition holds ``N V`` logits of
 each, their log-softmaxes and more, ``N V s`` at least five times over.
+
+**Vocabulary-parallel heads** (both weights DTensors ``Shard(0)``, see
+:func:`linear_distillation_loss`) run the vocabulary order on each rank's ``V_r`` classes: two
+``N x K`` block buffers sized like the chunks (``N K ≈ c V_r``), both heads' logits computed once
+per pass (twice for the forward KL, three times for the reverse KL and the JSD: four and six
+matmuls against the token order's two, plus the gradient's), an ``N x H_s`` fp32 sum of the input's
+gradient, and seven numbers a token of row statistics; never ``V x H_s`` in fp32 (each block's
+weight gradient is written once).
 """
 
 from __future__ import annotations
@@ -46,7 +54,9 @@ from torch.nn import _reduction
 from torch.overrides import has_torch_function_variadic
 
 from fusedopt._multi_tensor import TL_DTYPE, compute_dtype, runs_triton
+from fusedopt.losses import _linear_cross_entropy_launch as lce_launch
 from fusedopt.losses import _linear_distillation_launch as launch
+from fusedopt.losses import _vocab_parallel as vocab_parallel
 from fusedopt.losses._common import differentiable_grads
 from fusedopt.losses.cross_entropy import REDUCTIONS
 from fusedopt.losses.linear_cross_entropy import AUTOCAST_INPUTS, keep_grads, kept_grads
@@ -151,17 +161,19 @@ def linear_distillation_reference(
 
 class _LinearDistillation(torch.autograd.Function):
     """Forward and backward of :func:`linear_distillation_loss` over the student's ``xs`` [N, Hs]
-    and the teacher's ``xt`` [N, Ht] (detached); ``needs``: the gradients to compute (the
-    student's input, weight, bias)."""
+    and the teacher's ``xt`` [N, Ht] (detached); ``order``: ``(block, shard)`` of the vocabulary
+    order for heads sharded over the vocabulary, ``(None, None)`` for token chunks; ``needs``:
+    the gradients to compute (the student's input, weight, bias)."""
 
     @staticmethod
-    def forward(ctx, xs, ws, bs, xt, wt, bt, target, options, needs):
+    def forward(ctx, xs, ws, bs, xt, wt, bt, target, options, order, needs):
         divergence, beta, temperature, ignore_index, reduction, chunk, mm_dtype, out_dtype = options
+        block, shard = order
         loss, gi, gw, gb, stats = launch.forward(
             xs, ws, bs, xt, wt, bt, target, divergence, beta, temperature, ignore_index, reduction, chunk, *needs,
-            mm_dtype, out_dtype,
+            mm_dtype, out_dtype, block=block, shard=shard,
         )  # fmt: skip
-        ctx.needs, ctx.options = needs, options
+        ctx.needs, ctx.options, ctx.order = needs, options, order
         if reduction == "none":
             ctx.save_for_backward(xs, ws, bs, xt, wt, bt, target, stats)
         else:  # the operands only for a backward with create_graph (references, no copy)
@@ -172,7 +184,13 @@ class _LinearDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         divergence, beta, temperature, ignore_index, reduction, chunk, mm_dtype, _ = ctx.options
+        block, shard = ctx.order
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd records
+            if shard is not None:
+                raise NotImplementedError(
+                    "linear_distillation_loss: create_graph=True with vocabulary-sharded weights (the composition "
+                    "of a rank's slice is not the loss): use linear_distillation_reference there"
+                )
             xs, ws, bs, xt, wt, bt, target = ctx.saved_tensors[:7]
 
             def composition(xs, ws, bs):
@@ -190,12 +208,12 @@ class _LinearDistillation(torch.autograd.Function):
             xs, ws, bs, xt, wt, bt, target, stats = ctx.saved_tensors
             grads = launch.backward_none(
                 xs, ws, bs, xt, wt, bt, target, stats, grad_output, divergence, beta, temperature, ignore_index,
-                chunk, *ctx.needs, mm_dtype,
+                chunk, *ctx.needs, mm_dtype, block=block, shard=shard,
             )  # fmt: skip
             grads = tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         else:
             grads = kept_grads(ctx, grad_output)
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
 def linear_distillation_loss(
@@ -244,7 +262,20 @@ def linear_distillation_loss(
     Gradients reach the student's input, weight and bias only; the teacher is a constant. Under
     autocast the matmuls run in autocast's dtype and the divergence in fp32, as the composition.
     Tensors the Triton kernels do not run on (CPU without ``TRITON_INTERPRET=1``, tensor
-    subclasses such as DTensor) go to the composition.
+    subclasses such as DTensor but the layout below) go to the composition.
+
+    **Vocabulary-parallel heads.** When ``student_weight`` and ``teacher_weight`` are DTensors
+    placed ``(Shard(0),)`` on the same 1-D mesh (tensor parallel; uneven shards allowed), the
+    biases placed alike or None, and the inputs and ``target`` DTensors ``(Replicate(),)`` on
+    that mesh or plain tensors equal on every rank: each rank runs the vocabulary order on its
+    own classes and the ranks exchange per-token statistics, never logits or weights
+    (``fusedopt.losses._vocab_parallel``): one all-gather of both heads' max and sum of
+    exponentials (4 numbers a token), one of the partial divergences (and, but for the forward
+    KL, ``Σ p_s a``: 1 or 2 numbers a token), and one all-reduce of the student input's
+    gradient (``N x H_s``) when it is asked. The loss is the same on every rank (a DTensor
+    ``(Replicate(),)`` when ``student_input`` is one); the gradients of the student's weight and
+    bias are DTensors placed as they are, the input's as the input. ``create_graph=True`` is not
+    supported there.
     """
     divergence, beta, temperature, ignore_index, reduction = arguments(
         divergence, beta, temperature, ignore_index, reduction
@@ -252,8 +283,16 @@ def linear_distillation_loss(
     teacher_input, teacher_weight = teacher_input.detach(), teacher_weight.detach()
     teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     heads = [student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias]
-    present = [t for t in heads if t is not None]
-    fusable = not has_torch_function_variadic(*present, *([target] if target is not None else [])) and all(
+    # heads sharded over the vocabulary (tensor parallel): each rank computes on its classes and the
+    # rows' statistics are combined across the ranks (fusedopt.losses._vocab_parallel)
+    shard = vocab_parallel.vocab_shard(
+        student_weight, (student_input, teacher_input, target), (student_bias, teacher_weight, teacher_bias)
+    )
+    operands = (
+        [vocab_parallel.to_local(t) for t in (*heads, target)] if shard is not None else [*heads, target]
+    )
+    present = [t for t in operands[:6] if t is not None]
+    fusable = not has_torch_function_variadic(*present, *[t for t in operands[6:] if t is not None]) and all(
         runs_triton(t.device) and t.dtype in TL_DTYPE for t in present
     )
     if not fusable:
@@ -262,26 +301,31 @@ def linear_distillation_loss(
             teacher_bias=teacher_bias, divergence=divergence, beta=beta, temperature=temperature,
             ignore_index=ignore_index, reduction=reduction,
         )  # fmt: skip
-    autocast = _autocast(student_input, student_weight)
-    launch.check(*heads, target, autocast)
-    mm_dtype = torch.get_autocast_dtype(student_input.device.type) if autocast else student_input.dtype
-    out_dtype = torch.float32 if autocast else student_input.dtype
-    lead = student_input.shape[:-1]
-    xs = student_input.reshape(-1, student_input.shape[-1])
-    xt = teacher_input.reshape(-1, teacher_input.shape[-1])
-    chunk = launch.chunk_rows(xs.shape[0], xs.shape[1], student_weight.shape[0])
+    x_s, w_s, b_s, x_t, w_t, b_t, y = operands
+    autocast = _autocast(x_s, w_s)
+    launch.check(
+        x_s, student_weight, student_bias, x_t, teacher_weight, teacher_bias, y, autocast
+    )  # whole shapes
+    if shard is not None and w_t.shape[0] != w_s.shape[0]:
+        raise ValueError(f"{launch.OP}: the teacher's shard of the vocabulary must be the student's")
+    mm_dtype = torch.get_autocast_dtype(x_s.device.type) if autocast else x_s.dtype
+    out_dtype = torch.float32 if autocast else x_s.dtype
+    lead = x_s.shape[:-1]
+    xs = x_s.reshape(-1, x_s.shape[-1])
+    xt = x_t.reshape(-1, x_t.shape[-1])
+    chunk = launch.chunk_rows(xs.shape[0], xs.shape[1], w_s.shape[0])
+    # the vocabulary order only for sharded heads, its blocks of logits as large as the chunks'
+    block = lce_launch.vocab_block(xs.shape[0], w_s.shape[0], chunk) if shard is not None else None
     options = (divergence, beta, temperature, ignore_index, reduction, chunk, mm_dtype, out_dtype)
+    order = (block, shard)  # (None, None): token chunks
     grad = torch.is_grad_enabled()
-    needs = tuple(
-        grad and t is not None and t.requires_grad for t in (student_input, student_weight, student_bias)
-    )
+    needs = tuple(grad and t is not None and t.requires_grad for t in (x_s, w_s, b_s))
     if any(needs):
-        loss = _LinearDistillation.apply(
-            xs, student_weight, student_bias, xt, teacher_weight, teacher_bias, target, options, needs
-        )
+        loss = _LinearDistillation.apply(xs, w_s, b_s, xt, w_t, b_t, y, options, order, needs)
     else:
         loss = launch.forward(
-            xs, student_weight, student_bias, xt, teacher_weight, teacher_bias, target, *options[:6], False, False,
-            False, mm_dtype, out_dtype,
+            xs, w_s, b_s, xt, w_t, b_t, y, *options[:6], False, False, False, mm_dtype, out_dtype, block=block,
+            shard=shard,
         )[0]  # fmt: skip
-    return loss.view(lead) if reduction == "none" else loss
+    loss = loss.view(lead) if reduction == "none" else loss
+    return loss if shard is None else vocab_parallel.like_input(loss, student_input, shard)
