@@ -324,6 +324,68 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, padded: boo
     )
 
 
+def block_logits(h: Head, block: int) -> Callable[[int, int], torch.Tensor]:
+    """The logits of the vocabulary order: ``logits(v0, v1)`` those of the head's classes
+    ``v0 .. v1 - 1`` for all the tokens, [N, v1 - v0] (rows :func:`_padded`), in one buffer of
+    ``N x block`` reused by every block."""
+    n, vocab = h.x.shape[0], h.weight.shape[0]
+    buffer = h.x.new_empty(n * _padded(min(block, vocab)))
+
+    def logits(v0: int, v1: int) -> torch.Tensor:
+        width = _padded(v1 - v0)
+        return h.logits(buffer[: n * width].view(n, width)[:, : v1 - v0], classes=slice(v0, v1))
+
+    return logits
+
+
+def class_blocks(
+    h: Head,
+    logits: Callable[[int, int], torch.Tensor],
+    block: int,
+    grads: tuple[bool, bool, bool],
+    rows_step: Callable[[torch.Tensor, int, int], None],
+    shard: vocab_parallel.VocabShard | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient pass of the vocabulary order, shared by the chunked ops (as
+    :func:`token_chunks` is of the token order): per block of ``block`` classes, the logits
+    (:func:`block_logits`' ``logits``), ``rows_step(z, v0, v1)`` must leave in ``z`` their
+    gradient, then ``grad_W[block] = dZᵀ X`` written once (the matmul's own fp32 accumulation
+    over all N tokens), ``grad_X += dZ W[block]`` in fp32 and ``grad_b[block] = Σ dZ``. With a
+    ``shard`` the head's classes are this rank's slice: ``grad_W`` and ``grad_b`` are its
+    slices, ``grad_X`` (a partial sum over the classes) is summed across the ranks once, in
+    fp32, before its rounding. Returns the gradients asked by ``grads`` in ``h.grad_dtypes``,
+    empty otherwise."""
+    x, weight, grad_dtypes = h.x, h.weight, h.grad_dtypes
+    vocab = weight.shape[0]
+    want_input, want_weight, want_bias = grads
+    acc_dtype = compute_dtype(x.dtype)
+    grad_input = _zeros_for(x, x.shape, grad_dtypes[0], acc_dtype) if want_input else _empty(x)
+    grad_weight = weight.new_empty(weight.shape, dtype=grad_dtypes[1]) if want_weight else _empty(x)
+    grad_bias = x.new_empty(vocab, dtype=acc_dtype) if want_bias else _empty(x)
+    if any(grads):
+        for v0 in range(0, vocab, block):
+            v1 = min(v0 + block, vocab)
+            z = logits(v0, v1)
+            rows_step(z, v0, v1)
+            if want_weight:
+                if grad_weight.dtype == z.dtype:
+                    torch.mm(z.t(), x, out=grad_weight[v0:v1])
+                else:
+                    grad_weight[v0:v1] = 0
+                    _accumulate(grad_weight[v0:v1], z.t(), x, padded=True)
+            if want_input:
+                _accumulate(grad_input, z, weight[v0:v1], padded=True)
+            if want_bias:
+                torch.sum(z, 0, dtype=acc_dtype, out=grad_bias[v0:v1])
+    if shard is not None and want_input:
+        vocab_parallel.all_reduce_(grad_input, shard)
+    return (
+        _finish(grad_input, grad_dtypes[0], want_input),
+        grad_weight,
+        _finish(grad_bias, grad_dtypes[2], want_bias),
+    )
+
+
 def _blocks(
     p: _Problem,
     block: int,
@@ -337,32 +399,24 @@ def _blocks(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The vocabulary order, as :func:`_chunks` but over blocks of ``block`` classes with all
     the tokens: if ``row_loss`` is given, pass 1 (the blocks' logits into the rows' running
-    log-sum-exp, then ``lse`` and the row losses); if gradients are asked, pass 2 (the logits
-    again, their gradient from ``lse``, then ``grad_W[block] = dZᵀ X`` written once, with the
-    matmul's own fp32 accumulation over all N tokens, and ``grad_X += dZ W[block]`` in fp32).
+    log-sum-exp, then ``lse`` and the row losses); if gradients are asked, pass 2
+    (:func:`class_blocks`: the logits again, their gradient from ``lse``, then the matmuls).
     ``lse`` is required: pass 1 writes it, pass 2 reads it.
 
     With a ``shard`` (``fusedopt.losses._vocab_parallel``) the head holds the classes
     ``shard.offset ...`` of ``shard.classes``: pass 1 leaves every row unfinished, one
     ``combine_rows`` makes the rows' state global and a launch over no classes finishes them;
-    pass 2 writes the local slices of ``grad_W`` and ``grad_b``, and ``grad_X`` (a partial
-    sum over the classes) is summed across the ranks once, in fp32, before its rounding."""
+    pass 2 as :func:`class_blocks` with the shard (one all-reduce of ``grad_X``)."""
     h = p.head
-    x, weight, grad_dtypes = h.x, h.weight, h.grad_dtypes
-    target, class_weight, stats = p.target, p.class_weight, p.stats
+    x, target, class_weight, stats = h.x, p.target, p.class_weight, p.stats
     ignore_index, label_smoothing = p.ignore_index, p.label_smoothing
-    n, vocab = x.shape[0], weight.shape[0]
-    want_input, want_weight, want_bias = grads
+    n, vocab = x.shape[0], h.weight.shape[0]
     acc_dtype = stats.dtype
-    buffer = x.new_empty(n * _padded(min(block, vocab)))
+    logits = block_logits(h, block)
     step = min(triton.next_power_of_2(block), ce_launch.MAX_BLOCK)  # the row kernel's size rule
     rows = max(1, ce_launch.MAX_TILE // step)
 
     col0, classes = (shard.offset, shard.classes) if shard is not None else (0, vocab)
-
-    def logits(v0: int, v1: int) -> torch.Tensor:
-        width = _padded(v1 - v0)
-        return h.logits(buffer[: n * width].view(n, width)[:, : v1 - v0], classes=slice(v0, v1))
 
     def merge(state: torch.Tensor, v0: int, v1: int, first: bool, last: bool) -> None:
         """The classes v0 .. v1 - 1 (local) into the rows' ``state``; ``last``: finish them."""
@@ -386,37 +440,17 @@ def _blocks(
         if shard is not None:  # the other ranks' classes, then the rows finished (no classes more)
             state = vocab_parallel.combine_rows(state, shard, LSE_STATE)
             merge(state, vocab, vocab, False, True)
-    grad_input = _zeros_for(x, x.shape, grad_dtypes[0], acc_dtype) if want_input else _empty(x)
-    grad_weight = weight.new_empty(weight.shape, dtype=grad_dtypes[1]) if want_weight else _empty(x)
-    grad_bias = x.new_empty(vocab, dtype=acc_dtype) if want_bias else _empty(x)
-    if any(grads):
-        for v0 in range(0, vocab, block):
-            v1 = min(v0 + block, vocab)
-            z = logits(v0, v1)
-            rows_view = z.unsqueeze(1)
-            _launch_rows(
-                rows_view, target, class_weight, stats, ignore_index, label_smoothing, lse=lse, grad_rows=rows_view,
-                grad_output=grad_output, divide_by_total=divide_by_total, col0=col0 + v0, classes=classes,
-                z_loss=p.z_loss,
-                softcap=p.softcap,
-            )  # fmt: skip
-            if want_weight:
-                if grad_weight.dtype == z.dtype:
-                    torch.mm(z.t(), x, out=grad_weight[v0:v1])
-                else:
-                    grad_weight[v0:v1] = 0
-                    _accumulate(grad_weight[v0:v1], z.t(), x, padded=True)
-            if want_input:
-                _accumulate(grad_input, z, weight[v0:v1], padded=True)
-            if want_bias:
-                torch.sum(z, 0, dtype=acc_dtype, out=grad_bias[v0:v1])
-    if shard is not None and want_input:
-        vocab_parallel.all_reduce_(grad_input, shard)
-    return (
-        _finish(grad_input, grad_dtypes[0], want_input),
-        grad_weight,
-        _finish(grad_bias, grad_dtypes[2], want_bias),
-    )
+
+    def rows_step(z: torch.Tensor, v0: int, v1: int) -> None:
+        rows_view = z.unsqueeze(1)
+        _launch_rows(
+            rows_view, target, class_weight, stats, ignore_index, label_smoothing, lse=lse, grad_rows=rows_view,
+            grad_output=grad_output, divide_by_total=divide_by_total, col0=col0 + v0, classes=classes,
+            z_loss=p.z_loss,
+            softcap=p.softcap,
+        )  # fmt: skip
+
+    return class_blocks(h, logits, block, grads, rows_step, shard)
 
 
 def _loop(p: _Problem, chunk: int, block: int, grads: tuple[bool, bool, bool], shard=None, **kwargs):
