@@ -601,9 +601,37 @@ def _collectives(fn) -> tuple[object, list[tuple[str, int]]]:
     return out, calls
 
 
+def _sharded_head(mesh, x, w, b, plain_input: bool) -> list:
+    """The input (a clone, or a DTensor ``Replicate()``), the weight and the bias (if any) as
+    DTensors ``Shard(0)`` on ``mesh``, all requiring grad."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    xs = x.clone() if plain_input else distribute_tensor(x, mesh, [Replicate()])
+    sharded = [xs] + [distribute_tensor(t, mesh, [Shard(0)]) for t in (w, b) if t is not None]
+    return [t.requires_grad_() for t in sharded]
+
+
+def _same_sharded_grads(rank, vocab: int, sharded: list, leaves: list, what: str) -> None:
+    """The gradients of :func:`_sharded_head`'s tensors are those of the unsharded ``leaves``:
+    the input's whole (placed ``Replicate()`` for a DTensor input), the weight's and bias's
+    this rank's rows (torch.chunk's), DTensors ``Shard(0)``."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    close(_local(sharded[0].grad), leaves[0].grad, f"{what}: grad of the input")
+    if isinstance(sharded[0], DTensor):
+        assert sharded[0].grad.placements == (Replicate(),), what
+    start = -(-vocab // WORLD) * rank  # torch.chunk's rows
+    for name, mine, theirs in zip(
+        ("weight", "bias")[: len(leaves) - 1], sharded[1:], leaves[1:], strict=True
+    ):
+        assert mine.grad.placements == (Shard(0),), f"{what}: grad of the {name}"
+        local = mine.grad.to_local()
+        close(local, theirs.grad[start : start + len(local)], f"{what}: grad of the {name}")
+
+
 def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options: dict) -> None:
     """One case of VOCAB_PARALLEL_CASES (see check_vocab_parallel_head)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
     options = dict(options)
     plain_input, bias = options.pop("plain_input", False), options.pop("bias", True)
@@ -622,10 +650,7 @@ def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options
     leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
     expected = fusedopt.functional.linear_cross_entropy(leaves[0], leaves[1], target, *leaves[2:], **options)
     expected.backward(grad_out)
-    xs = x.clone() if plain_input else distribute_tensor(x, mesh, [Replicate()])
-    sharded = [xs] + [distribute_tensor(t, mesh, [Shard(0)]) for t in (w, b) if t is not None]
-    for t in sharded:
-        t.requires_grad_()
+    sharded = _sharded_head(mesh, x, w, b, plain_input)
     if grad_out is not None and not plain_input:
         grad_out = distribute_tensor(grad_out, mesh, [Replicate()])
     if class_weight == "replicated":
@@ -643,16 +668,7 @@ def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options
         assert forward == gather + reduce and backward == [], (what, forward, backward)
     assert isinstance(loss, DTensor) != plain_input, what
     close(_local(loss), expected.detach(), f"{what}: loss")
-    close(_local(sharded[0].grad), leaves[0].grad, f"{what}: grad of the input")
-    if not plain_input:
-        assert sharded[0].grad.placements == (Replicate(),), what
-    start = -(-vocab // WORLD) * rank  # torch.chunk's rows
-    for name, mine, theirs in zip(
-        ("weight", "bias")[: len(leaves) - 1], sharded[1:], leaves[1:], strict=True
-    ):
-        assert mine.grad.placements == (Shard(0),), f"{what}: grad of the {name}"
-        local = mine.grad.to_local()
-        close(local, theirs.grad[start : start + len(local)], f"{what}: grad of the {name}")
+    _same_sharded_grads(rank, vocab, sharded, leaves, what)
 
 
 def check_vocab_parallel_head(rank, mesh, count, workdir):
@@ -706,7 +722,7 @@ LOG_PROBS_CASES = [
 
 def _log_probs_case(rank, mesh, vocab: int, shape: tuple[int, ...], options: dict) -> None:
     """One case of LOG_PROBS_CASES (see check_vocab_parallel_log_probs)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
     module = importlib.import_module("fusedopt.losses.linear_log_probs")  # the module, not the function
 
@@ -730,10 +746,7 @@ def _log_probs_case(rank, mesh, vocab: int, shape: tuple[int, ...], options: dic
     expected = fusedopt.functional.linear_log_probs(leaves[0], leaves[1], target, *leaves[2:], **options)
     expected = expected if entropy else (expected,)
     torch.autograd.backward(expected, grads)
-    xs = x.clone() if plain_input else distribute_tensor(x, mesh, [Replicate()])
-    sharded = [xs] + [distribute_tensor(t, mesh, [Shard(0)]) for t in (w, b) if t is not None]
-    for t in sharded:
-        t.requires_grad_()
+    sharded = _sharded_head(mesh, x, w, b, plain_input)
     if not plain_input:
         grads = [distribute_tensor(g, mesh, [Replicate()]) for g in grads]
     vocab_block = module.vocab_block
@@ -756,16 +769,7 @@ def _log_probs_case(rank, mesh, vocab: int, shape: tuple[int, ...], options: dic
     for name, ours, theirs in zip(("log-probs", "entropy"), out, expected, strict=False):
         assert isinstance(ours, DTensor) != plain_input, what
         close(_local(ours), theirs.detach(), f"{what}: {name}")
-    close(_local(sharded[0].grad), leaves[0].grad, f"{what}: grad of the input")
-    if not plain_input:
-        assert sharded[0].grad.placements == (Replicate(),), what
-    start = -(-vocab // WORLD) * rank  # torch.chunk's rows
-    for name, mine, theirs in zip(
-        ("weight", "bias")[: len(leaves) - 1], sharded[1:], leaves[1:], strict=True
-    ):
-        assert mine.grad.placements == (Shard(0),), f"{what}: grad of the {name}"
-        local = mine.grad.to_local()
-        close(local, theirs.grad[start : start + len(local)], f"{what}: grad of the {name}")
+    _same_sharded_grads(rank, vocab, sharded, leaves, what)
 
 
 def check_vocab_parallel_log_probs(rank, mesh, count, workdir):
