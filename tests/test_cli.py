@@ -671,7 +671,9 @@ def test_docs_sample_check_output_counts_what_the_code_runs():
     assert f"losses: {losses} cases x {dtypes} dtypes" in text
     assert f"linear heads: {linear} cases x {dtypes} dtypes" in text
     assert f"linear distillation: {distillation} cases x {dtypes} dtypes" in text
-    assert f"OK: all {dtypes * (optim + muon + losses + linear + distillation)} checks within tolerance" in text
+    assert (
+        f"OK: all {dtypes * (optim + muon + losses + linear + distillation)} checks within tolerance" in text
+    )
     for case in check.OPTIM_CASES:  # each option set's extra tensors are named in the header
         for name, shape in case.extra_params:
             assert f"adds {name} {tuple(shape)}" in text

@@ -10,6 +10,7 @@ its next collective: the later checks report "not run").
 from __future__ import annotations
 
 import datetime
+import importlib
 import itertools
 import json
 import os
@@ -600,9 +601,37 @@ def _collectives(fn) -> tuple[object, list[tuple[str, int]]]:
     return out, calls
 
 
+def _sharded_head(mesh, x, w, b, plain_input: bool) -> list:
+    """The input (a clone, or a DTensor ``Replicate()``), the weight and the bias (if any) as
+    DTensors ``Shard(0)`` on ``mesh``, all requiring grad."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    xs = x.clone() if plain_input else distribute_tensor(x, mesh, [Replicate()])
+    sharded = [xs] + [distribute_tensor(t, mesh, [Shard(0)]) for t in (w, b) if t is not None]
+    return [t.requires_grad_() for t in sharded]
+
+
+def _same_sharded_grads(rank, vocab: int, sharded: list, leaves: list, what: str) -> None:
+    """The gradients of :func:`_sharded_head`'s tensors are those of the unsharded ``leaves``:
+    the input's whole (placed ``Replicate()`` for a DTensor input), the weight's and bias's
+    this rank's rows (torch.chunk's), DTensors ``Shard(0)``."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    close(_local(sharded[0].grad), leaves[0].grad, f"{what}: grad of the input")
+    if isinstance(sharded[0], DTensor):
+        assert sharded[0].grad.placements == (Replicate(),), what
+    start = -(-vocab // WORLD) * rank  # torch.chunk's rows
+    for name, mine, theirs in zip(
+        ("weight", "bias")[: len(leaves) - 1], sharded[1:], leaves[1:], strict=True
+    ):
+        assert mine.grad.placements == (Shard(0),), f"{what}: grad of the {name}"
+        local = mine.grad.to_local()
+        close(local, theirs.grad[start : start + len(local)], f"{what}: grad of the {name}")
+
+
 def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options: dict) -> None:
     """One case of VOCAB_PARALLEL_CASES (see check_vocab_parallel_head)."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     options = dict(options)
     plain_input, bias = options.pop("plain_input", False), options.pop("bias", True)
@@ -621,10 +650,7 @@ def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options
     leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
     expected = fusedopt.functional.linear_cross_entropy(leaves[0], leaves[1], target, *leaves[2:], **options)
     expected.backward(grad_out)
-    xs = x.clone() if plain_input else distribute_tensor(x, mesh, [Replicate()])
-    sharded = [xs] + [distribute_tensor(t, mesh, [Shard(0)]) for t in (w, b) if t is not None]
-    for t in sharded:
-        t.requires_grad_()
+    sharded = _sharded_head(mesh, x, w, b, plain_input)
     if grad_out is not None and not plain_input:
         grad_out = distribute_tensor(grad_out, mesh, [Replicate()])
     if class_weight == "replicated":
@@ -654,16 +680,7 @@ def _same_as_unsharded(
 
     assert isinstance(loss, DTensor) != plain_input, what
     close(_local(loss), expected.detach(), f"{what}: loss")
-    close(_local(sharded[0].grad), leaves[0].grad, f"{what}: grad of the input")
-    if not plain_input:
-        assert sharded[0].grad.placements == (Replicate(),), what
-    start = -(-vocab // WORLD) * rank  # torch.chunk's rows
-    for name, mine, theirs in zip(
-        ("weight", "bias")[: len(leaves) - 1], sharded[1:], leaves[1:], strict=True
-    ):
-        assert mine.grad.placements == (Shard(0),), f"{what}: grad of the {name}"
-        local = mine.grad.to_local()
-        close(local, theirs.grad[start : start + len(local)], f"{what}: grad of the {name}")
+    _same_sharded_grads(rank, vocab, sharded, leaves, what)
 
 
 def check_vocab_parallel_head(rank, mesh, count, workdir):
@@ -784,6 +801,81 @@ def check_vocab_parallel_distillation(rank, mesh, count, workdir):
     is asked, one all-reduce of N x H (in the forward of mean/sum, in the backward of none)."""
     for case in DISTILLATION_CASES:
         _distillation_case(rank, mesh, *case)
+
+
+# (V, input dims, options) of linear_log_probs: V odd (19 and 18 classes) but the last, V = 1
+# (rank 1's shard empty); temperatures; with and without the entropy; a bias or none; a 3-D
+# input; a plain input; blocks of 4 classes (many blocks a rank: still one all-gather)
+LOG_PROBS_CASES = [
+    (37, (10, 8), dict(temperature=0.7, return_entropy=True)),
+    (37, (2, 5, 8), dict(temperature=1.3, return_entropy=True, plain_input=True, bias=False, block=4)),
+    (37, (10, 8), dict(return_entropy=False)),
+    (1, (4, 8), dict(temperature=2.0, return_entropy=True)),
+]
+
+
+def _log_probs_case(rank, mesh, vocab: int, shape: tuple[int, ...], options: dict) -> None:
+    """One case of LOG_PROBS_CASES (see check_vocab_parallel_log_probs)."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    module = importlib.import_module("fusedopt.losses.linear_log_probs")  # the module, not the function
+
+    options = dict(options)
+    plain_input, bias, block = (
+        options.pop("plain_input", False),
+        options.pop("bias", True),
+        options.pop("block", 0),
+    )
+    entropy = options["return_entropy"]
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(shape, generator=gen)
+    w = torch.randn(vocab, shape[-1], generator=gen)
+    b = torch.rand(vocab, generator=gen) - 0.5 if bias else None
+    target = torch.randint(0, vocab, shape[:-1], generator=gen)
+    target.view(-1)[::3] = -100
+    grads = [torch.randn(shape[:-1], generator=gen) for _ in range(2 if entropy else 1)]
+    what = f"V={vocab}, {shape}, {options}, plain input {plain_input}, bias {bias}, block {block}"
+
+    leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    expected = fusedopt.functional.linear_log_probs(leaves[0], leaves[1], target, *leaves[2:], **options)
+    expected = expected if entropy else (expected,)
+    torch.autograd.backward(expected, grads)
+    sharded = _sharded_head(mesh, x, w, b, plain_input)
+    if not plain_input:
+        grads = [distribute_tensor(g, mesh, [Replicate()]) for g in grads]
+    vocab_block = module.vocab_block
+    if block:  # blocks of `block` classes
+        module.vocab_block = lambda *args: block
+    try:
+        out, forward = _collectives(
+            lambda: fusedopt.functional.linear_log_probs(
+                sharded[0], sharded[1], target, *sharded[2:], **options
+            )
+        )
+    finally:
+        module.vocab_block = vocab_block
+    out = out if entropy else (out,)
+    _, backward = _collectives(lambda: torch.autograd.backward(out, grads))
+    n = x.numel() // x.shape[-1]
+    assert forward == [("all_gather_single", 4 * n)] and backward == [("all_reduce", x.numel())], (
+        what, forward, backward,
+    )  # fmt: skip
+    for name, ours, theirs in zip(("log-probs", "entropy"), out, expected, strict=False):
+        assert isinstance(ours, DTensor) != plain_input, what
+        close(_local(ours), theirs.detach(), f"{what}: {name}")
+    _same_sharded_grads(rank, vocab, sharded, leaves, what)
+
+
+def check_vocab_parallel_log_probs(rank, mesh, count, workdir):
+    """linear_log_probs with its weight and bias DTensors ``Shard(0)`` on the vocabulary (the
+    input a replicated DTensor or a plain tensor) against the unsharded op on the whole
+    weight, for every case of LOG_PROBS_CASES: log-probs and entropies (ignored targets
+    included), the gradients through both outputs for random grad_outputs (the input's, placed
+    as the input; the weight's and bias's shards, placed as they are); per call one all-gather
+    of 4 numbers a token in the forward and one all-reduce of N x H in the backward, however
+    many blocks."""
+    for case in LOG_PROBS_CASES:
+        _log_probs_case(rank, mesh, *case)
 
 
 # FusedMuon over FSDP2: each matrix orthogonalized whole by one owner rank ------------------------
@@ -960,6 +1052,7 @@ CHECKS = [
     check_linear_cross_entropy_head,
     check_vocab_parallel_head,
     check_vocab_parallel_distillation,
+    check_vocab_parallel_log_probs,
     check_muon_exchange,
     check_muon_fsdp,
 ]

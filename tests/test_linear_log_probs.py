@@ -387,13 +387,14 @@ def _compile_variants() -> list:
     out = []
     for dt, rows, block in [("fp64", 1, 2048), ("bf16", 64, 64), ("fp16", 4, 8)]:
         ct = "fp64" if dt == "fp64" else "fp32"
-        sizes = {"R": "i32", "C": "i32", "stride_x": "i32", "stride_t": "i32"}
+        sizes = {"R": "i32", "C": "i32", "col0": "i64", "K": "i32", "stride_x": "i32", "stride_t": "i32"}
         forward = {
             "logits": f"*{dt}",
             "target": "*i64",
             "log_prob": f"*{ct}",
             "entropy": f"*{ct}",
             "lse": f"*{ct}",
+            "state": f"*{ct}",
         }
         backward = {"logits": f"*{dt}", "target": "*i64", "lse": f"*{ct}", "entropy": f"*{ct}"}
         backward |= {"grad_log_prob": f"*{ct}", "grad_entropy": f"*{ct}"}
@@ -402,7 +403,7 @@ def _compile_variants() -> list:
         entropy = dt != "bf16"  # bf16: log-probs alone
         out.append([
             "log_probs_kernel", forward | sizes | {"ignore_index": "i64"},
-            tile | dict(ENTROPY=entropy, SAVE_LSE=True), aligned,
+            tile | dict(ENTROPY=entropy, SAVE_LSE=True, WINDOW=dt == "fp16", FROM_STATE=False), aligned,
         ])  # fmt: skip
         out.append([
             "log_probs_backward_kernel",

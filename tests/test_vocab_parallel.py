@@ -226,3 +226,73 @@ def test_distillation_on_simulated_ranks(monkeypatch, triton_device, vocab, worl
 
 def _part(t: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
     return t[lo:hi] if t is not None else None
+
+
+def test_merge_rows_entropy_sum():
+    """The entropy's ``Σ exp(z - m) (m - z)`` of uneven slices (one empty) merged by a ``(j, i)``
+    row: the whole rows' (every term >= 0), beside their max and sum."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(5, 17, generator=gen, dtype=torch.float64) * 3
+    y = torch.zeros(5, dtype=torch.long)
+    bounds = [(0, 6), (6, 6), (6, 17)]
+
+    def state(a, b):
+        m, s, _, t = _slice_state(z[:, a:b], y, a)
+        return torch.stack([m, s, torch.where(s == 0, 0, m * s - t)])  # u = m s - Σ e^(z-m) z
+
+    merged = merge_rows(torch.stack([state(a, b) for a, b in bounds]), (MAX, 0, (0, 1)))
+    m = z.amax(1)
+    torch.testing.assert_close(merged[2], (torch.exp(z - m[:, None]) * (m[:, None] - z)).sum(1))
+
+
+@pytest.mark.parametrize("vocab, world", [(21, 2), (2, 3)], ids=["uneven", "empty"])
+@pytest.mark.parametrize(
+    "dtype, bias, entropy",
+    [(torch.float32, True, True), (torch.bfloat16, False, True), (torch.float32, False, False)],
+    ids=["fp32-bias", "bf16", "no-entropy"],
+)
+def test_log_probs_launcher_on_simulated_ranks(
+    monkeypatch, triton_device, vocab, world, dtype, bias, entropy
+):
+    """``linear_log_probs``' launchers with a ``shard`` (blocks of 4 classes, temperature 0.7,
+    ignored targets) on simulated ranks: log-probs, entropies, lse and the gradients through
+    both outputs equal the unsharded token order's (the input's summed over the ranks; the
+    weight's and bias's each rank's slice), but for the sums' order."""
+    from fusedopt.losses import _linear_log_probs_launch as lp_launch
+
+    gen = torch.Generator().manual_seed(vocab)
+    n, hidden, device = 9, 8, triton_device
+    x = torch.randn(n, hidden, generator=gen).to(device, dtype)
+    w = torch.randn(vocab, hidden, generator=gen).to(device, dtype)
+    b = torch.randn(vocab, generator=gen).to(device, dtype) if bias else None
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    target[::4] = -100
+    target = target.to(device)
+    glp = torch.randn(n, generator=gen).to(device)
+    gh = torch.randn(n, generator=gen).to(device) if entropy else None
+    needs = (True, True, bias)
+
+    def run(shard, lo, hi):
+        w_, b_ = w[lo:hi], b[lo:hi] if b is not None else None
+        block = 4 if shard is not None else None
+        lp, ent, lse = lp_launch.forward(
+            x, w_, b_, target, 0.7, 4, entropy, True, dtype, block=block, shard=shard
+        )
+        grads = lp_launch.backward(
+            x, w_, b_, target, lse, ent, glp, gh, 0.7, 4, *needs, dtype, block=block, shard=shard
+        )
+        return lp, ent, lse, *grads
+
+    expected = run(None, 0, vocab)
+    results, ranks, made = _simulated(monkeypatch, vocab, world, run)
+    assert made == 2  # the forward's all-gather, the backward's all-reduce
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-6)
+    for (lp, ent, lse, gi, gw, gb), (lo, hi) in zip(results, ranks, strict=True):
+        assert (lp <= 0).all() and (ent >= 0).all()
+        for name, ours, theirs in (("log_prob", lp, expected[0]), ("entropy", ent, expected[1])):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(lse, expected[2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gi, expected[3], **tol)
+        torch.testing.assert_close(gw, expected[4][lo:hi], **tol)
+        if bias:
+            torch.testing.assert_close(gb, expected[5][lo:hi], **tol)

@@ -405,8 +405,7 @@ def _blocks(
     With a ``shard`` (``fusedopt.losses._vocab_parallel``) the head holds the classes
     ``shard.offset ...`` of ``shard.classes``: pass 1 leaves every row unfinished, one
     ``combine_rows`` makes the rows' state global and a launch over no classes finishes them;
-    pass 2 writes the local slices of ``grad_W`` and ``grad_b``, and ``grad_X`` (a partial
-    sum over the classes) is summed across the ranks once, in fp32, before its rounding."""
+    pass 2 as :func:`vocab_blocks` with the shard (one all-reduce of ``grad_X``)."""
     h = p.head
     target, class_weight, stats = p.target, p.class_weight, p.stats
     ignore_index, label_smoothing = p.ignore_index, p.label_smoothing

@@ -23,7 +23,10 @@ distillation):
   :data:`SUM` (a plain sum: a target logit, ``Σ w z``), or an int ``j`` (a sum of
   ``exp(z - m_j)`` terms relative to the max of row ``j``, such as ``Σ exp(z - m)`` or the
   entropy's ``Σ exp(z - m) z``: rescaled by ``exp(m_j,r - M_j)`` before the sum). The result
-  is the same, bit for bit, on every rank (rank order). The merge alone, without the
+  is the same, bit for bit, on every rank (rank order); or a pair ``(j, i)``: a sum of
+  ``exp(z - m_j) (m_j - z)`` terms (the entropy's, every term >= 0), row ``i`` its slice's
+  ``Σ exp(z - m_j)``: to the max ``M_j``, ``(u + (M_j - m_j) s_i) exp(m_j - M_j)``, every term
+  still >= 0. The merge alone, without the
   collective: :func:`merge_rows` ``(states [S, K, N], rows)``. A distillation loss keeps two
   maxima (student, teacher) and their sums in one state: ``(MAX, 0, MAX, 2, ...)``;
 * :func:`all_reduce_` ``(t, shard)``: a gradient that is a partial sum over the vocabulary
@@ -104,7 +107,10 @@ def to_local(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to_local() if is_dtensor(t) else t
 
 
-def combine_rows(state: torch.Tensor, shard: VocabShard, rows: tuple[str | int, ...]) -> torch.Tensor:
+Row = str | int | tuple[int, int]  # how a statistic merges (combine_rows)
+
+
+def combine_rows(state: torch.Tensor, shard: VocabShard, rows: tuple[Row, ...]) -> torch.Tensor:
     """Per-row statistics of the local classes ``state`` [K, N] → those of all the classes,
     [K, N], in one ``all_gather_single`` (``K N`` elements from each rank), merged by
     :func:`merge_rows`."""
@@ -115,11 +121,13 @@ def combine_rows(state: torch.Tensor, shard: VocabShard, rows: tuple[str | int, 
     return merge_rows(gathered.view(-1, *state.shape), rows)
 
 
-def merge_rows(states: torch.Tensor, rows: tuple[str | int, ...]) -> torch.Tensor:
+def merge_rows(states: torch.Tensor, rows: tuple[Row, ...]) -> torch.Tensor:
     """The statistics [K, N] of all the classes from those of disjoint slices of them,
     ``states`` [S, K, N]. ``rows[k]``: :data:`MAX`, :data:`SUM`, or ``j``: a sum of
     ``exp(z - m)`` terms with ``m`` the slice's max in row ``j`` (a :data:`MAX` row), rescaled
-    to the overall max before the sum. Summed in slice order (every rank gets the same
+    to the overall max before the sum; or ``(j, i)``: a sum of ``exp(z - m) (m - z)`` terms,
+    ``m`` row ``j``'s and row ``i`` the slice's ``Σ exp(z - m)``, gaining ``(M - m)`` times it
+    before the rescale (0 for a slice whose sum is 0). Summed in slice order (every rank gets the same
     result). Maxima must be finite (the kernels keep them at the lowest finite value for rows
     without classes), so an empty slice contributes nothing to any sum; a NaN sum stays NaN."""
     out = states.sum(0)
@@ -127,8 +135,12 @@ def merge_rows(states: torch.Tensor, rows: tuple[str | int, ...]) -> torch.Tenso
         if kind == MAX:
             out[k] = states[:, k].amax(0)
     for k, kind in enumerate(rows):
-        if not isinstance(kind, str):
+        if isinstance(kind, int):
             out[k] = (states[:, k] * torch.exp(states[:, kind] - out[kind])).sum(0)
+        elif isinstance(kind, tuple):
+            j, i = kind
+            gap = torch.where(states[:, i] == 0, 0, out[j] - states[:, j])  # a slice of no classes: 0
+            out[k] = ((states[:, k] + gap * states[:, i]) * torch.exp(states[:, j] - out[j])).sum(0)
     return out
 
 

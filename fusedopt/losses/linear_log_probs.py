@@ -32,8 +32,10 @@ import torch.nn.functional as F
 
 from fusedopt._multi_tensor import compute_dtype
 from fusedopt.losses import _linear_log_probs_launch as launch
+from fusedopt.losses import _vocab_parallel as vocab_parallel
 from fusedopt.losses._common import differentiable_grads
 from fusedopt.losses._linear_cross_entropy_launch import check as check_linear_head
+from fusedopt.losses._linear_cross_entropy_launch import vocab_block
 from fusedopt.losses.linear_cross_entropy import head_mode
 
 OP = "linear_log_probs"
@@ -72,9 +74,9 @@ class _LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, options, needs):
-        temperature, chunk, entropy, mm_dtype = options
+        temperature, chunk, entropy, mm_dtype, block, shard = options
         log_prob, ent, lse = launch.forward(
-            x, weight, bias, target, temperature, chunk, entropy, True, mm_dtype
+            x, weight, bias, target, temperature, chunk, entropy, True, mm_dtype, block=block, shard=shard
         )
         ctx.save_for_backward(x, weight, bias, target, lse, ent)
         ctx.options, ctx.needs = options, needs
@@ -84,17 +86,22 @@ class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_prob, grad_entropy=None):
         x, weight, bias, target, lse, ent = ctx.saved_tensors
-        temperature, chunk, _, mm_dtype = ctx.options
+        temperature, chunk, _, mm_dtype, block, shard = ctx.options
         if grad_log_prob is None and grad_entropy is None:
             grads = (None, None, None)
         elif torch.is_grad_enabled():  # create_graph=True: a backward autograd records
+            if shard is not None:
+                raise NotImplementedError(
+                    f"{OP}: create_graph=True with a vocabulary-sharded weight (the composition of a rank's "
+                    "slice is not the op): use linear_log_probs_reference there"
+                )
             grads = _composition_grads(
                 x, weight, bias, target, ctx.options, ctx.needs, grad_log_prob, grad_entropy
             )
         else:
             grads = launch.backward(
                 x, weight, bias, target, lse, ent, grad_log_prob, grad_entropy, temperature, chunk, *ctx.needs,
-                mm_dtype,
+                mm_dtype, block=block, shard=shard,
             )  # fmt: skip
             grads = tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         return *grads, None, None, None
@@ -103,7 +110,7 @@ class _LinearLogProbs(torch.autograd.Function):
 def _composition_grads(x, weight, bias, target, options, needs, grad_log_prob, grad_entropy):
     """The gradients of the composition (the head's matmul in the matmul dtype, then
     :func:`log_probs_of_logits`) with ``create_graph``: second derivatives are torch's."""
-    temperature, _, entropy, mm_dtype = options
+    temperature, _, entropy, mm_dtype, _, _ = options
 
     def outputs(x, weight, bias):
         with torch.autocast(x.device.type, enabled=False):
@@ -163,30 +170,58 @@ def linear_log_probs(
         both (an output whose grad is None costs nothing in the backward).
 
     Tensors the Triton kernels do not run on (CPU without ``TRITON_INTERPRET=1``, tensor
-    subclasses such as DTensor) go to the composition, which holds all the logits.
+    subclasses such as DTensor but the layout below) go to the composition, which holds all the
+    logits.
+
+    **Vocabulary-parallel heads.** A ``linear_weight`` that is a DTensor placed ``(Shard(0),)``
+    on a 1-D mesh (tensor parallel; uneven shards allowed), with ``linear_bias`` placed alike or
+    None and ``input`` and ``target`` DTensors ``(Replicate(),)`` on that mesh or plain tensors
+    equal on every rank: each rank runs the vocabulary order on its own classes and the ranks
+    exchange each row's max, sum of exponentials, target logit and entropy sum (one
+    all-gather of 4 numbers a token), then, in the backward, sum the input's gradient (one
+    all-reduce of ``N x H``): no logits and no weight gathered
+    (``fusedopt.losses._vocab_parallel``). The outputs are the same on every rank (DTensors
+    ``(Replicate(),)`` when ``input`` is one); the gradients of the weight and bias are DTensors
+    placed as they are, the input's as the input. ``create_graph=True`` is not supported there.
     """
     temperature = check_temperature(temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"{OP}: return_entropy must be a bool, got {return_entropy!r}")
-    fusable, autocast, mm_dtype = head_mode(input, linear_weight, target, linear_bias)
+    # a head sharded over the vocabulary (tensor parallel): each rank computes on its classes and
+    # the rows' statistics are combined across the ranks (fusedopt.losses._vocab_parallel)
+    shard = vocab_parallel.vocab_shard(linear_weight, (input, target), (linear_bias,))
+    operands = (input, linear_weight, linear_bias, target)
+    if shard is not None:
+        operands = tuple(vocab_parallel.to_local(t) for t in operands)
+    x, w, b, y = operands
+    fusable, autocast, mm_dtype = head_mode(x, w, y, b)
     if not fusable:
         return linear_log_probs_reference(
             input, linear_weight, target, linear_bias, temperature=temperature, return_entropy=return_entropy
         )
-    check_linear_head(input, linear_weight, linear_bias, target, None, 0.0, autocast, OP)
-    if target.shape != input.shape[:-1]:
+    # the weight and bias as given: the whole vocabulary's shapes
+    check_linear_head(x, linear_weight, linear_bias, y, None, 0.0, autocast, OP)
+    if y.shape != x.shape[:-1]:
         raise RuntimeError(
-            f"{OP}: target must have the input's leading shape {list(input.shape[:-1])}, got {list(target.shape)}"
+            f"{OP}: target must have the input's leading shape {list(x.shape[:-1])}, got {list(y.shape)}"
         )
-    hidden, vocab = input.shape[-1], linear_weight.shape[0]
-    x = input.reshape(-1, hidden)
-    chunk = launch.chunk_rows(x.shape[0], hidden, vocab)
+    hidden, vocab = x.shape[-1], w.shape[0]
+    rows = x.reshape(-1, hidden)
+    chunk = launch.chunk_rows(rows.shape[0], hidden, vocab)
+    # the vocabulary order only, its blocks as large as the chunks
+    block = vocab_block(rows.shape[0], vocab, chunk) if shard is not None else None
     grad = torch.is_grad_enabled()
-    needs = tuple(grad and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    needs = tuple(grad and t is not None and t.requires_grad for t in (x, w, b))
     if any(needs):
-        options = (temperature, chunk, return_entropy, mm_dtype)
-        return _LinearLogProbs.apply(x, linear_weight, linear_bias, target, options, needs)
-    log_prob, entropy, _ = launch.forward(
-        x, linear_weight, linear_bias, target, temperature, chunk, return_entropy, False, mm_dtype
-    )
-    return (log_prob, entropy) if return_entropy else log_prob
+        options = (temperature, chunk, return_entropy, mm_dtype, block, shard)
+        out = _LinearLogProbs.apply(rows, w, b, y, options, needs)
+    else:
+        log_prob, entropy, _ = launch.forward(
+            rows, w, b, y, temperature, chunk, return_entropy, False, mm_dtype, block=block, shard=shard
+        )
+        out = (log_prob, entropy) if return_entropy else log_prob
+    if shard is None:
+        return out
+    if return_entropy:
+        return tuple(vocab_parallel.like_input(t, input, shard) for t in out)
+    return vocab_parallel.like_input(out, input, shard)
