@@ -631,7 +631,7 @@ def _same_sharded_grads(rank, vocab: int, sharded: list, leaves: list, what: str
 
 def _vocab_parallel_case(rank, mesh, vocab: int, shape: tuple[int, ...], options: dict) -> None:
     """One case of VOCAB_PARALLEL_CASES (see check_vocab_parallel_head)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, distribute_tensor
 
     options = dict(options)
     plain_input, bias = options.pop("plain_input", False), options.pop("bias", True)
@@ -676,7 +676,7 @@ def _same_as_unsharded(
     bias if any) against the unsharded op's (``expected``, ``leaves``): the loss a DTensor but
     for a plain input; the input's gradient the whole sum (``Replicate()`` for a DTensor input);
     the weight's and bias's ``Shard(0)`` DTensors holding this rank's rows."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor
 
     assert isinstance(loss, DTensor) != plain_input, what
     close(_local(loss), expected.detach(), f"{what}: loss")
