@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=15, help="timed steps per row and round")
     parser.add_argument("--rounds", type=int, default=1, help="rounds alternating the rows")
-    parser.add_argument("--optimizers", default="adam,adamw,sgd,rmsprop,adagrad,adamax,radam,nadam,lion,muon")
+    parser.add_argument(
+        "--optimizers", default="adam,adamw,sgd,rmsprop,adagrad,adamax,radam,nadam,adadelta,lion,muon"
+    )
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--options", default="plain", help=f"fusedopt rows; from: {', '.join(OPTIONS)}")

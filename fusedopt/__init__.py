@@ -10,6 +10,7 @@ from fusedopt import functional, nn
 from fusedopt.amp import GradScaler
 from fusedopt.clip import clip_grad_norm_
 from fusedopt.optim import (
+    FusedAdadelta,
     FusedAdagrad,
     FusedAdam,
     FusedAdamax,
@@ -26,6 +27,7 @@ from fusedopt.optim import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedAdadelta",
     "FusedAdagrad",
     "FusedAdam",
     "FusedAdamW",

@@ -183,6 +183,11 @@ OPTIM_CASES: list[OptimCase] = [
         dict(lr=0.01, weight_decay=0.1, eps=1e-3, capturable=True), dict(lr=0.01, max_grad_norm=1.0),
         dict(lr=0.01, state_dtype=torch.bfloat16),
     ),
+    *_cases(
+        fusedopt.FusedAdadelta, torch.optim.Adadelta, dict(), dict(lr=0.5, rho=0.8, weight_decay=0.1),
+        dict(maximize=True, eps=1e-3), dict(capturable=True), dict(max_grad_norm=1.0),
+        dict(state_dtype=torch.bfloat16),
+    ),
     # Lion: torch has none; against the reference's for-loop (fusedopt.optim.lion.Lion).
     *_cases(
         fusedopt.FusedLion, LION, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1),

@@ -21,10 +21,10 @@ CHILD = r"""
 import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from fusedopt.kernels import (adagrad, adam, adamax, clip, linear_cross_entropy, lion, losses, nadam, optimizer,
+from fusedopt.kernels import (adadelta, adagrad, adam, adamax, clip, linear_cross_entropy, lion, losses, nadam, optimizer,
                               radam, rmsprop, sgd)
 
-UPDATES = {m.__name__.rsplit(".", 1)[1]: m.update for m in (adam, sgd, rmsprop, adagrad, adamax, radam, nadam, lion)}
+UPDATES = {m.__name__.rsplit(".", 1)[1]: m.update for m in (adam, sgd, rmsprop, adagrad, adamax, radam, nadam, adadelta, lion)}
 KERNELS = {"optimizer": optimizer.optimizer_kernel, "pointwise_loss": losses.pointwise_loss_kernel,
            "sum_rows": losses.sum_rows_kernel, "pointwise_loss_backward": losses.pointwise_loss_backward_kernel,
            "scale_grad": losses.scale_grad_kernel, "norm_partials": clip.norm_partials_kernel,
@@ -205,7 +205,12 @@ VARIANTS = (
     + _optimizer_variants("rmsprop")
     + _optimizer_variants("adagrad")
     # issue 22's: every flag on in every dtype, with 8-bit state, misaligned (their updates only)
-    + [v for name in ("adamax", "radam", "nadam", "lion") for v in _optimizer_variants(name) if _few(v)]
+    + [
+        v
+        for name in ("adamax", "radam", "nadam", "adadelta", "lion")
+        for v in _optimizer_variants(name)
+        if _few(v)
+    ]
     + _loss_variants()
     + _clip_variants()
     + _matmul_variants()

@@ -11,7 +11,7 @@ import torch
 
 import fusedopt
 from fusedopt import floors
-from fusedopt.kernels import adagrad, adam, adamax, clip, lion, nadam, radam, rmsprop, sgd
+from fusedopt.kernels import adadelta, adagrad, adam, adamax, clip, lion, nadam, radam, rmsprop, sgd
 
 ROOT = Path(__file__).resolve().parent.parent
 SGD, ADAM, ADAMW = fusedopt.FusedSGD, fusedopt.FusedAdam, fusedopt.FusedAdamW
@@ -22,6 +22,7 @@ LION, ADAMAX, RADAM, NADAM = (
     fusedopt.FusedRAdam,
     fusedopt.FusedNAdam,
 )
+ADADELTA = fusedopt.FusedAdadelta
 
 
 def fp32(*floor_list: floors.Floor) -> int:
@@ -51,6 +52,7 @@ KERNEL_FIGURES = [
     (adamax, lambda: [fp32(floors.step(ADAMAX))]),
     (radam, lambda: [fp32(floors.step(RADAM))]),
     (nadam, lambda: [fp32(floors.step(NADAM))]),
+    (adadelta, lambda: [fp32(floors.step(ADADELTA))]),
     (clip, lambda: [fp32(floors.NORM), fp32(floors.CLIP)]),
 ]
 
@@ -83,6 +85,7 @@ CLASS_FIGURES = [
     (ADAMAX, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(ADAMAX))]),
     (RADAM, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(RADAM))]),
     (NADAM, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(NADAM))]),
+    (ADADELTA, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(ADADELTA))]),
 ]
 
 
@@ -106,6 +109,7 @@ README_FIGURES = {
     "FusedAdamax": lambda: floors.step(ADAMAX),
     "FusedRAdam": lambda: floors.step(RADAM),
     "FusedNAdam": lambda: floors.step(NADAM),
+    "FusedAdadelta": lambda: floors.step(ADADELTA),
     "clip_grad_norm_": lambda: floors.NORM,
     "GradScaler": lambda: floors.NORM,  # its inf check is the optimizer's norm pass
 }
@@ -123,7 +127,13 @@ def readme_rows() -> dict[str, str]:
     found = []
     for table in tables:
         cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table[2:]]
-        rows = {m.group(1): row[-1] for row in cells if (m := re.fullmatch(r"`([^`]+)`", row[0]))}
+        # A row may name several classes of one kernel family: "`FusedRAdam`, `FusedNAdam`".
+        rows = {
+            name: row[-1]
+            for row in cells
+            if re.fullmatch(r"`[^`]+`(, `[^`]+`)*", row[0])
+            for name in re.findall(r"`([^`]+)`", row[0])
+        }
         if "FusedSGD" in rows:
             found.append(("byte" not in table[0].lower(), rows))
     assert found, "README.md: no table with a `FusedSGD` row"
@@ -139,7 +149,7 @@ def test_readme_bytes_table(name):
     assert int(first.group()) == fp32(README_FIGURES[name]())
 
 
-@pytest.mark.parametrize("cls", [SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, LION, ADAMAX, RADAM, NADAM])
+@pytest.mark.parametrize("cls", [SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, LION, ADAMAX, RADAM, NADAM, ADADELTA])
 def test_step_floor_reads_and_writes_every_state_tensor_the_step_creates(cls):
     """The floor's state columns are the state a real step creates (the kernel's table columns)."""
     options = {"momentum": 0.9} if cls in (SGD, RMSPROP) else {}

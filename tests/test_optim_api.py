@@ -32,6 +32,7 @@ from helpers import (
 from torch import nn
 
 from fusedopt import (
+    FusedAdadelta,
     FusedAdagrad,
     FusedAdam,
     FusedAdamax,
@@ -49,6 +50,7 @@ from fusedopt.tolerance import OPTIM_TOLERANCE, SCALAR_STATE, round_to_storage_
 SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
 RMSprop, Adagrad = torch.optim.RMSprop, torch.optim.Adagrad
 Adamax, RAdam, NAdam = torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam
+Adadelta = torch.optim.Adadelta
 PAIRS = [
     (SGD, FusedSGD),
     (Adam, FusedAdam),
@@ -58,6 +60,7 @@ PAIRS = [
     (Adamax, FusedAdamax),
     (RAdam, FusedRAdam),
     (NAdam, FusedNAdam),
+    (Adadelta, FusedAdadelta),
 ]
 
 SGD_M = OptimCase(FusedSGD, SGD, dict(lr=0.1, momentum=0.9))
@@ -71,7 +74,8 @@ ADAGRAD = OptimCase(
 ADAMAX = OptimCase(FusedAdamax, Adamax, dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1))
 RADAM = OptimCase(FusedRAdam, RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True))
 NADAM = OptimCase(FusedNAdam, NAdam, dict(lr=0.01, weight_decay=0.1, momentum_decay=0.01))
-CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, NADAM]
+ADADELTA = OptimCase(FusedAdadelta, Adadelta, dict(lr=0.5, rho=0.8, weight_decay=0.1))
+CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, NADAM, ADADELTA]
 # Lion has no torch class (its reference, fusedopt.optim.lion.Lion, stands in) and none of torch's
 # implementation flags: the tests of the optimizer contract take it, the flag tests do not.
 LION = OptimCase(FusedLion, Lion, dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1))
@@ -126,6 +130,11 @@ DEFAULT_KWARGS = {
     NAdam: [
         {},
         dict(lr=0.02, momentum_decay=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+        dict(foreach=True),
+    ],
+    Adadelta: [
+        {},
+        dict(lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.1, capturable=True),
         dict(foreach=True),
     ],
 }
@@ -224,6 +233,13 @@ INVALID = [
     (NAdam, dict(momentum_decay=-0.1)),
     (NAdam, dict(lr=torch.tensor([0.1, 0.2]))),
     (NAdam, dict(fused=True)),
+    (Adadelta, dict(lr=-0.01)),
+    (Adadelta, dict(rho=1.1)),
+    (Adadelta, dict(rho=-0.1)),
+    (Adadelta, dict(eps=-1e-6)),
+    (Adadelta, dict(weight_decay=-0.1)),
+    (Adadelta, dict(lr=torch.tensor([0.1, 0.2]))),
+    (Adadelta, dict(fused=True)),  # Adadelta has no fused argument
 ]
 
 
@@ -299,6 +315,8 @@ LAYOUTS = [
     OptimCase(FusedRAdam, RAdam, dict(lr=0.01, capturable=True)),
     NADAM,
     OptimCase(FusedNAdam, NAdam, dict(lr=0.01, capturable=True)),
+    ADADELTA,
+    OptimCase(FusedAdadelta, Adadelta, dict(capturable=True)),
 ]
 
 
@@ -521,6 +539,7 @@ MIXED_GROUPS = {
         {},
     ],
     NAdam: [dict(momentum_decay=0.01), dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True), {}],
+    Adadelta: [dict(lr=0.5, rho=0.8), dict(lr=2.0, weight_decay=0.1, maximize=True), {}],
     Lion: [dict(betas=(0.5, 0.9)), dict(lr=0.05, weight_decay=0.1, maximize=True), {}],
 }
 
@@ -553,6 +572,7 @@ TENSOR_LR_CASES = [
     ADAMAX,
     RADAM,
     NADAM,
+    ADADELTA,
     LION,
 ]
 
@@ -773,6 +793,7 @@ def test_grad_scaler_unscales_groups_that_run_torchs_step(fused_cls, torch_cls, 
         (Adamax, FusedAdamax),
         (RAdam, FusedRAdam),
         (NAdam, FusedNAdam),
+        (Adadelta, FusedAdadelta),
     ],
     ids=lambda c: c[1].__name__,
 )
@@ -838,6 +859,7 @@ def test_sparse_grads_match_torch(case, device):
         ADAMAX,
         RADAM,
         NADAM,
+        ADADELTA,
         LION,
     ],
     ids=case_id,
@@ -855,7 +877,18 @@ def test_complex_params_match_torch(case, device):
 
 
 @pytest.mark.parametrize(
-    "cls", [FusedAdam, FusedAdamW, FusedRMSprop, FusedAdagrad, FusedAdamax, FusedRAdam, FusedNAdam, FusedLion]
+    "cls",
+    [
+        FusedAdam,
+        FusedAdamW,
+        FusedRMSprop,
+        FusedAdagrad,
+        FusedAdamax,
+        FusedRAdam,
+        FusedNAdam,
+        FusedAdadelta,
+        FusedLion,
+    ],
 )
 def test_integer_params_raise_and_change_nothing(cls, device):
     """torch fails in the middle of such a step (a RuntimeError); ours raises before it
@@ -897,7 +930,7 @@ SGD_DAMPENED = OptimCase(
 
 @pytest.mark.parametrize(
     "case",
-    [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, NADAM, LION],
+    [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, NADAM, ADADELTA, LION],
     ids=case_id,
 )
 def test_duplicate_params(case, device):
@@ -939,6 +972,7 @@ MIXED_DTYPES = [
         ADAMAX,
         RADAM,
         NADAM,
+        ADADELTA,
         LION,
     ],
     ids=case_id,

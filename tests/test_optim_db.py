@@ -21,6 +21,7 @@ FUSED = {
     torch.optim.Adamax: fusedopt.FusedAdamax,
     torch.optim.RAdam: fusedopt.FusedRAdam,
     torch.optim.NAdam: fusedopt.FusedNAdam,
+    torch.optim.Adadelta: fusedopt.FusedAdadelta,
 }
 INFOS = [info for info in common.optim_db if info.optim_cls in FUSED]
 

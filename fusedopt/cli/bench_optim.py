@@ -51,6 +51,7 @@ OPTIMIZERS: dict[str, OptimCase] = {
     "radam": OptimCase(fusedopt.FusedRAdam, torch.optim.RAdam, {"lr": 1e-3}),
     "nadam": OptimCase(fusedopt.FusedNAdam, torch.optim.NAdam, {"lr": 1e-3}),
     # torch has no Lion: the lion-pytorch package where installed, else its for-loop in plain torch.
+    "adadelta": OptimCase(fusedopt.FusedAdadelta, torch.optim.Adadelta, {"lr": 1.0}),
     "lion": OptimCase(fusedopt.FusedLion, _lion_reference(), {"lr": 1e-4}),
     # Low-precision options (not run by default; torch's rows run its plain step on the same params).
     "adamw-master": OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3, "master_weights": True}),
@@ -74,6 +75,7 @@ DEFAULT_OPTIMIZERS = [
     "adamax",
     "radam",
     "nadam",
+    "adadelta",
     "lion",
     *(["muon"] if "muon" in OPTIMIZERS else []),
 ]

@@ -1,5 +1,6 @@
 """Fused optimizers: torch.optim classes whose step is one multi-tensor Triton kernel."""
 
+from fusedopt.optim.adadelta import FusedAdadelta
 from fusedopt.optim.adagrad import FusedAdagrad
 from fusedopt.optim.adam import FusedAdam, FusedAdamW
 from fusedopt.optim.adamax import FusedAdamax
@@ -11,6 +12,7 @@ from fusedopt.optim.rmsprop import FusedRMSprop
 from fusedopt.optim.sgd import FusedSGD
 
 __all__ = [
+    "FusedAdadelta",
     "FusedAdagrad",
     "FusedAdam",
     "FusedAdamW",

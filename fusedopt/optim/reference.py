@@ -596,6 +596,33 @@ def adamax_reference(
     run(storage, grads, amp, clrs, [True, True], math, maximize=maximize, fused=False)
 
 
+def adadelta_reference(
+    storage: Storage,
+    grads: list[torch.Tensor],
+    amp,
+    *,
+    lr: float,
+    rho: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Adadelta step (state columns: square_avg, acc_delta)."""
+
+    def math(batch: Batch, _, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        v, a = states
+        if weight_decay != 0:
+            d.add_(x, alpha=weight_decay)
+        v.mul_(rho).addcmul_(d, d, value=1 - rho)
+        std = torch.add(v, eps, out=storage.work(batch, "t")).sqrt_()
+        delta = torch.add(a, eps, out=storage.work(batch, "u")).sqrt_().div_(std).mul_(d)
+        a.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+        x.add_(delta, alpha=-lr)
+
+    keys = [None] * len(grads)  # no per-tensor scalar
+    run(storage, grads, amp, keys, [True, True], math, maximize=maximize, fused=False)
+
+
 def _decayed_moments_reference(storage: Storage, grads, amp, keys: list, finish, options: dict) -> None:
     """The steps of RAdam and NAdam: Adam's decay (``options["decoupled_weight_decay"]``) and
     moments, then ``finish(batch, key, x, d, m, v)`` (the update of the param); ``options``:
@@ -672,6 +699,22 @@ def counted_reference(
         return
     torch._foreach_add_(bucket.counters, 1)
     reference(storage or Storage(bucket), torch.stack(bucket.counters).tolist())
+
+
+def scalar_reference(reference: Callable[..., None]) -> Callable[..., None]:
+    """The non-Triton step (an ``Algorithm``'s ``eager``) of an algorithm whose reference takes
+    no per-tensor value: ``reference(storage, grads, amp, maximize=, **scalars)`` through
+    :func:`counted_reference`, the group's scalars as host floats (CPU tensors: no sync to
+    speak of)."""
+
+    def eager(hyper: dict, flags: dict, bucket, grads, amp, state, storage: Storage | None = None) -> None:
+        h = {k: float(v) for k, v in hyper.items()}
+        counted_reference(
+            bucket, amp, storage,
+            lambda storage, steps: reference(storage, bucket.grads(grads), amp, maximize=flags["MAXIMIZE"], **h),
+        )  # fmt: skip
+
+    return eager
 
 
 def lion_math_(
