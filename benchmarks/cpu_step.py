@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=15, help="timed steps per row and round")
     parser.add_argument("--rounds", type=int, default=1, help="rounds alternating the rows")
     parser.add_argument(
-        "--optimizers", default="adam,adamw,sgd,rmsprop,adagrad,adamax,radam,nadam,adadelta,lion,muon"
+        "--optimizers", default="adam,adamw,sgd,rmsprop,adagrad,adamax,radam,nadam,adadelta,rprop,lion,muon"
     )
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])

@@ -20,6 +20,7 @@ from fusedopt.optim import (
     FusedNAdam,
     FusedRAdam,
     FusedRMSprop,
+    FusedRprop,
     FusedSGD,
     muon_param_groups,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "FusedNAdam",
     "FusedRAdam",
     "FusedRMSprop",
+    "FusedRprop",
     "FusedSGD",
     "GradScaler",
     "__version__",

@@ -188,6 +188,10 @@ OPTIM_CASES: list[OptimCase] = [
         dict(maximize=True, eps=1e-3), dict(capturable=True), dict(max_grad_norm=1.0),
         dict(state_dtype=torch.bfloat16),
     ),
+    *_cases(
+        fusedopt.FusedRprop, torch.optim.Rprop, dict(), dict(lr=0.05, etas=(0.3, 1.5), step_sizes=(0.01, 0.06)),
+        dict(maximize=True), dict(capturable=True), dict(max_grad_norm=1.0), dict(state_dtype=torch.bfloat16),
+    ),
     # Lion: torch has none; against the reference's for-loop (fusedopt.optim.lion.Lion).
     *_cases(
         fusedopt.FusedLion, LION, dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1),
@@ -547,6 +551,22 @@ def assert_close(
 # Runners --------------------------------------------------------------------------------------
 
 
+def _round_new_state(ref: torch.optim.Optimizer, theirs: list[torch.Tensor], rounding: tuple) -> None:
+    """Round the state the oracle creates in a step (in its ``_init_group``) before the step uses
+    it, as ours is stored from the start (Rprop's ``step_size``, filled with ``lr``): rounding
+    what is already rounded changes nothing."""
+    init = getattr(ref, "_init_group", None)
+    if init is None:
+        return
+
+    def _init_group(*args, **kwargs):
+        out = init(*args, **kwargs)
+        round_to_storage_(ref, theirs, *rounding)
+        return out
+
+    ref._init_group = _init_group
+
+
 def compare_optimizer(
     case: OptimCase,
     params: Sequence[torch.Tensor],
@@ -585,6 +605,7 @@ def compare_optimizer(
         table = {**OPTIM_TOLERANCE, dtype: dict(rtol=steps * torch.finfo(dtype).eps)}
     if low or stored in LOW_PRECISION:  # state torch creates in its constructor (Adagrad's sum) too
         round_to_storage_(ref, theirs, *rounding)
+        _round_new_state(ref, theirs, rounding)
     for step in range(steps):
         for p, q, g in zip(ours, theirs, grads(ours, step), strict=True):
             p.grad, q.grad = g, g.to(q.dtype)

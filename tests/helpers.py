@@ -55,6 +55,7 @@ KERNEL_NAMES = {
     torch.optim.RMSprop: "rmsprop",
     torch.optim.Adagrad: "adagrad",
     torch.optim.Adamax: "adamax",
+    torch.optim.Rprop: "rprop",
     torch.optim.Adadelta: "adadelta",
     torch.optim.RAdam: "radam",
     torch.optim.NAdam: "nadam",
@@ -272,10 +273,10 @@ def record_launches(monkeypatch, kernels: dict) -> Launches:
 
 def optimizer_kernels() -> dict:
     """The optimizer kernel, named by each algorithm's update, for :func:`record_launches`."""
-    from fusedopt.kernels import adadelta, adagrad, adam, adamax, lion, nadam, radam, rmsprop, sgd
+    from fusedopt.kernels import adadelta, adagrad, adam, adamax, lion, nadam, radam, rmsprop, rprop, sgd
     from fusedopt.kernels.optimizer import optimizer_kernel
 
-    modules = (adam, sgd, rmsprop, adagrad, lion, adamax, radam, nadam, adadelta)
+    modules = (adam, sgd, rmsprop, adagrad, lion, adamax, radam, nadam, adadelta, rprop)
     return {m.__name__.rsplit(".", 1)[1]: (optimizer_kernel, m.update) for m in modules}
 
 

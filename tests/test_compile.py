@@ -22,9 +22,9 @@ import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from fusedopt.kernels import (adadelta, adagrad, adam, adamax, clip, linear_cross_entropy, lion, losses, nadam, optimizer,
-                              radam, rmsprop, sgd)
+                              radam, rmsprop, rprop, sgd)
 
-UPDATES = {m.__name__.rsplit(".", 1)[1]: m.update for m in (adam, sgd, rmsprop, adagrad, adamax, radam, nadam, adadelta, lion)}
+UPDATES = {m.__name__.rsplit(".", 1)[1]: m.update for m in (adam, sgd, rmsprop, adagrad, adamax, radam, nadam, adadelta, rprop, lion)}
 KERNELS = {"optimizer": optimizer.optimizer_kernel, "pointwise_loss": losses.pointwise_loss_kernel,
            "sum_rows": losses.sum_rows_kernel, "pointwise_loss_backward": losses.pointwise_loss_backward_kernel,
            "scale_grad": losses.scale_grad_kernel, "norm_partials": clip.norm_partials_kernel,
@@ -207,7 +207,7 @@ VARIANTS = (
     # issue 22's: every flag on in every dtype, with 8-bit state, misaligned (their updates only)
     + [
         v
-        for name in ("adamax", "radam", "nadam", "adadelta", "lion")
+        for name in ("adamax", "radam", "nadam", "adadelta", "rprop", "lion")
         for v in _optimizer_variants(name)
         if _few(v)
     ]

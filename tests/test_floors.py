@@ -11,7 +11,7 @@ import torch
 
 import fusedopt
 from fusedopt import floors
-from fusedopt.kernels import adadelta, adagrad, adam, adamax, clip, lion, nadam, radam, rmsprop, sgd
+from fusedopt.kernels import adadelta, adagrad, adam, adamax, clip, lion, nadam, radam, rmsprop, rprop, sgd
 
 ROOT = Path(__file__).resolve().parent.parent
 SGD, ADAM, ADAMW = fusedopt.FusedSGD, fusedopt.FusedAdam, fusedopt.FusedAdamW
@@ -23,6 +23,7 @@ LION, ADAMAX, RADAM, NADAM = (
     fusedopt.FusedNAdam,
 )
 ADADELTA = fusedopt.FusedAdadelta
+RPROP = fusedopt.FusedRprop
 
 
 def fp32(*floor_list: floors.Floor) -> int:
@@ -52,6 +53,7 @@ KERNEL_FIGURES = [
     (adamax, lambda: [fp32(floors.step(ADAMAX))]),
     (radam, lambda: [fp32(floors.step(RADAM))]),
     (nadam, lambda: [fp32(floors.step(NADAM))]),
+    (rprop, lambda: [fp32(floors.step(RPROP))]),
     (adadelta, lambda: [fp32(floors.step(ADADELTA))]),
     (clip, lambda: [fp32(floors.NORM), fp32(floors.CLIP)]),
 ]
@@ -85,6 +87,7 @@ CLASS_FIGURES = [
     (ADAMAX, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(ADAMAX))]),
     (RADAM, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(RADAM))]),
     (NADAM, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(NADAM))]),
+    (RPROP, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(RPROP))]),
     (ADADELTA, r"(\d+) bytes per fp32 element", lambda: [fp32(floors.step(ADADELTA))]),
 ]
 
@@ -109,6 +112,7 @@ README_FIGURES = {
     "FusedAdamax": lambda: floors.step(ADAMAX),
     "FusedRAdam": lambda: floors.step(RADAM),
     "FusedNAdam": lambda: floors.step(NADAM),
+    "FusedRprop": lambda: floors.step(RPROP),
     "FusedAdadelta": lambda: floors.step(ADADELTA),
     "clip_grad_norm_": lambda: floors.NORM,
     "GradScaler": lambda: floors.NORM,  # its inf check is the optimizer's norm pass
@@ -149,7 +153,9 @@ def test_readme_bytes_table(name):
     assert int(first.group()) == fp32(README_FIGURES[name]())
 
 
-@pytest.mark.parametrize("cls", [SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, LION, ADAMAX, RADAM, NADAM, ADADELTA])
+@pytest.mark.parametrize(
+    "cls", [SGD, ADAM, ADAMW, RMSPROP, ADAGRAD, LION, ADAMAX, RADAM, NADAM, ADADELTA, RPROP]
+)
 def test_step_floor_reads_and_writes_every_state_tensor_the_step_creates(cls):
     """The floor's state columns are the state a real step creates (the kernel's table columns)."""
     options = {"momentum": 0.9} if cls in (SGD, RMSPROP) else {}

@@ -27,6 +27,7 @@ OPTIMIZERS = [
     (fusedopt.FusedAdamax, dict(lr=1e-3, weight_decay=0.1), "adamax"),
     (fusedopt.FusedRAdam, dict(lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True), "radam"),
     (fusedopt.FusedAdadelta, dict(lr=1.0, weight_decay=0.1), "adadelta"),
+    (fusedopt.FusedRprop, dict(lr=1e-3, etas=(0.4, 1.3)), "rprop"),
     (fusedopt.FusedNAdam, dict(lr=1e-3, weight_decay=0.1, momentum_decay=0.01), "nadam"),
 ]
 

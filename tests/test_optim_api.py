@@ -41,6 +41,7 @@ from fusedopt import (
     FusedNAdam,
     FusedRAdam,
     FusedRMSprop,
+    FusedRprop,
     FusedSGD,
 )
 from fusedopt.optim.lion import Lion
@@ -51,6 +52,7 @@ SGD, Adam, AdamW = torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW
 RMSprop, Adagrad = torch.optim.RMSprop, torch.optim.Adagrad
 Adamax, RAdam, NAdam = torch.optim.Adamax, torch.optim.RAdam, torch.optim.NAdam
 Adadelta = torch.optim.Adadelta
+Rprop = torch.optim.Rprop
 PAIRS = [
     (SGD, FusedSGD),
     (Adam, FusedAdam),
@@ -61,6 +63,7 @@ PAIRS = [
     (RAdam, FusedRAdam),
     (NAdam, FusedNAdam),
     (Adadelta, FusedAdadelta),
+    (Rprop, FusedRprop),
 ]
 
 SGD_M = OptimCase(FusedSGD, SGD, dict(lr=0.1, momentum=0.9))
@@ -75,7 +78,9 @@ ADAMAX = OptimCase(FusedAdamax, Adamax, dict(lr=0.01, betas=(0.8, 0.9), weight_d
 RADAM = OptimCase(FusedRAdam, RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True))
 NADAM = OptimCase(FusedNAdam, NAdam, dict(lr=0.01, weight_decay=0.1, momentum_decay=0.01))
 ADADELTA = OptimCase(FusedAdadelta, Adadelta, dict(lr=0.5, rho=0.8, weight_decay=0.1))
-CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, NADAM, ADADELTA]
+RPROP = OptimCase(FusedRprop, Rprop, dict(lr=0.02, etas=(0.4, 1.3), step_sizes=(1e-3, 0.05)))
+ISSUE_22 = [ADAMAX, RADAM, NADAM, ADADELTA, RPROP]  # issue 22's optimizers
+CASES = [SGD_M, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, *ISSUE_22]
 # Lion has no torch class (its reference, fusedopt.optim.lion.Lion, stands in) and none of torch's
 # implementation flags: the tests of the optimizer contract take it, the flag tests do not.
 LION = OptimCase(FusedLion, Lion, dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1))
@@ -135,6 +140,11 @@ DEFAULT_KWARGS = {
     Adadelta: [
         {},
         dict(lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.1, capturable=True),
+        dict(foreach=True),
+    ],
+    Rprop: [
+        {},
+        dict(lr=0.02, etas=(0.4, 1.3), step_sizes=(1e-3, 0.05), capturable=True),
         dict(foreach=True),
     ],
 }
@@ -240,6 +250,12 @@ INVALID = [
     (Adadelta, dict(weight_decay=-0.1)),
     (Adadelta, dict(lr=torch.tensor([0.1, 0.2]))),
     (Adadelta, dict(fused=True)),  # Adadelta has no fused argument
+    (Rprop, dict(lr=-0.01)),
+    (Rprop, dict(etas=(1.0, 1.2))),
+    (Rprop, dict(etas=(0.0, 1.2))),
+    (Rprop, dict(etas=(0.5, 1.0))),
+    (Rprop, dict(lr=torch.tensor([0.1, 0.2]))),
+    (Rprop, dict(fused=True)),  # Rprop has no fused argument
 ]
 
 
@@ -317,6 +333,8 @@ LAYOUTS = [
     OptimCase(FusedNAdam, NAdam, dict(lr=0.01, capturable=True)),
     ADADELTA,
     OptimCase(FusedAdadelta, Adadelta, dict(capturable=True)),
+    RPROP,
+    OptimCase(FusedRprop, Rprop, dict(capturable=True)),
 ]
 
 
@@ -540,6 +558,7 @@ MIXED_GROUPS = {
     ],
     NAdam: [dict(momentum_decay=0.01), dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True), {}],
     Adadelta: [dict(lr=0.5, rho=0.8), dict(lr=2.0, weight_decay=0.1, maximize=True), {}],
+    Rprop: [dict(lr=0.02, etas=(0.4, 1.3)), dict(step_sizes=(1e-3, 0.02), maximize=True), {}],
     Lion: [dict(betas=(0.5, 0.9)), dict(lr=0.05, weight_decay=0.1, maximize=True), {}],
 }
 
@@ -569,10 +588,7 @@ TENSOR_LR_CASES = [
     ADAMW,
     OptimCase(FusedRMSprop, RMSprop, dict(momentum=0.9)),
     OptimCase(FusedAdagrad, Adagrad, dict(lr_decay=0.1)),
-    ADAMAX,
-    RADAM,
-    NADAM,
-    ADADELTA,
+    *ISSUE_22,
     LION,
 ]
 
@@ -794,6 +810,7 @@ def test_grad_scaler_unscales_groups_that_run_torchs_step(fused_cls, torch_cls, 
         (RAdam, FusedRAdam),
         (NAdam, FusedNAdam),
         (Adadelta, FusedAdadelta),
+        (Rprop, FusedRprop),
     ],
     ids=lambda c: c[1].__name__,
 )
@@ -856,10 +873,7 @@ def test_sparse_grads_match_torch(case, device):
         OptimCase(FusedAdamW, AdamW, dict(lr=0.01)),
         RMSPROP,
         ADAGRAD,
-        ADAMAX,
-        RADAM,
-        NADAM,
-        ADADELTA,
+        *ISSUE_22,
         LION,
     ],
     ids=case_id,
@@ -887,6 +901,7 @@ def test_complex_params_match_torch(case, device):
         FusedRAdam,
         FusedNAdam,
         FusedAdadelta,
+        FusedRprop,
         FusedLion,
     ],
 )
@@ -930,7 +945,17 @@ SGD_DAMPENED = OptimCase(
 
 @pytest.mark.parametrize(
     "case",
-    [SGD_M, SGD_DAMPENED, SGD_PLAIN, ADAM_AMS, ADAMW, RMSPROP, ADAGRAD, ADAMAX, RADAM, NADAM, ADADELTA, LION],
+    [
+        SGD_M,
+        SGD_DAMPENED,
+        SGD_PLAIN,
+        ADAM_AMS,
+        ADAMW,
+        RMSPROP,
+        ADAGRAD,
+        *ISSUE_22,
+        LION,
+    ],
     ids=case_id,
 )
 def test_duplicate_params(case, device):
@@ -969,10 +994,7 @@ MIXED_DTYPES = [
         ADAMW,
         OptimCase(FusedRMSprop, RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
         OptimCase(FusedAdagrad, Adagrad, dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
-        ADAMAX,
-        RADAM,
-        NADAM,
-        ADADELTA,
+        *ISSUE_22,
         LION,
     ],
     ids=case_id,

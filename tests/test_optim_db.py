@@ -22,6 +22,7 @@ FUSED = {
     torch.optim.RAdam: fusedopt.FusedRAdam,
     torch.optim.NAdam: fusedopt.FusedNAdam,
     torch.optim.Adadelta: fusedopt.FusedAdadelta,
+    torch.optim.Rprop: fusedopt.FusedRprop,
 }
 INFOS = [info for info in common.optim_db if info.optim_cls in FUSED]
 

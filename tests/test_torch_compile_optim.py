@@ -25,6 +25,7 @@ CASES = [
     OptimCase(fusedopt.FusedRAdam, torch.optim.RAdam, dict(weight_decay=0.1, capturable=True)),
     OptimCase(fusedopt.FusedNAdam, torch.optim.NAdam, dict(weight_decay=0.1, momentum_decay=0.01)),
     OptimCase(fusedopt.FusedAdadelta, torch.optim.Adadelta, dict(weight_decay=0.1, maximize=True)),
+    OptimCase(fusedopt.FusedRprop, torch.optim.Rprop, dict(etas=(0.4, 1.3), maximize=True)),
     OptimCase(fusedopt.FusedLion, fusedopt.optim.lion.Lion, dict(betas=(0.8, 0.95), weight_decay=0.1)),
 ]
 SPECS = [(3, 4), (5,), (), (4097,)]

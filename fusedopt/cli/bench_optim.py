@@ -52,6 +52,7 @@ OPTIMIZERS: dict[str, OptimCase] = {
     "nadam": OptimCase(fusedopt.FusedNAdam, torch.optim.NAdam, {"lr": 1e-3}),
     # torch has no Lion: the lion-pytorch package where installed, else its for-loop in plain torch.
     "adadelta": OptimCase(fusedopt.FusedAdadelta, torch.optim.Adadelta, {"lr": 1.0}),
+    "rprop": OptimCase(fusedopt.FusedRprop, torch.optim.Rprop, {"lr": 1e-3}),
     "lion": OptimCase(fusedopt.FusedLion, _lion_reference(), {"lr": 1e-4}),
     # Low-precision options (not run by default; torch's rows run its plain step on the same params).
     "adamw-master": OptimCase(fusedopt.FusedAdamW, torch.optim.AdamW, {"lr": 1e-3, "master_weights": True}),
@@ -76,6 +77,7 @@ DEFAULT_OPTIMIZERS = [
     "radam",
     "nadam",
     "adadelta",
+    "rprop",
     "lion",
     *(["muon"] if "muon" in OPTIMIZERS else []),
 ]

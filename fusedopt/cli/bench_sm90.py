@@ -635,6 +635,7 @@ SCENARIOS: list[Scenario] = [
     _optimizer("FusedRAdam", "fp32", "float32", weight_decay=0.1, decoupled_weight_decay=True),
     _optimizer("FusedNAdam", "fp32", "float32", weight_decay=0.1, decoupled_weight_decay=True),
     _optimizer("FusedAdadelta", "fp32", "float32", weight_decay=0.1),
+    _optimizer("FusedRprop", "fp32", "float32"),
     _optimizer("FusedLion", "fp32", "float32", weight_decay=0.1),
     _optimizer("FusedLion", "bf16", "bfloat16"),
     _muon("fp32", "float32"),

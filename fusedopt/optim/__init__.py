@@ -9,6 +9,7 @@ from fusedopt.optim.muon import FusedMuon, muon_param_groups
 from fusedopt.optim.nadam import FusedNAdam
 from fusedopt.optim.radam import FusedRAdam
 from fusedopt.optim.rmsprop import FusedRMSprop
+from fusedopt.optim.rprop import FusedRprop
 from fusedopt.optim.sgd import FusedSGD
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "FusedNAdam",
     "FusedRAdam",
     "FusedRMSprop",
+    "FusedRprop",
     "FusedSGD",
     "Lion",
     "muon_param_groups",

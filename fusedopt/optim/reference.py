@@ -623,6 +623,34 @@ def adadelta_reference(
     run(storage, grads, amp, keys, [True, True], math, maximize=maximize, fused=False)
 
 
+def rprop_reference(
+    storage: Storage,
+    grads: list[torch.Tensor],
+    amp,
+    *,
+    etaminus: float,
+    etaplus: float,
+    step_size_min: float,
+    step_size_max: float,
+    maximize: bool,
+) -> None:
+    """Rprop step (state columns: prev, step_size)."""
+
+    def math(batch: Batch, _, x: torch.Tensor, d: torch.Tensor, states: list) -> None:
+        prev, s = states
+        eta = torch.mul(d, prev, out=storage.work(batch, "t")).sign_()
+        grew, flipped, same = (storage.work(batch, k, torch.bool) for k in ("grew", "flipped", "same"))
+        torch.gt(eta, 0, out=grew), torch.lt(eta, 0, out=flipped), torch.eq(eta, 0, out=same)
+        eta.masked_fill_(grew, etaplus).masked_fill_(flipped, etaminus).masked_fill_(same, 1)
+        s.mul_(eta).clamp_(step_size_min, step_size_max)
+        d.masked_fill_(flipped, 0)
+        x.addcmul_(torch.sign(d, out=storage.work(batch, "u")), s, value=-1)
+        prev.copy_(d)
+
+    keys = [None] * len(grads)  # no per-tensor scalar
+    run(storage, grads, amp, keys, [True, True], math, maximize=maximize, fused=False)
+
+
 def _decayed_moments_reference(storage: Storage, grads, amp, keys: list, finish, options: dict) -> None:
     """The steps of RAdam and NAdam: Adam's decay (``options["decoupled_weight_decay"]``) and
     moments, then ``finish(batch, key, x, d, m, v)`` (the update of the param); ``options``:
