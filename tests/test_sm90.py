@@ -72,8 +72,6 @@ KNOWN_GAPS = [
     Gap("optimizer_kernel", "adamw fp32 int8", "int8",
         "exact division, bucket lookup and layout conversions of the quantizer (~2.5x)"),
     Gap("optimizer_kernel", "adamw bf16 sr", "sr", "Philox words and the integer rounding (~1.5x the bf16 row)"),
-    Gap("optimizer_kernel", "adamw bf16 sr", "first_load", "the random words are drawn before the data loads",
-        triton="3.9"),
     Gap("optimizer_kernel", "adamw fp32 amsgrad amp tail", "first_load",
         "the tail's bounds are computed before the full block's first load", triton="3.6"),
     Gap("optimizer_kernel", "adamw bf16 master amp tail misaligned", "spills",
